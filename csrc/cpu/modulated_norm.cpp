@@ -1,0 +1,190 @@
+// Modulated LayerNorm / RMSNorm on the CPU: one read of x and one write of y per row, rows in
+// parallel (at::parallel_for). The math is derived in fastgen_kernels/ops/modulated_norm.py.
+//
+// Each row is converted once into an fp32 (fp64) buffer that stays in L1, so the statistics are an
+// exact two-pass mean and variance without re-reading x from memory. The loops over D are written
+// so the compiler vectorizes them (`omp simd` for the reductions).
+#include <cmath>
+#include <vector>
+
+#include "cpu/common.h"
+#include "ops.h"
+
+namespace fastgen {
+namespace cpu {
+namespace {
+
+// Loads row x[0:D) into buf; returns (mean, rstd), mean = 0 for RMSNorm.
+template <typename T, typename A>
+inline void row_stats(const T* x, A* buf, int64_t dim, A eps, bool rms, A& mean, A& rstd) {
+  A sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t c = 0; c < dim; ++c) {
+    buf[c] = static_cast<A>(x[c]);
+    sum += buf[c];
+  }
+  mean = rms ? A(0) : sum / static_cast<A>(dim);
+  A sq = 0;
+#pragma omp simd reduction(+ : sq)
+  for (int64_t c = 0; c < dim; ++c) {
+    const A d = buf[c] - mean;
+    sq += d * d;
+  }
+  rstd = A(1) / std::sqrt(sq / static_cast<A>(dim) + eps);
+}
+
+// y = (xhat * w + b) * (1 + scale) + shift; HAS_W / HAS_B compile the affine terms away.
+template <bool HAS_W, bool HAS_B, typename T, typename A>
+inline void write_row(const A* buf, A mean, A rstd, const T* w, const T* b, const T* shift,
+                      const T* scale, T* y, int64_t dim) {
+#pragma omp simd
+  for (int64_t c = 0; c < dim; ++c) {
+    A n = (buf[c] - mean) * rstd;
+    if constexpr (HAS_W) n *= static_cast<A>(w[c]);
+    if constexpr (HAS_B) n += static_cast<A>(b[c]);
+    y[c] = static_cast<T>(n * (A(1) + static_cast<A>(scale[c])) + static_cast<A>(shift[c]));
+  }
+}
+
+template <typename T, bool HAS_W, bool HAS_B>
+void forward_impl(const at::Tensor& x, const at::Tensor& shift, const at::Tensor& scale,
+                  const T* w, const T* b, double eps, bool rms, at::Tensor& out, at::Tensor& mean,
+                  at::Tensor& rstd) {
+  using A = acc_t<T>;
+  const int64_t tokens = x.size(1), dim = x.size(2), rows = x.size(0) * tokens;
+  const bool shift_per_token = shift.dim() == 3, scale_per_token = scale.dim() == 3;
+  const T* xp = x.const_data_ptr<T>();
+  const T* shp = shift.const_data_ptr<T>();
+  const T* scp = scale.const_data_ptr<T>();
+  T* yp = out.mutable_data_ptr<T>();
+  A* meanp = rms ? nullptr : mean.mutable_data_ptr<A>();
+  A* rstdp = rstd.mutable_data_ptr<A>();
+  at::parallel_for(0, rows, row_grain(dim), [&](int64_t begin, int64_t end) {
+    std::vector<A> buf(dim);
+    for (int64_t r = begin; r < end; ++r) {
+      A mu, rs;
+      row_stats(xp + r * dim, buf.data(), dim, static_cast<A>(eps), rms, mu, rs);
+      if (meanp) meanp[r] = mu;
+      rstdp[r] = rs;
+      write_row<HAS_W, HAS_B>(buf.data(), mu, rs, w, b,
+                              mod_row(shp, r, tokens, shift_per_token, dim),
+                              mod_row(scp, r, tokens, scale_per_token, dim), yp + r * dim, dim);
+    }
+  });
+}
+
+template <typename T, bool HAS_W, bool HAS_B>
+void backward_impl(const at::Tensor& grad_out, const at::Tensor& x, bool shift_per_token,
+                   const at::Tensor& scale, const T* w, const T* b, const at::Tensor& mean,
+                   const at::Tensor& rstd, bool rms, RowChunks chunks, at::Tensor& dx,
+                   at::Tensor& dshift, at::Tensor& dscale, at::Tensor& partials) {
+  using A = acc_t<T>;
+  const int64_t batch = x.size(0), tokens = x.size(1), dim = x.size(2);
+  const int64_t num_chunks = batch * chunks.chunks_per_batch;
+  const bool scale_per_token = scale.dim() == 3;
+  const T* gp = grad_out.const_data_ptr<T>();
+  const T* xp = x.const_data_ptr<T>();
+  const T* scp = scale.const_data_ptr<T>();
+  const A* meanp = rms ? nullptr : mean.const_data_ptr<A>();
+  const A* rstdp = rstd.const_data_ptr<A>();
+  T* dxp = dx.mutable_data_ptr<T>();
+  T* dshiftp = shift_per_token ? dshift.mutable_data_ptr<T>() : nullptr;
+  T* dscalep = scale_per_token ? dscale.mutable_data_ptr<T>() : nullptr;
+  A* partp = partials.mutable_data_ptr<A>();
+  at::parallel_for(0, num_chunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<A> xhat(dim), gx(dim);
+    for (int64_t chunk = begin; chunk < end; ++chunk) {
+      // This chunk's partial sums; null where that gradient is not reduced over rows.
+      auto slot = [&](int s, bool used) -> A* {
+        if (!used) return nullptr;
+        A* p = partp + (s * num_chunks + chunk) * dim;
+        std::fill(p, p + dim, A(0));
+        return p;
+      };
+      A* pw = slot(kSlotWeight, HAS_W);
+      A* pb = slot(kSlotBias, HAS_B);
+      A* pshift = slot(kSlotShift, !shift_per_token);
+      A* pscale = slot(kSlotScale, !scale_per_token);
+      int64_t first, last;
+      chunk_rows(chunk, tokens, chunks, first, last);
+      for (int64_t r = first; r < last; ++r) {
+        const T* g = gp + r * dim;
+        const T* xr = xp + r * dim;
+        const T* sc = mod_row(scp, r, tokens, scale_per_token, dim);
+        const A mu = meanp ? meanp[r] : A(0), rs = rstdp[r];
+        A sum_gx = 0, sum_gx_xhat = 0;
+#pragma omp simd reduction(+ : sum_gx, sum_gx_xhat)
+        for (int64_t c = 0; c < dim; ++c) {
+          xhat[c] = (static_cast<A>(xr[c]) - mu) * rs;
+          A v = static_cast<A>(g[c]) * (A(1) + static_cast<A>(sc[c]));  // gn
+          if constexpr (HAS_W) v *= static_cast<A>(w[c]);
+          gx[c] = v;
+          sum_gx += v;
+          sum_gx_xhat += v * xhat[c];
+        }
+        const A inv_dim = A(1) / static_cast<A>(dim);
+        const A mean_gx = rms ? A(0) : sum_gx * inv_dim, proj = sum_gx_xhat * inv_dim;
+        T* dxr = dxp + r * dim;
+#pragma omp simd
+        for (int64_t c = 0; c < dim; ++c) dxr[c] = static_cast<T>(rs * (gx[c] - mean_gx - xhat[c] * proj));
+        // Parameter and modulation gradients: per token, or summed into this chunk's partials.
+        for (int64_t c = 0; c < dim; ++c) {
+          const A gc = static_cast<A>(g[c]);
+          A n = xhat[c];
+          if constexpr (HAS_W) n *= static_cast<A>(w[c]);
+          if constexpr (HAS_B) n += static_cast<A>(b[c]);
+          const A gn = gc * (A(1) + static_cast<A>(sc[c]));
+          if constexpr (HAS_W) pw[c] += gn * xhat[c];
+          if constexpr (HAS_B) pb[c] += gn;
+          if (pshift) pshift[c] += gc; else dshiftp[r * dim + c] = static_cast<T>(gc);
+          if (pscale) pscale[c] += gc * n; else dscalep[r * dim + c] = static_cast<T>(gc * n);
+        }
+      }
+    }
+  });
+}
+
+// Calls F<HAS_W, HAS_B>() for the given presence of weight and bias.
+template <typename F>
+void with_affine(bool has_w, bool has_b, F&& f) {
+  if (has_w && has_b) f(std::true_type{}, std::true_type{});
+  else if (has_w) f(std::true_type{}, std::false_type{});
+  else if (has_b) f(std::false_type{}, std::true_type{});
+  else f(std::false_type{}, std::false_type{});
+}
+
+template <typename T>
+const T* data_or_null(const at::Tensor* t) {
+  return t ? t->const_data_ptr<T>() : nullptr;
+}
+
+}  // namespace
+
+void modulated_norm_forward(const at::Tensor& x, const at::Tensor& shift, const at::Tensor& scale,
+                            const at::Tensor* weight, const at::Tensor* bias, double eps, bool rms,
+                            at::Tensor& out, at::Tensor& mean, at::Tensor& rstd) {
+  FASTGEN_DISPATCH_FLOATING(x.scalar_type(), "modulated_norm_forward", [&] {
+    with_affine(weight, bias, [&](auto has_w, auto has_b) {
+      forward_impl<scalar_t, decltype(has_w)::value, decltype(has_b)::value>(
+          x, shift, scale, data_or_null<scalar_t>(weight), data_or_null<scalar_t>(bias), eps, rms,
+          out, mean, rstd);
+    });
+  });
+}
+
+void modulated_norm_backward(const at::Tensor& grad_out, const at::Tensor& x, bool shift_per_token,
+                             const at::Tensor& scale, const at::Tensor* weight,
+                             const at::Tensor* bias, const at::Tensor& mean,
+                             const at::Tensor& rstd, bool rms, RowChunks chunks, at::Tensor& dx,
+                             at::Tensor& dshift, at::Tensor& dscale, at::Tensor& partials) {
+  FASTGEN_DISPATCH_FLOATING(x.scalar_type(), "modulated_norm_backward", [&] {
+    with_affine(weight, bias, [&](auto has_w, auto has_b) {
+      backward_impl<scalar_t, decltype(has_w)::value, decltype(has_b)::value>(
+          grad_out, x, shift_per_token, scale, data_or_null<scalar_t>(weight),
+          data_or_null<scalar_t>(bias), mean, rstd, rms, chunks, dx, dshift, dscale, partials);
+    });
+  });
+}
+
+}  // namespace cpu
+}  // namespace fastgen

@@ -1,0 +1,98 @@
+// Launch functions of the CUDA kernels: plain C++ on raw pointers, no torch headers, so the .cu
+// files compile with nvcc alone (tests/test_build.py) and the torch glue stays in
+// csrc/torch_bindings.cpp.
+//
+// Conventions shared by every kernel here:
+// - Tensors are contiguous. x-like tensors are (rows, dim) with rows = B * tokens.
+// - A modulation tensor (shift, scale, gate) is per token, (rows, dim), or per batch, (B, dim),
+//   broadcast over the `tokens` rows of each batch.
+// - Reads are 16-byte vectors when dim and every pointer allow it, scalar otherwise.
+// - Arithmetic in fp32; statistics (mean, rstd) are fp32 arrays of length rows.
+// - Backward reductions over rows are deterministic: the `tokens` rows of each batch are cut into
+//   `chunks_per_batch` chunks of `rows_per_chunk` rows (the last may be shorter); one thread block
+//   owns one chunk and writes its partial sums to partials[slot][chunk][dim] (fp32), which the
+//   caller sums. No atomics.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_runtime.h>
+
+#include "../row_chunks.h"
+
+namespace fastgen {
+namespace cuda {
+
+enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+// Widest dim the kernels take (a row lives in registers: at most 8 elements per thread at 1024
+// threads). Callers fall back to another backend above it.
+constexpr int64_t kMaxDim = 8192;
+
+struct ModulatedNormForwardArgs {
+  DType dtype;
+  const void* x;       // (rows, dim)
+  const void* shift;   // (rows, dim) if shift_per_token else (B, dim)
+  const void* scale;   // (rows, dim) if scale_per_token else (B, dim)
+  const void* weight;  // (dim,) or nullptr
+  const void* bias;    // (dim,) or nullptr (always nullptr when rms)
+  void* out;           // (rows, dim), written
+  float* mean;         // (rows,), written; nullptr when rms
+  float* rstd;         // (rows,), written
+  int64_t rows, tokens, dim;
+  bool shift_per_token, scale_per_token, rms;
+  float eps;
+};
+
+// y = ((x - mean) * rstd * weight + bias) * (1 + scale) + shift  (rms: mean = 0, no bias)
+cudaError_t launch_modulated_norm_forward(const ModulatedNormForwardArgs& args, cudaStream_t stream);
+
+struct ModulatedNormBackwardArgs {
+  DType dtype;
+  const void* grad_out;  // (rows, dim)
+  const void* x;         // (rows, dim)
+  const void* scale;     // (rows, dim) if scale_per_token else (B, dim)
+  const void* weight;    // (dim,) or nullptr
+  const void* bias;      // (dim,) or nullptr
+  const float* mean;     // (rows,), nullptr when rms
+  const float* rstd;     // (rows,)
+  void* dx;              // (rows, dim), written
+  void* dshift;          // (rows, dim) written when shift_per_token, else nullptr
+  void* dscale;          // (rows, dim) written when scale_per_token, else nullptr
+  float* partials;       // (4, num_chunks, dim): slot kSlotWeight if weight, kSlotBias if bias,
+                         // kSlotShift if !shift_per_token, kSlotScale if !scale_per_token
+  int64_t rows, tokens, dim, rows_per_chunk, chunks_per_batch;
+  bool shift_per_token, scale_per_token, rms;
+};
+
+cudaError_t launch_modulated_norm_backward(const ModulatedNormBackwardArgs& args, cudaStream_t stream);
+
+struct GatedResidualForwardArgs {
+  DType dtype;
+  const void* x;     // (rows, dim)
+  const void* y;     // (rows, dim)
+  const void* gate;  // (rows, dim) if gate_per_token else (B, dim)
+  void* out;         // (rows, dim), written: x + gate * y
+  int64_t rows, tokens, dim;
+  bool gate_per_token;
+};
+
+cudaError_t launch_gated_residual_forward(const GatedResidualForwardArgs& args, cudaStream_t stream);
+
+struct GatedResidualBackwardArgs {
+  DType dtype;
+  const void* grad_out;  // (rows, dim)
+  const void* y;         // (rows, dim)
+  const void* gate;      // (rows, dim) if gate_per_token else (B, dim)
+  void* dy;              // (rows, dim), written: grad_out * gate
+  void* dgate;           // (rows, dim) written when gate_per_token (grad_out * y), else nullptr
+  float* partials;       // (1, num_chunks, dim) when !gate_per_token: sum over the chunk's rows of
+                         // grad_out * y; else nullptr
+  int64_t rows, tokens, dim, rows_per_chunk, chunks_per_batch;
+  bool gate_per_token;
+};
+
+cudaError_t launch_gated_residual_backward(const GatedResidualBackwardArgs& args, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace fastgen

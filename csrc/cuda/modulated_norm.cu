@@ -1,0 +1,270 @@
+// Modulated LayerNorm / RMSNorm (adaLN): y = (xhat * w + b) * (1 + scale) + shift, and its VJP.
+// Math: fastgen_kernels/ops/modulated_norm.py. Launch API and conventions: launch.h.
+//
+// A row lives in registers: thread t of a block owns the 16-byte vectors t, t + blockDim.x, ...
+// (VPT of them, coalesced) of each row it processes, so the statistics take two passes over
+// registers and x is read once.
+#include "cuda/common.cuh"
+#include "cuda/launch.h"
+
+namespace fastgen {
+namespace cuda {
+namespace {
+
+// The most vectors per thread a row of kMaxDim elements needs at kMaxThreads threads; larger VPT
+// is never instantiated (16-bit vectors never need more than one per thread).
+template <int VEC>
+constexpr int kMaxVpt = static_cast<int>(ceil_div(kMaxDim, int64_t{VEC} * kMaxThreads));
+
+struct RowTiling {
+  int vpt;      // vectors per thread
+  int threads;  // a multiple of the warp size, at most kMaxThreads
+};
+
+// The smallest VPT in {1, 2, 4, 8} that splits a row of `num_vecs` vectors over at most
+// kMaxThreads threads: the widest block, so the fewest registers per thread.
+inline RowTiling row_tiling(int64_t num_vecs) {
+  int vpt = 1;
+  while (ceil_div(num_vecs, vpt) > kMaxThreads) vpt *= 2;
+  const int threads = static_cast<int>(ceil_div(ceil_div(num_vecs, vpt), kWarpSize)) * kWarpSize;
+  return {vpt, threads};
+}
+
+// Calls f(IntTag<VPT>{}) with VPT = vpt, instantiating only VPT <= kMaxVpt<VEC>.
+template <int VEC, int VPT = 1, typename F>
+cudaError_t dispatch_vpt(int vpt, F&& f) {
+  if constexpr (VPT < kMaxVpt<VEC>) {
+    if (vpt > VPT) return dispatch_vpt<VEC, 2 * VPT>(vpt, f);
+  }
+  return f(IntTag<VPT>{});
+}
+
+// Column of the i-th vector this thread owns in a row; it owns it when the column is < dim.
+template <int VEC>
+__device__ __forceinline__ int owned_col(int i) {
+  return (threadIdx.x + i * blockDim.x) * VEC;
+}
+
+// One block per row.
+template <typename T, int VEC, int VPT>
+__global__ void __launch_bounds__(kMaxThreads) modulated_norm_forward_kernel(
+    const T* __restrict__ x,       // (rows, dim)
+    const T* __restrict__ shift,   // (rows, dim) if shift_per_token else (B, dim)
+    const T* __restrict__ scale,   // (rows, dim) if scale_per_token else (B, dim)
+    const T* __restrict__ weight,  // (dim,) or nullptr
+    const T* __restrict__ bias,    // (dim,) or nullptr
+    T* __restrict__ out,           // (rows, dim)
+    float* __restrict__ mean,      // (rows,); nullptr when rms
+    float* __restrict__ rstd,      // (rows,)
+    int64_t tokens, int dim, bool shift_per_token, bool scale_per_token, bool rms, float eps) {
+  const int64_t row = blockIdx.x;
+  const int64_t offset = row * dim;
+  const float inv_dim = 1.f / dim;
+
+  float xv[VPT][VEC];
+#pragma unroll
+  for (int i = 0; i < VPT; ++i) {
+    const int col = owned_col<VEC>(i);
+    if (col < dim) {
+      load_vec(x + offset + col, xv[i]);
+    } else {
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) xv[i][j] = 0.f;  // adds nothing to the sums below
+    }
+  }
+
+  float mu = 0.f;
+  if (!rms) {
+    float sum = 0.f;
+#pragma unroll
+    for (int i = 0; i < VPT; ++i) {
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) sum += xv[i][j];
+    }
+    mu = block_reduce_sum(sum) * inv_dim;
+  }
+  // Second pass over the registers: mean((x - mu)^2) without E[x^2] - E[x]^2 cancellation.
+  float sum_sq = 0.f;
+#pragma unroll
+  for (int i = 0; i < VPT; ++i) {
+    if (owned_col<VEC>(i) < dim) {
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        const float d = xv[i][j] - mu;
+        sum_sq += d * d;
+      }
+    }
+  }
+  const float rs = rsqrtf(block_reduce_sum(sum_sq) * inv_dim + eps);
+  if (threadIdx.x == 0) {
+    if (!rms) mean[row] = mu;
+    rstd[row] = rs;
+  }
+
+  const T* shift_row = shift + (shift_per_token ? row : row / tokens) * dim;
+  const T* scale_row = scale + (scale_per_token ? row : row / tokens) * dim;
+#pragma unroll
+  for (int i = 0; i < VPT; ++i) {
+    const int col = owned_col<VEC>(i);
+    if (col >= dim) continue;
+    float w[VEC], b[VEC], sh[VEC], sc[VEC], y[VEC];
+    load_vec_or(weight, col, 1.f, w);
+    load_vec_or(bias, col, 0.f, b);
+    load_vec(shift_row + col, sh);
+    load_vec(scale_row + col, sc);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      const float n = (xv[i][j] - mu) * rs * w[j] + b[j];
+      y[j] = n * (1.f + sc[j]) + sh[j];
+    }
+    store_vec(out + offset + col, y);
+  }
+}
+
+// One block per chunk of rows (see launch.h). Per row it writes dx (and dshift, dscale when per
+// token); per owned column it keeps the chunk's sums for dweight, dbias and the per-batch dshift,
+// dscale in registers and writes them once, to partials, at the end.
+template <typename T, int VEC, int VPT>
+__global__ void __launch_bounds__(kMaxThreads) modulated_norm_backward_kernel(
+    const T* __restrict__ grad_out,  // (rows, dim)
+    const T* __restrict__ x,         // (rows, dim)
+    const T* __restrict__ scale,     // (rows, dim) if scale_per_token else (B, dim)
+    const T* __restrict__ weight,    // (dim,) or nullptr
+    const T* __restrict__ bias,      // (dim,) or nullptr
+    const float* __restrict__ mean,  // (rows,); nullptr when rms
+    const float* __restrict__ rstd,  // (rows,)
+    T* __restrict__ dx,              // (rows, dim)
+    T* __restrict__ dshift,          // (rows, dim) if shift_per_token else nullptr
+    T* __restrict__ dscale,          // (rows, dim) if scale_per_token else nullptr
+    float* __restrict__ partials,    // (4, gridDim.x, dim), slots as in PartialSlot
+    int64_t tokens, int dim, int64_t rows_per_chunk, int64_t chunks_per_batch,
+    bool shift_per_token, bool scale_per_token, bool rms) {
+  const ChunkRows chunk = chunk_rows(blockIdx.x, tokens, rows_per_chunk, chunks_per_batch);
+  const float inv_dim = 1.f / dim;
+
+  // Indexed by PartialSlot. Every slot accumulates (a few adds); only the wanted ones are written.
+  float acc[4][VPT][VEC] = {};
+
+  for (int64_t row = chunk.begin; row < chunk.end; ++row) {
+    const int64_t offset = row * dim;
+    const T* scale_row = scale + (scale_per_token ? row : chunk.batch) * dim;
+    const float mu = rms ? 0.f : mean[row];
+    const float rs = rstd[row];
+
+    float gx[VPT][VEC] = {}, xhat[VPT][VEC] = {};
+    float sums[2] = {0.f, 0.f};  // sum(gx), sum(gx * xhat)
+#pragma unroll
+    for (int i = 0; i < VPT; ++i) {
+      const int col = owned_col<VEC>(i);
+      if (col >= dim) continue;
+      float g[VEC], xv[VEC], sc[VEC], w[VEC], b[VEC], gxn[VEC];
+      load_vec(grad_out + offset + col, g);
+      load_vec(x + offset + col, xv);
+      load_vec(scale_row + col, sc);
+      load_vec_or(weight, col, 1.f, w);  // re-read per row from L1: keeps registers for acc
+      load_vec_or(bias, col, 0.f, b);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        xhat[i][j] = (xv[j] - mu) * rs;
+        const float gn = g[j] * (1.f + sc[j]);
+        gx[i][j] = gn * w[j];
+        gxn[j] = g[j] * (xhat[i][j] * w[j] + b[j]);  // dscale = g * n
+        sums[0] += gx[i][j];
+        sums[1] += gx[i][j] * xhat[i][j];
+        acc[kSlotWeight][i][j] += gn * xhat[i][j];
+        acc[kSlotBias][i][j] += gn;
+        acc[kSlotShift][i][j] += g[j];
+        acc[kSlotScale][i][j] += gxn[j];
+      }
+      if (shift_per_token) store_vec(dshift + offset + col, g);
+      if (scale_per_token) store_vec(dscale + offset + col, gxn);
+    }
+
+    block_reduce_sum(sums);
+    const float mean_gx = rms ? 0.f : sums[0] * inv_dim;
+    const float mean_gx_xhat = sums[1] * inv_dim;
+#pragma unroll
+    for (int i = 0; i < VPT; ++i) {
+      const int col = owned_col<VEC>(i);
+      if (col >= dim) continue;
+      float d[VEC];
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) d[j] = rs * (gx[i][j] - mean_gx - xhat[i][j] * mean_gx_xhat);
+      store_vec(dx + offset + col, d);
+    }
+  }
+
+  const bool wanted[4] = {weight != nullptr, bias != nullptr, !shift_per_token, !scale_per_token};
+#pragma unroll
+  for (int slot = 0; slot < 4; ++slot) {
+    if (!wanted[slot]) continue;
+    float* slot_row = partials + (int64_t{slot} * gridDim.x + blockIdx.x) * dim;
+#pragma unroll
+    for (int i = 0; i < VPT; ++i) {
+      const int col = owned_col<VEC>(i);
+      if (col < dim) store_vec(slot_row + col, acc[slot][i]);
+    }
+  }
+}
+
+}  // namespace
+
+cudaError_t launch_modulated_norm_forward(const ModulatedNormForwardArgs& args,
+                                          cudaStream_t stream) {
+  if (!valid_rows(args.rows, args.tokens, args.dim) || args.dim > kMaxDim ||
+      args.rows > INT32_MAX) {
+    return cudaErrorInvalidValue;
+  }
+  return dispatch_dtype_vec(
+      args.dtype, args.dim, {args.x, args.shift, args.scale, args.weight, args.bias, args.out},
+      [&](auto type_tag, auto vec_tag) {
+        using T = typename decltype(type_tag)::type;
+        constexpr int VEC = decltype(vec_tag)::value;
+        const RowTiling tiling = row_tiling(args.dim / VEC);
+        return dispatch_vpt<VEC>(tiling.vpt, [&](auto vpt_tag) {
+          constexpr int VPT = decltype(vpt_tag)::value;
+          modulated_norm_forward_kernel<T, VEC, VPT>
+              <<<static_cast<unsigned>(args.rows), tiling.threads, 0, stream>>>(
+                  static_cast<const T*>(args.x), static_cast<const T*>(args.shift),
+                  static_cast<const T*>(args.scale), static_cast<const T*>(args.weight),
+                  static_cast<const T*>(args.bias), static_cast<T*>(args.out), args.mean,
+                  args.rstd, args.tokens, static_cast<int>(args.dim), args.shift_per_token,
+                  args.scale_per_token, args.rms, args.eps);
+          return cudaGetLastError();
+        });
+      });
+}
+
+cudaError_t launch_modulated_norm_backward(const ModulatedNormBackwardArgs& args,
+                                           cudaStream_t stream) {
+  if (!valid_rows(args.rows, args.tokens, args.dim) || args.dim > kMaxDim ||
+      !valid_chunks(args.rows, args.tokens, args.rows_per_chunk, args.chunks_per_batch)) {
+    return cudaErrorInvalidValue;
+  }
+  const int64_t num_chunks = args.rows / args.tokens * args.chunks_per_batch;
+  return dispatch_dtype_vec(
+      args.dtype, args.dim,
+      {args.grad_out, args.x, args.scale, args.weight, args.bias, args.dx, args.dshift,
+       args.dscale, args.partials},
+      [&](auto type_tag, auto vec_tag) {
+        using T = typename decltype(type_tag)::type;
+        constexpr int VEC = decltype(vec_tag)::value;
+        const RowTiling tiling = row_tiling(args.dim / VEC);
+        return dispatch_vpt<VEC>(tiling.vpt, [&](auto vpt_tag) {
+          constexpr int VPT = decltype(vpt_tag)::value;
+          modulated_norm_backward_kernel<T, VEC, VPT>
+              <<<static_cast<unsigned>(num_chunks), tiling.threads, 0, stream>>>(
+                  static_cast<const T*>(args.grad_out), static_cast<const T*>(args.x),
+                  static_cast<const T*>(args.scale), static_cast<const T*>(args.weight),
+                  static_cast<const T*>(args.bias), args.mean, args.rstd,
+                  static_cast<T*>(args.dx), static_cast<T*>(args.dshift),
+                  static_cast<T*>(args.dscale), args.partials, args.tokens,
+                  static_cast<int>(args.dim), args.rows_per_chunk, args.chunks_per_batch,
+                  args.shift_per_token, args.scale_per_token, args.rms);
+          return cudaGetLastError();
+        });
+      });
+}
+
+}  // namespace cuda
+}  // namespace fastgen

@@ -1,0 +1,41 @@
+// Tensor-level entry points of the C++ CPU kernels, called from csrc/torch_bindings.cpp, which
+// validates arguments and allocates every output. Conventions match csrc/cuda/launch.h:
+// contiguous tensors, x-like tensors (B, L, D), modulation tensors per token (B, L, D) or per batch
+// (B, D), fp32 statistics (fp64 for fp64 input), deterministic chunked partial sums for the
+// backward reductions over rows.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include "row_chunks.h"
+
+namespace fastgen {
+
+namespace cpu {
+
+// out = ((x - mean) * rstd * weight + bias) * (1 + scale) + shift; rms: mean = 0, no bias.
+// weight, bias: nullptr when absent; mean is not written when rms.
+void modulated_norm_forward(const at::Tensor& x, const at::Tensor& shift, const at::Tensor& scale,
+                            const at::Tensor* weight, const at::Tensor* bias, double eps, bool rms,
+                            at::Tensor& out, at::Tensor& mean, at::Tensor& rstd);
+
+// Writes dx; dshift / dscale (B, L, D) when shift / scale are per token (else they are undefined);
+// partials[slot] for each reduced gradient (weight, bias, per-batch shift, per-batch scale).
+void modulated_norm_backward(const at::Tensor& grad_out, const at::Tensor& x, bool shift_per_token,
+                             const at::Tensor& scale, const at::Tensor* weight,
+                             const at::Tensor* bias, const at::Tensor& mean,
+                             const at::Tensor& rstd, bool rms, RowChunks chunks, at::Tensor& dx,
+                             at::Tensor& dshift, at::Tensor& dscale, at::Tensor& partials);
+
+// out = x + gate * y
+void gated_residual_forward(const at::Tensor& x, const at::Tensor& y, const at::Tensor& gate,
+                            at::Tensor& out);
+
+// dy = grad_out * gate; dgate = grad_out * y, written per row when the gate is per token, else
+// summed per chunk into partials (1, num_chunks, D).
+void gated_residual_backward(const at::Tensor& grad_out, const at::Tensor& y,
+                             const at::Tensor& gate, RowChunks chunks, at::Tensor& dy,
+                             at::Tensor& dgate, at::Tensor& partials);
+
+}  // namespace cpu
+}  // namespace fastgen

@@ -1,0 +1,32 @@
+// Row chunking of the backward reductions, shared by the CPU (csrc/cpu) and CUDA (csrc/cuda)
+// kernels so that their partial sums have one layout. Plain C++: nvcc and the host compiler both
+// include it.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+
+namespace fastgen {
+
+// How the backward kernels cut the L rows of each of the B batches into chunks; one chunk's partial
+// sums come from one thread (CPU) or thread block (CUDA). Depends only on the shape, never on the
+// thread count, so results are bit-identical run to run.
+struct RowChunks {
+  int64_t rows_per_chunk;
+  int64_t chunks_per_batch;
+};
+
+inline RowChunks row_chunks(int64_t batch, int64_t tokens) {
+  // About 256 chunks in all: enough to fill a GPU's SMs or a CPU's threads, few enough that the
+  // partial sums (num_chunks x D floats per reduced tensor) stay small next to the activations.
+  constexpr int64_t kTargetChunks = 256;
+  const int64_t per_batch = std::clamp<int64_t>((kTargetChunks + batch - 1) / batch, 1, std::max<int64_t>(tokens, 1));
+  const int64_t rows_per_chunk = (tokens + per_batch - 1) / per_batch;
+  return {rows_per_chunk, rows_per_chunk == 0 ? 1 : (tokens + rows_per_chunk - 1) / rows_per_chunk};
+}
+
+// Partial-sum slots of the modulated-norm backward: partials has shape (4, num_chunks, D); a
+// slot is written only when that gradient is reduced over rows.
+enum PartialSlot : int { kSlotWeight = 0, kSlotBias = 1, kSlotShift = 2, kSlotScale = 3 };
+
+}  // namespace fastgen

@@ -1,0 +1,262 @@
+// The one place that declares the extension's op schemas and binds their implementations.
+//
+// Ops live in the namespace fastgen_C; they are the C++ backends ("cpu" and "cuda") behind the
+// public custom ops fastgen::* defined in Python (fastgen_kernels/ops), which validate arguments
+// with readable errors, pick a backend and carry autograd. Each op here has one implementation for
+// both dispatch keys: it checks its inputs, allocates every output, then runs the CPU kernel
+// (csrc/cpu) or launches the CUDA kernel (csrc/cuda, compiled when FASTGEN_WITH_CUDA is defined).
+#include <Python.h>
+
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+
+#include "ops.h"
+
+#ifdef FASTGEN_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include "cuda/launch.h"
+#endif
+
+namespace fastgen {
+namespace {
+
+using at::Tensor;
+using std::optional;
+
+void check_activation(const Tensor& x, const char* name) {
+  TORCH_CHECK(x.dim() == 3, name, " must be (B, L, D), got ", x.sizes());
+  TORCH_CHECK(x.is_contiguous(), name, " must be contiguous");
+}
+
+// A modulation tensor: (B, D) or (B, L, D), like x.
+void check_modulation(const Tensor& mod, const Tensor& x, const char* name) {
+  const bool ok = (mod.dim() == 2 && mod.size(0) == x.size(0) && mod.size(1) == x.size(2)) ||
+                  (mod.dim() == 3 && mod.sizes() == x.sizes());
+  TORCH_CHECK(ok, name, " must be (B, D) or (B, L, D) with x ", x.sizes(), ", got ", mod.sizes());
+  TORCH_CHECK(mod.is_contiguous() && mod.scalar_type() == x.scalar_type() && mod.device() == x.device(),
+              name, " must be contiguous with x's dtype and device");
+}
+
+const Tensor* check_param(const optional<Tensor>& p, const Tensor& x, const char* name) {
+  if (!p) return nullptr;
+  TORCH_CHECK(p->dim() == 1 && p->size(0) == x.size(2), name, " must be (D,), got ", p->sizes());
+  TORCH_CHECK(p->is_contiguous() && p->scalar_type() == x.scalar_type() && p->device() == x.device(),
+              name, " must be contiguous with x's dtype and device");
+  return &*p;
+}
+
+at::ScalarType stat_dtype(const Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// Sums a (num_chunks, D) slot of partial sums over the chunks of each batch -> (B, D), or over
+// all chunks -> (D,).
+Tensor reduce_chunks(const Tensor& slot, int64_t batch, RowChunks chunks, bool per_batch,
+                     at::ScalarType dtype) {
+  const Tensor sums = per_batch ? slot.view({batch, chunks.chunks_per_batch, slot.size(-1)}).sum(1)
+                                : slot.sum(0);
+  return sums.to(dtype);
+}
+
+#ifdef FASTGEN_WITH_CUDA
+cuda::DType cuda_dtype(const Tensor& x) {
+  switch (x.scalar_type()) {
+    case at::kFloat: return cuda::DType::kFloat32;
+    case at::kHalf: return cuda::DType::kFloat16;
+    case at::kBFloat16: return cuda::DType::kBFloat16;
+    default: TORCH_CHECK(false, "CUDA kernels take float16, bfloat16 or float32, got ", x.scalar_type());
+  }
+}
+
+const void* data_or_null(const Tensor* t) { return t ? t->const_data_ptr() : nullptr; }
+
+void check_launch(cudaError_t error, const char* kernel) {
+  TORCH_CHECK(error == cudaSuccess, kernel, " failed: ", cudaGetErrorString(error));
+}
+#endif
+
+std::tuple<Tensor, Tensor, Tensor> modulated_norm_forward(
+    const Tensor& x, const Tensor& shift, const Tensor& scale, const optional<Tensor>& weight,
+    const optional<Tensor>& bias, double eps, bool rms) {
+  check_activation(x, "x");
+  check_modulation(shift, x, "shift");
+  check_modulation(scale, x, "scale");
+  const Tensor* w = check_param(weight, x, "weight");
+  const Tensor* b = check_param(bias, x, "bias");
+  TORCH_CHECK(!(rms && b), "RMSNorm takes no bias");
+  Tensor out = at::empty_like(x);
+  const auto stats = x.options().dtype(stat_dtype(x));
+  Tensor mean = rms ? at::empty({0}, stats) : at::empty({x.size(0), x.size(1)}, stats);
+  Tensor rstd = at::empty({x.size(0), x.size(1)}, stats);
+  if (x.is_cuda()) {
+#ifdef FASTGEN_WITH_CUDA
+    const c10::cuda::CUDAGuard guard(x.device());
+    cuda::ModulatedNormForwardArgs args{cuda_dtype(x), x.const_data_ptr(), shift.const_data_ptr(),
+        scale.const_data_ptr(), data_or_null(w), data_or_null(b), out.mutable_data_ptr(),
+        rms ? nullptr : mean.mutable_data_ptr<float>(), rstd.mutable_data_ptr<float>(), x.size(0) * x.size(1),
+        x.size(1), x.size(2), shift.dim() == 3, scale.dim() == 3, rms, static_cast<float>(eps)};
+    check_launch(cuda::launch_modulated_norm_forward(args, at::cuda::getCurrentCUDAStream()),
+                 "modulated_norm_forward");
+#endif
+  } else {
+    cpu::modulated_norm_forward(x, shift, scale, w, b, eps, rms, out, mean, rstd);
+  }
+  return {out, mean, rstd};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> modulated_norm_backward(
+    const Tensor& grad_out, const Tensor& x, const Tensor& shift, const Tensor& scale,
+    const optional<Tensor>& weight, const optional<Tensor>& bias, const Tensor& mean,
+    const Tensor& rstd, bool rms) {
+  check_activation(x, "x");
+  check_activation(grad_out, "grad_out");
+  TORCH_CHECK(grad_out.sizes() == x.sizes() && grad_out.scalar_type() == x.scalar_type(),
+              "grad_out must match x");
+  check_modulation(shift, x, "shift");
+  check_modulation(scale, x, "scale");
+  const Tensor* w = check_param(weight, x, "weight");
+  const Tensor* b = check_param(bias, x, "bias");
+  const int64_t batch = x.size(0), tokens = x.size(1), dim = x.size(2);
+  TORCH_CHECK(rstd.numel() == batch * tokens && rstd.scalar_type() == stat_dtype(x) &&
+                  rstd.is_contiguous() && (rms || mean.sizes() == rstd.sizes()),
+              "mean and rstd must be the forward's statistics");
+  TORCH_CHECK(rms || (mean.scalar_type() == rstd.scalar_type() && mean.is_contiguous()),
+              "mean must be the forward's statistics");
+  const bool shift_per_token = shift.dim() == 3, scale_per_token = scale.dim() == 3;
+  const RowChunks chunks = row_chunks(batch, tokens);
+  const int64_t num_chunks = batch * chunks.chunks_per_batch;
+  Tensor dx = at::empty_like(x);
+  // Per-token modulation gradients are written by the kernel; per-batch ones come from partials.
+  Tensor dshift_full = shift_per_token ? at::empty_like(x) : Tensor();
+  Tensor dscale_full = scale_per_token ? at::empty_like(x) : Tensor();
+  Tensor partials = at::empty({4, num_chunks, dim}, x.options().dtype(stat_dtype(x)));
+  if (x.is_cuda()) {
+#ifdef FASTGEN_WITH_CUDA
+    const c10::cuda::CUDAGuard guard(x.device());
+    cuda::ModulatedNormBackwardArgs args{cuda_dtype(x), grad_out.const_data_ptr(), x.const_data_ptr(),
+        scale.const_data_ptr(), data_or_null(w), data_or_null(b),
+        rms ? nullptr : mean.const_data_ptr<float>(), rstd.const_data_ptr<float>(),
+        dx.mutable_data_ptr(), shift_per_token ? dshift_full.mutable_data_ptr() : nullptr,
+        scale_per_token ? dscale_full.mutable_data_ptr() : nullptr,
+        partials.mutable_data_ptr<float>(), batch * tokens, tokens, dim, chunks.rows_per_chunk,
+        chunks.chunks_per_batch, shift_per_token, scale_per_token, rms};
+    check_launch(cuda::launch_modulated_norm_backward(args, at::cuda::getCurrentCUDAStream()),
+                 "modulated_norm_backward");
+#endif
+  } else {
+    cpu::modulated_norm_backward(grad_out, x, shift_per_token, scale, w, b, mean, rstd, rms, chunks,
+                                 dx, dshift_full, dscale_full, partials);
+  }
+  const auto dtype = x.scalar_type();
+  Tensor dshift = shift_per_token ? dshift_full : reduce_chunks(partials[kSlotShift], batch, chunks, true, dtype);
+  Tensor dscale = scale_per_token ? dscale_full : reduce_chunks(partials[kSlotScale], batch, chunks, true, dtype);
+  Tensor dweight = w ? reduce_chunks(partials[kSlotWeight], batch, chunks, false, dtype) : at::empty({0}, x.options());
+  Tensor dbias = b ? reduce_chunks(partials[kSlotBias], batch, chunks, false, dtype) : at::empty({0}, x.options());
+  return {dx, dshift, dscale, dweight, dbias};
+}
+
+Tensor gated_residual_forward(const Tensor& x, const Tensor& y, const Tensor& gate) {
+  check_activation(x, "x");
+  check_activation(y, "y");
+  TORCH_CHECK(y.sizes() == x.sizes() && y.scalar_type() == x.scalar_type() && y.device() == x.device(),
+              "y must match x");
+  check_modulation(gate, x, "gate");
+  Tensor out = at::empty_like(x);
+  if (x.is_cuda()) {
+#ifdef FASTGEN_WITH_CUDA
+    const c10::cuda::CUDAGuard guard(x.device());
+    cuda::GatedResidualForwardArgs args{cuda_dtype(x), x.const_data_ptr(), y.const_data_ptr(),
+        gate.const_data_ptr(), out.mutable_data_ptr(), x.size(0) * x.size(1), x.size(1), x.size(2),
+        gate.dim() == 3};
+    check_launch(cuda::launch_gated_residual_forward(args, at::cuda::getCurrentCUDAStream()),
+                 "gated_residual_forward");
+#endif
+  } else {
+    cpu::gated_residual_forward(x, y, gate, out);
+  }
+  return out;
+}
+
+std::tuple<Tensor, Tensor> gated_residual_backward(const Tensor& grad_out, const Tensor& y,
+                                                   const Tensor& gate) {
+  check_activation(y, "y");
+  check_activation(grad_out, "grad_out");
+  TORCH_CHECK(grad_out.sizes() == y.sizes() && grad_out.scalar_type() == y.scalar_type() &&
+                  grad_out.device() == y.device(),
+              "grad_out must match y");
+  check_modulation(gate, y, "gate");
+  const int64_t batch = y.size(0), tokens = y.size(1), dim = y.size(2);
+  const bool per_token = gate.dim() == 3;
+  const RowChunks chunks = row_chunks(batch, tokens);
+  Tensor dy = at::empty_like(y);
+  Tensor dgate_full = per_token ? at::empty_like(y) : Tensor();
+  Tensor partials = per_token ? Tensor()
+                              : at::empty({1, batch * chunks.chunks_per_batch, dim},
+                                          y.options().dtype(stat_dtype(y)));
+  if (y.is_cuda()) {
+#ifdef FASTGEN_WITH_CUDA
+    const c10::cuda::CUDAGuard guard(y.device());
+    cuda::GatedResidualBackwardArgs args{cuda_dtype(y), grad_out.const_data_ptr(), y.const_data_ptr(),
+        gate.const_data_ptr(), dy.mutable_data_ptr(),
+        per_token ? dgate_full.mutable_data_ptr() : nullptr,
+        per_token ? nullptr : partials.mutable_data_ptr<float>(), batch * tokens, tokens, dim,
+        chunks.rows_per_chunk, chunks.chunks_per_batch, per_token};
+    check_launch(cuda::launch_gated_residual_backward(args, at::cuda::getCurrentCUDAStream()),
+                 "gated_residual_backward");
+#endif
+  } else {
+    cpu::gated_residual_backward(grad_out, y, gate, chunks, dy, dgate_full, partials);
+  }
+  Tensor dgate = per_token ? dgate_full : reduce_chunks(partials[0], batch, chunks, true, y.scalar_type());
+  return {dy, dgate};
+}
+
+}  // namespace
+}  // namespace fastgen
+
+TORCH_LIBRARY(fastgen_C, m) {
+  m.def("modulated_norm_forward(Tensor x, Tensor shift, Tensor scale, Tensor? weight, Tensor? bias, "
+        "float eps, bool rms) -> (Tensor, Tensor, Tensor)");
+  m.def("modulated_norm_backward(Tensor grad_out, Tensor x, Tensor shift, Tensor scale, "
+        "Tensor? weight, Tensor? bias, Tensor mean, Tensor rstd, bool rms) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("gated_residual_forward(Tensor x, Tensor y, Tensor gate) -> Tensor");
+  m.def("gated_residual_backward(Tensor grad_out, Tensor y, Tensor gate) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(fastgen_C, CPU, m) {
+  m.impl("modulated_norm_forward", &fastgen::modulated_norm_forward);
+  m.impl("modulated_norm_backward", &fastgen::modulated_norm_backward);
+  m.impl("gated_residual_forward", &fastgen::gated_residual_forward);
+  m.impl("gated_residual_backward", &fastgen::gated_residual_backward);
+}
+
+#ifdef FASTGEN_WITH_CUDA
+TORCH_LIBRARY_IMPL(fastgen_C, CUDA, m) {
+  m.impl("modulated_norm_forward", &fastgen::modulated_norm_forward);
+  m.impl("modulated_norm_backward", &fastgen::modulated_norm_backward);
+  m.impl("gated_residual_forward", &fastgen::gated_residual_forward);
+  m.impl("gated_residual_backward", &fastgen::gated_residual_backward);
+}
+#define FASTGEN_CUDA_BUILT 1
+#else
+#define FASTGEN_CUDA_BUILT 0
+#endif
+
+// A plain Python module: importing fastgen_kernels._C runs the registrations above.
+extern "C" PyObject* PyInit__C(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C",
+                               "fastgen_kernels C++/CUDA kernels, as torch.ops.fastgen_C.*", -1,
+                               nullptr};
+  PyObject* m = PyModule_Create(&module);
+  if (m != nullptr && PyModule_AddIntConstant(m, "cuda_built", FASTGEN_CUDA_BUILT) != 0) {
+    Py_DECREF(m);
+    return nullptr;
+  }
+  return m;
+}

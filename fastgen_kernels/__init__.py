@@ -1,0 +1,16 @@
+"""fastgen_kernels: fused Triton / CUDA / C++ kernels for fast diffusion distillation and sampling."""
+
+from fastgen_kernels import ops
+from fastgen_kernels.backends import BACKENDS, use_backend
+from fastgen_kernels.ops import gated_residual, modulated_layer_norm, modulated_rms_norm
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS",
+    "gated_residual",
+    "modulated_layer_norm",
+    "modulated_rms_norm",
+    "ops",
+    "use_backend",
+]

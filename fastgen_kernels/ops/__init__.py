@@ -1,0 +1,15 @@
+"""Public fused ops. Each is a torch.library custom op in the namespace ``fastgen`` with
+backward and forward-mode (jvp) rules, running on the backend chosen per call."""
+
+from fastgen_kernels.ops import gated_residual as _gated_residual_module
+from fastgen_kernels.ops import modulated_norm as _modulated_norm_module
+from fastgen_kernels.ops.gated_residual import gated_residual
+from fastgen_kernels.ops.modulated_norm import modulated_layer_norm, modulated_rms_norm
+
+# op module -> its dispatchers, for `fastgen-kernels info` and the tests
+OP_MODULES = {
+    "modulated_norm": _modulated_norm_module,
+    "gated_residual": _gated_residual_module,
+}
+
+__all__ = ["gated_residual", "modulated_layer_norm", "modulated_rms_norm", "OP_MODULES"]

@@ -1,0 +1,63 @@
+"""Argument checks shared by the ops: clear errors that name the argument, before any launch."""
+
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # what GPU kernels read
+
+
+def tensor(op: str, name: str, value: object) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{op}: {name} must be float16, bfloat16, float32 or float64, got {value.dtype}"
+        )
+    return value
+
+
+def activation(op: str, x: object) -> torch.Tensor:
+    """x: a (B, L, D) floating tensor."""
+    x = tensor(op, "x", x)
+    if x.dim() != 3:
+        raise ValueError(f"{op}: x must have shape (B, L, D), got {tuple(x.shape)}")
+    return x
+
+
+def like_x(op: str, name: str, value: object, x: torch.Tensor, shapes: list[tuple[int, ...]]) -> None:
+    """``value`` must be a tensor with x's dtype and device and one of ``shapes``."""
+    value = tensor(op, name, value)
+    if value.dtype != x.dtype:
+        raise TypeError(f"{op}: {name} must have x's dtype {x.dtype}, got {value.dtype}")
+    if value.device != x.device:
+        raise ValueError(f"{op}: {name} must be on x's device {x.device}, got {value.device}")
+    if tuple(value.shape) not in shapes:
+        expected = " or ".join(str(s) for s in shapes)
+        raise ValueError(f"{op}: {name} must have shape {expected}, got {tuple(value.shape)}")
+
+
+def modulation(op: str, name: str, value: object, x: torch.Tensor) -> None:
+    """A modulation tensor: (B, D) broadcast over tokens, or (B, L, D) per token."""
+    B, L, D = x.shape
+    like_x(op, name, value, x, [(B, D), (B, L, D)])
+
+
+def per_channel(op: str, name: str, value: object, x: torch.Tensor) -> None:
+    """An optional affine parameter of shape (D,)."""
+    if value is not None:
+        like_x(op, name, value, x, [(x.shape[-1],)])
+
+
+def kernel_dtype(x: torch.Tensor) -> str | None:
+    """Why a GPU/Triton kernel cannot read x's dtype, or None."""
+    if x.dtype not in KERNEL_DTYPES:
+        return f"{x.dtype} input (kernels read float16, bfloat16 and float32)"
+    if x.numel() == 0:
+        return "empty input"
+    return None
+
+
+def nonempty(x: torch.Tensor) -> str | None:
+    return "empty input" if x.numel() == 0 else None

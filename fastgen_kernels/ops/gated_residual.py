@@ -1,0 +1,178 @@
+r"""Gated residual: the adaLN-Zero ``x + gate * y`` of DiT blocks, fused.
+
+Shapes: x, y ``(B, L, D)``; gate ``(B, D)`` (broadcast over the L tokens) or ``(B, L, D)``.
+Computed in fp32, rounded once to x's dtype.
+
+Forward::   out = x + gate * y
+VJP (upstream g; the gate's gradient is summed over L for a (B, D) gate)::
+
+    dx = g        dy = g * gate        dgate = g * y
+
+JVP with tangents (tx, ty, tgate)::   tout = tx + gate * ty + tgate * y
+which is two more calls of the op itself: gated_residual(gated_residual(tx, ty, gate), y, tgate).
+
+Public API: :func:`gated_residual`, running the custom op ``fastgen::gated_residual`` (backward:
+``fastgen::gated_residual_backward``) on the backend chosen per call.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fastgen_kernels.backends import OpDispatcher
+from fastgen_kernels.ops import _checks
+
+# --------------------------------------------------------------------------- reference
+
+
+def _per_row(gate: Tensor, dtype: torch.dtype) -> Tensor:
+    gate = gate.to(dtype)
+    return gate.unsqueeze(1) if gate.dim() == 2 else gate
+
+
+def reference_forward(x: Tensor, y: Tensor, gate: Tensor) -> Tensor:
+    ct = torch.promote_types(x.dtype, torch.float32)
+    return (x.to(ct) + _per_row(gate, ct) * y.to(ct)).to(x.dtype).contiguous()
+
+
+def reference_backward(grad_out: Tensor, y: Tensor, gate: Tensor) -> tuple[Tensor, Tensor]:
+    """(dy, dgate)."""
+    ct = torch.promote_types(y.dtype, torch.float32)
+    g = grad_out.to(ct)
+    dy = g * _per_row(gate, ct)
+    dgate = g * y.to(ct)
+    if gate.dim() == 2:
+        dgate = dgate.sum(1)
+    return dy.to(y.dtype).contiguous(), dgate.to(gate.dtype).contiguous()
+
+
+# --------------------------------------------------------------------------- backends
+
+
+def _extension_forward(x, y, gate):
+    return torch.ops.fastgen_C.gated_residual_forward(x.contiguous(), y.contiguous(), gate.contiguous())
+
+
+def _extension_backward(grad_out, y, gate):
+    return tuple(torch.ops.fastgen_C.gated_residual_backward(
+        grad_out.contiguous(), y.contiguous(), gate.contiguous()))
+
+
+def _triton_forward(*args):
+    from fastgen_kernels.triton_ops import gated_residual
+
+    return gated_residual.forward(*args)
+
+
+def _triton_backward(*args):
+    from fastgen_kernels.triton_ops import gated_residual
+
+    return gated_residual.backward(*args)
+
+
+def _fits_gpu_kernel(x: Tensor, *args) -> str | None:
+    return _checks.kernel_dtype(x)
+
+
+def _fits_cpu_kernel(x: Tensor, *args) -> str | None:
+    return _checks.nonempty(x)
+
+
+_SUPPORTS = {"cuda": _fits_gpu_kernel, "triton": _fits_gpu_kernel, "cpu": _fits_cpu_kernel}
+
+forward_dispatcher = OpDispatcher(
+    "fastgen.gated_residual",
+    {"cuda": _extension_forward, "triton": _triton_forward, "cpu": _extension_forward,
+     "reference": reference_forward},
+    _SUPPORTS,
+)
+backward_dispatcher = OpDispatcher(
+    "fastgen.gated_residual_backward",
+    {"cuda": _extension_backward, "triton": _triton_backward, "cpu": _extension_backward,
+     "reference": reference_backward},
+    _SUPPORTS,
+)
+
+# --------------------------------------------------------------------------- custom ops
+
+
+@torch.library.custom_op("fastgen::gated_residual", mutates_args=())
+def gated_residual_op(x: Tensor, y: Tensor, gate: Tensor) -> Tensor:
+    """x + gate * y."""
+    return forward_dispatcher(x, y, gate)
+
+
+@torch.library.custom_op("fastgen::gated_residual_backward", mutates_args=())
+def gated_residual_backward(grad_out: Tensor, y: Tensor, gate: Tensor) -> tuple[Tensor, Tensor]:
+    """(dy, dgate) of x + gate * y; dx is grad_out itself."""
+    return backward_dispatcher(grad_out, y, gate)
+
+
+gated_residual_op.register_fake(reference_forward)
+gated_residual_backward.register_fake(reference_backward)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    _, y, gate = inputs
+    ctx.save_for_backward(y, gate)
+
+
+def _backward(ctx, grad_out):
+    y, gate = ctx.saved_tensors
+    dy, dgate = torch.ops.fastgen.gated_residual_backward(grad_out, y, gate)
+    needs = ctx.needs_input_grad
+    return (grad_out if needs[0] else None, dy if needs[1] else None, dgate if needs[2] else None)
+
+
+gated_residual_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _GatedResidualFunction(torch.autograd.Function):
+    """The custom op plus a forward-mode rule (custom ops have none)."""
+
+    @staticmethod
+    def forward(x, y, gate):
+        return torch.ops.fastgen.gated_residual(x, y, gate)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _setup_context(ctx, inputs, output)
+        _, y, gate = inputs
+        ctx.save_for_forward(y, gate)
+
+    backward = staticmethod(_backward)
+
+    @staticmethod
+    def jvp(ctx, tx, ty, tgate):
+        y, gate = ctx.saved_tensors
+        tout = torch.zeros_like(y) if tx is None else tx
+        if ty is not None:
+            tout = torch.ops.fastgen.gated_residual(tout, ty, gate)
+        if tgate is not None:
+            tout = torch.ops.fastgen.gated_residual(tout, y, tgate)
+        return tout
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def gated_residual(x: Tensor, y: Tensor, gate: Tensor) -> Tensor:
+    """``x + gate * y`` in one pass: the adaLN-Zero residual of a DiT block.
+
+    x, y: (B, L, D); gate: (B, D) broadcast over L, or (B, L, D); all of one dtype and device.
+    Output in x's dtype (fp32 arithmetic). Differentiable in x, y and gate, forward mode included.
+    """
+    op = "gated_residual"
+    x = _checks.activation(op, x)
+    _checks.like_x(op, "y", y, x, [tuple(x.shape)])
+    _checks.modulation(op, "gate", gate, x)
+    if torch.compiler.is_compiling():  # Dynamo cannot trace an autograd.Function with a jvp
+        return torch.ops.fastgen.gated_residual(x, y, gate)
+    return _GatedResidualFunction.apply(x, y, gate)
+
+
+def example_args(device: torch.device, dtype: torch.dtype) -> tuple:
+    """Small arguments of the forward op, for `fastgen-kernels info`."""
+    x = torch.randn(2, 3, 64, device=device, dtype=dtype)
+    return (x, x, torch.randn(2, 64, device=device, dtype=dtype))

@@ -1,0 +1,323 @@
+r"""Modulated LayerNorm / RMSNorm: the adaLN(-Zero) normalization of DiT blocks, fused.
+
+Shapes: x ``(B, L, D)``; shift, scale ``(B, D)`` (broadcast over the L tokens) or ``(B, L, D)``;
+weight, bias ``(D,)`` or None. Rows are the B*L token vectors; statistics are over D, in fp32
+(fp64 for fp64 input).
+
+Forward, per row (LayerNorm; RMSNorm drops the mean, mu = 0, and has no bias)::
+
+    mu   = mean(x)                    rstd = 1 / sqrt(mean((x - mu)^2) + eps)
+    xhat = (x - mu) * rstd            n    = xhat * w + b
+    y    = n * (1 + scale) + shift
+
+VJP with upstream gradient g (sums over rows for the (D,) parameters, over L for (B, D)
+modulation)::
+
+    dshift = g                        dscale = g * n
+    gn     = g * (1 + scale)          dw = sum(gn * xhat),  db = sum(gn)
+    gx     = gn * w
+    dx     = rstd * (gx - mean(gx) - xhat * mean(gx * xhat))      (RMS: without mean(gx))
+
+JVP with tangents (tx, tshift, tscale, tw, tb). The normalization's Jacobian
+rstd * (I - 1/D - xhat xhat^T / D) is symmetric, so its JVP has the same form as its VJP::
+
+    txhat = rstd * (tx - mean(tx) - xhat * mean(tx * xhat))        (RMS: without mean(tx))
+    tn    = txhat * w + xhat * tw + tb
+    ty    = tn * (1 + scale) + n * tscale + tshift
+
+Public API: :func:`modulated_layer_norm`, :func:`modulated_rms_norm`. Both run the custom op
+``fastgen::modulated_norm`` (backward: ``fastgen::modulated_norm_backward``), which picks a backend
+(cuda, triton, cpu, reference) per call; see :mod:`fastgen_kernels.backends`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fastgen_kernels.backends import OpDispatcher
+from fastgen_kernels.ops import _checks
+
+# --------------------------------------------------------------------------- reference
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def _per_row(mod: Tensor, dtype: torch.dtype) -> Tensor:
+    """(B, D) -> (B, 1, D) so it broadcasts over tokens; (B, L, D) stays."""
+    mod = mod.to(dtype)
+    return mod.unsqueeze(1) if mod.dim() == 2 else mod
+
+
+def _normalize(xf: Tensor, eps: float, rms: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(xhat, mean, rstd) in xf's dtype; mean is empty for RMSNorm."""
+    if rms:
+        mean = xf.new_empty((0,))
+        rstd = torch.rsqrt(xf.square().mean(-1) + eps)
+        return xf * rstd.unsqueeze(-1), mean, rstd
+    mean = xf.mean(-1)
+    centered = xf - mean.unsqueeze(-1)
+    rstd = torch.rsqrt(centered.square().mean(-1) + eps)
+    return centered * rstd.unsqueeze(-1), mean, rstd
+
+
+def _xhat(xf: Tensor, mean: Tensor, rstd: Tensor, rms: bool) -> Tensor:
+    centered = xf if rms else xf - mean.unsqueeze(-1)
+    return centered * rstd.unsqueeze(-1)
+
+
+def _affine(xhat: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+    n = xhat if weight is None else xhat * weight.to(xhat.dtype)
+    return n if bias is None else n + bias.to(xhat.dtype)
+
+
+def _reduce_like(full: Tensor, like: Tensor) -> Tensor:
+    """Sum a (B, L, D) gradient over L when the input it belongs to was (B, D)."""
+    return full.sum(1) if like.dim() == 2 else full
+
+
+def reference_forward(
+    x: Tensor, shift: Tensor, scale: Tensor, weight: Tensor | None, bias: Tensor | None,
+    eps: float, rms: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Plain PyTorch in fp32 (fp64 for fp64 input). Returns (y, mean, rstd); mean and rstd are
+    (B, L) in the compute dtype, mean is empty for RMSNorm."""
+    ct = _compute_dtype(x)
+    xhat, mean, rstd = _normalize(x.to(ct), eps, rms)
+    y = _affine(xhat, weight, bias) * (1 + _per_row(scale, ct)) + _per_row(shift, ct)
+    return y.to(x.dtype).contiguous(), mean, rstd
+
+
+def reference_backward(
+    grad_out: Tensor, x: Tensor, shift: Tensor, scale: Tensor, weight: Tensor | None,
+    bias: Tensor | None, mean: Tensor, rstd: Tensor, rms: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dshift, dscale, dweight, dbias); dweight/dbias are empty when weight/bias are None."""
+    ct = _compute_dtype(x)
+    g = grad_out.to(ct)
+    xhat = _xhat(x.to(ct), mean, rstd, rms)
+    gn = g * (1 + _per_row(scale, ct))
+    gx = gn if weight is None else gn * weight.to(ct)
+    proj = (gx * xhat).mean(-1, keepdim=True)
+    centered_gx = gx if rms else gx - gx.mean(-1, keepdim=True)
+    dx = rstd.unsqueeze(-1) * (centered_gx - xhat * proj)
+    dshift = _reduce_like(g, shift)
+    dscale = _reduce_like(g * _affine(xhat, weight, bias), scale)
+    empty = x.new_empty((0,))
+    dweight = empty if weight is None else (gn * xhat).sum((0, 1)).to(weight.dtype)
+    dbias = empty if bias is None else gn.sum((0, 1)).to(bias.dtype)
+    contiguous = torch.contiguous_format
+    return (dx.to(x.dtype).contiguous(),
+            # a per-token dshift is grad_out itself: copy, outputs may not alias inputs
+            dshift.to(shift.dtype, memory_format=contiguous, copy=True),
+            dscale.to(scale.dtype).contiguous(), dweight, dbias)
+
+
+def reference_jvp(
+    x: Tensor, scale: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor,
+    rstd: Tensor, rms: bool, tx: Tensor | None, tshift: Tensor | None, tscale: Tensor | None,
+    tweight: Tensor | None, tbias: Tensor | None,
+) -> Tensor:
+    """Tangent of y given tangents of the inputs (None = zero), in the compute dtype."""
+    ct = _compute_dtype(x)
+    xhat = _xhat(x.to(ct), mean, rstd, rms)
+    tn = torch.zeros_like(xhat)
+    if tx is not None:
+        txf = tx.to(ct)
+        proj = (txf * xhat).mean(-1, keepdim=True)
+        centered = txf if rms else txf - txf.mean(-1, keepdim=True)
+        txhat = rstd.unsqueeze(-1) * (centered - xhat * proj)
+        tn = tn + (txhat if weight is None else txhat * weight.to(ct))
+    if tweight is not None:
+        tn = tn + xhat * tweight.to(ct)
+    if tbias is not None:
+        tn = tn + tbias.to(ct)
+    ty = tn * (1 + _per_row(scale, ct))
+    if tscale is not None:
+        ty = ty + _affine(xhat, weight, bias) * _per_row(tscale, ct)
+    if tshift is not None:
+        ty = ty + _per_row(tshift, ct)
+    return ty
+
+
+# --------------------------------------------------------------------------- backends
+
+
+def _contiguous(*tensors: Tensor | None) -> list[Tensor | None]:
+    return [None if t is None else t.contiguous() for t in tensors]
+
+
+def _extension_forward(x, shift, scale, weight, bias, eps, rms):
+    return tuple(torch.ops.fastgen_C.modulated_norm_forward(
+        *_contiguous(x, shift, scale, weight, bias), eps, rms))
+
+
+def _extension_backward(grad_out, x, shift, scale, weight, bias, mean, rstd, rms):
+    return tuple(torch.ops.fastgen_C.modulated_norm_backward(
+        *_contiguous(grad_out, x, shift, scale, weight, bias), mean, rstd, rms))
+
+
+def _triton_forward(*args):
+    from fastgen_kernels.triton_ops import modulated_norm
+
+    return modulated_norm.forward(*args)
+
+
+def _triton_backward(*args):
+    from fastgen_kernels.triton_ops import modulated_norm
+
+    return modulated_norm.backward(*args)
+
+
+MAX_KERNEL_D = 16384  # the CUDA and Triton kernels keep a row in registers
+
+
+def _fits_gpu_kernel(x: Tensor, *args) -> str | None:
+    too_wide = x.shape[-1] > MAX_KERNEL_D
+    return _checks.kernel_dtype(x) or (
+        f"D = {x.shape[-1]} exceeds the kernels' limit of {MAX_KERNEL_D}" if too_wide else None)
+
+
+def _fits_cpu_kernel(x: Tensor, *args) -> str | None:
+    return _checks.nonempty(x)
+
+
+_SUPPORTS = {"cuda": _fits_gpu_kernel, "triton": _fits_gpu_kernel, "cpu": _fits_cpu_kernel}
+
+forward_dispatcher = OpDispatcher(
+    "fastgen.modulated_norm",
+    {"cuda": _extension_forward, "triton": _triton_forward, "cpu": _extension_forward,
+     "reference": reference_forward},
+    _SUPPORTS,
+)
+backward_dispatcher = OpDispatcher(
+    "fastgen.modulated_norm_backward",
+    {"cuda": _extension_backward, "triton": _triton_backward, "cpu": _extension_backward,
+     "reference": reference_backward},
+    _SUPPORTS,
+    device_of=lambda grad_out, *args: grad_out.device,
+)
+
+# --------------------------------------------------------------------------- custom ops
+
+
+@torch.library.custom_op("fastgen::modulated_norm", mutates_args=())
+def modulated_norm(
+    x: Tensor, shift: Tensor, scale: Tensor, weight: Tensor | None, bias: Tensor | None,
+    eps: float, rms: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(y, mean, rstd) = modulated LayerNorm (rms=False) or RMSNorm (rms=True) of x."""
+    return forward_dispatcher(x, shift, scale, weight, bias, eps, rms)
+
+
+@torch.library.custom_op("fastgen::modulated_norm_backward", mutates_args=())
+def modulated_norm_backward(
+    grad_out: Tensor, x: Tensor, shift: Tensor, scale: Tensor, weight: Tensor | None,
+    bias: Tensor | None, mean: Tensor, rstd: Tensor, rms: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dshift, dscale, dweight, dbias); dweight/dbias empty when weight/bias are None."""
+    return backward_dispatcher(grad_out, x, shift, scale, weight, bias, mean, rstd, rms)
+
+
+# The reference computes with ops that FakeTensor understands, so it is also the fake kernel:
+# outputs have exactly the metadata every backend produces.
+modulated_norm.register_fake(reference_forward)
+modulated_norm_backward.register_fake(reference_backward)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, shift, scale, weight, bias, eps, rms = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, shift, scale, weight, bias, mean, rstd)
+    ctx.rms = rms
+
+
+def _backward(ctx, grad_out, _grad_mean, _grad_rstd):
+    x, shift, scale, weight, bias, mean, rstd = ctx.saved_tensors
+    dx, dshift, dscale, dweight, dbias = torch.ops.fastgen.modulated_norm_backward(
+        grad_out, x, shift, scale, weight, bias, mean, rstd, ctx.rms)
+    needs = ctx.needs_input_grad
+    return (dx if needs[0] else None, dshift if needs[1] else None, dscale if needs[2] else None,
+            dweight if weight is not None and needs[3] else None,
+            dbias if bias is not None and needs[4] else None, None, None)
+
+
+modulated_norm.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _ModulatedNormFunction(torch.autograd.Function):
+    """The custom op plus a forward-mode rule, so torch.func.jvp works (custom ops have no jvp).
+    Its backward is the op's own registered backward."""
+
+    @staticmethod
+    def forward(x, shift, scale, weight, bias, eps, rms):
+        return torch.ops.fastgen.modulated_norm(x, shift, scale, weight, bias, eps, rms)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _setup_context(ctx, inputs, output)
+        x, shift, scale, weight, bias, _, _ = inputs
+        _, mean, rstd = output
+        ctx.mark_non_differentiable(mean, rstd)
+        ctx.save_for_forward(x, scale, weight, bias, mean, rstd)
+
+    backward = staticmethod(_backward)
+
+    @staticmethod
+    def jvp(ctx, tx, tshift, tscale, tweight, tbias, _teps, _trms):
+        x, scale, weight, bias, mean, rstd = ctx.saved_tensors
+        ty = reference_jvp(x, scale, weight, bias, mean, rstd, ctx.rms, tx, tshift, tscale,
+                           tweight, tbias)
+        return ty.to(x.dtype), None, None
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def _check(op: str, x, shift, scale, weight, bias, eps) -> None:
+    x = _checks.activation(op, x)
+    _checks.modulation(op, "shift", shift, x)
+    _checks.modulation(op, "scale", scale, x)
+    _checks.per_channel(op, "weight", weight, x)
+    _checks.per_channel(op, "bias", bias, x)
+    if not isinstance(eps, (int, float)) or not eps > 0:
+        raise ValueError(f"{op}: eps must be a positive number, got {eps!r}")
+
+
+def _apply(x, shift, scale, weight, bias, eps, rms) -> Tensor:
+    if torch.compiler.is_compiling():  # Dynamo cannot trace an autograd.Function with a jvp
+        return torch.ops.fastgen.modulated_norm(x, shift, scale, weight, bias, eps, rms)[0]
+    return _ModulatedNormFunction.apply(x, shift, scale, weight, bias, float(eps), rms)[0]
+
+
+def modulated_layer_norm(
+    x: Tensor, shift: Tensor, scale: Tensor, weight: Tensor | None = None,
+    bias: Tensor | None = None, eps: float = 1e-6,
+) -> Tensor:
+    """``LayerNorm(x) * (1 + scale) + shift`` over the last dim, in one pass over x.
+
+    x: (B, L, D); shift, scale: (B, D) broadcast over L, or (B, L, D); weight, bias: (D,) or None
+    (LayerNorm's affine, applied before the modulation). float16/bfloat16/float32 (float64 on the
+    cpu and reference backends), fp32 statistics, output in x's dtype. Differentiable in every
+    tensor argument, forward mode (torch.func.jvp) included.
+    """
+    _check("modulated_layer_norm", x, shift, scale, weight, bias, eps)
+    return _apply(x, shift, scale, weight, bias, eps, False)
+
+
+def modulated_rms_norm(
+    x: Tensor, shift: Tensor, scale: Tensor, weight: Tensor | None = None, eps: float = 1e-6,
+) -> Tensor:
+    """``RMSNorm(x) * (1 + scale) + shift`` over the last dim; as :func:`modulated_layer_norm`
+    with RMSNorm (x / sqrt(mean(x^2) + eps), times weight) in place of LayerNorm."""
+    _check("modulated_rms_norm", x, shift, scale, weight, None, eps)
+    return _apply(x, shift, scale, weight, None, eps, True)
+
+
+def example_args(device: torch.device, dtype: torch.dtype) -> tuple:
+    """Small arguments of the forward op, for `fastgen-kernels info`."""
+    x = torch.randn(2, 3, 64, device=device, dtype=dtype)
+    mod = torch.randn(2, 64, device=device, dtype=dtype)
+    return (x, mod, mod, None, None, 1e-6, False)
