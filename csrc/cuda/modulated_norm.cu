@@ -122,8 +122,8 @@ __global__ void __launch_bounds__(kMaxThreads) modulated_norm_forward_kernel(
 }
 
 // One block per chunk of rows (see launch.h). Per row it writes dx (and dshift, dscale when per
-// token); per owned column it keeps the chunk's sums for dweight, dbias and the per-batch dshift,
-// dscale in registers and writes them once, to partials, at the end.
+// token); per owned column it sums over the chunk's rows, in registers, what the partials of
+// dweight, dbias and the per-batch dshift, dscale need, and writes those once at the end.
 template <typename T, int VEC, int VPT>
 __global__ void __launch_bounds__(kMaxThreads) modulated_norm_backward_kernel(
     const T* __restrict__ grad_out,  // (rows, dim)
@@ -142,8 +142,13 @@ __global__ void __launch_bounds__(kMaxThreads) modulated_norm_backward_kernel(
   const ChunkRows chunk = chunk_rows(blockIdx.x, tokens, rows_per_chunk, chunks_per_batch);
   const float inv_dim = 1.f / dim;
 
-  // Indexed by PartialSlot. Every slot accumulates (a few adds); only the wanted ones are written.
-  float acc[4][VPT][VEC] = {};
+  // Three sums instead of one per slot, to stay within the 64 registers of 1024 threads. With
+  // gs = gn = g * (1 + scale) for a per-token scale, else gs = g:
+  //   sum_gs_xhat = sum(gs * xhat), sum_gs = sum(gs), sum_g = sum(g).
+  // A per-batch scale, w and b are constant over the chunk, so they factor out at the end:
+  // dweight = (1 + scale) * sum(g * xhat), dbias = (1 + scale) * sum(g), dscale = sum(g * n) =
+  // w * sum(g * xhat) + b * sum(g).
+  float sum_gs_xhat[VPT][VEC] = {}, sum_gs[VPT][VEC] = {}, sum_g[VPT][VEC] = {};
 
   for (int64_t row = chunk.begin; row < chunk.end; ++row) {
     const int64_t offset = row * dim;
@@ -152,32 +157,32 @@ __global__ void __launch_bounds__(kMaxThreads) modulated_norm_backward_kernel(
     const float rs = rstd[row];
 
     float gx[VPT][VEC] = {}, xhat[VPT][VEC] = {};
-    float sums[2] = {0.f, 0.f};  // sum(gx), sum(gx * xhat)
+    float sums[2] = {0.f, 0.f};  // sum(gx), sum(gx * xhat) over the row
 #pragma unroll
     for (int i = 0; i < VPT; ++i) {
       const int col = owned_col<VEC>(i);
       if (col >= dim) continue;
-      float g[VEC], xv[VEC], sc[VEC], w[VEC], b[VEC], gxn[VEC];
+      float g[VEC], xv[VEC], sc[VEC], w[VEC], b[VEC], gn_row[VEC];
       load_vec(grad_out + offset + col, g);
       load_vec(x + offset + col, xv);
       load_vec(scale_row + col, sc);
-      load_vec_or(weight, col, 1.f, w);  // re-read per row from L1: keeps registers for acc
+      load_vec_or(weight, col, 1.f, w);  // re-read per row (L1 hits): registers go to the sums
       load_vec_or(bias, col, 0.f, b);
 #pragma unroll
       for (int j = 0; j < VEC; ++j) {
         xhat[i][j] = (xv[j] - mu) * rs;
         const float gn = g[j] * (1.f + sc[j]);
+        const float gs = scale_per_token ? gn : g[j];
         gx[i][j] = gn * w[j];
-        gxn[j] = g[j] * (xhat[i][j] * w[j] + b[j]);  // dscale = g * n
+        gn_row[j] = g[j] * (xhat[i][j] * w[j] + b[j]);  // per-token dscale = g * n
         sums[0] += gx[i][j];
         sums[1] += gx[i][j] * xhat[i][j];
-        acc[kSlotWeight][i][j] += gn * xhat[i][j];
-        acc[kSlotBias][i][j] += gn;
-        acc[kSlotShift][i][j] += g[j];
-        acc[kSlotScale][i][j] += gxn[j];
+        sum_gs_xhat[i][j] += gs * xhat[i][j];
+        sum_gs[i][j] += gs;
+        sum_g[i][j] += g[j];
       }
       if (shift_per_token) store_vec(dshift + offset + col, g);
-      if (scale_per_token) store_vec(dscale + offset + col, gxn);
+      if (scale_per_token) store_vec(dscale + offset + col, gn_row);
     }
 
     block_reduce_sum(sums);
@@ -194,15 +199,39 @@ __global__ void __launch_bounds__(kMaxThreads) modulated_norm_backward_kernel(
     }
   }
 
-  const bool wanted[4] = {weight != nullptr, bias != nullptr, !shift_per_token, !scale_per_token};
+  const int64_t slot_stride = int64_t{gridDim.x} * dim;
+  float* chunk_partials = partials + int64_t{blockIdx.x} * dim;
+  const T* scale_row = scale + chunk.batch * dim;  // read only when the scale is per batch
 #pragma unroll
-  for (int slot = 0; slot < 4; ++slot) {
-    if (!wanted[slot]) continue;
-    float* slot_row = partials + (int64_t{slot} * gridDim.x + blockIdx.x) * dim;
+  for (int i = 0; i < VPT; ++i) {
+    const int col = owned_col<VEC>(i);
+    if (col >= dim) continue;
+    float m[VEC], w[VEC], b[VEC], out[VEC];
+    if (scale_per_token) {
 #pragma unroll
-    for (int i = 0; i < VPT; ++i) {
-      const int col = owned_col<VEC>(i);
-      if (col < dim) store_vec(slot_row + col, acc[slot][i]);
+      for (int j = 0; j < VEC; ++j) m[j] = 1.f;
+    } else {
+      load_vec(scale_row + col, m);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) m[j] += 1.f;
+    }
+    if (weight != nullptr) {
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) out[j] = m[j] * sum_gs_xhat[i][j];
+      store_vec(chunk_partials + kSlotWeight * slot_stride + col, out);
+    }
+    if (bias != nullptr) {
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) out[j] = m[j] * sum_gs[i][j];
+      store_vec(chunk_partials + kSlotBias * slot_stride + col, out);
+    }
+    if (!shift_per_token) store_vec(chunk_partials + kSlotShift * slot_stride + col, sum_g[i]);
+    if (!scale_per_token) {
+      load_vec_or(weight, col, 1.f, w);
+      load_vec_or(bias, col, 0.f, b);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) out[j] = w[j] * sum_gs_xhat[i][j] + b[j] * sum_g[i][j];
+      store_vec(chunk_partials + kSlotScale * slot_stride + col, out);
     }
   }
 }

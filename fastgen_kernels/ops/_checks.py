@@ -6,6 +6,8 @@ import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # what GPU kernels read
+# The CUDA and Triton row kernels keep a row in registers (csrc/cuda/launch.h kMaxDim).
+MAX_KERNEL_D = 8192
 
 
 def tensor(op: str, name: str, value: object) -> torch.Tensor:
@@ -50,14 +52,14 @@ def per_channel(op: str, name: str, value: object, x: torch.Tensor) -> None:
         like_x(op, name, value, x, [(x.shape[-1],)])
 
 
-def kernel_dtype(x: torch.Tensor) -> str | None:
-    """Why a GPU/Triton kernel cannot read x's dtype, or None."""
+def gpu_kernel_support(x: torch.Tensor, *args: object) -> str | None:
+    """Why the CUDA / Triton row kernels cannot take x (dtype, size), or None."""
     if x.dtype not in KERNEL_DTYPES:
         return f"{x.dtype} input (kernels read float16, bfloat16 and float32)"
-    if x.numel() == 0:
-        return "empty input"
-    return None
+    if x.shape[-1] > MAX_KERNEL_D:
+        return f"D = {x.shape[-1]} exceeds the kernels' limit of {MAX_KERNEL_D}"
+    return nonempty(x)
 
 
-def nonempty(x: torch.Tensor) -> str | None:
+def nonempty(x: torch.Tensor, *args: object) -> str | None:
     return "empty input" if x.numel() == 0 else None

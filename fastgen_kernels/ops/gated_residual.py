@@ -71,15 +71,11 @@ def _triton_backward(*args):
     return gated_residual.backward(*args)
 
 
-def _fits_gpu_kernel(x: Tensor, *args) -> str | None:
-    return _checks.kernel_dtype(x)
-
-
-def _fits_cpu_kernel(x: Tensor, *args) -> str | None:
-    return _checks.nonempty(x)
-
-
-_SUPPORTS = {"cuda": _fits_gpu_kernel, "triton": _fits_gpu_kernel, "cpu": _fits_cpu_kernel}
+_SUPPORTS = {
+    "cuda": _checks.gpu_kernel_support,
+    "triton": _checks.gpu_kernel_support,
+    "cpu": _checks.nonempty,
+}
 
 forward_dispatcher = OpDispatcher(
     "fastgen.gated_residual",

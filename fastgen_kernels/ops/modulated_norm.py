@@ -171,20 +171,11 @@ def _triton_backward(*args):
     return modulated_norm.backward(*args)
 
 
-MAX_KERNEL_D = 16384  # the CUDA and Triton kernels keep a row in registers
-
-
-def _fits_gpu_kernel(x: Tensor, *args) -> str | None:
-    too_wide = x.shape[-1] > MAX_KERNEL_D
-    return _checks.kernel_dtype(x) or (
-        f"D = {x.shape[-1]} exceeds the kernels' limit of {MAX_KERNEL_D}" if too_wide else None)
-
-
-def _fits_cpu_kernel(x: Tensor, *args) -> str | None:
-    return _checks.nonempty(x)
-
-
-_SUPPORTS = {"cuda": _fits_gpu_kernel, "triton": _fits_gpu_kernel, "cpu": _fits_cpu_kernel}
+_SUPPORTS = {
+    "cuda": _checks.gpu_kernel_support,
+    "triton": _checks.gpu_kernel_support,
+    "cpu": _checks.nonempty,
+}
 
 forward_dispatcher = OpDispatcher(
     "fastgen.modulated_norm",

@@ -1,0 +1,105 @@
+"""Triton kernels of the gated residual x + gate * y (math: fastgen_kernels/ops/gated_residual.py).
+
+Forward: one program per row, elementwise in fp32. Backward: one program per chunk of rows of one
+batch (the chunking of triton_ops.modulated_norm), writing dy and the gate's gradient per row, or,
+for a per-batch gate, its per-chunk sums that the launcher adds up (deterministic, no atomics).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from fastgen_kernels.triton_ops.modulated_norm import launch_config, row_chunks
+
+
+@triton.jit
+def _forward_kernel(
+    X,  # (rows, D)
+    Y,  # (rows, D)
+    GATE,  # (rows // gate_div, D)
+    OUT,  # (rows, D) output
+    D,
+    gate_div,  # rows sharing one gate row: L for a (B, D) gate, 1 for (B, L, D)
+    BLOCK_D: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_D)
+    mask = cols < D
+    x = tl.load(X + row * D + cols, mask=mask, other=0.0).to(tl.float32)
+    y = tl.load(Y + row * D + cols, mask=mask, other=0.0).to(tl.float32)
+    gate = tl.load(GATE + (row // gate_div) * D + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(OUT + row * D + cols, (x + gate * y).to(OUT.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _backward_kernel(
+    G,  # (rows, D) upstream gradient
+    Y,  # (rows, D)
+    GATE,  # (rows // gate_div, D)
+    DY,  # (rows, D) output
+    DGATE,  # (rows, D) output when GATE_PER_TOKEN, else unused
+    PARTIALS,  # (num_chunks, D) fp32 output when not GATE_PER_TOKEN
+    tokens,
+    D,
+    rows_per_chunk,
+    chunks_per_batch,
+    gate_div,
+    GATE_PER_TOKEN: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    chunk = tl.program_id(0).to(tl.int64)
+    batch = chunk // chunks_per_batch
+    start = (chunk % chunks_per_batch) * rows_per_chunk
+    first = batch * tokens + start
+    last = batch * tokens + tl.minimum(start + rows_per_chunk, tokens)
+    cols = tl.arange(0, BLOCK_D)
+    mask = cols < D
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for row in range(first, last):
+        offs = row * D + cols
+        g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
+        y = tl.load(Y + offs, mask=mask, other=0.0).to(tl.float32)
+        gate = tl.load(GATE + (row // gate_div) * D + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(DY + offs, (g * gate).to(DY.dtype.element_ty), mask=mask)
+        if GATE_PER_TOKEN:
+            tl.store(DGATE + offs, (g * y).to(DGATE.dtype.element_ty), mask=mask)
+        else:
+            acc += g * y
+    if not GATE_PER_TOKEN:
+        tl.store(PARTIALS + chunk * D + cols, acc, mask=mask)
+
+
+def _gate_div(gate: Tensor, tokens: int) -> int:
+    return tokens if gate.dim() == 2 else 1
+
+
+def forward(x: Tensor, y: Tensor, gate: Tensor) -> Tensor:
+    x, y, gate = x.contiguous(), y.contiguous(), gate.contiguous()
+    batch, tokens, D = x.shape
+    out = torch.empty_like(x)
+    block, warps = launch_config(D)
+    _forward_kernel[(batch * tokens,)](
+        x, y, gate, out, D, _gate_div(gate, tokens), BLOCK_D=block, num_warps=warps)
+    return out
+
+
+def backward(grad_out: Tensor, y: Tensor, gate: Tensor) -> tuple[Tensor, Tensor]:
+    """(dy, dgate) as the reference."""
+    grad_out, y, gate = grad_out.contiguous(), y.contiguous(), gate.contiguous()
+    batch, tokens, D = y.shape
+    rows_per_chunk, chunks_per_batch = row_chunks(batch, tokens, y.device)
+    per_token = gate.dim() == 3
+    dy = torch.empty_like(y)
+    dgate = torch.empty_like(y) if per_token else None
+    partials = None if per_token else torch.empty(
+        batch * chunks_per_batch, D, device=y.device, dtype=torch.float32)
+    block, warps = launch_config(D)
+    _backward_kernel[(batch * chunks_per_batch,)](
+        grad_out, y, gate, dy, dgate, partials, tokens, D, rows_per_chunk, chunks_per_batch,
+        _gate_div(gate, tokens), GATE_PER_TOKEN=per_token, BLOCK_D=block, num_warps=warps)
+    if not per_token:
+        dgate = partials.view(batch, chunks_per_batch, D).sum(1).to(gate.dtype)
+    return dy, dgate

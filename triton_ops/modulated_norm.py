@@ -1,0 +1,218 @@
+"""Triton kernels of the modulated LayerNorm / RMSNorm (math: fastgen_kernels/ops/modulated_norm.py).
+
+Forward: one program per row; the row (D <= 8192 elements, padded to a power of two) lives in
+registers, so x is read once and the statistics are an exact two-pass mean and variance.
+
+Backward: one program per chunk of rows of one batch (see `row_chunks`). It writes dx for each row
+and keeps the gradients that are sums over rows (weight, bias, and a per-batch shift or scale) as
+fp32 register accumulators, stored once per chunk as partial sums that the launcher adds up:
+deterministic, no atomics.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+MAX_D = 8192
+
+# Partial-sum slots of the backward, as in csrc/row_chunks.h.
+SLOT_WEIGHT, SLOT_BIAS, SLOT_SHIFT, SLOT_SCALE = range(4)
+
+
+@triton.jit
+def _forward_kernel(
+    X,  # (rows, D) input
+    SHIFT,  # (rows // shift_div, D)
+    SCALE,  # (rows // scale_div, D)
+    W,  # (D,) or unused
+    B,  # (D,) or unused
+    Y,  # (rows, D) output
+    MEAN,  # (rows,) fp32 output, unused when RMS
+    RSTD,  # (rows,) fp32 output
+    D,  # row length
+    shift_div,  # rows sharing one shift row: L for a (B, D) shift, 1 for (B, L, D)
+    scale_div,  # same for scale
+    eps,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    RMS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_D)
+    mask = cols < D
+    x = tl.load(X + row * D + cols, mask=mask, other=0.0).to(tl.float32)
+    if RMS:
+        centered = x
+    else:
+        mean = tl.sum(x, axis=0) / D
+        centered = tl.where(mask, x - mean, 0.0)
+        tl.store(MEAN + row, mean)
+    rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=0) / D + eps)
+    tl.store(RSTD + row, rstd)
+    n = centered * rstd
+    if HAS_W:
+        n = n * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_B:
+        n = n + tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
+    shift = tl.load(SHIFT + (row // shift_div) * D + cols, mask=mask, other=0.0).to(tl.float32)
+    scale = tl.load(SCALE + (row // scale_div) * D + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(Y + row * D + cols, (n * (1.0 + scale) + shift).to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _backward_kernel(
+    G,  # (rows, D) upstream gradient
+    X,  # (rows, D) forward input
+    SCALE,  # (rows // scale_div, D)
+    W,  # (D,) or unused
+    B,  # (D,) or unused
+    MEAN,  # (rows,) fp32, unused when RMS
+    RSTD,  # (rows,) fp32
+    DX,  # (rows, D) output
+    DSHIFT,  # (rows, D) output when SHIFT_PER_TOKEN, else unused
+    DSCALE,  # (rows, D) output when SCALE_PER_TOKEN, else unused
+    PARTIALS,  # (4, num_chunks, D) fp32 output: per-chunk sums, slots as SLOT_*
+    tokens,  # L
+    D,
+    rows_per_chunk,
+    chunks_per_batch,
+    num_chunks,
+    scale_div,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    RMS: tl.constexpr,
+    SHIFT_PER_TOKEN: tl.constexpr,
+    SCALE_PER_TOKEN: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    chunk = tl.program_id(0).to(tl.int64)
+    batch = chunk // chunks_per_batch
+    start = (chunk % chunks_per_batch) * rows_per_chunk
+    first = batch * tokens + start
+    last = batch * tokens + tl.minimum(start + rows_per_chunk, tokens)
+    cols = tl.arange(0, BLOCK_D)
+    mask = cols < D
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32) if HAS_W else 1.0
+    b = tl.load(B + cols, mask=mask, other=0.0).to(tl.float32) if HAS_B else 0.0
+    acc_w = tl.zeros([BLOCK_D], dtype=tl.float32)
+    acc_b = tl.zeros([BLOCK_D], dtype=tl.float32)
+    acc_shift = tl.zeros([BLOCK_D], dtype=tl.float32)
+    acc_scale = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for row in range(first, last):
+        offs = row * D + cols
+        g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+        scale = tl.load(SCALE + (row // scale_div) * D + cols, mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(RSTD + row)
+        if RMS:
+            xhat = x * rstd
+        else:
+            xhat = tl.where(mask, (x - tl.load(MEAN + row)) * rstd, 0.0)
+        gn = g * (1.0 + scale)
+        gx = gn * w
+        proj = tl.sum(gx * xhat, axis=0) / D
+        if RMS:
+            dx = rstd * (gx - xhat * proj)
+        else:
+            dx = rstd * (gx - tl.sum(gx, axis=0) / D - xhat * proj)
+        tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
+        n = xhat * w + b
+        if SHIFT_PER_TOKEN:
+            tl.store(DSHIFT + offs, g.to(DSHIFT.dtype.element_ty), mask=mask)
+        else:
+            acc_shift += g
+        if SCALE_PER_TOKEN:
+            tl.store(DSCALE + offs, (g * n).to(DSCALE.dtype.element_ty), mask=mask)
+        else:
+            acc_scale += g * n
+        acc_w += gn * xhat
+        acc_b += gn
+    slot = num_chunks * D
+    out = PARTIALS + chunk * D + cols
+    if HAS_W:
+        tl.store(out + 0 * slot, acc_w, mask=mask)
+    if HAS_B:
+        tl.store(out + 1 * slot, acc_b, mask=mask)
+    if not SHIFT_PER_TOKEN:
+        tl.store(out + 2 * slot, acc_shift, mask=mask)
+    if not SCALE_PER_TOKEN:
+        tl.store(out + 3 * slot, acc_scale, mask=mask)
+
+
+def launch_config(D: int) -> tuple[int, int]:
+    """(BLOCK_D, num_warps) for rows of length D: about 8 to 16 elements per thread."""
+    block = triton.next_power_of_2(D)
+    return block, max(1, min(16, block // 512))
+
+
+def row_chunks(batch: int, tokens: int, device: torch.device) -> tuple[int, int]:
+    """(rows_per_chunk, chunks_per_batch): about four programs per SM on a GPU, so the
+    per-chunk partial sums stay small next to the activations while the GPU is full."""
+    if device.type == "cuda":
+        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    else:  # the interpreter: few chunks, but more than one per batch so the sums are tested
+        target = 2 * batch
+    per_batch = max(1, min(tokens, -(-target // batch)))
+    rows_per_chunk = -(-tokens // per_batch)
+    return rows_per_chunk, -(-tokens // rows_per_chunk)
+
+
+def _div(mod: Tensor, tokens: int) -> int:
+    return tokens if mod.dim() == 2 else 1
+
+
+def forward(
+    x: Tensor, shift: Tensor, scale: Tensor, weight: Tensor | None, bias: Tensor | None,
+    eps: float, rms: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(y, mean, rstd) as the reference: y (B, L, D) in x's dtype, mean/rstd (B, L) fp32."""
+    x, shift, scale = x.contiguous(), shift.contiguous(), scale.contiguous()
+    batch, tokens, D = x.shape
+    y = torch.empty_like(x)
+    rstd = torch.empty(batch, tokens, device=x.device, dtype=torch.float32)
+    mean = torch.empty(0 if rms else (batch, tokens), device=x.device, dtype=torch.float32)
+    block, warps = launch_config(D)
+    _forward_kernel[(batch * tokens,)](
+        x, shift, scale, weight, bias, y, mean, rstd, D, _div(shift, tokens), _div(scale, tokens),
+        eps, HAS_W=weight is not None, HAS_B=bias is not None, RMS=rms, BLOCK_D=block,
+        num_warps=warps,
+    )
+    return y, mean, rstd
+
+
+def backward(
+    grad_out: Tensor, x: Tensor, shift: Tensor, scale: Tensor, weight: Tensor | None,
+    bias: Tensor | None, mean: Tensor, rstd: Tensor, rms: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dshift, dscale, dweight, dbias) as the reference."""
+    grad_out, x, scale = grad_out.contiguous(), x.contiguous(), scale.contiguous()
+    batch, tokens, D = x.shape
+    rows_per_chunk, chunks_per_batch = row_chunks(batch, tokens, x.device)
+    num_chunks = batch * chunks_per_batch
+    shift_per_token, scale_per_token = shift.dim() == 3, scale.dim() == 3
+    dx = torch.empty_like(x)
+    dshift_full = torch.empty_like(x) if shift_per_token else None
+    dscale_full = torch.empty_like(x) if scale_per_token else None
+    partials = torch.empty(4, num_chunks, D, device=x.device, dtype=torch.float32)
+    block, warps = launch_config(D)
+    _backward_kernel[(num_chunks,)](
+        grad_out, x, scale, weight, bias, mean, rstd, dx, dshift_full, dscale_full, partials,
+        tokens, D, rows_per_chunk, chunks_per_batch, num_chunks, _div(scale, tokens),
+        HAS_W=weight is not None, HAS_B=bias is not None, RMS=rms,
+        SHIFT_PER_TOKEN=shift_per_token, SCALE_PER_TOKEN=scale_per_token, BLOCK_D=block,
+        num_warps=warps,
+    )
+
+    def per_batch(slot: int, dtype: torch.dtype) -> Tensor:
+        return partials[slot].view(batch, chunks_per_batch, D).sum(1).to(dtype)
+
+    empty = x.new_empty(0)
+    dshift = dshift_full if shift_per_token else per_batch(SLOT_SHIFT, shift.dtype)
+    dscale = dscale_full if scale_per_token else per_batch(SLOT_SCALE, scale.dtype)
+    dweight = empty if weight is None else partials[SLOT_WEIGHT].sum(0).to(weight.dtype)
+    dbias = empty if bias is None else partials[SLOT_BIAS].sum(0).to(bias.dtype)
+    return dx, dshift, dscale, dweight, dbias
