@@ -139,12 +139,12 @@ class OpDispatcher:
         """(why ``backend`` cannot run ``args`` or None, whether that is just another device)."""
         if backend not in self.impls:
             return f"{self.name} has no {backend} implementation", False
-        why = _unavailable(backend)
-        if why:
-            return why, False
         why = _wrong_device(backend, self.device_of(*args), automatic)
         if why:
             return why, True
+        why = _unavailable(backend)
+        if why:
+            return why, False
         check = self.supports.get(backend)
         return (check(*args) if check else None), False
 
@@ -180,8 +180,8 @@ class OpDispatcher:
 
 
 def choice(dispatcher: OpDispatcher, *args: Any) -> str:
-    """The backend ``dispatcher`` would use for ``args``, or ``error: ...`` (for `info`)."""
+    """The backend ``dispatcher`` would use for ``args``, or why none can (for `info`)."""
     try:
         return dispatcher.select(*args)
     except (RuntimeError, ValueError) as error:
-        return f"error: {error}"
+        return f"none: {str(error).split(': ', 1)[-1]}"

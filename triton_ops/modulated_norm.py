@@ -210,9 +210,9 @@ def backward(
     def per_batch(slot: int, dtype: torch.dtype) -> Tensor:
         return partials[slot].view(batch, chunks_per_batch, D).sum(1).to(dtype)
 
-    empty = x.new_empty(0)
     dshift = dshift_full if shift_per_token else per_batch(SLOT_SHIFT, shift.dtype)
     dscale = dscale_full if scale_per_token else per_batch(SLOT_SCALE, scale.dtype)
-    dweight = empty if weight is None else partials[SLOT_WEIGHT].sum(0).to(weight.dtype)
-    dbias = empty if bias is None else partials[SLOT_BIAS].sum(0).to(bias.dtype)
+    # absent parameters get distinct empty tensors: op outputs may not alias each other
+    dweight = x.new_empty(0) if weight is None else partials[SLOT_WEIGHT].sum(0).to(weight.dtype)
+    dbias = x.new_empty(0) if bias is None else partials[SLOT_BIAS].sum(0).to(bias.dtype)
     return dx, dshift, dscale, dweight, dbias

@@ -172,3 +172,8 @@ def example_args(device: torch.device, dtype: torch.dtype) -> tuple:
     """Small arguments of the forward op, for `fastgen-kernels info`."""
     x = torch.randn(2, 3, 64, device=device, dtype=dtype)
     return (x, x, torch.randn(2, 64, device=device, dtype=dtype))
+
+
+def example_backward_args(x, y, gate) -> tuple:
+    """Arguments of the backward op matching ``example_args``."""
+    return (x, y, gate)

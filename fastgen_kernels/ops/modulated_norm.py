@@ -105,9 +105,9 @@ def reference_backward(
     dx = rstd.unsqueeze(-1) * (centered_gx - xhat * proj)
     dshift = _reduce_like(g, shift)
     dscale = _reduce_like(g * _affine(xhat, weight, bias), scale)
-    empty = x.new_empty((0,))
-    dweight = empty if weight is None else (gn * xhat).sum((0, 1)).to(weight.dtype)
-    dbias = empty if bias is None else gn.sum((0, 1)).to(bias.dtype)
+    # absent parameters get distinct empty tensors: op outputs may not alias each other
+    dweight = x.new_empty(0) if weight is None else (gn * xhat).sum((0, 1)).to(weight.dtype)
+    dbias = x.new_empty(0) if bias is None else gn.sum((0, 1)).to(bias.dtype)
     contiguous = torch.contiguous_format
     return (dx.to(x.dtype).contiguous(),
             # a per-token dshift is grad_out itself: copy, outputs may not alias inputs
@@ -312,3 +312,9 @@ def example_args(device: torch.device, dtype: torch.dtype) -> tuple:
     x = torch.randn(2, 3, 64, device=device, dtype=dtype)
     mod = torch.randn(2, 64, device=device, dtype=dtype)
     return (x, mod, mod, None, None, 1e-6, False)
+
+
+def example_backward_args(x, shift, scale, weight, bias, eps, rms) -> tuple:
+    """Arguments of the backward op matching ``example_args``."""
+    _, mean, rstd = reference_forward(x, shift, scale, weight, bias, eps, rms)
+    return (x, x, shift, scale, weight, bias, mean, rstd, rms)

@@ -1,0 +1,5 @@
+import sys
+
+from fastgen_kernels.cli import main
+
+sys.exit(main())

@@ -1,0 +1,53 @@
+"""Shared test setup.
+
+Without a GPU, Triton kernels run on the CPU interpreter (TRITON_INTERPRET=1, set before triton is
+imported). Every test runs with torch's deterministic mode, which fills uninitialized memory with
+NaN: outputs a kernel fails to write cannot pass.
+"""
+
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.pop("FASTGEN_BACKEND", None)  # tests choose backends explicitly
+
+from fastgen_kernels import _extension, backends  # noqa: E402
+
+CPU_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# bf16 dots are wrong in the interpreter, but these ops have no dots: bf16 runs there too.
+TRITON_INTERPRETER_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def cpu_backends() -> list:
+    """Backends that run CPU tensors here, as pytest params (unavailable ones skip with why)."""
+    params = []
+    for name in ("cpu", "triton", "reference"):
+        why = None
+        if name == "cpu" and not _extension.cpu_built():
+            why = _extension.unavailable_reason()
+        if name == "triton" and (HAS_CUDA or not backends.triton_installed()):
+            why = "the Triton interpreter runs only on machines without a GPU, with triton installed"
+        params.append(pytest.param(name, marks=pytest.mark.skipif(why is not None, reason=str(why))))
+    return params
+
+
+@pytest.fixture(autouse=True)
+def poison_uninitialized_memory():
+    """torch.empty (and at::empty in the extension) returns NaN-filled memory in this mode."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(previous)
+
+
+@pytest.fixture
+def generator() -> torch.Generator:
+    """A fresh seed per test, printed on failure by pytest through the fixture value."""
+    seed = int.from_bytes(os.urandom(4), "little")
+    print(f"seed {seed}")
+    return torch.Generator().manual_seed(seed)

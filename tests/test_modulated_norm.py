@@ -1,0 +1,191 @@
+"""modulated_layer_norm / modulated_rms_norm: every backend against an fp64 oracle written with
+plain torch (F.layer_norm, F.rms_norm), gradients, forward-mode AD, opcheck and bad input."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import CPU_DTYPES, cpu_backends
+from tolerances import assert_close
+
+import fastgen_kernels as fk
+from fastgen_kernels.ops import modulated_norm as mn
+
+# (B, L, D): DiT-XL's D = 1152, odd D, L = 1, B = 1.
+SHAPES = [(2, 5, 72), (1, 1, 1000), (2, 1, 1152), (1, 9, 1152)]
+# (rms, has_weight, has_bias)
+VARIANTS = {"layer": (False, False, False), "layer_affine": (False, True, True),
+            "rms": (True, False, False), "rms_weight": (True, True, False)}
+
+
+def oracle(x, shift, scale, weight, bias, rms, eps=1e-6):
+    """The op in plain torch (fp64 when given fp64 tensors)."""
+    D = x.shape[-1]
+    if rms:
+        n = F.rms_norm(x, (D,), weight, eps)
+    else:
+        n = F.layer_norm(x, (D,), weight, bias, eps)
+    per_row = lambda m: m.unsqueeze(1) if m.dim() == 2 else m  # noqa: E731
+    return n * (1 + per_row(scale)) + per_row(shift)
+
+
+def make_inputs(shape, dtype, variant, per_token, generator, device="cpu"):
+    B, L, D = shape
+    rms, has_w, has_b = VARIANTS[variant]
+    mod_shape = (B, L, D) if per_token else (B, D)
+    rand = lambda *s: torch.randn(*s, generator=generator).to(device=device, dtype=dtype)  # noqa: E731
+    x = rand(B, L, D) * 3 + 1  # a mean and a scale far from LayerNorm's output
+    return (x, rand(*mod_shape), rand(*mod_shape), rand(D) if has_w else None,
+            rand(D) if has_b else None, rms)
+
+
+def call(x, shift, scale, weight, bias, rms):
+    if rms:
+        return fk.modulated_rms_norm(x, shift, scale, weight)
+    return fk.modulated_layer_norm(x, shift, scale, weight, bias)
+
+
+def of_present(fn, tensors, rms):
+    """fn(x, shift, scale, weight, bias, rms) as a function of the tensors that are not None."""
+    present = [i for i, t in enumerate(tensors) if t is not None]
+
+    def wrapped(*args):
+        full = [None] * 5
+        for i, a in zip(present, args):
+            full[i] = a
+        return fn(*full, rms)
+
+    return wrapped, tuple(tensors[i] for i in present)
+
+
+def check_against_oracle(backend, inputs, dtype, generator):
+    *tensors, rms = inputs
+    leaves = [t.detach().requires_grad_() if t is not None else None for t in tensors]
+    present = [t for t in leaves if t is not None]
+    with fk.use_backend(backend):
+        y = call(*leaves, rms)
+        grad_out = torch.randn(y.shape, generator=generator).to(y)
+        grads = torch.autograd.grad(y, present, grad_out)
+    wide = [t.detach().double().requires_grad_() if t is not None else None for t in tensors]
+    y64 = oracle(*wide, rms)
+    grads64 = torch.autograd.grad(y64, [t for t in wide if t is not None], grad_out.double())
+    assert y.dtype == dtype and y.shape == tensors[0].shape and y.is_contiguous()
+    assert_close(y, y64, dtype, "y")
+    names = [n for n, t in zip(["dx", "dshift", "dscale", "dweight", "dbias"], tensors) if t is not None]
+    for name, grad, grad64 in zip(names, grads, grads64):
+        assert grad.dtype == dtype
+        assert_close(grad, grad64, dtype, name)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("per_token", [False, True], ids=["mod_BD", "mod_BLD"])
+def test_forward_backward_match_oracle(backend, dtype, shape, variant, per_token, generator):
+    check_against_oracle(backend, make_inputs(shape, dtype, variant, per_token, generator), dtype, generator)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("variant", ["layer_affine", "rms_weight"])
+def test_non_contiguous_inputs(backend, variant, generator):
+    B, L, D = 3, 4, 72
+    x, shift, scale, weight, bias, rms = make_inputs((B, L, D), torch.float32, variant, False, generator)
+    x = x.transpose(0, 1).contiguous().transpose(0, 1)  # same values, (B, L, D) strides permuted
+    shift = shift.t().contiguous().t()
+    scale_full = torch.randn(B, 2 * L, D, generator=generator)[:, ::2]  # per-token, strided
+    assert not (x.is_contiguous() or shift.is_contiguous() or scale_full.is_contiguous())
+    check_against_oracle(backend, (x, shift, scale_full, weight, bias, rms), torch.float32, generator)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("per_token", [False, True], ids=["mod_BD", "mod_BLD"])
+def test_fp64_matches_oracle_and_gradcheck(backend, variant, per_token, generator):
+    if backend == "cpu" and not fk._extension.cpu_built():
+        pytest.skip("extension not built")
+    *tensors, rms = make_inputs((2, 3, 7), torch.float64, variant, per_token, generator)
+    check_against_oracle(backend, (*tensors, rms), torch.float64, generator)
+    fn, leaves = of_present(call, tensors, rms)
+    with fk.use_backend(backend):
+        assert torch.autograd.gradcheck(fn, [t.requires_grad_() for t in leaves])
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("per_token", [False, True], ids=["mod_BD", "mod_BLD"])
+def test_jvp_matches_finite_differences(backend, variant, per_token, generator):
+    if backend == "cpu" and not fk._extension.cpu_built():
+        pytest.skip("extension not built")
+    *tensors, rms = make_inputs((2, 3, 9), torch.float64, variant, per_token, generator)
+    fn, primals = of_present(call, tensors, rms)
+    tangents = tuple(torch.randn(t.shape, generator=generator, dtype=t.dtype) for t in primals)
+    with fk.use_backend(backend):
+        y, ty = torch.func.jvp(fn, primals, tangents)
+        h = 1e-6
+        plus = fn(*(p + h * t for p, t in zip(primals, tangents)))
+        minus = fn(*(p - h * t for p, t in zip(primals, tangents)))
+    torch.testing.assert_close(ty, (plus - minus) / (2 * h), rtol=1e-6, atol=1e-7)
+    # and against forward-mode AD through the plain-torch oracle
+    _, ty_oracle = torch.func.jvp(of_present(oracle, tensors, rms)[0], primals, tangents)
+    torch.testing.assert_close(ty, ty_oracle, rtol=1e-10, atol=1e-10)
+
+
+def test_jvp_through_forward_ad_and_partial_tangents(generator):
+    import torch.autograd.forward_ad as fwAD
+
+    x, shift, scale, weight, bias, _ = make_inputs((2, 3, 16), torch.float64, "layer_affine", False, generator)
+    tx = torch.randn(x.shape, generator=generator, dtype=x.dtype)
+    with fwAD.dual_level():
+        y = fk.modulated_layer_norm(fwAD.make_dual(x, tx), shift, scale, weight, bias)
+        ty = fwAD.unpack_dual(y).tangent
+    _, ty_oracle = torch.func.jvp(lambda x: oracle(x, shift, scale, weight, bias, False), (x,), (tx,))
+    torch.testing.assert_close(ty, ty_oracle, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("variant", ["layer_affine", "rms"])
+def test_opcheck(backend, variant, generator):
+    *tensors, rms = make_inputs((2, 3, 16), torch.float32, variant, False, generator)
+    x, shift, scale, weight, bias = tensors
+    args = (x, shift, scale, weight, bias, 1e-6, rms)
+    with fk.use_backend(backend):
+        torch.library.opcheck(torch.ops.fastgen.modulated_norm.default, args)
+        _, mean, rstd = torch.ops.fastgen.modulated_norm(*args)
+        torch.library.opcheck(torch.ops.fastgen.modulated_norm_backward.default,
+                              (torch.randn_like(x), x, shift, scale, weight, bias, mean, rstd, rms))
+        grad_args = tuple(t.requires_grad_() if t is not None else None for t in tensors)
+        torch.library.opcheck(torch.ops.fastgen.modulated_norm.default, (*grad_args, 1e-6, rms))
+
+
+def test_bad_input_names_the_argument():
+    x = torch.randn(2, 3, 8)
+    mod = torch.randn(2, 8)
+    with pytest.raises(ValueError, match="x must have shape"):
+        fk.modulated_layer_norm(x[0], mod, mod)
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        fk.modulated_layer_norm(x.numpy(), mod, mod)
+    with pytest.raises(TypeError, match="x must be float16"):
+        fk.modulated_layer_norm(x.long(), mod, mod)
+    with pytest.raises(ValueError, match=r"shift must have shape \(2, 8\) or \(2, 3, 8\)"):
+        fk.modulated_layer_norm(x, torch.randn(2, 7), mod)  # D mismatch
+    with pytest.raises(ValueError, match="scale must have shape"):
+        fk.modulated_layer_norm(x, mod, torch.randn(1, 8))  # B mismatch
+    with pytest.raises(TypeError, match="scale must have x's dtype"):
+        fk.modulated_layer_norm(x, mod, mod.half())
+    with pytest.raises(ValueError, match=r"weight must have shape \(8,\)"):
+        fk.modulated_rms_norm(x, mod, mod, torch.randn(9))
+    with pytest.raises(ValueError, match="bias must have shape"):
+        fk.modulated_layer_norm(x, mod, mod, None, torch.randn(2, 8))
+    with pytest.raises(ValueError, match="eps must be a positive number"):
+        fk.modulated_layer_norm(x, mod, mod, eps=0.0)
+    with pytest.raises(ValueError, match="shift must be on x's device"):
+        fk.modulated_layer_norm(x, mod.to("meta"), mod)
+
+
+def test_statistics_match_oracle(generator):
+    """mean and rstd, saved for the backward, are those of LayerNorm in fp32."""
+    x, shift, scale, *_ = make_inputs((2, 3, 72), torch.bfloat16, "layer", False, generator)
+    _, mean, rstd = mn.modulated_norm(x, shift, scale, None, None, 1e-6, False)
+    x64 = x.double()
+    torch.testing.assert_close(mean, x64.mean(-1).float())
+    torch.testing.assert_close(rstd, torch.rsqrt(x64.var(-1, unbiased=False) + 1e-6).float())

@@ -1,0 +1,30 @@
+"""The one tolerance table: how far a kernel's output may be from the fp64 oracle, per dtype.
+
+Every op here reads low-precision inputs, computes in fp32 and rounds its outputs once; the oracle
+computes from the same (upcast) inputs in fp64. So the error is the output's rounding plus fp32
+arithmetic error:
+
+- rtol: one ulp of the output dtype relative to the value (rounding is at most half an ulp; the
+  other half absorbs fp32 error that moves a value across a rounding boundary).
+- atol: for values near zero that come from cancelling terms of size ~1 to ~10 (modulation terms,
+  sums over D <= 1152 or over the B*L rows of a gradient), fp32 error of about sqrt(N) * 2^-24 * 10,
+  then rounded: a few ulps of 1 in the output dtype.
+"""
+
+import torch
+
+TOLERANCES = {
+    # dtype: (rtol, atol)
+    torch.float64: (1e-12, 1e-12),  # fp64 kernels against the fp64 oracle: summation order only
+    # fp32: sums over D <= 1152 terms of size <= ~30 (gx * xhat) err by ~sqrt(D) 2^-24 30 = 6e-5
+    torch.float32: (1e-5, 1e-4),
+    torch.float16: (2**-10, 2**-10),  # fp16 has 10 mantissa bits: 1 ulp relative is 2^-10
+    torch.bfloat16: (2**-7, 2**-7),  # bf16 has 7 mantissa bits: 1 ulp relative is 2^-7
+}
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str) -> None:
+    """actual (a kernel's output in ``dtype``) against the fp64 oracle ``expected``."""
+    rtol, atol = TOLERANCES[dtype]
+    torch.testing.assert_close(actual.double(), expected.double(), rtol=rtol, atol=atol,
+                               msg=lambda m: f"{what} ({dtype}): {m}")
