@@ -60,15 +60,23 @@ cudaError_t dispatch_dtype_vec(DType dtype, int64_t dim, std::initializer_list<c
   return cudaErrorInvalidValue;
 }
 
+// Calls f(std::true_type{}) or f(std::false_type{}): a runtime flag as a template parameter.
+template <typename F>
+cudaError_t dispatch_bool(bool value, F&& f) {
+  if (value) return f(std::true_type{});
+  return f(std::false_type{});
+}
+
 // rows = B * tokens with every count positive.
 inline bool valid_rows(int64_t rows, int64_t tokens, int64_t dim) {
   return rows >= 1 && tokens >= 1 && dim >= 1 && rows % tokens == 0;
 }
 
 // The chunks cover every token of a batch and their number, B * chunks_per_batch, fits grid.x.
+// Call after valid_rows.
 inline bool valid_chunks(int64_t rows, int64_t tokens, int64_t rows_per_chunk,
                          int64_t chunks_per_batch) {
-  return rows_per_chunk >= 1 && chunks_per_batch >= ceil_div(tokens, rows_per_chunk) &&
+  return rows_per_chunk >= 1 && (tokens - 1) / rows_per_chunk < chunks_per_batch &&
          chunks_per_batch <= INT32_MAX / (rows / tokens);
 }
 

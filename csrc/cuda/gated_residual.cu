@@ -51,7 +51,7 @@ __global__ void __launch_bounds__(kMaxThreads) gated_residual_backward_kernel(
   for (int64_t col = int64_t{threadIdx.x} * VEC; col < dim; col += int64_t{blockDim.x} * VEC) {
     float gt[VEC], acc[VEC] = {};
     if (!gate_per_token) load_vec(gate + chunk.batch * dim + col, gt);  // fixed over the chunk
-#pragma unroll 4
+#pragma unroll 4  // several rows' loads in flight per thread
     for (int64_t row = chunk.begin; row < chunk.end; ++row) {
       const int64_t i = row * dim + col;
       float g[VEC], yv[VEC], d[VEC];

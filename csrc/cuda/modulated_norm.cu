@@ -121,38 +121,40 @@ __global__ void __launch_bounds__(kMaxThreads) modulated_norm_forward_kernel(
   }
 }
 
-// One block per chunk of rows (see launch.h). Per row it writes dx (and dshift, dscale when per
-// token); per owned column it sums over the chunk's rows, in registers, what the partials of
-// dweight, dbias and the per-batch dshift, dscale need, and writes those once at the end.
-template <typename T, int VEC, int VPT>
+// One block per chunk of rows (see launch.h). Per row it writes dx, and dshift / dscale when they
+// are per token. Per owned column it sums over the chunk's rows, in registers, what the partials
+// of dweight, dbias and a per-batch dshift / dscale need, and writes those once at the end. The
+// modulation layouts are template parameters so that each variant keeps only the sums it needs:
+// 8 values per thread at 1024 threads leave 64 registers, which a third sum would overflow.
+template <typename T, int VEC, int VPT, bool kShiftPerToken, bool kScalePerToken>
 __global__ void __launch_bounds__(kMaxThreads) modulated_norm_backward_kernel(
     const T* __restrict__ grad_out,  // (rows, dim)
     const T* __restrict__ x,         // (rows, dim)
-    const T* __restrict__ scale,     // (rows, dim) if scale_per_token else (B, dim)
+    const T* __restrict__ scale,     // (rows, dim) if kScalePerToken else (B, dim)
     const T* __restrict__ weight,    // (dim,) or nullptr
     const T* __restrict__ bias,      // (dim,) or nullptr
     const float* __restrict__ mean,  // (rows,); nullptr when rms
     const float* __restrict__ rstd,  // (rows,)
     T* __restrict__ dx,              // (rows, dim)
-    T* __restrict__ dshift,          // (rows, dim) if shift_per_token else nullptr
-    T* __restrict__ dscale,          // (rows, dim) if scale_per_token else nullptr
+    T* __restrict__ dshift,          // (rows, dim) if kShiftPerToken else nullptr
+    T* __restrict__ dscale,          // (rows, dim) if kScalePerToken else nullptr
     float* __restrict__ partials,    // (4, gridDim.x, dim), slots as in PartialSlot
-    int64_t tokens, int dim, int64_t rows_per_chunk, int64_t chunks_per_batch,
-    bool shift_per_token, bool scale_per_token, bool rms) {
+    int64_t tokens, int dim, int64_t rows_per_chunk, int64_t chunks_per_batch, bool rms) {
   const ChunkRows chunk = chunk_rows(blockIdx.x, tokens, rows_per_chunk, chunks_per_batch);
   const float inv_dim = 1.f / dim;
 
-  // Three sums instead of one per slot, to stay within the 64 registers of 1024 threads. With
-  // gs = gn = g * (1 + scale) for a per-token scale, else gs = g:
-  //   sum_gs_xhat = sum(gs * xhat), sum_gs = sum(gs), sum_g = sum(g).
-  // A per-batch scale, w and b are constant over the chunk, so they factor out at the end:
-  // dweight = (1 + scale) * sum(g * xhat), dbias = (1 + scale) * sum(g), dscale = sum(g * n) =
-  // w * sum(g * xhat) + b * sum(g).
+  // With gs = gn = g * (1 + scale) for a per-token scale, else gs = g, the chunk's sums
+  //   sum_gs_xhat = sum(gs * xhat), sum_gs = sum(gs), sum_g = sum(g) (only when kSumG)
+  // give every partial, since w, b and a per-batch scale are constant over a chunk:
+  //   dweight = m * sum_gs_xhat, dbias = m * sum_gs, where m = 1 + scale if per batch, else 1;
+  //   dshift = sum(g), which is sum_gs when gs = g, else sum_g;
+  //   per-batch dscale = sum(g * n) = w * sum_gs_xhat + b * sum_gs.
+  constexpr bool kSumG = kScalePerToken && !kShiftPerToken;
   float sum_gs_xhat[VPT][VEC] = {}, sum_gs[VPT][VEC] = {}, sum_g[VPT][VEC] = {};
 
   for (int64_t row = chunk.begin; row < chunk.end; ++row) {
     const int64_t offset = row * dim;
-    const T* scale_row = scale + (scale_per_token ? row : chunk.batch) * dim;
+    const T* scale_row = scale + (kScalePerToken ? row : chunk.batch) * dim;
     const float mu = rms ? 0.f : mean[row];
     const float rs = rstd[row];
 
@@ -162,27 +164,31 @@ __global__ void __launch_bounds__(kMaxThreads) modulated_norm_backward_kernel(
     for (int i = 0; i < VPT; ++i) {
       const int col = owned_col<VEC>(i);
       if (col >= dim) continue;
-      float g[VEC], xv[VEC], sc[VEC], w[VEC], b[VEC], gn_row[VEC];
+      float g[VEC], xv[VEC], sc[VEC], w[VEC];
       load_vec(grad_out + offset + col, g);
       load_vec(x + offset + col, xv);
       load_vec(scale_row + col, sc);
       load_vec_or(weight, col, 1.f, w);  // re-read per row (L1 hits): registers go to the sums
-      load_vec_or(bias, col, 0.f, b);
 #pragma unroll
       for (int j = 0; j < VEC; ++j) {
         xhat[i][j] = (xv[j] - mu) * rs;
         const float gn = g[j] * (1.f + sc[j]);
-        const float gs = scale_per_token ? gn : g[j];
+        const float gs = kScalePerToken ? gn : g[j];
         gx[i][j] = gn * w[j];
-        gn_row[j] = g[j] * (xhat[i][j] * w[j] + b[j]);  // per-token dscale = g * n
         sums[0] += gx[i][j];
         sums[1] += gx[i][j] * xhat[i][j];
         sum_gs_xhat[i][j] += gs * xhat[i][j];
         sum_gs[i][j] += gs;
-        sum_g[i][j] += g[j];
+        if constexpr (kSumG) sum_g[i][j] += g[j];
       }
-      if (shift_per_token) store_vec(dshift + offset + col, g);
-      if (scale_per_token) store_vec(dscale + offset + col, gn_row);
+      if constexpr (kShiftPerToken) store_vec(dshift + offset + col, g);
+      if constexpr (kScalePerToken) {
+        float b[VEC];
+        load_vec_or(bias, col, 0.f, b);
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) g[j] *= xhat[i][j] * w[j] + b[j];  // dscale = g * n
+        store_vec(dscale + offset + col, g);
+      }
     }
 
     block_reduce_sum(sums);
@@ -201,17 +207,16 @@ __global__ void __launch_bounds__(kMaxThreads) modulated_norm_backward_kernel(
 
   const int64_t slot_stride = int64_t{gridDim.x} * dim;
   float* chunk_partials = partials + int64_t{blockIdx.x} * dim;
-  const T* scale_row = scale + chunk.batch * dim;  // read only when the scale is per batch
 #pragma unroll
   for (int i = 0; i < VPT; ++i) {
     const int col = owned_col<VEC>(i);
     if (col >= dim) continue;
-    float m[VEC], w[VEC], b[VEC], out[VEC];
-    if (scale_per_token) {
+    float m[VEC], out[VEC];
+    if constexpr (kScalePerToken) {
 #pragma unroll
       for (int j = 0; j < VEC; ++j) m[j] = 1.f;
     } else {
-      load_vec(scale_row + col, m);
+      load_vec(scale + chunk.batch * dim + col, m);
 #pragma unroll
       for (int j = 0; j < VEC; ++j) m[j] += 1.f;
     }
@@ -225,12 +230,15 @@ __global__ void __launch_bounds__(kMaxThreads) modulated_norm_backward_kernel(
       for (int j = 0; j < VEC; ++j) out[j] = m[j] * sum_gs[i][j];
       store_vec(chunk_partials + kSlotBias * slot_stride + col, out);
     }
-    if (!shift_per_token) store_vec(chunk_partials + kSlotShift * slot_stride + col, sum_g[i]);
-    if (!scale_per_token) {
+    if constexpr (!kShiftPerToken) {
+      store_vec(chunk_partials + kSlotShift * slot_stride + col, kSumG ? sum_g[i] : sum_gs[i]);
+    }
+    if constexpr (!kScalePerToken) {
+      float w[VEC], b[VEC];
       load_vec_or(weight, col, 1.f, w);
       load_vec_or(bias, col, 0.f, b);
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) out[j] = w[j] * sum_gs_xhat[i][j] + b[j] * sum_g[i][j];
+      for (int j = 0; j < VEC; ++j) out[j] = w[j] * sum_gs_xhat[i][j] + b[j] * sum_gs[i][j];
       store_vec(chunk_partials + kSlotScale * slot_stride + col, out);
     }
   }
@@ -270,7 +278,7 @@ cudaError_t launch_modulated_norm_backward(const ModulatedNormBackwardArgs& args
       !valid_chunks(args.rows, args.tokens, args.rows_per_chunk, args.chunks_per_batch)) {
     return cudaErrorInvalidValue;
   }
-  const int64_t num_chunks = args.rows / args.tokens * args.chunks_per_batch;
+  const auto num_chunks = static_cast<unsigned>(args.rows / args.tokens * args.chunks_per_batch);
   return dispatch_dtype_vec(
       args.dtype, args.dim,
       {args.grad_out, args.x, args.scale, args.weight, args.bias, args.dx, args.dshift,
@@ -280,17 +288,21 @@ cudaError_t launch_modulated_norm_backward(const ModulatedNormBackwardArgs& args
         constexpr int VEC = decltype(vec_tag)::value;
         const RowTiling tiling = row_tiling(args.dim / VEC);
         return dispatch_vpt<VEC>(tiling.vpt, [&](auto vpt_tag) {
-          constexpr int VPT = decltype(vpt_tag)::value;
-          modulated_norm_backward_kernel<T, VEC, VPT>
-              <<<static_cast<unsigned>(num_chunks), tiling.threads, 0, stream>>>(
-                  static_cast<const T*>(args.grad_out), static_cast<const T*>(args.x),
-                  static_cast<const T*>(args.scale), static_cast<const T*>(args.weight),
-                  static_cast<const T*>(args.bias), args.mean, args.rstd,
-                  static_cast<T*>(args.dx), static_cast<T*>(args.dshift),
-                  static_cast<T*>(args.dscale), args.partials, args.tokens,
-                  static_cast<int>(args.dim), args.rows_per_chunk, args.chunks_per_batch,
-                  args.shift_per_token, args.scale_per_token, args.rms);
-          return cudaGetLastError();
+          return dispatch_bool(args.shift_per_token, [&](auto shift_tag) {
+            return dispatch_bool(args.scale_per_token, [&](auto scale_tag) {
+              modulated_norm_backward_kernel<T, VEC, decltype(vpt_tag)::value,
+                                             decltype(shift_tag)::value, decltype(scale_tag)::value>
+                  <<<num_chunks, tiling.threads, 0, stream>>>(
+                      static_cast<const T*>(args.grad_out), static_cast<const T*>(args.x),
+                      static_cast<const T*>(args.scale), static_cast<const T*>(args.weight),
+                      static_cast<const T*>(args.bias), args.mean, args.rstd,
+                      static_cast<T*>(args.dx), static_cast<T*>(args.dshift),
+                      static_cast<T*>(args.dscale), args.partials, args.tokens,
+                      static_cast<int>(args.dim), args.rows_per_chunk, args.chunks_per_batch,
+                      args.rms);
+              return cudaGetLastError();
+            });
+          });
         });
       });
 }

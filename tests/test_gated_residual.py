@@ -1,0 +1,93 @@
+"""gated_residual: every backend against an fp64 oracle, gradients, forward-mode AD, opcheck and
+bad input."""
+
+import pytest
+import torch
+from conftest import CPU_DTYPES, cpu_backends
+from tolerances import assert_close
+
+import fastgen_kernels as fk
+
+SHAPES = [(2, 5, 72), (1, 1, 1000), (2, 1, 1152), (1, 9, 1152)]
+
+
+def make_inputs(shape, dtype, per_token, generator):
+    B, L, D = shape
+    rand = lambda *s: torch.randn(*s, generator=generator).to(dtype)  # noqa: E731
+    return rand(B, L, D), rand(B, L, D), rand(B, L, D) if per_token else rand(B, D)
+
+
+def oracle(x, y, gate):
+    return x + (gate.unsqueeze(1) if gate.dim() == 2 else gate) * y
+
+
+def check_against_oracle(backend, inputs, dtype, generator):
+    leaves = [t.detach().requires_grad_() for t in inputs]
+    with fk.use_backend(backend):
+        out = fk.gated_residual(*leaves)
+        grad_out = torch.randn(out.shape, generator=generator).to(out)
+        grads = torch.autograd.grad(out, leaves, grad_out)
+    wide = [t.detach().double().requires_grad_() for t in inputs]
+    out64 = oracle(*wide)
+    grads64 = torch.autograd.grad(out64, wide, grad_out.double())
+    assert out.dtype == dtype and out.is_contiguous()
+    assert_close(out, out64, dtype, "out")
+    for name, grad, grad64 in zip(["dx", "dy", "dgate"], grads, grads64):
+        assert_close(grad, grad64, dtype, name)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("per_token", [False, True], ids=["gate_BD", "gate_BLD"])
+def test_forward_backward_match_oracle(backend, dtype, shape, per_token, generator):
+    check_against_oracle(backend, make_inputs(shape, dtype, per_token, generator), dtype, generator)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_non_contiguous_inputs(backend, generator):
+    B, L, D = 3, 4, 72
+    x = torch.randn(L, B, D, generator=generator).transpose(0, 1)
+    y = torch.randn(B, L, 2 * D, generator=generator)[..., ::2]
+    gate = torch.randn(D, B, generator=generator).t()
+    check_against_oracle(backend, (x, y, gate), torch.float32, generator)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("per_token", [False, True], ids=["gate_BD", "gate_BLD"])
+def test_fp64_gradcheck_and_jvp(backend, per_token, generator):
+    if backend == "cpu" and not fk._extension.cpu_built():
+        pytest.skip("extension not built")
+    inputs = make_inputs((2, 3, 7), torch.float64, per_token, generator)
+    tangents = tuple(torch.randn(t.shape, generator=generator, dtype=t.dtype) for t in inputs)
+    with fk.use_backend(backend):
+        assert torch.autograd.gradcheck(fk.gated_residual, [t.requires_grad_() for t in inputs])
+        _, tout = torch.func.jvp(fk.gated_residual, tuple(t.detach() for t in inputs), tangents)
+    _, tout_oracle = torch.func.jvp(oracle, tuple(t.detach() for t in inputs), tangents)
+    torch.testing.assert_close(tout, tout_oracle, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("per_token", [False, True], ids=["gate_BD", "gate_BLD"])
+def test_opcheck(backend, per_token, generator):
+    x, y, gate = make_inputs((2, 3, 16), torch.float32, per_token, generator)
+    with fk.use_backend(backend):
+        torch.library.opcheck(torch.ops.fastgen.gated_residual.default, (x, y, gate))
+        torch.library.opcheck(torch.ops.fastgen.gated_residual_backward.default,
+                              (torch.randn_like(x), y, gate))
+        torch.library.opcheck(torch.ops.fastgen.gated_residual.default,
+                              (x.requires_grad_(), y.requires_grad_(), gate.requires_grad_()))
+
+
+def test_bad_input_names_the_argument():
+    x = torch.randn(2, 3, 8)
+    with pytest.raises(ValueError, match=r"y must have shape \(2, 3, 8\)"):
+        fk.gated_residual(x, x[:, :2], torch.randn(2, 8))
+    with pytest.raises(ValueError, match="gate must have shape"):
+        fk.gated_residual(x, x, torch.randn(2, 9))
+    with pytest.raises(TypeError, match="gate must have x's dtype"):
+        fk.gated_residual(x, x, torch.randn(2, 8, dtype=torch.float64))
+    with pytest.raises(TypeError, match="y must be float16"):
+        fk.gated_residual(x, x.int(), torch.randn(2, 8))
+    with pytest.raises(ValueError, match="x must have shape"):
+        fk.gated_residual(x[0], x[0], torch.randn(2, 8))
