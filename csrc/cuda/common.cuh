@@ -98,7 +98,7 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
 }
 
 // N consecutive elements moved as one access (ld/st.v4 at 16 bytes). Alignment is capped at 16
-// bytes, what the launchers check, since 8 fp32 partial sums span 32.
+// bytes, what the launchers check: 8 fp32 partial sums span 32 and move as two 16-byte halves.
 template <typename T, int N>
 struct alignas(sizeof(T) * N < 16 ? sizeof(T) * N : 16) Vec {
   T v[N];

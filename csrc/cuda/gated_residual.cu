@@ -112,7 +112,7 @@ cudaError_t launch_gated_residual_backward(const GatedResidualBackwardArgs& args
       !valid_chunks(args.rows, args.tokens, args.rows_per_chunk, args.chunks_per_batch)) {
     return cudaErrorInvalidValue;
   }
-  const int64_t num_chunks = args.rows / args.tokens * args.chunks_per_batch;
+  const auto num_chunks = static_cast<unsigned>(args.rows / args.tokens * args.chunks_per_batch);
   return dispatch_dtype_vec(
       args.dtype, args.dim, {args.grad_out, args.y, args.gate, args.dy, args.dgate, args.partials},
       [&](auto type_tag, auto vec_tag) {
@@ -122,7 +122,7 @@ cudaError_t launch_gated_residual_backward(const GatedResidualBackwardArgs& args
         const int64_t threads =
             std::min<int64_t>(ceil_div(args.dim / VEC, kWarpSize) * kWarpSize, kMaxThreads);
         gated_residual_backward_kernel<T, VEC>
-            <<<static_cast<unsigned>(num_chunks), static_cast<unsigned>(threads), 0, stream>>>(
+            <<<num_chunks, static_cast<unsigned>(threads), 0, stream>>>(
                 static_cast<const T*>(args.grad_out), static_cast<const T*>(args.y),
                 static_cast<const T*>(args.gate), static_cast<T*>(args.dy),
                 static_cast<T*>(args.dgate), args.partials, args.tokens, args.dim,

@@ -1,0 +1,82 @@
+"""modulated_layer_norm at DiT-XL shapes: our backends vs the eager composition and torch.compile.
+
+Run: ``pytest bench/bench_modulated_norm.py`` (add ``--benchmark-json=out.json`` for the record).
+Bytes moved (analytic, the minimum any implementation must move): forward reads x and writes y;
+forward+backward also reads grad_out and x and writes dx. The (B, D) modulation is negligible.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import rotating, run
+
+import fastgen_kernels as fk
+from fastgen_kernels import _extension, backends
+
+SHAPES = [(8, 256, 1152), (8, 1024, 1152)]  # DiT-XL/2 at 256 px and 512 px
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def eager(x, shift, scale):
+    D = x.shape[-1]
+    return F.layer_norm(x, (D,), eps=1e-6) * (1 + scale[:, None]) + shift[:, None]
+
+
+_compiled = torch.compile(eager, dynamic=False)
+
+
+def fused(x, shift, scale):
+    return fk.modulated_layer_norm(x, shift, scale)
+
+
+def providers(device: str) -> dict:
+    """name -> (function, backend forced or None)."""
+    out = {"eager": (eager, None), "compile": (_compiled, None)}
+    if device == "cpu" and _extension.cpu_built():
+        out["cpu"] = (fused, "cpu")
+    if device == "cuda":
+        if _extension.cuda_built():
+            out["cuda"] = (fused, "cuda")
+        if backends.triton_installed():
+            out["triton"] = (fused, "triton")
+    return out
+
+
+ALL_PROVIDERS = ["eager", "compile", "cpu", "cuda", "triton"]
+
+
+@pytest.mark.parametrize("provider", ALL_PROVIDERS)
+@pytest.mark.parametrize("mode", ["forward", "forward_backward"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_modulated_layer_norm(benchmark, device, shape, dtype, mode, provider):
+    available = providers(device)
+    if provider not in available:
+        pytest.skip(f"{provider} does not run on {device} here")
+    B, L, D = shape
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    n = B * L * D
+
+    def make_inputs():
+        x = torch.randn(B, L, D, device=device, dtype=dtype, requires_grad=mode != "forward")
+        shift, scale = (torch.randn(B, D, device=device, dtype=dtype, requires_grad=mode != "forward")
+                        for _ in range(2))
+        return x, shift, scale, torch.randn(B, L, D, device=device, dtype=dtype)
+
+    next_inputs = rotating(make_inputs, device, 2 * n * itemsize)
+
+    def step(fn, backend):
+        x, shift, scale, grad = next_inputs()
+        with fk.use_backend(backend):
+            y = fn(x, shift, scale)
+            if mode == "forward_backward":
+                torch.autograd.grad(y, (x, shift, scale), grad)
+
+    fn, backend = available[provider]
+    benchmark.group = f"modulated_layer_norm {device} {dtype} {mode} {B}x{L}x{D}"
+    run(benchmark, lambda: step(fn, backend), device,
+        peer_key=(device, shape, dtype, mode), peer_fn=lambda: step(eager, None),
+        bytes_moved=(2 if mode == "forward" else 5) * n * itemsize,
+        op="modulated_layer_norm", provider=provider, dtype=str(dtype), mode=mode, shape=list(shape))

@@ -1,0 +1,97 @@
+"""Benchmark helpers: devices, timing of the peer, input rotation and extra_info bookkeeping.
+
+Each benchmark times one provider with pytest-benchmark and records in ``benchmark.extra_info``
+the device, dtype, analytic bytes moved, GB/s, and the ratio to the eager PyTorch composition
+timed in the same process (the figure that counts). bench/summarize.py turns the JSON into a table
+with the fraction of the measured copy bandwidth.
+"""
+
+from __future__ import annotations
+
+import itertools
+import statistics
+import time
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
+L2_BYTES = 64 * 2**20  # rotate GPU inputs through more than the H100/H200's 50-60 MB L2
+_peer_ms: dict = {}
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_ms(fn, device: str, rounds: int, iterations: int = 1) -> float:
+    """Median over rounds of the mean time of `iterations` calls of fn(), in ms, after warm-up
+    (GPU: CUDA events around the batch)."""
+    for _ in range(3):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(rounds):
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(iterations):
+                fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / iterations)
+        else:
+            t0 = time.perf_counter()
+            for _ in range(iterations):
+                fn()
+            times.append((time.perf_counter() - t0) * 1e3 / iterations)
+    return statistics.median(times)
+
+
+def iterations_for(fn, device: str) -> int:
+    """Calls per round: about 50 ms worth on the CPU, where the small shared machine's scheduler
+    stalls threads for several ms at a time and single-call timings come out quantized."""
+    if device == "cuda":
+        return 1
+    return max(1, round(50.0 / median_ms(fn, device, rounds=3)))
+
+
+def rotating(make_inputs, device: str, bytes_per_set: int):
+    """A callable returning the next of several input sets: one on the CPU, enough on a GPU that
+    consecutive calls never find their inputs in L2."""
+    count = 1 if device == "cpu" else max(2, -(-L2_BYTES // bytes_per_set) + 1)
+    return itertools.cycle([make_inputs() for _ in range(count)]).__next__
+
+
+def rounds_for(device: str) -> int:
+    return 50 if device == "cuda" else 10
+
+
+def peer_ms(key, fn, device: str) -> float:
+    """The peer's (eager composition's) median, timed once per configuration in this process."""
+    if key not in _peer_ms:
+        _peer_ms[key] = median_ms(fn, device, rounds_for(device), iterations_for(fn, device))
+    return _peer_ms[key]
+
+
+def run(benchmark, fn, device: str, *, peer_key, peer_fn, bytes_moved: int, **info) -> None:
+    """Times fn with pytest-benchmark and fills extra_info (GB/s, ratio to the peer)."""
+    def timed():
+        fn()
+        sync(device)
+
+    benchmark.pedantic(timed, rounds=rounds_for(device), warmup_rounds=3,
+                       iterations=iterations_for(timed, device))
+    ours = benchmark.stats.stats.median * 1e3
+    peer = peer_ms(peer_key, lambda: (peer_fn(), sync(device)), device)
+    benchmark.extra_info.update(
+        device=torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        bytes=bytes_moved, gbps=bytes_moved / ours / 1e6, median_ms=ours, eager_ms=peer,
+        speedup_vs_eager=peer / ours, **info)
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> str:
+    return request.param
