@@ -16,7 +16,7 @@
 #include "ops.h"
 
 #ifdef FASTGEN_WITH_CUDA
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 
 #include "cuda/launch.h"
@@ -100,7 +100,7 @@ std::tuple<Tensor, Tensor, Tensor> modulated_norm_forward(
         scale.const_data_ptr(), data_or_null(w), data_or_null(b), out.mutable_data_ptr(),
         rms ? nullptr : mean.mutable_data_ptr<float>(), rstd.mutable_data_ptr<float>(), x.size(0) * x.size(1),
         x.size(1), x.size(2), shift.dim() == 3, scale.dim() == 3, rms, static_cast<float>(eps)};
-    check_launch(cuda::launch_modulated_norm_forward(args, at::cuda::getCurrentCUDAStream()),
+    check_launch(cuda::launch_modulated_norm_forward(args, c10::cuda::getCurrentCUDAStream()),
                  "modulated_norm_forward");
 #endif
   } else {
@@ -145,7 +145,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> modulated_norm_backward(
         scale_per_token ? dscale_full.mutable_data_ptr() : nullptr,
         partials.mutable_data_ptr<float>(), batch * tokens, tokens, dim, chunks.rows_per_chunk,
         chunks.chunks_per_batch, shift_per_token, scale_per_token, rms};
-    check_launch(cuda::launch_modulated_norm_backward(args, at::cuda::getCurrentCUDAStream()),
+    check_launch(cuda::launch_modulated_norm_backward(args, c10::cuda::getCurrentCUDAStream()),
                  "modulated_norm_backward");
 #endif
   } else {
@@ -173,7 +173,7 @@ Tensor gated_residual_forward(const Tensor& x, const Tensor& y, const Tensor& ga
     cuda::GatedResidualForwardArgs args{cuda_dtype(x), x.const_data_ptr(), y.const_data_ptr(),
         gate.const_data_ptr(), out.mutable_data_ptr(), x.size(0) * x.size(1), x.size(1), x.size(2),
         gate.dim() == 3};
-    check_launch(cuda::launch_gated_residual_forward(args, at::cuda::getCurrentCUDAStream()),
+    check_launch(cuda::launch_gated_residual_forward(args, c10::cuda::getCurrentCUDAStream()),
                  "gated_residual_forward");
 #endif
   } else {
@@ -206,7 +206,7 @@ std::tuple<Tensor, Tensor> gated_residual_backward(const Tensor& grad_out, const
         per_token ? dgate_full.mutable_data_ptr() : nullptr,
         per_token ? nullptr : partials.mutable_data_ptr<float>(), batch * tokens, tokens, dim,
         chunks.rows_per_chunk, chunks.chunks_per_batch, per_token};
-    check_launch(cuda::launch_gated_residual_backward(args, at::cuda::getCurrentCUDAStream()),
+    check_launch(cuda::launch_gated_residual_backward(args, c10::cuda::getCurrentCUDAStream()),
                  "gated_residual_backward");
 #endif
   } else {
