@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastgen_kernels.triton_ops.modulated_norm import launch_config, row_chunks
+from fastgen_kernels.triton_ops.modulated_norm import chunk_rows, launch_config, row_chunks
 
 
 @triton.jit
@@ -51,10 +51,7 @@ def _backward_kernel(
     BLOCK_D: tl.constexpr,
 ):
     chunk = tl.program_id(0).to(tl.int64)
-    batch = chunk // chunks_per_batch
-    start = (chunk % chunks_per_batch) * rows_per_chunk
-    first = batch * tokens + start
-    last = batch * tokens + tl.minimum(start + rows_per_chunk, tokens)
+    first, last = chunk_rows(chunk, tokens, rows_per_chunk, chunks_per_batch)
     cols = tl.arange(0, BLOCK_D)
     mask = cols < D
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)

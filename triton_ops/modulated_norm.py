@@ -23,6 +23,14 @@ SLOT_WEIGHT, SLOT_BIAS, SLOT_SHIFT, SLOT_SCALE = range(4)
 
 
 @triton.jit
+def chunk_rows(chunk, tokens, rows_per_chunk, chunks_per_batch):
+    """Rows [first, last) of backward chunk `chunk`: a run of rows within one batch."""
+    batch = chunk // chunks_per_batch
+    start = (chunk % chunks_per_batch) * rows_per_chunk
+    return batch * tokens + start, batch * tokens + tl.minimum(start + rows_per_chunk, tokens)
+
+
+@triton.jit
 def _forward_kernel(
     X,  # (rows, D) input
     SHIFT,  # (rows // shift_div, D)
@@ -90,10 +98,7 @@ def _backward_kernel(
     BLOCK_D: tl.constexpr,
 ):
     chunk = tl.program_id(0).to(tl.int64)
-    batch = chunk // chunks_per_batch
-    start = (chunk % chunks_per_batch) * rows_per_chunk
-    first = batch * tokens + start
-    last = batch * tokens + tl.minimum(start + rows_per_chunk, tokens)
+    first, last = chunk_rows(chunk, tokens, rows_per_chunk, chunks_per_batch)
     cols = tl.arange(0, BLOCK_D)
     mask = cols < D
     w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32) if HAS_W else 1.0
