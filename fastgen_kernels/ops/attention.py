@@ -1,0 +1,431 @@
+r"""Scaled dot-product attention with an exact forward-mode JVP (flash attention, Triton).
+
+Shapes (the flash-attn / diffusers layout): q ``(B, Lq, H, Dh)``, k and v ``(B, Lk, H, Dh)``,
+output ``(B, Lq, H, Dh)``; Lq != Lk is cross-attention. Per batch and head, with scale
+(default 1/sqrt(Dh))::
+
+    S = q k^T * scale                 P = softmax(S) (over keys)        O = P v
+    lse = log(sum_j exp(S_ij))        (saved for the backward, (B, H, Lq), fp32)
+
+Masks: query i sits at position i + Lk - Lq (bottom-right alignment, as flash-attn: with a KV
+cache the queries are the latest tokens). ``causal`` lets it see key j iff
+j // chunk <= position // chunk: chunk = 1 is token-causal, chunk = c block-causal (a chunk of c
+tokens sees itself and all earlier chunks: causal video). Masked scores are -inf; a query that
+sees no key (Lq > Lk, causal) outputs 0 and has lse = -inf.
+
+VJP with upstream gradient dO (FlashAttention-2)::
+
+    dV = P^T dO        dP = dO V^T        delta = rowsum(dO * O) = rowsum(P * dP)
+    dS = P * (dP - delta)                 dQ = dS K * scale        dK = dS^T Q * scale
+
+JVP with tangents (tq, tk, tv) (S and P are perturbed through q and k)::
+
+    dS = (tq k^T + q tk^T) * scale
+    tP = P * (dS - rowsum(P * dS))        (the softmax Jacobian)
+    tO = P tv + tP v = P tv + (P * dS) v - rowsum(P * dS) * O
+
+The Triton kernel accumulates P tv + (P * dS) v and rowsum(P * dS) next to the forward's P v with
+the same online-softmax rescaling, so the L x L matrices are never stored: memory is linear in L
+and the cost is 12 Dh flops per (query, key) pair against the forward's 4.
+
+Public API: :func:`attention` (differentiable in q, k, v, forward mode included) and
+:func:`attention_jvp` ((O, tO) from one kernel). Custom ops: ``fastgen::attention`` -> (O, lse),
+``fastgen::attention_backward``, ``fastgen::attention_jvp`` -> (O, tO) and
+``fastgen::attention_tangent`` (tO given the forward's O and lse; the jvp rule of
+``torch.func.jvp`` and forward-mode AD). Backends: triton (GPU; the interpreter in tests), cpu
+(PyTorch's fused CPU flash kernel for forward and backward; the JVP formula below, in blocks of
+queries), reference (plain PyTorch in fp32, materializing S).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from fastgen_kernels.backends import OpDispatcher
+from fastgen_kernels.ops import _checks
+
+# Queries per block of the CPU JVP: keeps its (B, H, block, Lk) temporaries at a few tens of MB.
+CPU_JVP_QUERY_BLOCK = 128
+
+# --------------------------------------------------------------------------- reference
+
+
+def _compute_dtype(q: Tensor) -> torch.dtype:
+    return torch.promote_types(q.dtype, torch.float32)
+
+
+def allowed_pairs(Lq: int, Lk: int, causal_chunk: int, device: torch.device) -> Tensor | None:
+    """(Lq, Lk) bool: which keys each query sees (None: all). causal_chunk 0 = no mask."""
+    if causal_chunk == 0:
+        return None
+    position = torch.arange(Lq, device=device) + (Lk - Lq)
+    key = torch.arange(Lk, device=device)
+    # floor division: a negative position lands in a chunk before every key's
+    return (key[None, :] // causal_chunk) <= (position[:, None] // causal_chunk)
+
+
+def _heads_first(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """(B, L, H, Dh) -> (B, H, L, Dh) view in ``dtype``."""
+    return None if t is None else t.to(dtype).transpose(1, 2)
+
+
+def _probabilities(qf: Tensor, kf: Tensor, lse: Tensor, scale: float,
+                   allowed: Tensor | None) -> Tensor:
+    """P = exp(S - lse), (B, H, Lq, Lk); 0 where masked and on rows that see no key."""
+    s = qf @ kf.transpose(-1, -2) * scale
+    if allowed is not None:
+        s = s.masked_fill(~allowed, float("-inf"))
+    # rows that see no key have lse = -inf: subtract 0 there (their scores are all -inf)
+    return torch.exp(s - lse.masked_fill(lse == float("-inf"), 0).unsqueeze(-1))
+
+
+def _tokens_first(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """(B, H, L, Dh) -> contiguous (B, L, H, Dh) in ``dtype``."""
+    return t.transpose(1, 2).to(dtype).contiguous()
+
+
+def reference_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, causal_chunk: int
+                      ) -> tuple[Tensor, Tensor]:
+    """(O, lse): O (B, Lq, H, Dh) in q's dtype, lse (B, H, Lq) in fp32 (fp64 for fp64 input)."""
+    ct = _compute_dtype(q)
+    qf, kf, vf = (_heads_first(t, ct) for t in (q, k, v))
+    s = qf @ kf.transpose(-1, -2) * scale
+    allowed = allowed_pairs(q.shape[1], k.shape[1], causal_chunk, q.device)
+    if allowed is not None:
+        s = s.masked_fill(~allowed, float("-inf"))
+    lse = torch.logsumexp(s, -1)
+    p = torch.exp(s - lse.masked_fill(lse == float("-inf"), 0).unsqueeze(-1))
+    return _tokens_first(p @ vf, q.dtype), lse
+
+
+def reference_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
+                       scale: float, causal_chunk: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv), each (like its input) contiguous in its input's dtype."""
+    ct = _compute_dtype(q)
+    qf, kf, vf, of, gf = (_heads_first(t, ct) for t in (q, k, v, o, grad_out))
+    p = _probabilities(qf, kf, lse, scale,
+                       allowed_pairs(q.shape[1], k.shape[1], causal_chunk, q.device))
+    delta = (gf * of).sum(-1, keepdim=True)
+    ds = p * (gf @ vf.transpose(-1, -2) - delta)
+    return (_tokens_first(ds @ kf * scale, q.dtype),
+            _tokens_first(ds.transpose(-1, -2) @ qf * scale, k.dtype),
+            _tokens_first(p.transpose(-1, -2) @ gf, v.dtype))
+
+
+def _tangent(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, tq: Tensor | None,
+             tk: Tensor | None, tv: Tensor | None, scale: float, causal_chunk: int,
+             query_block: int) -> Tensor:
+    """tO = P tv + (P * dS) v - rowsum(P * dS) * O in the compute dtype, (B, H, Lq, Dh),
+    ``query_block`` queries at a time (rows are independent once lse is known)."""
+    ct = _compute_dtype(q)
+    qf, kf, vf, of, tqf, tkf, tvf = (_heads_first(t, ct) for t in (q, k, v, o, tq, tk, tv))
+    Lq, Lk = q.shape[1], k.shape[1]
+    allowed = allowed_pairs(Lq, Lk, causal_chunk, q.device)
+    blocks = []
+    for start in range(0, Lq, query_block):
+        rows = slice(start, start + query_block)
+        p = _probabilities(qf[:, :, rows], kf, lse[:, :, rows], scale,
+                           None if allowed is None else allowed[rows])
+        to = torch.zeros_like(of[:, :, rows])
+        if tqf is not None or tkf is not None:
+            ds = torch.zeros_like(p)
+            if tqf is not None:
+                ds = ds + tqf[:, :, rows] @ kf.transpose(-1, -2)
+            if tkf is not None:
+                ds = ds + qf[:, :, rows] @ tkf.transpose(-1, -2)
+            pds = p * ds * scale
+            to = pds @ vf - pds.sum(-1, keepdim=True) * of[:, :, rows]
+        if tvf is not None:
+            to = to + p @ tvf
+        blocks.append(to)
+    return torch.cat(blocks, 2)
+
+
+def reference_tangent(q, k, v, o, lse, tq, tk, tv, scale: float, causal_chunk: int) -> Tensor:
+    """tO (B, Lq, H, Dh) in q's dtype given the forward's O and lse; None tangents are zero."""
+    to = _tangent(q, k, v, o, lse, tq, tk, tv, scale, causal_chunk, max(q.shape[1], 1))
+    return _tokens_first(to, q.dtype)
+
+
+def reference_jvp(q, k, v, tq, tk, tv, scale: float, causal_chunk: int) -> tuple[Tensor, Tensor]:
+    """(O, tO), both (B, Lq, H, Dh) in q's dtype. O enters tO unrounded (in the compute dtype)."""
+    ct = _compute_dtype(q)
+    o, lse = reference_forward(q.to(ct), k.to(ct), v.to(ct), scale, causal_chunk)
+    return o.to(q.dtype), reference_tangent(q, k, v, o, lse, tq, tk, tv, scale, causal_chunk)
+
+
+# --------------------------------------------------------------------------- CPU backend
+
+
+def _cpu_mask(q: Tensor, k: Tensor, causal_chunk: int) -> tuple[Tensor | None, bool]:
+    """(attn_mask, is_causal) for the aten CPU flash kernel, whose is_causal is token-causal with
+    top-left alignment: the same as ours only for chunk 1 and Lq == Lk; else an additive mask."""
+    Lq, Lk = q.shape[1], k.shape[1]
+    if causal_chunk == 0 or (causal_chunk == 1 and Lq == Lk):
+        return None, causal_chunk == 1
+    allowed = allowed_pairs(Lq, Lk, causal_chunk, q.device)
+    return torch.zeros(Lq, Lk, dtype=q.dtype, device=q.device).masked_fill(~allowed, float("-inf")), False
+
+
+def _cpu_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, causal_chunk: int
+                 ) -> tuple[Tensor, Tensor]:
+    mask, is_causal = _cpu_mask(q, k, causal_chunk)
+    o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, is_causal,
+        attn_mask=mask, scale=scale)
+    if mask is not None:  # the kernel reports lse = 0 for a query that sees no key
+        lse = lse.masked_fill(~mask.isfinite().any(-1), float("-inf"))
+    return o.transpose(1, 2).contiguous(), lse
+
+
+def _cpu_backward(grad_out, q, k, v, o, lse, scale: float, causal_chunk: int):
+    mask, is_causal = _cpu_mask(q, k, causal_chunk)
+    # undo the forward's -inf for queries that see no key: the kernel computes exp(S - lse)
+    lse = lse.masked_fill(lse == float("-inf"), 0)
+    grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        grad_out.transpose(1, 2), q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+        o.transpose(1, 2), lse, 0.0, is_causal, attn_mask=mask, scale=scale)
+    return tuple(g.transpose(1, 2).contiguous() for g in grads)
+
+
+def _cpu_tangent(q, k, v, o, lse, tq, tk, tv, scale: float, causal_chunk: int) -> Tensor:
+    to = _tangent(q, k, v, o, lse, tq, tk, tv, scale, causal_chunk, CPU_JVP_QUERY_BLOCK)
+    return _tokens_first(to, q.dtype)
+
+
+def _cpu_jvp(q, k, v, tq, tk, tv, scale: float, causal_chunk: int) -> tuple[Tensor, Tensor]:
+    o, lse = _cpu_forward(q, k, v, scale, causal_chunk)
+    return o, _cpu_tangent(q, k, v, o, lse, tq, tk, tv, scale, causal_chunk)
+
+
+# --------------------------------------------------------------------------- Triton backend
+
+
+def _triton():
+    from fastgen_kernels.triton_ops import attention
+
+    return attention
+
+
+def _triton_forward(q, k, v, scale, causal_chunk):
+    return _triton().forward(q, k, v, scale, causal_chunk)
+
+
+def _triton_backward(grad_out, q, k, v, o, lse, scale, causal_chunk):
+    return _triton().backward(grad_out, q, k, v, o, lse, scale, causal_chunk)
+
+
+def _triton_jvp(q, k, v, tq, tk, tv, scale, causal_chunk):
+    return _triton().jvp(q, k, v, tq, tk, tv, scale, causal_chunk)
+
+
+def _triton_tangent(q, k, v, o, lse, tq, tk, tv, scale, causal_chunk):
+    return _triton().jvp(q, k, v, tq, tk, tv, scale, causal_chunk, saved=(o, lse))[1]
+
+
+def _triton_support(q: Tensor, *args: object) -> str | None:
+    """Why the Triton kernels cannot take these arguments, or None."""
+    if q.dtype not in _checks.KERNEL_DTYPES:
+        return f"{q.dtype} input (kernels read float16, bfloat16 and float32)"
+    if q.shape[-1] > 256:
+        return f"head dim {q.shape[-1]} exceeds the kernels' limit of 256"
+    return _checks.nonempty(q)
+
+
+def _cpu_support(q: Tensor, *args: object) -> str | None:
+    return _checks.nonempty(q)
+
+
+def _of_grad(grad_out, *args):
+    return grad_out.device
+
+
+_SUPPORTS = {"triton": _triton_support, "cpu": _cpu_support}
+
+forward_dispatcher = OpDispatcher(
+    "fastgen.attention",
+    {"triton": _triton_forward, "cpu": _cpu_forward, "reference": reference_forward}, _SUPPORTS)
+backward_dispatcher = OpDispatcher(
+    "fastgen.attention_backward",
+    {"triton": _triton_backward, "cpu": _cpu_backward, "reference": reference_backward},
+    {name: (lambda grad_out, q, *rest, check=check: check(q)) for name, check in _SUPPORTS.items()},
+    device_of=_of_grad)
+jvp_dispatcher = OpDispatcher(
+    "fastgen.attention_jvp",
+    {"triton": _triton_jvp, "cpu": _cpu_jvp, "reference": reference_jvp}, _SUPPORTS)
+tangent_dispatcher = OpDispatcher(
+    "fastgen.attention_tangent",
+    {"triton": _triton_tangent, "cpu": _cpu_tangent, "reference": reference_tangent}, _SUPPORTS)
+
+# --------------------------------------------------------------------------- custom ops
+
+
+@torch.library.custom_op("fastgen::attention", mutates_args=())
+def attention_op(q: Tensor, k: Tensor, v: Tensor, scale: float, causal_chunk: int
+                 ) -> tuple[Tensor, Tensor]:
+    """(O, lse); causal_chunk 0: no mask, c >= 1: block-causal with chunks of c tokens."""
+    return forward_dispatcher(q, k, v, scale, causal_chunk)
+
+
+@torch.library.custom_op("fastgen::attention_backward", mutates_args=())
+def attention_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor,
+                          lse: Tensor, scale: float, causal_chunk: int
+                          ) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv) given the forward's O and lse."""
+    return backward_dispatcher(grad_out, q, k, v, o, lse, scale, causal_chunk)
+
+
+@torch.library.custom_op("fastgen::attention_jvp", mutates_args=())
+def attention_jvp_op(q: Tensor, k: Tensor, v: Tensor, tq: Tensor | None, tk: Tensor | None,
+                     tv: Tensor | None, scale: float, causal_chunk: int
+                     ) -> tuple[Tensor, Tensor]:
+    """(O, tO) in one pass; a None tangent is zero."""
+    return jvp_dispatcher(q, k, v, tq, tk, tv, scale, causal_chunk)
+
+
+@torch.library.custom_op("fastgen::attention_tangent", mutates_args=())
+def attention_tangent_op(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
+                         tq: Tensor | None, tk: Tensor | None, tv: Tensor | None, scale: float,
+                         causal_chunk: int) -> Tensor:
+    """tO given the forward's O and lse; a None tangent is zero."""
+    return tangent_dispatcher(q, k, v, o, lse, tq, tk, tv, scale, causal_chunk)
+
+
+# The references compute with ops FakeTensor understands: they are also the fake kernels.
+attention_op.register_fake(reference_forward)
+attention_backward_op.register_fake(reference_backward)
+attention_jvp_op.register_fake(reference_jvp)
+attention_tangent_op.register_fake(reference_tangent)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, scale, causal_chunk = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse)
+    ctx.scale, ctx.causal_chunk = scale, causal_chunk
+
+
+def _backward(ctx, grad_out, _grad_lse):
+    q, k, v, o, lse = ctx.saved_tensors
+    dq, dk, dv = torch.ops.fastgen.attention_backward(grad_out, q, k, v, o, lse, ctx.scale,
+                                                      ctx.causal_chunk)
+    needs = ctx.needs_input_grad
+    return (dq if needs[0] else None, dk if needs[1] else None, dv if needs[2] else None,
+            None, None)
+
+
+attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _AttentionFunction(torch.autograd.Function):
+    """The custom op plus its forward-mode rule (custom ops have none), so torch.func.jvp and
+    forward-mode AD run the fused tangent kernel. The backward is the op's registered one."""
+
+    @staticmethod
+    def forward(q, k, v, scale, causal_chunk):
+        return torch.ops.fastgen.attention(q, k, v, scale, causal_chunk)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _setup_context(ctx, inputs, output)
+        q, k, v, _, _ = inputs
+        o, lse = output
+        ctx.mark_non_differentiable(lse)
+        ctx.save_for_forward(q, k, v, o, lse)
+
+    backward = staticmethod(_backward)
+
+    @staticmethod
+    def jvp(ctx, tq, tk, tv, _tscale, _tchunk):
+        q, k, v, o, lse = ctx.saved_tensors
+        to = torch.ops.fastgen.attention_tangent(q, k, v, o, lse, tq, tk, tv, ctx.scale,
+                                                 ctx.causal_chunk)
+        return to, None
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def _check_qkv(op: str, q: object, k: object, v: object) -> None:
+    q, k, v = (_checks.tensor(op, name, t) for name, t in (("q", q), ("k", k), ("v", v)))
+    if q.dim() != 4:
+        raise ValueError(f"{op}: q must have shape (B, Lq, H, Dh), got {tuple(q.shape)}")
+    B, _, H, Dh = q.shape
+    for name, t in (("k", k), ("v", v)):
+        if t.dim() != 4 or (t.shape[0], t.shape[2], t.shape[3]) != (B, H, Dh):
+            raise ValueError(f"{op}: {name} must have shape (B, Lk, H, Dh) = ({B}, Lk, {H}, {Dh}) "
+                             f"like q, got {tuple(t.shape)}")
+        if t.dtype != q.dtype:
+            raise TypeError(f"{op}: {name} must have q's dtype {q.dtype}, got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{op}: {name} must be on q's device {q.device}, got {t.device}")
+    if v.shape[1] != k.shape[1]:
+        raise ValueError(f"{op}: v must have k's length Lk = {k.shape[1]}, got {tuple(v.shape)}")
+
+
+def _check_tangent(op: str, name: str, tangent: object, primal: Tensor) -> None:
+    if tangent is not None:
+        _checks.like_x(op, name, tangent, primal, [tuple(primal.shape)])
+
+
+def _options(op: str, q: Tensor, scale: object, causal: object, chunk_size: object
+             ) -> tuple[float, int]:
+    """(scale, causal_chunk) from the public keyword arguments."""
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"{op}: scale must be a finite number or None, got {scale!r}")
+    if not isinstance(causal, bool):
+        raise TypeError(f"{op}: causal must be a bool, got {causal!r}")
+    if chunk_size is not None:
+        if not causal:
+            raise ValueError(f"{op}: chunk_size={chunk_size!r} needs causal=True")
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"{op}: chunk_size must be a positive int or None, got {chunk_size!r}")
+    return float(scale), (chunk_size or 1) if causal else 0
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None,
+              causal: bool = False, chunk_size: int | None = None) -> Tensor:
+    """softmax(q k^T * scale) v per batch and head, without storing the L x L scores.
+
+    q: (B, Lq, H, Dh); k, v: (B, Lk, H, Dh); returns (B, Lq, H, Dh) in q's dtype. scale defaults
+    to 1 / sqrt(Dh). causal=True masks later keys (bottom-right aligned when Lq != Lk, as
+    flash-attn); with chunk_size=c it is block-causal: each chunk of c tokens sees itself and
+    every earlier chunk. float16/bfloat16/float32 (float64 on the cpu and reference backends).
+    Differentiable in q, k and v; torch.func.jvp / forward-mode AD run the fused tangent kernel.
+    """
+    _check_qkv("attention", q, k, v)
+    scale, causal_chunk = _options("attention", q, scale, causal, chunk_size)
+    if torch.compiler.is_compiling():  # Dynamo cannot trace an autograd.Function with a jvp
+        return torch.ops.fastgen.attention(q, k, v, scale, causal_chunk)[0]
+    return _AttentionFunction.apply(q, k, v, scale, causal_chunk)[0]
+
+
+def attention_jvp(q: Tensor, k: Tensor, v: Tensor, tq: Tensor | None, tk: Tensor | None,
+                  tv: Tensor | None, *, scale: float | None = None, causal: bool = False,
+                  chunk_size: int | None = None) -> tuple[Tensor, Tensor]:
+    """(O, tO): :func:`attention` and its directional derivative along the tangents
+    (tq, tk, tv) (each shaped like its primal, or None for zero), from one kernel. This is what
+    torch.func.jvp computes through :func:`attention`, without running the forward separately.
+    The result is not differentiable by backward (sCM and MeanFlow stop its gradient)."""
+    _check_qkv("attention_jvp", q, k, v)
+    for name, tangent, primal in (("tq", tq, q), ("tk", tk, k), ("tv", tv, v)):
+        _check_tangent("attention_jvp", name, tangent, primal)
+    scale, causal_chunk = _options("attention_jvp", q, scale, causal, chunk_size)
+    return torch.ops.fastgen.attention_jvp(q, k, v, tq, tk, tv, scale, causal_chunk)
+
+
+def example_args(device: torch.device, dtype: torch.dtype) -> tuple:
+    """Small arguments of the forward op, for `fastgen-kernels info`."""
+    q = torch.randn(1, 16, 2, 64, device=device, dtype=dtype)
+    return (q, q, q, 0.125, 0)
+
+
+def example_backward_args(q, k, v, scale, causal_chunk) -> tuple:
+    """Arguments of the backward op matching ``example_args``."""
+    o, lse = reference_forward(q, k, v, scale, causal_chunk)
+    return (o, q, k, v, o, lse, scale, causal_chunk)

@@ -1,0 +1,529 @@
+"""Triton flash attention: forward, backward and the exact forward-mode JVP
+(math: fastgen_kernels/ops/attention.py).
+
+One program owns a block of BLOCK_M queries of one (batch, head) and walks the keys in blocks of
+BLOCK_N (the backward's dk/dv program owns a block of keys and walks the queries). Scores live in
+registers only: nothing of size Lq x Lk is ever written. Scores are kept in base 2
+(s2 = q.k * scale * log2(e)) so the exponentials are exp2; the log-sum-exp stored for the
+backward is in natural units, as flash-attn's ``softmax_lse``.
+
+Masks. Query i sits at position i + Lk - Lq (bottom-right alignment: with a KV cache the queries
+are the last tokens) and, when causal, sees key j iff j // chunk <= position // chunk (chunk = 1:
+token-causal; chunk = c: block-causal, a chunk of c tokens sees itself and every earlier chunk).
+Key blocks that every query of the program may see run without any mask; only the blocks on the
+diagonal and the last, partial block pay for one (`_allowed`). Queries whose position is negative
+see no key: their output and tangent are 0 and their log-sum-exp is -inf.
+
+Tensors are (B, L, H, Dh) with any strides but a unit last one; outputs are contiguous. Head dims
+that are not powers of two (DiT's 72) are padded to BLOCK_D with masked loads.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+LOG2E = 1.4426950408889634
+MAX_HEAD_DIM = 256
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+@triton.jit
+def _key_end(position, Lk, chunk, CAUSAL: tl.constexpr):
+    """Exclusive end of the keys a query at `position` sees (scalar)."""
+    if CAUSAL:
+        seen = tl.where(position >= 0, (tl.maximum(position, 0) // chunk + 1) * chunk, 0)
+        return tl.minimum(seen, Lk)
+    return Lk
+
+
+@triton.jit
+def _first_query(key, offset, chunk, CAUSAL: tl.constexpr):
+    """Index of the first query that sees `key` (scalar; may be past the last query)."""
+    if CAUSAL:
+        return tl.maximum((key // chunk) * chunk - offset, 0)
+    return 0
+
+
+@triton.jit
+def _allowed(positions, keys, Lk, chunk, CAUSAL: tl.constexpr):
+    """(len(positions), len(keys)) mask of the pairs that attend: key in range and, when causal,
+    not in a later chunk than the query."""
+    ok = keys[None, :] < Lk
+    if CAUSAL:
+        ok = ok & (positions[:, None] >= 0)
+        ok = ok & (keys[None, :] // chunk <= tl.maximum(positions, 0)[:, None] // chunk)
+    return ok
+
+
+@triton.jit
+def _head_offset(bh, H, stride_b, stride_h):
+    """Offset of head bh % H of batch bh // H, in int64 (a whole tensor may exceed 2^31)."""
+    bh = bh.to(tl.int64)
+    return (bh // H) * stride_b + (bh % H) * stride_h
+
+
+@triton.jit
+def _load_rows(base, rows, n_rows, stride_l, cols, head_dim):
+    """(len(rows), BLOCK_D) tile of rows; rows past n_rows and padded columns read 0."""
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < head_dim)
+    return tl.load(base + rows[:, None] * stride_l + cols[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _load_rows_t(base, rows, n_rows, stride_l, cols, head_dim):
+    """The same tile transposed: (BLOCK_D, len(rows))."""
+    mask = (rows[None, :] < n_rows) & (cols[:, None] < head_dim)
+    return tl.load(base + rows[None, :] * stride_l + cols[:, None], mask=mask, other=0.0)
+
+
+@triton.jit
+def _store_rows(base, rows, n_rows, stride_l, cols, head_dim, value):
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < head_dim)
+    tl.store(base + rows[:, None] * stride_l + cols[None, :], value.to(base.dtype.element_ty),
+             mask=mask)
+
+
+# --------------------------------------------------------------------------- forward
+
+
+@triton.jit
+def _forward_block(
+    acc, l_i, m_i, q, k_base, v_base, start_n, positions, Lk, stride_kl, stride_vl, cols,
+    head_dim, qk_scale, chunk,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """One key block of the online softmax: rescale the running sums to the new row maximum and
+    add this block's exp2(s2 - max) and exp2(s2 - max) @ v."""
+    keys = start_n + tl.arange(0, BLOCK_N)
+    k_t = _load_rows_t(k_base, keys, Lk, stride_kl, cols, head_dim)
+    s = tl.dot(q, k_t, input_precision=PRECISION) * qk_scale
+    if MASKED:
+        s = tl.where(_allowed(positions, keys, Lk, chunk, CAUSAL), s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    if MASKED:  # a row may have seen no key yet: subtract 0 rather than -inf (no NaN)
+        m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.math.exp2(m_i - m_new)
+    p = tl.math.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = _load_rows(v_base, keys, Lk, stride_vl, cols, head_dim)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _forward_kernel(
+    Q, K, V,  # (B, Lq, H, Dh), (B, Lk, H, Dh), (B, Lk, H, Dh); unit last stride
+    O,  # (B, Lq, H, Dh) output, contiguous
+    LSE,  # (B, H, Lq) fp32 output: natural log-sum-exp of the scaled scores
+    stride_qb, stride_ql, stride_qh, stride_kb, stride_kl, stride_kh,
+    stride_vb, stride_vl, stride_vh, stride_ob, stride_ol, stride_oh,
+    H, Lq, Lk, head_dim,
+    qk_scale,  # scale * log2(e)
+    chunk,  # causal chunk size (1: token-causal); unused when not CAUSAL
+    CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+):
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    rows = start_m + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_D)
+    offset = Lk - Lq
+    positions = rows + offset
+    q = _load_rows(Q + _head_offset(bh, H, stride_qb, stride_qh), rows, Lq, stride_ql, cols,
+                   head_dim)
+    k_base = K + _head_offset(bh, H, stride_kb, stride_kh)
+    v_base = V + _head_offset(bh, H, stride_vb, stride_vh)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    # keys [0, full_end) are seen by every query of the block; [full_end, end) need the mask
+    end = _key_end(start_m + BLOCK_M - 1 + offset, Lk, chunk, CAUSAL)
+    full_end = (_key_end(start_m + offset, Lk, chunk, CAUSAL) // BLOCK_N) * BLOCK_N
+    for start_n in range(0, full_end, BLOCK_N):
+        acc, l_i, m_i = _forward_block(
+            acc, l_i, m_i, q, k_base, v_base, start_n, positions, Lk, stride_kl, stride_vl, cols,
+            head_dim, qk_scale, chunk, False, CAUSAL, BLOCK_N, PRECISION)
+    for start_n in range(full_end, end, BLOCK_N):
+        acc, l_i, m_i = _forward_block(
+            acc, l_i, m_i, q, k_base, v_base, start_n, positions, Lk, stride_kl, stride_vl, cols,
+            head_dim, qk_scale, chunk, True, CAUSAL, BLOCK_N, PRECISION)
+    seen = l_i > 0  # False only for queries that see no key
+    o = acc / tl.where(seen, l_i, 1.0)[:, None]
+    _store_rows(O + _head_offset(bh, H, stride_ob, stride_oh), rows, Lq, stride_ol, cols,
+                head_dim, o)
+    lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) / LOG2E, float("-inf"))
+    tl.store(LSE + bh.to(tl.int64) * Lq + rows, lse, mask=rows < Lq)
+
+
+# --------------------------------------------------------------------------- JVP
+
+
+@triton.jit
+def _jvp_block(
+    acc_o, acc_t, r_i, l_i, m_i, q, tq, k_base, v_base, tk_base, tv_base, start_n, positions,
+    lse2, Lk, stride_kl, stride_vl, stride_tkl, stride_tvl, cols, head_dim, qk_scale, scale,
+    chunk,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, SAVED: tl.constexpr, HAS_TQ: tl.constexpr,
+    HAS_TK: tl.constexpr, HAS_TV: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """One key block of the JVP. With p the (unnormalized) probabilities and
+    dS = (tq k^T + q tk^T) * scale, adds p @ tv + (p * dS) @ v to acc_t, rowsum(p * dS) to r_i and,
+    unless SAVED, p @ v to acc_o, all rescaled online as in the forward. SAVED: the forward's
+    log-sum-exp is known, p is already normalized and nothing needs rescaling."""
+    keys = start_n + tl.arange(0, BLOCK_N)
+    k_t = _load_rows_t(k_base, keys, Lk, stride_kl, cols, head_dim)
+    v = _load_rows(v_base, keys, Lk, stride_vl, cols, head_dim)
+    s = tl.dot(q, k_t, input_precision=PRECISION) * qk_scale
+    if SAVED:
+        p = tl.math.exp2(s - lse2[:, None])
+        if MASKED:  # after the exp: a row that sees no key has lse = -inf and p = inf here
+            p = tl.where(_allowed(positions, keys, Lk, chunk, CAUSAL), p, 0.0)
+        alpha = 1.0
+        m_new = m_i
+    else:
+        if MASKED:
+            s = tl.where(_allowed(positions, keys, Lk, chunk, CAUSAL), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        if MASKED:
+            m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc_o = acc_o * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    if not SAVED:
+        acc_t = acc_t * alpha[:, None]
+    if HAS_TQ or HAS_TK:
+        ds = tl.zeros_like(s)
+        if HAS_TQ:
+            ds = tl.dot(tq, k_t, ds, input_precision=PRECISION)
+        if HAS_TK:
+            tk_t = _load_rows_t(tk_base, keys, Lk, stride_tkl, cols, head_dim)
+            ds = tl.dot(q, tk_t, ds, input_precision=PRECISION)
+        pds = p * (ds * scale)
+        r_i = r_i * alpha + tl.sum(pds, 1)
+        acc_t = tl.dot(pds.to(v.dtype), v, acc_t, input_precision=PRECISION)
+    if HAS_TV:
+        tv = _load_rows(tv_base, keys, Lk, stride_tvl, cols, head_dim)
+        acc_t = tl.dot(p.to(tv.dtype), tv, acc_t, input_precision=PRECISION)
+    return acc_o, acc_t, r_i, l_i, m_new
+
+
+@triton.jit
+def _jvp_kernel(
+    Q, K, V,  # (B, Lq, H, Dh), (B, Lk, H, Dh), (B, Lk, H, Dh); unit last stride
+    TQ, TK, TV,  # tangents, shaped as their primals (unused when the HAS_ flag is off)
+    O,  # (B, Lq, H, Dh) contiguous: output, or the forward's output when SAVED
+    LSE,  # (B, H, Lq) fp32: the forward's log-sum-exp when SAVED, else unused
+    TO,  # (B, Lq, H, Dh) contiguous output: the tangent of O
+    stride_qb, stride_ql, stride_qh, stride_kb, stride_kl, stride_kh,
+    stride_vb, stride_vl, stride_vh, stride_tqb, stride_tql, stride_tqh,
+    stride_tkb, stride_tkl, stride_tkh, stride_tvb, stride_tvl, stride_tvh,
+    stride_ob, stride_ol, stride_oh,  # of O and TO
+    H, Lq, Lk, head_dim,
+    qk_scale,  # scale * log2(e)
+    scale,
+    chunk,
+    CAUSAL: tl.constexpr, SAVED: tl.constexpr, HAS_TQ: tl.constexpr, HAS_TK: tl.constexpr,
+    HAS_TV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    rows = start_m + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_D)
+    offset = Lk - Lq
+    positions = rows + offset
+    q = _load_rows(Q + _head_offset(bh, H, stride_qb, stride_qh), rows, Lq, stride_ql, cols,
+                   head_dim)
+    tq = q  # placeholder of the right type when HAS_TQ is off; never read then
+    if HAS_TQ:
+        tq = _load_rows(TQ + _head_offset(bh, H, stride_tqb, stride_tqh), rows, Lq, stride_tql,
+                        cols, head_dim)
+    k_base = K + _head_offset(bh, H, stride_kb, stride_kh)
+    v_base = V + _head_offset(bh, H, stride_vb, stride_vh)
+    tk_base = TK + _head_offset(bh, H, stride_tkb, stride_tkh)
+    tv_base = TV + _head_offset(bh, H, stride_tvb, stride_tvh)
+    lse2 = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if SAVED:
+        lse2 = tl.load(LSE + bh.to(tl.int64) * Lq + rows, mask=rows < Lq, other=0.0) * LOG2E
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    r_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc_o = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    acc_t = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    end = _key_end(start_m + BLOCK_M - 1 + offset, Lk, chunk, CAUSAL)
+    full_end = (_key_end(start_m + offset, Lk, chunk, CAUSAL) // BLOCK_N) * BLOCK_N
+    for start_n in range(0, full_end, BLOCK_N):
+        acc_o, acc_t, r_i, l_i, m_i = _jvp_block(
+            acc_o, acc_t, r_i, l_i, m_i, q, tq, k_base, v_base, tk_base, tv_base, start_n,
+            positions, lse2, Lk, stride_kl, stride_vl, stride_tkl, stride_tvl, cols, head_dim,
+            qk_scale, scale, chunk, False, CAUSAL, SAVED, HAS_TQ, HAS_TK, HAS_TV, BLOCK_N,
+            PRECISION)
+    for start_n in range(full_end, end, BLOCK_N):
+        acc_o, acc_t, r_i, l_i, m_i = _jvp_block(
+            acc_o, acc_t, r_i, l_i, m_i, q, tq, k_base, v_base, tk_base, tv_base, start_n,
+            positions, lse2, Lk, stride_kl, stride_vl, stride_tkl, stride_tvl, cols, head_dim,
+            qk_scale, scale, chunk, True, CAUSAL, SAVED, HAS_TQ, HAS_TK, HAS_TV, BLOCK_N,
+            PRECISION)
+    out_offset = _head_offset(bh, H, stride_ob, stride_oh)
+    if SAVED:
+        o = _load_rows(O + out_offset, rows, Lq, stride_ol, cols, head_dim).to(tl.float32)
+        to = acc_t - r_i[:, None] * o
+    else:
+        inv_l = 1.0 / tl.where(l_i > 0, l_i, 1.0)  # rows that see no key: o = to = 0
+        o = acc_o * inv_l[:, None]
+        to = (acc_t - r_i[:, None] * o) * inv_l[:, None]
+        _store_rows(O + out_offset, rows, Lq, stride_ol, cols, head_dim, o)
+    _store_rows(TO + out_offset, rows, Lq, stride_ol, cols, head_dim, to)
+
+
+# --------------------------------------------------------------------------- backward
+
+
+@triton.jit
+def _dq_block(
+    dq, q, do, lse2, delta, k_base, v_base, start_n, positions, Lk, stride_kl, stride_vl, cols,
+    head_dim, qk_scale, chunk,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """dq += dS @ k for one key block, dS = P * (dO v^T - delta), P from the saved lse."""
+    keys = start_n + tl.arange(0, BLOCK_N)
+    k_t = _load_rows_t(k_base, keys, Lk, stride_kl, cols, head_dim)
+    v_t = _load_rows_t(v_base, keys, Lk, stride_vl, cols, head_dim)
+    p = tl.math.exp2(tl.dot(q, k_t, input_precision=PRECISION) * qk_scale - lse2[:, None])
+    if MASKED:
+        p = tl.where(_allowed(positions, keys, Lk, chunk, CAUSAL), p, 0.0)
+    dp = tl.dot(do, v_t, input_precision=PRECISION)
+    ds = p * (dp - delta[:, None])
+    return tl.dot(ds.to(k_t.dtype), tl.trans(k_t), dq, input_precision=PRECISION)
+
+
+@triton.jit
+def _backward_dq_kernel(
+    Q, K, V, O, DO,  # (B, L, H, Dh): q, k, v with unit last strides; O, DO contiguous
+    LSE,  # (B, H, Lq) fp32 from the forward
+    DELTA,  # (B, H, Lq) fp32 output: rowsum(dO * O), read by the dk/dv kernel
+    DQ,  # (B, Lq, H, Dh) contiguous output
+    stride_qb, stride_ql, stride_qh, stride_kb, stride_kl, stride_kh,
+    stride_vb, stride_vl, stride_vh,
+    stride_ob, stride_ol, stride_oh,  # of O, DO and DQ
+    stride_dkb, stride_dkl, stride_dkh,  # of DK and DV (unused here)
+    H, Lq, Lk, head_dim, qk_scale, scale, chunk,
+    CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+):
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    rows = start_m + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_D)
+    offset = Lk - Lq
+    positions = rows + offset
+    out_offset = _head_offset(bh, H, stride_ob, stride_oh)
+    q = _load_rows(Q + _head_offset(bh, H, stride_qb, stride_qh), rows, Lq, stride_ql, cols,
+                   head_dim)
+    do = _load_rows(DO + out_offset, rows, Lq, stride_ol, cols, head_dim)
+    o = _load_rows(O + out_offset, rows, Lq, stride_ol, cols, head_dim)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    tl.store(DELTA + bh.to(tl.int64) * Lq + rows, delta, mask=rows < Lq)
+    lse2 = tl.load(LSE + bh.to(tl.int64) * Lq + rows, mask=rows < Lq, other=0.0) * LOG2E
+    k_base = K + _head_offset(bh, H, stride_kb, stride_kh)
+    v_base = V + _head_offset(bh, H, stride_vb, stride_vh)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    end = _key_end(start_m + BLOCK_M - 1 + offset, Lk, chunk, CAUSAL)
+    full_end = (_key_end(start_m + offset, Lk, chunk, CAUSAL) // BLOCK_N) * BLOCK_N
+    for start_n in range(0, full_end, BLOCK_N):
+        dq = _dq_block(dq, q, do, lse2, delta, k_base, v_base, start_n, positions, Lk, stride_kl,
+                       stride_vl, cols, head_dim, qk_scale, chunk, False, CAUSAL, BLOCK_N,
+                       PRECISION)
+    for start_n in range(full_end, end, BLOCK_N):
+        dq = _dq_block(dq, q, do, lse2, delta, k_base, v_base, start_n, positions, Lk, stride_kl,
+                       stride_vl, cols, head_dim, qk_scale, chunk, True, CAUSAL, BLOCK_N,
+                       PRECISION)
+    _store_rows(DQ + out_offset, rows, Lq, stride_ol, cols, head_dim, dq * scale)
+
+
+@triton.jit
+def _dkdv_block(
+    dk, dv, k, v, q_base, do_base, lse_base, delta_base, start_m, keys, offset, Lq, Lk,
+    stride_ql, stride_dol, cols, head_dim, qk_scale, chunk,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """dv += P^T dO and dk += dS^T q for one query block, computed transposed ((keys, queries)
+    tiles) so no operand needs a transpose. Queries past Lq read q = dO = 0 and add nothing."""
+    rows = start_m + tl.arange(0, BLOCK_M)
+    q_t = _load_rows_t(q_base, rows, Lq, stride_ql, cols, head_dim)
+    do = _load_rows(do_base, rows, Lq, stride_dol, cols, head_dim)
+    lse2 = tl.load(lse_base + rows, mask=rows < Lq, other=0.0) * LOG2E
+    delta = tl.load(delta_base + rows, mask=rows < Lq, other=0.0)
+    p_t = tl.math.exp2(tl.dot(k, q_t, input_precision=PRECISION) * qk_scale - lse2[None, :])
+    if MASKED:
+        p_t = tl.where(tl.trans(_allowed(rows + offset, keys, Lk, chunk, CAUSAL)), p_t, 0.0)
+    dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
+    dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+    ds_t = p_t * (dp_t - delta[None, :])
+    return tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), dk, input_precision=PRECISION), dv
+
+
+@triton.jit
+def _backward_dkdv_kernel(
+    Q, K, V, DO,  # q, k, v: (B, L, H, Dh) with unit last strides; DO contiguous
+    LSE, DELTA,  # (B, H, Lq) fp32
+    DK, DV,  # (B, Lk, H, Dh) contiguous outputs
+    stride_qb, stride_ql, stride_qh, stride_kb, stride_kl, stride_kh,
+    stride_vb, stride_vl, stride_vh,
+    stride_ob, stride_ol, stride_oh,  # of DO
+    stride_dkb, stride_dkl, stride_dkh,  # of DK and DV
+    H, Lq, Lk, head_dim, qk_scale, scale, chunk,
+    CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+):
+    start_n = tl.program_id(0) * BLOCK_N
+    bh = tl.program_id(1)
+    keys = start_n + tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, BLOCK_D)
+    offset = Lk - Lq
+    k = _load_rows(K + _head_offset(bh, H, stride_kb, stride_kh), keys, Lk, stride_kl, cols,
+                   head_dim)
+    v = _load_rows(V + _head_offset(bh, H, stride_vb, stride_vh), keys, Lk, stride_vl, cols,
+                   head_dim)
+    q_base = Q + _head_offset(bh, H, stride_qb, stride_qh)
+    do_base = DO + _head_offset(bh, H, stride_ob, stride_oh)
+    lse_base = LSE + bh.to(tl.int64) * Lq
+    delta_base = DELTA + bh.to(tl.int64) * Lq
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    # queries before `first` see none of these keys; from `full_start` on they see all of them
+    first = (_first_query(start_n, offset, chunk, CAUSAL) // BLOCK_M) * BLOCK_M
+    full_start = tl.cdiv(_first_query(start_n + BLOCK_N - 1, offset, chunk, CAUSAL), BLOCK_M)
+    full_start = tl.minimum(full_start * BLOCK_M, tl.cdiv(Lq, BLOCK_M) * BLOCK_M)
+    for start_m in range(first, full_start, BLOCK_M):
+        dk, dv = _dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, start_m, keys,
+                             offset, Lq, Lk, stride_ql, stride_ol, cols, head_dim, qk_scale,
+                             chunk, True, CAUSAL, BLOCK_M, PRECISION)
+    for start_m in range(full_start, Lq, BLOCK_M):
+        dk, dv = _dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, start_m, keys,
+                             offset, Lq, Lk, stride_ql, stride_ol, cols, head_dim, qk_scale,
+                             chunk, False, CAUSAL, BLOCK_M, PRECISION)
+    out_offset = _head_offset(bh, H, stride_dkb, stride_dkh)
+    _store_rows(DK + out_offset, keys, Lk, stride_dkl, cols, head_dim, dk * scale)
+    _store_rows(DV + out_offset, keys, Lk, stride_dkl, cols, head_dim, dv)
+
+
+# --------------------------------------------------------------------------- launchers
+
+
+def _unit_last_stride(t: Tensor) -> Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _strides(t: Tensor) -> tuple[int, int, int]:
+    """(batch, token, head) strides of a (B, L, H, Dh) tensor with a unit last stride."""
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _precision(dtype: torch.dtype) -> str:
+    """fp32 dots follow torch's matmul precision setting: exact ("highest", the default) or TF32."""
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
+        return "tf32"
+    return "ieee"
+
+
+@functools.cache
+def _blocks(head_dim: int, device_type: str, kernel: str) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages). Tiles of 128 x 64 keep the tensor cores
+    fed at head dims up to 128 (FlashAttention-2's choice on Hopper without wgmma warp
+    specialization); larger heads halve BLOCK_N to stay within registers. The interpreter gets
+    16 x 16 tiles: it costs per tile element and small tiles still cross every boundary case."""
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    if device_type != "cuda":
+        return 16, 16, block_d, 1, 1
+    if kernel == "backward":  # two (BLOCK, Dh) fp32 accumulators per program
+        return 64, 64, block_d, 4 if block_d <= 64 else 8, 2
+    block_n = 64 if block_d <= 128 else 32
+    warps = 4 if block_d <= 64 else 8
+    stages = 2 if kernel == "jvp" else 3  # the JVP streams twice the operands per key block
+    return 128, block_n, block_d, warps, stages
+
+
+def _config(q: Tensor, kernel: str) -> dict:
+    block_m, block_n, block_d, warps, stages = _blocks(q.shape[-1], q.device.type, kernel)
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, PRECISION=_precision(q.dtype),
+                num_warps=warps, num_stages=stages)
+
+
+def _sizes(q: Tensor, k: Tensor, scale: float) -> tuple:
+    """(H, Lq, Lk, head_dim, qk_scale): the size arguments every kernel takes."""
+    B, Lq, H, Dh = q.shape
+    return H, Lq, k.shape[1], Dh, scale * LOG2E
+
+
+def _mask(causal_chunk: int) -> dict:
+    return dict(CAUSAL=causal_chunk > 0)
+
+
+def forward(q: Tensor, k: Tensor, v: Tensor, scale: float, causal_chunk: int
+            ) -> tuple[Tensor, Tensor]:
+    """(o, lse) as the reference: o (B, Lq, H, Dh) in q's dtype, lse (B, H, Lq) fp32."""
+    q, k, v = (_unit_last_stride(t) for t in (q, k, v))
+    B, Lq, H, Dh = q.shape
+    o = torch.empty(B, Lq, H, Dh, device=q.device, dtype=q.dtype)
+    lse = torch.empty(B, H, Lq, device=q.device, dtype=torch.float32)
+    config = _config(q, "forward")
+    _forward_kernel[(triton.cdiv(Lq, config["BLOCK_M"]), B * H)](
+        q, k, v, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
+        *_sizes(q, k, scale), max(causal_chunk, 1), **_mask(causal_chunk), **config)
+    return o, lse
+
+
+def jvp(q: Tensor, k: Tensor, v: Tensor, tq: Tensor | None, tk: Tensor | None,
+        tv: Tensor | None, scale: float, causal_chunk: int,
+        saved: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+    """(o, to) in one pass over the keys; tangents that are None are zero. With
+    ``saved = (o, lse)`` from the forward, o is not recomputed (the o returned is that one) and
+    the probabilities need no online rescaling."""
+    q, k, v = (_unit_last_stride(t) for t in (q, k, v))
+    # an absent tangent is never read: its primal stands in for the pointer and strides
+    tangents = [like if t is None else _unit_last_stride(t) for t, like in zip((tq, tk, tv), (q, k, v))]
+    B, Lq, H, Dh = q.shape
+    if saved is None:
+        o, lse = torch.empty(B, Lq, H, Dh, device=q.device, dtype=q.dtype), None
+    else:
+        o, lse = saved[0].contiguous(), saved[1]
+    to = torch.empty(B, Lq, H, Dh, device=q.device, dtype=q.dtype)
+    config = _config(q, "jvp")
+    _jvp_kernel[(triton.cdiv(Lq, config["BLOCK_M"]), B * H)](
+        q, k, v, *tangents, o, lse, to, *_strides(q), *_strides(k), *_strides(v),
+        *(s for t in tangents for s in _strides(t)), *_strides(to), *_sizes(q, k, scale), scale,
+        max(causal_chunk, 1), SAVED=saved is not None, HAS_TQ=tq is not None,
+        HAS_TK=tk is not None, HAS_TV=tv is not None, **_mask(causal_chunk), **config)
+    return o, to
+
+
+def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
+             scale: float, causal_chunk: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv) as the reference, each contiguous in its input's dtype. Two kernels, no
+    atomics: dq per query block (which also writes delta = rowsum(dO * O)), then dk and dv per
+    key block."""
+    q, k, v = (_unit_last_stride(t) for t in (q, k, v))
+    grad_out, o = grad_out.contiguous(), o.contiguous()
+    B, Lq, H, Dh = q.shape
+    Lk = k.shape[1]
+    dq = torch.empty(B, Lq, H, Dh, device=q.device, dtype=q.dtype)
+    dk = torch.empty(B, Lk, H, Dh, device=q.device, dtype=k.dtype)
+    dv = torch.empty(B, Lk, H, Dh, device=q.device, dtype=v.dtype)
+    delta = torch.empty(B, H, Lq, device=q.device, dtype=torch.float32)
+    args = (*_strides(q), *_strides(k), *_strides(v), *_strides(dq), *_strides(dk),
+            *_sizes(q, k, scale), scale, max(causal_chunk, 1))
+    config = _config(q, "backward")
+    _backward_dq_kernel[(triton.cdiv(Lq, config["BLOCK_M"]), B * H)](
+        q, k, v, o, grad_out, lse, delta, dq, *args, **_mask(causal_chunk), **config)
+    _backward_dkdv_kernel[(triton.cdiv(Lk, config["BLOCK_N"]), B * H)](
+        q, k, v, grad_out, lse, delta, dk, dv, *args, **_mask(causal_chunk), **config)
+    return dq, dk, dv
