@@ -2,12 +2,20 @@
 
 from fastgen_kernels import ops
 from fastgen_kernels.backends import BACKENDS, use_backend
-from fastgen_kernels.ops import gated_residual, modulated_layer_norm, modulated_rms_norm
+from fastgen_kernels.ops import (
+    attention,
+    attention_jvp,
+    gated_residual,
+    modulated_layer_norm,
+    modulated_rms_norm,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS",
+    "attention",
+    "attention_jvp",
     "gated_residual",
     "modulated_layer_norm",
     "modulated_rms_norm",

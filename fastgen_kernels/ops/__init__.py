@@ -1,8 +1,10 @@
 """Public fused ops. Each is a torch.library custom op in the namespace ``fastgen`` with
 backward and forward-mode (jvp) rules, running on the backend chosen per call."""
 
+from fastgen_kernels.ops import attention as _attention_module
 from fastgen_kernels.ops import gated_residual as _gated_residual_module
 from fastgen_kernels.ops import modulated_norm as _modulated_norm_module
+from fastgen_kernels.ops.attention import attention, attention_jvp
 from fastgen_kernels.ops.gated_residual import gated_residual
 from fastgen_kernels.ops.modulated_norm import modulated_layer_norm, modulated_rms_norm
 
@@ -10,6 +12,14 @@ from fastgen_kernels.ops.modulated_norm import modulated_layer_norm, modulated_r
 OP_MODULES = {
     "modulated_norm": _modulated_norm_module,
     "gated_residual": _gated_residual_module,
+    "attention": _attention_module,
 }
 
-__all__ = ["gated_residual", "modulated_layer_norm", "modulated_rms_norm", "OP_MODULES"]
+__all__ = [
+    "attention",
+    "attention_jvp",
+    "gated_residual",
+    "modulated_layer_norm",
+    "modulated_rms_norm",
+    "OP_MODULES",
+]
