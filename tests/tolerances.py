@@ -28,3 +28,28 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
     rtol, atol = TOLERANCES[dtype]
     torch.testing.assert_close(actual.double(), expected.double(), rtol=rtol, atol=atol,
                                msg=lambda m: f"{what} ({dtype}): {m}")
+
+
+def assert_within_peer(actual: torch.Tensor, peer: torch.Tensor, expected: torch.Tensor,
+                       dtype: torch.dtype, terms: int, what: str, exponent: float = 0.0) -> None:
+    """The rule for attention and long reductions: a kernel's largest error against the fp64
+    oracle ``expected`` may be twice that of ``peer`` (the same math done by PyTorch in ``dtype``)
+    plus rounding noise, in units of the largest |expected|:
+
+    - a ``terms``-term sum in ``dtype`` rounds with a random-walk error of about sqrt(terms) ulps;
+    - exp(x) of an fp32 argument of size ``exponent`` (attention's scores, which flash kernels
+      recompute and shift by the log-sum-exp) is off by ``exponent`` fp32 ulps, relatively.
+
+    In fp32 this noise dominates (PyTorch's own fp32 kernels differ by that much with summation
+    order and exp argument); in fp16 and bf16 the peer's error does.
+    """
+    def max_error(t: torch.Tensor) -> float:
+        return (t.double() - expected.double()).abs().max().item()
+
+    ulps = terms**0.5 * torch.finfo(dtype).eps + exponent * torch.finfo(torch.float32).eps
+    noise = ulps * expected.abs().max().item()
+    bound = 2 * max_error(peer) + noise
+    assert actual.dtype == dtype and actual.shape == expected.shape, what
+    assert max_error(actual) <= bound, (
+        f"{what} ({dtype}): error {max_error(actual):.3g} > 2 x peer's {max_error(peer):.3g} "
+        f"+ noise {noise:.3g}")

@@ -170,15 +170,19 @@ def _cpu_mask(q: Tensor, k: Tensor, causal_chunk: int) -> tuple[Tensor | None, b
     return torch.zeros(Lq, Lk, dtype=q.dtype, device=q.device).masked_fill(~allowed, float("-inf")), False
 
 
+def _heads_first_unit_stride(*tensors: Tensor) -> list[Tensor]:
+    """(B, L, H, Dh) -> (B, H, L, Dh) views; the aten CPU kernels assume a unit last stride."""
+    return [(t if t.stride(-1) == 1 else t.contiguous()).transpose(1, 2) for t in tensors]
+
+
 def _cpu_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, causal_chunk: int
                  ) -> tuple[Tensor, Tensor]:
     mask, is_causal = _cpu_mask(q, k, causal_chunk)
     o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, is_causal,
-        attn_mask=mask, scale=scale)
+        *_heads_first_unit_stride(q, k, v), 0.0, is_causal, attn_mask=mask, scale=scale)
     if mask is not None:  # the kernel reports lse = 0 for a query that sees no key
         lse = lse.masked_fill(~mask.isfinite().any(-1), float("-inf"))
-    return o.transpose(1, 2).contiguous(), lse
+    return o.transpose(1, 2).contiguous(), lse.contiguous()
 
 
 def _cpu_backward(grad_out, q, k, v, o, lse, scale: float, causal_chunk: int):
@@ -186,8 +190,8 @@ def _cpu_backward(grad_out, q, k, v, o, lse, scale: float, causal_chunk: int):
     # undo the forward's -inf for queries that see no key: the kernel computes exp(S - lse)
     lse = lse.masked_fill(lse == float("-inf"), 0)
     grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-        grad_out.transpose(1, 2), q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-        o.transpose(1, 2), lse, 0.0, is_causal, attn_mask=mask, scale=scale)
+        *_heads_first_unit_stride(grad_out, q, k, v, o), lse, 0.0, is_causal, attn_mask=mask,
+        scale=scale)
     return tuple(g.transpose(1, 2).contiguous() for g in grads)
 
 
@@ -366,9 +370,17 @@ def _check_qkv(op: str, q: object, k: object, v: object) -> None:
         raise ValueError(f"{op}: v must have k's length Lk = {k.shape[1]}, got {tuple(v.shape)}")
 
 
-def _check_tangent(op: str, name: str, tangent: object, primal: Tensor) -> None:
-    if tangent is not None:
-        _checks.like_x(op, name, tangent, primal, [tuple(primal.shape)])
+def _check_tangent(op: str, name: str, tangent: object, primal_name: str, primal: Tensor) -> None:
+    """A tangent is None (zero) or has its primal's shape, dtype and device."""
+    if tangent is None:
+        return
+    tangent = _checks.tensor(op, name, tangent)
+    for what, got, expected in (("shape", tuple(tangent.shape), tuple(primal.shape)),
+                                ("dtype", tangent.dtype, primal.dtype),
+                                ("device", tangent.device, primal.device)):
+        if got != expected:
+            raise (TypeError if what == "dtype" else ValueError)(
+                f"{op}: {name} must have {primal_name}'s {what} {expected}, got {got}")
 
 
 def _options(op: str, q: Tensor, scale: object, causal: object, chunk_size: object
@@ -413,8 +425,9 @@ def attention_jvp(q: Tensor, k: Tensor, v: Tensor, tq: Tensor | None, tk: Tensor
     torch.func.jvp computes through :func:`attention`, without running the forward separately.
     The result is not differentiable by backward (sCM and MeanFlow stop its gradient)."""
     _check_qkv("attention_jvp", q, k, v)
-    for name, tangent, primal in (("tq", tq, q), ("tk", tk, k), ("tv", tv, v)):
-        _check_tangent("attention_jvp", name, tangent, primal)
+    for name, tangent, primal_name, primal in (("tq", tq, "q", q), ("tk", tk, "k", k),
+                                               ("tv", tv, "v", v)):
+        _check_tangent("attention_jvp", name, tangent, primal_name, primal)
     scale, causal_chunk = _options("attention_jvp", q, scale, causal, chunk_size)
     return torch.ops.fastgen.attention_jvp(q, k, v, tq, tk, tv, scale, causal_chunk)
 
