@@ -1,9 +1,10 @@
 """Benchmark helpers: devices, timing of the peer, input rotation and extra_info bookkeeping.
 
 Each benchmark times one provider with pytest-benchmark and records in ``benchmark.extra_info``
-the device, dtype, analytic bytes moved, GB/s, and the ratio to the eager PyTorch composition
-timed in the same process (the figure that counts). bench/summarize.py turns the JSON into a table
-with the fraction of the measured copy bandwidth.
+the device, dtype, analytic bytes moved and GB/s (or flops and TFLOP/s), and the ratio to the
+natural peer (the eager PyTorch composition, or SDPA for attention) timed in the same process: the
+figure that counts. bench/summarize.py turns the JSON into a table with the fraction of the
+measured ceiling (copy bandwidth, bf16 matmul rate).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import time
 
 import pytest
 import torch
+
+from fastgen_kernels import _extension, backends
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
@@ -70,14 +73,17 @@ def rounds_for(device: str) -> int:
 
 
 def peer_ms(key, fn, device: str) -> float:
-    """The peer's (eager composition's) median, timed once per configuration in this process."""
+    """The peer's median, timed once per configuration in this process."""
     if key not in _peer_ms:
         _peer_ms[key] = median_ms(fn, device, rounds_for(device), iterations_for(fn, device))
     return _peer_ms[key]
 
 
-def run(benchmark, fn, device: str, *, peer_key, peer_fn, bytes_moved: int, **info) -> None:
-    """Times fn with pytest-benchmark and fills extra_info (GB/s, ratio to the peer)."""
+def run(benchmark, fn, device: str, *, peer_key, peer_fn, bytes_moved: int | None = None,
+        flops: int | None = None, peer: str = "eager", **info) -> None:
+    """Times fn with pytest-benchmark and fills extra_info: GB/s from the analytic bytes moved
+    or TFLOP/s from the analytic flops, and the ratio to ``peer`` (its name; ``peer_fn`` runs it)
+    timed in the same process."""
     def timed():
         fn()
         sync(device)
@@ -85,13 +91,34 @@ def run(benchmark, fn, device: str, *, peer_key, peer_fn, bytes_moved: int, **in
     benchmark.pedantic(timed, rounds=rounds_for(device), warmup_rounds=3,
                        iterations=iterations_for(timed, device))
     ours = benchmark.stats.stats.median * 1e3
-    peer = peer_ms(peer_key, lambda: (peer_fn(), sync(device)), device)
+    peer_time = peer_ms(peer_key, lambda: (peer_fn(), sync(device)), device)
+    if bytes_moved is not None:
+        info.update(bytes=bytes_moved, gbps=bytes_moved / ours / 1e6)
+    if flops is not None:
+        info.update(flops=flops, tflops=flops / ours / 1e9)
     benchmark.extra_info.update(
-        device=torch.cuda.get_device_name() if device == "cuda" else "cpu",
-        bytes=bytes_moved, gbps=bytes_moved / ours / 1e6, median_ms=ours, eager_ms=peer,
-        speedup_vs_eager=peer / ours, **info)
+        device=torch.cuda.get_device_name() if device == "cuda" else "cpu", median_ms=ours,
+        peer=peer, peer_ms=peer_time, speedup_vs_peer=peer_time / ours, **info)
 
 
 @pytest.fixture(params=DEVICES)
 def device(request) -> str:
     return request.param
+
+
+# Every provider a benchmark is parametrized by; those that cannot run on a device skip.
+ALL_PROVIDERS = ["eager", "compile", "cpu", "cuda", "triton"]
+
+
+def providers(device: str, eager, compiled, fused) -> dict:
+    """name -> (function, backend forced or None) of the providers that run on ``device``:
+    the eager composition, its torch.compile, and our op on each of its backends."""
+    out = {"eager": (eager, None), "compile": (compiled, None)}
+    if device == "cpu" and _extension.cpu_built():
+        out["cpu"] = (fused, "cpu")
+    if device == "cuda":
+        if _extension.cuda_built():
+            out["cuda"] = (fused, "cuda")
+        if backends.triton_installed():
+            out["triton"] = (fused, "triton")
+    return out

@@ -1,5 +1,6 @@
-"""Prints a table from pytest-benchmark JSON: median, GB/s, fraction of the measured copy
-bandwidth of the same run and device, and speedup against the eager composition.
+"""Prints a table from pytest-benchmark JSON: median, rate (GB/s for memory-bound ops, TFLOP/s for
+attention), the fraction of the ceiling measured in the same run on the same device (copy
+bandwidth; matmul rate in the same dtype, bf16's for fp16), and the speedup over the peer.
 
     python bench/summarize.py results.json
 """
@@ -7,22 +8,39 @@ bandwidth of the same run and device, and speedup against the eager composition.
 import json
 import sys
 
+CEILING_OPS = ("copy", "matmul")
+
+
+def ceiling_key(b: dict) -> tuple:
+    if "tflops" in b:
+        return ("matmul", b["device"], "torch.bfloat16" if b["dtype"] == "torch.float16" else b["dtype"])
+    return ("copy", b["device"])
+
 
 def main(path: str) -> None:
     with open(path) as f:
         benches = [b["extra_info"] | {"name": b["name"]} for b in json.load(f)["benchmarks"]]
-    ceiling = {b["device"]: b["gbps"] for b in benches if b["op"] == "copy"}
-    print(f"{'op':<22}{'device':<24}{'dtype':<16}{'mode':<18}{'shape':<16}{'provider':<9}"
-          f"{'ms':>9}{'GB/s':>9}{'of copy':>9}{'vs eager':>9}")
-    for b in sorted(benches, key=lambda b: (b["op"], b["device"], b["dtype"], b["mode"], b["shape"], b["provider"])):
+    ceilings = {}
+    for b in benches:
         if b["op"] == "copy":
+            ceilings[("copy", b["device"])] = b["gbps"]
+        elif b["op"] == "matmul":
+            ceilings[("matmul", b["device"], b["dtype"])] = b["tflops"]
+    print(f"{'op':<22}{'device':<24}{'dtype':<10}{'mode':<18}{'shape':<20}{'provider':<16}"
+          f"{'ms':>10}{'rate':>16}{'of ceiling':>11}{'vs peer':>16}")
+    order = lambda b: (b["op"], b["device"], b["dtype"], b["mode"], b["shape"], b["provider"])  # noqa: E731
+    for b in sorted(benches, key=order):
+        if b["op"] in CEILING_OPS:
             continue
-        frac = f"{b['gbps'] / ceiling[b['device']]:.0%}" if b["device"] in ceiling else "-"
-        print(f"{b['op']:<22}{b['device'][:23]:<24}{b['dtype'][6:]:<16}{b['mode']:<18}"
-              f"{'x'.join(map(str, b['shape'])):<16}{b['provider']:<9}{b['median_ms']:>9.3f}"
-              f"{b['gbps']:>9.1f}{frac:>9}{b['speedup_vs_eager']:>8.2f}x")
-    for device, gbps in ceiling.items():
-        print(f"copy ceiling on {device}: {gbps:.1f} GB/s")
+        rate = f"{b['tflops']:.2f} TFLOP/s" if "tflops" in b else f"{b['gbps']:.1f} GB/s"
+        ceiling = ceilings.get(ceiling_key(b))
+        frac = f"{(b.get('tflops') or b['gbps']) / ceiling:.0%}" if ceiling else "-"
+        print(f"{b['op']:<22}{b['device'][:23]:<24}{b['dtype'][6:]:<10}{b['mode']:<18}"
+              f"{'x'.join(map(str, b['shape'])):<20}{b['provider']:<16}{b['median_ms']:>10.3f}"
+              f"{rate:>16}{frac:>11}{b['speedup_vs_peer']:>8.2f}x {b['peer']}")
+    for key, value in ceilings.items():
+        unit = "GB/s" if key[0] == "copy" else "TFLOP/s"
+        print(f"{' '.join(key)} ceiling: {value:.1f} {unit}")
 
 
 if __name__ == "__main__":
