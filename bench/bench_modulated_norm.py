@@ -10,10 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import rotating, run
+from conftest import ALL_PROVIDERS, pick_provider, rotating, run
 
 import fastgen_kernels as fk
-from fastgen_kernels import _extension, backends
 
 SHAPES = [(8, 256, 1152), (8, 1024, 1152)]  # DiT-XL/2 at 256 px and 512 px
 DTYPES = [torch.float32, torch.bfloat16]
@@ -31,30 +30,12 @@ def fused(x, shift, scale):
     return fk.modulated_layer_norm(x, shift, scale)
 
 
-def providers(device: str) -> dict:
-    """name -> (function, backend forced or None)."""
-    out = {"eager": (eager, None), "compile": (_compiled, None)}
-    if device == "cpu" and _extension.cpu_built():
-        out["cpu"] = (fused, "cpu")
-    if device == "cuda":
-        if _extension.cuda_built():
-            out["cuda"] = (fused, "cuda")
-        if backends.triton_installed():
-            out["triton"] = (fused, "triton")
-    return out
-
-
-ALL_PROVIDERS = ["eager", "compile", "cpu", "cuda", "triton"]
-
-
 @pytest.mark.parametrize("provider", ALL_PROVIDERS)
 @pytest.mark.parametrize("mode", ["forward", "forward_backward"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_modulated_layer_norm(benchmark, device, shape, dtype, mode, provider):
-    available = providers(device)
-    if provider not in available:
-        pytest.skip(f"{provider} does not run on {device} here")
+    fn, backend = pick_provider(provider, device, eager, _compiled, fused)
     B, L, D = shape
     itemsize = torch.empty(0, dtype=dtype).element_size()
     n = B * L * D
@@ -74,7 +55,6 @@ def test_modulated_layer_norm(benchmark, device, shape, dtype, mode, provider):
             if mode == "forward_backward":
                 torch.autograd.grad(y, (x, shift, scale), grad)
 
-    fn, backend = available[provider]
     benchmark.group = f"modulated_layer_norm {device} {dtype} {mode} {B}x{L}x{D}"
     run(benchmark, lambda: step(fn, backend), device,
         peer_key=(device, shape, dtype, mode), peer_fn=lambda: step(eager, None),

@@ -110,9 +110,17 @@ def device(request) -> str:
 ALL_PROVIDERS = ["eager", "compile", "cpu", "cuda", "triton"]
 
 
+def pick_provider(provider: str, device: str, eager, compiled, fused) -> tuple:
+    """(function, backend forced or None) of ``provider`` on ``device``: the eager composition,
+    its torch.compile, or our op on one of its backends; skips the test when it does not run."""
+    available = providers(device, eager, compiled, fused)
+    if provider not in available:
+        pytest.skip(f"{provider} does not run on {device} here")
+    return available[provider]
+
+
 def providers(device: str, eager, compiled, fused) -> dict:
-    """name -> (function, backend forced or None) of the providers that run on ``device``:
-    the eager composition, its torch.compile, and our op on each of its backends."""
+    """name -> (function, backend forced or None) of the providers that run on ``device``."""
     out = {"eager": (eager, None), "compile": (compiled, None)}
     if device == "cpu" and _extension.cpu_built():
         out["cpu"] = (fused, "cpu")

@@ -21,7 +21,8 @@ tests_rc=${PIPESTATUS[0]}
 
 echo "== GPU benchmarks"
 json="$OUT/${stamp}_${gpu}.json"
-python3 -m pytest bench/bench_copy.py bench/bench_modulated_norm.py -q -p no:cacheprovider \
+python3 -m pytest bench/bench_copy.py bench/bench_matmul.py bench/bench_modulated_norm.py bench/bench_qk_norm_rope.py bench/bench_attention.py \
+  -q -p no:cacheprovider \
   -k "cuda" --benchmark-json="$json" > "$OUT/bench.log" 2>&1
 bench_rc=$?
 tail -5 "$OUT/bench.log"

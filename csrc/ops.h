@@ -1,8 +1,8 @@
 // Tensor-level entry points of the C++ CPU kernels, called from csrc/torch_bindings.cpp, which
 // validates arguments and allocates every output. Conventions match csrc/cuda/launch.h:
-// contiguous tensors, x-like tensors (B, L, D), modulation tensors per token (B, L, D) or per batch
-// (B, D), fp32 statistics (fp64 for fp64 input), deterministic chunked partial sums for the
-// backward reductions over rows.
+// contiguous tensors (except the strided heads of qk_norm_rope), x-like tensors (B, L, D),
+// modulation tensors per token (B, L, D) or per batch (B, D), fp32 statistics (fp64 for fp64
+// input), deterministic chunked partial sums for the backward reductions over rows.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -36,6 +36,21 @@ void gated_residual_forward(const at::Tensor& x, const at::Tensor& y, const at::
 void gated_residual_backward(const at::Tensor& grad_out, const at::Tensor& y,
                              const at::Tensor& gate, RowChunks chunks, at::Tensor& dy,
                              at::Tensor& dgate, at::Tensor& partials);
+
+// QK-norm + rotary for one of q, k: x (B, L, H, Dh) with contiguous head vectors (x.stride(3) == 1;
+// the B, L, H strides are free); out (B, L, H, Dh) contiguous; rstd (B, L, H). Per head vector:
+// n = x * rstd * weight, then out = n * cos + rot(n) * sin with cos, sin (L, Dh) in the statistics'
+// dtype, or out = n when cos is nullptr. weight, cos, sin: nullptr when absent.
+void qk_norm_rope_forward(const at::Tensor& x, const at::Tensor* weight, const at::Tensor* cos,
+                          const at::Tensor* sin, double eps, bool interleaved, at::Tensor& out,
+                          at::Tensor& rstd);
+
+// Writes dx (B, L, H, Dh) contiguous and, when weight, partials (num_chunks, Dh): for each chunk of
+// the B*L*H rows (chunks of row_chunks(1, rows)) the sum of dn * xhat over its rows.
+void qk_norm_rope_backward(const at::Tensor& grad_out, const at::Tensor& x,
+                           const at::Tensor* weight, const at::Tensor* cos, const at::Tensor* sin,
+                           const at::Tensor& rstd, bool interleaved, RowChunks chunks,
+                           at::Tensor& dx, at::Tensor& partials);
 
 }  // namespace cpu
 }  // namespace fastgen

@@ -10,6 +10,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <optional>
 #include <tuple>
 
@@ -44,7 +45,7 @@ void check_modulation(const Tensor& mod, const Tensor& x, const char* name) {
 
 const Tensor* check_param(const optional<Tensor>& p, const Tensor& x, const char* name) {
   if (!p) return nullptr;
-  TORCH_CHECK(p->dim() == 1 && p->size(0) == x.size(2), name, " must be (D,), got ", p->sizes());
+  TORCH_CHECK(p->dim() == 1 && p->size(0) == x.size(-1), name, " must be (D,), got ", p->sizes());
   TORCH_CHECK(p->is_contiguous() && p->scalar_type() == x.scalar_type() && p->device() == x.device(),
               name, " must be contiguous with x's dtype and device");
   return &*p;
@@ -74,6 +75,10 @@ cuda::DType cuda_dtype(const Tensor& x) {
 }
 
 const void* data_or_null(const Tensor* t) { return t ? t->const_data_ptr() : nullptr; }
+
+const float* float_data_or_null(const Tensor& t) {
+  return t.defined() ? t.const_data_ptr<float>() : nullptr;
+}
 
 void check_launch(cudaError_t error, const char* kernel) {
   TORCH_CHECK(error == cudaSuccess, kernel, " failed: ", cudaGetErrorString(error));
@@ -216,6 +221,123 @@ std::tuple<Tensor, Tensor> gated_residual_backward(const Tensor& grad_out, const
   return {dy, dgate};
 }
 
+// x: (B, L, H, Dh) heads whose vectors are contiguous; the B, L, H strides are free.
+void check_heads(const Tensor& x, const char* name) {
+  TORCH_CHECK(x.dim() == 4, name, " must be (B, L, H, Dh), got ", x.sizes());
+  TORCH_CHECK(x.stride(3) == 1 || x.size(3) == 1, name, "'s head vectors must be contiguous");
+}
+
+// Checks q and k; returns the rotary tables in the kernels' dtype (fp32, fp64 for fp64 input),
+// contiguous, or undefined tensors without rotary.
+std::tuple<Tensor, Tensor> check_qk(const Tensor& q, const Tensor& k, const optional<Tensor>& cos,
+                                    const optional<Tensor>& sin) {
+  check_heads(q, "q");
+  check_heads(k, "k");
+  TORCH_CHECK(k.size(0) == q.size(0) && k.size(2) == q.size(2) && k.size(3) == q.size(3) &&
+                  k.scalar_type() == q.scalar_type() && k.device() == q.device(),
+              "k must be (B, Lk, H, Dh) with q's B, H, Dh, dtype and device; q ", q.sizes(),
+              ", k ", k.sizes());
+  TORCH_CHECK(cos.has_value() == sin.has_value(), "cos and sin: pass both or neither");
+  if (!cos) return {Tensor(), Tensor()};
+  TORCH_CHECK(q.size(1) == k.size(1) && q.size(3) % 2 == 0,
+              "rotary needs Lq == Lk and an even Dh; q ", q.sizes(), ", k ", k.sizes());
+  auto table = [&](const Tensor& t, const char* name) {
+    TORCH_CHECK(t.dim() == 2 && t.size(0) == q.size(1) && t.size(1) == q.size(3) &&
+                    t.device() == q.device() && at::isFloatingType(t.scalar_type()),
+                name, " must be a floating (L, Dh) tensor on q's device, got ", t.sizes());
+    return t.to(stat_dtype(q)).contiguous();
+  };
+  return {table(*cos, "cos"), table(*sin, "sin")};
+}
+
+const Tensor* defined_or_null(const Tensor& t) { return t.defined() ? &t : nullptr; }
+
+// RMSNorm + rotary of one of q, k -> (out, rstd).
+std::tuple<Tensor, Tensor> norm_rope_forward(const Tensor& x, const optional<Tensor>& weight,
+                                             const Tensor& cos, const Tensor& sin, double eps,
+                                             bool interleaved) {
+  const Tensor* w = check_param(weight, x, "weight");
+  Tensor out = at::empty(x.sizes(), x.options());
+  Tensor rstd = at::empty({x.size(0), x.size(1), x.size(2)}, x.options().dtype(stat_dtype(x)));
+  if (x.numel() == 0) return {out, rstd.fill_(NAN)};  // the rms of an empty head is NaN
+  if (x.is_cuda()) {
+#ifdef FASTGEN_WITH_CUDA
+    const c10::cuda::CUDAGuard guard(x.device());
+    cuda::QkNormRopeForwardArgs args{cuda_dtype(x), x.const_data_ptr(), data_or_null(w),
+        float_data_or_null(cos), float_data_or_null(sin), out.mutable_data_ptr(),
+        rstd.mutable_data_ptr<float>(), rstd.numel(), x.size(1), x.size(2), x.size(3), x.stride(0),
+        x.stride(1), x.stride(2), interleaved, static_cast<float>(eps)};
+    check_launch(cuda::launch_qk_norm_rope_forward(args, c10::cuda::getCurrentCUDAStream()),
+                 "qk_norm_rope_forward");
+#endif
+  } else {
+    cpu::qk_norm_rope_forward(x, w, defined_or_null(cos), defined_or_null(sin), eps, interleaved,
+                              out, rstd);
+  }
+  return {out, rstd};
+}
+
+// The VJP of norm_rope_forward -> (dx, dweight); dweight is empty without a weight.
+std::tuple<Tensor, Tensor> norm_rope_backward(const Tensor& grad_out, const Tensor& x,
+                                              const optional<Tensor>& weight, const Tensor& cos,
+                                              const Tensor& sin, const Tensor& rstd,
+                                              bool interleaved) {
+  const Tensor* w = check_param(weight, x, "weight");
+  TORCH_CHECK(grad_out.sizes() == x.sizes() && grad_out.scalar_type() == x.scalar_type() &&
+                  grad_out.device() == x.device() && grad_out.is_contiguous(),
+              "grad_out must be contiguous and match x");
+  const int64_t rows = x.size(0) * x.size(1) * x.size(2), dim = x.size(3);
+  TORCH_CHECK(rstd.numel() == rows && rstd.scalar_type() == stat_dtype(x) && rstd.is_contiguous() &&
+                  rstd.device() == x.device(),
+              "rstd must be the forward's statistics");
+  const RowChunks chunks = row_chunks(1, rows);
+  Tensor dx = at::empty(x.sizes(), x.options());
+  if (rows == 0 || dim == 0) {
+    return {dx, w ? at::zeros({dim}, x.options()) : at::empty({0}, x.options())};
+  }
+  Tensor partials = w ? at::empty({chunks.chunks_per_batch, dim}, x.options().dtype(stat_dtype(x)))
+                      : Tensor();
+  if (x.is_cuda()) {
+#ifdef FASTGEN_WITH_CUDA
+    const c10::cuda::CUDAGuard guard(x.device());
+    cuda::QkNormRopeBackwardArgs args{cuda_dtype(x), grad_out.const_data_ptr(), x.const_data_ptr(),
+        data_or_null(w), float_data_or_null(cos), float_data_or_null(sin),
+        rstd.const_data_ptr<float>(), dx.mutable_data_ptr(),
+        w ? partials.mutable_data_ptr<float>() : nullptr, rows, x.size(1), x.size(2), dim,
+        x.stride(0), x.stride(1), x.stride(2), chunks.rows_per_chunk, chunks.chunks_per_batch,
+        interleaved};
+    check_launch(cuda::launch_qk_norm_rope_backward(args, c10::cuda::getCurrentCUDAStream()),
+                 "qk_norm_rope_backward");
+#endif
+  } else {
+    cpu::qk_norm_rope_backward(grad_out, x, w, defined_or_null(cos), defined_or_null(sin), rstd,
+                               interleaved, chunks, dx, partials);
+  }
+  Tensor dweight = w ? reduce_chunks(partials, 1, chunks, false, x.scalar_type())
+                     : at::empty({0}, x.options());
+  return {dx, dweight};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> qk_norm_rope_forward(
+    const Tensor& q, const Tensor& k, const optional<Tensor>& q_weight,
+    const optional<Tensor>& k_weight, const optional<Tensor>& cos, const optional<Tensor>& sin,
+    double eps, bool interleaved) {
+  const auto [cos_table, sin_table] = check_qk(q, k, cos, sin);
+  auto [q_out, q_rstd] = norm_rope_forward(q, q_weight, cos_table, sin_table, eps, interleaved);
+  auto [k_out, k_rstd] = norm_rope_forward(k, k_weight, cos_table, sin_table, eps, interleaved);
+  return {q_out, k_out, q_rstd, k_rstd};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> qk_norm_rope_backward(
+    const Tensor& grad_q, const Tensor& grad_k, const Tensor& q, const Tensor& k,
+    const optional<Tensor>& q_weight, const optional<Tensor>& k_weight, const optional<Tensor>& cos,
+    const optional<Tensor>& sin, const Tensor& q_rstd, const Tensor& k_rstd, bool interleaved) {
+  const auto [cos_table, sin_table] = check_qk(q, k, cos, sin);
+  auto [dq, dq_weight] = norm_rope_backward(grad_q, q, q_weight, cos_table, sin_table, q_rstd, interleaved);
+  auto [dk, dk_weight] = norm_rope_backward(grad_k, k, k_weight, cos_table, sin_table, k_rstd, interleaved);
+  return {dq, dk, dq_weight, dk_weight};
+}
+
 }  // namespace
 }  // namespace fastgen
 
@@ -227,6 +349,11 @@ TORCH_LIBRARY(fastgen_C, m) {
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("gated_residual_forward(Tensor x, Tensor y, Tensor gate) -> Tensor");
   m.def("gated_residual_backward(Tensor grad_out, Tensor y, Tensor gate) -> (Tensor, Tensor)");
+  m.def("qk_norm_rope_forward(Tensor q, Tensor k, Tensor? q_weight, Tensor? k_weight, Tensor? cos, "
+        "Tensor? sin, float eps, bool interleaved) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("qk_norm_rope_backward(Tensor grad_q, Tensor grad_k, Tensor q, Tensor k, "
+        "Tensor? q_weight, Tensor? k_weight, Tensor? cos, Tensor? sin, Tensor q_rstd, "
+        "Tensor k_rstd, bool interleaved) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fastgen_C, CPU, m) {
@@ -234,6 +361,8 @@ TORCH_LIBRARY_IMPL(fastgen_C, CPU, m) {
   m.impl("modulated_norm_backward", &fastgen::modulated_norm_backward);
   m.impl("gated_residual_forward", &fastgen::gated_residual_forward);
   m.impl("gated_residual_backward", &fastgen::gated_residual_backward);
+  m.impl("qk_norm_rope_forward", &fastgen::qk_norm_rope_forward);
+  m.impl("qk_norm_rope_backward", &fastgen::qk_norm_rope_backward);
 }
 
 #ifdef FASTGEN_WITH_CUDA
@@ -242,6 +371,8 @@ TORCH_LIBRARY_IMPL(fastgen_C, CUDA, m) {
   m.impl("modulated_norm_backward", &fastgen::modulated_norm_backward);
   m.impl("gated_residual_forward", &fastgen::gated_residual_forward);
   m.impl("gated_residual_backward", &fastgen::gated_residual_backward);
+  m.impl("qk_norm_rope_forward", &fastgen::qk_norm_rope_forward);
+  m.impl("qk_norm_rope_backward", &fastgen::qk_norm_rope_backward);
 }
 #define FASTGEN_CUDA_BUILT 1
 #else

@@ -8,6 +8,7 @@ from fastgen_kernels.ops import (
     gated_residual,
     modulated_layer_norm,
     modulated_rms_norm,
+    qk_norm_rope,
 )
 
 __version__ = "0.1.0"
@@ -20,5 +21,6 @@ __all__ = [
     "modulated_layer_norm",
     "modulated_rms_norm",
     "ops",
+    "qk_norm_rope",
     "use_backend",
 ]

@@ -37,3 +37,39 @@ def test_compile_fullgraph_forward_and_backward():
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-4)
     for a, b in zip(leaves, ref_leaves):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-4)
+
+
+def attention_prologue(qkv, q_weight, k_weight, cos, sin):
+    """QK-norm + rotary on q and k sliced from a fused qkv projection (strided heads)."""
+    q, k, v = qkv.unbind(2)
+    q, k = fk.qk_norm_rope(q, k, q_weight, k_weight, cos, sin)
+    return (q * k).sum(-1, keepdim=True) * v
+
+
+def eager_attention_prologue(qkv, q_weight, k_weight, cos, sin):
+    q, k, v = qkv.unbind(2)
+
+    def norm_rope(x, w):
+        n = F.rms_norm(x, (x.shape[-1],), w, eps=1e-6)
+        a, b = n.unflatten(-1, (-1, 2)).unbind(-1)
+        return n * cos[:, None] + torch.stack((-b, a), -1).flatten(-2) * sin[:, None]
+
+    return (norm_rope(q, q_weight) * norm_rope(k, k_weight)).sum(-1, keepdim=True) * v
+
+
+@pytest.mark.slow
+def test_compile_fullgraph_qk_norm_rope():
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(0)
+    B, L, H, Dh = 2, 5, 2, 8
+    inputs = [torch.randn(*s, generator=g) for s in [(B, L, 3, H, Dh), (Dh,), (Dh,)]]
+    angles = torch.rand(L, Dh, generator=g) * 6.3
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    out = torch.compile(attention_prologue, fullgraph=True)(*leaves, angles.cos(), angles.sin())
+    out.sum().backward()
+    ref_leaves = [t.clone().requires_grad_() for t in inputs]
+    ref = eager_attention_prologue(*ref_leaves, angles.cos(), angles.sin())
+    ref.sum().backward()
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-4)
+    for a, b in zip(leaves, ref_leaves):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-4)

@@ -3,8 +3,10 @@ bench/gpu_check.sh whenever a GPU is lent."""
 
 import pytest
 import torch
+import test_attention as ta
 import test_gated_residual as gr
 import test_modulated_norm as mn
+import test_qk_norm_rope as qk
 from conftest import HAS_CUDA
 from tolerances import assert_close
 
@@ -83,3 +85,130 @@ def test_automatic_choice_prefers_cuda_then_triton():
     mod = torch.randn(2, 64, device="cuda", dtype=torch.bfloat16)
     expected = "cuda" if _extension.cuda_built() else "triton"
     assert fk.ops.OP_MODULES["modulated_norm"].forward_dispatcher.select(x, mod, mod, None, None, 1e-6, False) == expected
+
+
+# (B, L, H, Dh): DiT-XL/2 heads (72), Flux heads (128) with several backward chunks per program,
+# the widest head (256), odd sizes, tiny heads
+QK_SHAPES = [(2, 256, 16, 72), (1, 1024, 6, 128), (3, 17, 5, 256), (1, 1, 1, 64), (2, 33, 3, 2)]
+
+
+@pytest.mark.parametrize("backend", gpu_backends())
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+@pytest.mark.parametrize("shape", QK_SHAPES, ids=str)
+@pytest.mark.parametrize("variant", list(qk.VARIANTS))
+def test_qk_norm_rope_on_gpu(backend, dtype, shape, variant, generator):
+    inputs = qk.make_inputs(shape, dtype, variant, generator, device="cuda")
+    qk.check_against_oracle(backend, inputs, dtype, generator)
+
+
+@pytest.mark.parametrize("backend", gpu_backends())
+@pytest.mark.parametrize("interleaved", [True, False], ids=["interleaved", "half"])
+def test_qk_norm_rope_strided_heads_on_gpu(backend, interleaved, generator):
+    """q and k sliced from a fused (B, L, 3, H, Dh) qkv tensor, bf16 tables."""
+    B, L, H, Dh = 2, 77, 24, 128
+    qkv = torch.randn(B, L, 3, H, Dh, generator=generator).cuda().bfloat16()
+    q, k, _ = qkv.unbind(2)
+    angles = torch.rand(L, Dh, generator=generator).cuda() * 6.3
+    weights = [torch.randn(Dh, generator=generator).cuda().bfloat16() for _ in range(2)]
+    inputs = (q, k, *weights, angles.cos().bfloat16(), angles.sin(), interleaved)
+    qk.check_against_oracle(backend, inputs, torch.bfloat16, generator)
+
+
+@pytest.mark.parametrize("backend", gpu_backends())
+def test_qk_norm_rope_backward_is_deterministic(backend, generator):
+    q, k, q_weight, k_weight, cos, sin, interleaved = qk.make_inputs(
+        (2, 300, 8, 128), torch.bfloat16, "rope_interleaved", generator, device="cuda")
+    leaves = [t.requires_grad_() for t in (q, k, q_weight, k_weight)]
+    grads_out = [torch.randn_like(q), torch.randn_like(k)]
+    with fk.use_backend(backend):
+        first = torch.autograd.grad(fk.qk_norm_rope(*leaves, cos, sin), leaves, grads_out)
+        second = torch.autograd.grad(fk.qk_norm_rope(*leaves, cos, sin), leaves, grads_out)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", gpu_backends())
+def test_qk_norm_rope_opcheck_on_gpu(backend, generator):
+    qk.run_opcheck(backend, qk.make_inputs((2, 3, 2, 64), torch.bfloat16, "rope_half", generator, device="cuda"))
+
+
+def test_qk_norm_rope_dispatch_on_gpu():
+    """cuda first; heads wider than 256 fall back to the reference."""
+    q = torch.randn(1, 4, 2, 128, device="cuda", dtype=torch.bfloat16)
+    dispatcher = fk.ops.OP_MODULES["qk_norm_rope"].forward_dispatcher
+    expected = "cuda" if _extension.cuda_built() else "triton"
+    assert dispatcher.select(q, q, None, None, None, None, 1e-6, True) == expected
+    wide = torch.randn(1, 4, 2, 320, device="cuda", dtype=torch.bfloat16)
+    assert dispatcher.select(wide, wide, None, None, None, None, 1e-6, True) == "reference"
+
+
+# ----------------------------------------------------------------------------- attention (Triton)
+
+# the unit-test cases (every head dim, Lq != Lk, Lq = 1, causal, block-causal) plus DiT-XL/2 at
+# 256 px, a Flux-like long sequence and a block-causal video-like one with a KV cache
+ATTENTION_CASES = ta.CASES + [ta.LONG_CASE, ta.Case(4, 256, 256, 16, 72, 0),
+                              ta.Case(1, 2048, 2048, 4, 128, 0), ta.Case(1, 1000, 3000, 2, 128, 500)]
+
+
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+@pytest.mark.parametrize("case", ATTENTION_CASES, ids=ta.case_id)
+def test_attention_on_gpu(dtype, case, generator):
+    ta.check_case("triton", case, dtype, generator, device="cuda")
+
+
+def test_attention_non_contiguous_on_gpu(generator):
+    case = ta.Case(2, 300, 300, 4, 72, 1)
+    qkv = torch.randn(2, 300, 3, 4, 72, generator=generator).cuda().bfloat16()
+    q, k, v = qkv.unbind(2)
+    tq, tk, tv = torch.randn(3, 2, 4, 300, 72, generator=generator).cuda().bfloat16().transpose(2, 3)
+    ta.check_case("triton", case, torch.bfloat16, generator, device="cuda",
+                  inputs=(q, k, v, tq, tk, tv))
+
+
+def test_attention_backward_is_deterministic(generator):
+    q, k, v, *_ = ta.make_inputs(ta.Case(2, 513, 513, 4, 64, 0), torch.bfloat16, generator, "cuda")
+    leaves = [t.requires_grad_() for t in (q, k, v)]
+    g = torch.randn_like(q)
+    with fk.use_backend("triton"):
+        first = torch.autograd.grad(fk.attention(*leaves), leaves, g)
+        second = torch.autograd.grad(fk.attention(*leaves), leaves, g)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_attention_opcheck_on_gpu(generator):
+    q, k, v, tq, tk, tv = ta.make_inputs(ta.Case(1, 40, 70, 2, 72, 0), torch.bfloat16, generator,
+                                         "cuda")
+    with fk.use_backend("triton"):
+        o, lse = torch.ops.fastgen.attention(q, k, v, 0.1, 16)
+        torch.library.opcheck(torch.ops.fastgen.attention.default, (q, k, v, 0.1, 16))
+        torch.library.opcheck(torch.ops.fastgen.attention_backward.default,
+                              (torch.randn_like(o), q, k, v, o, lse, 0.1, 16))
+        torch.library.opcheck(torch.ops.fastgen.attention_jvp.default,
+                              (q, k, v, tq, tk, tv, 0.1, 16))
+        torch.library.opcheck(torch.ops.fastgen.attention_tangent.default,
+                              (q, k, v, o, lse, tq, None, tv, 0.1, 16))
+
+
+def test_attention_jvp_memory_is_linear_in_length():
+    """The fused JVP allocates its outputs and nothing of size L x L: 4x the tokens, 4x the
+    memory (math attention's would grow 16x)."""
+    extra = []
+    for L in (4096, 16384):
+        q, k, v, tq, tk, tv = (torch.randn(1, L, 8, 128, device="cuda", dtype=torch.bfloat16)
+                               for _ in range(6))
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        with fk.use_backend("triton"):
+            fk.attention_jvp(q, k, v, tq, tk, tv)
+        torch.cuda.synchronize()
+        extra.append(torch.cuda.max_memory_allocated() - before)
+    assert extra[1] <= 4.5 * extra[0]
+
+
+def test_attention_dispatch_on_gpu():
+    q = torch.randn(1, 8, 2, 64, device="cuda", dtype=torch.bfloat16)
+    assert ta.att.forward_dispatcher.select(q, q, q, 0.125, 0) == "triton"
+    wide = torch.randn(1, 8, 2, 320, device="cuda", dtype=torch.bfloat16)
+    assert ta.att.forward_dispatcher.select(wide, wide, wide, 0.125, 0) == "reference"

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-LOG2E = 1.4426950408889634
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 MAX_HEAD_DIM = 256
 
 
@@ -435,25 +435,38 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
+# Hopper gives a block at most 227 KB of shared memory; SHARED_MEMORY_BYTES is what the tiles
+# below may use (tests/test_build.py compiles every kernel for sm_90 and checks it).
+SHARED_MEMORY_BYTES = 227 * 1024
+
+
 @functools.cache
-def _blocks(head_dim: int, device_type: str, kernel: str) -> tuple[int, int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages). Tiles of 128 x 64 keep the tensor cores
-    fed at head dims up to 128 (FlashAttention-2's choice on Hopper without wgmma warp
-    specialization); larger heads halve BLOCK_N to stay within registers. The interpreter gets
-    16 x 16 tiles: it costs per tile element and small tiles still cross every boundary case."""
+def blocks(head_dim: int, itemsize: int, device_type: str, kernel: str
+           ) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages) of ``kernel`` ("forward", "jvp" or
+    "backward") for ``itemsize``-byte operands.
+
+    bf16/fp16: 128 x 64 tiles keep the tensor cores fed at head dims up to 128
+    (FlashAttention-2's choice); the backward, with two (BLOCK, Dh) fp32 accumulators per program,
+    takes 64 x 64. fp32 operands and 256-wide heads halve the tiles so the pipelined operands
+    stay within shared memory. The interpreter gets 16 x 16 tiles: it costs per tile element and
+    small tiles still cross every boundary case."""
     block_d = max(16, triton.next_power_of_2(head_dim))
     if device_type != "cuda":
         return 16, 16, block_d, 1, 1
-    if kernel == "backward":  # two (BLOCK, Dh) fp32 accumulators per program
-        return 64, 64, block_d, 4 if block_d <= 64 else 8, 2
-    block_n = 64 if block_d <= 128 else 32
+    wide = itemsize > 2 or block_d > 128
     warps = 4 if block_d <= 64 else 8
-    stages = 2 if kernel == "jvp" else 3  # the JVP streams twice the operands per key block
-    return 128, block_n, block_d, warps, stages
+    if kernel == "backward":
+        return (32, 32, block_d, 4, 2) if wide else (64, 64, block_d, warps, 2)
+    block_m = 64 if itemsize > 2 else 128
+    block_n = 32 if wide else 64
+    stages = 2 if kernel == "jvp" or wide else 3  # the JVP streams twice the operands per key
+    return block_m, block_n, block_d, warps, stages
 
 
 def _config(q: Tensor, kernel: str) -> dict:
-    block_m, block_n, block_d, warps, stages = _blocks(q.shape[-1], q.device.type, kernel)
+    block_m, block_n, block_d, warps, stages = blocks(q.shape[-1], q.element_size(),
+                                                      q.device.type, kernel)
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, PRECISION=_precision(q.dtype),
                 num_warps=warps, num_stages=stages)
 
@@ -461,7 +474,7 @@ def _config(q: Tensor, kernel: str) -> dict:
 def _sizes(q: Tensor, k: Tensor, scale: float) -> tuple:
     """(H, Lq, Lk, head_dim, qk_scale): the size arguments every kernel takes."""
     B, Lq, H, Dh = q.shape
-    return H, Lq, k.shape[1], Dh, scale * LOG2E
+    return H, Lq, k.shape[1], Dh, scale * LOG2E.value
 
 
 def _mask(causal_chunk: int) -> dict:

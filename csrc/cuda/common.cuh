@@ -40,6 +40,17 @@ inline bool all_aligned16(std::initializer_list<const void*> ptrs) {
   return true;
 }
 
+// Calls f(TypeTag<T>{}) with T the element type of `dtype`.
+template <typename F>
+cudaError_t dispatch_dtype(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::kFloat32: return f(TypeTag<float>{});
+    case DType::kFloat16: return f(TypeTag<__half>{});
+    case DType::kBFloat16: return f(TypeTag<__nv_bfloat16>{});
+  }
+  return cudaErrorInvalidValue;
+}
+
 // Calls f(TypeTag<T>{}, IntTag<VEC>{}) for `dtype`, with VEC the 16-byte vector width of T when dim
 // is a multiple of it (so no vector crosses a row) and every pointer in `ptrs` is 16-byte aligned,
 // else VEC = 1.
@@ -47,17 +58,11 @@ template <typename F>
 cudaError_t dispatch_dtype_vec(DType dtype, int64_t dim, std::initializer_list<const void*> ptrs,
                                F&& f) {
   const bool aligned = all_aligned16(ptrs);
-  auto with_type = [&](auto type_tag) {
+  return dispatch_dtype(dtype, [&](auto type_tag) {
     constexpr int kVec = kVec16<typename decltype(type_tag)::type>;
     if (aligned && dim % kVec == 0) return f(type_tag, IntTag<kVec>{});
     return f(type_tag, IntTag<1>{});
-  };
-  switch (dtype) {
-    case DType::kFloat32: return with_type(TypeTag<float>{});
-    case DType::kFloat16: return with_type(TypeTag<__half>{});
-    case DType::kBFloat16: return with_type(TypeTag<__nv_bfloat16>{});
-  }
-  return cudaErrorInvalidValue;
+  });
 }
 
 // Calls f(std::true_type{}) or f(std::false_type{}): a runtime flag as a template parameter.

@@ -94,5 +94,47 @@ struct GatedResidualBackwardArgs {
 
 cudaError_t launch_gated_residual_backward(const GatedResidualBackwardArgs& args, cudaStream_t stream);
 
+// Widest head the QK-norm + rotary kernels take: one warp holds a head vector, at most 8 elements
+// per lane. Callers fall back to another backend above it.
+constexpr int64_t kMaxHeadDim = 256;
+
+// QK-norm + rotary for one of q, k. x is (B, tokens, heads, dim) with contiguous head vectors at
+// element strides (stride_b, stride_l, stride_h); its rows = B * tokens * heads head vectors are
+// numbered row = (b * tokens + l) * heads + h, and every other (rows, ...) tensor is contiguous.
+// Rotary pairs (a, b): (2i, 2i+1) when interleaved, (i, i + dim/2) otherwise; rot maps (a, b) to
+// (-b, a). Without rotary (cos == nullptr) dim may be odd, else it must be even.
+struct QkNormRopeForwardArgs {
+  DType dtype;
+  const void* x;       // (B, tokens, heads, dim), strided as above
+  const void* weight;  // (dim,) or nullptr
+  const float* cos;    // (tokens, dim) or nullptr (no rotary)
+  const float* sin;    // (tokens, dim); nullptr exactly when cos is
+  void* out;           // (rows, dim), written: n * cos + rot(n) * sin, n = x * rstd * weight
+  float* rstd;         // (rows,), written
+  int64_t rows, tokens, heads, dim, stride_b, stride_l, stride_h;
+  bool interleaved;
+  float eps;
+};
+
+cudaError_t launch_qk_norm_rope_forward(const QkNormRopeForwardArgs& args, cudaStream_t stream);
+
+struct QkNormRopeBackwardArgs {
+  DType dtype;
+  const void* grad_out;  // (rows, dim)
+  const void* x;         // (B, tokens, heads, dim), strided as in the forward
+  const void* weight;    // (dim,) or nullptr
+  const float* cos;      // (tokens, dim) or nullptr
+  const float* sin;      // (tokens, dim) or nullptr
+  const float* rstd;     // (rows,)
+  void* dx;              // (rows, dim), written
+  float* partials;       // (num_chunks, dim) when weight, else nullptr: per chunk of rows, the sum
+                         // of dn * xhat (dn = grad_out * cos - rot(grad_out * sin))
+  int64_t rows, tokens, heads, dim, stride_b, stride_l, stride_h;
+  int64_t rows_per_chunk, num_chunks;  // the rows cut as one batch (row_chunks(1, rows))
+  bool interleaved;
+};
+
+cudaError_t launch_qk_norm_rope_backward(const QkNormRopeBackwardArgs& args, cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace fastgen

@@ -4,15 +4,18 @@ backward and forward-mode (jvp) rules, running on the backend chosen per call.""
 from fastgen_kernels.ops import attention as _attention_module
 from fastgen_kernels.ops import gated_residual as _gated_residual_module
 from fastgen_kernels.ops import modulated_norm as _modulated_norm_module
+from fastgen_kernels.ops import qk_norm_rope as _qk_norm_rope_module
 from fastgen_kernels.ops.attention import attention, attention_jvp
 from fastgen_kernels.ops.gated_residual import gated_residual
 from fastgen_kernels.ops.modulated_norm import modulated_layer_norm, modulated_rms_norm
+from fastgen_kernels.ops.qk_norm_rope import qk_norm_rope
 
 # op module -> its dispatchers, for `fastgen-kernels info` and the tests
 OP_MODULES = {
     "modulated_norm": _modulated_norm_module,
     "gated_residual": _gated_residual_module,
     "attention": _attention_module,
+    "qk_norm_rope": _qk_norm_rope_module,
 }
 
 __all__ = [
@@ -21,5 +24,6 @@ __all__ = [
     "gated_residual",
     "modulated_layer_norm",
     "modulated_rms_norm",
+    "qk_norm_rope",
     "OP_MODULES",
 ]

@@ -63,3 +63,52 @@ def gpu_kernel_support(x: torch.Tensor, *args: object) -> str | None:
 
 def nonempty(x: torch.Tensor, *args: object) -> str | None:
     return "empty input" if x.numel() == 0 else None
+
+
+def heads(op: str, name: str, value: object) -> torch.Tensor:
+    """A (B, L, H, Dh) floating tensor of attention heads."""
+    value = tensor(op, name, value)
+    if value.dim() != 4:
+        raise ValueError(f"{op}: {name} must have shape (B, L, H, Dh), got {tuple(value.shape)}")
+    return value
+
+
+def like(op: str, name: str, value: object, ref_name: str, ref: torch.Tensor,
+         shapes: list[tuple[int, ...]], optional: bool = False) -> None:
+    """``value`` must be a tensor with the dtype and device of ``ref`` (called ``ref_name``) and
+    one of ``shapes``; None passes when ``optional``."""
+    if value is None and optional:
+        return
+    value = tensor(op, name, value)
+    for prop, error in (("dtype", TypeError), ("device", ValueError)):
+        want, got = getattr(ref, prop), getattr(value, prop)
+        if got != want:
+            raise error(f"{op}: {name} must have {ref_name}'s {prop} {want}, got {got}")
+    if tuple(value.shape) not in shapes:
+        expected = " or ".join(str(s) for s in shapes)
+        raise ValueError(f"{op}: {name} must have shape {expected}, got {tuple(value.shape)}")
+
+
+def rotary_tables(op: str, cos: object, sin: object, q: torch.Tensor, k: torch.Tensor) -> None:
+    """cos, sin: both None, or constant (L, Dh) float tables (any float dtype) on q's device for
+    q (B, L, H, Dh) and k (B, L, H, Dh) of one length L and an even head dim Dh."""
+    if cos is None and sin is None:
+        return
+    for name, value, other in (("cos", cos, "sin"), ("sin", sin, "cos")):
+        if value is None:
+            raise ValueError(f"{op}: {name} is None but {other} is given; pass both or neither")
+        value = tensor(op, name, value)
+        if value.device != q.device:
+            raise ValueError(f"{op}: {name} must be on q's device {q.device}, got {value.device}")
+        if value.requires_grad:
+            raise ValueError(f"{op}: {name} must not require grad (rotary tables are constants)")
+    L, Dh = q.shape[1], q.shape[-1]
+    if k.shape[1] != L:
+        raise ValueError(f"{op}: cos and sin need q and k of one length (one table for both), "
+                         f"got Lq = {L} and Lk = {k.shape[1]}")
+    if Dh % 2:
+        raise ValueError(f"{op}: rotary embedding needs an even head dim, q has Dh = {Dh}")
+    for name, value in (("cos", cos), ("sin", sin)):
+        if tuple(value.shape) != (L, Dh):
+            raise ValueError(f"{op}: {name} must have shape (L, Dh) = {(L, Dh)}, "
+                             f"got {tuple(value.shape)}")
