@@ -1,16 +1,18 @@
-"""The build: the extension is loaded, and every CUDA source compiles with nvcc for sm_90a (compile
-only) whenever nvcc is on PATH, so CUDA code that does not compile fails CI without a GPU."""
+"""The build: the extension is loaded, every CUDA source compiles with nvcc for sm_90a (compile
+only) whenever nvcc is on PATH, and every Triton kernel compiles for sm_90 within Hopper's shared
+memory, so GPU code that does not compile fails CI without a GPU."""
 
 import json
 import os
 import shutil
 import subprocess
+import sys
 import sysconfig
 from pathlib import Path
 
 import pytest
 
-from fastgen_kernels import _extension
+from fastgen_kernels import _extension, backends
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = json.loads((ROOT / "csrc" / "build.json").read_text())
@@ -61,3 +63,13 @@ def test_cuda_glue_in_bindings_compiles(tmp_path):
                *[f"-I{ROOT / d}" for d in CONFIG["include_dirs"]], str(ROOT / "csrc" / "torch_bindings.cpp")]
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 0, f"{' '.join(command)}\n{result.stderr[-4000:]}"
+
+
+@pytest.mark.skipif(not backends.triton_installed(), reason="triton not installed")
+def test_triton_kernels_compile_for_hopper():
+    """tests/compile_triton_for_hopper.py in a process of its own: the interpreter (which this
+    test session uses) does not compile."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, str(ROOT / "tests" / "compile_triton_for_hopper.py")],
+                            capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]

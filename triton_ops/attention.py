@@ -27,6 +27,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from fastgen_kernels.backends import interpreting_triton
+
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 MAX_HEAD_DIM = 256
 
@@ -441,7 +443,7 @@ SHARED_MEMORY_BYTES = 227 * 1024
 
 
 @functools.cache
-def blocks(head_dim: int, itemsize: int, device_type: str, kernel: str
+def blocks(head_dim: int, itemsize: int, interpreting: bool, kernel: str
            ) -> tuple[int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages) of ``kernel`` ("forward", "jvp" or
     "backward") for ``itemsize``-byte operands.
@@ -452,7 +454,7 @@ def blocks(head_dim: int, itemsize: int, device_type: str, kernel: str
     stay within shared memory. The interpreter gets 16 x 16 tiles: it costs per tile element and
     small tiles still cross every boundary case."""
     block_d = max(16, triton.next_power_of_2(head_dim))
-    if device_type != "cuda":
+    if interpreting:
         return 16, 16, block_d, 1, 1
     wide = itemsize > 2 or block_d > 128
     warps = 4 if block_d <= 64 else 8
@@ -461,12 +463,14 @@ def blocks(head_dim: int, itemsize: int, device_type: str, kernel: str
     block_m = 64 if itemsize > 2 else 128
     block_n = 32 if wide else 64
     stages = 2 if kernel == "jvp" or wide else 3  # the JVP streams twice the operands per key
+    if kernel == "jvp" and itemsize > 2 and block_d > 128:
+        stages = 1  # four fp32 (32, 256) operand tiles per key block: no room to pipeline them
     return block_m, block_n, block_d, warps, stages
 
 
 def _config(q: Tensor, kernel: str) -> dict:
     block_m, block_n, block_d, warps, stages = blocks(q.shape[-1], q.element_size(),
-                                                      q.device.type, kernel)
+                                                      interpreting_triton(), kernel)
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, PRECISION=_precision(q.dtype),
                 num_warps=warps, num_stages=stages)
 

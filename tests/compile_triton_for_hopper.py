@@ -1,0 +1,109 @@
+"""Compiles every Triton kernel of the project for sm_90 (Hopper) on a machine without a GPU.
+
+The interpreter runs the kernels' logic on the CPU but not the GPU compiler: it accepts code the
+compiler rejects (a non-constexpr global, an unsupported layout) and says nothing about shared
+memory. This script records the launches the op launchers make on small CPU tensors (the launch
+itself is replaced by the recording), turns each into a signature, compiles it with Triton's
+compiler and ptxas for sm_90, and fails when a kernel does not compile or needs more shared
+memory than a Hopper block gets. Run without TRITON_INTERPRET (tests/test_build.py does):
+
+    python tests/compile_triton_for_hopper.py
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.runtime.jit import JITFunction
+
+import fastgen_kernels as fk
+from fastgen_kernels.triton_ops import attention as triton_attention
+
+HOPPER = GPUTarget("cuda", 90, 32)
+TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int32: "i32",
+         torch.int64: "i64"}
+launches: list[tuple[JITFunction, dict, dict]] = []
+
+
+def record(self, *args, grid, warmup, **kwargs):
+    """Stands in for JITFunction.run: remembers the kernel and its arguments, launches nothing."""
+    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
+    bound = dict(zip(self.arg_names, args)) | kwargs
+    launches.append((self, bound, options))
+
+
+def signature(kernel: JITFunction, bound: dict) -> tuple[dict, dict]:
+    sig, constexprs = {}, {}
+    for param in kernel.params:
+        value = bound[param.name]
+        if param.is_constexpr or value is None:
+            sig[param.name] = "constexpr"
+            constexprs[param.name] = value
+        elif isinstance(value, torch.Tensor):
+            sig[param.name] = "*" + TYPES[value.dtype]
+        elif isinstance(value, bool):
+            sig[param.name] = "i1"
+        elif isinstance(value, int):
+            sig[param.name] = "i32" if abs(value) < 2**31 else "i64"
+        else:
+            sig[param.name] = "fp32"
+    return sig, constexprs
+
+
+def record_all_launches() -> None:
+    """Calls every Triton launcher: each op's forward and backward on its example arguments in
+    fp32 and bf16, and attention's JVP kernels at DiT's and the widest head dims, causal or not."""
+    for module in fk.ops.OP_MODULES.values():
+        for dtype in (torch.float32, torch.bfloat16):
+            args = module.example_args(torch.device("cpu"), dtype)
+            module.forward_dispatcher.impls["triton"](*args)
+            module.backward_dispatcher.impls["triton"](*module.example_backward_args(*args))
+    for head_dim in (72, 256):
+        q = torch.randn(1, 16, 2, head_dim, dtype=torch.bfloat16)
+        o, lse = torch.empty_like(q), torch.empty(1, 2, 16)
+        for chunk in (0, 1):
+            triton_attention.forward(q, q, q, 0.1, chunk)
+            triton_attention.backward(q, q, q, q, o, lse, 0.1, chunk)
+            triton_attention.jvp(q, q, q, q, q, q, 0.1, chunk)
+            triton_attention.jvp(q, q, q, q, None, q, 0.1, chunk, saved=(o, lse))
+
+
+def main() -> int:
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        sys.exit("run without TRITON_INTERPRET: the interpreter does not compile")
+    JITFunction.run = record
+    record_all_launches()
+    failures, seen = [], set()
+    for kernel, bound, options in launches:
+        sig, constexprs = signature(kernel, bound)
+        key = (kernel.__name__, kernel.fn.__module__, tuple(sig.items()),
+               tuple(sorted(map(str, constexprs.items()))), tuple(options.items()))
+        if key in seen:
+            continue
+        seen.add(key)
+        operand = next(t for t in sig.values() if t.startswith("*"))[1:]
+        name = f"{kernel.fn.__module__.split('.')[-1]}.{kernel.__name__} {operand} {constexprs}"
+        try:
+            compiled = triton.compile(ASTSource(kernel, sig, constexprs), target=HOPPER,
+                                      options=options)
+        except Exception as error:  # noqa: BLE001 - report every kernel, then fail
+            failures.append(f"{name}: {str(error).splitlines()[-1] if str(error) else error!r}")
+            continue
+        shared = compiled.metadata.shared
+        status = "ok" if shared <= triton_attention.SHARED_MEMORY_BYTES else "TOO MUCH SHARED MEMORY"
+        print(f"{status}: {name} shared={shared}")
+        if status != "ok":
+            failures.append(f"{name}: {shared} bytes of shared memory")
+    print(f"{len(seen)} kernel variants compiled for sm_90, {len(failures)} failed")
+    for failure in failures:
+        print("FAILED:", failure)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
