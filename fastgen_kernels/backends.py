@@ -136,9 +136,10 @@ class OpDispatcher:
         self._logged: set[tuple[str, str]] = set()
 
     def reason(self, backend: str, args: tuple, automatic: bool) -> tuple[str | None, bool]:
-        """(why ``backend`` cannot run ``args`` or None, whether that is just another device)."""
+        """(why ``backend`` cannot run ``args`` or None, whether that is by design: another
+        device, or no implementation at all; automatic choice logs only the other skips)."""
         if backend not in self.impls:
-            return f"{self.name} has no {backend} implementation", False
+            return f"{self.name} has no {backend} implementation", True
         why = _wrong_device(backend, self.device_of(*args), automatic)
         if why:
             return why, True
@@ -160,12 +161,12 @@ class OpDispatcher:
             return forced
         skipped: dict[str, list[str]] = {}  # reason -> backends skipped for it
         for backend in BACKENDS:
-            why, other_device = self.reason(backend, args, automatic=True)
+            why, by_design = self.reason(backend, args, automatic=True)
             if why is None:
                 if skipped:
                     self._log_fallback(backend, skipped)
                 return backend
-            if not other_device:
+            if not by_design:
                 skipped.setdefault(why, []).append(backend)
         raise AssertionError("the reference backend always runs")  # pragma: no cover
 

@@ -6,6 +6,7 @@ torch.compile, and bad input."""
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import NamedTuple
 
@@ -336,3 +337,12 @@ def test_forced_triton_on_unsupported_input_says_why():
     q = torch.randn(1, 4, 1, 8, dtype=torch.float64)
     with fk.use_backend("triton"), pytest.raises(RuntimeError, match="float64 input"):
         fk.attention(q, q, q)
+
+
+@pytest.mark.skipif(not fk._extension.cpu_built(), reason="extension not built")
+def test_automatic_choice_on_cpu_is_silent(caplog):
+    """No CUDA kernel exists for attention by design: choosing cpu is not a fallback to log."""
+    q = torch.randn(1, 4, 1, 8)
+    with caplog.at_level(logging.WARNING, logger="fastgen_kernels"):
+        assert att.forward_dispatcher.select(q, q, q, 0.3, 0) == "cpu"
+    assert not caplog.records
