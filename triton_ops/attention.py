@@ -65,6 +65,19 @@ def _allowed(positions, keys, Lk, chunk, CAUSAL: tl.constexpr):
 
 
 @triton.jit
+def _query_block(Lq, Lk, chunk, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr):
+    """This program's (batch * head, query rows, their positions, full_end, end): keys
+    [0, full_end) are seen by every row of the block, [full_end, end) need the mask."""
+    start_m = tl.program_id(0) * BLOCK_M
+    rows = start_m + tl.arange(0, BLOCK_M)
+    offset = Lk - Lq
+    end = _key_end(start_m + BLOCK_M - 1 + offset, Lk, chunk, CAUSAL)
+    full_end = (_key_end(start_m + offset, Lk, chunk, CAUSAL) // BLOCK_N) * BLOCK_N
+    return tl.program_id(1), rows, rows + offset, full_end, end
+
+
+@triton.jit
 def _head_offset(bh, H, stride_b, stride_h):
     """Offset of head bh % H of batch bh // H, in int64 (a whole tensor may exceed 2^31)."""
     bh = bh.to(tl.int64)
@@ -132,12 +145,8 @@ def _forward_kernel(
     CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
-    rows = start_m + tl.arange(0, BLOCK_M)
+    bh, rows, positions, full_end, end = _query_block(Lq, Lk, chunk, CAUSAL, BLOCK_M, BLOCK_N)
     cols = tl.arange(0, BLOCK_D)
-    offset = Lk - Lq
-    positions = rows + offset
     q = _load_rows(Q + _head_offset(bh, H, stride_qb, stride_qh), rows, Lq, stride_ql, cols,
                    head_dim)
     k_base = K + _head_offset(bh, H, stride_kb, stride_kh)
@@ -145,9 +154,6 @@ def _forward_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    # keys [0, full_end) are seen by every query of the block; [full_end, end) need the mask
-    end = _key_end(start_m + BLOCK_M - 1 + offset, Lk, chunk, CAUSAL)
-    full_end = (_key_end(start_m + offset, Lk, chunk, CAUSAL) // BLOCK_N) * BLOCK_N
     for start_n in range(0, full_end, BLOCK_N):
         acc, l_i, m_i = _forward_block(
             acc, l_i, m_i, q, k_base, v_base, start_n, positions, Lk, stride_kl, stride_vl, cols,
@@ -236,12 +242,8 @@ def _jvp_kernel(
     HAS_TV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
-    rows = start_m + tl.arange(0, BLOCK_M)
+    bh, rows, positions, full_end, end = _query_block(Lq, Lk, chunk, CAUSAL, BLOCK_M, BLOCK_N)
     cols = tl.arange(0, BLOCK_D)
-    offset = Lk - Lq
-    positions = rows + offset
     q = _load_rows(Q + _head_offset(bh, H, stride_qb, stride_qh), rows, Lq, stride_ql, cols,
                    head_dim)
     tq = q  # placeholder of the right type when HAS_TQ is off; never read then
@@ -260,8 +262,6 @@ def _jvp_kernel(
     r_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc_o = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     acc_t = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    end = _key_end(start_m + BLOCK_M - 1 + offset, Lk, chunk, CAUSAL)
-    full_end = (_key_end(start_m + offset, Lk, chunk, CAUSAL) // BLOCK_N) * BLOCK_N
     for start_n in range(0, full_end, BLOCK_N):
         acc_o, acc_t, r_i, l_i, m_i = _jvp_block(
             acc_o, acc_t, r_i, l_i, m_i, q, tq, k_base, v_base, tk_base, tv_base, start_n,
@@ -321,12 +321,8 @@ def _backward_dq_kernel(
     CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
-    rows = start_m + tl.arange(0, BLOCK_M)
+    bh, rows, positions, full_end, end = _query_block(Lq, Lk, chunk, CAUSAL, BLOCK_M, BLOCK_N)
     cols = tl.arange(0, BLOCK_D)
-    offset = Lk - Lq
-    positions = rows + offset
     out_offset = _head_offset(bh, H, stride_ob, stride_oh)
     q = _load_rows(Q + _head_offset(bh, H, stride_qb, stride_qh), rows, Lq, stride_ql, cols,
                    head_dim)
@@ -338,8 +334,6 @@ def _backward_dq_kernel(
     k_base = K + _head_offset(bh, H, stride_kb, stride_kh)
     v_base = V + _head_offset(bh, H, stride_vb, stride_vh)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    end = _key_end(start_m + BLOCK_M - 1 + offset, Lk, chunk, CAUSAL)
-    full_end = (_key_end(start_m + offset, Lk, chunk, CAUSAL) // BLOCK_N) * BLOCK_N
     for start_n in range(0, full_end, BLOCK_N):
         dq = _dq_block(dq, q, do, lse2, delta, k_base, v_base, start_n, positions, Lk, stride_kl,
                        stride_vl, cols, head_dim, qk_scale, chunk, False, CAUSAL, BLOCK_N,
