@@ -442,24 +442,29 @@ def blocks(head_dim: int, itemsize: int, interpreting: bool, kernel: str
     """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages) of ``kernel`` ("forward", "jvp" or
     "backward") for ``itemsize``-byte operands.
 
-    bf16/fp16: 128 x 64 tiles keep the tensor cores fed at head dims up to 128
-    (FlashAttention-2's choice); the backward, with two (BLOCK, Dh) fp32 accumulators per program,
-    takes 64 x 64. fp32 operands and 256-wide heads halve the tiles so the pipelined operands
-    stay within shared memory. The interpreter gets 16 x 16 tiles: it costs per tile element and
-    small tiles still cross every boundary case."""
+    Chosen without a GPU from what the sm_90 compiler reports (cuobjdump --dump-resource-usage
+    of the kernels as tests/compile_triton_for_hopper.py builds them): the largest tiles that
+    compile without register spills, within shared memory. bf16/fp16 at head dims <= 128: the
+    forward takes FlashAttention-2's 128 x 64 (128 x 32 at Dh <= 64); the backward 64 x 32; the
+    JVP, which holds two (BLOCK_M, Dh) fp32 accumulators and q and tq, 128 x 32 (it still spills
+    a little: ~140 bytes a thread with the saved log-sum-exp, ~320 online). fp32 operands and
+    256-wide heads take smaller tiles. To be tuned on hardware. The interpreter gets 16 x 16
+    tiles: it costs per tile element and small tiles still cross every boundary case."""
     block_d = max(16, triton.next_power_of_2(head_dim))
     if interpreting:
         return 16, 16, block_d, 1, 1
-    wide = itemsize > 2 or block_d > 128
     warps = 4 if block_d <= 64 else 8
-    if kernel == "backward":
-        return (32, 32, block_d, 4, 2) if wide else (64, 64, block_d, warps, 2)
-    block_m = 64 if itemsize > 2 else 128
-    block_n = 32 if wide else 64
-    stages = 2 if kernel == "jvp" or wide else 3  # the JVP streams twice the operands per key
-    if kernel == "jvp" and itemsize > 2 and block_d > 128:
-        stages = 1  # four fp32 (32, 256) operand tiles per key block: no room to pipeline them
-    return block_m, block_n, block_d, warps, stages
+    if itemsize > 2:
+        if kernel == "backward":
+            return 32, 32, block_d, 4, 2
+        # four fp32 (32, 256) operand tiles per key block leave no room to pipeline the JVP
+        return 64, 32, block_d, warps, 1 if kernel == "jvp" and block_d > 128 else 2
+    if block_d > 128:
+        return {"forward": (64, 32, block_d, 8, 2), "jvp": (64, 16, block_d, 8, 2),
+                "backward": (32, 32, block_d, 4, 2)}[kernel]
+    return {"forward": (128, 64 if block_d > 64 else 32, block_d, warps, 3),
+            "jvp": (128, 32, block_d, 8, 2),
+            "backward": (64, 32, block_d, warps, 2)}[kernel]
 
 
 def _config(q: Tensor, kernel: str) -> dict:
