@@ -337,6 +337,17 @@ def test_forced_triton_on_unsupported_input_says_why():
     q = torch.randn(1, 4, 1, 8, dtype=torch.float64)
     with fk.use_backend("triton"), pytest.raises(RuntimeError, match="float64 input"):
         fk.attention(q, q, q)
+    wide = torch.randn(1, 4, 1, 264)
+    with fk.use_backend("triton"), pytest.raises(RuntimeError, match="head dim 264 exceeds"):
+        fk.attention(wide, wide, wide)
+
+
+def test_triton_declines_batch_entries_beyond_32_bit_offsets():
+    q = torch.empty(1, 8, 2, 64, device="meta")
+    long_k = torch.empty(1, 2**24, 2, 64, device="meta")  # 2^31 elements in one batch entry
+    reason = att.forward_dispatcher.supports["triton"](q, long_k, long_k, 0.1, 0)
+    assert "2^31" in reason
+    assert att.backward_dispatcher.supports["triton"](q, q, long_k, long_k, q, None, 0.1, 0)
 
 
 @pytest.mark.skipif(not fk._extension.cpu_built(), reason="extension not built")

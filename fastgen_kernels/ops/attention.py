@@ -236,6 +236,9 @@ def _triton_support(q: Tensor, *args: object) -> str | None:
         return f"{q.dtype} input (kernels read float16, bfloat16 and float32)"
     if q.shape[-1] > 256:
         return f"head dim {q.shape[-1]} exceeds the kernels' limit of 256"
+    # offsets within one batch entry are 32-bit in the kernels (64-bit ones cost registers)
+    if any(t.shape[1] * t.stride(1) >= 2**31 for t in args[:2] + (q,) if isinstance(t, Tensor)):
+        return "a batch entry of more than 2^31 elements (the kernels' offsets are 32-bit)"
     return _checks.nonempty(q)
 
 
@@ -255,7 +258,8 @@ forward_dispatcher = OpDispatcher(
 backward_dispatcher = OpDispatcher(
     "fastgen.attention_backward",
     {"triton": _triton_backward, "cpu": _cpu_backward, "reference": reference_backward},
-    {name: (lambda grad_out, q, *rest, check=check: check(q)) for name, check in _SUPPORTS.items()},
+    {name: (lambda grad_out, q, *rest, check=check: check(q, *rest))
+     for name, check in _SUPPORTS.items()},
     device_of=_of_grad)
 jvp_dispatcher = OpDispatcher(
     "fastgen.attention_jvp",
