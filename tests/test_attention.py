@@ -357,3 +357,22 @@ def test_automatic_choice_on_cpu_is_silent(caplog):
     with caplog.at_level(logging.WARNING, logger="fastgen_kernels"):
         assert att.forward_dispatcher.select(q, q, q, 0.3, 0) == "cpu"
     assert not caplog.records
+
+
+@pytest.mark.skipif(not fk._extension.cpu_built(), reason="extension not built")
+def test_cpu_jvp_in_query_blocks_matches_one_block(monkeypatch, generator):
+    """The CPU JVP works through the queries in blocks: blocks of 5 queries (uneven last one,
+    block-causal masks crossing them) give the one-block reference's tangent."""
+    case = Case(2, 23, 31, 2, 16, 4)
+    q, k, v, tq, tk, tv = make_inputs(case, torch.float64, generator)
+    with fk.use_backend("reference"):
+        expected = fk.attention_jvp(q, k, v, tq, tk, tv, **case.kwargs())
+    row_bytes = case.B * case.H * case.Lk * 8
+    monkeypatch.setattr(att, "CPU_JVP_BLOCK_BYTES", 5 * row_bytes)
+    with fk.use_backend("cpu"):
+        actual = fk.attention_jvp(q, k, v, tq, tk, tv, **case.kwargs())
+        _, via_func = torch.func.jvp(lambda *a: fk.attention(*a, **case.kwargs()), (q, k, v),
+                                     (tq, tk, tv))
+    for a, e in zip(actual, expected):
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(via_func, expected[1], rtol=1e-12, atol=1e-12)

@@ -47,8 +47,10 @@ from torch import Tensor
 from fastgen_kernels.backends import OpDispatcher
 from fastgen_kernels.ops import _checks
 
-# Queries per block of the CPU JVP: keeps its (B, H, block, Lk) temporaries at a few tens of MB.
-CPU_JVP_QUERY_BLOCK = 128
+# Size of one (B, H, queries, Lk) score-sized temporary of the CPU JVP, which works through the
+# queries in blocks: memory linear in L, and blocks that stay in cache (4 MB measured fastest
+# on the development machine, 2.3x faster than 32 MB at L = 1024).
+CPU_JVP_BLOCK_BYTES = 4 * 2**20
 
 # --------------------------------------------------------------------------- reference
 
@@ -196,7 +198,10 @@ def _cpu_backward(grad_out, q, k, v, o, lse, scale: float, causal_chunk: int):
 
 
 def _cpu_tangent(q, k, v, o, lse, tq, tk, tv, scale: float, causal_chunk: int) -> Tensor:
-    to = _tangent(q, k, v, o, lse, tq, tk, tv, scale, causal_chunk, CPU_JVP_QUERY_BLOCK)
+    B, _, H, _ = q.shape
+    row_bytes = B * H * k.shape[1] * torch.promote_types(q.dtype, torch.float32).itemsize
+    query_block = max(1, CPU_JVP_BLOCK_BYTES // row_bytes)
+    to = _tangent(q, k, v, o, lse, tq, tk, tv, scale, causal_chunk, query_block)
     return _tokens_first(to, q.dtype)
 
 
