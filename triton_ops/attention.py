@@ -30,7 +30,6 @@ from torch import Tensor
 from fastgen_kernels.backends import interpreting_triton
 
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
-MAX_HEAD_DIM = 256
 
 
 # --------------------------------------------------------------------------- helpers

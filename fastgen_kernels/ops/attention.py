@@ -47,6 +47,10 @@ from torch import Tensor
 from fastgen_kernels.backends import OpDispatcher
 from fastgen_kernels.ops import _checks
 
+# Widest head the Triton kernels take: q, tq and two fp32 accumulators of that width per query
+# row must fit in registers and shared memory (triton_ops/attention.py `blocks`).
+MAX_TRITON_HEAD_DIM = 256
+
 # Size of one (B, H, queries, Lk) score-sized temporary of the CPU JVP, which works through the
 # queries in blocks: memory linear in L, and blocks that stay in cache (4 MB measured fastest
 # on the development machine, 2.3x faster than 32 MB at L = 1024).
@@ -239,8 +243,8 @@ def _triton_support(q: Tensor, *args: object) -> str | None:
     """Why the Triton kernels cannot take these arguments, or None."""
     if q.dtype not in _checks.KERNEL_DTYPES:
         return f"{q.dtype} input (kernels read float16, bfloat16 and float32)"
-    if q.shape[-1] > 256:
-        return f"head dim {q.shape[-1]} exceeds the kernels' limit of 256"
+    if q.shape[-1] > MAX_TRITON_HEAD_DIM:
+        return f"head dim {q.shape[-1]} exceeds the kernels' limit of {MAX_TRITON_HEAD_DIM}"
     # offsets within one batch entry are 32-bit in the kernels (64-bit ones cost registers)
     if any(t.shape[1] * t.stride(1) >= 2**31 for t in args[:2] + (q,) if isinstance(t, Tensor)):
         return "a batch entry of more than 2^31 elements (the kernels' offsets are 32-bit)"
