@@ -34,6 +34,12 @@ inline void chunk_rows(int64_t chunk, int64_t tokens, RowChunks chunks, int64_t&
 // Rows per at::parallel_for task: about 64 K elements, so the per-task overhead stays small.
 inline int64_t row_grain(int64_t dim) { return std::max<int64_t>(1, (int64_t{1} << 16) / dim); }
 
+// Backward chunks per at::parallel_for task: about row_grain(dim) rows, so a small input runs on
+// the calling thread instead of paying a task per chunk.
+inline int64_t chunk_grain(int64_t dim, int64_t rows_per_chunk) {
+  return std::max<int64_t>(1, row_grain(dim) / rows_per_chunk);
+}
+
 }  // namespace cpu
 }  // namespace fastgen
 

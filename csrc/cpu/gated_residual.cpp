@@ -42,7 +42,7 @@ void backward_impl(const at::Tensor& grad_out, const at::Tensor& y, const at::Te
   T* dyp = dy.mutable_data_ptr<T>();
   T* dgp = per_token ? dgate.mutable_data_ptr<T>() : nullptr;
   A* partp = per_token ? nullptr : partials.mutable_data_ptr<A>();
-  at::parallel_for(0, num_chunks, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, num_chunks, chunk_grain(dim, chunks.rows_per_chunk), [&](int64_t begin, int64_t end) {
     for (int64_t chunk = begin; chunk < end; ++chunk) {
       A* part = partp ? partp + chunk * dim : nullptr;
       if (part) std::fill(part, part + dim, A(0));

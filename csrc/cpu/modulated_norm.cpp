@@ -91,7 +91,7 @@ void backward_impl(const at::Tensor& grad_out, const at::Tensor& x, bool shift_p
   T* dshiftp = shift_per_token ? dshift.mutable_data_ptr<T>() : nullptr;
   T* dscalep = scale_per_token ? dscale.mutable_data_ptr<T>() : nullptr;
   A* partp = partials.mutable_data_ptr<A>();
-  at::parallel_for(0, num_chunks, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, num_chunks, chunk_grain(dim, chunks.rows_per_chunk), [&](int64_t begin, int64_t end) {
     std::vector<A> xhat(dim), gx(dim);
     for (int64_t chunk = begin; chunk < end; ++chunk) {
       // This chunk's partial sums; null where that gradient is not reduced over rows.

@@ -105,9 +105,7 @@ void backward_impl(const at::Tensor& grad_out, const at::Tensor& x, const T* w,
   const A* rstdp = rstd.const_data_ptr<A>();
   T* dxp = dx.mutable_data_ptr<T>();
   A* partp = HAS_W ? partials.mutable_data_ptr<A>() : nullptr;
-  // Tasks of about row_grain(dim) rows, as in the forward: a small input runs on this thread.
-  const int64_t grain = std::max<int64_t>(1, row_grain(dim) / chunks.rows_per_chunk);
-  at::parallel_for(0, chunks.chunks_per_batch, grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, chunks.chunks_per_batch, chunk_grain(dim, chunks.rows_per_chunk), [&](int64_t begin, int64_t end) {
     std::vector<A> xhat(dim), dn(dim);
     for (int64_t chunk = begin; chunk < end; ++chunk) {
       A* pw = HAS_W ? partp + chunk * dim : nullptr;
