@@ -8,7 +8,6 @@ import test_gated_residual as gr
 import test_modulated_norm as mn
 import test_qk_norm_rope as qk
 from conftest import HAS_CUDA
-from tolerances import assert_close
 
 import fastgen_kernels as fk
 from fastgen_kernels import _extension
