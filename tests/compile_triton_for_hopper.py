@@ -57,13 +57,14 @@ def signature(kernel: JITFunction, bound: dict) -> tuple[dict, dict]:
 
 def record_all_launches() -> None:
     """Calls every Triton launcher: each op's forward and backward on its example arguments in
-    fp32 and bf16, and attention's JVP kernels at DiT's and the widest head dims, causal or not."""
+    fp32 and bf16, and attention at split head dims (72 = 64 + 16, 96 = 64 + 32) and the widest one,
+    causal or not, JVP included."""
     for module in fk.ops.OP_MODULES.values():
         for dtype in (torch.float32, torch.bfloat16):
             args = module.example_args(torch.device("cpu"), dtype)
             module.forward_dispatcher.impls["triton"](*args)
             module.backward_dispatcher.impls["triton"](*module.example_backward_args(*args))
-    for head_dim in (72, 256):
+    for head_dim in (72, 96, 256):
         q = torch.randn(1, 16, 2, head_dim, dtype=torch.bfloat16)
         o, lse = torch.empty_like(q), torch.empty(1, 2, 16)
         for chunk in (0, 1):

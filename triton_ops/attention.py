@@ -15,7 +15,9 @@ diagonal and the last, partial block pay for one (`_allowed`). Queries whose pos
 see no key: their output and tangent are 0 and their log-sum-exp is -inf.
 
 Tensors are (B, L, H, Dh) with any strides but a unit last one; outputs are contiguous. Head dims
-that are not powers of two (DiT's 72) are padded to BLOCK_D with masked loads.
+that are not powers of two are covered by power-of-two column parts with masked loads: padded to
+the next power of two, or split into a main part and a narrow tail (`head_dim_split`: DiT's 72 is
+64 + 16, not 128), each head-dim tile then held as two (`_load_pair`, `_dot_over_d`, ...).
 """
 
 from __future__ import annotations
@@ -104,20 +106,80 @@ def _store_rows(base, rows, n_rows, stride_l, cols, head_dim, value):
              mask=mask)
 
 
+@triton.jit
+def _load_pair(base, rows, n_rows, stride_l, cols, cols_hi, head_dim, SPLIT: tl.constexpr,
+               TRANSPOSED: tl.constexpr):
+    """A head-dim tile of rows as its (main, tail) column parts (see `head_dim_split`); without
+    SPLIT the tail is the main part again, never read."""
+    if TRANSPOSED:
+        main = _load_rows_t(base, rows, n_rows, stride_l, cols, head_dim)
+        tail = main
+        if SPLIT:
+            tail = _load_rows_t(base, rows, n_rows, stride_l, cols_hi, head_dim)
+    else:
+        main = _load_rows(base, rows, n_rows, stride_l, cols, head_dim)
+        tail = main
+        if SPLIT:
+            tail = _load_rows(base, rows, n_rows, stride_l, cols_hi, head_dim)
+    return main, tail
+
+
+@triton.jit
+def _store_pair(base, rows, n_rows, stride_l, cols, cols_hi, head_dim, main, tail,
+                SPLIT: tl.constexpr):
+    _store_rows(base, rows, n_rows, stride_l, cols, head_dim, main)
+    if SPLIT:
+        _store_rows(base, rows, n_rows, stride_l, cols_hi, head_dim, tail)
+
+
+@triton.jit
+def _dot_over_d(a, a_hi, b, b_hi, SPLIT: tl.constexpr, PRECISION: tl.constexpr):
+    """a @ b contracted over the head dim, part by part: (R, Dh) x (Dh, C) -> (R, C) fp32."""
+    out = tl.dot(a, b, input_precision=PRECISION)
+    if SPLIT:
+        out = tl.dot(a_hi, b_hi, out, input_precision=PRECISION)
+    return out
+
+
+@triton.jit
+def _dot_into_d(p, b, b_hi, acc, acc_hi, SPLIT: tl.constexpr, PRECISION: tl.constexpr):
+    """(acc, acc_hi) += p @ (b, b_hi): a product whose output runs over the head dim."""
+    acc = tl.dot(p.to(b.dtype), b, acc, input_precision=PRECISION)
+    if SPLIT:
+        acc_hi = tl.dot(p.to(b_hi.dtype), b_hi, acc_hi, input_precision=PRECISION)
+    return acc, acc_hi
+
+
+@triton.jit
+def _rescale(acc, acc_hi, alpha, SPLIT: tl.constexpr):
+    """Both parts of a (rows, head dim) accumulator times a per-row factor."""
+    acc = acc * alpha[:, None]
+    if SPLIT:
+        acc_hi = acc_hi * alpha[:, None]
+    return acc, acc_hi
+
+
+@triton.jit
+def _head_columns(BLOCK_D: tl.constexpr, BLOCK_HI: tl.constexpr):
+    """Column indices of the main part and of the tail part of the head dim."""
+    return tl.arange(0, BLOCK_D), BLOCK_D + tl.arange(0, BLOCK_HI)
+
+
 # --------------------------------------------------------------------------- forward
 
 
 @triton.jit
 def _forward_block(
-    acc, l_i, m_i, q, k_base, v_base, start_n, positions, Lk, stride_kl, stride_vl, cols,
-    head_dim, qk_scale, chunk,
-    MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    acc, acc_hi, l_i, m_i, q, q_hi, k_base, v_base, start_n, positions, Lk, stride_kl, stride_vl,
+    cols, cols_hi, head_dim, qk_scale, chunk,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """One key block of the online softmax: rescale the running sums to the new row maximum and
     add this block's exp2(s2 - max) and exp2(s2 - max) @ v."""
     keys = start_n + tl.arange(0, BLOCK_N)
-    k_t = _load_rows_t(k_base, keys, Lk, stride_kl, cols, head_dim)
-    s = tl.dot(q, k_t, input_precision=PRECISION) * qk_scale
+    k_t, k_t_hi = _load_pair(k_base, keys, Lk, stride_kl, cols, cols_hi, head_dim, SPLIT, True)
+    s = _dot_over_d(q, q_hi, k_t, k_t_hi, SPLIT, PRECISION) * qk_scale
     if MASKED:
         s = tl.where(_allowed(positions, keys, Lk, chunk, CAUSAL), s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -126,9 +188,10 @@ def _forward_block(
     alpha = tl.math.exp2(m_i - m_new)
     p = tl.math.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = _load_rows(v_base, keys, Lk, stride_vl, cols, head_dim)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-    return acc, l_i, m_new
+    v, v_hi = _load_pair(v_base, keys, Lk, stride_vl, cols, cols_hi, head_dim, SPLIT, False)
+    acc, acc_hi = _rescale(acc, acc_hi, alpha, SPLIT)
+    acc, acc_hi = _dot_into_d(p, v, v_hi, acc, acc_hi, SPLIT, PRECISION)
+    return acc, acc_hi, l_i, m_new
 
 
 @triton.jit
@@ -142,29 +205,32 @@ def _forward_kernel(
     qk_scale,  # scale * log2(e)
     chunk,  # causal chunk size (1: token-causal); unused when not CAUSAL
     CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_HI: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr,
 ):
     bh, rows, positions, full_end, end = _query_block(Lq, Lk, chunk, CAUSAL, BLOCK_M, BLOCK_N)
-    cols = tl.arange(0, BLOCK_D)
-    q = _load_rows(Q + _head_offset(bh, H, stride_qb, stride_qh), rows, Lq, stride_ql, cols,
-                   head_dim)
+    cols, cols_hi = _head_columns(BLOCK_D, BLOCK_HI)
+    q, q_hi = _load_pair(Q + _head_offset(bh, H, stride_qb, stride_qh), rows, Lq, stride_ql, cols,
+                         cols_hi, head_dim, SPLIT, False)
     k_base = K + _head_offset(bh, H, stride_kb, stride_kh)
     v_base = V + _head_offset(bh, H, stride_vb, stride_vh)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    acc_hi = tl.zeros([BLOCK_M, BLOCK_HI], dtype=tl.float32)
     for start_n in range(0, full_end, BLOCK_N):
-        acc, l_i, m_i = _forward_block(
-            acc, l_i, m_i, q, k_base, v_base, start_n, positions, Lk, stride_kl, stride_vl, cols,
-            head_dim, qk_scale, chunk, False, CAUSAL, BLOCK_N, PRECISION)
+        acc, acc_hi, l_i, m_i = _forward_block(
+            acc, acc_hi, l_i, m_i, q, q_hi, k_base, v_base, start_n, positions, Lk, stride_kl,
+            stride_vl, cols, cols_hi, head_dim, qk_scale, chunk, False, CAUSAL, SPLIT, BLOCK_N,
+            PRECISION)
     for start_n in range(full_end, end, BLOCK_N):
-        acc, l_i, m_i = _forward_block(
-            acc, l_i, m_i, q, k_base, v_base, start_n, positions, Lk, stride_kl, stride_vl, cols,
-            head_dim, qk_scale, chunk, True, CAUSAL, BLOCK_N, PRECISION)
+        acc, acc_hi, l_i, m_i = _forward_block(
+            acc, acc_hi, l_i, m_i, q, q_hi, k_base, v_base, start_n, positions, Lk, stride_kl,
+            stride_vl, cols, cols_hi, head_dim, qk_scale, chunk, True, CAUSAL, SPLIT, BLOCK_N,
+            PRECISION)
     seen = l_i > 0  # False only for queries that see no key
-    o = acc / tl.where(seen, l_i, 1.0)[:, None]
-    _store_rows(O + _head_offset(bh, H, stride_ob, stride_oh), rows, Lq, stride_ol, cols,
-                head_dim, o)
+    inv_l = 1.0 / tl.where(seen, l_i, 1.0)
+    _store_pair(O + _head_offset(bh, H, stride_ob, stride_oh), rows, Lq, stride_ol, cols, cols_hi,
+                head_dim, acc * inv_l[:, None], acc_hi * inv_l[:, None], SPLIT)
     lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) / LOG2E, float("-inf"))
     tl.store(LSE + bh.to(tl.int64) * Lq + rows, lse, mask=rows < Lq)
 
@@ -174,26 +240,25 @@ def _forward_kernel(
 
 @triton.jit
 def _jvp_block(
-    acc_o, acc_t, r_i, l_i, m_i, q, tq, k_base, v_base, tk_base, tv_base, start_n, positions,
-    lse2, Lk, stride_kl, stride_vl, stride_tkl, stride_tvl, cols, head_dim, qk_scale, scale,
-    chunk,
+    acc_o, acc_o_hi, acc_t, acc_t_hi, r_i, l_i, m_i, q, q_hi, tq, tq_hi, k_base, v_base, tk_base,
+    tv_base, start_n, positions, lse2, Lk, stride_kl, stride_vl, stride_tkl, stride_tvl, cols,
+    cols_hi, head_dim, qk_scale, scale, chunk,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, SAVED: tl.constexpr, HAS_TQ: tl.constexpr,
-    HAS_TK: tl.constexpr, HAS_TV: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_TK: tl.constexpr, HAS_TV: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """One key block of the JVP. With p the (unnormalized) probabilities and
     dS = (tq k^T + q tk^T) * scale, adds p @ tv + (p * dS) @ v to acc_t, rowsum(p * dS) to r_i and,
     unless SAVED, p @ v to acc_o, all rescaled online as in the forward. SAVED: the forward's
     log-sum-exp is known, p is already normalized and nothing needs rescaling."""
     keys = start_n + tl.arange(0, BLOCK_N)
-    k_t = _load_rows_t(k_base, keys, Lk, stride_kl, cols, head_dim)
-    v = _load_rows(v_base, keys, Lk, stride_vl, cols, head_dim)
-    s = tl.dot(q, k_t, input_precision=PRECISION) * qk_scale
+    k_t, k_t_hi = _load_pair(k_base, keys, Lk, stride_kl, cols, cols_hi, head_dim, SPLIT, True)
+    v, v_hi = _load_pair(v_base, keys, Lk, stride_vl, cols, cols_hi, head_dim, SPLIT, False)
+    s = _dot_over_d(q, q_hi, k_t, k_t_hi, SPLIT, PRECISION) * qk_scale
     if SAVED:
         p = tl.math.exp2(s - lse2[:, None])
         if MASKED:  # after the exp: a row that sees no key has lse = -inf and p = inf here
             p = tl.where(_allowed(positions, keys, Lk, chunk, CAUSAL), p, 0.0)
-        alpha = 1.0
-        m_new = m_i
     else:
         if MASKED:
             s = tl.where(_allowed(positions, keys, Lk, chunk, CAUSAL), s, float("-inf"))
@@ -203,23 +268,27 @@ def _jvp_block(
         alpha = tl.math.exp2(m_i - m_new)
         p = tl.math.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc_o = acc_o * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-    if not SAVED:
-        acc_t = acc_t * alpha[:, None]
+        m_i = m_new
+        acc_o, acc_o_hi = _rescale(acc_o, acc_o_hi, alpha, SPLIT)
+        acc_o, acc_o_hi = _dot_into_d(p, v, v_hi, acc_o, acc_o_hi, SPLIT, PRECISION)
+        acc_t, acc_t_hi = _rescale(acc_t, acc_t_hi, alpha, SPLIT)
+        r_i = r_i * alpha
     if HAS_TQ or HAS_TK:
         ds = tl.zeros_like(s)
         if HAS_TQ:
-            ds = tl.dot(tq, k_t, ds, input_precision=PRECISION)
+            ds += _dot_over_d(tq, tq_hi, k_t, k_t_hi, SPLIT, PRECISION)
         if HAS_TK:
-            tk_t = _load_rows_t(tk_base, keys, Lk, stride_tkl, cols, head_dim)
-            ds = tl.dot(q, tk_t, ds, input_precision=PRECISION)
+            tk_t, tk_t_hi = _load_pair(tk_base, keys, Lk, stride_tkl, cols, cols_hi, head_dim,
+                                       SPLIT, True)
+            ds += _dot_over_d(q, q_hi, tk_t, tk_t_hi, SPLIT, PRECISION)
         pds = p * (ds * scale)
-        r_i = r_i * alpha + tl.sum(pds, 1)
-        acc_t = tl.dot(pds.to(v.dtype), v, acc_t, input_precision=PRECISION)
+        r_i += tl.sum(pds, 1)
+        acc_t, acc_t_hi = _dot_into_d(pds, v, v_hi, acc_t, acc_t_hi, SPLIT, PRECISION)
     if HAS_TV:
-        tv = _load_rows(tv_base, keys, Lk, stride_tvl, cols, head_dim)
-        acc_t = tl.dot(p.to(tv.dtype), tv, acc_t, input_precision=PRECISION)
-    return acc_o, acc_t, r_i, l_i, m_new
+        tv, tv_hi = _load_pair(tv_base, keys, Lk, stride_tvl, cols, cols_hi, head_dim, SPLIT,
+                               False)
+        acc_t, acc_t_hi = _dot_into_d(p, tv, tv_hi, acc_t, acc_t_hi, SPLIT, PRECISION)
+    return acc_o, acc_o_hi, acc_t, acc_t_hi, r_i, l_i, m_i
 
 
 @triton.jit
@@ -239,16 +308,16 @@ def _jvp_kernel(
     chunk,
     CAUSAL: tl.constexpr, SAVED: tl.constexpr, HAS_TQ: tl.constexpr, HAS_TK: tl.constexpr,
     HAS_TV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr,
+    BLOCK_HI: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr,
 ):
     bh, rows, positions, full_end, end = _query_block(Lq, Lk, chunk, CAUSAL, BLOCK_M, BLOCK_N)
-    cols = tl.arange(0, BLOCK_D)
-    q = _load_rows(Q + _head_offset(bh, H, stride_qb, stride_qh), rows, Lq, stride_ql, cols,
-                   head_dim)
-    tq = q  # placeholder of the right type when HAS_TQ is off; never read then
+    cols, cols_hi = _head_columns(BLOCK_D, BLOCK_HI)
+    q, q_hi = _load_pair(Q + _head_offset(bh, H, stride_qb, stride_qh), rows, Lq, stride_ql, cols,
+                         cols_hi, head_dim, SPLIT, False)
+    tq, tq_hi = q, q_hi  # placeholders of the right type when HAS_TQ is off; never read then
     if HAS_TQ:
-        tq = _load_rows(TQ + _head_offset(bh, H, stride_tqb, stride_tqh), rows, Lq, stride_tql,
-                        cols, head_dim)
+        tq, tq_hi = _load_pair(TQ + _head_offset(bh, H, stride_tqb, stride_tqh), rows, Lq,
+                               stride_tql, cols, cols_hi, head_dim, SPLIT, False)
     k_base = K + _head_offset(bh, H, stride_kb, stride_kh)
     v_base = V + _head_offset(bh, H, stride_vb, stride_vh)
     tk_base = TK + _head_offset(bh, H, stride_tkb, stride_tkh)
@@ -261,28 +330,34 @@ def _jvp_kernel(
     r_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc_o = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     acc_t = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    acc_o_hi = tl.zeros([BLOCK_M, BLOCK_HI], dtype=tl.float32)
+    acc_t_hi = tl.zeros([BLOCK_M, BLOCK_HI], dtype=tl.float32)
     for start_n in range(0, full_end, BLOCK_N):
-        acc_o, acc_t, r_i, l_i, m_i = _jvp_block(
-            acc_o, acc_t, r_i, l_i, m_i, q, tq, k_base, v_base, tk_base, tv_base, start_n,
-            positions, lse2, Lk, stride_kl, stride_vl, stride_tkl, stride_tvl, cols, head_dim,
-            qk_scale, scale, chunk, False, CAUSAL, SAVED, HAS_TQ, HAS_TK, HAS_TV, BLOCK_N,
-            PRECISION)
+        acc_o, acc_o_hi, acc_t, acc_t_hi, r_i, l_i, m_i = _jvp_block(
+            acc_o, acc_o_hi, acc_t, acc_t_hi, r_i, l_i, m_i, q, q_hi, tq, tq_hi, k_base, v_base,
+            tk_base, tv_base, start_n, positions, lse2, Lk, stride_kl, stride_vl, stride_tkl,
+            stride_tvl, cols, cols_hi, head_dim, qk_scale, scale, chunk, False, CAUSAL, SAVED,
+            HAS_TQ, HAS_TK, HAS_TV, SPLIT, BLOCK_N, PRECISION)
     for start_n in range(full_end, end, BLOCK_N):
-        acc_o, acc_t, r_i, l_i, m_i = _jvp_block(
-            acc_o, acc_t, r_i, l_i, m_i, q, tq, k_base, v_base, tk_base, tv_base, start_n,
-            positions, lse2, Lk, stride_kl, stride_vl, stride_tkl, stride_tvl, cols, head_dim,
-            qk_scale, scale, chunk, True, CAUSAL, SAVED, HAS_TQ, HAS_TK, HAS_TV, BLOCK_N,
-            PRECISION)
+        acc_o, acc_o_hi, acc_t, acc_t_hi, r_i, l_i, m_i = _jvp_block(
+            acc_o, acc_o_hi, acc_t, acc_t_hi, r_i, l_i, m_i, q, q_hi, tq, tq_hi, k_base, v_base,
+            tk_base, tv_base, start_n, positions, lse2, Lk, stride_kl, stride_vl, stride_tkl,
+            stride_tvl, cols, cols_hi, head_dim, qk_scale, scale, chunk, True, CAUSAL, SAVED,
+            HAS_TQ, HAS_TK, HAS_TV, SPLIT, BLOCK_N, PRECISION)
     out_offset = _head_offset(bh, H, stride_ob, stride_oh)
-    if SAVED:
-        o = _load_rows(O + out_offset, rows, Lq, stride_ol, cols, head_dim).to(tl.float32)
-        to = acc_t - r_i[:, None] * o
-    else:
-        inv_l = 1.0 / tl.where(l_i > 0, l_i, 1.0)  # rows that see no key: o = to = 0
-        o = acc_o * inv_l[:, None]
+    if SAVED:  # p was normalized: tO = acc_t - r * O
+        o, o_hi = _load_pair(O + out_offset, rows, Lq, stride_ol, cols, cols_hi, head_dim, SPLIT,
+                             False)
+        to, to_hi = acc_t - r_i[:, None] * o.to(tl.float32), acc_t_hi
+        if SPLIT:
+            to_hi = acc_t_hi - r_i[:, None] * o_hi.to(tl.float32)
+    else:  # normalize by l (rows that see no key: l = 0, o = tO = 0)
+        inv_l = 1.0 / tl.where(l_i > 0, l_i, 1.0)
+        o, o_hi = acc_o * inv_l[:, None], acc_o_hi * inv_l[:, None]
         to = (acc_t - r_i[:, None] * o) * inv_l[:, None]
-        _store_rows(O + out_offset, rows, Lq, stride_ol, cols, head_dim, o)
-    _store_rows(TO + out_offset, rows, Lq, stride_ol, cols, head_dim, to)
+        to_hi = (acc_t_hi - r_i[:, None] * o_hi) * inv_l[:, None]
+        _store_pair(O + out_offset, rows, Lq, stride_ol, cols, cols_hi, head_dim, o, o_hi, SPLIT)
+    _store_pair(TO + out_offset, rows, Lq, stride_ol, cols, cols_hi, head_dim, to, to_hi, SPLIT)
 
 
 # --------------------------------------------------------------------------- backward
@@ -290,20 +365,21 @@ def _jvp_kernel(
 
 @triton.jit
 def _dq_block(
-    dq, q, do, lse2, delta, k_base, v_base, start_n, positions, Lk, stride_kl, stride_vl, cols,
-    head_dim, qk_scale, chunk,
-    MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    dq, dq_hi, q, q_hi, do, do_hi, lse2, delta, k_base, v_base, start_n, positions, Lk,
+    stride_kl, stride_vl, cols, cols_hi, head_dim, qk_scale, chunk,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """dq += dS @ k for one key block, dS = P * (dO v^T - delta), P from the saved lse."""
     keys = start_n + tl.arange(0, BLOCK_N)
-    k_t = _load_rows_t(k_base, keys, Lk, stride_kl, cols, head_dim)
-    v_t = _load_rows_t(v_base, keys, Lk, stride_vl, cols, head_dim)
-    p = tl.math.exp2(tl.dot(q, k_t, input_precision=PRECISION) * qk_scale - lse2[:, None])
+    k_t, k_t_hi = _load_pair(k_base, keys, Lk, stride_kl, cols, cols_hi, head_dim, SPLIT, True)
+    v_t, v_t_hi = _load_pair(v_base, keys, Lk, stride_vl, cols, cols_hi, head_dim, SPLIT, True)
+    p = tl.math.exp2(_dot_over_d(q, q_hi, k_t, k_t_hi, SPLIT, PRECISION) * qk_scale
+                     - lse2[:, None])
     if MASKED:
         p = tl.where(_allowed(positions, keys, Lk, chunk, CAUSAL), p, 0.0)
-    dp = tl.dot(do, v_t, input_precision=PRECISION)
-    ds = p * (dp - delta[:, None])
-    return tl.dot(ds.to(k_t.dtype), tl.trans(k_t), dq, input_precision=PRECISION)
+    ds = p * (_dot_over_d(do, do_hi, v_t, v_t_hi, SPLIT, PRECISION) - delta[:, None])
+    return _dot_into_d(ds, tl.trans(k_t), tl.trans(k_t_hi), dq, dq_hi, SPLIT, PRECISION)
 
 
 @triton.jit
@@ -318,52 +394,61 @@ def _backward_dq_kernel(
     stride_dkb, stride_dkl, stride_dkh,  # of DK and DV (unused here)
     H, Lq, Lk, head_dim, qk_scale, scale, chunk,
     CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_HI: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr,
 ):
     bh, rows, positions, full_end, end = _query_block(Lq, Lk, chunk, CAUSAL, BLOCK_M, BLOCK_N)
-    cols = tl.arange(0, BLOCK_D)
+    cols, cols_hi = _head_columns(BLOCK_D, BLOCK_HI)
     out_offset = _head_offset(bh, H, stride_ob, stride_oh)
-    q = _load_rows(Q + _head_offset(bh, H, stride_qb, stride_qh), rows, Lq, stride_ql, cols,
-                   head_dim)
-    do = _load_rows(DO + out_offset, rows, Lq, stride_ol, cols, head_dim)
-    o = _load_rows(O + out_offset, rows, Lq, stride_ol, cols, head_dim)
+    q, q_hi = _load_pair(Q + _head_offset(bh, H, stride_qb, stride_qh), rows, Lq, stride_ql, cols,
+                         cols_hi, head_dim, SPLIT, False)
+    do, do_hi = _load_pair(DO + out_offset, rows, Lq, stride_ol, cols, cols_hi, head_dim, SPLIT,
+                           False)
+    o, o_hi = _load_pair(O + out_offset, rows, Lq, stride_ol, cols, cols_hi, head_dim, SPLIT,
+                         False)
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    if SPLIT:
+        delta += tl.sum(do_hi.to(tl.float32) * o_hi.to(tl.float32), 1)
     tl.store(DELTA + bh.to(tl.int64) * Lq + rows, delta, mask=rows < Lq)
     lse2 = tl.load(LSE + bh.to(tl.int64) * Lq + rows, mask=rows < Lq, other=0.0) * LOG2E
     k_base = K + _head_offset(bh, H, stride_kb, stride_kh)
     v_base = V + _head_offset(bh, H, stride_vb, stride_vh)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    dq_hi = tl.zeros([BLOCK_M, BLOCK_HI], dtype=tl.float32)
     for start_n in range(0, full_end, BLOCK_N):
-        dq = _dq_block(dq, q, do, lse2, delta, k_base, v_base, start_n, positions, Lk, stride_kl,
-                       stride_vl, cols, head_dim, qk_scale, chunk, False, CAUSAL, BLOCK_N,
-                       PRECISION)
+        dq, dq_hi = _dq_block(dq, dq_hi, q, q_hi, do, do_hi, lse2, delta, k_base, v_base, start_n,
+                              positions, Lk, stride_kl, stride_vl, cols, cols_hi, head_dim,
+                              qk_scale, chunk, False, CAUSAL, SPLIT, BLOCK_N, PRECISION)
     for start_n in range(full_end, end, BLOCK_N):
-        dq = _dq_block(dq, q, do, lse2, delta, k_base, v_base, start_n, positions, Lk, stride_kl,
-                       stride_vl, cols, head_dim, qk_scale, chunk, True, CAUSAL, BLOCK_N,
-                       PRECISION)
-    _store_rows(DQ + out_offset, rows, Lq, stride_ol, cols, head_dim, dq * scale)
+        dq, dq_hi = _dq_block(dq, dq_hi, q, q_hi, do, do_hi, lse2, delta, k_base, v_base, start_n,
+                              positions, Lk, stride_kl, stride_vl, cols, cols_hi, head_dim,
+                              qk_scale, chunk, True, CAUSAL, SPLIT, BLOCK_N, PRECISION)
+    _store_pair(DQ + out_offset, rows, Lq, stride_ol, cols, cols_hi, head_dim, dq * scale,
+                dq_hi * scale, SPLIT)
 
 
 @triton.jit
 def _dkdv_block(
-    dk, dv, k, v, q_base, do_base, lse_base, delta_base, start_m, keys, offset, Lq, Lk,
-    stride_ql, stride_dol, cols, head_dim, qk_scale, chunk,
-    MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr,
+    dk, dk_hi, dv, dv_hi, k, k_hi, v, v_hi, q_base, do_base, lse_base, delta_base, start_m, keys,
+    offset, Lq, Lk, stride_ql, stride_dol, cols, cols_hi, head_dim, qk_scale, chunk,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """dv += P^T dO and dk += dS^T q for one query block, computed transposed ((keys, queries)
-    tiles) so no operand needs a transpose. Queries past Lq read q = dO = 0 and add nothing."""
+    tiles). Queries past Lq read q = dO = 0 and add nothing."""
     rows = start_m + tl.arange(0, BLOCK_M)
-    q_t = _load_rows_t(q_base, rows, Lq, stride_ql, cols, head_dim)
-    do = _load_rows(do_base, rows, Lq, stride_dol, cols, head_dim)
+    q_t, q_t_hi = _load_pair(q_base, rows, Lq, stride_ql, cols, cols_hi, head_dim, SPLIT, True)
+    do, do_hi = _load_pair(do_base, rows, Lq, stride_dol, cols, cols_hi, head_dim, SPLIT, False)
     lse2 = tl.load(lse_base + rows, mask=rows < Lq, other=0.0) * LOG2E
     delta = tl.load(delta_base + rows, mask=rows < Lq, other=0.0)
-    p_t = tl.math.exp2(tl.dot(k, q_t, input_precision=PRECISION) * qk_scale - lse2[None, :])
+    p_t = tl.math.exp2(_dot_over_d(k, k_hi, q_t, q_t_hi, SPLIT, PRECISION) * qk_scale
+                       - lse2[None, :])
     if MASKED:
         p_t = tl.where(tl.trans(_allowed(rows + offset, keys, Lk, chunk, CAUSAL)), p_t, 0.0)
-    dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
-    dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+    dv, dv_hi = _dot_into_d(p_t, do, do_hi, dv, dv_hi, SPLIT, PRECISION)
+    dp_t = _dot_over_d(v, v_hi, tl.trans(do), tl.trans(do_hi), SPLIT, PRECISION)
     ds_t = p_t * (dp_t - delta[None, :])
-    return tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), dk, input_precision=PRECISION), dv
+    dk, dk_hi = _dot_into_d(ds_t, tl.trans(q_t), tl.trans(q_t_hi), dk, dk_hi, SPLIT, PRECISION)
+    return dk, dk_hi, dv, dv_hi
 
 
 @triton.jit
@@ -377,38 +462,43 @@ def _backward_dkdv_kernel(
     stride_dkb, stride_dkl, stride_dkh,  # of DK and DV
     H, Lq, Lk, head_dim, qk_scale, scale, chunk,
     CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_HI: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr,
 ):
     start_n = tl.program_id(0) * BLOCK_N
     bh = tl.program_id(1)
     keys = start_n + tl.arange(0, BLOCK_N)
-    cols = tl.arange(0, BLOCK_D)
+    cols, cols_hi = _head_columns(BLOCK_D, BLOCK_HI)
     offset = Lk - Lq
-    k = _load_rows(K + _head_offset(bh, H, stride_kb, stride_kh), keys, Lk, stride_kl, cols,
-                   head_dim)
-    v = _load_rows(V + _head_offset(bh, H, stride_vb, stride_vh), keys, Lk, stride_vl, cols,
-                   head_dim)
+    k, k_hi = _load_pair(K + _head_offset(bh, H, stride_kb, stride_kh), keys, Lk, stride_kl, cols,
+                         cols_hi, head_dim, SPLIT, False)
+    v, v_hi = _load_pair(V + _head_offset(bh, H, stride_vb, stride_vh), keys, Lk, stride_vl, cols,
+                         cols_hi, head_dim, SPLIT, False)
     q_base = Q + _head_offset(bh, H, stride_qb, stride_qh)
     do_base = DO + _head_offset(bh, H, stride_ob, stride_oh)
     lse_base = LSE + bh.to(tl.int64) * Lq
     delta_base = DELTA + bh.to(tl.int64) * Lq
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dk_hi = tl.zeros([BLOCK_N, BLOCK_HI], dtype=tl.float32)
+    dv_hi = tl.zeros([BLOCK_N, BLOCK_HI], dtype=tl.float32)
     # queries before `first` see none of these keys; from `full_start` on they see all of them
     first = (_first_query(start_n, offset, chunk, CAUSAL) // BLOCK_M) * BLOCK_M
     full_start = tl.cdiv(_first_query(start_n + BLOCK_N - 1, offset, chunk, CAUSAL), BLOCK_M)
     full_start = tl.minimum(full_start * BLOCK_M, tl.cdiv(Lq, BLOCK_M) * BLOCK_M)
     for start_m in range(first, full_start, BLOCK_M):
-        dk, dv = _dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, start_m, keys,
-                             offset, Lq, Lk, stride_ql, stride_ol, cols, head_dim, qk_scale,
-                             chunk, True, CAUSAL, BLOCK_M, PRECISION)
+        dk, dk_hi, dv, dv_hi = _dkdv_block(
+            dk, dk_hi, dv, dv_hi, k, k_hi, v, v_hi, q_base, do_base, lse_base, delta_base,
+            start_m, keys, offset, Lq, Lk, stride_ql, stride_ol, cols, cols_hi, head_dim,
+            qk_scale, chunk, True, CAUSAL, SPLIT, BLOCK_M, PRECISION)
     for start_m in range(full_start, Lq, BLOCK_M):
-        dk, dv = _dkdv_block(dk, dv, k, v, q_base, do_base, lse_base, delta_base, start_m, keys,
-                             offset, Lq, Lk, stride_ql, stride_ol, cols, head_dim, qk_scale,
-                             chunk, False, CAUSAL, BLOCK_M, PRECISION)
+        dk, dk_hi, dv, dv_hi = _dkdv_block(
+            dk, dk_hi, dv, dv_hi, k, k_hi, v, v_hi, q_base, do_base, lse_base, delta_base,
+            start_m, keys, offset, Lq, Lk, stride_ql, stride_ol, cols, cols_hi, head_dim,
+            qk_scale, chunk, False, CAUSAL, SPLIT, BLOCK_M, PRECISION)
     out_offset = _head_offset(bh, H, stride_dkb, stride_dkh)
-    _store_rows(DK + out_offset, keys, Lk, stride_dkl, cols, head_dim, dk * scale)
-    _store_rows(DV + out_offset, keys, Lk, stride_dkl, cols, head_dim, dv)
+    _store_pair(DK + out_offset, keys, Lk, stride_dkl, cols, cols_hi, head_dim, dk * scale,
+                dk_hi * scale, SPLIT)
+    _store_pair(DV + out_offset, keys, Lk, stride_dkl, cols, cols_hi, head_dim, dv, dv_hi, SPLIT)
 
 
 # --------------------------------------------------------------------------- launchers
@@ -435,42 +525,57 @@ def _precision(dtype: torch.dtype) -> str:
 SHARED_MEMORY_BYTES = 227 * 1024
 
 
+def head_dim_split(head_dim: int) -> tuple[int, int, bool]:
+    """(BLOCK_D, BLOCK_HI, SPLIT): power-of-two column parts covering the head dim. tl.dot wants
+    power-of-two tiles of at least 16, so a head dim is padded; where a main part plus a narrow
+    tail pads less than the next power of two, the kernels carry two parts (DiT's 72 = 64 + 16,
+    8 of them padding, instead of 128; 96 = 64 + 32 exactly). Without SPLIT, BLOCK_HI is unused."""
+    padded = max(16, triton.next_power_of_2(head_dim))
+    main = padded // 2
+    tail = max(16, triton.next_power_of_2(head_dim - main)) if head_dim > main else 0
+    if head_dim <= 16 or main + tail >= padded:
+        return padded, 16, False
+    return main, tail, True
+
+
 @functools.cache
-def blocks(head_dim: int, itemsize: int, interpreting: bool, kernel: str
-           ) -> tuple[int, int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages) of ``kernel`` ("forward", "jvp" or
-    "backward") for ``itemsize``-byte operands.
+def blocks(width: int, itemsize: int, interpreting: bool, kernel: str
+           ) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of ``kernel`` ("forward", "jvp" or "backward")
+    for ``itemsize``-byte operands and head-dim tiles ``width`` columns wide in all.
 
     Chosen without a GPU from what the sm_90 compiler reports (cuobjdump --dump-resource-usage
     of the kernels as tests/compile_triton_for_hopper.py builds them): the largest tiles that
-    compile without register spills, within shared memory. bf16/fp16 at head dims <= 128: the
-    forward takes FlashAttention-2's 128 x 64 (128 x 32 at Dh <= 64); the backward 64 x 32; the
-    JVP, which holds two (BLOCK_M, Dh) fp32 accumulators and q and tq, 128 x 32 (it still spills
-    a little: ~140 bytes a thread with the saved log-sum-exp, ~320 online). fp32 operands and
-    256-wide heads take smaller tiles. To be tuned on hardware. The interpreter gets 16 x 16
-    tiles: it costs per tile element and small tiles still cross every boundary case."""
-    block_d = max(16, triton.next_power_of_2(head_dim))
+    compile without register spills, within shared memory. bf16/fp16 at widths <= 128: the
+    forward takes FlashAttention-2's 128 x 64 (128 x 32 at widths <= 64); the backward 64 x 32
+    (64 x 64 for split heads); the JVP, which holds two (BLOCK_M, Dh) fp32 accumulators and q
+    and tq, 128 x 32 (spill-free at DiT's 72 = 64 + 16 with the saved log-sum-exp; otherwise it
+    spills 16 to 320 bytes a thread, most at 128 columns online). fp32 operands and widths over
+    128 take smaller
+    tiles. To be tuned on hardware. The interpreter gets 16 x 16 tiles: it costs per tile
+    element and small tiles still cross every boundary case."""
     if interpreting:
-        return 16, 16, block_d, 1, 1
-    warps = 4 if block_d <= 64 else 8
+        return 16, 16, 1, 1
+    warps = 4 if width <= 64 else 8
     if itemsize > 2:
         if kernel == "backward":
-            return 32, 32, block_d, 4, 2
+            return 32, 32, 4, 2
         # four fp32 (32, 256) operand tiles per key block leave no room to pipeline the JVP
-        return 64, 32, block_d, warps, 1 if kernel == "jvp" and block_d > 128 else 2
-    if block_d > 128:
-        return {"forward": (64, 32, block_d, 8, 2), "jvp": (64, 16, block_d, 8, 2),
-                "backward": (32, 32, block_d, 4, 2)}[kernel]
-    return {"forward": (128, 64 if block_d > 64 else 32, block_d, warps, 3),
-            "jvp": (128, 32, block_d, 8, 2),
-            "backward": (64, 32, block_d, warps, 2)}[kernel]
+        return 64, 32, warps, 1 if kernel == "jvp" and width > 128 else 2
+    if width > 128:
+        return {"forward": (64, 32, 8, 2), "jvp": (64, 16, 8, 2), "backward": (32, 32, 4, 2)}[kernel]
+    # a split head (64 + 16 or 64 + 32 columns) takes 64 x 64 in the backward without spilling
+    backward_n = 64 if 64 < width < 128 else 32
+    return {"forward": (128, 64 if width > 64 else 32, warps, 3), "jvp": (128, 32, 8, 2),
+            "backward": (64, backward_n, warps, 2)}[kernel]
 
 
 def _config(q: Tensor, kernel: str) -> dict:
-    block_m, block_n, block_d, warps, stages = blocks(q.shape[-1], q.element_size(),
-                                                      interpreting_triton(), kernel)
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, PRECISION=_precision(q.dtype),
-                num_warps=warps, num_stages=stages)
+    main, tail, split = head_dim_split(q.shape[-1])
+    block_m, block_n, warps, stages = blocks(main + tail if split else main, q.element_size(),
+                                             interpreting_triton(), kernel)
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=main, BLOCK_HI=tail, SPLIT=split,
+                PRECISION=_precision(q.dtype), num_warps=warps, num_stages=stages)
 
 
 def _sizes(q: Tensor, k: Tensor, scale: float) -> tuple:
