@@ -551,9 +551,8 @@ def blocks(width: int, itemsize: int, interpreting: bool, kernel: str
     (64 x 64 for split heads); the JVP, which holds two (BLOCK_M, Dh) fp32 accumulators and q
     and tq, 128 x 32 (spill-free at DiT's 72 = 64 + 16 with the saved log-sum-exp; otherwise it
     spills 16 to 320 bytes a thread, most at 128 columns online). fp32 operands and widths over
-    128 take smaller
-    tiles. To be tuned on hardware. The interpreter gets 16 x 16 tiles: it costs per tile
-    element and small tiles still cross every boundary case."""
+    128 take smaller tiles. To be tuned on hardware. The interpreter gets 16 x 16 tiles: it costs
+    per tile element and small tiles still cross every boundary case."""
     if interpreting:
         return 16, 16, 1, 1
     warps = 4 if width <= 64 else 8
