@@ -33,7 +33,7 @@ Public API: :func:`attention` (differentiable in q, k, v, forward mode included)
 ``fastgen::attention_backward``, ``fastgen::attention_jvp`` -> (O, tO) and
 ``fastgen::attention_tangent`` (tO given the forward's O and lse; the jvp rule of
 ``torch.func.jvp`` and forward-mode AD). Backends: triton (GPU; the interpreter in tests), cpu
-(PyTorch's fused CPU flash kernel for forward and backward; the JVP formula below, in blocks of
+(PyTorch's fused CPU flash kernel for forward and backward; the JVP formula above, in blocks of
 queries), reference (plain PyTorch in fp32, materializing S).
 """
 
