@@ -52,5 +52,20 @@ void qk_norm_rope_backward(const at::Tensor& grad_out, const at::Tensor& x,
                            const at::Tensor& rstd, bool interleaved, RowChunks chunks,
                            at::Tensor& dx, at::Tensor& partials);
 
+// Per-sample losses: x-like tensors (B, ...) contiguous, read as B samples of numel / B elements;
+// sums (B, NSTAT) in the statistics' dtype (see sample_chunks.h for the deterministic chunking).
+
+// sums[b] = (sum |x_g - teacher|, sum (fake - teacher)^2) over sample b.
+void vsd_loss_sums(const at::Tensor& x_g, const at::Tensor& teacher, const at::Tensor& fake,
+                   at::Tensor& sums);
+
+// sums[b] = sum (pred - target)^2 over sample b.
+void denoising_loss_sums(const at::Tensor& pred, const at::Tensor& target, at::Tensor& sums);
+
+// The losses' shared backward: out = scale[b] * (a - b) per element of sample b (scale (B,) in the
+// statistics' dtype); negated = -out, written when defined.
+void sample_scaled_difference(const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale,
+                              at::Tensor& out, at::Tensor& negated);
+
 }  // namespace cpu
 }  // namespace fastgen

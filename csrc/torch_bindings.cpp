@@ -12,7 +12,9 @@
 
 #include <cmath>
 #include <optional>
+#include <initializer_list>
 #include <tuple>
+#include <utility>
 
 #include "ops.h"
 
@@ -338,6 +340,89 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> qk_norm_rope_backward(
   return {dq, dk, dq_weight, dk_weight};
 }
 
+// Per-sample loss inputs: (B, ...) contiguous tensors of one shape, dtype and device.
+void check_samples(const Tensor& x, std::initializer_list<std::pair<const Tensor*, const char*>> others) {
+  TORCH_CHECK(x.dim() >= 1 && x.numel() > 0, "loss inputs must be non-empty (B, ...) tensors, got ", x.sizes());
+  TORCH_CHECK(x.is_contiguous(), "loss inputs must be contiguous");
+  for (const auto& [t, name] : others) {
+    TORCH_CHECK(t->sizes() == x.sizes() && t->scalar_type() == x.scalar_type() &&
+                    t->device() == x.device() && t->is_contiguous(),
+                name, " must be contiguous with the first input's shape ", x.sizes(),
+                ", dtype and device");
+  }
+}
+
+// Runs `cpu_fn(sums)` or fills the CUDA reduce arguments for `cuda_fn(reduce)`; returns sums
+// (B, nstat) in the statistics' dtype.
+template <typename CpuFn, typename CudaFn>
+Tensor sample_sums(const Tensor& x, int64_t nstat, CpuFn&& cpu_fn, [[maybe_unused]] CudaFn&& cuda_fn) {
+  const int64_t batch = x.size(0), numel = x.numel() / batch;
+  Tensor sums = at::empty({batch, nstat}, x.options().dtype(stat_dtype(x)));
+  if (x.is_cuda()) {
+#ifdef FASTGEN_WITH_CUDA
+    const c10::cuda::CUDAGuard guard(x.device());
+    const SampleChunks chunks = sample_chunks(batch, numel);
+    Tensor partials = at::empty({batch * chunks.chunks_per_sample, nstat}, sums.options());
+    cuda::SampleReduceArgs reduce{batch, numel, chunks.chunk_size, chunks.chunks_per_sample,
+                                  partials.mutable_data_ptr<float>(), sums.mutable_data_ptr<float>()};
+    cuda_fn(reduce);
+#endif
+  } else {
+    cpu_fn(sums);
+  }
+  return sums;
+}
+
+Tensor vsd_loss_sums(const Tensor& x_g, const Tensor& teacher, const Tensor& fake) {
+  check_samples(x_g, {{&teacher, "x0_teacher"}, {&fake, "x0_fake"}});
+  return sample_sums(
+      x_g, 2, [&](Tensor& sums) { cpu::vsd_loss_sums(x_g, teacher, fake, sums); },
+      [&]([[maybe_unused]] const auto& reduce) {
+#ifdef FASTGEN_WITH_CUDA
+        cuda::VsdLossSumsArgs args{cuda_dtype(x_g), x_g.const_data_ptr(), teacher.const_data_ptr(),
+                                   fake.const_data_ptr(), reduce};
+        check_launch(cuda::launch_vsd_loss_sums(args, c10::cuda::getCurrentCUDAStream()), "vsd_loss_sums");
+#endif
+      });
+}
+
+Tensor denoising_loss_sums(const Tensor& pred, const Tensor& target) {
+  check_samples(pred, {{&target, "target"}});
+  return sample_sums(
+      pred, 1, [&](Tensor& sums) { cpu::denoising_loss_sums(pred, target, sums); },
+      [&]([[maybe_unused]] const auto& reduce) {
+#ifdef FASTGEN_WITH_CUDA
+        cuda::DenoisingLossSumsArgs args{cuda_dtype(pred), pred.const_data_ptr(),
+                                         target.const_data_ptr(), reduce};
+        check_launch(cuda::launch_denoising_loss_sums(args, c10::cuda::getCurrentCUDAStream()),
+                     "denoising_loss_sums");
+#endif
+      });
+}
+
+std::tuple<Tensor, Tensor> sample_scaled_difference(const Tensor& a, const Tensor& b,
+                                                    const Tensor& scale, bool negated) {
+  check_samples(a, {{&b, "b"}});
+  TORCH_CHECK(scale.dim() == 1 && scale.size(0) == a.size(0) && scale.is_contiguous() &&
+                  scale.scalar_type() == stat_dtype(a) && scale.device() == a.device(),
+              "scale must be a contiguous (B,) tensor of the statistics' dtype, got ", scale.sizes());
+  Tensor out = at::empty_like(a);
+  Tensor neg = negated ? at::empty_like(a) : Tensor();
+  if (a.is_cuda()) {
+#ifdef FASTGEN_WITH_CUDA
+    const c10::cuda::CUDAGuard guard(a.device());
+    cuda::SampleScaledDifferenceArgs args{cuda_dtype(a), a.const_data_ptr(), b.const_data_ptr(),
+        scale.const_data_ptr<float>(), out.mutable_data_ptr(), negated ? neg.mutable_data_ptr() : nullptr,
+        a.size(0), a.numel() / a.size(0)};
+    check_launch(cuda::launch_sample_scaled_difference(args, c10::cuda::getCurrentCUDAStream()),
+                 "sample_scaled_difference");
+#endif
+  } else {
+    cpu::sample_scaled_difference(a, b, scale, out, neg);
+  }
+  return {out, negated ? neg : at::empty({0}, a.options())};
+}
+
 }  // namespace
 }  // namespace fastgen
 
@@ -354,6 +439,9 @@ TORCH_LIBRARY(fastgen_C, m) {
   m.def("qk_norm_rope_backward(Tensor grad_q, Tensor grad_k, Tensor q, Tensor k, "
         "Tensor? q_weight, Tensor? k_weight, Tensor? cos, Tensor? sin, Tensor q_rstd, "
         "Tensor k_rstd, bool interleaved) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("vsd_loss_sums(Tensor x_g, Tensor x0_teacher, Tensor x0_fake) -> Tensor");
+  m.def("denoising_loss_sums(Tensor pred, Tensor target) -> Tensor");
+  m.def("sample_scaled_difference(Tensor a, Tensor b, Tensor scale, bool negated) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fastgen_C, CPU, m) {
@@ -363,6 +451,9 @@ TORCH_LIBRARY_IMPL(fastgen_C, CPU, m) {
   m.impl("gated_residual_backward", &fastgen::gated_residual_backward);
   m.impl("qk_norm_rope_forward", &fastgen::qk_norm_rope_forward);
   m.impl("qk_norm_rope_backward", &fastgen::qk_norm_rope_backward);
+  m.impl("vsd_loss_sums", &fastgen::vsd_loss_sums);
+  m.impl("denoising_loss_sums", &fastgen::denoising_loss_sums);
+  m.impl("sample_scaled_difference", &fastgen::sample_scaled_difference);
 }
 
 #ifdef FASTGEN_WITH_CUDA
@@ -373,6 +464,9 @@ TORCH_LIBRARY_IMPL(fastgen_C, CUDA, m) {
   m.impl("gated_residual_backward", &fastgen::gated_residual_backward);
   m.impl("qk_norm_rope_forward", &fastgen::qk_norm_rope_forward);
   m.impl("qk_norm_rope_backward", &fastgen::qk_norm_rope_backward);
+  m.impl("vsd_loss_sums", &fastgen::vsd_loss_sums);
+  m.impl("denoising_loss_sums", &fastgen::denoising_loss_sums);
+  m.impl("sample_scaled_difference", &fastgen::sample_scaled_difference);
 }
 #define FASTGEN_CUDA_BUILT 1
 #else

@@ -1,6 +1,6 @@
 """fastgen_kernels: fused Triton / CUDA / C++ kernels for fast diffusion distillation and sampling."""
 
-from fastgen_kernels import ops
+from fastgen_kernels import losses, ops
 from fastgen_kernels.backends import BACKENDS, use_backend
 from fastgen_kernels.ops import (
     attention,
@@ -18,6 +18,7 @@ __all__ = [
     "attention",
     "attention_jvp",
     "gated_residual",
+    "losses",
     "modulated_layer_norm",
     "modulated_rms_norm",
     "ops",

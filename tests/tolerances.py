@@ -53,3 +53,18 @@ def assert_within_peer(actual: torch.Tensor, peer: torch.Tensor, expected: torch
     assert max_error(actual) <= bound, (
         f"{what} ({dtype}): error {max_error(actual):.3g} > 2 x peer's {max_error(peer):.3g} "
         f"+ noise {noise:.3g}")
+
+
+def assert_close_scaled(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str) -> None:
+    """As assert_close, in units of the largest |expected|: for loss gradients, whose size is set
+    by 1/D (about 1e-4 here), so absolute tolerances made for O(1) values would accept anything.
+    Each element is one rounding of an fp32 value (a per-sample scale times a difference), so the
+    dtype's tolerance relative to the tensor's scale bounds it, plus one subnormal step of the
+    dtype: tiny gradients (inputs of size 1e-3 over D = 343 give 6e-6, below float16's smallest
+    normal 6.1e-5) round to the subnormal grid, whatever the kernel."""
+    rtol, atol = TOLERANCES[dtype]
+    finfo = torch.finfo(dtype)
+    scale = expected.double().abs().max().clamp_min(torch.finfo(torch.float64).tiny).item()
+    torch.testing.assert_close(actual.double() / scale, expected.double() / scale, rtol=rtol,
+                               atol=atol + finfo.smallest_normal * finfo.eps / scale,
+                               msg=lambda m: f"{what} ({dtype}): {m}")

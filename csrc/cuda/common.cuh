@@ -72,6 +72,19 @@ cudaError_t dispatch_bool(bool value, F&& f) {
   return f(std::false_type{});
 }
 
+// How many blocks of `threads` threads the current GPU holds at once: the most a grid-stride loop
+// needs.
+inline cudaError_t resident_blocks(int threads, int64_t& blocks) {
+  int device = 0, num_sms = 0, threads_per_sm = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, device);
+  if (err == cudaSuccess) {
+    err = cudaDeviceGetAttribute(&threads_per_sm, cudaDevAttrMaxThreadsPerMultiProcessor, device);
+  }
+  blocks = int64_t{num_sms} * (threads_per_sm / threads);
+  return err;
+}
+
 // rows = B * tokens with every count positive.
 inline bool valid_rows(int64_t rows, int64_t tokens, int64_t dim) {
   return rows >= 1 && tokens >= 1 && dim >= 1 && rows % tokens == 0;

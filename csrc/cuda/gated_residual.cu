@@ -80,16 +80,8 @@ cudaError_t launch_gated_residual_forward(const GatedResidualForwardArgs& args,
                                           cudaStream_t stream) {
   if (!valid_rows(args.rows, args.tokens, args.dim)) return cudaErrorInvalidValue;
   // A grid-stride loop needs no more blocks than the GPU holds at once.
-  int device = 0, num_sms = 0, threads_per_sm = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err == cudaSuccess) {
-    err = cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, device);
-  }
-  if (err == cudaSuccess) {
-    err = cudaDeviceGetAttribute(&threads_per_sm, cudaDevAttrMaxThreadsPerMultiProcessor, device);
-  }
-  if (err != cudaSuccess) return err;
-  const int64_t max_blocks = int64_t{num_sms} * (threads_per_sm / kForwardThreads);
+  int64_t max_blocks = 0;
+  if (const cudaError_t err = resident_blocks(kForwardThreads, max_blocks); err != cudaSuccess) return err;
   return dispatch_dtype_vec(
       args.dtype, args.dim, {args.x, args.y, args.gate, args.out},
       [&](auto type_tag, auto vec_tag) {

@@ -19,6 +19,7 @@
 #include <cuda_runtime.h>
 
 #include "../row_chunks.h"
+#include "../sample_chunks.h"
 
 namespace fastgen {
 namespace cuda {
@@ -135,6 +136,52 @@ struct QkNormRopeBackwardArgs {
 };
 
 cudaError_t launch_qk_norm_rope_backward(const QkNormRopeBackwardArgs& args, cudaStream_t stream);
+
+// Per-sample losses. The inputs are B samples of `numel` contiguous elements each; a reduction
+// writes fp32 sums (B, NSTAT), deterministically: one block per chunk of a sample (chunks of
+// sample_chunks(B, numel), see sample_chunks.h) writes its partial sums to `partials`
+// (B * chunks_per_sample, NSTAT), then one thread per sample adds them up in chunk order.
+struct SampleReduceArgs {
+  int64_t batch, numel, chunk_size, chunks_per_sample;
+  float* partials;  // (batch * chunks_per_sample, NSTAT), scratch
+  float* sums;      // (batch, NSTAT), written
+};
+
+// sums[b] = (sum |x_g - teacher|, sum (fake - teacher)^2)
+struct VsdLossSumsArgs {
+  DType dtype;
+  const void* x_g;      // (batch, numel)
+  const void* teacher;  // (batch, numel)
+  const void* fake;     // (batch, numel)
+  SampleReduceArgs reduce;
+};
+
+cudaError_t launch_vsd_loss_sums(const VsdLossSumsArgs& args, cudaStream_t stream);
+
+// sums[b] = sum (pred - target)^2
+struct DenoisingLossSumsArgs {
+  DType dtype;
+  const void* pred;    // (batch, numel)
+  const void* target;  // (batch, numel)
+  SampleReduceArgs reduce;
+};
+
+cudaError_t launch_denoising_loss_sums(const DenoisingLossSumsArgs& args, cudaStream_t stream);
+
+// The losses' shared backward: out = scale[b] * (a - b) per element of sample b; negated = -out
+// when not nullptr.
+struct SampleScaledDifferenceArgs {
+  DType dtype;
+  const void* a;        // (batch, numel)
+  const void* b;        // (batch, numel)
+  const float* scale;   // (batch,)
+  void* out;            // (batch, numel), written
+  void* negated;        // (batch, numel), written, or nullptr
+  int64_t batch, numel;
+};
+
+cudaError_t launch_sample_scaled_difference(const SampleScaledDifferenceArgs& args,
+                                            cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace fastgen

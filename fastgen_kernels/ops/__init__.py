@@ -2,9 +2,11 @@
 backward and forward-mode (jvp) rules, running on the backend chosen per call."""
 
 from fastgen_kernels.ops import attention as _attention_module
+from fastgen_kernels.ops import denoising_loss as _denoising_loss_module
 from fastgen_kernels.ops import gated_residual as _gated_residual_module
 from fastgen_kernels.ops import modulated_norm as _modulated_norm_module
 from fastgen_kernels.ops import qk_norm_rope as _qk_norm_rope_module
+from fastgen_kernels.ops import vsd_loss as _vsd_loss_module
 from fastgen_kernels.ops.attention import attention, attention_jvp
 from fastgen_kernels.ops.gated_residual import gated_residual
 from fastgen_kernels.ops.modulated_norm import modulated_layer_norm, modulated_rms_norm
@@ -16,6 +18,8 @@ OP_MODULES = {
     "gated_residual": _gated_residual_module,
     "attention": _attention_module,
     "qk_norm_rope": _qk_norm_rope_module,
+    "vsd_loss": _vsd_loss_module,
+    "denoising_loss": _denoising_loss_module,
 }
 
 __all__ = [

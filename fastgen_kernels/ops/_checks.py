@@ -112,3 +112,55 @@ def rotary_tables(op: str, cos: object, sin: object, q: torch.Tensor, k: torch.T
         if tuple(value.shape) != (L, Dh):
             raise ValueError(f"{op}: {name} must have shape (L, Dh) = {(L, Dh)}, "
                              f"got {tuple(value.shape)}")
+
+
+# --------------------------------------------------------------------------- per-sample losses
+
+
+def samples(op: str, **tensors: object) -> torch.Tensor:
+    """Loss inputs: non-empty (B, ...) floating tensors of one shape, dtype and device, given as
+    name=value in order; the first is the reference the others are checked against. Returns it."""
+    (first_name, first), *others = tensors.items()
+    first = tensor(op, first_name, first)
+    if first.dim() == 0 or first.numel() == 0:
+        raise ValueError(f"{op}: {first_name} must be a non-empty (B, ...) tensor, "
+                         f"got shape {tuple(first.shape)}")
+    for name, value in others:
+        like(op, name, value, first_name, first, [tuple(first.shape)])
+    return first
+
+
+def per_sample(op: str, name: str, value: object, ref_name: str, ref: torch.Tensor) -> None:
+    """An optional per-sample scalar: None, or a (B,) floating tensor (any float dtype) on the
+    device of ``ref`` (called ``ref_name``), B = ref.shape[0]."""
+    if value is None:
+        return
+    value = tensor(op, name, value)
+    if value.device != ref.device:
+        raise ValueError(f"{op}: {name} must be on {ref_name}'s device {ref.device}, got {value.device}")
+    if tuple(value.shape) != (ref.shape[0],):
+        raise ValueError(f"{op}: {name} must have shape (B,) = ({ref.shape[0]},), one value per "
+                         f"sample of {ref_name}, got {tuple(value.shape)}")
+
+
+REDUCTIONS = ("mean", "none")
+
+
+def reduction(op: str, value: object) -> str:
+    if value not in REDUCTIONS:
+        raise ValueError(f"{op}: reduction must be one of {REDUCTIONS}, got {value!r}")
+    return value
+
+
+def positive(op: str, name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{op}: {name} must be a positive number, got {value!r}")
+    return float(value)
+
+
+def loss_kernel_support(x: torch.Tensor, *args: object) -> str | None:
+    """Why the CUDA / Triton loss kernels cannot take x (dtype), or None. Loss kernels stream
+    over samples of any size: no limit on D."""
+    if x.dtype not in KERNEL_DTYPES:
+        return f"{x.dtype} input (kernels read float16, bfloat16 and float32)"
+    return nonempty(x)

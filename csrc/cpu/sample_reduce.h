@@ -1,0 +1,45 @@
+// CPU side of the per-sample loss reductions (layout: csrc/sample_chunks.h).
+#pragma once
+
+#include <vector>
+
+#include "cpu/common.h"
+#include "sample_chunks.h"
+
+namespace fastgen {
+namespace cpu {
+
+// Reduces `batch` samples of `numel` elements to NSTAT sums each, written to sums (batch, NSTAT)
+// of accumulation type A. chunk(begin, end, acc) adds the contributions of the flat elements
+// [begin, end) (all in one sample) to acc[0..NSTAT); chunks run in parallel, each into its own
+// partial sums, which are then added in chunk order: deterministic for any thread count.
+template <int NSTAT, typename A, typename ChunkFn>
+void sample_chunk_sums(int64_t batch, int64_t numel, at::Tensor& sums, ChunkFn&& chunk) {
+  const SampleChunks chunks = sample_chunks(batch, numel);
+  const int64_t num_chunks = batch * chunks.chunks_per_sample;
+  std::vector<A> partials(static_cast<size_t>(num_chunks * NSTAT));
+  // About 64 K elements per task, so a small input runs on the calling thread.
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / chunks.chunk_size);
+  at::parallel_for(0, num_chunks, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      const int64_t sample = c / chunks.chunks_per_sample;
+      const int64_t first = (c % chunks.chunks_per_sample) * chunks.chunk_size;
+      const int64_t last = std::min(first + chunks.chunk_size, numel);
+      A acc[NSTAT] = {};
+      chunk(sample * numel + first, sample * numel + last, acc);
+      std::copy(acc, acc + NSTAT, partials.begin() + c * NSTAT);
+    }
+  });
+  A* out = sums.mutable_data_ptr<A>();
+  for (int64_t b = 0; b < batch; ++b) {
+    for (int s = 0; s < NSTAT; ++s) {
+      A total = 0;
+      for (int64_t k = 0; k < chunks.chunks_per_sample; ++k)
+        total += partials[(b * chunks.chunks_per_sample + k) * NSTAT + s];
+      out[b * NSTAT + s] = total;
+    }
+  }
+}
+
+}  // namespace cpu
+}  // namespace fastgen

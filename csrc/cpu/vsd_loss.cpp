@@ -1,0 +1,44 @@
+// VSD (DMD2) loss on the CPU: one pass over x_g, x0_teacher, x0_fake producing the per-sample sums
+// S1 = sum |x_g - T| and S2 = sum (Fk - T)^2 (math: fastgen_kernels/ops/vsd_loss.py). The backward
+// is the shared sample_scaled_difference.
+#include <cmath>
+
+#include "cpu/sample_reduce.h"
+#include "ops.h"
+
+namespace fastgen {
+namespace cpu {
+namespace {
+
+template <typename T>
+void sums_impl(const at::Tensor& x_g, const at::Tensor& teacher, const at::Tensor& fake,
+               at::Tensor& sums) {
+  using A = acc_t<T>;
+  const T* xp = x_g.const_data_ptr<T>();
+  const T* tp = teacher.const_data_ptr<T>();
+  const T* fp = fake.const_data_ptr<T>();
+  const int64_t batch = x_g.size(0);
+  sample_chunk_sums<2, A>(batch, x_g.numel() / batch, sums, [&](int64_t begin, int64_t end, A (&acc)[2]) {
+    A abs_sum = 0, sq_sum = 0;
+#pragma omp simd reduction(+ : abs_sum, sq_sum)
+    for (int64_t i = begin; i < end; ++i) {
+      const A t = static_cast<A>(tp[i]);
+      const A d = static_cast<A>(fp[i]) - t;
+      abs_sum += std::abs(static_cast<A>(xp[i]) - t);
+      sq_sum += d * d;
+    }
+    acc[0] += abs_sum;
+    acc[1] += sq_sum;
+  });
+}
+
+}  // namespace
+
+void vsd_loss_sums(const at::Tensor& x_g, const at::Tensor& teacher, const at::Tensor& fake,
+                   at::Tensor& sums) {
+  FASTGEN_DISPATCH_FLOATING(x_g.scalar_type(), "vsd_loss_sums",
+                            [&] { sums_impl<scalar_t>(x_g, teacher, fake, sums); });
+}
+
+}  // namespace cpu
+}  // namespace fastgen
