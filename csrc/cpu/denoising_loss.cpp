@@ -15,13 +15,10 @@ void sums_impl(const at::Tensor& pred, const at::Tensor& target, at::Tensor& sum
   const T* tp = target.const_data_ptr<T>();
   const int64_t batch = pred.size(0);
   sample_chunk_sums<1, A>(batch, pred.numel() / batch, sums, [&](int64_t begin, int64_t end, A (&acc)[1]) {
-    A sq_sum = 0;
-#pragma omp simd reduction(+ : sq_sum)
-    for (int64_t i = begin; i < end; ++i) {
+    lane_sums<1, A>(begin, end, acc, [&](int64_t i, A (&t)[1]) {
       const A d = static_cast<A>(pp[i]) - static_cast<A>(tp[i]);
-      sq_sum += d * d;
-    }
-    acc[0] += sq_sum;
+      t[0] = d * d;
+    });
   });
 }
 

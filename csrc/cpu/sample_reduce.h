@@ -9,6 +9,33 @@
 namespace fastgen {
 namespace cpu {
 
+// Independent running sums per statistic in lane_sums: one running sum is bound by the latency of
+// its add (a vector add every few cycles); kLanes of them pipeline and vectorize.
+constexpr int kLanes = 16;
+
+// Adds term(i, t) (which fills t[0..NSTAT)) over the elements [begin, end) to acc, with kLanes
+// running sums per statistic combined in a fixed order: deterministic, and fast.
+template <int NSTAT, typename A, typename Term>
+inline void lane_sums(int64_t begin, int64_t end, A (&acc)[NSTAT], Term&& term) {
+  A lanes[NSTAT][kLanes] = {};
+  int64_t i = begin;
+  for (; i + kLanes <= end; i += kLanes) {
+#pragma omp simd
+    for (int l = 0; l < kLanes; ++l) {
+      A t[NSTAT];
+      term(i + l, t);
+      for (int s = 0; s < NSTAT; ++s) lanes[s][l] += t[s];
+    }
+  }
+  for (int l = 0; i < end; ++i, ++l) {
+    A t[NSTAT];
+    term(i, t);
+    for (int s = 0; s < NSTAT; ++s) lanes[s][l] += t[s];
+  }
+  for (int s = 0; s < NSTAT; ++s)
+    for (int l = 0; l < kLanes; ++l) acc[s] += lanes[s][l];
+}
+
 // Reduces `batch` samples of `numel` elements to NSTAT sums each, written to sums (batch, NSTAT)
 // of accumulation type A. chunk(begin, end, acc) adds the contributions of the flat elements
 // [begin, end) (all in one sample) to acc[0..NSTAT); chunks run in parallel, each into its own

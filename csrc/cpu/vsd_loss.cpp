@@ -19,16 +19,12 @@ void sums_impl(const at::Tensor& x_g, const at::Tensor& teacher, const at::Tenso
   const T* fp = fake.const_data_ptr<T>();
   const int64_t batch = x_g.size(0);
   sample_chunk_sums<2, A>(batch, x_g.numel() / batch, sums, [&](int64_t begin, int64_t end, A (&acc)[2]) {
-    A abs_sum = 0, sq_sum = 0;
-#pragma omp simd reduction(+ : abs_sum, sq_sum)
-    for (int64_t i = begin; i < end; ++i) {
+    lane_sums<2, A>(begin, end, acc, [&](int64_t i, A (&s)[2]) {
       const A t = static_cast<A>(tp[i]);
       const A d = static_cast<A>(fp[i]) - t;
-      abs_sum += std::abs(static_cast<A>(xp[i]) - t);
-      sq_sum += d * d;
-    }
-    acc[0] += abs_sum;
-    acc[1] += sq_sum;
+      s[0] = std::abs(static_cast<A>(xp[i]) - t);
+      s[1] = d * d;
+    });
   });
 }
 
