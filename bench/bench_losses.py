@@ -3,8 +3,11 @@ composition of METHODS.md and torch.compile of it.
 
 Run: ``pytest bench/bench_losses.py`` (add ``--benchmark-json=out.json`` for the record).
 Shapes: SD latents B=64 x 4x64x64 and Wan-style video latents B=8 x 16x60x104 (fp32 and bf16).
-Bytes moved (analytic minimum): VSD reads x_g, T, Fk once forward, then T and Fk and writes dx;
-denoising reads pred and target forward, again backward, and writes dpred.
+Every loss is timed with its per-sample inputs (weights, times, log-variance) and the gradient of
+its first input. Bytes moved (analytic minimum): each (B, ...) input read once forward; the
+backward reads what the gradient needs and writes it (VSD: T, Fk, dx_g; denoising, consistency:
+pred, target, dpred; MeanFlow: u, v, J, du; sCM: F, dx_t/dt, J, x_t (F_minus is F), dF; GAN:
+logits, dlogits).
 
 Besides time, ``extra_info`` records ``peak_extra_bytes``: the most memory the step holds at once
 beyond its inputs (so activations of the composition, pseudo-targets, gradients), and its ratio
@@ -16,6 +19,8 @@ peaks at the step's peak extra memory. Inductor's CPU buffers go through the sam
 """
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -30,32 +35,80 @@ DTYPES = [torch.float32, torch.bfloat16]
 _peer_peak: dict = {}
 
 
-def eager_vsd(x_g, teacher, fake):
-    dims = tuple(range(1, x_g.dim()))
-    w = 1 / ((x_g - teacher).abs().mean(dims, keepdim=True) + 1e-6)
-    grad = (fake - teacher) * w
+def _dims(x):
+    return tuple(range(1, x.dim()))
+
+
+def _view(v, x):
+    return v.view((-1,) + (1,) * (x.dim() - 1))
+
+
+# The eager compositions, as METHODS.md writes them (and as training code does), in fp32.
+
+
+def eager_vsd(x_g, teacher, fake, weight):
+    w = 1 / ((x_g - teacher).abs().mean(_dims(x_g), keepdim=True) + 1e-6)
+    grad = (fake - teacher) * (w * _view(weight, x_g))
     target = (x_g - grad).detach()
     return 0.5 * F.mse_loss(x_g.float(), target.float())
 
 
-def eager_denoising(pred, target):
-    return F.mse_loss(pred.float(), target.float())
+def eager_denoising(pred, target, weight):
+    return (weight * (pred.float() - target.float()).square().mean(_dims(pred))).mean()
 
 
-def fused_vsd(x_g, teacher, fake):
-    return fk.losses.vsd_loss(x_g, teacher, fake)
+def eager_consistency(pred, target, weight):
+    c = 0.00054 * math.sqrt(pred[0].numel())
+    sq = (pred.float() - target.detach().float()).square().sum(_dims(pred))
+    return (weight * (torch.sqrt(sq + c * c) - c)).mean()
 
 
-def fused_denoising(pred, target):
-    return fk.losses.denoising_loss(pred, target)
+def eager_meanflow(u, v, jvp, t, r):
+    target = (v.float() - _view(t - r, u) * jvp.float()).detach()
+    e = (u.float() - target).square().sum(_dims(u))
+    return ((e.detach() + 1e-3) ** -1.0 * e).mean()
+
+
+def eager_scm(F_, dxt_dt, jvp, x_t, t, logvar, sigma_data=0.5):
+    cos, sin = _view(torch.cos(t), F_), _view(torch.sin(t), F_)
+    F_minus = F_.detach().float()
+    g = -cos**2 * (sigma_data * F_minus - dxt_dt.float()) - (cos * sin * x_t.float() + sigma_data * jvp.float())
+    g = g / _view(g.flatten(1).norm(dim=1) / math.sqrt(F_[0].numel()) + 0.1, F_)
+    mse = (F_.float() - F_minus - g).square().mean(_dims(F_))
+    return (mse / (sigma_data * torch.tan(t)) / torch.exp(logvar) + logvar).mean()
+
+
+def eager_gan(logits_fake):
+    return F.softplus(-logits_fake.float()).mean()
+
+
+def fused_scm(F_, dxt_dt, jvp, x_t, t, logvar):
+    return fk.losses.scm_loss(F_, F_.detach(), dxt_dt, jvp, x_t, t, logvar)
+
+
+def weight(batch, device):
+    return (torch.rand(batch, device=device) + 0.5,)
+
+
+def times(batch, device):
+    t = torch.rand(batch, device=device) * 0.9 + 0.05
+    return t, t * torch.rand(batch, device=device)
+
+
+def trigflow(batch, device):
+    return torch.rand(batch, device=device) * 1.4 + 0.05, torch.randn(batch, device=device)
 
 
 LOSSES = {
-    # name: (eager, compiled, fused, inputs, reads + writes of whole tensors)
-    "vsd": (eager_vsd, torch.compile(eager_vsd, dynamic=False), fused_vsd, 3, 6),
-    "denoising": (eager_denoising, torch.compile(eager_denoising, dynamic=False), fused_denoising,
-                  2, 5),
+    # name: (eager, fused, (B, ...) inputs, per-sample inputs, reads + writes of whole tensors)
+    "vsd": (eager_vsd, fk.losses.vsd_loss, 3, weight, 6),
+    "denoising": (eager_denoising, fk.losses.denoising_loss, 2, weight, 5),
+    "consistency": (eager_consistency, fk.losses.consistency_loss, 2, weight, 5),
+    "meanflow": (eager_meanflow, fk.losses.meanflow_loss, 3, times, 7),
+    "scm": (eager_scm, fused_scm, 4, trigflow, 9),
+    "gan": (eager_gan, fk.losses.gan_loss, 1, lambda batch, device: (), 3),
 }
+COMPILED = {name: torch.compile(spec[0], dynamic=False) for name, spec in LOSSES.items()}
 
 
 def peak_extra_bytes(fn, device: str) -> int:
@@ -81,14 +134,15 @@ def peak_extra_bytes(fn, device: str) -> int:
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("loss", list(LOSSES))
 def test_loss_forward_backward(benchmark, device, loss, shape, dtype, provider):
-    eager, compiled, fused, num_inputs, passes = LOSSES[loss]
-    fn, backend = pick_provider(provider, device, eager, compiled, fused)
+    eager, fused, num_inputs, per_sample, passes = LOSSES[loss]
+    fn, backend = pick_provider(provider, device, eager, COMPILED[loss], fused)
     n = torch.Size(shape).numel()
     itemsize = torch.empty(0, dtype=dtype).element_size()
 
     def make_inputs():
         first = torch.randn(shape, device=device, dtype=dtype, requires_grad=True)
-        return (first, *(torch.randn(shape, device=device, dtype=dtype) for _ in range(num_inputs - 1)))
+        others = (torch.randn(shape, device=device, dtype=dtype) for _ in range(num_inputs - 1))
+        return (first, *others, *per_sample(shape[0], device))
 
     next_inputs = rotating(make_inputs, device, num_inputs * n * itemsize)
 

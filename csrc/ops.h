@@ -59,13 +59,30 @@ void qk_norm_rope_backward(const at::Tensor& grad_out, const at::Tensor& x,
 void vsd_loss_sums(const at::Tensor& x_g, const at::Tensor& teacher, const at::Tensor& fake,
                    at::Tensor& sums);
 
-// sums[b] = sum (pred - target)^2 over sample b.
-void denoising_loss_sums(const at::Tensor& pred, const at::Tensor& target, at::Tensor& sums);
+// With r = a - b + k[b] * c per element of sample b (c and k undefined: r = a - b; k (B,) in the
+// statistics' dtype): sums[b] = sum r^2 over sample b.
+void squared_residual_sums(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c,
+                           const at::Tensor& k, at::Tensor& sums);
 
-// The losses' shared backward: out = scale[b] * (a - b) per element of sample b (scale (B,) in the
-// statistics' dtype); negated = -out, written when defined.
-void sample_scaled_difference(const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale,
-                              at::Tensor& out, at::Tensor& negated);
+// out = scale[b] * r with r as above (scale (B,) in the statistics' dtype); negated = -out, written
+// when defined. The backward of the squared residual and of the VSD loss.
+void scaled_residual(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c,
+                     const at::Tensor& k, const at::Tensor& scale, at::Tensor& out,
+                     at::Tensor& negated);
+
+// sCM, inputs (F, F_minus, dxt_dt, jvp, x_t), coef (B, 4) in the statistics' dtype, tangent
+// g = coef[b] . (F_minus, dxt_dt, jvp, x_t), d = F - F_minus: sums[b] = (sum g^2, sum d g, sum d^2).
+void scm_loss_sums(const at::Tensor (&inputs)[5], const at::Tensor& coef, at::Tensor& sums);
+
+// out = scale[b] * (d - coef[b] . (F_minus, dxt_dt, jvp, x_t)).
+void scm_loss_backward(const at::Tensor (&inputs)[5], const at::Tensor& coef,
+                       const at::Tensor& scale, at::Tensor& out);
+
+// With z = -x if negative else x: sums[b] = sum softplus(z) over sample b.
+void softplus_sums(const at::Tensor& x, bool negative, at::Tensor& sums);
+
+// out = scale[b] * dsoftplus(z)/dx = scale[b] * (negative ? -1 : 1) * sigmoid(z).
+void softplus_backward(const at::Tensor& x, bool negative, const at::Tensor& scale, at::Tensor& out);
 
 }  // namespace cpu
 }  // namespace fastgen

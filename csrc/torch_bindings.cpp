@@ -386,41 +386,136 @@ Tensor vsd_loss_sums(const Tensor& x_g, const Tensor& teacher, const Tensor& fak
       });
 }
 
-Tensor denoising_loss_sums(const Tensor& pred, const Tensor& target) {
-  check_samples(pred, {{&target, "target"}});
+// A per-sample scalar tensor: (B,) or (B, width) contiguous, of the statistics' dtype, on x's device.
+void check_per_sample(const Tensor& p, const Tensor& x, int64_t width, const char* name) {
+  const bool shape_ok = width == 1 ? (p.dim() == 1 && p.size(0) == x.size(0))
+                                   : (p.dim() == 2 && p.size(0) == x.size(0) && p.size(1) == width);
+  TORCH_CHECK(shape_ok && p.is_contiguous() && p.scalar_type() == stat_dtype(x) &&
+                  p.device() == x.device(),
+              name, " must be a contiguous (B", width == 1 ? "" : ", width", ") tensor of the statistics' dtype on the input's device, got ",
+              p.sizes());
+}
+
+// c and k of the squared residual: both given or both absent.
+const Tensor* check_residual_term(const Tensor& a, const optional<Tensor>& c, const optional<Tensor>& k) {
+  TORCH_CHECK(c.has_value() == k.has_value(), "c and k must be given together");
+  if (!c.has_value()) return nullptr;
+  check_samples(a, {{&*c, "c"}});
+  check_per_sample(*k, a, 1, "k");
+  return &*c;
+}
+
+Tensor squared_residual_sums(const Tensor& a, const Tensor& b, const optional<Tensor>& c,
+                             const optional<Tensor>& k) {
+  check_samples(a, {{&b, "b"}});
+  const Tensor* term = check_residual_term(a, c, k);
+  const Tensor none;
   return sample_sums(
-      pred, 1, [&](Tensor& sums) { cpu::denoising_loss_sums(pred, target, sums); },
+      a, 1, [&](Tensor& sums) { cpu::squared_residual_sums(a, b, term ? *c : none, term ? *k : none, sums); },
       [&]([[maybe_unused]] const auto& reduce) {
 #ifdef FASTGEN_WITH_CUDA
-        cuda::DenoisingLossSumsArgs args{cuda_dtype(pred), pred.const_data_ptr(),
-                                         target.const_data_ptr(), reduce};
-        check_launch(cuda::launch_denoising_loss_sums(args, c10::cuda::getCurrentCUDAStream()),
-                     "denoising_loss_sums");
+        cuda::SquaredResidualSumsArgs args{cuda_dtype(a), a.const_data_ptr(), b.const_data_ptr(),
+                                           term ? c->const_data_ptr() : nullptr,
+                                           term ? k->const_data_ptr<float>() : nullptr, reduce};
+        check_launch(cuda::launch_squared_residual_sums(args, c10::cuda::getCurrentCUDAStream()),
+                     "squared_residual_sums");
 #endif
       });
 }
 
-std::tuple<Tensor, Tensor> sample_scaled_difference(const Tensor& a, const Tensor& b,
-                                                    const Tensor& scale, bool negated) {
+std::tuple<Tensor, Tensor> scaled_residual(const Tensor& a, const Tensor& b, const optional<Tensor>& c,
+                                           const optional<Tensor>& k, const Tensor& scale, bool negated) {
   check_samples(a, {{&b, "b"}});
-  TORCH_CHECK(scale.dim() == 1 && scale.size(0) == a.size(0) && scale.is_contiguous() &&
-                  scale.scalar_type() == stat_dtype(a) && scale.device() == a.device(),
-              "scale must be a contiguous (B,) tensor of the statistics' dtype, got ", scale.sizes());
+  const Tensor* term = check_residual_term(a, c, k);
+  check_per_sample(scale, a, 1, "scale");
   Tensor out = at::empty_like(a);
   Tensor neg = negated ? at::empty_like(a) : Tensor();
   if (a.is_cuda()) {
 #ifdef FASTGEN_WITH_CUDA
     const c10::cuda::CUDAGuard guard(a.device());
-    cuda::SampleScaledDifferenceArgs args{cuda_dtype(a), a.const_data_ptr(), b.const_data_ptr(),
+    cuda::ScaledResidualArgs args{cuda_dtype(a), a.const_data_ptr(), b.const_data_ptr(),
+        term ? c->const_data_ptr() : nullptr, term ? k->const_data_ptr<float>() : nullptr,
         scale.const_data_ptr<float>(), out.mutable_data_ptr(), negated ? neg.mutable_data_ptr() : nullptr,
         a.size(0), a.numel() / a.size(0)};
-    check_launch(cuda::launch_sample_scaled_difference(args, c10::cuda::getCurrentCUDAStream()),
-                 "sample_scaled_difference");
+    check_launch(cuda::launch_scaled_residual(args, c10::cuda::getCurrentCUDAStream()), "scaled_residual");
 #endif
   } else {
-    cpu::sample_scaled_difference(a, b, scale, out, neg);
+    const Tensor none;
+    cpu::scaled_residual(a, b, term ? *c : none, term ? *k : none, scale, out, neg);
   }
   return {out, negated ? neg : at::empty({0}, a.options())};
+}
+
+// The five sCM inputs (F, F_minus, dxt_dt, jvp, x_t) and their (B, 4) coefficients.
+void check_scm(const Tensor (&in)[5], const Tensor& coef) {
+  check_samples(in[0], {{&in[1], "F_minus"}, {&in[2], "dxt_dt"}, {&in[3], "jvp"}, {&in[4], "x_t"}});
+  check_per_sample(coef, in[0], 4, "coef");
+}
+
+Tensor scm_loss_sums(const Tensor& F, const Tensor& F_minus, const Tensor& dxt_dt, const Tensor& jvp,
+                     const Tensor& x_t, const Tensor& coef) {
+  const Tensor in[5] = {F, F_minus, dxt_dt, jvp, x_t};
+  check_scm(in, coef);
+  return sample_sums(
+      F, 3, [&](Tensor& sums) { cpu::scm_loss_sums(in, coef, sums); },
+      [&]([[maybe_unused]] const auto& reduce) {
+#ifdef FASTGEN_WITH_CUDA
+        cuda::ScmLossSumsArgs args{cuda_dtype(F), {F.const_data_ptr(), F_minus.const_data_ptr(),
+            dxt_dt.const_data_ptr(), jvp.const_data_ptr(), x_t.const_data_ptr()},
+            coef.const_data_ptr<float>(), reduce};
+        check_launch(cuda::launch_scm_loss_sums(args, c10::cuda::getCurrentCUDAStream()), "scm_loss_sums");
+#endif
+      });
+}
+
+Tensor scm_loss_backward(const Tensor& F, const Tensor& F_minus, const Tensor& dxt_dt,
+                         const Tensor& jvp, const Tensor& x_t, const Tensor& coef, const Tensor& scale) {
+  const Tensor in[5] = {F, F_minus, dxt_dt, jvp, x_t};
+  check_scm(in, coef);
+  check_per_sample(scale, F, 1, "scale");
+  Tensor out = at::empty_like(F);
+  if (F.is_cuda()) {
+#ifdef FASTGEN_WITH_CUDA
+    const c10::cuda::CUDAGuard guard(F.device());
+    cuda::ScmLossBackwardArgs args{cuda_dtype(F), {F.const_data_ptr(), F_minus.const_data_ptr(),
+        dxt_dt.const_data_ptr(), jvp.const_data_ptr(), x_t.const_data_ptr()},
+        coef.const_data_ptr<float>(), scale.const_data_ptr<float>(), out.mutable_data_ptr(),
+        F.size(0), F.numel() / F.size(0)};
+    check_launch(cuda::launch_scm_loss_backward(args, c10::cuda::getCurrentCUDAStream()), "scm_loss_backward");
+#endif
+  } else {
+    cpu::scm_loss_backward(in, coef, scale, out);
+  }
+  return out;
+}
+
+Tensor softplus_sums(const Tensor& x, bool negative) {
+  check_samples(x, {});
+  return sample_sums(
+      x, 1, [&](Tensor& sums) { cpu::softplus_sums(x, negative, sums); },
+      [&]([[maybe_unused]] const auto& reduce) {
+#ifdef FASTGEN_WITH_CUDA
+        cuda::SoftplusSumsArgs args{cuda_dtype(x), x.const_data_ptr(), negative, reduce};
+        check_launch(cuda::launch_softplus_sums(args, c10::cuda::getCurrentCUDAStream()), "softplus_sums");
+#endif
+      });
+}
+
+Tensor softplus_backward(const Tensor& x, bool negative, const Tensor& scale) {
+  check_samples(x, {});
+  check_per_sample(scale, x, 1, "scale");
+  Tensor out = at::empty_like(x);
+  if (x.is_cuda()) {
+#ifdef FASTGEN_WITH_CUDA
+    const c10::cuda::CUDAGuard guard(x.device());
+    cuda::SoftplusBackwardArgs args{cuda_dtype(x), x.const_data_ptr(), negative,
+        scale.const_data_ptr<float>(), out.mutable_data_ptr(), x.size(0), x.numel() / x.size(0)};
+    check_launch(cuda::launch_softplus_backward(args, c10::cuda::getCurrentCUDAStream()), "softplus_backward");
+#endif
+  } else {
+    cpu::softplus_backward(x, negative, scale, out);
+  }
+  return out;
 }
 
 }  // namespace
@@ -440,8 +535,15 @@ TORCH_LIBRARY(fastgen_C, m) {
         "Tensor? q_weight, Tensor? k_weight, Tensor? cos, Tensor? sin, Tensor q_rstd, "
         "Tensor k_rstd, bool interleaved) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("vsd_loss_sums(Tensor x_g, Tensor x0_teacher, Tensor x0_fake) -> Tensor");
-  m.def("denoising_loss_sums(Tensor pred, Tensor target) -> Tensor");
-  m.def("sample_scaled_difference(Tensor a, Tensor b, Tensor scale, bool negated) -> (Tensor, Tensor)");
+  m.def("squared_residual_sums(Tensor a, Tensor b, Tensor? c, Tensor? k) -> Tensor");
+  m.def("scaled_residual(Tensor a, Tensor b, Tensor? c, Tensor? k, Tensor scale, bool negated) "
+        "-> (Tensor, Tensor)");
+  m.def("scm_loss_sums(Tensor F, Tensor F_minus, Tensor dxt_dt, Tensor jvp, Tensor x_t, Tensor coef) "
+        "-> Tensor");
+  m.def("scm_loss_backward(Tensor F, Tensor F_minus, Tensor dxt_dt, Tensor jvp, Tensor x_t, "
+        "Tensor coef, Tensor scale) -> Tensor");
+  m.def("softplus_sums(Tensor x, bool negative) -> Tensor");
+  m.def("softplus_backward(Tensor x, bool negative, Tensor scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fastgen_C, CPU, m) {
@@ -452,8 +554,12 @@ TORCH_LIBRARY_IMPL(fastgen_C, CPU, m) {
   m.impl("qk_norm_rope_forward", &fastgen::qk_norm_rope_forward);
   m.impl("qk_norm_rope_backward", &fastgen::qk_norm_rope_backward);
   m.impl("vsd_loss_sums", &fastgen::vsd_loss_sums);
-  m.impl("denoising_loss_sums", &fastgen::denoising_loss_sums);
-  m.impl("sample_scaled_difference", &fastgen::sample_scaled_difference);
+  m.impl("squared_residual_sums", &fastgen::squared_residual_sums);
+  m.impl("scaled_residual", &fastgen::scaled_residual);
+  m.impl("scm_loss_sums", &fastgen::scm_loss_sums);
+  m.impl("scm_loss_backward", &fastgen::scm_loss_backward);
+  m.impl("softplus_sums", &fastgen::softplus_sums);
+  m.impl("softplus_backward", &fastgen::softplus_backward);
 }
 
 #ifdef FASTGEN_WITH_CUDA
@@ -465,8 +571,12 @@ TORCH_LIBRARY_IMPL(fastgen_C, CUDA, m) {
   m.impl("qk_norm_rope_forward", &fastgen::qk_norm_rope_forward);
   m.impl("qk_norm_rope_backward", &fastgen::qk_norm_rope_backward);
   m.impl("vsd_loss_sums", &fastgen::vsd_loss_sums);
-  m.impl("denoising_loss_sums", &fastgen::denoising_loss_sums);
-  m.impl("sample_scaled_difference", &fastgen::sample_scaled_difference);
+  m.impl("squared_residual_sums", &fastgen::squared_residual_sums);
+  m.impl("scaled_residual", &fastgen::scaled_residual);
+  m.impl("scm_loss_sums", &fastgen::scm_loss_sums);
+  m.impl("scm_loss_backward", &fastgen::scm_loss_backward);
+  m.impl("softplus_sums", &fastgen::softplus_sums);
+  m.impl("softplus_backward", &fastgen::softplus_backward);
 }
 #define FASTGEN_CUDA_BUILT 1
 #else

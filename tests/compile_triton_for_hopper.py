@@ -23,6 +23,8 @@ from triton.runtime.jit import JITFunction
 
 import fastgen_kernels as fk
 from fastgen_kernels.triton_ops import attention as triton_attention
+from fastgen_kernels.triton_ops import gan_loss as triton_gan_loss
+from fastgen_kernels.triton_ops import squared_residual as triton_squared_residual
 
 HOPPER = GPUTarget("cuda", 90, 32)
 TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int32: "i32",
@@ -64,6 +66,12 @@ def record_all_launches() -> None:
             args = module.example_args(torch.device("cpu"), dtype)
             module.forward_dispatcher.impls["triton"](*args)
             module.backward_dispatcher.impls["triton"](*module.example_backward_args(*args))
+    # the constexpr variants the example arguments leave out
+    x, s = torch.randn(2, 3, 16), torch.rand(2)
+    triton_squared_residual.sums(x, x, None, None)
+    triton_squared_residual.scaled_residual(x, x, None, None, s, True)
+    triton_gan_loss.sums(x, False)
+    triton_gan_loss.backward(x, False, s)
     for head_dim in (72, 96, 256):
         q = torch.randn(1, 16, 2, head_dim, dtype=torch.bfloat16)
         o, lse = torch.empty_like(q), torch.empty(1, 2, 16)

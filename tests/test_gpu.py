@@ -222,38 +222,42 @@ def test_attention_dispatch_on_gpu():
 # --------------------------------------------------------------------------- fused losses
 
 import loss_testing as lt  # noqa: E402
-import test_denoising_loss as dl  # noqa: E402
-import test_vsd_loss as vl  # noqa: E402
+import test_losses as tl  # noqa: E402
+from loss_cases import CASES  # noqa: E402
 
+# odd D, B = 1, SD latents, a latent video clip (D = 99840)
 LOSS_SHAPES = [(2, 3, 37, 37), (1, 5), (64, 4, 64, 64), (8, 16, 60, 104)]
-LOSS_CASES = {"vsd": (vl, fk.losses.vsd_loss, ["x_g"]),
-              "denoising": (dl, fk.losses.denoising_loss, ["pred", "target"])}
 
 
 @pytest.mark.parametrize("backend", gpu_backends())
 @pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
 @pytest.mark.parametrize("shape", LOSS_SHAPES, ids=str)
-@pytest.mark.parametrize("loss", list(LOSS_CASES))
-def test_losses_on_gpu(backend, dtype, shape, loss, generator):
-    module, fn, differentiable = LOSS_CASES[loss]
-    inputs = {k: v.cuda() for k, v in module.make_inputs(shape, dtype, generator, weighted=True).items()}
+@pytest.mark.parametrize("case", list(CASES))
+def test_losses_on_gpu(backend, dtype, shape, case, generator):
+    inputs = {k: v.cuda() for k, v in CASES[case].make_inputs(shape, dtype, generator).items()}
     for reduction in ("mean", "none"):
-        lt.check_against_oracle(fn, module.oracle, inputs, differentiable, dtype, backend, reduction)
+        lt.check_against_oracle(CASES[case], inputs, dtype, backend, reduction)
 
 
 @pytest.mark.parametrize("backend", gpu_backends())
-@pytest.mark.parametrize("loss", list(LOSS_CASES))
-def test_losses_are_deterministic_and_pass_opcheck_on_gpu(backend, loss, generator):
-    module, fn, differentiable = LOSS_CASES[loss]
-    inputs = {k: v.cuda() for k, v in module.make_inputs((3, 5, 61, 67), torch.float32, generator).items()}
+@pytest.mark.parametrize("case", list(CASES))
+def test_losses_are_deterministic_on_gpu(backend, case, generator):
+    spec = CASES[case]
+    inputs = {k: v.cuda() for k, v in spec.make_inputs((3, 5, 61, 67), torch.float32, generator).items()}
+    name = spec.differentiable[0]
     results = []
     for _ in range(2):
-        x = inputs[differentiable[0]].detach().requires_grad_()
+        x = inputs[name].detach().requires_grad_()
         with fk.use_backend(backend):
-            value = fn(**inputs | {differentiable[0]: x})
+            value = spec.fn(**inputs | {name: x}, **spec.kwargs)
             results.append((value, torch.autograd.grad(value, x)[0]))
     assert all(torch.equal(a, b) for a, b in zip(*results))
-    op = getattr(torch.ops.fastgen, f"{loss}_loss").default
-    args = tuple(inputs.values()) + (None,) + ((1e-6,) if loss == "vsd" else ())
+
+
+@pytest.mark.parametrize("backend", gpu_backends())
+def test_loss_ops_pass_opcheck_on_gpu(backend, generator):
     with fk.use_backend(backend):
-        torch.library.opcheck(op, args)
+        for op, args in tl.op_cases(generator):
+            args = tuple(a.detach().cuda().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor)
+                         else a for a in args)
+            torch.library.opcheck(op, args)

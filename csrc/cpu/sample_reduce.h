@@ -1,4 +1,5 @@
-// CPU side of the per-sample loss reductions (layout: csrc/sample_chunks.h).
+// CPU side of the per-sample losses: the reductions (layout: csrc/sample_chunks.h) and the
+// elementwise backward passes.
 #pragma once
 
 #include <vector>
@@ -66,6 +67,20 @@ void sample_chunk_sums(int64_t batch, int64_t numel, at::Tensor& sums, ChunkFn&&
       out[b * NSTAT + s] = total;
     }
   }
+}
+
+// Runs run(sample, begin, end) over the flat elements [0, batch * numel) of `batch` samples, in
+// parallel, each call within one sample (so per-sample scalars are loaded once per run).
+template <typename Run>
+void sample_runs(int64_t batch, int64_t numel, Run&& run) {
+  at::parallel_for(0, batch * numel, int64_t{1} << 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end;) {
+      const int64_t sample = i / numel;
+      const int64_t stop = std::min(end, (sample + 1) * numel);
+      run(sample, i, stop);
+      i = stop;
+    }
+  });
 }
 
 }  // namespace cpu

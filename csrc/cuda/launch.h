@@ -158,30 +158,79 @@ struct VsdLossSumsArgs {
 
 cudaError_t launch_vsd_loss_sums(const VsdLossSumsArgs& args, cudaStream_t stream);
 
-// sums[b] = sum (pred - target)^2
-struct DenoisingLossSumsArgs {
+// sums[b] = sum r^2 over sample b, r = a - b + k[b] * c (c and k nullptr: r = a - b).
+struct SquaredResidualSumsArgs {
   DType dtype;
-  const void* pred;    // (batch, numel)
-  const void* target;  // (batch, numel)
+  const void* a;   // (batch, numel)
+  const void* b;   // (batch, numel)
+  const void* c;   // (batch, numel) or nullptr
+  const float* k;  // (batch,), nullptr with c
   SampleReduceArgs reduce;
 };
 
-cudaError_t launch_denoising_loss_sums(const DenoisingLossSumsArgs& args, cudaStream_t stream);
+cudaError_t launch_squared_residual_sums(const SquaredResidualSumsArgs& args, cudaStream_t stream);
 
-// The losses' shared backward: out = scale[b] * (a - b) per element of sample b; negated = -out
-// when not nullptr.
-struct SampleScaledDifferenceArgs {
+// out = scale[b] * r, r as above; negated = -out when not nullptr. The backward of the squared
+// residual and of the VSD loss.
+struct ScaledResidualArgs {
   DType dtype;
   const void* a;        // (batch, numel)
   const void* b;        // (batch, numel)
+  const void* c;        // (batch, numel) or nullptr
+  const float* k;       // (batch,), nullptr with c
   const float* scale;   // (batch,)
   void* out;            // (batch, numel), written
   void* negated;        // (batch, numel), written, or nullptr
   int64_t batch, numel;
 };
 
-cudaError_t launch_sample_scaled_difference(const SampleScaledDifferenceArgs& args,
-                                            cudaStream_t stream);
+cudaError_t launch_scaled_residual(const ScaledResidualArgs& args, cudaStream_t stream);
+
+// sCM. inputs = (F, F_minus, dxt_dt, jvp, x_t), each (batch, numel); per sample the tangent
+// g = coef[b] . (F_minus, dxt_dt, jvp, x_t) and d = F - F_minus.
+// sums[b] = (sum g^2, sum d g, sum d^2).
+struct ScmLossSumsArgs {
+  DType dtype;
+  const void* inputs[5];
+  const float* coef;  // (batch, 4)
+  SampleReduceArgs reduce;
+};
+
+cudaError_t launch_scm_loss_sums(const ScmLossSumsArgs& args, cudaStream_t stream);
+
+// out = scale[b] * (d - coef[b] . (F_minus, dxt_dt, jvp, x_t)).
+struct ScmLossBackwardArgs {
+  DType dtype;
+  const void* inputs[5];
+  const float* coef;   // (batch, 4)
+  const float* scale;  // (batch,)
+  void* out;           // (batch, numel), written
+  int64_t batch, numel;
+};
+
+cudaError_t launch_scm_loss_backward(const ScmLossBackwardArgs& args, cudaStream_t stream);
+
+// GAN logits, z = -x if negative else x: sums[b] = sum softplus(z) over sample b.
+struct SoftplusSumsArgs {
+  DType dtype;
+  const void* x;  // (batch, numel)
+  bool negative;
+  SampleReduceArgs reduce;
+};
+
+cudaError_t launch_softplus_sums(const SoftplusSumsArgs& args, cudaStream_t stream);
+
+// out = scale[b] * dsoftplus(z)/dx = scale[b] * (negative ? -1 : 1) * sigmoid(z).
+struct SoftplusBackwardArgs {
+  DType dtype;
+  const void* x;       // (batch, numel)
+  bool negative;
+  const float* scale;  // (batch,)
+  void* out;           // (batch, numel), written
+  int64_t batch, numel;
+};
+
+cudaError_t launch_softplus_backward(const SoftplusBackwardArgs& args, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace fastgen

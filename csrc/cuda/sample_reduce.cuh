@@ -1,13 +1,15 @@
 // The per-sample loss reductions on the GPU (layout: sample_chunks.h, launch.h): a generic
-// per-chunk reduction kernel over NIN inputs to NSTAT sums, and the fixed-order finish. An op
-// supplies a Stats functor:
+// per-chunk reduction kernel over NIN inputs to NSTAT sums, and the fixed-order finish; and the
+// grid-stride loop of the elementwise backward passes. An op supplies a Stats functor:
 //
 //   struct MyStats {
 //     static constexpr int kInputs = ..., kStats = ...;
+//     __device__ MyStats at(int64_t sample) const;  // bound to one sample's scalars
 //     __device__ void operator()(const float (&in)[kInputs], float (&acc)[kStats]) const;
 //   };
 //
-// called once per element with the element of every input in fp32.
+// `at` is called once per block (a chunk lies in one sample), then the call operator once per
+// element with the element of every input in fp32.
 #pragma once
 
 #include <algorithm>
@@ -36,6 +38,7 @@ __global__ void __launch_bounds__(kReduceThreads) sample_chunk_sums_kernel(
   const int64_t first = (blockIdx.x - sample * chunks_per_sample) * chunk_size;
   const int64_t last = first + chunk_size < numel ? first + chunk_size : numel;
   const int64_t base = sample * numel;
+  const Stats bound = stats.at(sample);
   float acc[Stats::kStats] = {};
   for (int64_t i = first + int64_t{threadIdx.x} * VEC; i < last; i += int64_t{blockDim.x} * VEC) {
     float v[Stats::kInputs][VEC];
@@ -46,7 +49,7 @@ __global__ void __launch_bounds__(kReduceThreads) sample_chunk_sums_kernel(
       float e[Stats::kInputs];
 #pragma unroll
       for (int k = 0; k < Stats::kInputs; ++k) e[k] = v[k][j];
-      stats(e, acc);
+      bound(e, acc);
     }
   }
   block_reduce_sum(acc);
@@ -108,6 +111,15 @@ cudaError_t launch_sample_reduce(DType dtype, const void* const (&ptrs)[Stats::k
       <<<static_cast<unsigned>(ceil_div(r.batch, kFinishThreads)), kFinishThreads, 0, stream>>>(
           r.partials, r.sums, r.batch, r.chunks_per_sample);
   return cudaGetLastError();
+}
+
+// Grid of an elementwise pass over num_vecs vectors: one vector per thread, at most the resident
+// blocks (the kernel loops over the rest).
+inline cudaError_t elementwise_blocks(int64_t num_vecs, int threads, unsigned& blocks) {
+  int64_t max_blocks = 0;
+  if (const cudaError_t err = resident_blocks(threads, max_blocks); err != cudaSuccess) return err;
+  blocks = static_cast<unsigned>(std::max<int64_t>(1, std::min(ceil_div(num_vecs, threads), max_blocks)));
+  return cudaSuccess;
 }
 
 }  // namespace cuda

@@ -2,10 +2,12 @@
 backward and forward-mode (jvp) rules, running on the backend chosen per call."""
 
 from fastgen_kernels.ops import attention as _attention_module
-from fastgen_kernels.ops import denoising_loss as _denoising_loss_module
+from fastgen_kernels.ops import gan_loss as _gan_loss_module
 from fastgen_kernels.ops import gated_residual as _gated_residual_module
 from fastgen_kernels.ops import modulated_norm as _modulated_norm_module
 from fastgen_kernels.ops import qk_norm_rope as _qk_norm_rope_module
+from fastgen_kernels.ops import scm_loss as _scm_loss_module
+from fastgen_kernels.ops import squared_residual as _squared_residual_module
 from fastgen_kernels.ops import vsd_loss as _vsd_loss_module
 from fastgen_kernels.ops.attention import attention, attention_jvp
 from fastgen_kernels.ops.gated_residual import gated_residual
@@ -19,7 +21,9 @@ OP_MODULES = {
     "attention": _attention_module,
     "qk_norm_rope": _qk_norm_rope_module,
     "vsd_loss": _vsd_loss_module,
-    "denoising_loss": _denoising_loss_module,
+    "squared_residual": _squared_residual_module,
+    "scm_loss": _scm_loss_module,
+    "gan_loss": _gan_loss_module,
 }
 
 __all__ = [

@@ -130,10 +130,13 @@ def samples(op: str, **tensors: object) -> torch.Tensor:
     return first
 
 
-def per_sample(op: str, name: str, value: object, ref_name: str, ref: torch.Tensor) -> None:
-    """An optional per-sample scalar: None, or a (B,) floating tensor (any float dtype) on the
-    device of ``ref`` (called ``ref_name``), B = ref.shape[0]."""
+def per_sample(op: str, name: str, value: object, ref_name: str, ref: torch.Tensor,
+               required: bool = False) -> None:
+    """A per-sample scalar: a (B,) floating tensor (any float dtype) on the device of ``ref``
+    (called ``ref_name``), B = ref.shape[0]; or None unless ``required``."""
     if value is None:
+        if required:
+            raise ValueError(f"{op}: {name} is required: a (B,) tensor, one value per sample of {ref_name}")
         return
     value = tensor(op, name, value)
     if value.device != ref.device:
@@ -155,6 +158,18 @@ def reduction(op: str, value: object) -> str:
 def positive(op: str, name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
         raise ValueError(f"{op}: {name} must be a positive number, got {value!r}")
+    return float(value)
+
+
+def non_negative(op: str, name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise ValueError(f"{op}: {name} must be a non-negative number, got {value!r}")
+    return float(value)
+
+
+def in_range(op: str, name: str, value: object, low: float, high: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        raise ValueError(f"{op}: {name} must be a number in [{low}, {high}], got {value!r}")
     return float(value)
 
 

@@ -6,10 +6,11 @@ Every loss reads (B, ...) tensors as B samples of D = numel / B elements and fol
   deterministic partial sums per (sample, chunk) added in chunk order (csrc/sample_chunks.h); the
   per-sample loss and the per-sample factor the backward needs come from those (B, k) sums in a
   few tiny torch ops (``finish`` of each op, shared by every backend and the fake kernel);
-- backward: ONE elementwise pass ``out = s_b * (a - b)`` (and optionally ``-out``) with a
-  per-sample scale s_b = g_b * c_b * k / D built from the upstream gradient g_b of loss_b: the
-  kernel ``sample_scaled_difference`` shared by all losses;
-- the batch reduction ("mean" or "none") is plain torch on the (B,) vector, so autograd composes.
+- backward: ONE elementwise pass, e.g. ``out = s_b * (a - b)``, with a per-sample scale s_b
+  built from the upstream gradient g_b of the op's per-sample output;
+- what follows the sums and is only (B,)-sized (weights, the pseudo-Huber metric, MeanFlow's
+  adaptive weight, sCM's log-variance weighting) and the batch reduction ("mean" or "none") is
+  plain torch on (B,) vectors, so autograd composes it with the op.
 
 Statistics and per-sample values are fp32 (fp64 for fp64 input, what gradcheck uses).
 """
@@ -43,42 +44,22 @@ def per_sample_factor(weight: Tensor | None, like: Tensor) -> Tensor:
     return weight.to(like.dtype, memory_format=torch.contiguous_format, copy=True)
 
 
-def scale(grad: Tensor, factor: Tensor, constant: float) -> Tensor:
-    """s_b = g_b * c_b * constant, contiguous in the statistics' dtype."""
-    return (grad.to(factor.dtype) * factor * constant).contiguous()
+def scale(grad: Tensor, factor: Tensor | None, constant: float, dtype: torch.dtype) -> Tensor:
+    """s_b = g_b * c_b * constant (c_b = 1 when factor is None), contiguous, in ``dtype`` (the
+    statistics' dtype)."""
+    s = grad.to(dtype) * constant
+    return (s if factor is None else s * factor).contiguous()
+
+
+def per_sample_stat(value: Tensor, like: Tensor) -> Tensor:
+    """A (B,) or (B, k) per-sample tensor as the kernels read it: contiguous, in the statistics'
+    dtype of ``like``."""
+    return value.to(stat_dtype(like)).contiguous()
 
 
 def reduce(loss: Tensor, reduction: str) -> Tensor:
     return loss.mean() if reduction == "mean" else loss
 
-
-# --------------------------------------------------------------------------- shared backward
-
-
-def reference_scaled_difference(a: Tensor, b: Tensor, s: Tensor, negated: bool) -> tuple[Tensor, Tensor]:
-    """(s_b * (a - b), its negation or an empty tensor), in a's dtype."""
-    ct = stat_dtype(a)
-    s = s.to(ct).reshape((-1,) + (1,) * (a.dim() - 1))
-    out = s * (a.to(ct) - b.to(ct))
-    neg = (-out).to(a.dtype).contiguous() if negated else a.new_empty(0)
-    return out.to(a.dtype).contiguous(), neg
-
-
-def extension_scaled_difference(a: Tensor, b: Tensor, s: Tensor, negated: bool) -> tuple[Tensor, Tensor]:
-    return tuple(torch.ops.fastgen_C.sample_scaled_difference(
-        a.contiguous(), b.contiguous(), s.contiguous(), negated))
-
-
-def triton_scaled_difference(a: Tensor, b: Tensor, s: Tensor, negated: bool) -> tuple[Tensor, Tensor]:
-    from fastgen_kernels.triton_ops import sample_reduce
-
-    return sample_reduce.scaled_difference(a, b, s, negated)
-
-
-SCALED_DIFFERENCE = {
-    "cuda": extension_scaled_difference, "triton": triton_scaled_difference,
-    "cpu": extension_scaled_difference, "reference": reference_scaled_difference,
-}
 
 SUPPORTS = {
     "cuda": _checks.loss_kernel_support,

@@ -16,7 +16,8 @@ x0_teacher, x0_fake and weight are constants (stop-gradient): they never get a g
 
 Public API: :func:`vsd_loss` (also ``fastgen_kernels.losses.vsd_loss``), running the custom op
 ``fastgen::vsd_loss`` -> (loss_b, c) (backward: ``fastgen::vsd_loss_backward``) on the backend
-chosen per call. Shared scheme and backward kernel: :mod:`fastgen_kernels.ops._sample_loss`.
+chosen per call. Shared scheme: :mod:`fastgen_kernels.ops._sample_loss`; the backward kernel is the
+scaled residual of :mod:`fastgen_kernels.ops.squared_residual`.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from torch import Tensor
 from fastgen_kernels.backends import BACKENDS, OpDispatcher
 from fastgen_kernels.ops import _checks
 from fastgen_kernels.ops import _sample_loss as sl
+from fastgen_kernels.ops.squared_residual import SCALED_RESIDUAL
 
 # --------------------------------------------------------------------------- reference
 
@@ -80,8 +82,8 @@ def _forward_impl(backend: str):
 
 def _backward_impl(backend: str):
     def backward(fake, teacher, factor, grad):
-        s = sl.scale(grad, factor, 1.0 / sl.numel_per_sample(fake))
-        return sl.SCALED_DIFFERENCE[backend](fake, teacher, s, False)[0]
+        s = sl.scale(grad, factor, 1.0 / sl.numel_per_sample(fake), factor.dtype)
+        return SCALED_RESIDUAL[backend](fake, teacher, None, None, s, False)[0]
     return backward
 
 

@@ -1,0 +1,177 @@
+r"""GAN losses on discriminator logits (DMD2's GAN branch, LADD), fused: softplus per sample.
+
+Shapes: logits (B, ...) of any rank (a (B,) vector, (B, 1), or patch logits (B, h, w)), read as B
+samples of D elements. With z = -x for the "negative" terms, per sample::
+
+    S_b = sum_D softplus(z),   softplus(z) = max(z, 0) + log1p(e^-|z|)    (one pass, no overflow)
+    generator:      loss_b = S_b(-fake) / D_fake                   (mean softplus(-D(fake)))
+    discriminator:  loss_b = S_b(fake) / D_fake + S_b(-real) / D_real
+
+VJP of S_b with upstream gradient g_b (one elementwise pass)::
+
+    dx = g_b * sign * sigmoid(z),   sign = -1 for a negative term, else 1
+
+The R1 penalty of METHODS.md, mean (D(real_t) - D(real_t + 0.1 noise))^2, is
+``denoising_loss(logits_real, logits_perturbed)``.
+
+Custom ops: ``fastgen::softplus_sum`` -> S (B,), backward ``fastgen::softplus_sum_backward``.
+Public API: :func:`gan_loss` (also ``fastgen_kernels.losses.gan_loss``). Shared scheme:
+:mod:`fastgen_kernels.ops._sample_loss`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fastgen_kernels.backends import BACKENDS, OpDispatcher
+from fastgen_kernels.ops import _checks
+from fastgen_kernels.ops import _sample_loss as sl
+
+# --------------------------------------------------------------------------- reference
+
+
+def _signed(x: Tensor, negative: bool) -> Tensor:
+    """z = -x or x as (B, D) in the statistics' dtype."""
+    z = sl.flat(x, sl.stat_dtype(x))
+    return -z if negative else z
+
+
+def reference_sums(x: Tensor, negative: bool) -> Tensor:
+    """(B,): per sample S = sum softplus(z), in the statistics' dtype."""
+    return F.softplus(_signed(x, negative)).sum(1)
+
+
+def reference_backward_kernel(x: Tensor, negative: bool, s: Tensor) -> Tensor:
+    """s_b * sign * sigmoid(z), in x's dtype."""
+    sign = -1.0 if negative else 1.0
+    return (sign * s[:, None] * torch.sigmoid(_signed(x, negative))).view(x.shape).to(x.dtype)
+
+
+# --------------------------------------------------------------------------- backends
+
+
+def _extension_sums(x, negative):
+    return torch.ops.fastgen_C.softplus_sums(x.contiguous(), negative)[:, 0]
+
+
+def _extension_backward(x, negative, s):
+    return torch.ops.fastgen_C.softplus_backward(x.contiguous(), negative, s)
+
+
+def _triton_sums(x, negative):
+    from fastgen_kernels.triton_ops import gan_loss
+
+    return gan_loss.sums(x, negative)
+
+
+def _triton_backward(x, negative, s):
+    from fastgen_kernels.triton_ops import gan_loss
+
+    return gan_loss.backward(x, negative, s)
+
+
+_SUMS = {"cuda": _extension_sums, "triton": _triton_sums, "cpu": _extension_sums,
+         "reference": reference_sums}
+_BACKWARD = {"cuda": _extension_backward, "triton": _triton_backward, "cpu": _extension_backward,
+             "reference": reference_backward_kernel}
+
+
+def _backward_impl(backend: str):
+    def backward(x, negative, grad):
+        return _BACKWARD[backend](x, negative, sl.scale(grad, None, 1.0, sl.stat_dtype(x)))
+    return backward
+
+
+reference_backward = _backward_impl("reference")
+
+forward_dispatcher = OpDispatcher("fastgen.softplus_sum", _SUMS, sl.SUPPORTS)
+backward_dispatcher = OpDispatcher(
+    "fastgen.softplus_sum_backward", {name: _backward_impl(name) for name in BACKENDS}, sl.SUPPORTS)
+
+# --------------------------------------------------------------------------- custom ops
+
+
+@torch.library.custom_op("fastgen::softplus_sum", mutates_args=())
+def softplus_sum(x: Tensor, negative: bool) -> Tensor:
+    """S_b = sum over sample b of softplus(-x if negative else x), (B,) in the statistics' dtype."""
+    return forward_dispatcher(x, negative)
+
+
+@torch.library.custom_op("fastgen::softplus_sum_backward", mutates_args=())
+def softplus_sum_backward(x: Tensor, negative: bool, grad: Tensor) -> Tensor:
+    """dx = grad_b * sign * sigmoid(sign * x), sign = -1 if negative else 1."""
+    return backward_dispatcher(x, negative, grad)
+
+
+softplus_sum.register_fake(reference_sums)
+softplus_sum_backward.register_fake(reference_backward)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    ctx.save_for_backward(inputs[0])
+    ctx.negative = inputs[1]
+
+
+def _backward(ctx, grad):
+    (x,) = ctx.saved_tensors
+    dx = torch.ops.fastgen.softplus_sum_backward(x, ctx.negative, grad) if ctx.needs_input_grad[0] else None
+    return dx, None
+
+
+softplus_sum.register_autograd(_backward, setup_context=_setup_context)
+
+# --------------------------------------------------------------------------- public API
+
+MODES = ("generator", "discriminator")
+
+
+def _mean_softplus(x: Tensor, negative: bool) -> Tensor:
+    """(B,): per sample mean softplus(-x if negative else x)."""
+    return torch.ops.fastgen.softplus_sum(x, negative) / sl.numel_per_sample(x)
+
+
+def gan_loss(logits_fake: Tensor, logits_real: Tensor | None = None, mode: str = "generator",
+             reduction: str = "mean") -> Tensor:
+    """Non-saturating GAN loss on discriminator logits, one pass per logits tensor.
+
+    generator: mean softplus(-logits_fake) (logits_real must be None); discriminator:
+    mean softplus(logits_fake) + mean softplus(-logits_real). logits: (B, ...) floating tensors on
+    one device (fake and real may differ in shape and dtype; "none" needs one B). Returns the batch
+    mean (``reduction="mean"``: each term is the mean over its own elements) or the (B,) vector of
+    per-sample means (``"none"``), in fp32 (fp64 for fp64 input); differentiable in both logits.
+    """
+    op = "gan_loss"
+    if mode not in MODES:
+        raise ValueError(f"{op}: mode must be one of {MODES}, got {mode!r}")
+    logits_fake = _checks.samples(op, logits_fake=logits_fake)
+    reduction = _checks.reduction(op, reduction)
+    if mode == "generator":
+        if logits_real is not None:
+            raise ValueError(f"{op}: logits_real is for mode='discriminator'; the generator loss "
+                             "reads logits_fake only")
+        return sl.reduce(_mean_softplus(logits_fake, True), reduction)
+    if logits_real is None:
+        raise ValueError(f"{op}: mode='discriminator' needs logits_real")
+    logits_real = _checks.samples(op, logits_real=logits_real)
+    if logits_real.device != logits_fake.device:
+        raise ValueError(f"{op}: logits_real must be on logits_fake's device {logits_fake.device}, "
+                         f"got {logits_real.device}")
+    if reduction == "none" and logits_real.shape[0] != logits_fake.shape[0]:
+        raise ValueError(f"{op}: reduction='none' needs one batch size, got logits_fake with "
+                         f"B = {logits_fake.shape[0]} and logits_real with B = {logits_real.shape[0]}")
+    fake, real = _mean_softplus(logits_fake, False), _mean_softplus(logits_real, True)
+    if reduction == "mean":
+        return fake.mean() + real.mean().to(fake.dtype)
+    return fake + real.to(fake.dtype)
+
+
+def example_args(device: torch.device, dtype: torch.dtype) -> tuple:
+    """Small arguments of the forward op, for `fastgen-kernels info`."""
+    return (torch.randn(4, 1, 8, 8, device=device, dtype=dtype) * 3, True)
+
+
+def example_backward_args(x, negative) -> tuple:
+    """Arguments of the backward op matching ``example_args``."""
+    return (x, negative, torch.ones(x.shape[0], device=x.device))

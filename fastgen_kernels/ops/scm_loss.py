@@ -1,0 +1,206 @@
+r"""sCM (continuous-time consistency, TrigFlow) loss, fused: tangent, tangent normalization,
+residual and adaptive weighting (METHODS.md section 3, Lu & Song 2024).
+
+Shapes: F (the student's output F_theta, with gradient), F_minus (F_theta-, no gradient), dxt_dt,
+jvp (J, the JVP of F_theta- along (cos t sin t dx_t/dt, cos t sin t)), x_t: (B, ...) of one shape
+and dtype, B samples of D elements; t, logvar (the learned log-variance head u(t)): (B,). Per
+sample, with c_t = cos t, s_t = sin t, sigma_d = sigma_data and warm-up factor w::
+
+    g = -c_t^2 (sigma_d F_minus - dx_t/dt) - w (c_t s_t x_t + sigma_d J)
+      = p . (F_minus, dx_t/dt, J, x_t),  p = (-c_t^2 sigma_d, c_t^2, -w sigma_d, -w c_t s_t)
+    n = ||g||_2 / sqrt(D) + c                          (tangent normalization, c = 0.1)
+    S = sum_D (F - F_minus - g / n)^2                  (the residual of F - sg(F) - g)
+    loss_b = S / (D sigma_edm e^u) + u,   sigma_edm = sigma_d tan t
+
+One fused pass reads the five inputs once and sums g^2, d g and d^2 with d = F - F_minus, which give
+n and S = sum d^2 - 2 sum d g / n + sum g^2 / n^2 (exact; when F_minus is F's own value, as in
+training, d = 0 and S = sum g^2 / n^2). The VJP of S, upstream gradient g_S, is one more pass::
+
+    dF = 2 g_S (d - q . (F_minus, dx_t/dt, J, x_t)),    q = p / n
+
+loss_b's dependence on u and on S is plain torch on (B,) vectors, so logvar gets its gradient
+1 - S / (D sigma_edm e^u) from autograd; F_minus, dxt_dt, jvp, x_t and t are constants.
+
+Custom ops: ``fastgen::scm_residual`` -> (S, q), backward ``fastgen::scm_residual_backward``.
+Public API: :func:`scm_loss` (also ``fastgen_kernels.losses.scm_loss``). Shared scheme:
+:mod:`fastgen_kernels.ops._sample_loss`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from fastgen_kernels.backends import BACKENDS, OpDispatcher
+from fastgen_kernels.ops import _checks
+from fastgen_kernels.ops import _sample_loss as sl
+
+# --------------------------------------------------------------------------- reference
+
+
+def tangent_coefficients(t: Tensor, sigma_data: float, warmup: float, like: Tensor) -> Tensor:
+    """p (B, 4) with g = p . (F_minus, dxt_dt, jvp, x_t), in the statistics' dtype of ``like``."""
+    t = t.to(sl.stat_dtype(like))
+    cos, sin = torch.cos(t), torch.sin(t)
+    return torch.stack([-cos * cos * sigma_data, cos * cos, torch.full_like(t, -warmup * sigma_data),
+                        -warmup * cos * sin], 1).contiguous()
+
+
+def reference_sums(F, F_minus, dxt_dt, jvp, x_t, coef) -> Tensor:
+    """(B, 3): per sample (sum g^2, sum d g, sum d^2), in the statistics' dtype."""
+    ct = sl.stat_dtype(F)
+    fm = sl.flat(F_minus, ct)
+    g = sum(coef[:, i:i + 1] * sl.flat(x, ct) for i, x in enumerate((fm, dxt_dt, jvp, x_t)))
+    d = sl.flat(F, ct) - fm
+    return torch.stack([(g * g).sum(1), (d * g).sum(1), (d * d).sum(1)], 1)
+
+
+def finish(sums: Tensor, coef: Tensor, c: float, D: int) -> tuple[Tensor, Tensor]:
+    """(S, q = p / n) from the per-sample sums: every backend's last step."""
+    inv_norm = 1.0 / (torch.sqrt(sums[:, 0] / D) + c)
+    S = (sums[:, 2] - 2 * sums[:, 1] * inv_norm + sums[:, 0] * inv_norm.square()).clamp_min(0)
+    return S, coef * inv_norm[:, None]
+
+
+def reference_backward_kernel(F, F_minus, dxt_dt, jvp, x_t, q, s) -> Tensor:
+    """s_b * (d - q . (F_minus, dxt_dt, jvp, x_t)), in F's dtype."""
+    ct = sl.stat_dtype(F)
+    fm = sl.flat(F_minus, ct)
+    g = sum(q[:, i:i + 1] * sl.flat(x, ct) for i, x in enumerate((fm, dxt_dt, jvp, x_t)))
+    return (s.to(ct)[:, None] * (sl.flat(F, ct) - fm - g)).view(F.shape).to(F.dtype)
+
+
+# --------------------------------------------------------------------------- backends
+
+
+def _extension_sums(*args):
+    *inputs, coef = args
+    return torch.ops.fastgen_C.scm_loss_sums(*(x.contiguous() for x in inputs), coef)
+
+
+def _extension_backward(*args):
+    *inputs, q, s = args
+    return torch.ops.fastgen_C.scm_loss_backward(*(x.contiguous() for x in inputs), q, s)
+
+
+def _triton_sums(*args):
+    from fastgen_kernels.triton_ops import scm_loss
+
+    return scm_loss.sums(*args)
+
+
+def _triton_backward(*args):
+    from fastgen_kernels.triton_ops import scm_loss
+
+    return scm_loss.backward(*args)
+
+
+_SUMS = {"cuda": _extension_sums, "triton": _triton_sums, "cpu": _extension_sums,
+         "reference": reference_sums}
+_BACKWARD = {"cuda": _extension_backward, "triton": _triton_backward, "cpu": _extension_backward,
+             "reference": reference_backward_kernel}
+
+
+def _forward_impl(backend: str):
+    def forward(F, F_minus, dxt_dt, jvp, x_t, t, sigma_data, warmup, c):
+        coef = tangent_coefficients(t, sigma_data, warmup, F)
+        sums = _SUMS[backend](F, F_minus, dxt_dt, jvp, x_t, coef)
+        return finish(sums, coef, c, sl.numel_per_sample(F))
+    return forward
+
+
+def _backward_impl(backend: str):
+    def backward(F, F_minus, dxt_dt, jvp, x_t, q, grad):
+        s = sl.scale(grad, None, 2.0, q.dtype)
+        return _BACKWARD[backend](F, F_minus, dxt_dt, jvp, x_t, q.contiguous(), s)
+    return backward
+
+
+reference_forward = _forward_impl("reference")
+reference_backward = _backward_impl("reference")
+
+forward_dispatcher = OpDispatcher(
+    "fastgen.scm_residual", {name: _forward_impl(name) for name in BACKENDS}, sl.SUPPORTS)
+backward_dispatcher = OpDispatcher(
+    "fastgen.scm_residual_backward", {name: _backward_impl(name) for name in BACKENDS}, sl.SUPPORTS)
+
+# --------------------------------------------------------------------------- custom ops
+
+
+@torch.library.custom_op("fastgen::scm_residual", mutates_args=())
+def scm_residual(F: Tensor, F_minus: Tensor, dxt_dt: Tensor, jvp: Tensor, x_t: Tensor, t: Tensor,
+                 sigma_data: float, warmup: float, c: float) -> tuple[Tensor, Tensor]:
+    """(S (B,), q (B, 4)): the squared residual of F - F_minus - g / n per sample and the
+    normalized tangent coefficients, in the statistics' dtype."""
+    return forward_dispatcher(F, F_minus, dxt_dt, jvp, x_t, t, sigma_data, warmup, c)
+
+
+@torch.library.custom_op("fastgen::scm_residual_backward", mutates_args=())
+def scm_residual_backward(F: Tensor, F_minus: Tensor, dxt_dt: Tensor, jvp: Tensor, x_t: Tensor,
+                          q: Tensor, grad: Tensor) -> Tensor:
+    """dF = 2 grad_b (F - F_minus - q . (F_minus, dxt_dt, jvp, x_t))."""
+    return backward_dispatcher(F, F_minus, dxt_dt, jvp, x_t, q, grad)
+
+
+scm_residual.register_fake(reference_forward)
+scm_residual_backward.register_fake(reference_backward)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs[:5], output[1])
+
+
+def _backward(ctx, grad, _grad_q):
+    dF = None
+    if ctx.needs_input_grad[0]:
+        dF = torch.ops.fastgen.scm_residual_backward(*ctx.saved_tensors, grad)
+    return dF, None, None, None, None, None, None, None, None
+
+
+scm_residual.register_autograd(_backward, setup_context=_setup_context)
+
+# --------------------------------------------------------------------------- public API
+
+
+def scm_loss(F: Tensor, F_minus: Tensor, dxt_dt: Tensor, jvp: Tensor, x_t: Tensor, t: Tensor,
+             logvar: Tensor, sigma_data: float = 0.5, warmup: float = 1.0, c: float = 0.1,
+             reduction: str = "mean") -> Tensor:
+    """sCM's loss with tangent normalization and adaptive log-variance weighting, in two passes.
+
+    F: (B, ...) the student's output (differentiable); F_minus, dxt_dt, jvp, x_t: same shape, dtype
+    and device, constants; t: (B,) TrigFlow times in (0, pi/2); logvar: (B,) the log-variance head
+    u(t) (differentiable). warmup: the factor w in [0, 1] on the JVP terms; c: the normalizer's
+    offset. Returns the batch mean of loss_b = mean_D((F - F_minus - g / n)^2) / (sigma_edm e^u) + u
+    (``reduction="mean"``) or the (B,) vector (``"none"``), in fp32 (fp64 for fp64 input).
+    """
+    op = "scm_loss"
+    F = _checks.samples(op, F=F, F_minus=F_minus, dxt_dt=dxt_dt, jvp=jvp, x_t=x_t)
+    _checks.per_sample(op, "t", t, "F", F, required=True)
+    _checks.per_sample(op, "logvar", logvar, "F", F, required=True)
+    sigma_data = _checks.positive(op, "sigma_data", sigma_data)
+    warmup = _checks.in_range(op, "warmup", warmup, 0.0, 1.0)
+    c = _checks.positive(op, "c", c)
+    reduction = _checks.reduction(op, reduction)
+    S, _ = torch.ops.fastgen.scm_residual(F, F_minus.detach(), dxt_dt.detach(), jvp.detach(),
+                                          x_t.detach(), t.detach(), sigma_data, warmup, c)
+    t = t.detach().to(S.dtype)
+    sigma = (sigma_data * torch.tan(t)).clamp_min(1e-6)  # METHODS.md: no zero denominators
+    u = logvar.to(S.dtype)
+    loss = S / (sl.numel_per_sample(F) * sigma) * torch.exp(-u) + u
+    return sl.reduce(loss, reduction)
+
+
+def example_args(device: torch.device, dtype: torch.dtype) -> tuple:
+    """Small arguments of the forward op, for `fastgen-kernels info`."""
+    F = torch.randn(2, 3, 16, 16, device=device, dtype=dtype)
+    t = torch.rand(2, device=device) * (math.pi / 2 - 0.1) + 0.05
+    return (F, torch.randn_like(F), torch.randn_like(F), torch.randn_like(F), torch.randn_like(F), t,
+            0.5, 1.0, 0.1)
+
+
+def example_backward_args(F, F_minus, dxt_dt, jvp, x_t, t, sigma_data, warmup, c) -> tuple:
+    """Arguments of the backward op matching ``example_args``."""
+    _, q = reference_forward(F, F_minus, dxt_dt, jvp, x_t, t, sigma_data, warmup, c)
+    return (F, F_minus, dxt_dt, jvp, x_t, q, torch.ones(F.shape[0], device=F.device))

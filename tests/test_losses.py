@@ -1,0 +1,309 @@
+"""The fused losses (fastgen_kernels.losses) on every CPU-reachable backend (C++ cpu, Triton under
+the interpreter, reference): value and gradients against fp64 oracles written from METHODS.md
+(tests/loss_cases.py), odd shapes, B = 1, fp16/bf16 inputs, non-contiguous inputs, gradcheck,
+opcheck on every custom op, torch.compile, determinism, a property test up to magnitudes of 1e4,
+and bad input."""
+
+import math
+
+import pytest
+import torch
+from conftest import CPU_DTYPES, cpu_backends
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from loss_cases import CASES, SHAPES, randn, uniform
+from loss_testing import check_against_oracle, check_deterministic
+
+import fastgen_kernels as fk
+from fastgen_kernels import losses
+
+
+def extension_backends():
+    """cpu and reference, the backends that run fp64 (cpu skips when the extension is missing)."""
+    marks = [] if fk._extension.cpu_built() else [pytest.mark.skip(reason="extension not built")]
+    return [pytest.param("cpu", marks=marks), "reference"]
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_matches_oracle(case, backend, dtype, shape, reduction, generator):
+    check_against_oracle(CASES[case], CASES[case].make_inputs(shape, dtype, generator), dtype, backend,
+                         reduction)
+
+
+@pytest.mark.parametrize("backend", extension_backends())
+@pytest.mark.parametrize("case", list(CASES))
+def test_fp64_matches_oracle_to_rounding(case, backend, generator):
+    """In fp64 the kernels' only difference from the oracle is the summation order."""
+    inputs = CASES[case].make_inputs((3, 2, 7, 5), torch.float64, generator)
+    check_against_oracle(CASES[case], inputs, torch.float64, backend, "none")
+
+
+@pytest.mark.parametrize("backend", extension_backends())
+@pytest.mark.parametrize("case", [name for name, c in CASES.items() if c.exact_gradient])
+def test_gradcheck(case, backend, generator):
+    """Finite differences in fp64, for the losses whose gradient is the derivative of their value
+    (VSD and MeanFlow hold stop-gradient weights: their fp64 oracle test covers them)."""
+    spec = CASES[case]
+    inputs = spec.make_inputs((2, 3, 5), torch.float64, generator)
+    inputs = {k: v.double() for k, v in inputs.items()}
+    names = [k for k in spec.differentiable if k in inputs]
+
+    def loss(*leaves):
+        with fk.use_backend(backend):
+            return spec.fn(**inputs | dict(zip(names, leaves)), reduction="none", **spec.kwargs)
+
+    assert torch.autograd.gradcheck(loss, [inputs[k].clone().requires_grad_() for k in names])
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("case", list(CASES))
+def test_non_contiguous_inputs(case, backend, generator):
+    inputs = {k: v.transpose(1, 2) if v.dim() > 1 else v
+              for k, v in CASES[case].make_inputs((2, 5, 7, 3), torch.float32, generator).items()}
+    assert not inputs[CASES[case].tensors[0]].is_contiguous()
+    check_against_oracle(CASES[case], inputs, torch.float32, backend, "mean")
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_constants_get_no_gradient(case, generator):
+    """Targets, teacher outputs, JVPs, times (and VSD's weight) are stop-gradients."""
+    spec = CASES[case]
+    inputs = {k: v.requires_grad_() for k, v in spec.make_inputs((2, 3, 4), torch.float32, generator).items()}
+    with fk.use_backend("cpu"):
+        spec.fn(**inputs, **spec.kwargs).backward()
+    for name, value in inputs.items():
+        assert (value.grad is not None) == (name in spec.differentiable), name
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_deterministic_across_thread_counts(case, generator):
+    check_deterministic(CASES[case], CASES[case].make_inputs((2, 3, 64, 64), torch.float32, generator))
+
+
+@settings(max_examples=60, deadline=None)
+@given(case=st.sampled_from(list(CASES)), batch=st.integers(1, 3),
+       dims=st.lists(st.integers(1, 40), min_size=1, max_size=3), log_scale=st.sampled_from([-3, 0, 2, 4]),
+       dtype=st.sampled_from(CPU_DTYPES), seed=st.integers(0, 2**31 - 1))
+def test_property_shapes_and_scales(case, batch, dims, log_scale, dtype, seed):
+    """Any (B, ...) shape; magnitudes up to 1e4, where squares overflow float16 (6.5e4) unless
+    accumulated in fp32, and softplus(1e4) overflows exp unless computed stably."""
+    generator = torch.Generator().manual_seed(seed)
+    inputs = CASES[case].make_inputs((batch, *dims), dtype, generator, scale=10.0**log_scale)
+    check_against_oracle(CASES[case], inputs, dtype, "cpu", "none")
+
+
+def test_compile_fullgraph_all_losses(generator):
+    """Every loss inside one torch.compile(fullgraph=True) graph, forward and backward, matches
+    eager: the custom ops' fake kernels and autograd trace."""
+    x, y, z = (randn((2, 3, 8, 8), torch.float32, generator) for _ in range(3))
+    t, w = uniform(2, generator, 0.1, 1.0), uniform(2, generator, 0.5, 1.5)
+
+    def all_losses(x):
+        return (losses.vsd_loss(x, y, z, w) + losses.denoising_loss(x, y, w)
+                + losses.consistency_loss(x, y, w) + losses.meanflow_loss(x, y, z, t, t / 2)
+                + losses.scm_loss(x, x.detach(), y, z, y, t, w) + losses.gan_loss(x, y, "discriminator"))
+
+    with fk.use_backend("cpu"):
+        xs = [x.clone().requires_grad_() for _ in range(2)]
+        values = [all_losses(xs[0]), torch.compile(all_losses, fullgraph=True)(xs[1])]
+        grads = [torch.autograd.grad(v, leaf)[0] for v, leaf in zip(values, xs)]
+    torch.testing.assert_close(values[1], values[0])
+    torch.testing.assert_close(grads[1], grads[0])
+
+
+# --------------------------------------------------------------------------- the custom ops
+
+
+def op_cases(generator):
+    """(forward op, its args) and (backward op, its args) for every loss custom op."""
+    x, y, z = (randn((2, 3, 16), torch.float32, generator) for _ in range(3))
+    k, s = uniform(2, generator, -1.0, 1.0), uniform(2, generator, 0.5, 1.5)
+    t = uniform(2, generator, 0.1, 1.4)
+    q = randn((2, 4), torch.float32, generator)
+    ops = torch.ops.fastgen
+    return [
+        (ops.vsd_loss.default, (x, y, z, s, 1e-6)),
+        (ops.vsd_loss.default, (x.clone().requires_grad_(), y, z, None, 1e-3)),
+        (ops.vsd_loss_backward.default, (z, y, s, k)),
+        (ops.squared_residual.default, (x, y, None, None)),
+        (ops.squared_residual.default, (x.clone().requires_grad_(), y.clone().requires_grad_(), z, k)),
+        (ops.squared_residual_backward.default, (x, y, z, k, s, True)),
+        (ops.squared_residual_backward.default, (x, y, None, None, s, False)),
+        (ops.scm_residual.default, (x.clone().requires_grad_(), y, z, x, y, t, 0.5, 1.0, 0.1)),
+        (ops.scm_residual_backward.default, (x, y, z, x, y, q, s)),
+        (ops.softplus_sum.default, (x.clone().requires_grad_(), True)),
+        (ops.softplus_sum_backward.default, (x, False, s)),
+    ]
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_opcheck(backend, generator):
+    with fk.use_backend(backend):
+        for op, args in op_cases(generator):
+            torch.library.opcheck(op, args)
+
+
+# --------------------------------------------------------------------------- loss specifics
+
+
+def test_vsd_value_and_gradient_as_methods_md(generator):
+    """loss = 0.5 * mean(grad^2) and d loss / d x_g = grad / (B * D), for the batch mean."""
+    x, t, f = (randn((3, 2, 5, 5), torch.float64, generator) for _ in range(3))
+    x.requires_grad_()
+    with fk.use_backend("cpu"):
+        loss = losses.vsd_loss(x, t, f)
+    (dx,) = torch.autograd.grad(loss, x)
+    w = 1 / ((x - t).abs().mean((1, 2, 3), keepdim=True) + 1e-6)
+    grad = ((f - t) * w).detach()
+    torch.testing.assert_close(loss, 0.5 * grad.square().mean())
+    torch.testing.assert_close(dx, grad / grad.numel())
+
+
+@pytest.mark.parametrize("backend", extension_backends())
+def test_vsd_gradient_is_that_of_the_frozen_quadratic(backend, generator):
+    """The weight w = 1 / mean|x_g - T| is a stop-gradient, so the gradient is that of
+    0.5 * mean_D((x_g - target)^2) around the frozen pseudo-target target = sg(x_g0 - grad):
+    central differences of that quadratic at x_g0 must match the op's gradient."""
+    x0, t, f = (randn((2, 3, 5), torch.float64, generator) for _ in range(3))
+    h = uniform(2, generator, 0.5, 1.5).double()
+    w = 1 / ((x0 - t).abs().mean((1, 2), keepdim=True) + 1e-6)
+    target = x0 - (f - t) * w * h.view(-1, 1, 1)
+
+    def frozen(x_g):
+        return 0.5 * (x_g - target).square().mean((1, 2))
+
+    x = x0.clone().requires_grad_()
+    with fk.use_backend(backend):
+        loss = losses.vsd_loss(x, t, f, h, reduction="none")
+    torch.testing.assert_close(loss, frozen(x0), rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(frozen, [x0.clone().requires_grad_()])
+    numerical = torch.autograd.functional.jacobian(frozen, x0)  # exact for a quadratic
+    analytic = torch.stack([torch.autograd.grad(loss[i], x, retain_graph=True)[0] for i in range(2)])
+    torch.testing.assert_close(analytic, numerical, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", extension_backends())
+def test_meanflow_gradient_is_that_of_the_frozen_weight(backend, generator):
+    """sg(1 / (e + c)^p) * e: the gradient is 2 Delta / (e + c)^p, the derivative of e times the
+    weight frozen at the current point."""
+    u, v, j = (randn((2, 3, 5), torch.float64, generator) for _ in range(3))
+    t = uniform(2, generator, 0.1, 1.0).double()
+    r = t / 3
+    delta = u - (v - (t - r).view(-1, 1, 1) * j)
+    weight = (delta.square().sum((1, 2)) + 1e-3) ** -0.75
+    x = u.clone().requires_grad_()
+    with fk.use_backend(backend):
+        loss = losses.meanflow_loss(x, v, j, t, r, p=0.75, reduction="none")
+    (du,) = torch.autograd.grad(loss.sum(), x)
+    torch.testing.assert_close(du, 2 * delta * weight.view(-1, 1, 1), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_pseudo_huber_keeps_precision_near_zero(backend, generator):
+    """sqrt(S + c^2) - c cancels in fp32 when S << c^2 (pred close to target late in training);
+    the kernel's S / (sqrt(S + c^2) + c) keeps full relative precision."""
+    target = randn((2, 4, 16, 16), torch.float32, generator)
+    pred = target + randn((2, 4, 16, 16), torch.float32, generator, 1e-6)
+    with fk.use_backend(backend):
+        loss = losses.consistency_loss(pred, target, reduction="none")
+    S = (pred.double() - target.double()).square().sum((1, 2, 3))
+    c = 0.00054 * math.sqrt(1024)
+    exact = S / (torch.sqrt(S + c * c) + c)
+    torch.testing.assert_close(loss.double(), exact, rtol=1e-5, atol=0)
+    naive = torch.sqrt(S.float() + c * c) - c  # what the textbook formula gives in fp32
+    assert ((naive.double() - exact).abs() / exact).max() > 1e-4
+
+
+def test_scm_logvar_gradient(generator):
+    """d loss_b / d u_b = 1 - S / (D sigma_edm e^u): the adaptive weighting's fixed point is
+    u = log(mean squared residual / sigma_edm)."""
+    spec = CASES["scm_offset"]
+    inputs = spec.make_inputs((3, 2, 6, 6), torch.float64, generator)
+    u = inputs["logvar"].double().requires_grad_()
+    with fk.use_backend("cpu"):
+        loss = losses.scm_loss(**inputs | {"logvar": u}, reduction="none", **spec.kwargs)
+    (du,) = torch.autograd.grad(loss.sum(), u)
+    torch.testing.assert_close(du, 1 - (loss.detach() - u.detach()), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_gan_discriminator_with_different_real_and_fake_shapes(backend, generator):
+    """mean reduction: each term is the mean over its own logits (real batch and patch grid may
+    differ from fake's)."""
+    fake, real = randn((4, 1, 5, 5), torch.float32, generator, 3), randn((3, 7), torch.float32, generator, 3)
+    with fk.use_backend(backend):
+        loss = losses.gan_loss(fake, real, mode="discriminator")
+    expected = torch.nn.functional.softplus(fake.double()).mean() + torch.nn.functional.softplus(-real.double()).mean()
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_names_the_argument(case):
+    """Wrong shapes, dtypes, types, empty tensors, per-sample lengths and reductions raise before
+    any kernel runs, naming the argument."""
+    spec = CASES[case]
+    good = spec.make_inputs((2, 3, 4), torch.float32, torch.Generator().manual_seed(0))
+    names = [k for k, v in good.items() if v.dim() > 1]
+    scalars = [k for k, v in good.items() if v.dim() == 1]
+    first = names[0]
+
+    def call(**changes):
+        return spec.fn(**good | changes, **spec.kwargs)
+
+    with pytest.raises(TypeError, match=rf"{first} must be float16"):
+        call(**{first: good[first].int()})
+    with pytest.raises(ValueError, match=rf"{first} must be a non-empty"):
+        call(**{n: torch.randn(0, 3) for n in names})
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        call(reduction="sum")
+    if len(names) > 1 and spec.fn is not losses.gan_loss:
+        second = names[1]
+        with pytest.raises(ValueError, match=rf"{second} must have shape \(2, 3, 4\)"):
+            call(**{second: good[second][:, :2]})
+        with pytest.raises(TypeError, match=rf"{second} must have {first}'s dtype"):
+            call(**{second: good[second].double()})
+        with pytest.raises(TypeError, match=rf"{second} must be a torch.Tensor"):
+            call(**{second: 1.0})
+    for name in scalars:
+        with pytest.raises(ValueError, match=rf"{name} must have shape \(B,\) = \(2,\)"):
+            call(**{name: torch.ones(3)})
+        with pytest.raises(ValueError, match=rf"{name} must have shape"):
+            call(**{name: torch.ones(2, 1)})
+        with pytest.raises(TypeError, match=rf"{name} must be float16"):
+            call(**{name: torch.ones(2, dtype=torch.long)})
+
+
+def test_bad_options_name_the_argument():
+    x = torch.randn(2, 3)
+    t = torch.rand(2)
+    with pytest.raises(ValueError, match="eps must be a positive number"):
+        losses.vsd_loss(x, x, x, eps=0.0)
+    with pytest.raises(ValueError, match="metric must be one of"):
+        losses.consistency_loss(x, x, metric="l1")
+    with pytest.raises(ValueError, match="c is the pseudo-Huber constant"):
+        losses.consistency_loss(x, x, metric="l2", c=0.1)
+    with pytest.raises(ValueError, match="c must be a positive number"):
+        losses.consistency_loss(x, x, c=-1.0)
+    with pytest.raises(ValueError, match="r is required"):
+        losses.meanflow_loss(x, x, x, t, None)
+    with pytest.raises(ValueError, match="p must be a non-negative number"):
+        losses.meanflow_loss(x, x, x, t, t, p=-1)
+    with pytest.raises(ValueError, match="logvar is required"):
+        losses.scm_loss(x, x, x, x, x, t, None)
+    with pytest.raises(ValueError, match=r"warmup must be a number in \[0.0, 1.0\]"):
+        losses.scm_loss(x, x, x, x, x, t, t, warmup=2.0)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        losses.gan_loss(x, mode="critic")
+    with pytest.raises(ValueError, match="logits_real is for mode='discriminator'"):
+        losses.gan_loss(x, x)
+    with pytest.raises(ValueError, match="needs logits_real"):
+        losses.gan_loss(x, mode="discriminator")
+    with pytest.raises(ValueError, match="needs one batch size"):
+        losses.gan_loss(x, torch.randn(3, 3), mode="discriminator", reduction="none")

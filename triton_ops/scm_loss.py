@@ -1,0 +1,88 @@
+"""Triton kernels of the sCM loss (math: fastgen_kernels/ops/scm_loss.py). Inputs (F, F_minus,
+dxt_dt, jvp, x_t); per sample the tangent g = p . (F_minus, dxt_dt, jvp, x_t), p = COEF[b], and
+d = F - F_minus. Forward: per-(sample, chunk) partial sums of (g^2, d g, d^2) (scheme:
+triton_ops/sample_reduce.py). Backward: out = s_b * (d - q . (F_minus, dxt_dt, jvp, x_t))."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from fastgen_kernels.triton_ops import sample_reduce
+from fastgen_kernels.triton_ops.sample_reduce import chunk_range
+
+
+@triton.jit
+def _load_inputs(F, FM, DX, J, XT, offs, mask):
+    """The five inputs at offs, in fp32."""
+    return (tl.load(F + offs, mask=mask, other=0.0).to(tl.float32),
+            tl.load(FM + offs, mask=mask, other=0.0).to(tl.float32),
+            tl.load(DX + offs, mask=mask, other=0.0).to(tl.float32),
+            tl.load(J + offs, mask=mask, other=0.0).to(tl.float32),
+            tl.load(XT + offs, mask=mask, other=0.0).to(tl.float32))
+
+
+@triton.jit
+def _sums_kernel(
+    F, FM, DX, J, XT,  # (B * numel,) each: F, F_minus, dxt_dt, jvp, x_t
+    COEF,  # (B, 4) fp32 tangent coefficients p
+    PARTIALS,  # (B * chunks_per_sample, 3) fp32 output: (sum g^2, sum d g, sum d^2)
+    numel,  # elements per sample
+    chunk_size,  # elements per chunk, a multiple of BLOCK
+    chunks_per_sample,
+    BLOCK: tl.constexpr,
+):
+    program = tl.program_id(0).to(tl.int64)
+    first, last = chunk_range(program, numel, chunk_size, chunks_per_sample)
+    coef = COEF + (program // chunks_per_sample) * 4
+    p0, p1, p2, p3 = tl.load(coef), tl.load(coef + 1), tl.load(coef + 2), tl.load(coef + 3)
+    gg = tl.zeros([BLOCK], dtype=tl.float32)
+    dg = tl.zeros([BLOCK], dtype=tl.float32)
+    dd = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(first, last, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        f, fm, dx, j, xt = _load_inputs(F, FM, DX, J, XT, offs, offs < last)
+        g = p0 * fm + p1 * dx + p2 * j + p3 * xt
+        d = f - fm
+        gg += g * g
+        dg += d * g
+        dd += d * d
+    tl.store(PARTIALS + program * 3, tl.sum(gg, axis=0))
+    tl.store(PARTIALS + program * 3 + 1, tl.sum(dg, axis=0))
+    tl.store(PARTIALS + program * 3 + 2, tl.sum(dd, axis=0))
+
+
+@triton.jit
+def _backward_kernel(
+    F, FM, DX, J, XT,  # (B * numel,) each: F, F_minus, dxt_dt, jvp, x_t
+    Q,  # (B, 4) fp32 normalized tangent coefficients q
+    S,  # (B,) fp32 per-sample scale
+    OUT,  # (B * numel,) output: s_b * (d - q . inputs)
+    total,  # B * numel
+    numel,  # elements per sample
+    BLOCK: tl.constexpr,
+):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < total
+    sample = offs // numel
+    f, fm, dx, j, xt = _load_inputs(F, FM, DX, J, XT, offs, mask)
+    q = Q + sample * 4
+    g = (tl.load(q, mask=mask, other=0.0) * fm + tl.load(q + 1, mask=mask, other=0.0) * dx
+         + tl.load(q + 2, mask=mask, other=0.0) * j + tl.load(q + 3, mask=mask, other=0.0) * xt)
+    out = tl.load(S + sample, mask=mask, other=0.0) * (f - fm - g)
+    tl.store(OUT + offs, out.to(OUT.dtype.element_ty), mask=mask)
+
+
+def sums(F: Tensor, F_minus: Tensor, dxt_dt: Tensor, jvp: Tensor, x_t: Tensor, coef: Tensor) -> Tensor:
+    """(B, 3) fp32 per-sample (sum g^2, sum d g, sum d^2); coef (B, 4) fp32."""
+    return sample_reduce.reduce(_sums_kernel, [F, F_minus, dxt_dt, jvp, x_t, coef], 3)
+
+
+def backward(F: Tensor, F_minus: Tensor, dxt_dt: Tensor, jvp: Tensor, x_t: Tensor, q: Tensor,
+             s: Tensor) -> Tensor:
+    """s_b * (F - F_minus - q . (F_minus, dxt_dt, jvp, x_t)); q (B, 4), s (B,) fp32."""
+    out = torch.empty_like(F, memory_format=torch.contiguous_format)
+    sample_reduce.elementwise(_backward_kernel, [F, F_minus, dxt_dt, jvp, x_t, q, s], [out])
+    return out
