@@ -307,3 +307,21 @@ def test_bad_options_name_the_argument():
         losses.gan_loss(x, mode="discriminator")
     with pytest.raises(ValueError, match="needs one batch size"):
         losses.gan_loss(x, torch.randn(3, 3), mode="discriminator", reduction="none")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_cpu_half_conversions_match_torch_on_every_bit_pattern(dtype):
+    """The CPU kernels convert fp16/bf16 with their own vectorizable bit arithmetic
+    (csrc/cpu/convert.h): every one of the 65536 values must load exactly, and fp32 results must
+    round as torch rounds them (to nearest even, subnormals, overflow to inf, NaN)."""
+    if not fk._extension.cpu_built():
+        pytest.skip("extension not built")
+    bits = torch.arange(-2**15, 2**15, dtype=torch.int32).to(torch.int16)
+    a = bits.view(dtype).reshape(2, -1)
+    zero, one = torch.zeros_like(a), torch.ones(2)
+    for s in (1.0, 1 / 3, 1e3, 1e-3):
+        scale = one * s
+        out, _ = torch.ops.fastgen_C.scaled_residual(a, zero, None, None, scale, False)
+        expected = (a.float() * torch.tensor(s, dtype=torch.float32)).to(dtype)
+        same = (out.view(torch.int16) == expected.view(torch.int16)) | (out.isnan() & expected.isnan())
+        assert same.all(), f"scale {s}: {(~same).sum()} values differ"

@@ -1,20 +1,14 @@
 // GAN logit losses on the CPU (math: fastgen_kernels/ops/gan_loss.py), with z = sign * x:
 //   softplus_sums:     sums[b] = sum softplus(z) over sample b, one pass;
 //   softplus_backward: out = scale[b] * sign * sigmoid(z), one pass.
-#include <cmath>
-
+#include "cpu/convert.h"
 #include "cpu/sample_reduce.h"
+#include "cpu/softplus_math.h"
 #include "ops.h"
 
 namespace fastgen {
 namespace cpu {
 namespace {
-
-// softplus(z) = log(1 + e^z) = max(z, 0) + log1p(e^-|z|): no overflow for large |z|.
-template <typename A>
-inline A softplus(A z) {
-  return std::max(z, A(0)) + std::log1p(std::exp(-std::abs(z)));
-}
 
 template <typename T>
 void sums_impl(const at::Tensor& x, bool negative, at::Tensor& sums) {
@@ -23,7 +17,7 @@ void sums_impl(const at::Tensor& x, bool negative, at::Tensor& sums) {
   const A sign = negative ? A(-1) : A(1);
   const int64_t batch = x.size(0);
   sample_chunk_sums<1, A>(batch, x.numel() / batch, sums, [&](int64_t begin, int64_t end, A (&acc)[1]) {
-    lane_sums<1, A>(begin, end, acc, [&](int64_t i, A (&t)[1]) { t[0] = softplus(sign * static_cast<A>(xp[i])); });
+    lane_sums<1, A>(begin, end, acc, [&](int64_t i, A (&t)[1]) { t[0] = softplus(sign * to_acc(xp[i])); });
   });
 }
 
@@ -36,10 +30,12 @@ void backward_impl(const at::Tensor& x, bool negative, const at::Tensor& scale, 
   const A sign = negative ? A(-1) : A(1);
   const int64_t batch = x.size(0);
   sample_runs(batch, x.numel() / batch, [&](int64_t sample, int64_t begin, int64_t end) {
-    const A s = sign * sp[sample];
+    // sign as a local: read through the lambda's reference, an fp32 store to op could alias it
+    // and the loop would stay scalar.
+    const A s = sign * sp[sample], z_sign = sign;
 #pragma omp simd
     for (int64_t i = begin; i < end; ++i)
-      op[i] = static_cast<T>(s / (A(1) + std::exp(-sign * static_cast<A>(xp[i]))));
+      op[i] = from_acc<T>(s * sigmoid(z_sign * to_acc(xp[i])));
   });
 }
 

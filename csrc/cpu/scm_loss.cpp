@@ -3,6 +3,7 @@
 // and d = F - F_minus:
 //   scm_loss_sums:     sums[b] = (sum g^2, sum d g, sum d^2), one pass over the five inputs;
 //   scm_loss_backward: out = scale[b] * (d - (q[b] . inputs)), q = p / ||g||-normalizer, one pass.
+#include "cpu/convert.h"
 #include "cpu/sample_reduce.h"
 #include "ops.h"
 
@@ -20,9 +21,9 @@ struct ScmInputs {
   // g = p . (F_minus, dxt_dt, jvp, x_t) at element i; fm receives F_minus[i].
   template <typename A>
   A tangent(int64_t i, const A* p, A& fm) const {
-    fm = static_cast<A>(F_minus[i]);
-    return p[0] * fm + p[1] * static_cast<A>(dxt_dt[i]) + p[2] * static_cast<A>(jvp[i]) +
-           p[3] * static_cast<A>(x_t[i]);
+    fm = to_acc(F_minus[i]);
+    return p[0] * fm + p[1] * to_acc(dxt_dt[i]) + p[2] * to_acc(jvp[i]) +
+           p[3] * to_acc(x_t[i]);
   }
 };
 
@@ -38,7 +39,7 @@ void sums_impl(const at::Tensor (&inputs)[5], const at::Tensor& coef, at::Tensor
     lane_sums<3, A>(begin, end, acc, [&](int64_t i, A (&t)[3]) {
       A fm;
       const A g = in.tangent(i, p, fm);
-      const A d = static_cast<A>(in.F[i]) - fm;
+      const A d = to_acc(in.F[i]) - fm;
       t[0] = g * g;
       t[1] = d * g;
       t[2] = d * d;
@@ -62,7 +63,7 @@ void backward_impl(const at::Tensor (&inputs)[5], const at::Tensor& coef, const 
     for (int64_t i = begin; i < end; ++i) {
       A fm;
       const A g = in.tangent(i, q, fm);
-      op[i] = static_cast<T>(s * (static_cast<A>(in.F[i]) - fm - g));
+      op[i] = from_acc<T>(s * (to_acc(in.F[i]) - fm - g));
     }
   });
 }

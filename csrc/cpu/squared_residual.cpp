@@ -3,6 +3,7 @@
 //   squared_residual_sums: sums[b] = sum r^2 over sample b, one pass;
 //   scaled_residual:       out = scale[b] * r and optionally -out, one elementwise pass (also the
 //                          VSD backward).
+#include "cpu/convert.h"
 #include "cpu/sample_reduce.h"
 #include "ops.h"
 
@@ -20,7 +21,7 @@ void sums_impl(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c, co
   if (!c.defined()) {
     sample_chunk_sums<1, A>(batch, numel, sums, [&](int64_t begin, int64_t end, A (&acc)[1]) {
       lane_sums<1, A>(begin, end, acc, [&](int64_t i, A (&t)[1]) {
-        const A r = static_cast<A>(ap[i]) - static_cast<A>(bp[i]);
+        const A r = to_acc(ap[i]) - to_acc(bp[i]);
         t[0] = r * r;
       });
     });
@@ -31,7 +32,7 @@ void sums_impl(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c, co
   sample_chunk_sums<1, A>(batch, numel, sums, [&](int64_t begin, int64_t end, A (&acc)[1]) {
     const A kb = kp[begin / numel];
     lane_sums<1, A>(begin, end, acc, [&](int64_t i, A (&t)[1]) {
-      const A r = static_cast<A>(ap[i]) - static_cast<A>(bp[i]) + kb * static_cast<A>(cp[i]);
+      const A r = to_acc(ap[i]) - to_acc(bp[i]) + kb * to_acc(cp[i]);
       t[0] = r * r;
     });
   });
@@ -56,25 +57,25 @@ void scaled_impl(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c, 
     if (cp && np) {
 #pragma omp simd
       for (int64_t i = begin; i < end; ++i) {
-        const A v = s * (static_cast<A>(ap[i]) - static_cast<A>(bp[i])) + ks * static_cast<A>(cp[i]);
-        op[i] = static_cast<T>(v);
-        np[i] = static_cast<T>(-v);
+        const A v = s * (to_acc(ap[i]) - to_acc(bp[i])) + ks * to_acc(cp[i]);
+        op[i] = from_acc<T>(v);
+        np[i] = from_acc<T>(-v);
       }
     } else if (cp) {
 #pragma omp simd
       for (int64_t i = begin; i < end; ++i)
-        op[i] = static_cast<T>(s * (static_cast<A>(ap[i]) - static_cast<A>(bp[i])) + ks * static_cast<A>(cp[i]));
+        op[i] = from_acc<T>(s * (to_acc(ap[i]) - to_acc(bp[i])) + ks * to_acc(cp[i]));
     } else if (np) {
 #pragma omp simd
       for (int64_t i = begin; i < end; ++i) {
-        const A v = s * (static_cast<A>(ap[i]) - static_cast<A>(bp[i]));
-        op[i] = static_cast<T>(v);
-        np[i] = static_cast<T>(-v);
+        const A v = s * (to_acc(ap[i]) - to_acc(bp[i]));
+        op[i] = from_acc<T>(v);
+        np[i] = from_acc<T>(-v);
       }
     } else {
 #pragma omp simd
       for (int64_t i = begin; i < end; ++i)
-        op[i] = static_cast<T>(s * (static_cast<A>(ap[i]) - static_cast<A>(bp[i])));
+        op[i] = from_acc<T>(s * (to_acc(ap[i]) - to_acc(bp[i])));
     }
   });
 }

@@ -3,6 +3,7 @@
 // is the shared sample_scaled_difference.
 #include <cmath>
 
+#include "cpu/convert.h"
 #include "cpu/sample_reduce.h"
 #include "ops.h"
 
@@ -20,9 +21,9 @@ void sums_impl(const at::Tensor& x_g, const at::Tensor& teacher, const at::Tenso
   const int64_t batch = x_g.size(0);
   sample_chunk_sums<2, A>(batch, x_g.numel() / batch, sums, [&](int64_t begin, int64_t end, A (&acc)[2]) {
     lane_sums<2, A>(begin, end, acc, [&](int64_t i, A (&s)[2]) {
-      const A t = static_cast<A>(tp[i]);
-      const A d = static_cast<A>(fp[i]) - t;
-      s[0] = std::abs(static_cast<A>(xp[i]) - t);
+      const A t = to_acc(tp[i]);
+      const A d = to_acc(fp[i]) - t;
+      s[0] = std::abs(to_acc(xp[i]) - t);
       s[1] = d * d;
     });
   });
