@@ -7,6 +7,8 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <string>
+
 #include "row_chunks.h"
 
 namespace fastgen {
@@ -54,35 +56,46 @@ void qk_norm_rope_backward(const at::Tensor& grad_out, const at::Tensor& x,
 
 // Per-sample losses: x-like tensors (B, ...) contiguous, read as B samples of numel / B elements;
 // sums (B, NSTAT) in the statistics' dtype (see sample_chunks.h for the deterministic chunking).
+// Declared three times: the entry points, which run one of the two copies of each kernel, one
+// per instruction set (cpu/isa.h, cpu/loss_dispatch.cpp).
+#define FASTGEN_CPU_LOSS_KERNELS                                                                   \
+  /* sums[b] = (sum |x_g - teacher|, sum (fake - teacher)^2) over sample b. */                      \
+  void vsd_loss_sums(const at::Tensor& x_g, const at::Tensor& teacher, const at::Tensor& fake,     \
+                     at::Tensor& sums);                                                             \
+  /* With r = a - b + k[b] * c per element of sample b (c and k undefined: r = a - b; k (B,) in */ \
+  /* the statistics' dtype): sums[b] = sum r^2 over sample b. */                                    \
+  void squared_residual_sums(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c,       \
+                             const at::Tensor& k, at::Tensor& sums);                                \
+  /* out = scale[b] * r with r as above; negated = -out, written when defined. The backward of */  \
+  /* the squared residual and of the VSD loss. */                                                   \
+  void scaled_residual(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c,             \
+                       const at::Tensor& k, const at::Tensor& scale, at::Tensor& out,             \
+                       at::Tensor& negated);                                                        \
+  /* sCM, inputs (F, F_minus, dxt_dt, jvp, x_t), coef (B, 4), tangent */                           \
+  /* g = coef[b] . (F_minus, dxt_dt, jvp, x_t), d = F - F_minus: */                                 \
+  /* sums[b] = (sum g^2, sum d g, sum d^2). */                                                      \
+  void scm_loss_sums(const at::Tensor (&inputs)[5], const at::Tensor& coef, at::Tensor& sums);    \
+  /* out = scale[b] * (d - coef[b] . (F_minus, dxt_dt, jvp, x_t)). */                               \
+  void scm_loss_backward(const at::Tensor (&inputs)[5], const at::Tensor& coef,                   \
+                         const at::Tensor& scale, at::Tensor& out);                                 \
+  /* With z = -x if negative else x: sums[b] = sum softplus(z) over sample b. */                    \
+  void softplus_sums(const at::Tensor& x, bool negative, at::Tensor& sums);                         \
+  /* out = scale[b] * (negative ? -1 : 1) * sigmoid(z). */                                          \
+  void softplus_backward(const at::Tensor& x, bool negative, const at::Tensor& scale,              \
+                         at::Tensor& out);
 
-// sums[b] = (sum |x_g - teacher|, sum (fake - teacher)^2) over sample b.
-void vsd_loss_sums(const at::Tensor& x_g, const at::Tensor& teacher, const at::Tensor& fake,
-                   at::Tensor& sums);
+FASTGEN_CPU_LOSS_KERNELS
+namespace baseline {
+FASTGEN_CPU_LOSS_KERNELS
+}  // namespace baseline
+namespace avx2 {
+FASTGEN_CPU_LOSS_KERNELS
+}  // namespace avx2
 
-// With r = a - b + k[b] * c per element of sample b (c and k undefined: r = a - b; k (B,) in the
-// statistics' dtype): sums[b] = sum r^2 over sample b.
-void squared_residual_sums(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c,
-                           const at::Tensor& k, at::Tensor& sums);
-
-// out = scale[b] * r with r as above (scale (B,) in the statistics' dtype); negated = -out, written
-// when defined. The backward of the squared residual and of the VSD loss.
-void scaled_residual(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c,
-                     const at::Tensor& k, const at::Tensor& scale, at::Tensor& out,
-                     at::Tensor& negated);
-
-// sCM, inputs (F, F_minus, dxt_dt, jvp, x_t), coef (B, 4) in the statistics' dtype, tangent
-// g = coef[b] . (F_minus, dxt_dt, jvp, x_t), d = F - F_minus: sums[b] = (sum g^2, sum d g, sum d^2).
-void scm_loss_sums(const at::Tensor (&inputs)[5], const at::Tensor& coef, at::Tensor& sums);
-
-// out = scale[b] * (d - coef[b] . (F_minus, dxt_dt, jvp, x_t)).
-void scm_loss_backward(const at::Tensor (&inputs)[5], const at::Tensor& coef,
-                       const at::Tensor& scale, at::Tensor& out);
-
-// With z = -x if negative else x: sums[b] = sum softplus(z) over sample b.
-void softplus_sums(const at::Tensor& x, bool negative, at::Tensor& sums);
-
-// out = scale[b] * dsoftplus(z)/dx = scale[b] * (negative ? -1 : 1) * sigmoid(z).
-void softplus_backward(const at::Tensor& x, bool negative, const at::Tensor& scale, at::Tensor& out);
+// The instruction set the loss kernels run with: "avx2" or "baseline". Setting it (tests,
+// benchmarks) to "avx2" on a CPU without AVX2, FMA and F16C raises.
+std::string loss_isa();
+void set_loss_isa(const std::string& isa);
 
 }  // namespace cpu
 }  // namespace fastgen

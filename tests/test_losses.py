@@ -34,6 +34,33 @@ def test_matches_oracle(case, backend, dtype, shape, reduction, generator):
                          reduction)
 
 
+def cpu_isas():
+    """The instruction sets of the CPU loss kernels this machine runs (csrc/cpu/isa.h)."""
+    if not fk._extension.cpu_built():
+        return [pytest.param("baseline", marks=pytest.mark.skip(reason="extension not built"))]
+    current = torch.ops.fastgen_C.cpu_loss_isa()
+    return ["baseline"] + (["avx2"] if current == "avx2" else [])
+
+
+@pytest.fixture
+def cpu_isa(request):
+    """Runs the test with the CPU loss kernels of instruction set request.param, then restores."""
+    previous = torch.ops.fastgen_C.cpu_loss_isa()
+    torch.ops.fastgen_C.cpu_loss_isa(request.param)
+    yield request.param
+    torch.ops.fastgen_C.cpu_loss_isa(previous)
+
+
+@pytest.mark.parametrize("cpu_isa", cpu_isas(), indirect=True)
+@pytest.mark.parametrize("dtype", CPU_DTYPES + [torch.float64], ids=str)
+@pytest.mark.parametrize("case", list(CASES))
+def test_every_cpu_instruction_set_matches_oracle(case, dtype, cpu_isa, generator):
+    """Both compiled copies of the CPU kernels (baseline and AVX2), at an odd size whose tail is
+    not a multiple of any vector width."""
+    inputs = CASES[case].make_inputs((3, 5, 7, 11), dtype, generator)
+    check_against_oracle(CASES[case], inputs, dtype, "cpu", "none")
+
+
 @pytest.mark.parametrize("backend", extension_backends())
 @pytest.mark.parametrize("case", list(CASES))
 def test_fp64_matches_oracle_to_rounding(case, backend, generator):
@@ -309,13 +336,12 @@ def test_bad_options_name_the_argument():
         losses.gan_loss(x, torch.randn(3, 3), mode="discriminator", reduction="none")
 
 
+@pytest.mark.parametrize("cpu_isa", cpu_isas(), indirect=True)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_cpu_half_conversions_match_torch_on_every_bit_pattern(dtype):
+def test_cpu_half_conversions_match_torch_on_every_bit_pattern(dtype, cpu_isa):
     """The CPU kernels convert fp16/bf16 with their own vectorizable bit arithmetic
     (csrc/cpu/convert.h): every one of the 65536 values must load exactly, and fp32 results must
     round as torch rounds them (to nearest even, subnormals, overflow to inf, NaN)."""
-    if not fk._extension.cpu_built():
-        pytest.skip("extension not built")
     bits = torch.arange(-2**15, 2**15, dtype=torch.int32).to(torch.int16)
     a = bits.view(dtype).reshape(2, -1)
     zero, one = torch.zeros_like(a), torch.ones(2)

@@ -5,6 +5,8 @@
 // even, NaN stays NaN, overflow goes to infinity: the same results as c10's.
 #pragma once
 
+#include "cpu/isa.h"
+
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -13,6 +15,7 @@
 
 namespace fastgen {
 namespace cpu {
+namespace FASTGEN_CPU_ISA {
 
 inline uint32_t float_bits(float f) {
   uint32_t u;
@@ -76,5 +79,6 @@ inline c10::Half from_acc<c10::Half>(float v) {
   return c10::Half(static_cast<uint16_t>(h | sign), c10::Half::from_bits());
 }
 
+}  // namespace FASTGEN_CPU_ISA
 }  // namespace cpu
 }  // namespace fastgen

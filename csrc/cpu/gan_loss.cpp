@@ -8,6 +8,7 @@
 
 namespace fastgen {
 namespace cpu {
+namespace FASTGEN_CPU_ISA {
 namespace {
 
 template <typename T>
@@ -51,5 +52,6 @@ void softplus_backward(const at::Tensor& x, bool negative, const at::Tensor& sca
                             [&] { backward_impl<scalar_t>(x, negative, scale, out); });
 }
 
+}  // namespace FASTGEN_CPU_ISA
 }  // namespace cpu
 }  // namespace fastgen

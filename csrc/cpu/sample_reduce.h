@@ -5,10 +5,12 @@
 #include <vector>
 
 #include "cpu/common.h"
+#include "cpu/isa.h"
 #include "sample_chunks.h"
 
 namespace fastgen {
 namespace cpu {
+namespace FASTGEN_CPU_ISA {
 
 // Independent running sums per statistic in lane_sums: one running sum is bound by the latency of
 // its add (a vector add every few cycles); kLanes of them pipeline and vectorize.
@@ -83,5 +85,6 @@ void sample_runs(int64_t batch, int64_t numel, Run&& run) {
   });
 }
 
+}  // namespace FASTGEN_CPU_ISA
 }  // namespace cpu
 }  // namespace fastgen

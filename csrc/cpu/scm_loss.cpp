@@ -9,6 +9,7 @@
 
 namespace fastgen {
 namespace cpu {
+namespace FASTGEN_CPU_ISA {
 namespace {
 
 template <typename T>
@@ -81,5 +82,6 @@ void scm_loss_backward(const at::Tensor (&inputs)[5], const at::Tensor& coef,
                             [&] { backward_impl<scalar_t>(inputs, coef, scale, out); });
 }
 
+}  // namespace FASTGEN_CPU_ISA
 }  // namespace cpu
 }  // namespace fastgen

@@ -3,12 +3,15 @@
 // calls SLEEF). fp32: a few ulps; fp64 (gradcheck): the libm functions themselves.
 #pragma once
 
+#include "cpu/isa.h"
+
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 
 namespace fastgen {
 namespace cpu {
+namespace FASTGEN_CPU_ISA {
 
 // e^x for x <= 0, as 2^n e^r with n = round(x / ln 2) and |r| <= ln(2) / 2 (Cody-Waite split of
 // ln 2), e^r by its Taylor series to r^7 (remainder below 2^-24). Below x = -87.3, where 2^n
@@ -66,5 +69,6 @@ inline A sigmoid(A z) {
   return (z >= A(0) ? A(1) : e) / (A(1) + e);
 }
 
+}  // namespace FASTGEN_CPU_ISA
 }  // namespace cpu
 }  // namespace fastgen

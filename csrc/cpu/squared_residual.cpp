@@ -9,6 +9,7 @@
 
 namespace fastgen {
 namespace cpu {
+namespace FASTGEN_CPU_ISA {
 namespace {
 
 template <typename T>
@@ -95,5 +96,6 @@ void scaled_residual(const at::Tensor& a, const at::Tensor& b, const at::Tensor&
                             [&] { scaled_impl<scalar_t>(a, b, c, k, scale, out, negated); });
 }
 
+}  // namespace FASTGEN_CPU_ISA
 }  // namespace cpu
 }  // namespace fastgen

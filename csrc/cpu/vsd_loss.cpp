@@ -9,6 +9,7 @@
 
 namespace fastgen {
 namespace cpu {
+namespace FASTGEN_CPU_ISA {
 namespace {
 
 template <typename T>
@@ -37,5 +38,6 @@ void vsd_loss_sums(const at::Tensor& x_g, const at::Tensor& teacher, const at::T
                             [&] { sums_impl<scalar_t>(x_g, teacher, fake, sums); });
 }
 
+}  // namespace FASTGEN_CPU_ISA
 }  // namespace cpu
 }  // namespace fastgen
