@@ -552,7 +552,10 @@ TORCH_LIBRARY(fastgen_C, m) {
   });
 }
 
-TORCH_LIBRARY_IMPL(fastgen_C, CPU, m) {
+namespace {
+// Every implementation takes CPU and CUDA tensors alike (it branches on the device), so the two
+// dispatch keys register the same functions.
+void register_kernels(torch::Library& m) {
   m.impl("modulated_norm_forward", &fastgen::modulated_norm_forward);
   m.impl("modulated_norm_backward", &fastgen::modulated_norm_backward);
   m.impl("gated_residual_forward", &fastgen::gated_residual_forward);
@@ -567,23 +570,12 @@ TORCH_LIBRARY_IMPL(fastgen_C, CPU, m) {
   m.impl("softplus_sums", &fastgen::softplus_sums);
   m.impl("softplus_backward", &fastgen::softplus_backward);
 }
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastgen_C, CPU, m) { register_kernels(m); }
 
 #ifdef FASTGEN_WITH_CUDA
-TORCH_LIBRARY_IMPL(fastgen_C, CUDA, m) {
-  m.impl("modulated_norm_forward", &fastgen::modulated_norm_forward);
-  m.impl("modulated_norm_backward", &fastgen::modulated_norm_backward);
-  m.impl("gated_residual_forward", &fastgen::gated_residual_forward);
-  m.impl("gated_residual_backward", &fastgen::gated_residual_backward);
-  m.impl("qk_norm_rope_forward", &fastgen::qk_norm_rope_forward);
-  m.impl("qk_norm_rope_backward", &fastgen::qk_norm_rope_backward);
-  m.impl("vsd_loss_sums", &fastgen::vsd_loss_sums);
-  m.impl("squared_residual_sums", &fastgen::squared_residual_sums);
-  m.impl("scaled_residual", &fastgen::scaled_residual);
-  m.impl("scm_loss_sums", &fastgen::scm_loss_sums);
-  m.impl("scm_loss_backward", &fastgen::scm_loss_backward);
-  m.impl("softplus_sums", &fastgen::softplus_sums);
-  m.impl("softplus_backward", &fastgen::softplus_backward);
-}
+TORCH_LIBRARY_IMPL(fastgen_C, CUDA, m) { register_kernels(m); }
 #define FASTGEN_CUDA_BUILT 1
 #else
 #define FASTGEN_CUDA_BUILT 0

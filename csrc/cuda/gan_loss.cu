@@ -51,18 +51,15 @@ cudaError_t launch_softplus_sums(const SoftplusSumsArgs& args, cudaStream_t stre
 }
 
 cudaError_t launch_softplus_backward(const SoftplusBackwardArgs& args, cudaStream_t stream) {
-  if (args.batch < 1 || args.numel < 1) return cudaErrorInvalidValue;
-  return dispatch_dtype_vec(args.dtype, args.numel, {args.x, args.out}, [&](auto type_tag, auto vec_tag) {
-    using T = typename decltype(type_tag)::type;
-    constexpr int VEC = decltype(vec_tag)::value;
-    const int64_t num_vecs = args.batch * args.numel / VEC;
-    unsigned blocks = 0;
-    if (const cudaError_t err = elementwise_blocks(num_vecs, kThreads, blocks); err != cudaSuccess) return err;
-    softplus_backward_kernel<T, VEC><<<blocks, kThreads, 0, stream>>>(
-        static_cast<const T*>(args.x), args.negative ? -1.0f : 1.0f, args.scale,
-        static_cast<T*>(args.out), num_vecs, args.numel);
-    return cudaGetLastError();
-  });
+  return dispatch_elementwise(
+      args.dtype, args.batch, args.numel, kThreads, {args.x, args.out},
+      [&](auto type_tag, auto vec_tag, unsigned blocks, int64_t num_vecs) {
+        using T = typename decltype(type_tag)::type;
+        softplus_backward_kernel<T, decltype(vec_tag)::value><<<blocks, kThreads, 0, stream>>>(
+            static_cast<const T*>(args.x), args.negative ? -1.0f : 1.0f, args.scale,
+            static_cast<T*>(args.out), num_vecs, args.numel);
+        return cudaGetLastError();
+      });
 }
 
 }  // namespace cuda

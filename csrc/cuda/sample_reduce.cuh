@@ -113,13 +113,21 @@ cudaError_t launch_sample_reduce(DType dtype, const void* const (&ptrs)[Stats::k
   return cudaGetLastError();
 }
 
-// Grid of an elementwise pass over num_vecs vectors: one vector per thread, at most the resident
-// blocks (the kernel loops over the rest).
-inline cudaError_t elementwise_blocks(int64_t num_vecs, int threads, unsigned& blocks) {
+// The elementwise backward passes over batch samples of numel elements: calls
+// launch(TypeTag<T>{}, IntTag<VEC>{}, blocks, num_vecs) with VEC as dispatch_dtype_vec picks it
+// (numel % VEC == 0: a vector stays in one sample), num_vecs = batch * numel / VEC and a grid of
+// one vector per thread, at most the resident blocks (the kernel loops over the rest).
+template <typename F>
+cudaError_t dispatch_elementwise(DType dtype, int64_t batch, int64_t numel, int threads,
+                                 std::initializer_list<const void*> ptrs, F&& launch) {
+  if (batch < 1 || numel < 1) return cudaErrorInvalidValue;
   int64_t max_blocks = 0;
   if (const cudaError_t err = resident_blocks(threads, max_blocks); err != cudaSuccess) return err;
-  blocks = static_cast<unsigned>(std::max<int64_t>(1, std::min(ceil_div(num_vecs, threads), max_blocks)));
-  return cudaSuccess;
+  return dispatch_dtype_vec(dtype, numel, ptrs, [&](auto type_tag, auto vec_tag) {
+    const int64_t num_vecs = batch * numel / decltype(vec_tag)::value;
+    const auto blocks = static_cast<unsigned>(std::max<int64_t>(1, std::min(ceil_div(num_vecs, threads), max_blocks)));
+    return launch(type_tag, vec_tag, blocks, num_vecs);
+  });
 }
 
 }  // namespace cuda

@@ -65,21 +65,14 @@ cudaError_t launch_scm_loss_sums(const ScmLossSumsArgs& args, cudaStream_t strea
 }
 
 cudaError_t launch_scm_loss_backward(const ScmLossBackwardArgs& args, cudaStream_t stream) {
-  if (args.batch < 1 || args.numel < 1) return cudaErrorInvalidValue;
   const auto& p = args.inputs;
-  return dispatch_dtype_vec(
-      args.dtype, args.numel, {p[0], p[1], p[2], p[3], p[4], args.out},
-      [&](auto type_tag, auto vec_tag) {
+  return dispatch_elementwise(
+      args.dtype, args.batch, args.numel, kThreads, {p[0], p[1], p[2], p[3], p[4], args.out},
+      [&](auto type_tag, auto vec_tag, unsigned blocks, int64_t num_vecs) {
         using T = typename decltype(type_tag)::type;
-        constexpr int VEC = decltype(vec_tag)::value;
-        const int64_t num_vecs = args.batch * args.numel / VEC;
-        unsigned blocks = 0;
-        if (const cudaError_t err = elementwise_blocks(num_vecs, kThreads, blocks); err != cudaSuccess) {
-          return err;
-        }
         Inputs<T, 5> in;
         for (int k = 0; k < 5; ++k) in.p[k] = static_cast<const T*>(p[k]);
-        scm_loss_backward_kernel<T, VEC><<<blocks, kThreads, 0, stream>>>(
+        scm_loss_backward_kernel<T, decltype(vec_tag)::value><<<blocks, kThreads, 0, stream>>>(
             in, args.coef, args.scale, static_cast<T*>(args.out), num_vecs, args.numel);
         return cudaGetLastError();
       });

@@ -80,22 +80,14 @@ cudaError_t launch_squared_residual_sums(const SquaredResidualSumsArgs& args, cu
 }
 
 cudaError_t launch_scaled_residual(const ScaledResidualArgs& args, cudaStream_t stream) {
-  if (args.batch < 1 || args.numel < 1 || (args.c == nullptr) != (args.k == nullptr)) {
-    return cudaErrorInvalidValue;
-  }
-  return dispatch_dtype_vec(
-      args.dtype, args.numel, {args.a, args.b, args.c, args.out, args.negated},
-      [&](auto type_tag, auto vec_tag) {
+  if ((args.c == nullptr) != (args.k == nullptr)) return cudaErrorInvalidValue;
+  return dispatch_elementwise(
+      args.dtype, args.batch, args.numel, kThreads, {args.a, args.b, args.c, args.out, args.negated},
+      [&](auto type_tag, auto vec_tag, unsigned blocks, int64_t num_vecs) {
         using T = typename decltype(type_tag)::type;
-        constexpr int VEC = decltype(vec_tag)::value;
-        const int64_t num_vecs = args.batch * args.numel / VEC;
-        unsigned blocks = 0;
-        if (const cudaError_t err = elementwise_blocks(num_vecs, kThreads, blocks); err != cudaSuccess) {
-          return err;
-        }
         return dispatch_bool(args.c != nullptr, [&](auto has_c) {
           return dispatch_bool(args.negated != nullptr, [&](auto negated) {
-            scaled_residual_kernel<T, VEC, decltype(has_c)::value, decltype(negated)::value>
+            scaled_residual_kernel<T, decltype(vec_tag)::value, decltype(has_c)::value, decltype(negated)::value>
                 <<<blocks, kThreads, 0, stream>>>(
                     static_cast<const T*>(args.a), static_cast<const T*>(args.b),
                     static_cast<const T*>(args.c), args.k, args.scale, static_cast<T*>(args.out),
