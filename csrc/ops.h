@@ -56,8 +56,8 @@ void qk_norm_rope_backward(const at::Tensor& grad_out, const at::Tensor& x,
 
 // Per-sample losses: x-like tensors (B, ...) contiguous, read as B samples of numel / B elements;
 // sums (B, NSTAT) in the statistics' dtype (see sample_chunks.h for the deterministic chunking).
-// Declared three times: the entry points, which run one of the two copies of each kernel, one
-// per instruction set (cpu/isa.h, cpu/loss_dispatch.cpp).
+// Declared once as the entry points, which run the copy of each kernel compiled for the widest
+// instruction set the CPU has, and once per copy (cpu/isa.h, cpu/loss_dispatch.cpp).
 #define FASTGEN_CPU_LOSS_KERNELS                                                                   \
   /* sums[b] = (sum |x_g - teacher|, sum (fake - teacher)^2) over sample b. */                      \
   void vsd_loss_sums(const at::Tensor& x_g, const at::Tensor& teacher, const at::Tensor& fake,     \
@@ -91,9 +91,12 @@ FASTGEN_CPU_LOSS_KERNELS
 namespace avx2 {
 FASTGEN_CPU_LOSS_KERNELS
 }  // namespace avx2
+namespace avx512 {
+FASTGEN_CPU_LOSS_KERNELS
+}  // namespace avx512
 
-// The instruction set the loss kernels run with: "avx2" or "baseline". Setting it (tests,
-// benchmarks) to "avx2" on a CPU without AVX2, FMA and F16C raises.
+// The instruction set the loss kernels run with: "avx512", "avx2" or "baseline". Setting it
+// (tests, benchmarks) to one the CPU lacks raises.
 std::string loss_isa();
 void set_loss_isa(const std::string& isa);
 

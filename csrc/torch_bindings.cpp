@@ -545,7 +545,7 @@ TORCH_LIBRARY(fastgen_C, m) {
   m.def("softplus_sums(Tensor x, bool negative) -> Tensor");
   m.def("softplus_backward(Tensor x, bool negative, Tensor scale) -> Tensor");
   // The instruction set of the CPU loss kernels (csrc/cpu/isa.h): returns the current one after
-  // setting `isa` ("avx2" or "baseline") when given.
+  // setting `isa` ("avx512", "avx2" or "baseline") when given.
   m.def("cpu_loss_isa(str? isa=None) -> str", [](std::optional<std::string> isa) {
     if (isa.has_value()) fastgen::cpu::set_loss_isa(*isa);
     return fastgen::cpu::loss_isa();

@@ -73,3 +73,38 @@ def test_triton_kernels_compile_for_hopper():
     result = subprocess.run([sys.executable, str(ROOT / "tests" / "compile_triton_for_hopper.py")],
                             capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+
+
+ISA_COPIES = sorted(ROOT.glob("csrc/cpu/*_losses.cpp"))
+
+
+@pytest.mark.skipif(sys.platform != "linux" or os.uname().machine != "x86_64"
+                    or shutil.which("c++") is None or shutil.which("objdump") is None,
+                    reason="x86-64 Linux with c++ and objdump")
+@pytest.mark.parametrize("source", ISA_COPIES, ids=lambda p: p.name)
+def test_instruction_set_copy_keeps_wide_code_in_its_namespace(source, tmp_path):
+    """An AVX2 / AVX-512 copy of the CPU loss kernels (csrc/cpu/isa.h) may emit vector-extension
+    code only in its own namespace: a library inline function compiled there for AVX (a header
+    included after the `#pragma GCC target`) could be the copy the linker keeps for everyone,
+    and crash a CPU without it. Compiles the copy as the build does and reads its machine code."""
+    from torch.utils.cpp_extension import include_paths
+
+    isa = source.name.split("_")[0]
+    obj = tmp_path / "copy.o"
+    command = ["c++", "-std=c++17", "-fPIC", "-c", *CONFIG["cxx_flags"],
+               *[f"-I{p}" for p in include_paths()], f"-I{sysconfig.get_paths()['include']}",
+               *[f"-I{ROOT / d}" for d in CONFIG["include_dirs"]], str(source), "-o", str(obj)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 0, f"{' '.join(command)}\n{result.stderr[-4000:]}"
+    listing = subprocess.run(["objdump", "-d", "-C", "--no-show-raw-insn", str(obj)],
+                             capture_output=True, text=True, check=True).stdout
+    function, wide, outside = None, 0, set()
+    for line in listing.splitlines():
+        if line.endswith(">:"):
+            function = line.split("<", 1)[1][:-2]
+        elif function and any(op in line for op in ("%ymm", "%zmm", "%xmm")) and "\tv" in line:
+            wide += 1  # a VEX/EVEX-encoded (v...) instruction
+            if f"fastgen::cpu::{isa}::" not in function:
+                outside.add(function)
+    assert wide > 0, f"{source.name} compiled to no {isa} code"
+    assert not outside, f"{isa} code outside fastgen::cpu::{isa}: {sorted(outside)[:5]}"

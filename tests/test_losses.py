@@ -34,12 +34,15 @@ def test_matches_oracle(case, backend, dtype, shape, reduction, generator):
                          reduction)
 
 
+ISAS = ["baseline", "avx2", "avx512"]
+
+
 def cpu_isas():
     """The instruction sets of the CPU loss kernels this machine runs (csrc/cpu/isa.h)."""
     if not fk._extension.cpu_built():
         return [pytest.param("baseline", marks=pytest.mark.skip(reason="extension not built"))]
-    current = torch.ops.fastgen_C.cpu_loss_isa()
-    return ["baseline"] + (["avx2"] if current == "avx2" else [])
+    widest = torch.ops.fastgen_C.cpu_loss_isa()
+    return ISAS[:ISAS.index(widest) + 1]
 
 
 @pytest.fixture
@@ -55,8 +58,8 @@ def cpu_isa(request):
 @pytest.mark.parametrize("dtype", CPU_DTYPES + [torch.float64], ids=str)
 @pytest.mark.parametrize("case", list(CASES))
 def test_every_cpu_instruction_set_matches_oracle(case, dtype, cpu_isa, generator):
-    """Both compiled copies of the CPU kernels (baseline and AVX2), at an odd size whose tail is
-    not a multiple of any vector width."""
+    """Every compiled copy of the CPU kernels this CPU runs (baseline, AVX2, AVX-512), at an odd
+    size whose tail is not a multiple of any vector width."""
     inputs = CASES[case].make_inputs((3, 5, 7, 11), dtype, generator)
     check_against_oracle(CASES[case], inputs, dtype, "cpu", "none")
 

@@ -1,46 +1,64 @@
-// Entry points of the CPU loss kernels: each runs the copy compiled for the best instruction set
-// the CPU has (cpu/isa.h), AVX2 + FMA + F16C or the baseline.
+// Entry points of the CPU loss kernels: each runs the copy compiled for the widest instruction set
+// the CPU has (cpu/isa.h): AVX-512, AVX2 + FMA + F16C, or the baseline.
 #include <atomic>
 
 #include "ops.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
-#define FASTGEN_HAS_AVX2_KERNELS 1  // csrc/cpu/avx2_losses.cpp compiled them
+#define FASTGEN_HAS_X86_COPIES 1  // csrc/cpu/avx2_losses.cpp and avx512_losses.cpp compiled them
 #else
-#define FASTGEN_HAS_AVX2_KERNELS 0
+#define FASTGEN_HAS_X86_COPIES 0
 #endif
 
 namespace fastgen {
 namespace cpu {
 namespace {
 
-bool cpu_has_avx2() {
-#if FASTGEN_HAS_AVX2_KERNELS
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+enum class Isa : int { kBaseline = 0, kAvx2 = 1, kAvx512 = 2 };
+
+constexpr const char* kIsaNames[] = {"baseline", "avx2", "avx512"};
+
+Isa widest_supported() {
+#if FASTGEN_HAS_X86_COPIES
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+  return avx512 ? Isa::kAvx512 : avx2 ? Isa::kAvx2 : Isa::kBaseline;
 #else
-  return false;
+  return Isa::kBaseline;
 #endif
 }
 
-std::atomic<bool>& avx2_enabled() {
-  static std::atomic<bool> enabled{cpu_has_avx2()};
-  return enabled;
+std::atomic<Isa>& active() {
+  static std::atomic<Isa> isa{widest_supported()};
+  return isa;
 }
 
 }  // namespace
 
-std::string loss_isa() { return avx2_enabled() ? "avx2" : "baseline"; }
+std::string loss_isa() { return kIsaNames[static_cast<int>(active().load())]; }
 
-void set_loss_isa(const std::string& isa) {
-  TORCH_CHECK(isa == "avx2" || isa == "baseline", "isa must be 'avx2' or 'baseline', got '", isa, "'");
-  TORCH_CHECK(isa == "baseline" || cpu_has_avx2(), "this CPU (or build) has no AVX2 + FMA + F16C kernels");
-  avx2_enabled() = isa == "avx2";
+void set_loss_isa(const std::string& name) {
+  for (int i = 0; i < 3; ++i) {
+    if (name == kIsaNames[i]) {
+      TORCH_CHECK(i <= static_cast<int>(widest_supported()), "this CPU (or build) has no ", name,
+                  " loss kernels; the widest it runs is ", kIsaNames[static_cast<int>(widest_supported())]);
+      active() = static_cast<Isa>(i);
+      return;
+    }
+  }
+  TORCH_CHECK(false, "isa must be 'avx512', 'avx2' or 'baseline', got '", name, "'");
 }
 
-#if FASTGEN_HAS_AVX2_KERNELS
-#define FASTGEN_RUN(kernel, ...) (avx2_enabled() ? avx2::kernel(__VA_ARGS__) : baseline::kernel(__VA_ARGS__))
+#if FASTGEN_HAS_X86_COPIES
+#define FASTGEN_RUN(kernel, ...)                                 \
+  switch (active().load()) {                                     \
+    case Isa::kAvx512: return avx512::kernel(__VA_ARGS__);       \
+    case Isa::kAvx2: return avx2::kernel(__VA_ARGS__);           \
+    case Isa::kBaseline: return baseline::kernel(__VA_ARGS__);   \
+  }
 #else
-#define FASTGEN_RUN(kernel, ...) baseline::kernel(__VA_ARGS__)
+#define FASTGEN_RUN(kernel, ...) return baseline::kernel(__VA_ARGS__)
 #endif
 
 void vsd_loss_sums(const at::Tensor& x_g, const at::Tensor& teacher, const at::Tensor& fake, at::Tensor& sums) {
