@@ -48,12 +48,18 @@ def tangent_coefficients(t: Tensor, sigma_data: float, warmup: float, like: Tens
                         -warmup * cos * sin], 1).contiguous()
 
 
-def reference_sums(F, F_minus, dxt_dt, jvp, x_t, coef) -> Tensor:
-    """(B, 3): per sample (sum g^2, sum d g, sum d^2), in the statistics' dtype."""
+def _tangent_and_difference(F, F_minus, dxt_dt, jvp, x_t, coef) -> tuple[Tensor, Tensor]:
+    """(g = coef . (F_minus, dxt_dt, jvp, x_t), d = F - F_minus), both (B, D) in the statistics'
+    dtype."""
     ct = sl.stat_dtype(F)
     fm = sl.flat(F_minus, ct)
-    g = sum(coef[:, i:i + 1] * sl.flat(x, ct) for i, x in enumerate((fm, dxt_dt, jvp, x_t)))
-    d = sl.flat(F, ct) - fm
+    g = sum(coef[:, i:i + 1].to(ct) * sl.flat(x, ct) for i, x in enumerate((fm, dxt_dt, jvp, x_t)))
+    return g, sl.flat(F, ct) - fm
+
+
+def reference_sums(F, F_minus, dxt_dt, jvp, x_t, coef) -> Tensor:
+    """(B, 3): per sample (sum g^2, sum d g, sum d^2), in the statistics' dtype."""
+    g, d = _tangent_and_difference(F, F_minus, dxt_dt, jvp, x_t, coef)
     return torch.stack([(g * g).sum(1), (d * g).sum(1), (d * d).sum(1)], 1)
 
 
@@ -66,10 +72,8 @@ def finish(sums: Tensor, coef: Tensor, c: float, D: int) -> tuple[Tensor, Tensor
 
 def reference_backward_kernel(F, F_minus, dxt_dt, jvp, x_t, q, s) -> Tensor:
     """s_b * (d - q . (F_minus, dxt_dt, jvp, x_t)), in F's dtype."""
-    ct = sl.stat_dtype(F)
-    fm = sl.flat(F_minus, ct)
-    g = sum(q[:, i:i + 1] * sl.flat(x, ct) for i, x in enumerate((fm, dxt_dt, jvp, x_t)))
-    return (s.to(ct)[:, None] * (sl.flat(F, ct) - fm - g)).view(F.shape).to(F.dtype)
+    g, d = _tangent_and_difference(F, F_minus, dxt_dt, jvp, x_t, q)
+    return (s.to(g.dtype)[:, None] * (d - g)).view(F.shape).to(F.dtype)
 
 
 # --------------------------------------------------------------------------- backends
