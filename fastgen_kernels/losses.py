@@ -15,8 +15,9 @@ get a gradient.
 - :func:`gan_loss`: softplus generator / discriminator terms on logits.
 
 The denoising, consistency and MeanFlow losses are the per-sample squared residual
-S_b = sum_D (a - b + k_b c)^2 of one custom op (``fastgen::squared_residual``, one pass each way)
-followed by plain torch on (B,) vectors, which autograd differentiates.
+S_b = sum_D (a - b + k_b c)^2 of one custom op (``fastgen::squared_residual``, one pass each way;
+it applies the pseudo-Huber metric too) followed by plain torch on (B,) vectors, which autograd
+differentiates.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from fastgen_kernels.ops import _checks
 from fastgen_kernels.ops import _sample_loss as sl
 from fastgen_kernels.ops.gan_loss import gan_loss
 from fastgen_kernels.ops.scm_loss import scm_loss
+from fastgen_kernels.ops.squared_residual import squared_residual_eager
 from fastgen_kernels.ops.vsd_loss import vsd_loss
 
 __all__ = ["consistency_loss", "denoising_loss", "gan_loss", "meanflow_loss", "scm_loss", "vsd_loss"]
@@ -37,8 +39,9 @@ __all__ = ["consistency_loss", "denoising_loss", "gan_loss", "meanflow_loss", "s
 METRICS = ("pseudo_huber", "l2")
 
 
-def _squared_residual(a: Tensor, b: Tensor, c: Tensor | None = None, k: Tensor | None = None) -> Tensor:
-    return torch.ops.fastgen.squared_residual(a, b, c, k)
+def _squared_residual(a: Tensor, b: Tensor, c: Tensor | None = None, k: Tensor | None = None,
+                      huber: float = 0.0) -> Tensor:
+    return squared_residual_eager(a, b, c, k, huber)
 
 
 def _weighted(loss: Tensor, weight: Tensor | None) -> Tensor:
@@ -82,8 +85,7 @@ def consistency_loss(pred: Tensor, target: Tensor, weight: Tensor | None = None,
     D = sl.numel_per_sample(pred)
     c = 0.00054 * math.sqrt(D) if c is None else _checks.positive(op, "c", c)
     reduction = _checks.reduction(op, reduction)
-    S = _squared_residual(pred, target.detach())
-    loss = S if metric == "l2" else S / (torch.sqrt(S + c * c) + c)
+    loss = _squared_residual(pred, target.detach(), huber=0.0 if metric == "l2" else c)
     return sl.reduce(_weighted(loss, weight), reduction)
 
 

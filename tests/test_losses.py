@@ -16,6 +16,7 @@ from loss_testing import check_against_oracle, check_deterministic
 
 import fastgen_kernels as fk
 from fastgen_kernels import losses
+from fastgen_kernels.ops import _eager_op
 
 
 def extension_backends():
@@ -145,6 +146,48 @@ def test_compile_fullgraph_all_losses(generator):
     torch.testing.assert_close(grads[1], grads[0])
 
 
+# --------------------------------------------------------------------------- the two paths
+
+
+def _value_and_grads(case, inputs):
+    leaves = {k: v.detach().requires_grad_(k in case.differentiable) for k, v in inputs.items()}
+    names = [k for k in case.differentiable if k in inputs]
+    loss = case.fn(**leaves, reduction="none", **case.kwargs)
+    return (loss, *torch.autograd.grad(loss.sum(), [leaves[k] for k in names]))
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("case", list(CASES))
+def test_custom_op_path_equals_eager_path(case, backend, generator, monkeypatch):
+    """The custom ops (what torch.compile, make_fx and tensor subclasses see) and the eager fast
+    path (ops/_eager_op.py) run the same kernels: bit-identical values and gradients."""
+    inputs = CASES[case].make_inputs((2, 3, 5, 7), torch.float32, generator)
+    with fk.use_backend(backend):
+        eager = _value_and_grads(CASES[case], inputs)
+        monkeypatch.setattr(_eager_op, "plain_eager", lambda args: False)
+        through_op = _value_and_grads(CASES[case], inputs)
+    for a, b in zip(eager, through_op, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_eager_path_only_without_modes_and_subclasses():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.randn(2, 3)
+    assert _eager_op.plain_eager((x, torch.nn.Parameter(x), None, 1.0))
+    with FlopCounterMode(display=False):
+        assert not _eager_op.plain_eager((x,))
+    with torch.device("cpu"):  # a torch-function mode
+        assert not _eager_op.plain_eager((x,))
+    with FakeTensorMode() as mode:
+        assert not _eager_op.plain_eager((mode.from_tensor(x),))
+    assert not torch.func.vmap(lambda v: torch.tensor(_eager_op.plain_eager((v,))))(x).any()
+    graph = make_fx(lambda a, b: losses.consistency_loss(a, b))(x, x + 1)
+    assert "fastgen.squared_residual" in str(graph.graph)
+
+
 # --------------------------------------------------------------------------- the custom ops
 
 
@@ -159,8 +202,9 @@ def op_cases(generator):
         (ops.vsd_loss.default, (x, y, z, s, 1e-6)),
         (ops.vsd_loss.default, (x.clone().requires_grad_(), y, z, None, 1e-3)),
         (ops.vsd_loss_backward.default, (z, y, s, k)),
-        (ops.squared_residual.default, (x, y, None, None)),
-        (ops.squared_residual.default, (x.clone().requires_grad_(), y.clone().requires_grad_(), z, k)),
+        (ops.squared_residual.default, (x, y, None, None, 0.0)),
+        (ops.squared_residual.default, (x.clone().requires_grad_(), y.clone().requires_grad_(), z, k, 0.0)),
+        (ops.squared_residual.default, (x.clone().requires_grad_(), y.clone().requires_grad_(), None, None, 0.3)),
         (ops.squared_residual_backward.default, (x, y, z, k, s, True)),
         (ops.squared_residual_backward.default, (x, y, None, None, s, False)),
         (ops.scm_residual.default, (x.clone().requires_grad_(), y, z, x, y, t, 0.5, 1.0, 0.1)),

@@ -28,6 +28,7 @@ from torch import Tensor
 from fastgen_kernels.backends import BACKENDS, OpDispatcher
 from fastgen_kernels.ops import _checks
 from fastgen_kernels.ops import _sample_loss as sl
+from fastgen_kernels.ops._eager_op import EagerOp
 
 # --------------------------------------------------------------------------- reference
 
@@ -107,6 +108,7 @@ def softplus_sum_backward(x: Tensor, negative: bool, grad: Tensor) -> Tensor:
 
 softplus_sum.register_fake(reference_sums)
 softplus_sum_backward.register_fake(reference_backward)
+softplus_sum_backward_eager = EagerOp(torch.ops.fastgen.softplus_sum_backward, backward_dispatcher)
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -116,11 +118,12 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, grad):
     (x,) = ctx.saved_tensors
-    dx = torch.ops.fastgen.softplus_sum_backward(x, ctx.negative, grad) if ctx.needs_input_grad[0] else None
+    dx = softplus_sum_backward_eager(x, ctx.negative, grad) if ctx.needs_input_grad[0] else None
     return dx, None
 
 
 softplus_sum.register_autograd(_backward, setup_context=_setup_context)
+softplus_sum_eager = EagerOp(torch.ops.fastgen.softplus_sum, forward_dispatcher, _setup_context, _backward)
 
 # --------------------------------------------------------------------------- public API
 
@@ -129,7 +132,7 @@ MODES = ("generator", "discriminator")
 
 def _mean_softplus(x: Tensor, negative: bool) -> Tensor:
     """(B,): per sample mean softplus(-x if negative else x)."""
-    return torch.ops.fastgen.softplus_sum(x, negative) / sl.numel_per_sample(x)
+    return softplus_sum_eager(x, negative) / sl.numel_per_sample(x)
 
 
 def gan_loss(logits_fake: Tensor, logits_real: Tensor | None = None, mode: str = "generator",

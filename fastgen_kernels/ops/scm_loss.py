@@ -36,6 +36,7 @@ from torch import Tensor
 from fastgen_kernels.backends import BACKENDS, OpDispatcher
 from fastgen_kernels.ops import _checks
 from fastgen_kernels.ops import _sample_loss as sl
+from fastgen_kernels.ops._eager_op import EagerOp
 
 # --------------------------------------------------------------------------- reference
 
@@ -150,6 +151,7 @@ def scm_residual_backward(F: Tensor, F_minus: Tensor, dxt_dt: Tensor, jvp: Tenso
 
 scm_residual.register_fake(reference_forward)
 scm_residual_backward.register_fake(reference_backward)
+scm_residual_backward_eager = EagerOp(torch.ops.fastgen.scm_residual_backward, backward_dispatcher)
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -159,11 +161,12 @@ def _setup_context(ctx, inputs, output) -> None:
 def _backward(ctx, grad, _grad_q):
     dF = None
     if ctx.needs_input_grad[0]:
-        dF = torch.ops.fastgen.scm_residual_backward(*ctx.saved_tensors, grad)
+        dF = scm_residual_backward_eager(*ctx.saved_tensors, grad)
     return dF, None, None, None, None, None, None, None, None
 
 
 scm_residual.register_autograd(_backward, setup_context=_setup_context)
+scm_residual_eager = EagerOp(torch.ops.fastgen.scm_residual, forward_dispatcher, _setup_context, _backward)
 
 # --------------------------------------------------------------------------- public API
 
@@ -187,8 +190,8 @@ def scm_loss(F: Tensor, F_minus: Tensor, dxt_dt: Tensor, jvp: Tensor, x_t: Tenso
     warmup = _checks.in_range(op, "warmup", warmup, 0.0, 1.0)
     c = _checks.positive(op, "c", c)
     reduction = _checks.reduction(op, reduction)
-    S, _ = torch.ops.fastgen.scm_residual(F, F_minus.detach(), dxt_dt.detach(), jvp.detach(),
-                                          x_t.detach(), t.detach(), sigma_data, warmup, c)
+    S, _ = scm_residual_eager(F, F_minus.detach(), dxt_dt.detach(), jvp.detach(),
+                              x_t.detach(), t.detach(), sigma_data, warmup, c)
     t = t.detach().to(S.dtype)
     sigma = (sigma_data * torch.tan(t)).clamp_min(1e-6)  # METHODS.md: no zero denominators
     u = logvar.to(S.dtype)

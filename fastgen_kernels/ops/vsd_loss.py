@@ -28,6 +28,7 @@ from torch import Tensor
 from fastgen_kernels.backends import BACKENDS, OpDispatcher
 from fastgen_kernels.ops import _checks
 from fastgen_kernels.ops import _sample_loss as sl
+from fastgen_kernels.ops._eager_op import EagerOp
 from fastgen_kernels.ops.squared_residual import SCALED_RESIDUAL
 
 # --------------------------------------------------------------------------- reference
@@ -110,6 +111,7 @@ def vsd_loss_backward(x0_fake: Tensor, x0_teacher: Tensor, factor: Tensor, grad:
 
 vsd_loss_op.register_fake(reference_forward)
 vsd_loss_backward.register_fake(reference_backward)
+vsd_loss_backward_eager = EagerOp(torch.ops.fastgen.vsd_loss_backward, backward_dispatcher)
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -121,11 +123,12 @@ def _backward(ctx, grad_loss, _grad_factor):
     teacher, fake, factor = ctx.saved_tensors
     dx = None
     if ctx.needs_input_grad[0]:
-        dx = torch.ops.fastgen.vsd_loss_backward(fake, teacher, factor, grad_loss)
+        dx = vsd_loss_backward_eager(fake, teacher, factor, grad_loss)
     return dx, None, None, None, None
 
 
 vsd_loss_op.register_autograd(_backward, setup_context=_setup_context)
+vsd_loss_eager = EagerOp(torch.ops.fastgen.vsd_loss, forward_dispatcher, _setup_context, _backward)
 
 # --------------------------------------------------------------------------- public API
 
@@ -145,8 +148,8 @@ def vsd_loss(x_g: Tensor, x0_teacher: Tensor, x0_fake: Tensor, weight: Tensor | 
     _checks.per_sample(op, "weight", weight, "x_g", x_g)
     eps = _checks.positive(op, "eps", eps)
     reduction = _checks.reduction(op, reduction)
-    loss, _ = torch.ops.fastgen.vsd_loss(x_g, x0_teacher.detach(), x0_fake.detach(),
-                                         None if weight is None else weight.detach(), eps)
+    loss, _ = vsd_loss_eager(x_g, x0_teacher.detach(), x0_fake.detach(),
+                             None if weight is None else weight.detach(), eps)
     return sl.reduce(loss, reduction)
 
 
