@@ -48,11 +48,12 @@ def info() -> str:
     lines.append("")
     lines.append(f"{'op':<34}{'device':<8}{'dtype':<10}backend")
     for name, module in ops.OP_MODULES.items():
-        for dispatcher in (module.forward_dispatcher, module.backward_dispatcher):
+        backward = getattr(module, "backward_dispatcher", None)  # inference-only ops have none
+        for dispatcher in (module.forward_dispatcher, backward)[:2 if backward else 1]:
             for device in devices:
                 for dtype in (torch.float32, torch.bfloat16):
                     args = module.example_args(device, dtype)
-                    if dispatcher is module.backward_dispatcher:
+                    if dispatcher is backward:
                         args = module.example_backward_args(*args)
                     choice = backends.choice(dispatcher, *args)
                     lines.append(f"{dispatcher.name:<34}{device.type:<8}{str(dtype)[6:]:<10}{choice}")

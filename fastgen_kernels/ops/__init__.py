@@ -2,6 +2,7 @@
 backward and forward-mode (jvp) rules, running on the backend chosen per call."""
 
 from fastgen_kernels.ops import attention as _attention_module
+from fastgen_kernels.ops import fp8_linear as _fp8_linear_module
 from fastgen_kernels.ops import gan_loss as _gan_loss_module
 from fastgen_kernels.ops import gated_residual as _gated_residual_module
 from fastgen_kernels.ops import modulated_norm as _modulated_norm_module
@@ -10,6 +11,7 @@ from fastgen_kernels.ops import scm_loss as _scm_loss_module
 from fastgen_kernels.ops import squared_residual as _squared_residual_module
 from fastgen_kernels.ops import vsd_loss as _vsd_loss_module
 from fastgen_kernels.ops.attention import attention, attention_jvp
+from fastgen_kernels.ops.fp8_linear import fp8_linear, quantize_weight
 from fastgen_kernels.ops.gated_residual import gated_residual
 from fastgen_kernels.ops.modulated_norm import modulated_layer_norm, modulated_rms_norm
 from fastgen_kernels.ops.qk_norm_rope import qk_norm_rope
@@ -24,14 +26,17 @@ OP_MODULES = {
     "squared_residual": _squared_residual_module,
     "scm_loss": _scm_loss_module,
     "gan_loss": _gan_loss_module,
+    "fp8_linear": _fp8_linear_module,
 }
 
 __all__ = [
     "attention",
     "attention_jvp",
+    "fp8_linear",
     "gated_residual",
     "modulated_layer_norm",
     "modulated_rms_norm",
     "qk_norm_rope",
+    "quantize_weight",
     "OP_MODULES",
 ]

@@ -1,0 +1,258 @@
+"""fp8_linear and its quantizer (fastgen_kernels/ops/fp8_linear.py) on the reference backend and
+the Triton kernels under the interpreter (small tiles: several tiles each way and ragged edges):
+
+- quantization: per-row scales and codes, Triton bit-identical to the reference, SNR >= 25 dB;
+- the GEMM + epilogue: against the fp32 matmul of the dequantized operands with an SNR floor of
+  20 dB, and against the reference given the same accumulator (the exact fp32 products of e4m3
+  codes: only the summation order differs) to a few fp32 ulps, before the single rounding;
+- every epilogue combination, per-tensor and per-channel scales, already-quantized x, the path of
+  GPUs without FP8 (operands widened, fp32 here), opcheck, torch.compile, bad input."""
+
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastgen_kernels as fk
+fp8 = fk.ops.OP_MODULES["fp8_linear"]
+
+BACKENDS = ["reference", "triton"]
+
+
+def snr_db(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """Signal-to-noise ratio of ``actual`` against ``expected``, in dB."""
+    expected = expected.double()
+    noise = (actual.double() - expected).square().sum()
+    return 10 * math.log10(expected.square().sum().item() / max(noise.item(), 1e-300))
+
+
+def assert_same_codes(codes: torch.Tensor, ref: torch.Tensor, backend: str) -> None:
+    """Bit-identical e4m3 codes, but for known faults of the Triton interpreter's fp32 -> e4m3
+    cast (GPUs cast in hardware, cvt.rn.satfinite): it may round to the other neighbour of the
+    value (double rounding through fp16), and rounding up to a power of two loses the carry into
+    the exponent (127.9 -> 64, not 128). Its codes are either of those, on a few elements."""
+    bad = codes.view(torch.uint8) != ref.view(torch.uint8)
+    if backend != "triton":
+        assert not bad.any()
+        return
+    got, want = codes.float()[bad], ref.float()[bad]
+    neighbour = (codes.view(torch.uint8)[bad].int() - ref.view(torch.uint8)[bad].int()).abs() == 1
+    lost_carry = (got * 2 == want) & (torch.frexp(want).mantissa.abs() == 0.5)
+    assert (neighbour | lost_carry).all() and bad.float().mean() < 0.05
+
+
+def _inputs(generator, batch=2, tokens=19, K=70, N=45, dtype=torch.bfloat16):
+    x = torch.randn(batch, tokens, K, generator=generator).to(dtype)
+    weight = torch.randn(N, K, generator=generator) / K**0.5
+    return x, weight
+
+
+def _dequantized(x, weight, weight_scale):
+    """The fp32 matmul of the dequantized operands: what quantization approximates."""
+    codes, scale = fp8.reference_quantize_rows(x.reshape(-1, x.shape[-1]))
+    return (codes.float() * scale[:, None]) @ (weight.float() * weight_scale.float().reshape(-1, 1)).T
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_quantize_rows(backend, dtype, generator):
+    x = torch.randn(37, 100, generator=generator).to(dtype) * torch.logspace(-3, 3, 37).to(dtype)[:, None]
+    x[5] = 0  # an all-zero row: zero codes, finite scale
+    with fk.use_backend(backend):
+        codes, scale = torch.ops.fastgen.quantize_fp8_rows(x)
+    ref_codes, ref_scale = fp8.reference_quantize_rows(x)
+    assert codes.dtype == torch.float8_e4m3fn and scale.dtype == torch.float32
+    assert_same_codes(codes, ref_codes, backend)
+    assert torch.equal(scale, ref_scale)
+    amax = x.float().abs().amax(1)
+    torch.testing.assert_close(scale[amax > 0], amax[amax > 0] / 448.0)
+    assert codes.float().abs().amax(1)[amax > 0].eq(448.0).all()  # the full e4m3 range is used
+    assert torch.isfinite(scale).all() and codes[5].float().eq(0).all()
+    # the scheme's accuracy, on the codes GPUs produce (see assert_same_codes for the interpreter)
+    assert snr_db(ref_codes.float() * scale[:, None], x.float()) >= 25.0
+
+
+def test_quantize_rows_non_contiguous(generator):
+    x = torch.randn(64, 30, generator=generator).T  # rows 64 apart... as a (30, 64) view
+    with fk.use_backend("triton"):
+        codes, scale = torch.ops.fastgen.quantize_fp8_rows(x)
+    ref_codes, ref_scale = fp8.reference_quantize_rows(x.contiguous())
+    assert_same_codes(codes, ref_codes, "triton")
+    assert torch.equal(scale, ref_scale)
+
+
+EPILOGUES = [  # (bias, activation, gate: None | "batch" | "token", residual)
+    (False, None, None, False),
+    (True, "gelu_tanh", None, False),  # MLP fc1
+    (True, None, "batch", True),  # attention out-projection / fc2 of adaLN-Zero
+    (True, "gelu", "token", True),
+    (False, "silu", "batch", False),
+    (False, None, None, True),
+]
+
+
+def _epilogue_args(epilogue, x, N, dtype, generator):
+    has_bias, activation, gate, has_residual = epilogue
+    B, L = x.shape[:2]
+    return dict(
+        bias=torch.randn(N, generator=generator) if has_bias else None,
+        activation=activation,
+        gate=None if gate is None else torch.randn(*((B, N) if gate == "batch" else (B, L, N)),
+                                                     generator=generator).to(dtype),
+        residual=torch.randn(B, L, N, generator=generator).to(dtype) if has_residual else None)
+
+
+def _expected(acc, x_scale, weight_scale, kwargs, x):
+    """The epilogue in fp64 on an accumulator."""
+    y = acc.double() * weight_scale.double().reshape(1, -1)
+    if x_scale is not None:
+        y = y * x_scale.double()[:, None]
+    if kwargs["bias"] is not None:
+        y = y + kwargs["bias"].double()
+    y = {None: y, "gelu_tanh": F.gelu(y, approximate="tanh"), "gelu": F.gelu(y), "silu": F.silu(y)}[kwargs["activation"]]
+    y = y.view(*x.shape[:-1], -1)
+    if kwargs["gate"] is not None:
+        gate = kwargs["gate"].double()
+        y = y * (gate[:, None] if gate.dim() == 2 else gate)
+    if kwargs["residual"] is not None:
+        y = y + kwargs["residual"].double()
+    return y
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("per_channel", [True, False], ids=["per_channel", "per_tensor"])
+@pytest.mark.parametrize("epilogue", EPILOGUES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_linear_against_dequantized_and_same_accumulator(backend, per_channel, epilogue, dtype, generator):
+    x, weight = _inputs(generator, dtype=dtype)
+    N = weight.shape[0]
+    weight_q, weight_scale = fp8.quantize_weight(weight, per_channel=per_channel)
+    kwargs = _epilogue_args(epilogue, x, N, dtype, generator)
+    with fk.use_backend(backend), torch.no_grad():
+        out = fk.ops.fp8_linear(x, weight_q, weight_scale, **kwargs)
+    assert out.shape == (*x.shape[:-1], N) and out.dtype == dtype
+    # 1. the same accumulator: exact products of the codes; only the fp32 summation order and the
+    #    fp32 epilogue differ from fp64, then one rounding to the output dtype
+    with fk.use_backend(backend):  # the backend's own codes (see assert_same_codes)
+        codes, x_scale = torch.ops.fastgen.quantize_fp8_rows(x.reshape(-1, x.shape[-1]))
+    acc = codes.double() @ weight_q.double().T
+    exact = _expected(acc, x_scale, weight_scale, kwargs, x)
+    torch.testing.assert_close(out.double(), exact, rtol=torch.finfo(dtype).eps, atol=1e-5 * exact.abs().max().item())
+    # 2. quantization error: against the same layer with fp32 operands before quantization
+    full = _expected(x.reshape(-1, x.shape[-1]).double() @ weight.double().T, None, torch.ones(1), kwargs, x)
+    assert snr_db(out, full) >= 20.0
+
+
+def test_linear_already_quantized_x(generator):
+    x, weight = _inputs(generator)
+    weight_q, weight_scale = fp8.quantize_weight(weight)
+    codes, scale = fp8.reference_quantize_rows(x.reshape(-1, x.shape[-1]))
+    with torch.no_grad():
+        from_codes = fk.ops.fp8_linear(codes.view(*x.shape), weight_q, weight_scale, x_scale=scale)
+        from_x = fk.ops.fp8_linear(x, weight_q, weight_scale)
+        per_tensor = fk.ops.fp8_linear(codes, weight_q, weight_scale, x_scale=torch.tensor(0.01),
+                                       out_dtype=torch.float32)
+    assert from_codes.dtype == torch.bfloat16 and torch.equal(from_codes, from_x)
+    torch.testing.assert_close(per_tensor, 0.01 * (codes.float() @ weight_q.float().T) * weight_scale)
+
+
+@pytest.mark.parametrize("epilogue", EPILOGUES[1:3], ids=str)
+def test_linear_without_fp8_units_widens_the_weight(epilogue, generator, monkeypatch):
+    """Before sm_89 x stays in its dtype and the weight is widened (e4m3 is exact in it): the
+    Triton kernel's non-FP8 path (fp32 operands here, IEEE dot) against the reference."""
+    monkeypatch.setattr(fp8, "fp8_supported", lambda device: False)
+    x, weight = _inputs(generator, dtype=torch.float32)
+    weight_q, weight_scale = fp8.quantize_weight(weight)
+    kwargs = _epilogue_args(epilogue, x, weight.shape[0], torch.float32, generator)
+    results = []
+    for backend in BACKENDS:
+        with fk.use_backend(backend), torch.no_grad():
+            results.append(fk.ops.fp8_linear(x, weight_q, weight_scale, **kwargs))
+    exact = _expected(x.reshape(-1, x.shape[-1]).double() @ weight_q.double().T, None, weight_scale, kwargs, x)
+    for out in results:
+        torch.testing.assert_close(out.double(), exact, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("M,N,K", [(1, 16, 16), (33, 17, 130), (64, 96, 32)])
+def test_linear_shapes(M, N, K, generator):
+    """A single token, edges in every direction, K not a multiple of the tile; Triton against the
+    reference on the same codes (x given quantized)."""
+    codes, scale = fp8.reference_quantize_rows(torch.randn(M, K, generator=generator))
+    weight_q, weight_scale = fp8.quantize_weight(torch.randn(N, K, generator=generator))
+    outs = []
+    for backend in BACKENDS:
+        with fk.use_backend(backend), torch.no_grad():
+            outs.append(fk.ops.fp8_linear(codes, weight_q, weight_scale, x_scale=scale, out_dtype=torch.float32))
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+
+
+def test_opcheck(generator):
+    x = torch.randn(20, 48, generator=generator, dtype=torch.bfloat16)
+    codes, scale = fp8.reference_quantize_rows(x)
+    weight_q, weight_scale = fp8.quantize_weight(torch.randn(24, 48, generator=generator))
+    gate = torch.randn(2, 24, generator=generator, dtype=torch.bfloat16)
+    for backend in BACKENDS:
+        with fk.use_backend(backend):
+            torch.library.opcheck(torch.ops.fastgen.quantize_fp8_rows.default, (x,))
+            # test_schema is left out: its aliasing check multiplies the inputs, which PyTorch
+            # does not implement for float8_e4m3fn on the CPU (the quantizer's output is checked)
+            torch.library.opcheck(torch.ops.fastgen.fp8_linear.default,
+                                  (codes, scale, weight_q, weight_scale, None, "silu", gate, 10, None, torch.bfloat16),
+                                  test_utils=("test_autograd_registration", "test_faketensor",
+                                              "test_aot_dispatch_dynamic"))
+
+
+def test_compile_fullgraph(generator):
+    x = torch.randn(2, 8, 32, generator=generator, dtype=torch.bfloat16)
+    weight_q, weight_scale = fp8.quantize_weight(torch.randn(16, 32, generator=generator))
+    bias, gate = torch.randn(16, generator=generator), torch.randn(2, 16, generator=generator, dtype=torch.bfloat16)
+
+    def layer(x):
+        return fk.ops.fp8_linear(x, weight_q, weight_scale, bias=bias, activation="gelu_tanh", gate=gate, residual=x[..., :16])
+
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(layer, fullgraph=True)(x), layer(x))
+
+
+def test_bad_input(generator):
+    x = torch.randn(2, 4, 32, dtype=torch.bfloat16)
+    w = torch.randn(16, 32)
+    wq, ws = fp8.quantize_weight(w)
+    cases = [
+        (dict(weight=w), TypeError, "weight must be a torch.float8_e4m3fn"),
+        (dict(weight=fp8.quantize_weight(torch.randn(16, 31))[0]), ValueError, "K = x.shape"),
+        (dict(x=x.to(torch.int32)), TypeError, "x must be"),
+        (dict(weight_scale=ws.double()), TypeError, "weight_scale must be a float32"),
+        (dict(weight_scale=torch.ones(3)), ValueError, "weight_scale must hold one value or"),
+        (dict(bias=torch.randn(15)), ValueError, "bias must have shape"),
+        (dict(activation="relu"), ValueError, "activation must be one of"),
+        (dict(gate=torch.randn(2, 15)), ValueError, "gate must have shape"),
+        (dict(residual=torch.randn(2, 4, 15)), ValueError, "residual must have the output's shape"),
+        (dict(x=wq[:4]), ValueError, "x_scale (its dequantization scale) is required"),
+        (dict(x_scale=torch.ones(8)), ValueError, "x_scale goes with a float8_e4m3fn x"),
+        (dict(out_dtype=torch.int8), TypeError, "out_dtype must be"),
+    ]
+    for override, error, message in cases:
+        args = dict(x=x, weight=wq, weight_scale=ws) | override
+        with pytest.raises(error, match=message.replace("(", r"\(").replace(")", r"\)")), torch.no_grad():
+            fk.ops.fp8_linear(args.pop("x"), args.pop("weight"), args.pop("weight_scale"), **args)
+    with pytest.raises(RuntimeError, match="inference only"):
+        fk.ops.fp8_linear(x.clone().requires_grad_(), wq, ws)
+
+
+def test_epilogue_combinations_compile_away(generator):
+    """Every on/off combination of bias, gate and residual under the interpreter (each a separate
+    constexpr specialization of the kernel) agrees with the reference."""
+    x, weight = _inputs(generator, batch=1, tokens=5, K=32, N=16)
+    wq, ws = fp8.quantize_weight(weight)
+    codes, scale = fp8.reference_quantize_rows(x.reshape(-1, 32))
+    for has_bias, gate, has_residual in itertools.product([False, True], [None, "batch", "token"], [False, True]):
+        kwargs = _epilogue_args((has_bias, "silu", gate, has_residual), x, 16, torch.bfloat16, generator)
+        outs = []
+        for backend in BACKENDS:
+            with fk.use_backend(backend), torch.no_grad():
+                outs.append(fk.ops.fp8_linear(codes.view(1, 5, 32), wq, ws, x_scale=scale, out_dtype=torch.float32,
+                                              **kwargs))
+        torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
