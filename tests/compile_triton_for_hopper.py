@@ -23,12 +23,13 @@ from triton.runtime.jit import JITFunction
 
 import fastgen_kernels as fk
 from fastgen_kernels.triton_ops import attention as triton_attention
+from fastgen_kernels.triton_ops import fp8_linear as triton_fp8_linear
 from fastgen_kernels.triton_ops import gan_loss as triton_gan_loss
 from fastgen_kernels.triton_ops import squared_residual as triton_squared_residual
 
 HOPPER = GPUTarget("cuda", 90, 32)
 TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int32: "i32",
-         torch.int64: "i64"}
+         torch.int64: "i64", torch.float8_e4m3fn: "fp8e4nv"}
 launches: list[tuple[JITFunction, dict, dict]] = []
 
 
@@ -61,11 +62,14 @@ def record_all_launches() -> None:
     """Calls every Triton launcher: each op's forward and backward on its example arguments in
     fp32 and bf16, and attention at split head dims (72 = 64 + 16, 96 = 64 + 32) and the widest one,
     causal or not, JVP included."""
-    for module in fk.ops.OP_MODULES.values():
+    for name, module in fk.ops.OP_MODULES.items():
+        if name == "fp8_linear":  # autotuned: every configuration, below
+            continue
         for dtype in (torch.float32, torch.bfloat16):
             args = module.example_args(torch.device("cpu"), dtype)
             module.forward_dispatcher.impls["triton"](*args)
             module.backward_dispatcher.impls["triton"](*module.example_backward_args(*args))
+    record_fp8_linear_launches()
     # the constexpr variants the example arguments leave out
     x, s = torch.randn(2, 3, 16), torch.rand(2)
     triton_squared_residual.sums(x, x, None, None)
@@ -80,6 +84,26 @@ def record_all_launches() -> None:
             triton_attention.backward(q, q, q, q, o, lse, 0.1, chunk)
             triton_attention.jvp(q, q, q, q, q, q, 0.1, chunk)
             triton_attention.jvp(q, q, q, q, None, q, 0.1, chunk, saved=(o, lse))
+
+
+def record_fp8_linear_launches() -> None:
+    """The quantizer, and the FP8 GEMM in each autotuning configuration with the two DiT
+    epilogues (fc1: bias + GELU; out-projection / fc2: bias, per-batch gate, residual), plus the
+    bf16 operands of GPUs without FP8."""
+    x = torch.randn(256, 1152, dtype=torch.bfloat16)
+    triton_fp8_linear.quantize_rows(x)
+    codes = torch.empty(256, 1152, dtype=torch.float8_e4m3fn)
+    scale, bias, gate = torch.ones(256), torch.ones(1152), torch.ones(2, 1152, dtype=torch.bfloat16)
+    out = torch.empty(256, 1152, dtype=torch.bfloat16)
+    epilogues = [dict(HAS_BIAS=True, ACTIVATION=1, HAS_GATE=False, HAS_RESIDUAL=False),
+                 dict(HAS_BIAS=True, ACTIVATION=0, HAS_GATE=True, HAS_RESIDUAL=True)]
+    for config in triton_fp8_linear._HOPPER_CONFIGS:
+        for operands, x_scale, epilogue in [(codes, scale, epilogues[0]), (codes, scale, epilogues[1]),
+                                            (x, None, epilogues[1])]:
+            triton_fp8_linear._linear_kernel[(1,)](
+                operands, x_scale, operands, scale[:1152], bias, gate, out, out, 256, 1152, 1152, 128,
+                HAS_X_SCALE=x_scale is not None, PER_CHANNEL=True, IEEE=False, **epilogue, **config.kwargs,
+                num_warps=config.num_warps, num_stages=config.num_stages)
 
 
 def main() -> int:

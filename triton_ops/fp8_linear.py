@@ -25,8 +25,6 @@ from fastgen_kernels.backends import interpreting_triton
 E4M3_MAX = 448.0  # the largest finite float8_e4m3fn
 MIN_AMAX = 1e-12  # an all-zero row gets this absolute maximum: finite scales, zero codes
 ACTIVATIONS = {None: 0, "gelu_tanh": 1, "gelu": 2, "silu": 3}
-# 2 * sqrt(2 / pi): 0.5 * (1 + tanh(u)) = sigmoid(2 u) for GELU's tanh approximation
-GELU_TANH_2C = 1.5957691216057308
 
 
 @triton.jit
@@ -122,7 +120,8 @@ def _linear_kernel(
     if HAS_BIAS:
         y += tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     if ACTIVATION == 1:
-        y = y * tl.sigmoid(GELU_TANH_2C * (y + 0.044715 * y * y * y))
+        # 0.5 (1 + tanh(u)) = sigmoid(2 u), u = sqrt(2 / pi) (y + 0.044715 y^3); 2 sqrt(2 / pi) below
+        y = y * tl.sigmoid(1.5957691216057308 * (y + 0.044715 * y * y * y))
     elif ACTIVATION == 2:
         y = 0.5 * y * (1.0 + tl.math.erf(y * 0.7071067811865476))
     elif ACTIVATION == 3:
