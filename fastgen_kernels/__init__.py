@@ -5,23 +5,28 @@ from fastgen_kernels.backends import BACKENDS, use_backend
 from fastgen_kernels.ops import (
     attention,
     attention_jvp,
+    fp8_linear,
     gated_residual,
     modulated_layer_norm,
     modulated_rms_norm,
     qk_norm_rope,
 )
+from fastgen_kernels.quantization import Fp8Linear, quantize_fp8
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS",
+    "Fp8Linear",
     "attention",
     "attention_jvp",
+    "fp8_linear",
     "gated_residual",
     "losses",
     "modulated_layer_norm",
     "modulated_rms_norm",
     "ops",
     "qk_norm_rope",
+    "quantize_fp8",
     "use_backend",
 ]

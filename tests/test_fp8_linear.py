@@ -256,3 +256,64 @@ def test_epilogue_combinations_compile_away(generator):
                 outs.append(fk.ops.fp8_linear(codes.view(1, 5, 32), wq, ws, x_scale=scale, out_dtype=torch.float32,
                                               **kwargs))
         torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- whole models
+
+
+class _Block(torch.nn.Module):
+    """An adaLN-Zero block's linear layers: modulation, MLP, a norm, an embedding."""
+
+    def __init__(self, D=64):
+        super().__init__()
+        self.t_embedder = torch.nn.Linear(16, D)
+        self.adaLN_modulation = torch.nn.Linear(D, 2 * D)
+        self.norm = torch.nn.LayerNorm(D, elementwise_affine=False)
+        self.fc1 = torch.nn.Linear(D, 4 * D)
+        self.fc2 = torch.nn.Linear(4 * D, D)
+
+    def forward(self, x, t):
+        shift, gate = self.adaLN_modulation(F.silu(self.t_embedder(t))).chunk(2, -1)
+        h = F.gelu(self.fc1(self.norm(x) + shift[:, None]), approximate="tanh")
+        return x + gate[:, None] * self.fc2(h)
+
+
+def test_quantize_fp8_model_snr_and_safetensors_round_trip(generator, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(generator.initial_seed())
+    model = torch.nn.Sequential()
+    model.block = _Block()
+    model.to(torch.bfloat16)
+    x = torch.randn(2, 24, 64, generator=generator).to(torch.bfloat16)
+    t = torch.randn(2, 16, generator=generator).to(torch.bfloat16)
+    with torch.no_grad():
+        expected = model.block(x, t)
+        fk.quantize_fp8(model)
+        out = model.block(x, t)
+    swapped = {name for name, m in model.named_modules() if isinstance(m, fk.Fp8Linear)}
+    assert swapped == {"block.fc1", "block.fc2"}  # embeddings, modulation and norms stay
+    assert snr_db(out, expected) >= 20.0
+    path = tmp_path / "model.safetensors"
+    save_file(model.state_dict(), str(path))
+    state = load_file(str(path))
+    assert state["block.fc1.weight"].dtype == torch.float8_e4m3fn and state["block.fc1.weight_scale"].shape == (256,)
+    fresh = torch.nn.Sequential()
+    fresh.block = _Block()
+    fk.quantize_fp8(fresh.to(torch.bfloat16))
+    fresh.load_state_dict(state)
+    with torch.no_grad():
+        assert torch.equal(fresh.block(x, t), out)
+
+
+def test_fp8_linear_module_epilogue(generator):
+    linear = torch.nn.Linear(32, 48).to(torch.bfloat16)
+    layer = fk.Fp8Linear.from_linear(linear, per_channel=False, activation="gelu_tanh")
+    x = torch.randn(2, 5, 32, generator=generator).to(torch.bfloat16)
+    gate, residual = torch.randn(2, 48).to(torch.bfloat16), torch.randn(2, 5, 48).to(torch.bfloat16)
+    with torch.no_grad():
+        out = layer(x, gate=gate, residual=residual)
+        expected = residual.float() + gate.float()[:, None] * F.gelu(linear(x).float(), approximate="tanh")
+    assert layer.weight_scale.shape == (1,) and snr_db(out, expected) >= 20.0
+    with pytest.raises(ValueError, match="activation must be one of"):
+        fk.Fp8Linear(4, 4, activation="tanh")

@@ -1,0 +1,83 @@
+"""FP8 inference for whole models: ``quantize_fp8(model)`` swaps ``nn.Linear`` layers for
+:class:`Fp8Linear` (weight in float8_e4m3fn with fp32 scales, run by ``fastgen_kernels.ops.fp8_linear``).
+
+Norms, embeddings and the adaLN modulation projections stay as they are by default: they are a
+small share of the FLOPs and the most sensitive to quantization error (the modulation scales and
+gates multiply every activation of a block). The swapped model's ``state_dict`` holds ``weight``
+(e4m3), ``weight_scale`` and ``bias`` per layer and round-trips through safetensors.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from fastgen_kernels.ops.fp8_linear import ACTIVATIONS, fp8_linear, quantize_weight
+
+log = logging.getLogger(__name__)
+
+# a Linear whose qualified name has a part containing one of these stays in high precision
+SKIPPED_NAME_PARTS = ("embed", "norm", "adaln", "modulation")
+
+
+class Fp8Linear(nn.Module):
+    """``y = x @ W^T + b`` with W in float8_e4m3fn and per-output-channel (or per-tensor) fp32
+    scales; x is quantized per token on the fly. ``activation`` (None, "gelu_tanh", "gelu",
+    "silu") is applied in the GEMM's epilogue; ``forward(x, gate=None, residual=None)`` also takes
+    the adaLN-Zero gate and the residual into it. Inference only."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, per_channel: bool = True,
+                 activation: str | None = None, device: torch.device | None = None,
+                 dtype: torch.dtype = torch.bfloat16) -> None:
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"Fp8Linear: activation must be one of {ACTIVATIONS}, got {activation!r}")
+        self.in_features, self.out_features, self.activation = in_features, out_features, activation
+        self.register_buffer("weight", torch.zeros(out_features, in_features, device=device,
+                                                   dtype=torch.float8_e4m3fn))
+        self.register_buffer("weight_scale", torch.ones(out_features if per_channel else 1, device=device))
+        self.register_buffer("bias", torch.zeros(out_features, device=device, dtype=dtype) if bias else None)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, per_channel: bool = True, activation: str | None = None) -> Fp8Linear:
+        """The quantized copy of ``linear`` (its bias kept in its dtype)."""
+        weight = linear.weight.detach()
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, per_channel, activation,
+                    weight.device, weight.dtype if linear.bias is None else linear.bias.dtype)
+        layer.weight, layer.weight_scale = quantize_weight(weight, per_channel)
+        if linear.bias is not None:
+            layer.bias = linear.bias.detach().clone()
+        return layer
+
+    def forward(self, x: Tensor, gate: Tensor | None = None, residual: Tensor | None = None) -> Tensor:
+        return fp8_linear(x, self.weight, self.weight_scale, bias=self.bias, activation=self.activation,
+                          gate=gate, residual=residual)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, weight_scale={tuple(self.weight_scale.shape)}, "
+                f"activation={self.activation}")
+
+
+def default_filter(module: nn.Module, name: str) -> bool:
+    """Quantize every Linear but those of norms, embeddings and adaLN modulation (by name)."""
+    return not any(skip in part for part in name.lower().split(".") for skip in SKIPPED_NAME_PARTS)
+
+
+def quantize_fp8(model: nn.Module, filter_fn: Callable[[nn.Module, str], bool] | None = None,
+                 per_channel: bool = True) -> nn.Module:
+    """Swaps, in place, each ``nn.Linear`` of ``model`` for which ``filter_fn(module, qualified_name)``
+    is true (default: :func:`default_filter`) for its :class:`Fp8Linear`; returns ``model``."""
+    filter_fn = filter_fn or default_filter
+    swapped = []
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            qualified = f"{name}.{child_name}" if name else child_name
+            if type(child) is nn.Linear and filter_fn(child, qualified):
+                setattr(module, child_name, Fp8Linear.from_linear(child, per_channel))
+                swapped.append(qualified)
+    log.info("quantize_fp8: %d Linear layers to FP8: %s", len(swapped), ", ".join(swapped))
+    return model
