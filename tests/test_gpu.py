@@ -4,6 +4,7 @@ bench/gpu_check.sh whenever a GPU is lent."""
 import pytest
 import torch
 import test_attention as ta
+import test_fp8_linear as fl
 import test_gated_residual as gr
 import test_modulated_norm as mn
 import test_qk_norm_rope as qk
@@ -261,3 +262,31 @@ def test_loss_ops_pass_opcheck_on_gpu(backend, generator):
             args = tuple(a.detach().cuda().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor)
                          else a for a in args)
             torch.library.opcheck(op, args)
+
+
+# --------------------------------------------------------------------------- FP8 linear
+
+
+@pytest.mark.parametrize("epilogue", fl.EPILOGUES, ids=str)
+@pytest.mark.parametrize("M,N,K", [(8192, 4608, 1152), (300, 1152, 4608), (37, 45, 70)])
+def test_fp8_linear_on_gpu(M, N, K, epilogue, generator):
+    """The Triton quantizer bit-identical to the reference on the GPU (hardware e4m3 casts), and
+    the GEMM + epilogue against the fp64 epilogue of the same codes and against _scaled_mm."""
+    fp8 = fk.ops.OP_MODULES["fp8_linear"]
+    x, weight = fl._inputs(generator, batch=1, tokens=M, K=K, N=N)
+    weight_q, weight_scale = (t.cuda() for t in fp8.quantize_weight(weight))
+    kwargs = {k: v.cuda() if isinstance(v, torch.Tensor) else v
+              for k, v in fl._epilogue_args(epilogue, x, N, torch.bfloat16, generator).items()}
+    x = x.cuda()
+    with fk.use_backend("triton"), torch.no_grad():
+        codes, x_scale = torch.ops.fastgen.quantize_fp8_rows(x[0])
+        out = fk.ops.fp8_linear(x, weight_q, weight_scale, **kwargs)
+    ref_codes, ref_scale = fp8.reference_quantize_rows(x[0])
+    fl.assert_same_codes(codes, ref_codes, "gpu")
+    assert torch.equal(x_scale, ref_scale)
+    exact = fl._expected(codes.double() @ weight_q.double().T, x_scale, weight_scale, kwargs, x)
+    torch.testing.assert_close(out.double(), exact, rtol=2**-7, atol=1e-5 * exact.abs().max().item())
+    if torch.cuda.get_device_capability() >= (8, 9) and M % 16 == 0 and N % 16 == 0 and K % 16 == 0:
+        gemm = torch._scaled_mm(codes, weight_q.t(), scale_a=x_scale[:, None], scale_b=weight_scale[None],
+                                out_dtype=torch.float32)
+        assert fl.snr_db(out, fl._expected(gemm, None, torch.ones(1, device="cuda"), kwargs, x)) >= 40.0

@@ -1,0 +1,85 @@
+"""fp8_linear (FP8 GEMM + fused epilogue) against torch._scaled_mm with separate epilogue ops,
+_scaled_mm alone, bf16 F.linear + epilogue, and torch.compile of the bf16 composition.
+
+Run: ``pytest bench/bench_fp8_linear.py`` (GPU with FP8, sm_89+; it skips elsewhere: the CPU path
+is the reference). Shapes: DiT-XL tokens M = 8192 and 32768 with (N, K) in {1152x1152,
+4608x1152, 1152x4608} and Flux-like 3072x3072 and 12288x3072. Each shape gets the epilogue of its
+place in a DiT block: widening layers (N > K, MLP fc1) bias + GELU(tanh); the others (attention
+out-projection, fc2) bias + adaLN-Zero gate (B = 4, per batch) + residual. FLOPs: 2 M N K; the
+peer (``speedup_vs_peer``) is _scaled_mm + the separate epilogue ops, and ``_scaled_mm alone``
+(pre-quantized x, no epilogue) is the FP8 ceiling the fused kernel's TFLOP/s is compared with.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import run
+
+import fastgen_kernels as fk
+
+TOKENS = [8192, 32768]
+LAYERS = [(1152, 1152), (4608, 1152), (1152, 4608), (3072, 3072), (12288, 3072)]  # (N, K)
+PROVIDERS = ["fused", "fused_prequantized", "scaled_mm_epilogue", "scaled_mm", "bf16_epilogue", "compile"]
+BATCH = 4
+
+
+def _epilogue(y, bias, gate, residual, widening):
+    y = y + bias
+    if widening:
+        return F.gelu(y, approximate="tanh")
+    return residual + gate[:, None] * y.view(BATCH, -1, y.shape[-1])
+
+
+def _quantize_rows(x):
+    """Per-token e4m3 scaling as one writes it in PyTorch (the peer's quantizer)."""
+    scale = x.abs().amax(-1, keepdim=True).float().clamp_min(1e-12) / 448.0
+    return (x.float() / scale).clamp(-448.0, 448.0).to(torch.float8_e4m3fn), scale
+
+
+def _bf16_layer(x, weight, bias, gate, residual, widening):
+    return _epilogue(F.linear(x, weight), bias, gate, residual, widening)
+
+
+_compiled_bf16_layer = torch.compile(_bf16_layer, dynamic=False)
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("layer", LAYERS, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("tokens", TOKENS)
+def test_fp8_linear(benchmark, device, tokens, layer, provider):
+    if device != "cuda" or torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("an FP8 GPU benchmark (sm_89+): the CPU path is the reference")
+    N, K = layer
+    widening = N > K
+    x = torch.randn(tokens, K, device=device, dtype=torch.bfloat16)
+    weight = torch.randn(N, K, device=device) / K**0.5
+    weight_q, weight_scale = fk.ops.quantize_weight(weight)
+    bias = torch.randn(N, device=device, dtype=torch.bfloat16)
+    gate = torch.randn(BATCH, N, device=device, dtype=torch.bfloat16)
+    residual = torch.randn(BATCH, tokens // BATCH, N, device=device, dtype=torch.bfloat16)
+    codes, x_scale = _quantize_rows(x)
+    epilogue = dict(bias=bias, activation="gelu_tanh") if widening else dict(bias=bias, gate=gate, residual=residual)
+    x3, codes3 = x.view(BATCH, -1, K), codes.view(BATCH, -1, K)
+    w_bf16 = (weight_q.float() * weight_scale[:, None]).to(torch.bfloat16)
+
+    def scaled_mm(a, a_scale):
+        return torch._scaled_mm(a, weight_q.t(), scale_a=a_scale, scale_b=weight_scale.view(1, -1),
+                                out_dtype=torch.bfloat16)
+
+    fns = {
+        "fused": lambda: fk.ops.fp8_linear(x3, weight_q, weight_scale, **epilogue),
+        "fused_prequantized": lambda: fk.ops.fp8_linear(codes3, weight_q, weight_scale, x_scale=x_scale, **epilogue),
+        "scaled_mm_epilogue": lambda: _epilogue(scaled_mm(*_quantize_rows(x)), bias, gate, residual, widening),
+        "scaled_mm": lambda: scaled_mm(codes, x_scale),
+        "bf16_epilogue": lambda: _bf16_layer(x, w_bf16, bias, gate, residual, widening),
+        "compile": lambda: _compiled_bf16_layer(x, w_bf16, bias, gate, residual, widening),
+    }
+    benchmark.group = f"fp8_linear {'fc1+gelu' if widening else 'gate+residual'} M={tokens} N={N} K={K}"
+    with torch.no_grad(), fk.use_backend("triton"):
+        fns[provider]()  # compile / autotune before timing
+        run(benchmark, fns[provider], device, peer_key=("fp8_linear", tokens, layer),
+            peer_fn=fns["scaled_mm_epilogue"], flops=2 * tokens * N * K, peer="scaled_mm + epilogue",
+            op="fp8_linear", provider=provider, dtype="float8_e4m3fn", mode="forward",
+            shape=[tokens, N, K])
