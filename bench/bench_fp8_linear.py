@@ -33,9 +33,10 @@ def _epilogue(y, bias, gate, residual, widening):
 
 
 def _quantize_rows(x):
-    """Per-token e4m3 scaling as one writes it in PyTorch (the peer's quantizer)."""
-    scale = x.abs().amax(-1, keepdim=True).float().clamp_min(1e-12) / 448.0
-    return (x.float() / scale).clamp(-448.0, 448.0).to(torch.float8_e4m3fn), scale
+    """Per-token e4m3 scaling in plain PyTorch ops (the peer's quantizer: our reference), with the
+    (M, 1) scale _scaled_mm takes."""
+    codes, scale = fk.ops.OP_MODULES["fp8_linear"].reference_quantize_rows(x)
+    return codes, scale[:, None]
 
 
 def _bf16_layer(x, weight, bias, gate, residual, widening):
@@ -70,7 +71,8 @@ def test_fp8_linear(benchmark, device, tokens, layer, provider):
 
     fns = {
         "fused": lambda: fk.ops.fp8_linear(x3, weight_q, weight_scale, **epilogue),
-        "fused_prequantized": lambda: fk.ops.fp8_linear(codes3, weight_q, weight_scale, x_scale=x_scale, **epilogue),
+        "fused_prequantized": lambda: fk.ops.fp8_linear(codes3, weight_q, weight_scale,
+                                                        x_scale=x_scale.view(-1), **epilogue),
         "scaled_mm_epilogue": lambda: _epilogue(scaled_mm(*_quantize_rows(x)), bias, gate, residual, widening),
         "scaled_mm": lambda: scaled_mm(codes, x_scale),
         "bf16_epilogue": lambda: _bf16_layer(x, w_bf16, bias, gate, residual, widening),

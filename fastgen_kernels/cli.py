@@ -49,7 +49,7 @@ def info() -> str:
     lines.append(f"{'op':<34}{'device':<8}{'dtype':<10}backend")
     for name, module in ops.OP_MODULES.items():
         backward = getattr(module, "backward_dispatcher", None)  # inference-only ops have none
-        for dispatcher in (module.forward_dispatcher, backward)[:2 if backward else 1]:
+        for dispatcher in [module.forward_dispatcher] + ([backward] if backward else []):
             for device in devices:
                 for dtype in (torch.float32, torch.bfloat16):
                     args = module.example_args(device, dtype)

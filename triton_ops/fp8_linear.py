@@ -21,10 +21,7 @@ import triton.language as tl
 from torch import Tensor
 
 from fastgen_kernels.backends import interpreting_triton
-
-E4M3_MAX = 448.0  # the largest finite float8_e4m3fn
-MIN_AMAX = 1e-12  # an all-zero row gets this absolute maximum: finite scales, zero codes
-ACTIVATIONS = {None: 0, "gelu_tanh": 1, "gelu": 2, "silu": 3}
+from fastgen_kernels.ops.fp8_linear import ACTIVATIONS, E4M3_MAX, MIN_AMAX
 
 
 @triton.jit
@@ -72,7 +69,7 @@ def _linear_kernel(
     HAS_X_SCALE: tl.constexpr,
     PER_CHANNEL: tl.constexpr,
     HAS_BIAS: tl.constexpr,
-    ACTIVATION: tl.constexpr,  # 0 none, 1 gelu_tanh, 2 gelu (erf), 3 silu
+    ACTIVATION: tl.constexpr,  # index in ACTIVATIONS: 0 none, 1 gelu_tanh, 2 gelu (erf), 3 silu
     HAS_GATE: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
     IEEE: tl.constexpr,  # fp32 operands: multiply in IEEE fp32, not TF32
@@ -171,7 +168,7 @@ def linear(x: Tensor, x_scale: Tensor | None, weight: Tensor, weight_scale: Tens
     N = weight.shape[0]
     out = torch.empty(M, N, device=x.device, dtype=out_dtype)
     flags = dict(HAS_X_SCALE=x_scale is not None, PER_CHANNEL=weight_scale.numel() > 1,
-                 HAS_BIAS=bias is not None, ACTIVATION=ACTIVATIONS[activation],
+                 HAS_BIAS=bias is not None, ACTIVATION=ACTIVATIONS.index(activation),
                  HAS_GATE=gate is not None, HAS_RESIDUAL=residual is not None,
                  IEEE=x.dtype == torch.float32)
     args = (x.contiguous(), x_scale, weight.contiguous(), weight_scale, bias,
