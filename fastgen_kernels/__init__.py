@@ -1,7 +1,8 @@
 """fastgen_kernels: fused Triton / CUDA / C++ kernels for fast diffusion distillation and sampling."""
 
-from fastgen_kernels import losses, ops
+from fastgen_kernels import losses, ops, schedules
 from fastgen_kernels.backends import BACKENDS, use_backend
+from fastgen_kernels.denoiser import Denoiser
 from fastgen_kernels.ops import (
     attention,
     attention_jvp,
@@ -12,11 +13,13 @@ from fastgen_kernels.ops import (
     qk_norm_rope,
 )
 from fastgen_kernels.quantization import Fp8Linear, quantize_fp8
+from fastgen_kernels.sampling import sample
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS",
+    "Denoiser",
     "Fp8Linear",
     "attention",
     "attention_jvp",
@@ -28,5 +31,7 @@ __all__ = [
     "ops",
     "qk_norm_rope",
     "quantize_fp8",
+    "sample",
+    "schedules",
     "use_backend",
 ]

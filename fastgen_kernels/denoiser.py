@@ -1,0 +1,167 @@
+"""The model protocol: a network, its noise schedule and what it predicts, in one module.
+
+``Denoiser(net, schedule, prediction)`` wraps any ``nn.Module`` called as
+``net(x_t, t_in, cond)`` (or ``net(x_t, t_in, cond, r_in)`` for flow maps) and gives samplers and
+distillation methods one view of it: ``x0(x_t, t, cond)``, the clean-data estimate, whatever the
+network's parameterization (see :mod:`fastgen_kernels.schedules`).
+
+What the network is fed: ``t_in = time_scale * t`` (rf networks are often trained on 1000 t), or,
+with ``preconditioning="edm"``, EDM's ``F(c_in x, c_noise)`` wrapped as
+``D = c_skip x + c_out F`` (prediction must then be ``x0``: D is the x0 estimate).
+
+``save_pretrained(dir)`` writes ``model.safetensors`` (the network's weights) and ``fastgen.json``
+(schedule, prediction, preconditioning, time scale, sample shape, the unconditional label and,
+when the network has a ``config`` and is importable, how to rebuild it), so that
+``Denoiser.from_pretrained(dir)`` loads a distilled student that samples with no extra arguments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from fastgen_kernels.schedules import EDM, PREDICTIONS, Schedule, get_schedule, per_sample
+
+CONFIG_NAME = "fastgen.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+class Denoiser(nn.Module):
+    """A network with its schedule and prediction type.
+
+    Args:
+        net: ``net(x_t, t_in, cond)`` or, for flow maps, ``net(x_t, t_in, cond, r_in)``.
+        schedule: "edm" | "rf" | "vp" | "trig" or a :class:`~fastgen_kernels.schedules.Schedule`.
+        prediction: "x0" | "eps" | "v" | "flow" | "trig_F" | "mean_flow".
+        sigma_data: the data's standard deviation (EDM preconditioning, trig noise scale).
+        preconditioning: None or "edm".
+        time_scale: the network sees ``time_scale * t`` (and ``time_scale * r``).
+        distilled: a few-step student (``sample`` then defaults to consistency steps).
+        null_cond: the label that means "unconditional" for classifier-free guidance
+            (e.g. the extra class index of a class-conditional DiT), or None.
+        shape: the per-sample shape ``(C, H, W)`` of what it generates, or None.
+    """
+
+    def __init__(self, net: nn.Module, schedule: str | dict | Schedule = "edm", prediction: str = "x0",
+                 sigma_data: float = 0.5, *, preconditioning: str | None = None, time_scale: float = 1.0,
+                 distilled: bool = False, null_cond: int | float | None = None,
+                 shape: tuple[int, ...] | None = None) -> None:
+        super().__init__()
+        if not isinstance(net, nn.Module):
+            raise TypeError(f"Denoiser: net must be an nn.Module, got {type(net).__name__}")
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"Denoiser: prediction must be one of {PREDICTIONS}, got {prediction!r}")
+        if preconditioning not in (None, "edm"):
+            raise ValueError(f"Denoiser: preconditioning must be None or 'edm', got {preconditioning!r}")
+        self.net = net
+        self.schedule = get_schedule(schedule, sigma_data)
+        self.prediction = prediction
+        self.preconditioning = preconditioning
+        if preconditioning == "edm" and not (isinstance(self.schedule, EDM) and prediction == "x0"):
+            raise ValueError("Denoiser: preconditioning='edm' needs schedule='edm' and prediction='x0' "
+                             f"(got {self.schedule.name!r}, {prediction!r})")
+        self.time_scale = float(time_scale)
+        self.distilled = bool(distilled)
+        self.null_cond = null_cond
+        self.shape = None if shape is None else tuple(int(s) for s in shape)
+        # solver state that outlives one call: CUDA graphs of sampling loops (see sampling.py)
+        self._graphs: dict = {}
+
+    @property
+    def sigma_data(self) -> float:
+        return self.schedule.sigma_data
+
+    def forward(self, x_t: Tensor, t: float | Tensor, cond: Tensor | None = None) -> Tensor:
+        """The x0 estimate (see :meth:`x0`)."""
+        return self.x0(x_t, t, cond)
+
+    def _times(self, t: float | Tensor, x: Tensor) -> Tensor:
+        return per_sample(t, x).reshape(-1)
+
+    def raw(self, x_t: Tensor, t: float | Tensor, cond: Tensor | None = None,
+            r: float | Tensor | None = None) -> Tensor:
+        """The network's own output at (x_t, t) (with the EDM input scaling when preconditioned)."""
+        tb = self._times(t, x_t)
+        if self.preconditioning == "edm":
+            c_in, c_noise, _, _ = self.schedule.precondition(per_sample(tb, x_t))
+            return self.net((x_t * c_in).to(x_t.dtype), c_noise.reshape(-1), cond)
+        t_in = tb * self.time_scale
+        if self.prediction == "mean_flow":
+            r_in = self._times(0.0 if r is None else r, x_t) * self.time_scale
+            return self.net(x_t, t_in, cond, r_in)
+        return self.net(x_t, t_in, cond)
+
+    def x0(self, x_t: Tensor, t: float | Tensor, cond: Tensor | None = None) -> Tensor:
+        """The clean-data estimate at (x_t, t); x_t (B, ...), t a number or (B,). For a flow map
+        (prediction "mean_flow") this is the jump to r = 0."""
+        if self.prediction == "mean_flow":
+            return self.flow_map(x_t, t, 0.0, cond)
+        out = self.raw(x_t, t, cond)
+        if self.preconditioning == "edm":
+            _, _, c_skip, c_out = self.schedule.precondition(per_sample(t, x_t))
+            return (c_skip * x_t + c_out * out).to(x_t.dtype)
+        return self.schedule.to_x0(self.prediction, out, x_t, t)
+
+    def flow_map(self, x_t: Tensor, t: float | Tensor, r: float | Tensor, cond: Tensor | None = None) -> Tensor:
+        """x_r = x_t - (t - r) u(x_t, r, t) for a flow map (prediction "mean_flow")."""
+        if self.prediction != "mean_flow":
+            raise ValueError(f"Denoiser.flow_map needs prediction='mean_flow', not {self.prediction!r}")
+        u = self.raw(x_t, t, cond, r)
+        tb, rb = per_sample(t, x_t), per_sample(r, x_t)
+        return (x_t - (tb - rb) * u).to(x_t.dtype)
+
+    # saving and loading -------------------------------------------------------------------------
+
+    def config(self) -> dict:
+        """What ``fastgen.json`` holds."""
+        config = {"schedule": self.schedule.to_dict(), "prediction": self.prediction,
+                  "preconditioning": self.preconditioning, "time_scale": self.time_scale,
+                  "distilled": self.distilled, "null_cond": self.null_cond,
+                  "shape": list(self.shape) if self.shape else None}
+        net_config = getattr(self.net, "config", None)
+        if dataclasses.is_dataclass(net_config):
+            net_config = dataclasses.asdict(net_config)
+        if isinstance(net_config, dict):
+            cls = type(self.net)
+            config["net"] = {"class": f"{cls.__module__}.{cls.__qualname__}", "config": net_config}
+        return config
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Writes ``model.safetensors`` and ``fastgen.json`` into ``directory``."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous() for k, v in self.net.state_dict().items()}
+        save_file(state, str(directory / WEIGHTS_NAME))
+        (directory / CONFIG_NAME).write_text(json.dumps(self.config(), indent=1) + "\n")
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, net: nn.Module | None = None,
+                        device: torch.device | str | None = None) -> Denoiser:
+        """Loads what :meth:`save_pretrained` wrote; ``net`` is rebuilt from ``fastgen.json`` when
+        not given (networks with a ``config`` and a ``from_config`` or ``__init__(config)``)."""
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        config = json.loads((directory / CONFIG_NAME).read_text())
+        if net is None:
+            if "net" not in config:
+                raise ValueError(f"Denoiser.from_pretrained: {directory / CONFIG_NAME} does not say how "
+                                 "to build the network; pass net=")
+            module_name, _, class_name = config["net"]["class"].rpartition(".")
+            net_cls = getattr(importlib.import_module(module_name), class_name)
+            build = getattr(net_cls, "from_config", net_cls)
+            net = build(config["net"]["config"])
+        net.load_state_dict(load_file(str(directory / WEIGHTS_NAME), device=str(device or "cpu")))
+        if device is not None:
+            net = net.to(device)
+        return cls(net, config["schedule"], config["prediction"], preconditioning=config["preconditioning"],
+                   time_scale=config["time_scale"], distilled=config["distilled"],
+                   null_cond=config["null_cond"], shape=config["shape"])
