@@ -12,7 +12,7 @@ from fastgen_kernels.ops import (
     modulated_rms_norm,
     qk_norm_rope,
 )
-from fastgen_kernels.quantization import Fp8Linear, quantize_fp8
+from fastgen_kernels.quantization import Fp8Linear, fuse_epilogues, quantize_fp8
 from fastgen_kernels.sampling import sample
 
 __version__ = "0.1.0"
@@ -24,6 +24,7 @@ __all__ = [
     "attention",
     "attention_jvp",
     "fp8_linear",
+    "fuse_epilogues",
     "gated_residual",
     "losses",
     "modulated_layer_norm",

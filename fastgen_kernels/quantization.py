@@ -81,3 +81,19 @@ def quantize_fp8(model: nn.Module, filter_fn: Callable[[nn.Module, str], bool] |
                 swapped.append(qualified)
     log.info("quantize_fp8: %d Linear layers to FP8: %s", len(swapped), ", ".join(swapped))
     return model
+
+
+def fuse_epilogues(model: nn.Module) -> nn.Module:
+    """Moves the memory-bound work after each FP8 linear layer of adaLN-Zero DiT blocks into the
+    layer's epilogue: the MLP's fc1 applies GELU (tanh), the attention out-projection and fc2 apply
+    the gate and the residual add. Works on the reference DiT's blocks whose three layers are
+    :class:`Fp8Linear` (run :func:`quantize_fp8` first) and on diffusers blocks patched by
+    :func:`fastgen_kernels.accelerate`; returns ``model``. Blocks that do not qualify are left alone."""
+    fused = []
+    for name, module in model.named_modules():
+        fuse = getattr(module, "fuse_fp8_epilogues", None)
+        if fuse is not None and fuse():
+            fused.append(name)
+    log.info("fuse_epilogues: %d blocks", len(fused))
+    return model
+

@@ -1,0 +1,297 @@
+"""The reference adaLN-Zero DiT (Peebles & Xie 2023) built on the project's fused ops.
+
+Tokens x (B, L, D) from a patchified latent; c = t_emb(t) + y_emb(class) [+ r_emb(t - r)]. Each block:
+
+    shift1, scale1, gate1, shift2, scale2, gate2 = Linear(SiLU(c)).chunk(6)   (zero-initialized)
+    x = x + gate1 * proj(attention(qkv(LN(x) * (1 + scale1) + shift1)))
+    x = x + gate2 * fc2(gelu_tanh(fc1(LN(x) * (1 + scale2) + shift2)))
+
+``fused=True`` (the default) runs ``modulated_layer_norm``, ``attention`` and ``gated_residual``;
+``fused=False`` runs the same math as plain PyTorch (F.layer_norm, SDPA, x + g * y), which is the
+eager baseline of the benchmarks and the oracle of the tests. After ``quantize_fp8`` and
+``fuse_epilogues`` the linear layers are FP8 and carry the GELU, gate and residual in their
+epilogue. Optional: QK-norm (RMSNorm per head), a log-variance head u(t) for sCM's adaptive
+weighting, a second time input r for flow maps (MeanFlow), embedded as t - r.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import fastgen_kernels as fk
+
+PRESETS = {  # name: (depth, hidden_size, num_heads)
+    "S": (12, 384, 6),
+    "B": (12, 768, 12),
+    "L": (24, 1024, 16),
+    "XL": (28, 1152, 16),
+}
+
+
+@dataclass(frozen=True)
+class DiTConfig:
+    input_size: int = 32          # latent height = width
+    patch_size: int = 2
+    in_channels: int = 4
+    hidden_size: int = 1152
+    depth: int = 28
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    num_classes: int = 1000       # 0: unconditional; the label num_classes means "no class" (CFG)
+    qk_norm: bool = False
+    logvar_head: bool = False     # u(t) for sCM's adaptive weighting
+    second_time: bool = False     # a flow map's r
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> DiTConfig:
+        """``"XL/2"`` -> DiT-XL with patch 2 (also S, B, L; patch 2, 4 or 8)."""
+        size, _, patch = name.partition("/")
+        if size not in PRESETS:
+            raise ValueError(f"DiTConfig.preset: unknown size {size!r}; expected one of {tuple(PRESETS)}")
+        depth, hidden, heads = PRESETS[size]
+        return cls(**{"depth": depth, "hidden_size": hidden, "num_heads": heads,
+                      "patch_size": int(patch or 2), **overrides})
+
+
+def timestep_frequencies(t: Tensor, dim: int = 256, max_period: float = 10000.0) -> Tensor:
+    """[cos(t f_i), sin(t f_i)] with f_i = max_period^(-i / (dim / 2)): (B,) -> (B, dim), in fp32
+    (fp64 for fp64 t)."""
+    half = dim // 2
+    dtype = torch.float64 if t.dtype == torch.float64 else torch.float32
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=dtype) / half)
+    args = t.to(dtype)[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def sincos_position_embedding(dim: int, grid: int) -> Tensor:
+    """The fixed 2-D sine-cosine position table of DiT/MAE: (grid * grid, dim)."""
+    coords = torch.arange(grid, dtype=torch.float64)
+    ys, xs = torch.meshgrid(coords, coords, indexing="ij")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
+
+    def embed(pos: Tensor) -> Tensor:
+        out = pos.reshape(-1, 1) * omega[None]
+        return torch.cat([out.sin(), out.cos()], dim=1)
+
+    return torch.cat([embed(ys), embed(xs)], dim=1).float()
+
+
+class TimestepEmbedder(nn.Module):
+    """t (B,) -> MLP(sinusoidal(t)) (B, D)."""
+
+    def __init__(self, hidden_size: int, frequency_dim: int = 256) -> None:
+        super().__init__()
+        self.frequency_dim = frequency_dim
+        self.mlp = nn.Sequential(nn.Linear(frequency_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+
+    def forward(self, t: Tensor) -> Tensor:
+        return self.mlp(timestep_frequencies(t, self.frequency_dim).to(self.mlp[0].weight.dtype))
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.q_norm = nn.RMSNorm(dim // num_heads, eps=1e-6) if qk_norm else None
+        self.k_norm = nn.RMSNorm(dim // num_heads, eps=1e-6) if qk_norm else None
+        self.proj = nn.Linear(dim, dim)
+
+    def heads(self, x: Tensor, fused: bool) -> Tensor:
+        """softmax(q k^T / sqrt(Dh)) v of x (B, L, D), heads merged back: (B, L, D) before proj."""
+        B, L, D = x.shape
+        q, k, v = self.qkv(x).view(B, L, 3, self.num_heads, D // self.num_heads).unbind(2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if fused:
+            return fk.attention(q, k, v).reshape(B, L, D)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return out.transpose(1, 2).reshape(B, L, D)
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(hidden, dim)
+
+
+def _modulated_ln(x: Tensor, shift: Tensor, scale: Tensor, fused: bool) -> Tensor:
+    if fused:
+        return fk.modulated_layer_norm(x, shift, scale, eps=1e-6)
+    return F.layer_norm(x, x.shape[-1:], eps=1e-6) * (1 + scale[:, None]) + shift[:, None]
+
+
+def _gated_residual(x: Tensor, y: Tensor, gate: Tensor, fused: bool) -> Tensor:
+    return fk.gated_residual(x, y, gate) if fused else x + gate[:, None] * y
+
+
+class DiTBlock(nn.Module):
+    def __init__(self, config: DiTConfig) -> None:
+        super().__init__()
+        D = config.hidden_size
+        self.attn = Attention(D, config.num_heads, config.qk_norm)
+        self.mlp = Mlp(D, int(D * config.mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D))
+        self.fused = True
+        # set by fuse_epilogues: fc1 carries the GELU, proj and fc2 the gate and the residual
+        self.fused_epilogues = False
+
+    def fuse_fp8_epilogues(self) -> bool:
+        """GELU into fc1's epilogue, gate and residual into proj's and fc2's, when all three are
+        FP8 layers (see ``fastgen_kernels.fuse_epilogues``); True if done."""
+        from fastgen_kernels.quantization import Fp8Linear
+
+        layers = (self.attn.proj, self.mlp.fc1, self.mlp.fc2)
+        if self.fused_epilogues or not all(isinstance(layer, Fp8Linear) for layer in layers):
+            return False
+        self.mlp.fc1.activation = "gelu_tanh"
+        self.fused_epilogues = True
+        return True
+
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=-1)
+        a = self.attn.heads(_modulated_ln(x, shift1, scale1, self.fused), self.fused)
+        if self.fused_epilogues:
+            x = self.attn.proj(a, gate=gate1, residual=x)
+            h = self.mlp.fc1(_modulated_ln(x, shift2, scale2, self.fused))
+            return self.mlp.fc2(h, gate=gate2, residual=x)
+        x = _gated_residual(x, self.attn.proj(a), gate1, self.fused)
+        h = self.mlp.fc2(self.mlp.act(self.mlp.fc1(_modulated_ln(x, shift2, scale2, self.fused))))
+        return _gated_residual(x, h, gate2, self.fused)
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, config: DiTConfig) -> None:
+        super().__init__()
+        D, p = config.hidden_size, config.patch_size
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(D, 2 * D))
+        self.linear = nn.Linear(D, p * p * config.in_channels)
+
+    def forward(self, x: Tensor, c: Tensor, fused: bool) -> Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
+        return self.linear(_modulated_ln(x, shift, scale, fused))
+
+
+class DiT(nn.Module):
+    """``DiT(config)(x, t, cond=None, r=None)``: x (B, C, H, W), t (B,) (any scale: the network
+    embeds it sinusoidally), cond (B,) class labels (None or ``num_classes``: unconditional),
+    r (B,) the flow map's second time. Returns the prediction shaped like x; with
+    ``return_logvar=True`` also u(t) (B,) from the log-variance head."""
+
+    def __init__(self, config: DiTConfig | None = None, **overrides) -> None:
+        super().__init__()
+        config = dataclasses.replace(config or DiTConfig(), **overrides)
+        self.config = config
+        D, p, C = config.hidden_size, config.patch_size, config.in_channels
+        if config.input_size % p or D % config.num_heads or (D // config.num_heads) % 2:
+            raise ValueError(f"DiT: input_size {config.input_size} must be a multiple of patch_size {p} and "
+                             f"hidden_size {D} a multiple of 2 * num_heads ({config.num_heads})")
+        self.x_embedder = nn.Conv2d(C, D, kernel_size=p, stride=p)
+        grid = config.input_size // p
+        self.register_buffer("pos_embed", sincos_position_embedding(D, grid)[None], persistent=False)
+        self.t_embedder = TimestepEmbedder(D)
+        self.r_embedder = TimestepEmbedder(D) if config.second_time else None
+        self.y_embedder = nn.Embedding(config.num_classes + 1, D) if config.num_classes else None
+        self.blocks = nn.ModuleList(DiTBlock(config) for _ in range(config.depth))
+        self.final_layer = FinalLayer(config)
+        self.logvar_linear = nn.Linear(self.t_embedder.frequency_dim, 1) if config.logvar_head else None
+        self.fused = True
+        self.reset_parameters()
+
+    @classmethod
+    def from_config(cls, config: dict | DiTConfig) -> DiT:
+        return cls(config if isinstance(config, DiTConfig) else DiTConfig(**config))
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> DiT:
+        return cls(DiTConfig.preset(name, **overrides))
+
+    def reset_parameters(self) -> None:
+        """DiT's initialization: Xavier-uniform linears, zero adaLN modulation and output layer."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        w = self.x_embedder.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.bias)
+        if self.y_embedder is not None:
+            nn.init.normal_(self.y_embedder.weight, std=0.02)
+        for embedder in (self.t_embedder, self.r_embedder):
+            if embedder is not None:
+                for layer in (embedder.mlp[0], embedder.mlp[2]):
+                    nn.init.normal_(layer.weight, std=0.02)
+        for module in list(self.blocks) + [self.final_layer]:
+            nn.init.zeros_(module.adaLN_modulation[-1].weight)
+            nn.init.zeros_(module.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+
+    def set_fused(self, fused: bool = True) -> DiT:
+        """Fused kernels (True) or the plain PyTorch composition (False) in every block."""
+        for block in self.blocks:
+            block.fused = fused
+        self.fused = fused
+        return self
+
+    def condition(self, t: Tensor, cond: Tensor | None, r: Tensor | None) -> Tensor:
+        """c = t_emb(t) [+ y_emb(cond)] [+ r_emb(t - r)]: (B, D)."""
+        c = self.t_embedder(t)
+        if self.y_embedder is not None:
+            if cond is None:
+                cond = torch.full_like(t, self.config.num_classes, dtype=torch.long)
+            if cond.dtype.is_floating_point or cond.dim() != 1 or cond.shape[0] != t.shape[0]:
+                raise ValueError(f"DiT: cond must be ({t.shape[0]},) integer class labels, got "
+                                 f"{tuple(cond.shape)} {cond.dtype}")
+            c = c + self.y_embedder(cond)
+        if self.r_embedder is not None:
+            if r is None:
+                raise ValueError("DiT: this network takes a second time r (config.second_time)")
+            c = c + self.r_embedder(t - r)
+        return c
+
+    def forward(self, x: Tensor, t: Tensor, cond: Tensor | None = None, r: Tensor | None = None,
+                return_logvar: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        cfg = self.config
+        B, C, H, W = x.shape
+        if C != cfg.in_channels or H != cfg.input_size or W != cfg.input_size:
+            raise ValueError(f"DiT: x must have shape (B, {cfg.in_channels}, {cfg.input_size}, {cfg.input_size}), "
+                             f"got {tuple(x.shape)}")
+        t = torch.as_tensor(t, device=x.device).reshape(-1).expand(B)
+        dtype = self.x_embedder.weight.dtype
+        tokens = self.x_embedder(x.to(dtype)).flatten(2).transpose(1, 2) + self.pos_embed.to(dtype)
+        c = self.condition(t, cond, None if r is None else torch.as_tensor(r, device=x.device).reshape(-1).expand(B))
+        c = c.to(tokens.dtype)
+        for block in self.blocks:
+            tokens = block(tokens, c)
+        out = self.final_layer(tokens, c, self.fused)
+        p, g = cfg.patch_size, H // cfg.patch_size
+        out = out.view(B, g, g, p, p, C).permute(0, 5, 1, 3, 2, 4).reshape(B, C, H, W)
+        if return_logvar:
+            if self.logvar_linear is None:
+                raise ValueError("DiT: return_logvar needs config.logvar_head=True")
+            frequencies = timestep_frequencies(t, self.t_embedder.frequency_dim).to(self.logvar_linear.weight.dtype)
+            return out, self.logvar_linear(frequencies).reshape(B)
+        return out
+
+    def save(self, path: str | os.PathLike) -> None:
+        """The weights as a safetensors file (the config goes with a Denoiser's fastgen.json)."""
+        from safetensors.torch import save_file
+
+        save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()}, str(path),
+                  metadata={"config": str(dataclasses.asdict(self.config))})
+
+    def load(self, path: str | os.PathLike) -> DiT:
+        from safetensors.torch import load_file
+
+        self.load_state_dict(load_file(str(path), device=str(self.x_embedder.weight.device)))
+        return self

@@ -1,0 +1,163 @@
+"""The reference DiT: fused ops against its plain-PyTorch composition, JVPs, presets, saving,
+and FP8 inference with fused epilogues."""
+
+import pytest
+import torch
+
+import fastgen_kernels as fk
+from fastgen_kernels.models import DiT, DiTConfig
+from fastgen_kernels.models.dit import DiTBlock
+
+TINY = DiTConfig(input_size=6, patch_size=2, in_channels=3, hidden_size=48, depth=2, num_heads=3, num_classes=5)
+
+
+def random_dit(config=TINY, dtype=torch.float64, seed=0, **overrides):
+    """A DiT with every weight random (the zero-initialized ones too, so every path matters)."""
+    torch.manual_seed(seed)
+    model = DiT(config, **overrides).to(dtype)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.15)
+    return model
+
+
+def inputs(model, batch=3, dtype=torch.float64, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    cfg = model.config
+    x = torch.randn(batch, cfg.in_channels, cfg.input_size, cfg.input_size, generator=gen, dtype=dtype)
+    t = torch.rand(batch, generator=gen, dtype=dtype) * 5
+    y = torch.randint(0, cfg.num_classes + 1, (batch,), generator=gen) if cfg.num_classes else None
+    return x, t, y
+
+
+@pytest.mark.parametrize("overrides", [{}, {"qk_norm": True}, {"num_classes": 0}, {"second_time": True},
+                                       {"patch_size": 1, "input_size": 5}], ids=str)
+def test_fused_equals_plain_pytorch(overrides):
+    model = random_dit(**overrides)
+    x, t, y = inputs(model)
+    r = t / 3 if model.config.second_time else None
+    fused = model(x, t, y, r)
+    plain = model.set_fused(False)(x, t, y, r)
+    torch.testing.assert_close(fused, plain, rtol=1e-12, atol=1e-12)
+    assert fused.shape == x.shape
+
+
+def test_gradients_equal_the_plain_composition():
+    model = random_dit(qk_norm=True)
+    x, t, y = inputs(model)
+    grads = []
+    for fused in (True, False):
+        model.zero_grad()
+        model.set_fused(fused)(x, t, y).square().sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_jvp_through_the_fused_network_is_exact():
+    """What sCM and MeanFlow need: torch.func.jvp through attention, norms and gates."""
+    model = random_dit(second_time=True, logvar_head=True)
+    x, t, y = inputs(model)
+    r = t / 2
+    gen = torch.Generator().manual_seed(5)
+    tx, tt = torch.randn(x.shape, generator=gen, dtype=x.dtype), torch.randn(t.shape, generator=gen, dtype=t.dtype)
+
+    def f(x, t):
+        return model(x, t, y, r)
+
+    _, tangent = torch.func.jvp(f, (x, t), (tx, tt))
+    h = 1e-6
+    finite_difference = (f(x + h * tx, t + h * tt) - f(x - h * tx, t - h * tt)) / (2 * h)
+    torch.testing.assert_close(tangent, finite_difference, rtol=1e-6, atol=1e-7)
+
+
+def test_logvar_head():
+    model = random_dit(logvar_head=True)
+    x, t, y = inputs(model)
+    out, logvar = model(x, t, y, return_logvar=True)
+    assert out.shape == x.shape and logvar.shape == (3,)
+    assert not torch.allclose(logvar, logvar[:1].expand(3))   # depends on t
+
+
+def test_initialization_is_adaln_zero():
+    model = DiT(TINY)
+    x = torch.randn(2, 3, 6, 6)
+    assert model(x, torch.rand(2), torch.tensor([0, 5])).abs().max() == 0   # zero output layer
+    for block in model.blocks:
+        assert block.adaLN_modulation[-1].weight.abs().max() == 0
+
+
+def test_presets():
+    with torch.device("meta"):
+        xl = DiT.from_preset("XL/2", input_size=32)
+    assert (len(xl.blocks), xl.config.hidden_size, xl.config.num_heads, xl.config.patch_size) == (28, 1152, 16, 2)
+    params = sum(p.numel() for p in xl.parameters())
+    assert 670e6 < params < 680e6, params   # DiT-XL/2: 675M
+    assert DiTConfig.preset("S/4").patch_size == 4 and DiTConfig.preset("B").depth == 12
+    with pytest.raises(ValueError, match="unknown size"):
+        DiTConfig.preset("XXL/2")
+
+
+def test_bad_inputs():
+    model = random_dit(dtype=torch.float32)
+    x, t, y = inputs(model, dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"x must have shape \(B, 3, 6, 6\)"):
+        model(x[:, :2], t, y)
+    with pytest.raises(ValueError, match="cond must be"):
+        model(x, t, y.float())
+    with pytest.raises(ValueError, match="return_logvar needs"):
+        model(x, t, y, return_logvar=True)
+    with pytest.raises(ValueError, match="second time r"):
+        random_dit(second_time=True)(x.double(), t.double(), y)
+    with pytest.raises(ValueError, match="multiple of patch_size"):
+        DiT(TINY, input_size=7)
+
+
+def test_save_and_load_a_student_that_samples_without_arguments(tmp_path):
+    model = fk.Denoiser(random_dit(dtype=torch.float32), "rf", "flow", time_scale=1000.0, distilled=True,
+                        null_cond=TINY.num_classes, shape=(3, 6, 6))
+    cond = torch.tensor([1, 4])
+    expected = fk.sample(model, 2, batch_size=2, cond=cond, seed=3, guidance_scale=2.0)
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists() and (tmp_path / "fastgen.json").exists()
+    loaded = fk.Denoiser.from_pretrained(tmp_path)
+    assert isinstance(loaded.net, DiT) and loaded.net.config == TINY
+    assert (loaded.schedule.name, loaded.prediction, loaded.time_scale, loaded.shape) == ("rf", "flow", 1000.0, (3, 6, 6))
+    torch.testing.assert_close(fk.sample(loaded, 2, batch_size=2, cond=cond, seed=3, guidance_scale=2.0), expected)
+    net = random_dit(dtype=torch.float32, seed=9)
+    net.save(tmp_path / "dit.safetensors")
+    torch.testing.assert_close(DiT(TINY).load(tmp_path / "dit.safetensors").state_dict(), net.state_dict())
+
+
+def snr_db(estimate, reference):
+    return 10 * torch.log10(reference.double().square().sum() / (estimate.double() - reference.double()).square().sum())
+
+
+def test_fp8_dit_with_fused_epilogues_is_within_the_snr_floor():
+    """quantize_fp8 + fuse_epilogues on the reference DiT (CPU: the reference FP8 path) against the
+    bf16 network: output SNR >= 20 dB; the fused epilogue equals the unfused FP8 network."""
+    config = DiTConfig(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=3, num_heads=4, num_classes=5)
+    model = random_dit(config, dtype=torch.bfloat16)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(0.5)
+    x, t, y = inputs(model, batch=4, dtype=torch.bfloat16)
+    with torch.no_grad():
+        reference = model.double()(x.double(), t.double(), y)
+        model = model.bfloat16()
+        bf16 = model(x, t, y)
+        fk.quantize_fp8(model)
+        assert isinstance(model.blocks[0].mlp.fc1, fk.Fp8Linear)
+        assert not isinstance(model.blocks[0].adaLN_modulation[-1], fk.Fp8Linear)   # adaLN stays
+        fp8 = model(x, t, y)
+        fk.fuse_epilogues(model)
+        assert all(block.fused_epilogues for block in model.blocks)
+        assert model.blocks[0].mlp.fc1.activation == "gelu_tanh"
+        fused = model(x, t, y)
+    assert snr_db(bf16, reference) > 30
+    assert snr_db(fp8, reference) >= 20, snr_db(fp8, reference)
+    assert snr_db(fused, reference) >= 20, snr_db(fused, reference)
+    # the same weight codes; the unfused path rounds fc1's output to bf16 before GELU (and so may
+    # quantize fc2's input to neighbouring codes): close, not equal
+    assert snr_db(fused, fp8) >= 30, snr_db(fused, fp8)
+    assert not any(isinstance(m, DiTBlock) and m.fuse_fp8_epilogues() for m in model.modules())  # done once
