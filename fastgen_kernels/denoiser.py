@@ -5,7 +5,8 @@
 distillation methods one view of it: ``x0(x_t, t, cond)``, the clean-data estimate, whatever the
 network's parameterization (see :mod:`fastgen_kernels.schedules`).
 
-What the network is fed: ``t_in = time_scale * t`` (rf networks are often trained on 1000 t), or,
+What the network is fed: ``t_in = time_scale * t + time_shift`` (rf networks are often trained on
+1000 t; diffusers' DDPM step k sits at our t = (k + 1) / 1000: scale 1000, shift -1), or,
 with ``preconditioning="edm"``, EDM's ``F(c_in x, c_noise)`` wrapped as
 ``D = c_skip x + c_out F`` (prediction must then be ``x0``: D is the x0 estimate).
 
@@ -41,7 +42,7 @@ class Denoiser(nn.Module):
         prediction: "x0" | "eps" | "v" | "flow" | "trig_F" | "mean_flow".
         sigma_data: the data's standard deviation (EDM preconditioning, trig noise scale).
         preconditioning: None or "edm".
-        time_scale: the network sees ``time_scale * t`` (and ``time_scale * r``).
+        time_scale, time_shift: the network sees ``time_scale * t + time_shift`` (r likewise).
         distilled: a few-step student (``sample`` then defaults to consistency steps).
         null_cond: the label that means "unconditional" for classifier-free guidance
             (e.g. the extra class index of a class-conditional DiT), or None.
@@ -50,7 +51,7 @@ class Denoiser(nn.Module):
 
     def __init__(self, net: nn.Module, schedule: str | dict | Schedule = "edm", prediction: str = "x0",
                  sigma_data: float = 0.5, *, preconditioning: str | None = None, time_scale: float = 1.0,
-                 distilled: bool = False, null_cond: int | float | None = None,
+                 time_shift: float = 0.0, distilled: bool = False, null_cond: int | float | None = None,
                  shape: tuple[int, ...] | None = None) -> None:
         super().__init__()
         if not isinstance(net, nn.Module):
@@ -66,7 +67,7 @@ class Denoiser(nn.Module):
         if preconditioning == "edm" and not (isinstance(self.schedule, EDM) and prediction == "x0"):
             raise ValueError("Denoiser: preconditioning='edm' needs schedule='edm' and prediction='x0' "
                              f"(got {self.schedule.name!r}, {prediction!r})")
-        self.time_scale = float(time_scale)
+        self.time_scale, self.time_shift = float(time_scale), float(time_shift)
         self.distilled = bool(distilled)
         self.null_cond = null_cond
         self.shape = None if shape is None else tuple(int(s) for s in shape)
@@ -91,9 +92,9 @@ class Denoiser(nn.Module):
         if self.preconditioning == "edm":
             c_in, c_noise, _, _ = self.schedule.precondition(per_sample(tb, x_t))
             return self.net((x_t * c_in).to(x_t.dtype), c_noise.reshape(-1), cond)
-        t_in = tb * self.time_scale
+        t_in = tb * self.time_scale + self.time_shift
         if self.prediction == "mean_flow":
-            r_in = self._times(0.0 if r is None else r, x_t) * self.time_scale
+            r_in = self._times(0.0 if r is None else r, x_t) * self.time_scale + self.time_shift
             return self.net(x_t, t_in, cond, r_in)
         return self.net(x_t, t_in, cond)
 
@@ -122,7 +123,7 @@ class Denoiser(nn.Module):
         """What ``fastgen.json`` holds."""
         config = {"schedule": self.schedule.to_dict(), "prediction": self.prediction,
                   "preconditioning": self.preconditioning, "time_scale": self.time_scale,
-                  "distilled": self.distilled, "null_cond": self.null_cond,
+                  "time_shift": self.time_shift, "distilled": self.distilled, "null_cond": self.null_cond,
                   "shape": list(self.shape) if self.shape else None}
         net_config = getattr(self.net, "config", None)
         if dataclasses.is_dataclass(net_config):
@@ -163,5 +164,5 @@ class Denoiser(nn.Module):
         if device is not None:
             net = net.to(device)
         return cls(net, config["schedule"], config["prediction"], preconditioning=config["preconditioning"],
-                   time_scale=config["time_scale"], distilled=config["distilled"],
+                   time_scale=config["time_scale"], time_shift=config.get("time_shift", 0.0), distilled=config["distilled"],
                    null_cond=config["null_cond"], shape=config["shape"])

@@ -1,0 +1,403 @@
+"""diffusers models on the fused ops: ``accelerate``, ``from_diffusers`` and scheduler-driven sampling.
+
+``accelerate(module)`` patches, in place, what it recognizes and reports the rest:
+
+- ``Attention`` modules whose processor is diffusers' plain (``AttnProcessor2_0``) or joint
+  (``JointAttnProcessor2_0``, SD3) processor, with no group/spatial norm and no residual rescaling:
+  the processor becomes :class:`FusedAttnProcessor` / :class:`FusedJointAttnProcessor`
+  (fused attention in the tokens-first layout, no head transposes; SDPA when a mask is given).
+- ``AdaLayerNormZero`` (DiT, SD3): LayerNorm * (1 + scale) + shift in one fused op.
+- ``BasicTransformerBlock`` with adaLN-Zero (DiT) or adaLN-single (PixArt): the whole block runs
+  fused modulated norms and gated residuals (the attention processor takes the gate and the
+  residual), and ``fuse_epilogues`` moves them into FP8 linear layers after ``quantize_fp8``.
+
+Blocks are patched by changing the instance's class to a subclass that overrides ``forward``
+(weights, names and ``state_dict`` are untouched), so a patched model saves and loads as before.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import fastgen_kernels as fk
+from fastgen_kernels.denoiser import Denoiser
+from fastgen_kernels.models.dit import DiT
+from fastgen_kernels.quantization import Fp8Linear
+from fastgen_kernels.schedules import VP
+
+log = logging.getLogger(__name__)
+
+
+def _diffusers():
+    try:
+        import diffusers
+    except ImportError as error:
+        raise ImportError("this needs diffusers: pip install 'fastgen_kernels[diffusers]'") from error
+    return diffusers
+
+
+def _project_out(attn: nn.Module, out: Tensor, gate: Tensor | None, residual: Tensor | None,
+                 fp8_epilogue: bool) -> Tensor:
+    """residual + gate * to_out(out) (each part optional), in to_out's epilogue when it is FP8."""
+    proj = attn.to_out[0]
+    if gate is not None and gate.dim() == 3:   # PixArt's (B, 1, D)
+        gate = gate.squeeze(1)
+    if fp8_epilogue and isinstance(proj, Fp8Linear):
+        return proj(out, gate=gate, residual=residual)
+    out = attn.to_out[1](proj(out))
+    if gate is not None:
+        return fk.gated_residual(residual, out, gate)
+    return out if residual is None else out + residual
+
+
+def _heads(x: Tensor, heads: int) -> Tensor:
+    return x.view(x.shape[0], x.shape[1], heads, -1)
+
+
+def _attend(attn: nn.Module, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+    """(B, L, H, Dh) -> (B, L, H * Dh): fused attention, or SDPA when there is a mask."""
+    B, L = q.shape[:2]
+    if mask is None:
+        return fk.attention(q, k, v, scale=attn.scale).reshape(B, L, -1)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         attn_mask=mask, scale=attn.scale)
+    return out.transpose(1, 2).reshape(B, L, -1)
+
+
+class FusedAttnProcessor:
+    """diffusers' AttnProcessor2_0 math on fused attention; also takes the adaLN gate and the
+    residual (``residual + gate * to_out(attention)``) so a patched block can fuse them."""
+
+    def __init__(self) -> None:
+        self.fp8_epilogue = False
+
+    def __call__(self, attn, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
+                 attention_mask: Tensor | None = None, temb: Tensor | None = None,
+                 gate: Tensor | None = None, residual: Tensor | None = None) -> Tensor:
+        B = hidden_states.shape[0]
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, context.shape[1], B)
+            attention_mask = attention_mask.view(B, attn.heads, -1, attention_mask.shape[-1])
+        q = _heads(attn.to_q(hidden_states), attn.heads)
+        k, v = _heads(attn.to_k(context), attn.heads), _heads(attn.to_v(context), attn.heads)
+        if attn.norm_q is not None:
+            q, k = attn.norm_q(q), attn.norm_k(k)
+        out = _attend(attn, q, k, v, attention_mask).to(q.dtype)
+        return _project_out(attn, out, gate, residual, self.fp8_epilogue)
+
+
+class FusedJointAttnProcessor:
+    """diffusers' JointAttnProcessor2_0 (SD3: image and context tokens attend jointly) on fused
+    attention, tokens-first: the two streams are concatenated along L, not after a transpose."""
+
+    def __call__(self, attn, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
+                 attention_mask: Tensor | None = None, *args, **kwargs):
+        q, k, v = (_heads(proj(hidden_states), attn.heads) for proj in (attn.to_q, attn.to_k, attn.to_v))
+        if attn.norm_q is not None:
+            q, k = attn.norm_q(q), attn.norm_k(k)
+        L = hidden_states.shape[1]
+        if encoder_hidden_states is not None:
+            cq, ck, cv = (_heads(proj(encoder_hidden_states), attn.heads)
+                          for proj in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
+            if attn.norm_added_q is not None:
+                cq, ck = attn.norm_added_q(cq), attn.norm_added_k(ck)
+            q, k, v = torch.cat([q, cq], 1), torch.cat([k, ck], 1), torch.cat([v, cv], 1)
+        out = _attend(attn, q, k, v, attention_mask).to(q.dtype)
+        sample = attn.to_out[1](attn.to_out[0](out[:, :L]))
+        if encoder_hidden_states is None:
+            return sample
+        context = out[:, L:]
+        if not attn.context_pre_only:
+            context = attn.to_add_out(context)
+        return sample, context
+
+
+def _layer_norm_parts(norm: nn.LayerNorm) -> tuple[Tensor | None, Tensor | None, float]:
+    return norm.weight, norm.bias, norm.eps
+
+
+def _make_fused_norm_class(base: type) -> type:
+    class FusedAdaLayerNormZero(base):
+        """AdaLayerNormZero with LayerNorm * (1 + scale) + shift as one fused op."""
+
+        def forward(self, x, timestep=None, class_labels=None, hidden_dtype=None, emb=None):
+            if self.emb is not None:
+                emb = self.emb(timestep, class_labels, hidden_dtype=hidden_dtype)
+            shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.linear(self.silu(emb)).chunk(6, dim=1)
+            weight, bias, eps = _layer_norm_parts(self.norm)
+            x = fk.modulated_layer_norm(x, shift_msa.to(x.dtype), scale_msa.to(x.dtype), weight, bias, eps)
+            return x, gate_msa, shift_mlp, scale_mlp, gate_mlp
+
+    return FusedAdaLayerNormZero
+
+
+def _make_fused_block_class(base: type) -> type:
+    class FusedBasicTransformerBlock(base):
+        """BasicTransformerBlock (adaLN-Zero or adaLN-single) on fused modulated norms and gated
+        residuals; the attention processors add the gated residuals."""
+
+        fp8_epilogues = False
+
+        def fuse_fp8_epilogues(self) -> bool:
+            """GELU into the MLP's first FP8 layer, gate + residual into the attention out-projection
+            and the MLP's second layer (see ``fastgen_kernels.fuse_epilogues``); True if done."""
+            act, out = self.ff.net[0], self.ff.net[-1]
+            layers = (getattr(act, "proj", None), out, self.attn1.to_out[0])
+            if self.fp8_epilogues or getattr(act, "approximate", None) != "tanh" or \
+                    not all(isinstance(layer, Fp8Linear) for layer in layers):
+                return False
+            act.proj.activation = "gelu_tanh"
+            self.attn1.processor.fp8_epilogue = self.fp8_epilogues = True
+            return True
+
+        def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None,
+                    encoder_attention_mask=None, timestep=None, cross_attention_kwargs=None,
+                    class_labels=None, added_cond_kwargs=None):
+            if cross_attention_kwargs:   # GLIGEN and the like: diffusers' own path
+                return super().forward(hidden_states, attention_mask, encoder_hidden_states, encoder_attention_mask,
+                                       timestep, cross_attention_kwargs, class_labels, added_cond_kwargs)
+            x = hidden_states
+            if self.norm_type == "ada_norm_zero":
+                emb = self.norm1.emb(timestep, class_labels, hidden_dtype=x.dtype)
+                shift1, scale1, gate1, shift2, scale2, gate2 = self.norm1.linear(self.norm1.silu(emb)).chunk(6, dim=1)
+                norm1, norm_mlp = self.norm1.norm, self.norm3
+            else:   # ada_norm_single: a learned table plus the projected timestep embedding
+                mods = (self.scale_shift_table[None] + timestep.reshape(x.shape[0], 6, -1)).unbind(1)
+                shift1, scale1, gate1, shift2, scale2, gate2 = mods
+                norm1, norm_mlp = self.norm1, self.norm2
+            h = fk.modulated_layer_norm(x, shift1.to(x.dtype), scale1.to(x.dtype), *_layer_norm_parts(norm1))
+            x = self.attn1(h, attention_mask=attention_mask, gate=gate1.to(x.dtype), residual=x)
+            if self.attn2 is not None:
+                h = self.norm2(x) if self.norm_type == "ada_norm_zero" else x
+                x = self.attn2(h, encoder_hidden_states=encoder_hidden_states, attention_mask=encoder_attention_mask,
+                               residual=x)
+            h = fk.modulated_layer_norm(x, shift2.to(x.dtype), scale2.to(x.dtype), *_layer_norm_parts(norm_mlp))
+            if self.fp8_epilogues:
+                return self.ff.net[-1](self.ff.net[0].proj(h), gate=gate2.to(x.dtype), residual=x)
+            return fk.gated_residual(x, self.ff(h), gate2.to(x.dtype))
+
+    return FusedBasicTransformerBlock
+
+
+_FUSED_CLASSES: dict[type, type] = {}
+
+
+def _fused_class(module: nn.Module, make) -> type:
+    base = type(module)
+    if base not in _FUSED_CLASSES:
+        _FUSED_CLASSES[base] = make(base)
+    return _FUSED_CLASSES[base]
+
+
+@dataclasses.dataclass
+class AccelerateReport:
+    """What :func:`accelerate` patched (module names by kind) and what it left alone (name: why)."""
+
+    patched: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+    skipped: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def __str__(self) -> str:
+        lines = [f"patched {kind}: {len(names)}" for kind, names in self.patched.items()]
+        lines += [f"left alone {name}: {why}" for name, why in self.skipped.items()]
+        return "\n".join(lines)
+
+
+def _block_skip_reason(block: nn.Module) -> str | None:
+    if block.norm_type not in ("ada_norm_zero", "ada_norm_single"):
+        return f"norm_type {block.norm_type!r} is not adaLN-Zero / adaLN-single"
+    if block.pos_embed is not None or block._chunk_size is not None or block.only_cross_attention:
+        return "positional embedding, chunked feed-forward or cross-attention-only blocks are not fused"
+    norms = [block.norm1.norm if block.norm_type == "ada_norm_zero" else block.norm1,
+             block.norm3 if block.norm_type == "ada_norm_zero" else block.norm2]
+    if not all(type(n) is nn.LayerNorm for n in norms):
+        return "its norms are not plain LayerNorms"
+    for attn in (block.attn1, block.attn2):
+        if attn is not None and not isinstance(attn.processor, FusedAttnProcessor):
+            return "its attention was not patched"
+    return None
+
+
+def accelerate(module: nn.Module) -> AccelerateReport:
+    """Patches, in place, the attention processors, adaLN-Zero norms and DiT/PixArt blocks of a
+    diffusers transformer (``DiTTransformer2DModel``, ``PixArtTransformer2DModel``,
+    ``SD3Transformer2DModel``; SD3's block-level gates stay as diffusers computes them) for the fused
+    ops; on the reference :class:`~fastgen_kernels.models.DiT` it switches the fused ops on. Outputs
+    equal the unpatched model's within the dtype's tolerance. Returns what was patched and skipped."""
+    report = AccelerateReport()
+    if isinstance(module, DiT):
+        module.set_fused(True)
+        report.patched["DiT blocks"] = [f"blocks.{i}" for i in range(len(module.blocks))]
+        return report
+    diffusers = _diffusers()
+    from diffusers.models.attention import BasicTransformerBlock
+    from diffusers.models.attention_processor import Attention, AttnProcessor2_0, JointAttnProcessor2_0
+    from diffusers.models.normalization import AdaLayerNormZero
+
+    def patched(kind: str, name: str) -> None:
+        report.patched.setdefault(kind, []).append(name)
+
+    for name, child in module.named_modules():
+        if isinstance(child, Attention):
+            processor = child.processor
+            plain = child.spatial_norm is None and child.group_norm is None and not child.residual_connection \
+                and child.rescale_output_factor == 1.0 and child.norm_cross is None
+            head_dim = child.inner_dim // child.heads
+            if not plain or head_dim > 256:
+                report.skipped[name] = "attention with group/spatial norm, residual rescaling or head dim > 256"
+            elif type(processor) is AttnProcessor2_0:
+                child.set_processor(FusedAttnProcessor())
+                patched("attention", name)
+            elif type(processor) is JointAttnProcessor2_0:
+                child.set_processor(FusedJointAttnProcessor())
+                patched("joint attention", name)
+            elif not isinstance(processor, (FusedAttnProcessor, FusedJointAttnProcessor)):
+                report.skipped[name] = f"attention processor {type(processor).__name__}"
+        elif type(child) is AdaLayerNormZero:
+            if type(child.norm) is nn.LayerNorm:
+                child.__class__ = _fused_class(child, _make_fused_norm_class)
+                patched("adaLN-Zero norm", name)
+            else:
+                report.skipped[name] = f"adaLN-Zero with {type(child.norm).__name__}"
+    for name, child in module.named_modules():
+        if type(child) is BasicTransformerBlock:
+            why = _block_skip_reason(child)
+            if why:
+                report.skipped[name] = why
+            else:
+                child.__class__ = _fused_class(child, _make_fused_block_class)
+                patched("transformer block", name)
+    log.info("accelerate(%s, diffusers %s):\n%s", type(module).__name__, diffusers.__version__, report)
+    return report
+
+
+class DiffusersNet(nn.Module):
+    """A diffusers transformer as a ``net(x_t, t_in, cond)``: cond is the class labels of a DiT
+    model and the text embeddings (``encoder_hidden_states``) of a PixArt model. The learned-sigma
+    half of a DiT's output (8 channels for 4) is dropped."""
+
+    def __init__(self, transformer: nn.Module) -> None:
+        super().__init__()
+        self.transformer = transformer
+        self.class_conditional = "class_labels" in inspect.signature(transformer.forward).parameters \
+            and "encoder_hidden_states" not in inspect.signature(transformer.forward).parameters
+
+    def forward(self, x: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:
+        dtype = next(self.transformer.parameters()).dtype
+        kwargs = {"class_labels": cond} if self.class_conditional else {
+            "encoder_hidden_states": cond, "added_cond_kwargs": {"resolution": None, "aspect_ratio": None}}
+        out = self.transformer(x.to(dtype), timestep=t, return_dict=False, **kwargs)[0]
+        return out[:, : x.shape[1]] if out.shape[1] == 2 * x.shape[1] else out
+
+
+def scheduler_family(scheduler) -> str:
+    """Which of our schedules a diffusers scheduler walks: rf, edm, trig or vp."""
+    name = type(scheduler).__name__
+    if name.startswith("FlowMatch"):
+        return "rf"
+    if name.startswith("EDM"):
+        return "edm"
+    if name.startswith("SCM"):
+        return "trig"
+    if hasattr(scheduler, "alphas_cumprod"):
+        return "vp"
+    raise ValueError(f"scheduler {name} is not supported (flow matching, EDM, SCM and DDPM-family schedulers are)")
+
+
+_PREDICTION_TYPES = {"epsilon": "eps", "v_prediction": "v", "sample": "x0", "flow_prediction": "flow"}
+
+
+def from_diffusers(transformer: nn.Module, scheduler_or_schedule, *, shape: tuple[int, ...] | None = None,
+                   null_cond: int | float | None = None, distilled: bool = False) -> Denoiser:
+    """A :class:`Denoiser` over a diffusers transformer, with the schedule, prediction type and
+    timestep scaling its scheduler implies (or a schedule name with our defaults: edm -> EDM
+    preconditioning, rf -> flow, vp -> eps, trig -> trig_F). ``shape`` defaults to the
+    transformer's (in_channels, sample_size, sample_size); a class-conditional DiT's null class is
+    its ``num_embeds_ada_norm``."""
+    config = getattr(transformer, "config", {})
+    if shape is None and "sample_size" in config and "in_channels" in config:
+        shape = (config["in_channels"], config["sample_size"], config["sample_size"])
+    net = DiffusersNet(transformer)
+    if null_cond is None and net.class_conditional:
+        null_cond = config.get("num_embeds_ada_norm")
+    options = dict(shape=shape, null_cond=null_cond, distilled=distilled)
+    if isinstance(scheduler_or_schedule, str):
+        prediction = {"edm": "x0", "rf": "flow", "vp": "eps", "trig": "trig_F"}[scheduler_or_schedule]
+        return Denoiser(net, scheduler_or_schedule, prediction, time_scale=1000.0 if scheduler_or_schedule
+                        in ("rf", "vp") else 1.0, preconditioning="edm" if scheduler_or_schedule == "edm" else None,
+                        **options)
+    scheduler = scheduler_or_schedule
+    family, sc = scheduler_family(scheduler), scheduler.config
+    if family == "vp":
+        steps = sc.num_train_timesteps
+        prediction = _PREDICTION_TYPES[sc.prediction_type]
+        # diffusers' step k has noise level alphas_cumprod[k], which our VP table puts at t = (k + 1) / N
+        return Denoiser(net, VP(betas=tuple(scheduler.betas.double().tolist())), prediction, time_scale=steps,
+                        time_shift=-1.0, **options)
+    if family == "rf":
+        return Denoiser(net, "rf", "flow", time_scale=sc.num_train_timesteps, **options)
+    if family == "edm":
+        return Denoiser(net, "edm", "x0", sigma_data=sc.sigma_data, preconditioning="edm", **options)
+    return Denoiser(net, "trig", "trig_F", sigma_data=sc.sigma_data, **options)
+
+
+def _step_kwargs(scheduler, generator: torch.Generator | None) -> dict:
+    return {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
+
+
+def sample_with_scheduler(model: Denoiser, scheduler, steps: int, *, batch: int, shape: tuple[int, ...],
+                          noise: Tensor | None, cond: Tensor | None, guidance_scale: float,
+                          neg_cond: Tensor | None, seed: int | None, generator: torch.Generator | None,
+                          return_trajectory: bool, autocast: torch.dtype | None):
+    """``sample(..., scheduler=...)``: the diffusers scheduler picks the times and makes each step;
+    the model supplies its x0 estimate, converted to what the scheduler expects."""
+    from fastgen_kernels.sampling import _Guided, _model_device_and_dtype
+
+    family = scheduler_family(scheduler)
+    if model.schedule.name != family:
+        raise ValueError(f"sample: scheduler {type(scheduler).__name__} walks the {family} schedule, "
+                         f"the model is on {model.schedule.name}")
+    if family == "vp" and (len(model.schedule.betas) != len(scheduler.betas) or not torch.allclose(
+            torch.tensor(model.schedule.betas, dtype=torch.float64), scheduler.betas.double(), rtol=1e-5)):
+        raise ValueError(f"sample: scheduler {type(scheduler).__name__}'s beta table differs from the model's "
+                         "(build the model with from_diffusers(transformer, scheduler))")
+    device, dtype = _model_device_and_dtype(model)
+    if generator is None and seed is not None:
+        generator = torch.Generator(device).manual_seed(seed)
+    if noise is None:
+        noise = torch.randn((batch, *shape), generator=generator, device=device, dtype=dtype)
+    scheduler.set_timesteps(steps, device=device)
+    guided = _Guided(model, cond, neg_cond, guidance_scale, autocast)
+    timesteps = scheduler.timesteps[:-1] if family == "trig" else scheduler.timesteps   # SCM lists the final 0
+    # SCM's pipelines scale the noise by sigma_data themselves (its init_noise_sigma is 1)
+    start = scheduler.config["sigma_data"] if family == "trig" else getattr(scheduler, "init_noise_sigma", 1.0)
+    x = noise.to(device=device, dtype=dtype) * start
+    trajectory = [x]
+    expected = _PREDICTION_TYPES.get(scheduler.config.get("prediction_type"))
+    with torch.no_grad():
+        for i, timestep in enumerate(timesteps):
+            if family == "vp":
+                x_in, t = scheduler.scale_model_input(x, timestep), (float(timestep) + 1) / len(model.schedule.betas)
+            elif family == "rf":
+                x_in, t = x, float(scheduler.sigmas[i])
+            elif family == "edm":
+                x_in, t = x, float(scheduler.sigmas[i])
+            else:
+                x_in, t = x, float(timestep)
+            x0 = guided.x0(x_in, t)
+            if family == "edm":   # the scheduler applies EDM's output preconditioning itself
+                _, _, c_skip, c_out = model.schedule.precondition(torch.tensor(t, dtype=torch.float64))
+                output = (x0 - float(c_skip) * x_in) / float(c_out)
+            else:
+                # SCM's step takes sigma_data * F, which is the flow velocity
+                prediction = {"rf": "flow", "trig": "flow"}.get(family, expected)
+                output = model.schedule.from_x0(prediction, x0, x_in, t)
+            x = scheduler.step(output, timestep, x, **_step_kwargs(scheduler, generator)).prev_sample.to(dtype)
+            trajectory.append(x)
+    return (x, trajectory) if return_trajectory else x

@@ -1,0 +1,232 @@
+"""diffusers models from small random configs: accelerate, from_diffusers, FP8, schedulers."""
+
+import pytest
+import torch
+
+import fastgen_kernels as fk
+from fastgen_kernels.models.diffusers import FusedAttnProcessor, accelerate, from_diffusers
+from fastgen_kernels.schedules import VP
+
+diffusers = pytest.importorskip("diffusers")
+
+from test_sampling import DATA_STD, GaussianDenoiser, marginal_std  # noqa: E402
+
+
+def randomized(model, dtype=torch.float64, std=0.1, seed=0):
+    torch.manual_seed(seed)
+    model = model.to(dtype).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, std)
+    return model
+
+
+def tiny_dit(dtype=torch.float64):
+    return randomized(diffusers.DiTTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8, num_layers=2, sample_size=8,
+        patch_size=2, num_embeds_ada_norm=10, norm_num_groups=32), dtype)
+
+
+def tiny_pixart(dtype=torch.float64):
+    return randomized(diffusers.PixArtTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8, num_layers=2, sample_size=8,
+        patch_size=2, cross_attention_dim=32, caption_channels=24, norm_num_groups=32), dtype)
+
+
+def tiny_sd3(dtype=torch.float64):
+    return randomized(diffusers.SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=24, caption_projection_dim=32, pooled_projection_dim=12, out_channels=4,
+        pos_embed_max_size=16), dtype)
+
+
+def run(kind, model, dtype):
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 4, 8, 8, generator=gen).to(dtype)
+    t = torch.tensor([10.0, 700.0]).to(dtype)
+    context = torch.randn(2, 5, 24, generator=gen).to(dtype)
+    with torch.no_grad():
+        if kind == "dit":
+            return model(x, timestep=t, class_labels=torch.tensor([1, 10])).sample
+        if kind == "pixart":
+            return model(x, encoder_hidden_states=context, timestep=t,
+                         added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
+        return model(x, encoder_hidden_states=context, pooled_projections=torch.randn(2, 12, generator=gen).to(dtype),
+                     timestep=t).sample
+
+
+MODELS = {"dit": tiny_dit, "pixart": tiny_pixart, "sd3": tiny_sd3}
+EXPECTED = {"dit": {"adaLN-Zero norm": 2, "attention": 2, "transformer block": 2},
+            "pixart": {"attention": 4, "transformer block": 2},
+            "sd3": {"adaLN-Zero norm": 3, "joint attention": 2}}
+
+
+@pytest.mark.parametrize("kind", list(MODELS))
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-5)], ids=["fp64", "fp32"])
+def test_accelerate_keeps_the_outputs(kind, dtype, tol):
+    model = MODELS[kind](dtype)
+    keys = list(model.state_dict())
+    expected = run(kind, model, dtype)
+    report = accelerate(model)
+    assert {k: len(v) for k, v in report.patched.items()} == EXPECTED[kind]
+    assert list(model.state_dict()) == keys
+    torch.testing.assert_close(run(kind, model, dtype), expected, rtol=tol, atol=tol)
+    again = accelerate(model)   # idempotent
+    assert not again.skipped and "transformer block" not in again.patched
+    torch.testing.assert_close(run(kind, model, dtype), expected, rtol=tol, atol=tol)
+
+
+def test_unknown_modules_are_left_alone_and_reported():
+    from diffusers.models.attention_processor import AttnProcessor
+
+    model = tiny_dit()
+    model.transformer_blocks[1].attn1.set_processor(AttnProcessor())
+    expected = run("dit", model, torch.float64)
+    report = accelerate(model)
+    assert report.skipped["transformer_blocks.1.attn1"] == "attention processor AttnProcessor"
+    assert report.skipped["transformer_blocks.1"] == "its attention was not patched"
+    assert isinstance(model.transformer_blocks[0].attn1.processor, FusedAttnProcessor)
+    assert "left alone transformer_blocks.1" in str(report)
+    torch.testing.assert_close(run("dit", model, torch.float64), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_accelerate_on_the_reference_dit():
+    net = fk.models.DiT(fk.models.DiTConfig(input_size=4, in_channels=2, hidden_size=32, depth=2, num_heads=2))
+    net.set_fused(False)
+    report = accelerate(net)
+    assert net.fused and all(block.fused for block in net.blocks) and len(report.patched["DiT blocks"]) == 2
+
+
+def test_from_diffusers_dit_with_a_ddpm_scheduler():
+    """The Denoiser feeds diffusers' step k at our t = (k + 1) / 1000 and converts eps to x0 with
+    alphas_cumprod[k]; class labels go in as cond, the null class is num_embeds_ada_norm."""
+    transformer = tiny_dit()
+    scheduler = diffusers.DDIMScheduler()
+    model = from_diffusers(transformer, scheduler)
+    assert (model.schedule.name, model.prediction, model.null_cond, model.shape) == ("vp", "eps", 10, (4, 8, 8))
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 4, 8, 8, generator=gen, dtype=torch.float64)
+    k = 599
+    labels = torch.tensor([3, 10])
+    with torch.no_grad():
+        eps = transformer(x, timestep=torch.tensor([k, k]), class_labels=labels).sample[:, :4]
+        x0 = model.x0(x, (k + 1) / 1000, labels)
+    abar = scheduler.alphas_cumprod[k].double()
+    # diffusers accumulates alphas_cumprod in fp32, we in fp64
+    torch.testing.assert_close(x0, (x - (1 - abar).sqrt() * eps) / abar.sqrt(), rtol=1e-5, atol=1e-5)
+    samples = fk.sample(model, 4, batch_size=2, cond=torch.tensor([1, 2]), guidance_scale=3.0, seed=0)
+    assert samples.shape == (2, 4, 8, 8) and torch.isfinite(samples).all()
+
+
+def test_from_diffusers_with_a_schedule_name():
+    model = from_diffusers(tiny_pixart(), "rf")
+    assert (model.schedule.name, model.prediction, model.time_scale) == ("rf", "flow", 1000.0)
+    context = torch.randn(1, 5, 24, dtype=torch.float64)
+    assert fk.sample(model, 2, cond=context, seed=0).shape == (1, 4, 8, 8)
+
+
+def snr_db(estimate, reference):
+    return 10 * torch.log10(reference.double().square().sum() / (estimate.double() - reference.double()).square().sum())
+
+
+def test_quantized_diffusers_dit_is_within_the_snr_floor():
+    model = tiny_dit(torch.float64)
+    reference = run("dit", model, torch.float64)
+    model = model.bfloat16()
+    bf16 = run("dit", model, torch.bfloat16)
+    accelerate(model)
+    fk.quantize_fp8(model)
+    assert isinstance(model.transformer_blocks[0].ff.net[0].proj, fk.Fp8Linear)
+    assert not isinstance(model.transformer_blocks[0].norm1.linear, fk.Fp8Linear)   # adaLN kept
+    fp8 = run("dit", model, torch.bfloat16)
+    fk.fuse_epilogues(model)
+    assert all(block.fp8_epilogues for block in model.transformer_blocks)
+    fused = run("dit", model, torch.bfloat16)
+    assert snr_db(bf16, reference) > 30
+    assert snr_db(fp8, reference) >= 20 and snr_db(fused, reference) >= 20, (snr_db(fp8, reference),
+                                                                             snr_db(fused, reference))
+
+
+# --- diffusers schedulers driving the loop, on Gaussian data --------------------------------------
+
+def vp_gaussian_model(scheduler, ode_map=False):
+    schedule = VP(betas=tuple(scheduler.betas.double().tolist()))
+    return fk.Denoiser(GaussianDenoiser(schedule, "eps", ode_map=ode_map), schedule, "eps")
+
+
+def start_noise():
+    return torch.randn(4000, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+
+@pytest.mark.parametrize("name", ["FlowMatchEulerDiscreteScheduler", "EDMEulerScheduler"])
+def test_euler_schedulers_equal_our_euler_on_their_times(name):
+    scheduler = getattr(diffusers, name)()
+    if name.startswith("EDM"):
+        model = from_diffusers(torch.nn.Identity(), scheduler)   # the schedule and preconditioning
+        model.net = PreconditionedGaussian(model)
+    else:
+        model = from_diffusers(torch.nn.Identity(), scheduler)
+        model.net = GaussianDenoiser("rf", "flow", time_scale=1000.0)
+    z = start_noise()
+    theirs = fk.sample(model, 16, noise=z, scheduler=scheduler)
+    scheduler.set_timesteps(16)
+    ours = fk.sample(model, noise=z, solver="euler", timesteps=scheduler.sigmas.double().tolist())
+    # EDM's scheduler starts from sqrt(80^2 + 1) z, we from 80 z
+    torch.testing.assert_close(theirs, ours, rtol=2e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name,steps,tol", [("DDIMScheduler", 200, 0.02), ("DPMSolverMultistepScheduler", 50, 0.005)])
+def test_ddpm_family_teachers_reach_the_ode_solution(name, steps, tol):
+    scheduler = getattr(diffusers, name)(**({"clip_sample": False} if name == "DDIMScheduler" else {}))
+    model = vp_gaussian_model(scheduler)
+    z = start_noise()
+    x = fk.sample(model, steps, noise=z, scheduler=scheduler)
+    # x_T = z at the scheduler's first step, where m(T) is 1 to within 1e-4; the map is linear
+    ratio = x / z
+    assert ratio.std() < 1e-6 and ratio.mean().item() == pytest.approx(DATA_STD, rel=tol)
+
+
+def test_a_scheduler_with_another_beta_table_is_refused():
+    model = vp_gaussian_model(diffusers.DDIMScheduler())
+    with pytest.raises(ValueError, match="beta table differs"):
+        fk.sample(model, 4, noise=start_noise(), scheduler=diffusers.LCMScheduler())
+
+
+class PreconditionedGaussian(torch.nn.Module):
+    """The raw EDM network F whose preconditioned output is the ideal Gaussian denoiser."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.schedule = model.schedule
+        self.register_buffer("anchor", torch.zeros((), dtype=torch.float64))
+
+    def forward(self, x_in, c_noise, cond=None):
+        t = (4 * c_noise).exp().reshape(-1, *[1] * (x_in.dim() - 1))
+        c_in, _, c_skip, c_out = self.schedule.precondition(t)
+        x = x_in / c_in
+        x0 = DATA_STD ** 2 / marginal_std(self.schedule, t) ** 2 * x
+        return (x0 - c_skip * x) / c_out
+
+
+def test_lcm_scheduler_with_the_exact_ode_map_keeps_the_data_variance():
+    """Fresh-noise re-noising keeps an exact ODE map on the marginals: samples have the data's std."""
+    scheduler = diffusers.LCMScheduler()
+    model = vp_gaussian_model(scheduler, ode_map=True)
+    z = torch.randn(20000, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x = fk.sample(model, 4, noise=z, scheduler=scheduler, seed=1)
+    assert x.std().item() == pytest.approx(DATA_STD, rel=0.03)
+
+
+def test_scm_scheduler_with_the_exact_ode_map_keeps_the_data_variance():
+    scheduler = diffusers.SCMScheduler()   # diffusers' SCM runs 2 steps: pi/2, 1.3, 0
+    model = fk.Denoiser(GaussianDenoiser("trig", "trig_F", ode_map=True), "trig", "trig_F", distilled=True)
+    z = torch.randn(20000, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x, trajectory = fk.sample(model, 2, noise=z, scheduler=scheduler, seed=1, return_trajectory=True)
+    assert len(trajectory) == 3
+    assert x.std().item() == pytest.approx(DATA_STD, rel=0.03)
+
+
+def test_scheduler_on_another_schedule_is_refused():
+    model = fk.Denoiser(GaussianDenoiser("edm", "x0"), "edm", "x0", shape=(2,))
+    with pytest.raises(ValueError, match="walks the rf schedule"):
+        fk.sample(model, 4, scheduler=diffusers.FlowMatchEulerDiscreteScheduler())
