@@ -15,18 +15,25 @@ from fastgen_kernels.ops import (
 from fastgen_kernels.quantization import Fp8Linear, fuse_epilogues, quantize_fp8
 from fastgen_kernels.sampling import sample
 
+# last: the models use the ops and the Denoiser above (diffusers itself is imported on use)
+from fastgen_kernels import models  # noqa: E402
+from fastgen_kernels.models.diffusers import accelerate, from_diffusers  # noqa: E402
+
 __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS",
     "Denoiser",
+    "accelerate",
     "Fp8Linear",
     "attention",
     "attention_jvp",
     "fp8_linear",
+    "from_diffusers",
     "fuse_epilogues",
     "gated_residual",
     "losses",
+    "models",
     "modulated_layer_norm",
     "modulated_rms_norm",
     "ops",
