@@ -30,6 +30,7 @@ with magnitude at least 1e-6 (an eps prediction at alpha = 0 is undefined, not i
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -49,8 +50,9 @@ def safe_denominator(d: Tensor) -> Tensor:
 def per_sample(t: float | Tensor, x: Tensor) -> Tensor:
     """t as a (B, 1, ..., 1) tensor that broadcasts over x (B, ...), in x's compute dtype."""
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    t = torch.as_tensor(t, dtype=dtype, device=x.device)
-    if t.dim() == 0:
+    if not isinstance(t, Tensor):   # a fill kernel, not a host-to-device copy: CUDA-graph safe
+        t = torch.full((x.shape[0],), float(t), dtype=dtype, device=x.device)
+    elif t.dim() == 0:
         t = t.expand(x.shape[0])
     if t.shape != (x.shape[0],):
         raise ValueError(f"t must be a number or a ({x.shape[0]},) tensor for x of shape "
@@ -174,7 +176,7 @@ class Schedule:
 
     def to_dict(self) -> dict:
         """The JSON-able description :func:`get_schedule` rebuilds this schedule from."""
-        fields = {k: v for k, v in self.__dict__.items() if k != "name"}
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "name"}
         if "betas" in fields:
             fields["betas"] = list(fields["betas"])
         return {"name": self.name, **fields}
@@ -240,20 +242,36 @@ class VP(Schedule):
     t_min: float = 0.0
     betas: tuple[float, ...] = tuple(torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64).tolist())
 
+    def __post_init__(self) -> None:
+        # log(1 - beta) and its prefix sums, built once per device and dtype (not per step: inside
+        # a CUDA-graph capture a host-to-device copy is not allowed)
+        object.__setattr__(self, "_tables", {})
+
+    def _table(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        """(log(1 - beta) (N,), log abar at the N + 1 grid points, log abar(0) = 0) on t's device."""
+        key = (t.device, t.dtype)
+        if key not in self._tables:
+            log_alphas = torch.log1p(-torch.tensor(self.betas, dtype=torch.float64))
+            log_abar = torch.cat([torch.zeros(1, dtype=torch.float64), log_alphas.cumsum(0)])
+            self._tables[key] = (log_alphas.to(device=t.device, dtype=t.dtype),
+                                 log_abar.to(device=t.device, dtype=t.dtype))
+        return self._tables[key]
+
+    def _interval(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        """(table interval index, position within it) of t."""
+        steps = len(self.betas)
+        pos = (t * steps).clamp(0, steps)
+        lo = pos.floor().long().clamp(max=steps - 1)
+        return lo, pos - lo
+
     def _log_abar(self, t: Tensor) -> Tensor:
-        log_abar = torch.cat([torch.zeros(1, dtype=torch.float64),
-                              torch.log1p(-torch.tensor(self.betas, dtype=torch.float64)).cumsum(0)])
-        log_abar = log_abar.to(device=t.device, dtype=t.dtype)
-        pos = (t * len(self.betas)).clamp(0, len(self.betas))
-        lo = pos.floor().long().clamp(max=len(self.betas) - 1)
-        frac = pos - lo
-        return log_abar[lo] + frac * (log_abar[lo + 1] - log_abar[lo])
+        log_alphas, log_abar = self._table(t)
+        lo, frac = self._interval(t)
+        return log_abar[lo] + frac * log_alphas[lo]
 
     def _d_log_abar(self, t: Tensor) -> Tensor:
-        steps = len(self.betas)
-        betas = torch.tensor(self.betas, dtype=t.dtype, device=t.device)
-        lo = (t * steps).clamp(0, steps).floor().long().clamp(max=steps - 1)
-        return torch.log1p(-betas[lo]) * steps
+        log_alphas, _ = self._table(t)
+        return log_alphas[self._interval(t)[0]] * len(self.betas)
 
     def alpha(self, t):
         return (self._log_abar(t) / 2).exp()

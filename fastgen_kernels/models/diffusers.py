@@ -328,10 +328,10 @@ def from_diffusers(transformer: nn.Module, scheduler_or_schedule, *, shape: tupl
         null_cond = config.get("num_embeds_ada_norm")
     options = dict(shape=shape, null_cond=null_cond, distilled=distilled)
     if isinstance(scheduler_or_schedule, str):
-        prediction = {"edm": "x0", "rf": "flow", "vp": "eps", "trig": "trig_F"}[scheduler_or_schedule]
-        return Denoiser(net, scheduler_or_schedule, prediction, time_scale=1000.0 if scheduler_or_schedule
-                        in ("rf", "vp") else 1.0, preconditioning="edm" if scheduler_or_schedule == "edm" else None,
-                        **options)
+        name = scheduler_or_schedule
+        prediction = {"edm": "x0", "rf": "flow", "vp": "eps", "trig": "trig_F"}[name]
+        return Denoiser(net, name, prediction, time_scale=1000.0 if name in ("rf", "vp") else 1.0,
+                        preconditioning="edm" if name == "edm" else None, **options)
     scheduler = scheduler_or_schedule
     family, sc = scheduler_family(scheduler), scheduler.config
     if family == "vp":
@@ -384,12 +384,10 @@ def sample_with_scheduler(model: Denoiser, scheduler, steps: int, *, batch: int,
         for i, timestep in enumerate(timesteps):
             if family == "vp":
                 x_in, t = scheduler.scale_model_input(x, timestep), (float(timestep) + 1) / len(model.schedule.betas)
-            elif family == "rf":
-                x_in, t = x, float(scheduler.sigmas[i])
-            elif family == "edm":
-                x_in, t = x, float(scheduler.sigmas[i])
-            else:
+            elif family == "trig":
                 x_in, t = x, float(timestep)
+            else:   # flow matching and EDM: the noise level is the time
+                x_in, t = x, float(scheduler.sigmas[i])
             x0 = guided.x0(x_in, t)
             if family == "edm":   # the scheduler applies EDM's output preconditioning itself
                 _, _, c_skip, c_out = model.schedule.precondition(torch.tensor(t, dtype=torch.float64))
