@@ -86,17 +86,18 @@ class Denoiser(nn.Module):
         return per_sample(t, x).reshape(-1)
 
     def raw(self, x_t: Tensor, t: float | Tensor, cond: Tensor | None = None,
-            r: float | Tensor | None = None) -> Tensor:
-        """The network's own output at (x_t, t) (with the EDM input scaling when preconditioned)."""
+            r: float | Tensor | None = None, **net_kwargs) -> Tensor:
+        """The network's own output at (x_t, t) (with the EDM input scaling when preconditioned);
+        ``net_kwargs`` go to the network (e.g. the reference DiT's ``return_logvar=True``)."""
         tb = self._times(t, x_t)
         if self.preconditioning == "edm":
             c_in, c_noise, _, _ = self.schedule.precondition(per_sample(tb, x_t))
-            return self.net((x_t * c_in).to(x_t.dtype), c_noise.reshape(-1), cond)
+            return self.net((x_t * c_in).to(x_t.dtype), c_noise.reshape(-1), cond, **net_kwargs)
         t_in = tb * self.time_scale + self.time_shift
         if self.prediction == "mean_flow":
             r_in = self._times(0.0 if r is None else r, x_t) * self.time_scale + self.time_shift
-            return self.net(x_t, t_in, cond, r_in)
-        return self.net(x_t, t_in, cond)
+            return self.net(x_t, t_in, cond, r_in, **net_kwargs)
+        return self.net(x_t, t_in, cond, **net_kwargs)
 
     def x0(self, x_t: Tensor, t: float | Tensor, cond: Tensor | None = None) -> Tensor:
         """The clean-data estimate at (x_t, t); x_t (B, ...), t a number or (B,). For a flow map
@@ -108,6 +109,23 @@ class Denoiser(nn.Module):
             _, _, c_skip, c_out = self.schedule.precondition(per_sample(t, x_t))
             return (c_skip * x_t + c_out * out).to(x_t.dtype)
         return self.schedule.to_x0(self.prediction, out, x_t, t)
+
+    def guided_x0(self, x_t: Tensor, t: float | Tensor, cond: Tensor | None, guidance_scale: float = 1.0,
+                  neg_cond: Tensor | None = None) -> Tensor:
+        """Classifier-free guidance x0_u + w (x0_c - x0_u) in one call on 2B samples (w = 1: the
+        conditional x0 alone); ``neg_cond`` defaults to ``null_cond`` broadcast like ``cond``."""
+        if guidance_scale == 1.0:
+            return self.x0(x_t, t, cond)
+        if cond is None:
+            raise ValueError("Denoiser.guided_x0: guidance needs cond")
+        if neg_cond is None:
+            if self.null_cond is None:
+                raise ValueError("Denoiser.guided_x0: guidance needs neg_cond (the model has no null_cond)")
+            neg_cond = torch.full_like(cond, self.null_cond)
+        tb = self._times(t, x_t)
+        out = self.x0(torch.cat([x_t, x_t]), torch.cat([tb, tb]), torch.cat([neg_cond, cond]))
+        uncond, conditional = out.chunk(2)
+        return uncond + guidance_scale * (conditional - uncond)
 
     def flow_map(self, x_t: Tensor, t: float | Tensor, r: float | Tensor, cond: Tensor | None = None) -> Tensor:
         """x_r = x_t - (t - r) u(x_t, r, t) for a flow map (prediction "mean_flow")."""

@@ -112,23 +112,30 @@ class Schedule:
         """The output of kind ``prediction`` that :meth:`to_x0` maps back to ``x0`` at (x, t)."""
         tb = per_sample(t, x)
         xf, x0f = x.to(tb.dtype), x0.to(tb.dtype)
-        alpha, sigma = self.alpha(tb), self.sigma(tb)
-        eps = (xf - alpha * x0f) / safe_denominator(sigma)
+        eps = (xf - self.alpha(tb) * x0f) / safe_denominator(self.sigma(tb))
+        return self._output(prediction, x0f, eps, tb).to(x.dtype)
+
+    def target(self, prediction: str, x0: Tensor, eps: Tensor, t: float | Tensor) -> Tensor:
+        """The regression target of kind ``prediction`` for x_t = alpha x0 + sigma eps: exact, with
+        no division (what a network is trained toward; a flow map's at r = t)."""
+        tb = per_sample(t, x0)
+        return self._output(prediction, x0.to(tb.dtype), eps.to(tb.dtype), tb).to(x0.dtype)
+
+    def _output(self, prediction: str, x0: Tensor, eps: Tensor, tb: Tensor) -> Tensor:
         if prediction == "x0":
-            out = x0f
-        elif prediction == "eps":
-            out = eps
-        elif prediction == "v":
+            return x0
+        if prediction == "eps":
+            return eps
+        if prediction == "v":
             self._need_variance_preserving(prediction)
-            out = alpha * eps - sigma * x0f
-        elif prediction in ("flow", "mean_flow", "trig_F"):
-            out = self.d_alpha(tb) * x0f + self.d_sigma(tb) * eps
+            return self.alpha(tb) * eps - self.sigma(tb) * x0
+        if prediction in ("flow", "mean_flow", "trig_F"):
+            out = self.d_alpha(tb) * x0 + self.d_sigma(tb) * eps
             if prediction == "trig_F":
                 self._need_trig(prediction)
                 out = out / self.sigma_data
-        else:
-            raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
-        return out.to(x.dtype)
+            return out
+        raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
 
     def velocity(self, x0: Tensor, x: Tensor, t: float | Tensor) -> Tensor:
         """The probability-flow ODE's dx/dt = alpha' x0 + sigma' eps(x, x0) at (x, t)."""
@@ -143,6 +150,9 @@ class Schedule:
             raise ValueError(f"grid kind must be one of {GRIDS}, got {kind!r}")
         t_max = self.t_max if t_max is None else t_max
         if kind == "karras":
+            if self.t_min <= 0:
+                raise ValueError(f"a Karras grid needs t_min > 0; the {self.name} schedule has t_min = "
+                                 f"{self.t_min}: use kind='uniform' or 'shifted'")
             ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
             s_max, s_min = self.edm_sigma(t_max), self.edm_sigma(self.t_min)
             rho = 7.0
@@ -164,6 +174,17 @@ class Schedule:
 
     def t_from_edm_sigma(self, s: Tensor) -> Tensor:
         raise ValueError(f"the {self.name} schedule has no Karras grid; use kind='uniform'")
+
+    # (P_mean, P_std) of the training noise levels: ln(sigma / alpha) ~ N(P_mean, P_std^2)
+    training_log_sigma = (-1.2, 1.2)
+
+    def training_time(self, normal: Tensor) -> Tensor:
+        """Training times t from standard normal draws (any shape): the EDM noise level sigma / alpha
+        is log-normal with (P_mean, P_std) = ``training_log_sigma`` (edm (-1.2, 1.2), trig
+        (-1.0, 1.4) as sCM, rf (0, 1): logit-normal t); vp: uniform t = Phi(normal)."""
+        p_mean, p_std = self.training_log_sigma
+        t = self.t_from_edm_sigma((normal.double() * p_std + p_mean).exp())
+        return t.clamp(self.t_min, self.t_max).to(normal.dtype)
 
     def _need_variance_preserving(self, prediction: str) -> None:
         if self.name != "vp":
@@ -230,6 +251,11 @@ class RectifiedFlow(Schedule):
     def d_sigma(self, t):
         return torch.ones_like(t)
 
+    training_log_sigma = (0.0, 1.0)
+
+    def t_from_edm_sigma(self, s):
+        return s / (1 + s)
+
 
 @dataclass(frozen=True)
 class VP(Schedule):
@@ -273,6 +299,10 @@ class VP(Schedule):
         log_alphas, _ = self._table(t)
         return log_alphas[self._interval(t)[0]] * len(self.betas)
 
+    def training_time(self, normal: Tensor) -> Tensor:
+        t = 0.5 * torch.erfc(-normal.double() / math.sqrt(2))  # the normal CDF: uniform in (0, 1)
+        return t.clamp(self.t_min, self.t_max).to(normal.dtype)
+
     def alpha(self, t):
         return (self._log_abar(t) / 2).exp()
 
@@ -305,6 +335,8 @@ class Trig(Schedule):
 
     def d_sigma(self, t):
         return self.sigma_data * torch.cos(t)
+
+    training_log_sigma = (-1.0, 1.4)
 
     def t_from_edm_sigma(self, s):
         return torch.atan(s / self.sigma_data)
