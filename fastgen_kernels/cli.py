@@ -1,7 +1,16 @@
 """The ``fastgen-kernels`` command (also ``python -m fastgen_kernels``).
 
-    fastgen-kernels info     versions, what the extension was built with, the GPU, and which
-                             backend each op would use on each device and dtype
+    fastgen-kernels info      versions, what the extension was built with, the GPU, and which
+                              backend each op would use on each device and dtype
+    fastgen-kernels train     train a model from data (SFT): --config run.yaml key=value ...
+    fastgen-kernels distill   distill a teacher (cm, scm, meanflow, dmd2, f_distill, ladd): same
+    fastgen-kernels sample    sample a saved model: --model DIR --steps N --out samples.npz
+    fastgen-kernels bench     the benchmarks (pytest bench/ of a source checkout)
+    fastgen-kernels demo      the embedded default: distill the shipped digits teacher, evaluate
+
+train and distill read a YAML run config (fastgen_kernels.distill.run.RunConfig) with dotted
+overrides, run under torchrun for several processes, and write the resolved config next to the
+checkpoints.
 """
 
 from __future__ import annotations
@@ -60,11 +69,92 @@ def info() -> str:
     return "\n".join(lines)
 
 
+def _train(args: argparse.Namespace) -> int:
+    from fastgen_kernels import config as configs
+    from fastgen_kernels.distill.run import RunConfig, run
+
+    config = configs.load(RunConfig, args.config, args.overrides)
+    if (config.method == "sft") != (args.command == "train"):
+        raise SystemExit(f"fastgen-kernels {args.command}: method {config.method!r} belongs to "
+                         f"`fastgen-kernels {'train' if config.method == 'sft' else 'distill'}`")
+    out = run(config)
+    print(f"saved to {out}")
+    return 0
+
+
+def _sample(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from fastgen_kernels import Denoiser, sample
+    from fastgen_kernels.images import save_grid
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = Denoiser.from_pretrained(args.model, device=device)
+    cond = None
+    if args.label is not None:
+        cond = torch.full((args.batch_size,), args.label, device=device, dtype=torch.long)
+    elif model.null_cond is not None:  # class-conditional: cycle through the classes
+        cond = torch.arange(args.batch_size, device=device) % int(model.null_cond)
+    x = sample(model, args.steps, batch_size=args.batch_size, cond=cond, guidance_scale=args.guidance_scale,
+               seed=args.seed)
+    arrays = {"samples": x.float().cpu().numpy()}
+    if cond is not None:
+        arrays["labels"] = cond.cpu().numpy()
+    np.savez(args.out, **arrays)
+    if args.grid:
+        save_grid(x, args.grid)
+    print(f"{tuple(x.shape)} samples saved to {args.out}" + (f", grid {args.grid}" if args.grid else ""))
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import pytest
+
+    bench = Path(__file__).resolve().parents[1] / "bench"
+    if not bench.is_dir():
+        raise SystemExit("fastgen-kernels bench: the benchmarks live in bench/ of a source checkout "
+                         "(pip install -e .); this install has none")
+    return pytest.main([str(bench), *args.pytest_args])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fastgen-kernels", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("info", help="versions, build, GPU and the backend of each op")
+    for name, what in (("train", "train a model from data (method sft)"),
+                       ("distill", "distill a teacher into a few-step student")):
+        command = commands.add_parser(name, help=what)
+        command.add_argument("--config", help="a YAML run config (fastgen_kernels.distill.run.RunConfig)")
+        command.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.iterations=2000")
+    command = commands.add_parser("sample", help="sample a saved model")
+    command.add_argument("--model", required=True, help="a Denoiser.save_pretrained folder")
+    command.add_argument("--steps", type=int, default=1)
+    command.add_argument("--batch-size", type=int, default=16)
+    command.add_argument("--label", type=int, default=None, help="one class for all samples")
+    command.add_argument("--guidance-scale", type=float, default=1.0)
+    command.add_argument("--seed", type=int, default=0)
+    command.add_argument("--device", default=None)
+    command.add_argument("--out", default="samples.npz")
+    command.add_argument("--grid", default=None, help="also write a PNG grid here")
+    command = commands.add_parser("bench", help="run the benchmarks (a source checkout's bench/)")
+    command.add_argument("pytest_args", nargs=argparse.REMAINDER, help="passed to pytest")
+    command = commands.add_parser("demo", help="distill the shipped digits teacher and evaluate")
+    from fastgen_kernels.demo import add_arguments
+
+    add_arguments(command)
     args = parser.parse_args(argv)
     if args.command == "info":
         print(info())
+    elif args.command in ("train", "distill"):
+        return _train(args)
+    elif args.command == "sample":
+        return _sample(args)
+    elif args.command == "bench":
+        return _bench(args)
+    elif args.command == "demo":
+        from fastgen_kernels.demo import demo
+
+        return demo(args)
     return 0

@@ -143,21 +143,24 @@ class Denoiser(nn.Module):
                   "preconditioning": self.preconditioning, "time_scale": self.time_scale,
                   "time_shift": self.time_shift, "distilled": self.distilled, "null_cond": self.null_cond,
                   "shape": list(self.shape) if self.shape else None}
-        net_config = getattr(self.net, "config", None)
+        net = getattr(self.net, "module", self.net)  # inside a DDP wrapper
+        net_config = getattr(net, "config", None)
         if dataclasses.is_dataclass(net_config):
             net_config = dataclasses.asdict(net_config)
         if isinstance(net_config, dict):
-            cls = type(self.net)
+            cls = type(net)
             config["net"] = {"class": f"{cls.__module__}.{cls.__qualname__}", "config": net_config}
         return config
 
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Writes ``model.safetensors`` and ``fastgen.json`` into ``directory``."""
+    def save_pretrained(self, directory: str | os.PathLike, state_dict: dict[str, Tensor] | None = None) -> None:
+        """Writes ``model.safetensors`` and ``fastgen.json`` into ``directory``; ``state_dict``: the
+        network's weights to write instead of its own (e.g. an EMA, or gathered FSDP shards)."""
         from safetensors.torch import save_file
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous() for k, v in self.net.state_dict().items()}
+        state = self.net.state_dict() if state_dict is None else state_dict
+        state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
         save_file(state, str(directory / WEIGHTS_NAME))
         (directory / CONFIG_NAME).write_text(json.dumps(self.config(), indent=1) + "\n")
 

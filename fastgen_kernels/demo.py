@@ -1,0 +1,136 @@
+"""``fastgen-kernels demo``: the embedded default. Distill the shipped digits teacher into 1- and
+2-step students and compare them with the teacher's 50 steps.
+
+- data: scikit-learn's 1,797 8x8 handwritten digits (``pip install -e ".[demo]"``), in [-1, 1];
+- teacher: a class-conditional TrigFlow DiT (1.3M parameters) the project trained on them
+  (``fastgen_kernels/assets/digits_teacher``, made by ``fastgen-kernels train --config
+  fastgen_kernels/configs/digits_teacher.yaml``), sampled with 50 Euler steps and guidance;
+- students, both starting from the teacher's weights: DMD2 (1 step) and sCD (sCM distillation
+  with the exact JVP through the fused attention; 1 and 2 steps);
+- evaluation (:func:`fastgen_kernels.digits.evaluate`): the Frechet distance to the real digits
+  in the feature space of the shipped digit classifier, and that classifier's accuracy on the
+  class-conditional samples; wall time per image and the speedup over the teacher;
+- output folder: ``results.md`` / ``results.json`` (the table), ``grid.png`` (one row per model,
+  digits 0-9), ``samples_<model>.npz`` (samples and labels) and each student's training run.
+
+``--quick`` runs a few iterations on few samples (a smoke test of the whole path, for CI).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from fastgen_kernels.denoiser import Denoiser
+from fastgen_kernels.distill import DMD2, SCM, DMD2Config, SCMConfig
+from fastgen_kernels.distill.run import StudentConfig, build_student
+from fastgen_kernels.distill.trainer import OptimizerConfig, Trainer, TrainerConfig
+from fastgen_kernels.sampling import sample
+
+TEACHER_DIR = Path(__file__).resolve().parent / "assets" / "digits_teacher"
+GUIDANCE = 1.0   # classifier-free guidance of the teacher (its best FD), also what the students distill
+
+
+@dataclass(frozen=True)
+class Budget:
+    samples: int          # generated per model for the evaluation
+    dmd2_iterations: int
+    scm_iterations: int
+    batch_size: int
+
+
+FULL = Budget(samples=1000, dmd2_iterations=600, scm_iterations=400, batch_size=64)
+QUICK = Budget(samples=100, dmd2_iterations=10, scm_iterations=6, batch_size=16)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true", help="a few iterations and samples (smoke test)")
+    parser.add_argument("--out", default="demo_output", help="output folder")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def _distill(name: str, method, data, budget: Budget, iterations: int, out: Path, device, seed: int,
+             lr: float) -> Denoiser:
+    config = TrainerConfig(iterations=iterations, batch_size=budget.batch_size, ema_decays=(), seed=seed,
+                           output_dir=str(out / name), checkpoint_every=max(iterations, 1), keep_checkpoints=1,
+                           resume=False, log_every=max(1, iterations // 20),
+                           optimizer=OptimizerConfig(lr=lr, betas=(0.0, 0.99), clip_grad_norm=1.0))
+    Trainer(method, data, config, device=device).train()
+    return method.student.eval()
+
+
+def _timed_samples(model: Denoiser, steps: int, labels: Tensor, guidance: float, seed: int,
+                   solver: str = "auto") -> tuple[Tensor, float]:
+    """(samples, milliseconds per image); one untimed warm-up call on a small batch first."""
+    sample(model, steps, batch_size=2, cond=labels[:2], guidance_scale=guidance, seed=seed, solver=solver)
+    if labels.is_cuda:
+        torch.cuda.synchronize()
+    tic = time.perf_counter()
+    x = sample(model, steps, batch_size=len(labels), cond=labels, guidance_scale=guidance, seed=seed, solver=solver)
+    if labels.is_cuda:
+        torch.cuda.synchronize()
+    return x, 1000 * (time.perf_counter() - tic) / len(labels)
+
+
+def demo(args: argparse.Namespace) -> int:
+    from fastgen_kernels.digits import evaluate, load_classifier, load_digits
+    from fastgen_kernels.images import save_grid
+
+    budget = QUICK if args.quick else FULL
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed)
+    x, labels = load_digits("all")
+    classifier = load_classifier(device=str(device))
+    teacher = Denoiser.from_pretrained(TEACHER_DIR, device=device).eval()
+    eval_labels = torch.arange(budget.samples, device=device) % 10
+    print(f"fastgen-kernels demo: {len(x)} digits, teacher {sum(p.numel() for p in teacher.parameters()):,} "
+          f"parameters, device {device}, {'quick' if args.quick else 'full'} budget")
+
+    students = {}
+    tic = time.perf_counter()
+    dmd2 = DMD2(build_student(StudentConfig(init="teacher"), teacher, (1, 8, 8), distilled=True), teacher,
+                DMD2Config(guidance_scale=GUIDANCE, student_every=5))
+    students["DMD2"] = _distill("dmd2", dmd2, (x, labels), budget, budget.dmd2_iterations, out, device,
+                                args.seed, lr=1e-4)
+    scm = SCM(build_student(StudentConfig(init="teacher", net_overrides={"logvar_head": True}), teacher, (1, 8, 8),
+                            distilled=True), teacher,
+              SCMConfig(mode="cd", guidance_scale=GUIDANCE, warmup_iterations=budget.scm_iterations // 2))
+    students["sCD"] = _distill("scd", scm, (x, labels), budget, budget.scm_iterations, out, device, args.seed, lr=1e-4)
+    train_seconds = time.perf_counter() - tic
+
+    runs = [("teacher", teacher, 50, GUIDANCE, "euler"), ("DMD2", students["DMD2"], 1, 1.0, "auto"),
+            ("sCD", students["sCD"], 1, 1.0, "auto"), ("sCD", students["sCD"], 2, 1.0, "auto")]
+    rows, grids = [], []
+    with torch.no_grad():
+        for name, model, steps, guidance, solver in runs:
+            samples, ms = _timed_samples(model, steps, eval_labels, guidance, args.seed, solver)
+            scores = evaluate(samples, eval_labels, classifier)
+            rows.append({"model": name, "steps": steps, "fd": scores["fd"], "accuracy": scores["accuracy"],
+                         "ms_per_image": ms})
+            tag = f"{name.lower()}_{steps}step"
+            np.savez(out / f"samples_{tag}.npz", samples=samples.float().cpu().numpy(),
+                     labels=eval_labels.cpu().numpy())
+            grids.append(samples[:10].cpu())
+    teacher_ms = rows[0]["ms_per_image"]
+    for row in rows:
+        row["speedup"] = teacher_ms / row["ms_per_image"]
+    save_grid(torch.cat(grids), out / "grid.png", rows=len(grids), scale=4)
+    header = "| model | steps | FD | class accuracy | ms / image | speedup vs teacher 50 steps |\n|---|---|---|---|---|---|\n"
+    table = header + "".join(f"| {r['model']} | {r['steps']} | {r['fd']:.2f} | {100 * r['accuracy']:.1f}% | "
+                             f"{r['ms_per_image']:.3f} | {r['speedup']:.1f}x |\n" for r in rows)
+    (out / "results.md").write_text(table)
+    (out / "results.json").write_text(json.dumps({"rows": rows, "device": str(device), "quick": args.quick,
+                                                  "distillation_seconds": train_seconds}, indent=1) + "\n")
+    print(table)
+    print(f"distillation {train_seconds:.0f} s; grid {out / 'grid.png'}; samples and runs in {out}/")
+    return 0

@@ -1,0 +1,268 @@
+"""What every training method shares: the batch and its randomness, the method protocol, and the
+building blocks of METHODS.md section 3 (training times, label dropout, the denoising loss in a
+model's prediction space, guided teacher estimates, student generation, JVPs).
+
+A method is an ``nn.Module`` over its networks (a student :class:`~fastgen_kernels.Denoiser`, a
+frozen teacher, a fake score, a discriminator) with::
+
+    optimizer_names                 ("student", ...): one optimizer per trainable network
+    optimizers_at(iteration)        the names whose optimizers step at this iteration
+    training_step(batch, iteration) {name: loss to back-propagate for that optimizer, ...,
+                                     other keys: detached metrics}
+
+Randomness belongs to the batch: a :class:`Batch` draws every noise tensor for the whole global
+batch from a generator seeded by (seed, iteration, micro-batch) and keeps its own rows. So a run on
+N processes (each holding 1/N of the batch) draws exactly what a single process does, and a run
+resumed from a checkpoint draws what the uninterrupted run drew.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from fastgen_kernels import losses
+from fastgen_kernels.denoiser import Denoiser
+from fastgen_kernels.schedules import Schedule, per_sample
+
+JVP_METHODS = ("exact", "finite_difference")
+
+
+def batch_seed(seed: int, iteration: int, micro_batch: int = 0) -> int:
+    """A 63-bit seed for one (micro-)batch, well mixed (numpy's SeedSequence)."""
+    state = np.random.SeedSequence([seed, iteration, micro_batch]).generate_state(2, np.uint32)
+    return int(state[0]) << 31 | int(state[1]) >> 1
+
+
+@dataclass
+class Batch:
+    """One (micro-)batch of training data and its randomness.
+
+    x0: (B, ...) clean data; cond: (B,) labels or None. The batch holds rows
+    ``offset .. offset + B`` of a global batch of ``global_size`` rows (all processes, one
+    micro-batch); every draw is made for the global batch and sliced, so it does not depend on how
+    the global batch is split.
+    """
+
+    x0: Tensor
+    cond: Tensor | None = None
+    seed: int = 0
+    global_size: int | None = None
+    offset: int = 0
+    _generator: torch.Generator = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        B = self.x0.shape[0]
+        self.global_size = B if self.global_size is None else int(self.global_size)
+        if self.offset < 0 or self.offset + B > self.global_size:
+            raise ValueError(f"Batch: rows {self.offset}..{self.offset + B} do not fit in a global batch of "
+                             f"{self.global_size}")
+        if self.cond is not None and self.cond.shape[0] != B:
+            raise ValueError(f"Batch: cond has {self.cond.shape[0]} rows for {B} samples")
+        self._generator = torch.Generator(self.x0.device).manual_seed(self.seed)
+
+    def __len__(self) -> int:
+        return self.x0.shape[0]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of draws: fp32, or fp64 for fp64 data."""
+        return torch.float64 if self.x0.dtype == torch.float64 else torch.float32
+
+    def _rows(self, full: Tensor) -> Tensor:
+        return full[self.offset:self.offset + len(self)]
+
+    def randn(self, *shape: int) -> Tensor:
+        """Standard normal (B, *shape), fp32 (fp64 for fp64 data)."""
+        return self._rows(torch.randn((self.global_size, *shape), generator=self._generator,
+                                      device=self.x0.device, dtype=self.dtype))
+
+    def rand(self, *shape: int) -> Tensor:
+        """Uniform [0, 1) (B, *shape), fp32 (fp64 for fp64 data)."""
+        return self._rows(torch.rand((self.global_size, *shape), generator=self._generator,
+                                     device=self.x0.device, dtype=self.dtype))
+
+    def randint(self, high: int) -> Tensor:
+        """Uniform integers in [0, high), (B,)."""
+        return self._rows(torch.randint(high, (self.global_size,), generator=self._generator,
+                                        device=self.x0.device))
+
+    def randn_like(self, x: Tensor) -> Tensor:
+        """Standard normal shaped like x (B, ...), in x's dtype."""
+        return self.randn(*x.shape[1:]).to(x.dtype)
+
+
+def frozen(model: nn.Module | None) -> nn.Module | None:
+    """The model in eval mode with no parameter gradients (a teacher)."""
+    if model is not None:
+        model.requires_grad_(False).eval()
+    return model
+
+
+def trainable_copy(model: Denoiser) -> Denoiser:
+    """A deep copy with gradients on (DMD2's fake score starts as the teacher)."""
+    return copy.deepcopy(model).requires_grad_(True).train()
+
+
+class Method(nn.Module):
+    """The protocol of a training method (see the module docstring). Subclasses set ``Config`` (a
+    frozen dataclass of options), ``optimizer_names`` and ``training_step``."""
+
+    Config: ClassVar[type] = type(None)
+    optimizer_names: tuple[str, ...] = ("student",)
+    needs_teacher: ClassVar[bool] = False
+
+    def __init__(self, student: Denoiser, teacher: Denoiser | None = None, config: Any = None) -> None:
+        super().__init__()
+        name = type(self).__name__
+        if not isinstance(student, Denoiser):
+            raise TypeError(f"{name}: student must be a fastgen_kernels.Denoiser, got {type(student).__name__}")
+        if teacher is not None and not isinstance(teacher, Denoiser):
+            raise TypeError(f"{name}: teacher must be a Denoiser or None, got {type(teacher).__name__}")
+        config = self.Config() if config is None else config
+        if not isinstance(config, self.Config):
+            raise TypeError(f"{name}: config must be a {self.Config.__name__}, got {type(config).__name__}")
+        self.config = config
+        self.student = student.requires_grad_(True)
+        self.teacher = frozen(teacher)
+        if self.needs_teacher and teacher is None:
+            raise ValueError(f"{name}: this method distills a teacher; pass teacher=")
+
+    def optimizers_at(self, iteration: int) -> tuple[str, ...]:
+        """The optimizers that step at ``iteration`` (all of them by default)."""
+        return self.optimizer_names
+
+    def network(self, name: str) -> nn.Module:
+        """The module optimizer ``name`` trains (a Denoiser's network, or a plain module)."""
+        module = getattr(self, name)
+        return module.net if isinstance(module, Denoiser) else module
+
+    def wrap(self, fn: Callable[[nn.Module], nn.Module]) -> None:
+        """Replaces each trainable network by ``fn(network)`` (DDP, FSDP2)."""
+        for name in self.optimizer_names:
+            module = getattr(self, name)
+            if isinstance(module, Denoiser):
+                module.net = fn(module.net)
+            else:
+                setattr(self, name, fn(module))
+
+    def train(self, mode: bool = True) -> Method:
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()
+        return self
+
+    def training_step(self, batch: Batch, iteration: int) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    @classmethod
+    def options(cls) -> dict[str, Any]:
+        """The default options, as a dict."""
+        return dataclasses.asdict(cls.Config())
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+
+def drop_labels(model: Denoiser, batch: Batch, probability: float) -> Tensor | None:
+    """The batch's labels with each replaced by the model's ``null_cond`` with ``probability``
+    (training for classifier-free guidance); None stays None."""
+    cond = batch.cond
+    draw = batch.rand()  # drawn even when unused, so the randomness does not depend on options
+    if cond is None or probability <= 0:
+        return cond
+    if model.null_cond is None:
+        raise ValueError("label dropout needs the model's null_cond (the unconditional label)")
+    return torch.where(draw < probability, torch.full_like(cond, model.null_cond), cond)
+
+
+def noised(model: Denoiser, batch: Batch, x0: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(t, eps, x_t): t from the schedule's training distribution, x_t = alpha x0 + sigma eps."""
+    schedule = model.schedule
+    t = schedule.training_time(batch.randn())
+    eps = batch.randn_like(x0)
+    return t, eps, schedule.add_noise(x0, eps, t)
+
+
+def denoising_loss(model: Denoiser, x0: Tensor, eps: Tensor, x_t: Tensor, t: Tensor,
+                   cond: Tensor | None) -> Tensor:
+    """Denoising score matching in the model's prediction space: mean_b weight(t) * mean_D
+    (net - target)^2, with EDM's weight (t^2 + sd^2) / (t sd)^2 on the x0 estimate when
+    preconditioned; unit weight on the network output otherwise (eps, v, flow and trig_F targets
+    have unit scale already). A flow map is trained at r = t (flow matching)."""
+    if model.preconditioning == "edm":
+        sd2 = model.sigma_data ** 2
+        weight = (t * t + sd2) / (t * t * sd2)
+        return losses.denoising_loss(model.x0(x_t, t, cond), x0, weight)
+    output = model.raw(x_t, t, cond, t) if model.prediction == "mean_flow" else model.raw(x_t, t, cond)
+    return losses.denoising_loss(output, model.schedule.target(model.prediction, x0, eps, t))
+
+
+def at_teacher_point(teacher: Denoiser, schedule: Schedule, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+    """A point (x_t, t) of ``schedule`` (the student's) in the teacher's schedule: the time of equal
+    noise level sigma / alpha, x rescaled by the ratio of the alphas (unchanged when the schedules
+    are the same)."""
+    if teacher.schedule == schedule:
+        return x_t, t
+    tt = teacher.schedule.t_from_edm_sigma(schedule.edm_sigma(t)).to(t.dtype)
+    scale = teacher.schedule.alpha(per_sample(tt, x_t)) / schedule.alpha(per_sample(t, x_t))
+    return (x_t * scale).to(x_t.dtype), tt
+
+
+def teacher_x0(teacher: Denoiser, schedule: Schedule, x_t: Tensor, t: Tensor, cond: Tensor | None,
+               guidance_scale: float = 1.0) -> Tensor:
+    """The teacher's (guided) x0 estimate at a point (x_t, t) of ``schedule``."""
+    return teacher.guided_x0(*at_teacher_point(teacher, schedule, x_t, t), cond, guidance_scale)
+
+
+def student_times(model: Denoiser, steps: int, times: Sequence[float] | None = None) -> list[float]:
+    """The student's sampling times t_0 > ... > t_{steps-1} (the final 0 left out)."""
+    from fastgen_kernels.sampling import default_timesteps
+
+    times = list(times) if times else default_timesteps(model, steps, "consistency")
+    return [float(t) for t in times[:steps]]
+
+
+def generate(model: Denoiser, batch: Batch, cond: Tensor | None, times: Sequence[float]) -> Tensor:
+    """A student sample x_g for training (DMD2, LADD): one step from pure noise at t_0, or, with
+    several steps, one step from a per-sample random t_i of the student's times, where the input is
+    the batch's real data noised to t_i (x_start = alpha(t_i) x0 + sigma(t_i) z, pure noise at t_0)."""
+    x0, schedule = batch.x0, model.schedule
+    z = batch.randn_like(x0)
+    if len(times) == 1:
+        return model.x0(schedule.add_noise(torch.zeros_like(x0), z, times[0]), times[0], cond)
+    table = torch.tensor(times, device=x0.device, dtype=batch.dtype)
+    t = table[batch.randint(len(times))]
+    start = torch.where(per_sample(t, x0) == times[0], torch.zeros_like(x0), x0)
+    return model.x0(schedule.add_noise(start, z, t), t, cond)
+
+
+def jvp(fn: Callable[..., Tensor], primals: tuple[Tensor, ...], tangents: tuple[Tensor, ...],
+        method: str = "exact", step: float = 1e-3) -> tuple[Tensor, Tensor]:
+    """(fn(*primals), the directional derivative of fn along ``tangents``), no gradients.
+
+    ``exact``: forward-mode AD (``torch.func.jvp``; the fused ops carry their own JVP rules, the
+    attention's included). ``finite_difference``: (fn(p + h v) - fn(p - h v)) / 2h, combined in
+    fp64, h = ``step`` (two more evaluations; the baseline the exact JVP replaces).
+    """
+    if method not in JVP_METHODS:
+        raise ValueError(f"jvp: method must be one of {JVP_METHODS}, got {method!r}")
+    with torch.no_grad():
+        if method == "exact":
+            return torch.func.jvp(fn, primals, tangents)
+        out = fn(*primals)
+        plus = fn(*(p + step * v for p, v in zip(primals, tangents)))
+        minus = fn(*(p - step * v for p, v in zip(primals, tangents)))
+        return out, ((plus.double() - minus.double()) / (2 * step)).to(out.dtype)
+
+
+def ramp(iteration: int, iterations: int) -> float:
+    """min(1, iteration / iterations) (1 when iterations is 0): a linear warm-up factor."""
+    return 1.0 if iterations <= 0 else min(1.0, iteration / iterations)

@@ -1,0 +1,131 @@
+"""Several processes: ``torchrun --nproc_per_node=N`` with DDP or FSDP2.
+
+``init()`` joins the process group torchrun describes in the environment (nccl on GPUs, gloo on
+CPUs) and says which device this rank uses. Networks are wrapped per trainable network of a
+method: DDP (``find_unused_parameters``, since a method may leave part of a network out of a step,
+e.g. a flow map's r-embedding; buffers are constants and are not broadcast), or FSDP2
+(``fully_shard`` on every block of ``net.blocks``, then on the network). State goes through
+``torch.distributed.checkpoint.state_dict``, which gives full (unsharded) tensors for plain, DDP and
+FSDP2 modules alike, so checkpoints do not depend on the number of processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+PARALLEL = ("none", "ddp", "fsdp")
+
+
+def launched() -> bool:
+    """True under torchrun (its WORLD_SIZE and RANK are in the environment)."""
+    return "WORLD_SIZE" in os.environ and "RANK" in os.environ
+
+
+def init(device: str | None = None) -> tuple[int, int, torch.device]:
+    """(rank, world size, device) of this process; joins torchrun's process group if launched
+    and not yet joined. device: "cpu", "cuda" or None (cuda when available)."""
+    device_type = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if not launched():
+        return 0, 1, torch.device(device_type, 0) if device_type == "cuda" else torch.device(device_type)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if device_type == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local)
+        return rank, world, torch.device("cuda", local)
+    return rank, world, torch.device(device_type)
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def wrapper(kind: str, device: torch.device):
+    """The function that wraps one network for ``kind`` ("none", "ddp", "fsdp")."""
+    if kind not in PARALLEL:
+        raise ValueError(f"parallel must be one of {PARALLEL}, got {kind!r}")
+    if kind != "none" and world_size() == 1 and not dist.is_initialized():
+        raise ValueError(f"parallel={kind!r} needs a process group: launch with torchrun")
+    if kind == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        def ddp(net: nn.Module) -> nn.Module:
+            ids = [device.index] if device.type == "cuda" else None
+            return DistributedDataParallel(net, device_ids=ids, find_unused_parameters=True, broadcast_buffers=False)
+        return ddp
+    if kind == "fsdp":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh(device.type, (world_size(),))
+
+        def fsdp(net: nn.Module) -> nn.Module:
+            for block in getattr(net, "blocks", ()):
+                fully_shard(block, mesh=mesh)
+            return fully_shard(net, mesh=mesh)
+        return fsdp
+    return lambda net: net
+
+
+def unwrap(net: nn.Module) -> nn.Module:
+    """The network inside a DDP wrapper (FSDP2 shards in place: the module is the network)."""
+    return getattr(net, "module", net)
+
+
+@contextlib.contextmanager
+def no_gradient_sync(nets: Sequence[nn.Module], skip: bool) -> Iterator[None]:
+    """While ``skip``: accumulate gradients locally (micro-batches before the last)."""
+    with contextlib.ExitStack() as stack:
+        if skip:
+            for net in nets:
+                if hasattr(net, "no_sync"):                           # DDP
+                    stack.enter_context(net.no_sync())
+                elif hasattr(net, "set_requires_gradient_sync"):      # FSDP2
+                    net.set_requires_gradient_sync(False)
+                    stack.callback(net.set_requires_gradient_sync, True)
+        yield
+
+
+def model_state(net: nn.Module) -> dict[str, Tensor]:
+    """The full state dict (unsharded, no wrapper prefixes); a collective under FSDP2."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(net, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_model_state(net: nn.Module, state: dict[str, Tensor]) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(net, state, options=StateDictOptions(full_state_dict=True))
+
+
+def optimizer_state(net: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """The full optimizer state, keyed by parameter names; a collective under FSDP2."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(net, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_optimizer_state(net: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(net, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
+def all_reduce_mean(values: dict[str, Tensor]) -> dict[str, float]:
+    """The mean over processes of each scalar (one collective for all of them)."""
+    if not values:
+        return {}
+    keys = sorted(values)
+    stacked = torch.stack([values[k].detach().float().reshape(()) for k in keys])
+    if world_size() > 1:
+        dist.all_reduce(stacked)
+        stacked /= world_size()
+    return dict(zip(keys, stacked.tolist()))

@@ -1,0 +1,120 @@
+"""A training run from one config: data, teacher, student, method and trainer (``fastgen-kernels
+train`` and ``distill``).
+
+The config is a tree of frozen dataclasses (:class:`RunConfig`), loaded from YAML with dotted
+command-line overrides (``trainer.iterations=2000 method_options.guidance_scale=2``) by
+:func:`fastgen_kernels.config.load`, and written back, resolved, as ``config.yaml`` next to the
+checkpoints. The student either starts from scratch (``student.net``: a reference-DiT config) or,
+when distilling, from the teacher's weights (``student.init: teacher``), with
+``student.net_overrides`` for what the method adds (``logvar_head`` for sCM, ``second_time`` for
+MeanFlow: the new layers start from their own initialization).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from fastgen_kernels.config import from_dict
+from fastgen_kernels.denoiser import Denoiser
+from fastgen_kernels.distill import METHODS
+from fastgen_kernels.distill.trainer import Trainer, TrainerConfig
+from fastgen_kernels.models.dit import DiT, DiTConfig
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = "digits"        # "digits" (scikit-learn's 8x8 digits) or a .pt / .safetensors file
+    #   holding "x" (N, ...) and optionally "labels" (N,)
+
+
+@dataclass(frozen=True)
+class StudentConfig:
+    init: Literal["scratch", "teacher"] = "scratch"
+    net: DiTConfig = field(default_factory=DiTConfig)          # used from scratch
+    net_overrides: dict[str, Any] = field(default_factory=dict)  # on the teacher's net config
+    schedule: str | None = None     # default: the teacher's (from scratch: "edm")
+    prediction: str | None = None   # default: the teacher's (from scratch: "x0")
+    sigma_data: float = 0.5         # from scratch
+    preconditioning: str | None = None
+    time_scale: float = 1.0
+    null_cond: int | None = None    # default: net.num_classes when class-conditional
+    shape: tuple[int, ...] | None = None   # default: the data's
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    method: str = "sft"
+    method_options: dict[str, Any] = field(default_factory=dict)
+    teacher: str | None = None      # a Denoiser.save_pretrained folder
+    student: StudentConfig = field(default_factory=StudentConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    device: str | None = None       # default: cuda when available
+
+
+def load_data(config: DataConfig) -> tuple[Tensor, Tensor | None]:
+    """(x (N, ...), labels (N,) or None)."""
+    if config.source == "digits":
+        from fastgen_kernels.digits import load_digits
+
+        return load_digits("all")
+    path = Path(config.source)
+    if not path.exists():
+        raise FileNotFoundError(f"data.source: {path} does not exist (expected 'digits' or a .pt/.safetensors file)")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(path))
+    else:
+        tensors = torch.load(path, map_location="cpu", weights_only=True)
+    if "x" not in tensors:
+        raise ValueError(f"data.source: {path} must hold a tensor 'x' (N, ...), found {sorted(tensors)}")
+    return tensors["x"].float(), tensors.get("labels")
+
+
+def build_student(config: StudentConfig, teacher: Denoiser | None, data_shape: tuple[int, ...],
+                  distilled: bool) -> Denoiser:
+    if config.init == "teacher":
+        if teacher is None:
+            raise ValueError("student.init='teacher' needs a teacher")
+        net_config = dataclasses.replace(teacher.net.config, **config.net_overrides)
+        net = DiT(net_config)
+        missing, unexpected = net.load_state_dict(teacher.net.state_dict(), strict=False)
+        if unexpected:
+            raise ValueError(f"student.net_overrides drop teacher weights: {unexpected}")
+        schedule, prediction = teacher.schedule, teacher.prediction
+        preconditioning, time_scale = teacher.preconditioning, teacher.time_scale
+        null_cond, shape = teacher.null_cond, teacher.shape
+    else:
+        net = DiT(dataclasses.replace(config.net, **config.net_overrides))
+        schedule, prediction = config.schedule or "edm", config.prediction or "x0"
+        preconditioning, time_scale = config.preconditioning, config.time_scale
+        null_cond, shape = config.null_cond, data_shape
+        if null_cond is None and net.config.num_classes:
+            null_cond = net.config.num_classes
+    return Denoiser(net, schedule if config.schedule is None else config.schedule,
+                    prediction if config.prediction is None else config.prediction, config.sigma_data,
+                    preconditioning=preconditioning, time_scale=time_scale, distilled=distilled,
+                    null_cond=null_cond, shape=config.shape or shape)
+
+
+def run(config: RunConfig) -> Path:
+    """Trains as configured; returns the output folder."""
+    if config.method not in METHODS:
+        raise ValueError(f"method must be one of {sorted(METHODS)}, got {config.method!r}")
+    method_cls = METHODS[config.method]
+    options = from_dict(method_cls.Config, config.method_options)
+    x, labels = load_data(config.data)
+    teacher = Denoiser.from_pretrained(config.teacher) if config.teacher else None
+    if method_cls.needs_teacher and teacher is None:
+        raise ValueError(f"method {config.method!r} distills a teacher: set teacher=<folder>")
+    student = build_student(config.student, teacher, tuple(x.shape[1:]), distilled=config.method != "sft")
+    method = method_cls(student, teacher, options)
+    Trainer(method, (x, labels), config.trainer, device=config.device, config_record=config).train()
+    return Path(config.trainer.output_dir)

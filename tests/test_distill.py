@@ -1,0 +1,191 @@
+"""The training methods (fastgen_kernels.distill): randomness, building blocks, each method's step
+(finite losses, the right parameters change, the teacher never does), and learning on a 2-D
+mixture of Gaussians where a 1-step student must put its samples on the modes."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+import fastgen_kernels as fk
+from fastgen_kernels.distill import (CM, DMD2, LADD, SCM, SFT, Batch, CMConfig, DMD2Config, FDistill,
+                                     FDistillConfig, LADDConfig, MeanFlow, MeanFlowConfig, SCMConfig, SFTConfig)
+from fastgen_kernels.distill.base import jvp, teacher_x0
+from fastgen_kernels.distill.trainer import OptimizerConfig, Trainer, TrainerConfig
+from toy import ToyNet, mixture, near_modes
+
+DATA = mixture(4096)
+
+
+def toy(schedule="trig", prediction="trig_F", **kw) -> fk.Denoiser:
+    return fk.Denoiser(ToyNet(), schedule, prediction, sigma_data=1.0, null_cond=4, shape=(2,), **kw)
+
+
+def trainer(method, tmp_path, lr=1e-3, betas=(0.9, 0.999), labels=True, **kw) -> Trainer:
+    config = TrainerConfig(batch_size=kw.pop("batch_size", 128), output_dir=str(tmp_path), progress=False,
+                           ema_decays=kw.pop("ema_decays", ()), resume=False,
+                           optimizer=OptimizerConfig(lr=lr, betas=betas), **kw)
+    return Trainer(method, (DATA[0], DATA[1] if labels else None), config)
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory) -> fk.Denoiser:
+    """An unconditional toy teacher trained by SFT (its 50-step samples sit on the modes)."""
+    torch.manual_seed(0)
+    model = toy()
+    run = trainer(SFT(model, config=SFTConfig(cond_dropout=0.0)), tmp_path_factory.mktemp("teacher"), lr=2e-3,
+                  labels=False, batch_size=256, iterations=500)
+    losses = [run.step(i)["loss"].item() for i in range(500)]
+    assert sum(losses[-50:]) < 0.5 * sum(losses[:50])
+    return model.eval()
+
+
+def student_of(teacher: fk.Denoiser, **kw) -> fk.Denoiser:
+    student = copy.deepcopy(teacher).requires_grad_(True).train()
+    student.distilled = True
+    return student
+
+
+# --------------------------------------------------------------------------- building blocks
+
+
+def test_batch_draws_do_not_depend_on_how_the_batch_is_split():
+    x = torch.randn(8, 3)
+    whole = Batch(x, seed=5)
+    halves = [Batch(x[:4], seed=5, global_size=8), Batch(x[4:], seed=5, global_size=8, offset=4)]
+    for draw in (lambda b: b.randn(3), lambda b: b.rand(), lambda b: b.randint(7)):
+        torch.testing.assert_close(torch.cat([draw(h) for h in halves]), draw(whole), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="global batch"):
+        Batch(x, global_size=4)
+    with pytest.raises(ValueError, match="cond"):
+        Batch(x, torch.zeros(3, dtype=torch.long))
+
+
+@pytest.mark.parametrize("name, p_mean, p_std", [("edm", -1.2, 1.2), ("trig", -1.0, 1.4), ("rf", 0.0, 1.0)])
+def test_training_times_are_log_normal_in_the_edm_noise_level(name, p_mean, p_std):
+    schedule = fk.schedules.get_schedule(name)
+    normal = torch.randn(200_000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    t = schedule.training_time(normal)
+    assert t.min() >= schedule.t_min and t.max() <= schedule.t_max
+    log_sigma = torch.log(schedule.edm_sigma(t))
+    inside = (t > schedule.t_min) & (t < schedule.t_max)   # the clamped tails aside
+    torch.testing.assert_close(log_sigma[inside], (normal * p_std + p_mean)[inside], rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("name, prediction", [("edm", "eps"), ("vp", "v"), ("rf", "flow"), ("trig", "trig_F"),
+                                              ("edm", "x0"), ("rf", "mean_flow")])
+def test_target_is_what_from_x0_gives_at_the_noised_point(name, prediction):
+    schedule = fk.schedules.get_schedule(name)
+    x0, eps = torch.randn(2, 5, 3, dtype=torch.float64).unbind(0)
+    t = torch.rand(5, dtype=torch.float64) * 0.8 + 0.1
+    x_t = schedule.add_noise(x0, eps, t)
+    torch.testing.assert_close(schedule.target(prediction, x0, eps, t), schedule.from_x0(prediction, x0, x_t, t))
+
+
+def test_teacher_x0_moves_points_between_schedules(teacher):
+    """An rf point asks the trig teacher at the time of the same noise level, rescaled."""
+    x0 = torch.randn(6, 2)
+    eps = torch.randn(6, 2)
+    t = torch.rand(6) * 0.8 + 0.1
+    rf = fk.schedules.get_schedule("rf")
+    x_rf = rf.add_noise(x0, eps, t)
+    tt = torch.atan(t / (1 - t))                       # sigma_data 1: edm sigma = tan tt = t / (1 - t)
+    x_trig = x_rf * (torch.cos(tt) / (1 - t))[:, None]
+    with torch.no_grad():
+        torch.testing.assert_close(teacher_x0(teacher, rf, x_rf, t, None), teacher.x0(x_trig, tt), rtol=1e-4, atol=1e-5)
+
+
+def test_exact_jvp_matches_finite_differences():
+    net = fk.Denoiser(ToyNet().double(), "trig", "trig_F")
+    x, v = torch.randn(2, 4, 2, dtype=torch.float64).unbind(0)
+    t = torch.rand(4, dtype=torch.float64) + 0.2
+
+    def fn(a, s):
+        return net.raw(a, s)
+
+    out, exact = jvp(fn, (x, t), (v, torch.ones_like(t)))
+    _, fd = jvp(fn, (x, t), (v, torch.ones_like(t)), "finite_difference", 1e-5)
+    torch.testing.assert_close(exact, fd, rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(out, fn(x, t))
+    with pytest.raises(ValueError, match="method"):
+        jvp(fn, (x, t), (v, t), "forward")
+
+
+# --------------------------------------------------------------------------- each method's step
+
+def _methods(teacher):
+    trig = lambda **kw: student_of(teacher)
+    yield "sft", SFT(toy()), ("student",)
+    yield "cm-ct", CM(toy()), ("student",)
+    yield "cm-cd", CM(trig(), teacher, CMConfig(mode="cd", guidance_scale=1.5)), ("student",)
+    scm_student = toy()
+    yield "scm-cd", SCM(scm_student, teacher, SCMConfig(guidance_scale=1.5, warmup_iterations=2)), ("student",)
+    yield "scm-ct-fd", SCM(toy(), config=SCMConfig(mode="ct", jvp="finite_difference")), ("student",)
+    mean_flow = lambda: toy("rf", "mean_flow")
+    yield "meanflow-data", MeanFlow(mean_flow()), ("student",)
+    yield "meanflow-distill", MeanFlow(mean_flow(), teacher, MeanFlowConfig(mode="distill")), ("student",)
+    yield "dmd2", DMD2(trig(), teacher, DMD2Config(student_every=2)), ("student",)
+    yield "dmd2-gan", DMD2(trig(), teacher, DMD2Config(student_every=2, gan_weight=0.1, r1_weight=0.1,
+                                                        student_steps=2)), ("student",)
+    yield "f-distill", FDistill(trig(), teacher, FDistillConfig(student_every=2, divergence="kl")), ("student",)
+    yield "ladd", LADD(trig(), teacher, LADDConfig()), ("student",)
+
+
+METHOD_NAMES = ["sft", "cm-ct", "cm-cd", "scm-cd", "scm-ct-fd", "meanflow-data", "meanflow-distill", "dmd2",
+                "dmd2-gan", "f-distill", "ladd"]
+
+
+@pytest.mark.parametrize("name", METHOD_NAMES)
+def test_each_step_changes_only_the_networks_that_step(name, teacher, tmp_path):
+    method = next(m for n, m, _ in _methods(teacher) if n == name)
+    teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    run = trainer(method, tmp_path, iterations=4)
+    for iteration in range(4):
+        names = method.optimizers_at(iteration)
+        before = {n: [p.detach().clone() for p in method.network(n).parameters()] for n in method.optimizer_names}
+        metrics = run.step(iteration)
+        assert all(math.isfinite(v.item()) for v in metrics.values()), metrics
+        for n in method.optimizer_names:
+            changed = any(not torch.equal(a, p) for a, p in zip(before[n], method.network(n).parameters()))
+            assert changed == (n in names), (iteration, n, names)
+    for key, value in teacher.state_dict().items():
+        assert torch.equal(value, teacher_before[key]), key
+    assert all(not p.requires_grad for p in teacher.parameters())
+
+
+def test_two_time_scales_and_optimizer_sets(teacher):
+    dmd2 = DMD2(student_of(teacher), teacher, DMD2Config(student_every=5, gan_weight=0.01))
+    assert dmd2.optimizer_names == ("student", "fake_score", "discriminator")
+    assert [dmd2.optimizers_at(i) for i in range(3)] == [("student",), ("fake_score", "discriminator"),
+                                                          ("fake_score", "discriminator")]
+    assert DMD2(student_of(teacher), teacher).optimizer_names == ("student", "fake_score")
+    assert FDistill(student_of(teacher), teacher).optimizer_names[-1] == "discriminator"
+    assert LADD(student_of(teacher), teacher).optimizers_at(1) == ("discriminator",)
+
+
+def test_bad_configurations_are_refused(teacher):
+    with pytest.raises(ValueError, match="teacher"):
+        DMD2(toy())
+    with pytest.raises(ValueError, match="trig"):
+        SCM(toy("edm", "x0"))
+    with pytest.raises(ValueError, match="mean_flow"):
+        MeanFlow(toy())
+    with pytest.raises(ValueError, match="cd"):
+        CM(toy(), config=CMConfig(mode="cd"))
+    with pytest.raises(TypeError, match="config"):
+        SFT(toy(), config=CMConfig())
+    with pytest.raises(TypeError, match="student"):
+        SFT(ToyNet())
+    with pytest.raises(ValueError, match="student_every"):
+        LADD(toy(), teacher, LADDConfig(student_every=1))
+
+
+# --------------------------------------------------------------------------- learning
+
+
+def test_the_teacher_samples_the_modes_and_its_one_step_does_not(teacher):
+    assert near_modes(fk.sample(teacher, 50, batch_size=1000, seed=0, solver="euler")) > 0.95
+    assert near_modes(fk.sample(teacher, 1, batch_size=1000, seed=0, solver="consistency")) < 0.1
