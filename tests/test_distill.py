@@ -5,7 +5,9 @@ mixture of Gaussians where a 1-step student must put its samples on the modes.""
 from __future__ import annotations
 
 import copy
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -189,3 +191,135 @@ def test_bad_configurations_are_refused(teacher):
 def test_the_teacher_samples_the_modes_and_its_one_step_does_not(teacher):
     assert near_modes(fk.sample(teacher, 50, batch_size=1000, seed=0, solver="euler")) > 0.95
     assert near_modes(fk.sample(teacher, 1, batch_size=1000, seed=0, solver="consistency")) < 0.1
+
+
+def _one_step_modes_after(method, tmp_path, iterations, lr=3e-4) -> tuple[float, float]:
+    """near_modes of the student's 1-step samples before and after ``iterations`` of training."""
+    before = near_modes(fk.sample(method.student, 1, batch_size=1000, seed=0))
+    run = trainer(method, tmp_path, lr=lr, betas=(0.0, 0.99), labels=False, batch_size=256)
+    for iteration in range(iterations):
+        run.step(iteration)
+    return before, near_modes(fk.sample(method.student.eval(), 1, batch_size=1000, seed=0))
+
+
+@pytest.mark.parametrize("name, make, floor", [
+    ("dmd2", lambda t: DMD2(student_of(t), t, DMD2Config(student_every=3)), 0.4),
+    ("f-distill", lambda t: FDistill(student_of(t), t, FDistillConfig(student_every=3)), 0.4),
+    ("ladd", lambda t: LADD(student_of(t), t), 0.5),
+])
+def test_a_one_step_student_learns_to_place_samples_on_the_modes(name, make, floor, teacher, tmp_path):
+    before, after = _one_step_modes_after(make(teacher), tmp_path, 300)
+    assert before < 0.1 and after > floor, (before, after)
+
+
+@pytest.mark.parametrize("name, make, floor", [
+    ("cm-cd", lambda t: CM(student_of(t), t, CMConfig(mode="cd", stage_iterations=50)), 0.15),
+    ("scm-cd", lambda t: SCM(student_of(t), t, SCMConfig(warmup_iterations=100)), 0.05),
+])
+def test_consistency_distillation_moves_one_step_samples_toward_the_modes(name, make, floor, teacher, tmp_path):
+    before, after = _one_step_modes_after(make(teacher), tmp_path, 300, lr=1e-4)
+    assert before < 0.01 and after > floor, (before, after)
+
+
+def test_meanflow_from_data_lowers_its_squared_error(tmp_path):
+    torch.manual_seed(1)
+    method = MeanFlow(toy("rf", "mean_flow"), config=MeanFlowConfig(p=0.0))   # p = 0: the loss is e itself
+    run = trainer(method, tmp_path, lr=2e-3, labels=False, batch_size=256)
+    losses = [run.step(i)["loss"].item() for i in range(150)]
+    assert sum(losses[-30:]) < 0.8 * sum(losses[:30])
+
+
+# --------------------------------------------------------------------------- the trainer
+
+
+def test_learning_rate_warm_up_and_decay():
+    from fastgen_kernels.distill.trainer import learning_rate_factor as f
+
+    config = OptimizerConfig(warmup_iterations=10, decay="cosine", min_lr_ratio=0.1)
+    assert f(config, 0, 110) == pytest.approx(0.1) and f(config, 9, 110) == pytest.approx(1.0)
+    assert f(config, 10, 110) == pytest.approx(1.0) and f(config, 60, 110) == pytest.approx(0.55)
+    assert f(config, 110, 110) == pytest.approx(0.1)
+    linear = OptimizerConfig(decay="linear")
+    assert f(linear, 50, 100) == pytest.approx(0.5)
+    assert f(OptimizerConfig(), 99, 100) == 1.0
+
+
+def test_gradient_accumulation_equals_one_large_batch(tmp_path):
+    states = []
+    for accumulation in (1, 4):
+        torch.manual_seed(3)
+        model = toy()
+        run = trainer(SFT(model), tmp_path / str(accumulation), batch_size=64, grad_accumulation=accumulation)
+        losses = [run.step(i)["loss"].item() for i in range(3)]
+        states.append((losses, [p.detach().clone() for p in model.parameters()]))
+    torch.testing.assert_close(states[0][0], states[1][0], rtol=1e-5, atol=1e-6)
+    for a, b in zip(states[0][1], states[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def _run(tmp_path, iterations, resume, method_seed=4):
+    torch.manual_seed(method_seed)
+    teacher = toy().eval()
+    method = DMD2(student_of(teacher), teacher, DMD2Config(student_every=2, gan_weight=0.05))
+    config = TrainerConfig(iterations=iterations, batch_size=32, output_dir=str(tmp_path), progress=False,
+                           checkpoint_every=4, log_every=1, resume=resume, ema_decays=(0.9, 0.99),
+                           optimizer=OptimizerConfig(name="radam", lr=1e-3))
+    return Trainer(method, DATA, config).train(), method
+
+
+def test_resume_continues_the_same_trajectory(tmp_path):
+    full, method_full = _run(tmp_path / "full", 12, resume=False)
+    _run(tmp_path / "split", 8, resume=False)
+    rest, method_rest = _run(tmp_path / "split", 12, resume=True, method_seed=99)   # other initial weights
+    strip = lambda records: [{k: v for k, v in r.items() if k != "seconds"} for r in records]
+    assert strip(rest) == strip(full[8:])
+    for a, b in zip(method_full.state_dict().values(), method_rest.state_dict().values()):
+        assert torch.equal(a, b)
+    lines = (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["iteration"] for line in lines] == list(range(12))
+    for folder in ("student", "student_ema0.9", "student_ema0.99"):
+        loaded = fk.Denoiser.from_pretrained(tmp_path / "split" / folder, net=ToyNet())
+        assert loaded.schedule.name == "trig" and loaded.distilled
+
+
+KILLED_RUN = r"""
+import sys, time
+sys.path.insert(0, {tests!r})
+import torch
+from toy import ToyNet, mixture
+import fastgen_kernels as fk
+from fastgen_kernels.distill import SFT
+from fastgen_kernels.distill.trainer import OptimizerConfig, Trainer, TrainerConfig
+
+torch.manual_seed(0)
+model = fk.Denoiser(ToyNet(), "trig", "trig_F", sigma_data=1.0, null_cond=4, shape=(2,))
+config = TrainerConfig(iterations=60, batch_size=64, output_dir=sys.argv[1], progress=False, checkpoint_every=5,
+                       log_every=1, ema_decays=(0.99,), optimizer=OptimizerConfig(lr=1e-3, decay="cosine"))
+trainer = Trainer(SFT(model), mixture(512), config)
+step = trainer.step
+trainer.step = lambda i: (time.sleep(float(sys.argv[2])), step(i))[1]   # slow enough to be killed mid-run
+trainer.train()
+"""
+
+
+def test_a_killed_run_resumes_where_its_last_checkpoint_left_off(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "run.py"
+    script.write_text(KILLED_RUN.format(tests=str(Path(__file__).parent)))
+    subprocess.run([sys.executable, str(script), str(tmp_path / "full"), "0"], check=True)
+    victim = subprocess.Popen([sys.executable, str(script), str(tmp_path / "killed"), "0.05"])
+    checkpoint = tmp_path / "killed" / "checkpoints" / "checkpoint-00000020.safetensors"
+    deadline = time.time() + 120
+    while not checkpoint.exists() and victim.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    victim.kill()
+    victim.wait()
+    logged = (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()
+    assert 20 <= len(logged) < 60, "the run was not interrupted mid-way"
+    subprocess.run([sys.executable, str(script), str(tmp_path / "killed"), "0"], check=True)
+    read = lambda run: [{k: v for k, v in json.loads(line).items() if k != "seconds"}
+                        for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+    assert read("killed") == read("full")

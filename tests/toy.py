@@ -62,7 +62,7 @@ class ToyNet(nn.Module):
         c = c + self.label(cond)
         if r is not None:
             c = c + self.r_time(_features(t - r.reshape(-1).expand(x.shape[0])))
-        h = self.inp(x.float())
+        h = self.inp(x.to(self.inp.weight.dtype))
         for block in self.blocks:
             h = block(h, c)
         out = self.out(h).to(x.dtype)

@@ -244,6 +244,17 @@ def generate(model: Denoiser, batch: Batch, cond: Tensor | None, times: Sequence
     return model.x0(schedule.add_noise(start, z, t), t, cond)
 
 
+def unwrapped(model: Denoiser) -> Denoiser:
+    """The Denoiser over the network inside a DDP wrapper (a shallow view sharing the weights), for
+    evaluations with no gradient, such as the JVPs: DDP's output hook has no forward-mode rule."""
+    inner = getattr(model.net, "module", None)
+    if inner is None:
+        return model
+    view = copy.copy(model)
+    view._modules = {**model._modules, "net": inner}
+    return view
+
+
 def jvp(fn: Callable[..., Tensor], primals: tuple[Tensor, ...], tangents: tuple[Tensor, ...],
         method: str = "exact", step: float = 1e-3) -> tuple[Tensor, Tensor]:
     """(fn(*primals), the directional derivative of fn along ``tangents``), no gradients.

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from fastgen_kernels import losses
-from fastgen_kernels.distill.base import Batch, Method, drop_labels, jvp, teacher_x0
+from fastgen_kernels.distill.base import Batch, Method, drop_labels, jvp, teacher_x0, unwrapped
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,8 @@ class MeanFlow(Method):
             with torch.no_grad():
                 v = model.schedule.velocity(teacher_x0(self.teacher, model.schedule, x_t, t, cond,
                                                        cfg.guidance_scale), x_t, t)
-        _, J = jvp(lambda x, s: model.raw(x, s, cond, r), (x_t, t), (v, torch.ones_like(t)), cfg.jvp, cfg.fd_step)
+        inner = unwrapped(model)
+        _, J = jvp(lambda x, s: inner.raw(x, s, cond, r), (x_t, t), (v, torch.ones_like(t)), cfg.jvp, cfg.fd_step)
         u = model.raw(x_t, t, cond, r)
         loss = losses.meanflow_loss(u, v, J, t, r, cfg.p, cfg.c)
         return {"student": loss, "loss": loss.detach()}

@@ -12,6 +12,7 @@ FSDP2 modules alike, so checkpoints do not depend on the number of processes.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 from collections.abc import Iterator, Sequence
 
@@ -56,9 +57,13 @@ def wrapper(kind: str, device: torch.device):
     if kind == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
+        # buffers (position tables) are constants: no broadcast before each forward
+        no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in
+                          inspect.signature(DistributedDataParallel).parameters else {"broadcast_buffers": False})
+
         def ddp(net: nn.Module) -> nn.Module:
             ids = [device.index] if device.type == "cuda" else None
-            return DistributedDataParallel(net, device_ids=ids, find_unused_parameters=True, broadcast_buffers=False)
+            return DistributedDataParallel(net, device_ids=ids, find_unused_parameters=True, **no_buffer_sync)
         return ddp
     if kind == "fsdp":
         from torch.distributed.device_mesh import init_device_mesh
@@ -117,6 +122,11 @@ def load_optimizer_state(net: nn.Module, optimizer: torch.optim.Optimizer, state
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     set_optimizer_state_dict(net, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
+def replicated(value: Tensor) -> Tensor:
+    """A plain tensor of the value (an FSDP2 gradient norm is a DTensor: its full value)."""
+    return value.full_tensor() if hasattr(value, "full_tensor") else value
 
 
 def all_reduce_mean(values: dict[str, Tensor]) -> dict[str, float]:

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from fastgen_kernels import losses
-from fastgen_kernels.distill.base import Batch, Method, drop_labels, jvp, noised, ramp, teacher_x0
+from fastgen_kernels.distill.base import Batch, Method, drop_labels, jvp, noised, ramp, teacher_x0, unwrapped
 from fastgen_kernels.schedules import per_sample
 
 
@@ -63,7 +63,8 @@ class SCM(Method):
             else:
                 x0_teacher = teacher_x0(self.teacher, schedule, x_t, t, cond, cfg.guidance_scale)
                 dxt_dt = schedule.velocity(x0_teacher, x_t, t)
-        F_minus, J = jvp(lambda x, s: model.raw(x, s, cond), (x_t, t),
+        inner = unwrapped(model)
+        F_minus, J = jvp(lambda x, s: inner.raw(x, s, cond), (x_t, t),
                          ((cos * sin * dxt_dt).to(x_t.dtype), torch.cos(t) * torch.sin(t)), cfg.jvp, cfg.fd_step)
         F, logvar = model.raw(x_t, t, cond, return_logvar=True)
         loss = losses.scm_loss(F, F_minus, dxt_dt, J, x_t, t, logvar, sd, ramp(iteration, cfg.warmup_iterations),

@@ -179,7 +179,7 @@ class Trainer:
             if cfg.optimizer.clip_grad_norm is not None:
                 norm = torch.nn.utils.clip_grad_norm_(self.optimizers[name].param_groups[0]["params"],
                                                       cfg.optimizer.clip_grad_norm)
-                metrics[f"grad_norm/{name}"] = norm.detach().float()
+                metrics[f"grad_norm/{name}"] = parallel.replicated(norm.detach()).float()
             self.optimizers[name].step()
         for optimizer in self.optimizers.values():  # the generator's GAN loss reaches the discriminator too
             optimizer.zero_grad(set_to_none=True)
@@ -273,16 +273,17 @@ class Trainer:
         groups: dict[str, dict[str, Tensor]] = {}
         meta: dict[str, Any] = {"iteration": iteration, "config": self.config_record,
                                 "ema_decays": list(self.ema.decays) if self.ema else [], "optimizers": {}}
+        optimizer_states = {}
         for name in self.names:
             net = self.method.network(name)
             groups[f"model.{name}"] = parallel.model_state(net)
-            tensors, opt_meta = ckpt.optimizer_to_tensors(parallel.optimizer_state(net, self.optimizers[name]))
-            groups[f"optimizer.{name}"] = tensors
-            meta["optimizers"][name] = opt_meta
+            optimizer_states[name] = parallel.optimizer_state(net, self.optimizers[name])
         groups.update(self._ema_states())
         rng, meta["rng"] = ckpt.rng_state()
         groups["rng"] = rng
-        if self.rank == 0:
+        if self.rank == 0:  # the gathered states are on process 0 only
+            for name, state in optimizer_states.items():
+                groups[f"optimizer.{name}"], meta["optimizers"][name] = ckpt.optimizer_to_tensors(state)
             directory = self.out / "checkpoints"
             ckpt.save_checkpoint(ckpt.checkpoint_path(directory, iteration), groups, meta)
             ckpt.prune_checkpoints(directory, self.config.keep_checkpoints)

@@ -1,0 +1,76 @@
+"""Several processes: torchrun with 2 CPU processes (gloo), DDP and FSDP2, against one process on
+the same global batch: the same losses and the same weights, within reduction-order round-off."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+RUN = r"""
+import json, sys
+sys.path.insert(0, {tests!r})
+import torch
+from toy import ToyNet, mixture
+import fastgen_kernels as fk
+from fastgen_kernels.distill import DMD2, SCM, DMD2Config, SCMConfig
+from fastgen_kernels.distill.trainer import OptimizerConfig, Trainer, TrainerConfig
+from fastgen_kernels.distill.parallel import model_state
+
+method_name, parallel, out = sys.argv[1:4]
+torch.manual_seed(0)
+den = lambda net: fk.Denoiser(net, "trig", "trig_F", sigma_data=1.0, null_cond=4, shape=(2,))
+teacher = den(ToyNet()).eval()
+if method_name == "dmd2":
+    method = DMD2(den(ToyNet()), teacher, DMD2Config(student_every=2, gan_weight=0.1))
+else:
+    method = SCM(den(ToyNet()), teacher, SCMConfig(warmup_iterations=2))
+config = TrainerConfig(iterations=6, batch_size=32, grad_accumulation=2, output_dir=out, progress=False,
+                       checkpoint_every=3, log_every=1, parallel=parallel, ema_decays=(0.9,),
+                       optimizer=OptimizerConfig(lr=1e-3))
+trainer = Trainer(method, mixture(256), config, device="cpu")
+records = trainer.train()
+state = model_state(method.network("student"))
+if trainer.rank == 0:
+    torch.save(state, out + "/student.pt")
+    with open(out + "/records.json", "w") as f:
+        json.dump(records, f)
+"""
+
+
+def _launch(tmp_path: Path, method: str, parallel: str) -> tuple[list, dict]:
+    script = tmp_path / "run.py"
+    script.write_text(RUN.format(tests=str(Path(__file__).parent)))
+    out = tmp_path / f"{method}-{parallel}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("TRITON_INTERPRET", None)
+    command = [sys.executable, str(script), method, parallel, str(out)]
+    if parallel != "none":
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                   *command[1:]]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    records = json.loads((out / "records.json").read_text())
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in records], torch.load(out / "student.pt")
+
+
+@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                    reason="needs torch.distributed with gloo")
+@pytest.mark.parametrize("method", ["dmd2", "scm"])
+def test_two_processes_match_one(method, tmp_path):
+    single_records, single_state = _launch(tmp_path, method, "none")
+    for parallel in ("ddp", "fsdp"):
+        records, state = _launch(tmp_path, method, parallel)
+        assert [r["iteration"] for r in records] == [r["iteration"] for r in single_records]
+        for a, b in zip(records, single_records):
+            assert a.keys() == b.keys()
+            for key in a:
+                assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (parallel, a["iteration"], key)
+        assert state.keys() == single_state.keys()
+        for key in state:
+            torch.testing.assert_close(state[key], single_state[key], rtol=1e-4, atol=1e-5, msg=f"{parallel} {key}")
