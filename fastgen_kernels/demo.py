@@ -46,7 +46,7 @@ class Budget:
     batch_size: int
 
 
-FULL = Budget(samples=1000, dmd2_iterations=600, scm_iterations=400, batch_size=64)
+FULL = Budget(samples=1000, dmd2_iterations=1800, scm_iterations=400, batch_size=64)
 QUICK = Budget(samples=100, dmd2_iterations=10, scm_iterations=6, batch_size=16)
 
 
@@ -99,9 +99,9 @@ def demo(args: argparse.Namespace) -> int:
     students = {}
     tic = time.perf_counter()
     dmd2 = DMD2(build_student(StudentConfig(init="teacher"), teacher, (1, 8, 8), distilled=True), teacher,
-                DMD2Config(guidance_scale=GUIDANCE, student_every=5))
+                DMD2Config(guidance_scale=GUIDANCE, student_every=3))
     students["DMD2"] = _distill("dmd2", dmd2, (x, labels), budget, budget.dmd2_iterations, out, device,
-                                args.seed, lr=1e-4)
+                                args.seed, lr=2e-4)
     scm = SCM(build_student(StudentConfig(init="teacher", net_overrides={"logvar_head": True}), teacher, (1, 8, 8),
                             distilled=True), teacher,
               SCMConfig(mode="cd", guidance_scale=GUIDANCE, warmup_iterations=budget.scm_iterations // 2))

@@ -26,3 +26,48 @@ def test_module_entry_point_runs():
 def test_console_script_runs():
     out = subprocess.run(["fastgen-kernels", "info"], capture_output=True, text=True, check=True).stdout
     assert "backend" in out
+
+
+def test_train_distill_and_sample_from_the_command_line(tmp_path):
+    """train (SFT, YAML + dotted overrides) -> distill (DMD2 from it) -> sample, on a tiny DiT and
+    random 8x8 data; every run writes its resolved config next to its checkpoints."""
+    import numpy as np
+    import torch
+    import yaml
+
+    import fastgen_kernels as fk
+
+    torch.save({"x": torch.randn(64, 1, 8, 8), "labels": torch.randint(0, 3, (64,))}, tmp_path / "data.pt")
+    config = {"student": {"net": {"input_size": 8, "in_channels": 1, "hidden_size": 32, "depth": 2,
+                                  "num_heads": 2, "num_classes": 3}, "schedule": "trig", "prediction": "trig_F"},
+              "data": {"source": str(tmp_path / "data.pt")},
+              "trainer": {"iterations": 100, "batch_size": 16, "progress": False, "checkpoint_every": 2},
+              "device": "cpu"}
+    (tmp_path / "teacher.yaml").write_text(yaml.safe_dump(config))
+    teacher = tmp_path / "teacher"
+    assert cli.main(["train", "--config", str(tmp_path / "teacher.yaml"), "trainer.iterations=3",
+                     f"trainer.output_dir={teacher}", "trainer.optimizer.lr=1e-3"]) == 0
+    resolved = yaml.safe_load((teacher / "config.yaml").read_text())
+    assert resolved["trainer"]["iterations"] == 3 and resolved["trainer"]["optimizer"]["lr"] == 1e-3
+    assert (teacher / "checkpoints" / "checkpoint-00000003.safetensors").exists()
+    model = fk.Denoiser.from_pretrained(teacher / "student_ema0.999")
+    assert model.schedule.name == "trig" and model.null_cond == 3 and not model.distilled
+
+    student = tmp_path / "student"
+    assert cli.main(["distill", "method=dmd2", f"teacher={teacher / 'student'}", "student.init=teacher",
+                     f"data.source={tmp_path / 'data.pt'}", "trainer.iterations=2", "trainer.batch_size=8",
+                     "trainer.progress=false", f"trainer.output_dir={student}", "device=cpu",
+                     "method_options.student_every=2"]) == 0
+    assert fk.Denoiser.from_pretrained(student / "student").distilled
+    assert cli.main(["sample", "--model", str(student / "student"), "--steps", "1", "--batch-size", "6",
+                     "--out", str(tmp_path / "s.npz"), "--grid", str(tmp_path / "s.png")]) == 0
+    saved = np.load(tmp_path / "s.npz")
+    assert saved["samples"].shape == (6, 1, 8, 8) and list(saved["labels"]) == [0, 1, 2, 0, 1, 2]
+    assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_train_and_distill_refuse_each_others_methods(tmp_path):
+    with pytest.raises(SystemExit, match="distill"):
+        cli.main(["train", "method=dmd2"])
+    with pytest.raises(ValueError, match="method"):
+        cli.main(["distill", "method=nonsense"])

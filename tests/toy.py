@@ -25,8 +25,8 @@ def near_modes(x: Tensor, radius: float = 0.25) -> float:
 
 
 def _features(t: Tensor, dim: int = 32) -> Tensor:
-    freqs = torch.exp(torch.linspace(math.log(0.5), math.log(60.0), dim // 2, device=t.device))
-    angles = t.float()[:, None] * freqs
+    freqs = torch.exp(torch.linspace(math.log(0.5), math.log(60.0), dim // 2, device=t.device, dtype=t.dtype))
+    angles = t[:, None] * freqs
     return torch.cat([angles.sin(), angles.cos()], dim=1)
 
 
@@ -56,16 +56,17 @@ class ToyNet(nn.Module):
 
     def forward(self, x, t, cond=None, r=None, return_logvar=False):
         t = t.reshape(-1).expand(x.shape[0])
-        c = self.time(_features(t))
+        dtype = self.inp.weight.dtype
+        c = self.time(_features(t).to(dtype))
         if cond is None:
             cond = torch.full((x.shape[0],), self.classes, device=x.device, dtype=torch.long)
         c = c + self.label(cond)
         if r is not None:
-            c = c + self.r_time(_features(t - r.reshape(-1).expand(x.shape[0])))
+            c = c + self.r_time(_features(t - r.reshape(-1).expand(x.shape[0])).to(dtype))
         h = self.inp(x.to(self.inp.weight.dtype))
         for block in self.blocks:
             h = block(h, c)
         out = self.out(h).to(x.dtype)
         if return_logvar:
-            return out, self.logvar(_features(t)).reshape(-1)
+            return out, self.logvar(_features(t).to(dtype)).reshape(-1)
         return out

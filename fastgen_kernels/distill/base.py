@@ -11,7 +11,7 @@ frozen teacher, a fake score, a discriminator) with::
                                      other keys: detached metrics}
 
 Randomness belongs to the batch: a :class:`Batch` draws every noise tensor for the whole global
-batch from a generator seeded by (seed, iteration, micro-batch) and keeps its own rows. So a run on
+batch from a generator seeded by (seed, iteration) and keeps its own rows. So a run on
 N processes (each holding 1/N of the batch) draws exactly what a single process does, and a run
 resumed from a checkpoint draws what the uninterrupted run drew.
 """
@@ -35,9 +35,9 @@ from fastgen_kernels.schedules import Schedule, per_sample
 JVP_METHODS = ("exact", "finite_difference")
 
 
-def batch_seed(seed: int, iteration: int, micro_batch: int = 0) -> int:
-    """A 63-bit seed for one (micro-)batch, well mixed (numpy's SeedSequence)."""
-    state = np.random.SeedSequence([seed, iteration, micro_batch]).generate_state(2, np.uint32)
+def batch_seed(seed: int, iteration: int) -> int:
+    """A 63-bit seed for one iteration's batch, well mixed (numpy's SeedSequence)."""
+    state = np.random.SeedSequence([seed, iteration]).generate_state(2, np.uint32)
     return int(state[0]) << 31 | int(state[1]) >> 1
 
 
@@ -46,9 +46,9 @@ class Batch:
     """One (micro-)batch of training data and its randomness.
 
     x0: (B, ...) clean data; cond: (B,) labels or None. The batch holds rows
-    ``offset .. offset + B`` of a global batch of ``global_size`` rows (all processes, one
-    micro-batch); every draw is made for the global batch and sliced, so it does not depend on how
-    the global batch is split.
+    ``offset .. offset + B`` of a global batch of ``global_size`` rows (all processes and
+    micro-batches); every draw is made for the global batch and sliced, so it does not depend on
+    how the global batch is split.
     """
 
     x0: Tensor

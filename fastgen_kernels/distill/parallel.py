@@ -121,7 +121,8 @@ def optimizer_state(net: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
 def load_optimizer_state(net: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    set_optimizer_state_dict(net, optimizer, state, options=StateDictOptions(full_state_dict=True))
+    # strict=False: parameters that never had a gradient (unused heads) have no optimizer state
+    set_optimizer_state_dict(net, optimizer, state, options=StateDictOptions(full_state_dict=True, strict=False))
 
 
 def replicated(value: Tensor) -> Tensor:

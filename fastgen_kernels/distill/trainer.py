@@ -149,8 +149,10 @@ class Trainer:
         index = torch.stack([orders[e][p] for e, p in zip(epochs, (positions % n).tolist())])
         x0 = self.x[index].to(self.device)
         cond = None if self.labels is None else self.labels[index].to(self.device)
-        return Batch(x0, cond, batch_seed(self.config.seed, iteration, micro), self.micro_global,
-                     self.rank * self.micro_local)
+        # draws are made for the whole global batch, so neither the processes nor the micro-batches
+        # change them
+        return Batch(x0, cond, batch_seed(self.config.seed, iteration), self.config.batch_size,
+                     start - iteration * self.config.batch_size)
 
     # one iteration ------------------------------------------------------------------------------
 
