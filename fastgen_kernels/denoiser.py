@@ -118,14 +118,17 @@ class Denoiser(nn.Module):
             return self.x0(x_t, t, cond)
         if cond is None:
             raise ValueError("Denoiser.guided_x0: guidance needs cond")
-        if neg_cond is None:
-            if self.null_cond is None:
-                raise ValueError("Denoiser.guided_x0: guidance needs neg_cond (the model has no null_cond)")
-            neg_cond = torch.full_like(cond, self.null_cond)
+        neg_cond = self.unconditional(cond, "Denoiser.guided_x0") if neg_cond is None else neg_cond
         tb = self._times(t, x_t)
         out = self.x0(torch.cat([x_t, x_t]), torch.cat([tb, tb]), torch.cat([neg_cond, cond]))
         uncond, conditional = out.chunk(2)
         return uncond + guidance_scale * (conditional - uncond)
+
+    def unconditional(self, cond: Tensor, caller: str) -> Tensor:
+        """``null_cond`` broadcast like ``cond`` (the default negative condition of guidance)."""
+        if self.null_cond is None:
+            raise ValueError(f"{caller}: guidance needs neg_cond (the model has no null_cond)")
+        return torch.full_like(cond, self.null_cond)
 
     def flow_map(self, x_t: Tensor, t: float | Tensor, r: float | Tensor, cond: Tensor | None = None) -> Tensor:
         """x_r = x_t - (t - r) u(x_t, r, t) for a flow map (prediction "mean_flow")."""

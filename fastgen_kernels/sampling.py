@@ -234,9 +234,7 @@ def sample(model: Denoiser, steps: int = 1, *, batch_size: int = 1, shape: Seque
         if cond is None:
             raise ValueError("sample: guidance_scale != 1 needs cond")
         if neg_cond is None:
-            if model.null_cond is None:
-                raise ValueError("sample: guidance needs neg_cond (the model has no null_cond)")
-            neg_cond = torch.full_like(cond, model.null_cond)
+            neg_cond = model.unconditional(cond, "sample")
         if neg_cond.shape != cond.shape:
             raise ValueError(f"sample: neg_cond must be shaped like cond {tuple(cond.shape)}, "
                              f"got {tuple(neg_cond.shape)}")

@@ -51,3 +51,16 @@ def generator() -> torch.Generator:
     seed = int.from_bytes(os.urandom(4), "little")
     print(f"seed {seed}")
     return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture
+def single_rank_process_group():
+    """A one-process gloo group and its CPU mesh: DTensors and FSDP2 on the CPU."""
+    dist = torch.distributed
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield torch.distributed.device_mesh.init_device_mesh("cpu", (1,))
+    finally:
+        dist.destroy_process_group()

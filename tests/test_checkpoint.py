@@ -137,19 +137,6 @@ def test_bad_inputs(tmp_path):
         ckpt.prune_checkpoints(tmp_path, 0)
 
 
-@pytest.fixture
-def single_rank_process_group():
-    """A one-process gloo group, to make DTensors on the CPU."""
-    dist = torch.distributed
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        yield torch.distributed.device_mesh.init_device_mesh("cpu", (1,))
-    finally:
-        dist.destroy_process_group()
-
-
 def test_dtensors_are_refused(single_rank_process_group, tmp_path):
     from torch.distributed.tensor import Shard, distribute_tensor
 

@@ -167,19 +167,6 @@ def test_bad_params_and_index():
             pass
 
 
-@pytest.fixture
-def single_rank_process_group():
-    """A one-process gloo group, so that FSDP2 can shard a module on the CPU."""
-    dist = torch.distributed
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        yield torch.distributed.device_mesh.init_device_mesh("cpu", (1,))
-    finally:
-        dist.destroy_process_group()
-
-
 def test_fsdp2_tracks_local_shards(single_rank_process_group, generator):
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
