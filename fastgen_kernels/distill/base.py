@@ -19,7 +19,6 @@ resumed from a checkpoint draws what the uninterrupted run drew.
 from __future__ import annotations
 
 import copy
-import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -161,11 +160,6 @@ class Method(nn.Module):
 
     def training_step(self, batch: Batch, iteration: int) -> dict[str, Tensor]:
         raise NotImplementedError
-
-    @classmethod
-    def options(cls) -> dict[str, Any]:
-        """The default options, as a dict."""
-        return dataclasses.asdict(cls.Config())
 
 
 # ----------------------------------------------------------------------------- building blocks

@@ -112,6 +112,7 @@ class Trainer:
                              f"({config.grad_accumulation}) x processes ({self.world})")
         self.micro_global, self.micro_local = per_step, per_step // self.world
         self.x, self.labels = x, labels
+        self._orders: dict[int, Tensor] = {}
         self.method = method.to(self.device)
         self.method.wrap(parallel.wrapper(config.parallel, self.device))
         self.names = method.optimizer_names
@@ -135,9 +136,13 @@ class Trainer:
     # data ---------------------------------------------------------------------------------------
 
     def _order(self, epoch: int) -> Tensor:
-        """The permutation of the dataset for one epoch (a function of seed and epoch)."""
-        g = torch.Generator().manual_seed(int(np.random.SeedSequence([self.config.seed, epoch]).generate_state(1)[0]))
-        return torch.randperm(self.x.shape[0], generator=g)
+        """The permutation of the dataset for one epoch (a function of seed and epoch), kept for
+        the current and the next epoch only: drawn once per epoch, not once per batch."""
+        if epoch not in self._orders:
+            seed = int(np.random.SeedSequence([self.config.seed, epoch]).generate_state(1)[0])
+            self._orders = {e: o for e, o in self._orders.items() if e >= epoch - 1}
+            self._orders[epoch] = torch.randperm(self.x.shape[0], generator=torch.Generator().manual_seed(seed))
+        return self._orders[epoch]
 
     def batch(self, iteration: int, micro: int) -> Batch:
         """This process's rows of micro-batch ``micro`` of ``iteration``."""
