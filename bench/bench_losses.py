@@ -11,11 +11,7 @@ logits, dlogits).
 
 Besides time, ``extra_info`` records ``peak_extra_bytes``: the most memory the step holds at once
 beyond its inputs (so activations of the composition, pseudo-targets, gradients), and its ratio
-to eager's. GPU: torch.cuda.max_memory_allocated above the memory allocated before the step.
-CPU: the torch profiler with profile_memory=True, which records every CPU allocation and free of
-torch's allocator with a timestamp (allocations attributed to the op making them as its
-self_cpu_memory_usage, frees outside ops as [memory] events); the running sum in time order
-peaks at the step's peak extra memory. Inductor's CPU buffers go through the same allocator.
+to eager's (measured by conftest.peak_extra_bytes).
 """
 
 from __future__ import annotations
@@ -25,8 +21,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ALL_PROVIDERS, pick_provider, rotating, run
-from torch.profiler import ProfilerActivity, profile
+from conftest import ALL_PROVIDERS, peak_extra_bytes, pick_provider, rotating, run
 
 import fastgen_kernels as fk
 
@@ -109,24 +104,6 @@ LOSSES = {
     "gan": (eager_gan, fk.losses.gan_loss, 1, lambda batch, device: (), 3),
 }
 COMPILED = {name: torch.compile(spec[0], dynamic=False) for name, spec in LOSSES.items()}
-
-
-def peak_extra_bytes(fn, device: str) -> int:
-    """Peak memory held during fn() beyond what was allocated before it (see the docstring)."""
-    if device == "cuda":
-        torch.cuda.synchronize()
-        before = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        fn()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - before
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    total = peak = 0
-    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
-        total += event.cpu_memory_usage if event.name == "[memory]" else event.self_cpu_memory_usage
-        peak = max(peak, total)
-    return peak
 
 
 @pytest.mark.parametrize("provider", ALL_PROVIDERS)

@@ -50,6 +50,13 @@ def models(device: str):
     return _models[device]
 
 
+def _row(device: str, provider: str) -> dict:
+    """The columns bench/summarize.py prints: op, provider, dtype, mode, shape (B, C, H, W)."""
+    config, batch = CONFIGS[device]
+    return dict(op="sampling", provider=provider, dtype=str(torch.bfloat16 if device == "cuda" else torch.float32),
+                mode="inference", shape=[batch, 4, config.input_size, config.input_size])
+
+
 def teacher_fn(device: str):
     teacher, _ = models(device)
     batch = CONFIGS[device][1]
@@ -71,7 +78,7 @@ def test_student_vs_50_step_teacher(benchmark, device, steps):
 
     run(benchmark, fast, device, peer_key=("teacher", device), peer_fn=teacher_fn(device),
         peer=f"eager teacher, {TEACHER_STEPS} Euler steps", batch=batch, steps=steps,
-        ms_per_image=None)
+        ms_per_image=None, **_row(device, f"student_{steps}"))
     info = benchmark.extra_info
     info.update(ms_per_image=info["median_ms"] / batch, teacher_ms_per_image=info["peer_ms"] / batch,
                 fp8=isinstance(student.net.blocks[0].mlp.fc1, fk.Fp8Linear))
@@ -94,4 +101,5 @@ def test_per_evaluation(benchmark, device):
     benchmark.group = f"sampling {device}"
     benchmark.name = "eval_fast"
     run(benchmark, lambda: evaluate(student), device, peer_key=("eval", device),
-        peer_fn=lambda: evaluate(teacher), peer="eager network evaluation (SDPA)", batch=batch)
+        peer_fn=lambda: evaluate(teacher), peer="eager network evaluation (SDPA)", batch=batch,
+        **_row(device, "eval_fast"))

@@ -15,6 +15,7 @@ import time
 
 import pytest
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 from fastgen_kernels import _extension, backends
 
@@ -99,6 +100,31 @@ def run(benchmark, fn, device: str, *, peer_key, peer_fn, bytes_moved: int | Non
     benchmark.extra_info.update(
         device=torch.cuda.get_device_name() if device == "cuda" else "cpu", median_ms=ours,
         peer=peer, peer_ms=peer_time, speedup_vs_peer=peer_time / ours, **info)
+
+
+def peak_extra_bytes(fn, device: str) -> int:
+    """Peak memory held during fn() beyond what was allocated before it, in bytes.
+
+    GPU: torch.cuda.max_memory_allocated above the memory allocated before fn. CPU: the torch
+    profiler with profile_memory=True, which records every CPU allocation and free of torch's
+    allocator with a timestamp (allocations attributed to the op making them as its
+    self_cpu_memory_usage, frees outside ops as [memory] events); the running sum in time order
+    peaks at fn's peak extra memory. Inductor's CPU buffers go through the same allocator.
+    """
+    if device == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    total = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        total += event.cpu_memory_usage if event.name == "[memory]" else event.self_cpu_memory_usage
+        peak = max(peak, total)
+    return peak
 
 
 @pytest.fixture(params=DEVICES)

@@ -31,7 +31,7 @@ if [ "$stage" != tests ]; then
   echo "== GPU benchmarks"
   json="$OUT/${stamp}_${gpu}.json"
   python3 -m pytest bench/bench_copy.py bench/bench_matmul.py bench/bench_modulated_norm.py \
-    bench/bench_qk_norm_rope.py bench/bench_attention.py bench/bench_losses.py bench/bench_fp8_linear.py bench/bench_sampling.py \
+    bench/bench_qk_norm_rope.py bench/bench_attention.py bench/bench_losses.py bench/bench_fp8_linear.py bench/bench_sampling.py bench/bench_distill.py \
     -q -p no:cacheprovider \
     -k "cuda" --benchmark-json="$json" > "$OUT/bench.log" 2>&1
   bench_rc=$?

@@ -32,12 +32,15 @@ def main(path: str) -> None:
     for b in sorted(benches, key=order):
         if b["op"] in CEILING_OPS:
             continue
-        rate = f"{b['tflops']:.2f} TFLOP/s" if "tflops" in b else f"{b['gbps']:.1f} GB/s"
-        ceiling = ceilings.get(ceiling_key(b))
-        frac = f"{(b.get('tflops') or b['gbps']) / ceiling:.0%}" if ceiling else "-"
+        rate, frac = "-", "-"
+        if "tflops" in b or "gbps" in b:
+            rate = f"{b['tflops']:.2f} TFLOP/s" if "tflops" in b else f"{b['gbps']:.1f} GB/s"
+            ceiling = ceilings.get(ceiling_key(b))
+            frac = f"{(b.get('tflops') or b['gbps']) / ceiling:.0%}" if ceiling else "-"
+        memory = f", memory {b['memory_vs_peer']:.2f}x" if "memory_vs_peer" in b else ""
         print(f"{b['op']:<22}{b['device'][:23]:<24}{b['dtype'][6:]:<10}{b['mode']:<18}"
               f"{'x'.join(map(str, b['shape'])):<20}{b['provider']:<16}{b['median_ms']:>10.3f}"
-              f"{rate:>16}{frac:>11}{b['speedup_vs_peer']:>8.2f}x {b['peer']}")
+              f"{rate:>16}{frac:>11}{b['speedup_vs_peer']:>8.2f}x {b['peer']}{memory}")
     for key, value in ceilings.items():
         unit = "GB/s" if key[0] == "copy" else "TFLOP/s"
         print(f"{' '.join(key)} ceiling: {value:.1f} {unit}")

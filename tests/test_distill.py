@@ -15,7 +15,7 @@ import torch
 import fastgen_kernels as fk
 from fastgen_kernels.distill import (CM, DMD2, LADD, SCM, SFT, Batch, CMConfig, DMD2Config, FDistill,
                                      FDistillConfig, LADDConfig, MeanFlow, MeanFlowConfig, SCMConfig, SFTConfig)
-from fastgen_kernels.distill.base import jvp, teacher_x0
+from fastgen_kernels.distill.base import jvp, noised, teacher_x0
 from fastgen_kernels.distill.trainer import OptimizerConfig, Trainer, TrainerConfig
 from toy import ToyNet, mixture, near_modes
 
@@ -75,6 +75,16 @@ def test_training_times_are_log_normal_in_the_edm_noise_level(name, p_mean, p_st
     log_sigma = torch.log(schedule.edm_sigma(t))
     inside = (t > schedule.t_min) & (t < schedule.t_max)   # the clamped tails aside
     torch.testing.assert_close(log_sigma[inside], (normal * p_std + p_mean)[inside], rtol=1e-9, atol=1e-9)
+
+
+def test_noised_with_a_time_range_draws_uniform_times():
+    model = fk.Denoiser(ToyNet(), "trig", "trig_F")
+    schedule = model.schedule
+    x0 = torch.zeros(100_000, 2)
+    t, eps, x_t = noised(model, Batch(x0, seed=0), x0, (0.25, 0.75))
+    assert t.min() >= 0.25 * schedule.t_max and t.max() <= 0.75 * schedule.t_max
+    assert abs(t.mean().item() / schedule.t_max - 0.5) < 0.005
+    torch.testing.assert_close(x_t, schedule.sigma(t)[:, None] * eps)
 
 
 @pytest.mark.parametrize("name, prediction", [("edm", "eps"), ("vp", "v"), ("rf", "flow"), ("trig", "trig_F"),
@@ -184,6 +194,8 @@ def test_bad_configurations_are_refused(teacher):
         SFT(ToyNet())
     with pytest.raises(ValueError, match="student_every"):
         LADD(toy(), teacher, LADDConfig(student_every=1))
+    with pytest.raises(ValueError, match="critic_time_range"):
+        DMD2(student_of(teacher), teacher, DMD2Config(critic_time_range=(0.5, 0.2)))
 
 
 # --------------------------------------------------------------------------- learning

@@ -177,10 +177,16 @@ def drop_labels(model: Denoiser, batch: Batch, probability: float) -> Tensor | N
     return torch.where(draw < probability, torch.full_like(cond, model.null_cond), cond)
 
 
-def noised(model: Denoiser, batch: Batch, x0: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(t, eps, x_t): t from the schedule's training distribution, x_t = alpha x0 + sigma eps."""
+def noised(model: Denoiser, batch: Batch, x0: Tensor,
+           time_range: tuple[float, float] = ()) -> tuple[Tensor, Tensor, Tensor]:
+    """(t, eps, x_t), x_t = alpha x0 + sigma eps: t from the schedule's training distribution, or
+    with ``time_range = (lo, hi)`` uniform in [lo, hi] * t_max (DMD2's critic times)."""
     schedule = model.schedule
-    t = schedule.training_time(batch.randn())
+    if time_range:
+        lo, hi = time_range
+        t = ((lo + (hi - lo) * batch.rand()) * schedule.t_max).clamp(min=schedule.t_min)
+    else:
+        t = schedule.training_time(batch.randn())
     eps = batch.randn_like(x0)
     return t, eps, schedule.add_noise(x0, eps, t)
 

@@ -35,6 +35,8 @@ class DMD2Config:
     student_times: tuple[float, ...] = ()     # default: the student's consistency times
     guidance_scale: float = 1.0               # the teacher's classifier-free guidance
     student_every: int = 5                    # the student steps once per this many iterations
+    critic_time_range: tuple[float, float] = ()  # fake score / VSD times: () the schedule's training
+                                              # distribution; (lo, hi) uniform in [lo, hi] * t_max
     gan_weight: float = 0.0                   # > 0: the GAN branch on teacher features
     gan_layers: tuple[str, ...] = ()          # default: the middle and last of teacher.net.blocks
     discriminator_hidden: int = 256
@@ -55,6 +57,9 @@ class DMD2(Method, Adversarial):
         if cfg.student_every < 1 or cfg.student_steps < 1:
             raise ValueError(f"{type(self).__name__}: student_every and student_steps must be >= 1, got "
                              f"{cfg.student_every} and {cfg.student_steps}")
+        if cfg.critic_time_range and not 0 <= cfg.critic_time_range[0] < cfg.critic_time_range[1] <= 1:
+            raise ValueError(f"{type(self).__name__}: critic_time_range must be (lo, hi) with 0 <= lo < hi <= 1, "
+                             f"got {cfg.critic_time_range}")
         self.times = student_times(student, cfg.student_steps, cfg.student_times)
         self.fake_score = trainable_copy(self.teacher)
         self.optimizer_names = ("student", "fake_score")
@@ -83,7 +88,7 @@ class DMD2(Method, Adversarial):
     def student_step(self, batch: Batch) -> dict[str, Tensor]:
         cfg, cond = self.config, batch.cond
         x_g = generate(self.student, batch, cond, self.times)
-        t, _, x_t = noised(self.fake_score, batch, x_g)
+        t, _, x_t = noised(self.fake_score, batch, x_g, cfg.critic_time_range)
         schedule = self.fake_score.schedule
         with torch.no_grad():
             x0_teacher = self.teacher.guided_x0(x_t, t, cond, cfg.guidance_scale)
@@ -103,15 +108,15 @@ class DMD2(Method, Adversarial):
         return out
 
     def critic_step(self, batch: Batch) -> dict[str, Tensor]:
-        cond = batch.cond
+        cfg, cond = self.config, batch.cond
         with torch.no_grad():
             x_g = generate(self.student, batch, cond, self.times)
-        t, eps, x_t = noised(self.fake_score, batch, x_g)
+        t, eps, x_t = noised(self.fake_score, batch, x_g, cfg.critic_time_range)
         fake = denoising_loss(self.fake_score, x_g, eps, x_t, t, cond)
         out = {"fake_score": fake, "fake_score_loss": fake.detach()}
         if self.adversarial:
             loss, gan = self.discriminator_loss(batch, self.fake_score.schedule, x_t, t, cond,
-                                                self.config.r1_weight, self.config.r1_noise)
+                                                cfg.r1_weight, cfg.r1_noise)
             out.update(discriminator=loss, gan_discriminator=gan)
         return out
 
