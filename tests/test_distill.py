@@ -118,10 +118,9 @@ def test_exact_jvp_matches_finite_differences():
     def fn(a, s):
         return net.raw(a, s)
 
-    out, exact = jvp(fn, (x, t), (v, torch.ones_like(t)))
-    _, fd = jvp(fn, (x, t), (v, torch.ones_like(t)), "finite_difference", 1e-5)
+    exact = jvp(fn, (x, t), (v, torch.ones_like(t)))
+    fd = jvp(fn, (x, t), (v, torch.ones_like(t)), "finite_difference", 1e-5)
     torch.testing.assert_close(exact, fd, rtol=1e-6, atol=1e-8)
-    torch.testing.assert_close(out, fn(x, t))
     with pytest.raises(ValueError, match="method"):
         jvp(fn, (x, t), (v, t), "forward")
 

@@ -256,22 +256,22 @@ def unwrapped(model: Denoiser) -> Denoiser:
 
 
 def jvp(fn: Callable[..., Tensor], primals: tuple[Tensor, ...], tangents: tuple[Tensor, ...],
-        method: str = "exact", step: float = 1e-3) -> tuple[Tensor, Tensor]:
-    """(fn(*primals), the directional derivative of fn along ``tangents``), no gradients.
+        method: str = "exact", step: float = 1e-3) -> Tensor:
+    """The directional derivative of fn at ``primals`` along ``tangents``, with no gradients.
 
     ``exact``: forward-mode AD (``torch.func.jvp``; the fused ops carry their own JVP rules, the
     attention's included). ``finite_difference``: (fn(p + h v) - fn(p - h v)) / 2h, combined in
-    fp64, h = ``step`` (two more evaluations; the baseline the exact JVP replaces).
+    fp64, h = ``step`` (two evaluations; the baseline the exact JVP replaces). The callers take
+    fn(primals) from their own forward pass with gradients, so neither method returns it.
     """
     if method not in JVP_METHODS:
         raise ValueError(f"jvp: method must be one of {JVP_METHODS}, got {method!r}")
     with torch.no_grad():
         if method == "exact":
-            return torch.func.jvp(fn, primals, tangents)
-        out = fn(*primals)
+            return torch.func.jvp(fn, primals, tangents)[1]
         plus = fn(*(p + step * v for p, v in zip(primals, tangents)))
         minus = fn(*(p - step * v for p, v in zip(primals, tangents)))
-        return out, ((plus.double() - minus.double()) / (2 * step)).to(out.dtype)
+        return ((plus.double() - minus.double()) / (2 * step)).to(plus.dtype)
 
 
 def ramp(iteration: int, iterations: int) -> float:

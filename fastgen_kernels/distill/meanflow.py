@@ -71,7 +71,7 @@ class MeanFlow(Method):
                 v = model.schedule.velocity(teacher_x0(self.teacher, model.schedule, x_t, t, cond,
                                                        cfg.guidance_scale), x_t, t)
         inner = unwrapped(model)
-        _, J = jvp(lambda x, s: inner.raw(x, s, cond, r), (x_t, t), (v, torch.ones_like(t)), cfg.jvp, cfg.fd_step)
+        J = jvp(lambda x, s: inner.raw(x, s, cond, r), (x_t, t), (v, torch.ones_like(t)), cfg.jvp, cfg.fd_step)
         u = model.raw(x_t, t, cond, r)
         loss = losses.meanflow_loss(u, v, J, t, r, cfg.p, cfg.c)
         return {"student": loss, "loss": loss.detach()}

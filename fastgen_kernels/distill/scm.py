@@ -6,7 +6,7 @@ t = atan(sigma / sigma_data), ln sigma ~ N(-1.0, 1.4^2); x_t = cos t x0 + sin t 
 
     dx_t/dt = cos t z - sin t x0                  (sCT)
             = sigma_data F_T(x_t, t)              (sCD: the teacher's guided velocity)
-    F_minus, J = F_theta-(x_t, t), JVP of F_theta- along (cos t sin t dx_t/dt, cos t sin t)
+    F_minus = sg(F_theta(x_t, t)), J = JVP of F_theta- along (cos t sin t dx_t/dt, cos t sin t)
 
 and :func:`fastgen_kernels.losses.scm_loss` builds the tangent g (warm-up factor w on the JVP
 terms), normalizes it and applies the adaptive weighting. The JVP is exact (forward-mode AD through
@@ -64,9 +64,10 @@ class SCM(Method):
                 x0_teacher = teacher_x0(self.teacher, schedule, x_t, t, cond, cfg.guidance_scale)
                 dxt_dt = schedule.velocity(x0_teacher, x_t, t)
         inner = unwrapped(model)
-        F_minus, J = jvp(lambda x, s: inner.raw(x, s, cond), (x_t, t),
-                         ((cos * sin * dxt_dt).to(x_t.dtype), torch.cos(t) * torch.sin(t)), cfg.jvp, cfg.fd_step)
+        J = jvp(lambda x, s: inner.raw(x, s, cond), (x_t, t),
+                ((cos * sin * dxt_dt).to(x_t.dtype), torch.cos(t) * torch.sin(t)), cfg.jvp, cfg.fd_step)
         F, logvar = model.raw(x_t, t, cond, return_logvar=True)
-        loss = losses.scm_loss(F, F_minus, dxt_dt, J, x_t, t, logvar, sd, ramp(iteration, cfg.warmup_iterations),
+        # theta- = sg(theta): F_minus is this forward's output, detached
+        loss = losses.scm_loss(F, F.detach(), dxt_dt, J, x_t, t, logvar, sd, ramp(iteration, cfg.warmup_iterations),
                                cfg.tangent_c)
         return {"student": loss, "loss": loss.detach(), "logvar": logvar.mean().float().detach()}
