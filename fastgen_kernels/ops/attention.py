@@ -45,7 +45,7 @@ import torch
 from torch import Tensor
 
 from fastgen_kernels.backends import OpDispatcher
-from fastgen_kernels.ops import _checks
+from fastgen_kernels.ops import _checks, _eager_op
 
 # Widest head the Triton kernels take: q, tq and two fp32 accumulators of that width per query
 # row must fit in registers and shared memory (triton_ops/attention.py `blocks`).
@@ -427,6 +427,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None,
     scale, causal_chunk = _options("attention", q, scale, causal, chunk_size)
     if torch.compiler.is_compiling():  # Dynamo cannot trace an autograd.Function with a jvp
         return torch.ops.fastgen.attention(q, k, v, scale, causal_chunk)[0]
+    if _eager_op.no_autograd((q, k, v)):
+        return forward_dispatcher(q, k, v, scale, causal_chunk)[0]
     return _AttentionFunction.apply(q, k, v, scale, causal_chunk)[0]
 
 

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from fastgen_kernels.backends import OpDispatcher
-from fastgen_kernels.ops import _checks
+from fastgen_kernels.ops import _checks, _eager_op
 
 # --------------------------------------------------------------------------- reference
 
@@ -165,6 +165,8 @@ def gated_residual(x: Tensor, y: Tensor, gate: Tensor) -> Tensor:
     _checks.modulation(op, "gate", gate, x)
     if torch.compiler.is_compiling():  # Dynamo cannot trace an autograd.Function with a jvp
         return torch.ops.fastgen.gated_residual(x, y, gate)
+    if _eager_op.no_autograd((x, y, gate)):
+        return forward_dispatcher(x, y, gate)
     return _GatedResidualFunction.apply(x, y, gate)
 
 

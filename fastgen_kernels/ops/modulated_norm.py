@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from fastgen_kernels.backends import OpDispatcher
-from fastgen_kernels.ops import _checks
+from fastgen_kernels.ops import _checks, _eager_op
 
 # --------------------------------------------------------------------------- reference
 
@@ -280,6 +280,8 @@ def _check(op: str, x, shift, scale, weight, bias, eps) -> None:
 def _apply(x, shift, scale, weight, bias, eps, rms) -> Tensor:
     if torch.compiler.is_compiling():  # Dynamo cannot trace an autograd.Function with a jvp
         return torch.ops.fastgen.modulated_norm(x, shift, scale, weight, bias, eps, rms)[0]
+    if _eager_op.no_autograd((x, shift, scale, weight, bias)):
+        return forward_dispatcher(x, shift, scale, weight, bias, float(eps), rms)[0]
     return _ModulatedNormFunction.apply(x, shift, scale, weight, bias, float(eps), rms)[0]
 
 

@@ -43,7 +43,7 @@ import torch
 from torch import Tensor
 
 from fastgen_kernels.backends import OpDispatcher
-from fastgen_kernels.ops import _checks
+from fastgen_kernels.ops import _checks, _eager_op
 
 # Widest head the CUDA and Triton kernels take (a head vector lives in one warp's registers:
 # at most 8 elements per lane; csrc/cuda/launch.h kMaxHeadDim).
@@ -331,6 +331,8 @@ def qk_norm_rope(
     _check(q, k, q_weight, k_weight, cos, sin, eps, interleaved)
     if torch.compiler.is_compiling():  # Dynamo cannot trace an autograd.Function with a jvp
         out = torch.ops.fastgen.qk_norm_rope(q, k, q_weight, k_weight, cos, sin, eps, interleaved)
+    elif _eager_op.no_autograd((q, k, q_weight, k_weight)):
+        out = forward_dispatcher(q, k, q_weight, k_weight, cos, sin, float(eps), interleaved)
     else:
         out = _QkNormRopeFunction.apply(q, k, q_weight, k_weight, cos, sin, float(eps), interleaved)
     return out[0], out[1]
