@@ -55,8 +55,8 @@ void qk_norm_rope_backward(const at::Tensor& grad_out, const at::Tensor& x,
                            at::Tensor& dx, at::Tensor& partials);
 
 // Per-sample losses: x-like tensors (B, ...) contiguous, read as B samples of numel / B elements;
-// sums (B, NSTAT) in the statistics' dtype (see sample_chunks.h for the deterministic chunking).
-// Declared once as the entry points, which run the copy of each kernel compiled for the widest
+// sums (B, NSTAT) in the statistics' dtype (see sample_chunks.h for the deterministic chunking);
+// and the tanh-GELU, which shares their vectorizable sigmoid (cpu/softplus_math.h). Declared once as the entry points, which run the copy of each kernel compiled for the widest
 // instruction set the CPU has, and once per copy (cpu/isa.h, cpu/loss_dispatch.cpp).
 #define FASTGEN_CPU_LOSS_KERNELS                                                                   \
   /* sums[b] = (sum |x_g - teacher|, sum (fake - teacher)^2) over sample b. */                      \
@@ -82,7 +82,11 @@ void qk_norm_rope_backward(const at::Tensor& grad_out, const at::Tensor& x,
   void softplus_sums(const at::Tensor& x, bool negative, at::Tensor& sums);                         \
   /* out = scale[b] * (negative ? -1 : 1) * sigmoid(z). */                                          \
   void softplus_backward(const at::Tensor& x, bool negative, const at::Tensor& scale,              \
-                         at::Tensor& out);
+                         at::Tensor& out);                                                          \
+  /* Elementwise over contiguous x: out = gelu_tanh(x), and out = grad_out * gelu_tanh'(x) (the */   \
+  /* VJP, and the JVP with the tangent as grad_out). */                                            \
+  void gelu_tanh_forward(const at::Tensor& x, at::Tensor& out);                                     \
+  void gelu_tanh_backward(const at::Tensor& grad_out, const at::Tensor& x, at::Tensor& out);
 
 FASTGEN_CPU_LOSS_KERNELS
 namespace baseline {

@@ -518,6 +518,25 @@ Tensor softplus_backward(const Tensor& x, bool negative, const Tensor& scale) {
   return out;
 }
 
+// GELU(tanh), CPU only (on a GPU PyTorch's own one-pass kernel is the peer; the fusion that pays
+// there is into the GEMM's epilogue).
+Tensor gelu_tanh_forward(const Tensor& x) {
+  TORCH_CHECK(x.is_contiguous(), "gelu_tanh: x must be contiguous");
+  Tensor out = at::empty_like(x);
+  cpu::gelu_tanh_forward(x, out);
+  return out;
+}
+
+Tensor gelu_tanh_backward(const Tensor& grad_out, const Tensor& x) {
+  TORCH_CHECK(x.is_contiguous() && grad_out.is_contiguous(), "gelu_tanh_backward: inputs must be contiguous");
+  TORCH_CHECK(grad_out.sizes() == x.sizes() && grad_out.scalar_type() == x.scalar_type(),
+              "gelu_tanh_backward: grad_out must match x ", x.sizes(), " ", x.scalar_type(), ", got ",
+              grad_out.sizes(), " ", grad_out.scalar_type());
+  Tensor out = at::empty_like(x);
+  cpu::gelu_tanh_backward(grad_out, x, out);
+  return out;
+}
+
 }  // namespace
 }  // namespace fastgen
 
@@ -544,6 +563,8 @@ TORCH_LIBRARY(fastgen_C, m) {
         "Tensor coef, Tensor scale) -> Tensor");
   m.def("softplus_sums(Tensor x, bool negative) -> Tensor");
   m.def("softplus_backward(Tensor x, bool negative, Tensor scale) -> Tensor");
+  m.def("gelu_tanh_forward(Tensor x) -> Tensor");
+  m.def("gelu_tanh_backward(Tensor grad_out, Tensor x) -> Tensor");
   // The instruction set of the CPU loss kernels (csrc/cpu/isa.h): returns the current one after
   // setting `isa` ("avx512", "avx2" or "baseline") when given.
   m.def("cpu_loss_isa(str? isa=None) -> str", [](std::optional<std::string> isa) {
@@ -572,7 +593,11 @@ void register_kernels(torch::Library& m) {
 }
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fastgen_C, CPU, m) { register_kernels(m); }
+TORCH_LIBRARY_IMPL(fastgen_C, CPU, m) {
+  register_kernels(m);
+  m.impl("gelu_tanh_forward", &fastgen::gelu_tanh_forward);
+  m.impl("gelu_tanh_backward", &fastgen::gelu_tanh_backward);
+}
 
 #ifdef FASTGEN_WITH_CUDA
 TORCH_LIBRARY_IMPL(fastgen_C, CUDA, m) { register_kernels(m); }

@@ -35,6 +35,32 @@ def cpu_backends() -> list:
     return params
 
 
+def extension_backends():
+    """cpu and reference, the backends that run fp64 (cpu skips when the extension is missing)."""
+    marks = [] if _extension.cpu_built() else [pytest.mark.skip(reason="extension not built")]
+    return [pytest.param("cpu", marks=marks), "reference"]
+
+
+ISAS = ["baseline", "avx2", "avx512"]
+
+
+def cpu_isas():
+    """The instruction sets of the CPU loss and GELU kernels this machine runs (csrc/cpu/isa.h)."""
+    if not _extension.cpu_built():
+        return [pytest.param("baseline", marks=pytest.mark.skip(reason="extension not built"))]
+    widest = torch.ops.fastgen_C.cpu_loss_isa()
+    return ISAS[:ISAS.index(widest) + 1]
+
+
+@pytest.fixture
+def cpu_isa(request):
+    """Runs the test with the CPU kernels of instruction set request.param, then restores."""
+    previous = torch.ops.fastgen_C.cpu_loss_isa()
+    torch.ops.fastgen_C.cpu_loss_isa(request.param)
+    yield request.param
+    torch.ops.fastgen_C.cpu_loss_isa(previous)
+
+
 @pytest.fixture(autouse=True)
 def poison_uninitialized_memory():
     """torch.empty (and at::empty in the extension) returns NaN-filled memory in this mode."""

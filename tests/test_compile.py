@@ -9,14 +9,14 @@ import fastgen_kernels as fk
 
 def block(x, h, shift, scale, gate, weight):
     y = fk.modulated_layer_norm(x, shift, scale)
-    y = F.gelu(y @ weight)
+    y = fk.gelu_tanh(y @ weight)
     return fk.gated_residual(x, y, gate) + fk.modulated_rms_norm(h, shift, scale).sum()
 
 
 def eager_block(x, h, shift, scale, gate, weight):
     D = x.shape[-1]
     y = F.layer_norm(x, (D,), eps=1e-6) * (1 + scale[:, None]) + shift[:, None]
-    y = F.gelu(y @ weight)
+    y = F.gelu(y @ weight, approximate="tanh")
     rms = F.rms_norm(h, (D,), eps=1e-6) * (1 + scale[:, None]) + shift[:, None]
     return x + gate[:, None] * y + rms.sum()
 

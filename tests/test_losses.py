@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import CPU_DTYPES, cpu_backends
+from conftest import CPU_DTYPES, cpu_backends, cpu_isas, extension_backends
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from loss_cases import CASES, SHAPES, randn, uniform
@@ -19,12 +19,6 @@ from fastgen_kernels import losses
 from fastgen_kernels.ops import _eager_op
 
 
-def extension_backends():
-    """cpu and reference, the backends that run fp64 (cpu skips when the extension is missing)."""
-    marks = [] if fk._extension.cpu_built() else [pytest.mark.skip(reason="extension not built")]
-    return [pytest.param("cpu", marks=marks), "reference"]
-
-
 @pytest.mark.parametrize("backend", cpu_backends())
 @pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
@@ -33,26 +27,6 @@ def extension_backends():
 def test_matches_oracle(case, backend, dtype, shape, reduction, generator):
     check_against_oracle(CASES[case], CASES[case].make_inputs(shape, dtype, generator), dtype, backend,
                          reduction)
-
-
-ISAS = ["baseline", "avx2", "avx512"]
-
-
-def cpu_isas():
-    """The instruction sets of the CPU loss kernels this machine runs (csrc/cpu/isa.h)."""
-    if not fk._extension.cpu_built():
-        return [pytest.param("baseline", marks=pytest.mark.skip(reason="extension not built"))]
-    widest = torch.ops.fastgen_C.cpu_loss_isa()
-    return ISAS[:ISAS.index(widest) + 1]
-
-
-@pytest.fixture
-def cpu_isa(request):
-    """Runs the test with the CPU loss kernels of instruction set request.param, then restores."""
-    previous = torch.ops.fastgen_C.cpu_loss_isa()
-    torch.ops.fastgen_C.cpu_loss_isa(request.param)
-    yield request.param
-    torch.ops.fastgen_C.cpu_loss_isa(previous)
 
 
 @pytest.mark.parametrize("cpu_isa", cpu_isas(), indirect=True)

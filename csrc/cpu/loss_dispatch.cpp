@@ -1,4 +1,4 @@
-// Entry points of the CPU loss kernels: each runs the copy compiled for the widest instruction set
+// Entry points of the CPU loss kernels and gelu_tanh: each runs the copy compiled for the widest instruction set
 // the CPU has (cpu/isa.h): AVX-512, AVX2 + FMA + F16C, or the baseline.
 #include <atomic>
 
@@ -90,6 +90,12 @@ void softplus_sums(const at::Tensor& x, bool negative, at::Tensor& sums) {
 
 void softplus_backward(const at::Tensor& x, bool negative, const at::Tensor& scale, at::Tensor& out) {
   FASTGEN_RUN(softplus_backward, x, negative, scale, out);
+}
+
+void gelu_tanh_forward(const at::Tensor& x, at::Tensor& out) { FASTGEN_RUN(gelu_tanh_forward, x, out); }
+
+void gelu_tanh_backward(const at::Tensor& grad_out, const at::Tensor& x, at::Tensor& out) {
+  FASTGEN_RUN(gelu_tanh_backward, grad_out, x, out);
 }
 
 }  // namespace cpu

@@ -6,9 +6,9 @@ Tokens x (B, L, D) from a patchified latent; c = t_emb(t) + y_emb(class) [+ r_em
     x = x + gate1 * proj(attention(qkv(LN(x) * (1 + scale1) + shift1)))
     x = x + gate2 * fc2(gelu_tanh(fc1(LN(x) * (1 + scale2) + shift2)))
 
-``fused=True`` (the default) runs ``modulated_layer_norm``, ``attention`` and ``gated_residual``;
-``fused=False`` runs the same math as plain PyTorch (F.layer_norm, SDPA, x + g * y), which is the
-eager baseline of the benchmarks and the oracle of the tests. After ``quantize_fp8`` and
+``fused=True`` (the default) runs ``modulated_layer_norm``, ``attention``, ``gelu_tanh`` and
+``gated_residual``; ``fused=False`` runs the same math as plain PyTorch (F.layer_norm, SDPA,
+nn.GELU, x + g * y), which is the eager baseline of the benchmarks and the oracle of the tests. After ``quantize_fp8`` and
 ``fuse_epilogues`` the linear layers are FP8 and carry the GELU, gate and residual in their
 epilogue. Optional: QK-norm (RMSNorm per head), a log-variance head u(t) for sCM's adaptive
 weighting, a second time input r for flow maps (MeanFlow), embedded as t - r.
@@ -165,7 +165,8 @@ class DiTBlock(nn.Module):
             h = self.mlp.fc1(_modulated_ln(x, shift2, scale2, self.fused))
             return self.mlp.fc2(h, gate=gate2, residual=x)
         x = _gated_residual(x, self.attn.proj(a), gate1, self.fused)
-        h = self.mlp.fc2(self.mlp.act(self.mlp.fc1(_modulated_ln(x, shift2, scale2, self.fused))))
+        h = self.mlp.fc1(_modulated_ln(x, shift2, scale2, self.fused))
+        h = self.mlp.fc2(fk.gelu_tanh(h) if self.fused else self.mlp.act(h))
         return _gated_residual(x, h, gate2, self.fused)
 
 

@@ -5,6 +5,7 @@ from fastgen_kernels.ops import attention as _attention_module
 from fastgen_kernels.ops import fp8_linear as _fp8_linear_module
 from fastgen_kernels.ops import gan_loss as _gan_loss_module
 from fastgen_kernels.ops import gated_residual as _gated_residual_module
+from fastgen_kernels.ops import gelu_tanh as _gelu_tanh_module
 from fastgen_kernels.ops import modulated_norm as _modulated_norm_module
 from fastgen_kernels.ops import qk_norm_rope as _qk_norm_rope_module
 from fastgen_kernels.ops import scm_loss as _scm_loss_module
@@ -13,6 +14,7 @@ from fastgen_kernels.ops import vsd_loss as _vsd_loss_module
 from fastgen_kernels.ops.attention import attention, attention_jvp
 from fastgen_kernels.ops.fp8_linear import fp8_linear, quantize_weight
 from fastgen_kernels.ops.gated_residual import gated_residual
+from fastgen_kernels.ops.gelu_tanh import gelu_tanh
 from fastgen_kernels.ops.modulated_norm import modulated_layer_norm, modulated_rms_norm
 from fastgen_kernels.ops.qk_norm_rope import qk_norm_rope
 
@@ -20,6 +22,7 @@ from fastgen_kernels.ops.qk_norm_rope import qk_norm_rope
 OP_MODULES = {
     "modulated_norm": _modulated_norm_module,
     "gated_residual": _gated_residual_module,
+    "gelu_tanh": _gelu_tanh_module,
     "attention": _attention_module,
     "qk_norm_rope": _qk_norm_rope_module,
     "vsd_loss": _vsd_loss_module,
@@ -34,6 +37,7 @@ __all__ = [
     "attention_jvp",
     "fp8_linear",
     "gated_residual",
+    "gelu_tanh",
     "modulated_layer_norm",
     "modulated_rms_norm",
     "qk_norm_rope",

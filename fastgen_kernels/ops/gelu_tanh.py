@@ -1,0 +1,147 @@
+r"""GELU with the tanh approximation (the DiT MLP's activation), one elementwise pass.
+
+With k = sqrt(2 / pi), c = 0.044715 and u = k (x + c x^3)::
+
+    y = 0.5 x (1 + tanh u) = x * s,        s = sigmoid(2u)
+    y' = s + x s (1 - s) 2k (1 + 3c x^2)
+
+VJP (upstream g): dx = g * y'.  JVP (tangent tx): ty = tx * y', the same kernel.
+
+The CPU kernel evaluates the sigmoid form, which needs one exp, in the vectorized instruction-set
+copies of the loss kernels (csrc/cpu/gelu_tanh.cpp): ATen's tanh costs more than the MLP's fc1
+GEMM at a small DiT's sizes on the CPU. Any shape, float16/bfloat16/float32/float64, fp32
+arithmetic (fp64 for fp64), output in x's dtype. Backends: cpu (extension) and reference
+(``F.gelu(approximate="tanh")`` in fp32), which is also the GPU path: there PyTorch's kernel is
+one pass already, and the fusion that pays is into the GEMM's epilogue (``fp8_linear``).
+
+Public API: :func:`gelu_tanh`, running the custom op ``fastgen::gelu_tanh`` (backward:
+``fastgen::gelu_tanh_backward``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fastgen_kernels.backends import OpDispatcher
+from fastgen_kernels.ops import _checks, _eager_op
+
+# --------------------------------------------------------------------------- reference
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def reference_forward(x: Tensor) -> Tensor:
+    return F.gelu(x.to(_compute_dtype(x)), approximate="tanh").to(x.dtype).contiguous()
+
+
+def reference_backward(grad_out: Tensor, x: Tensor) -> Tensor:
+    """grad_out * y'(x) (also the JVP, with the tangent as grad_out)."""
+    ct = _compute_dtype(x)
+    k, c = math.sqrt(2 / math.pi), 0.044715
+    xc = x.to(ct)
+    s = torch.sigmoid(2 * k * (xc + c * xc**3))
+    slope = s + xc * s * (1 - s) * 2 * k * (1 + 3 * c * xc * xc)
+    return (grad_out.to(ct) * slope).to(x.dtype).contiguous()
+
+
+# --------------------------------------------------------------------------- backends
+
+
+def _cpu_forward(x: Tensor) -> Tensor:
+    return torch.ops.fastgen_C.gelu_tanh_forward(x.contiguous())
+
+
+def _cpu_backward(grad_out: Tensor, x: Tensor) -> Tensor:
+    return torch.ops.fastgen_C.gelu_tanh_backward(grad_out.contiguous(), x.contiguous())
+
+
+_SUPPORTS = {"cpu": _checks.nonempty}
+
+forward_dispatcher = OpDispatcher("fastgen.gelu_tanh", {"cpu": _cpu_forward, "reference": reference_forward},
+                                  _SUPPORTS)
+backward_dispatcher = OpDispatcher("fastgen.gelu_tanh_backward",
+                                   {"cpu": _cpu_backward, "reference": reference_backward}, _SUPPORTS,
+                                   device_of=lambda grad_out, x: x.device)
+
+# --------------------------------------------------------------------------- custom ops
+
+
+@torch.library.custom_op("fastgen::gelu_tanh", mutates_args=())
+def gelu_tanh_op(x: Tensor) -> Tensor:
+    """0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))."""
+    return forward_dispatcher(x)
+
+
+@torch.library.custom_op("fastgen::gelu_tanh_backward", mutates_args=())
+def gelu_tanh_backward(grad_out: Tensor, x: Tensor) -> Tensor:
+    """grad_out * gelu_tanh'(x)."""
+    return backward_dispatcher(grad_out, x)
+
+
+gelu_tanh_op.register_fake(reference_forward)
+gelu_tanh_backward.register_fake(reference_backward)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    ctx.save_for_backward(inputs[0])
+
+
+def _backward(ctx, grad_out):
+    (x,) = ctx.saved_tensors
+    return torch.ops.fastgen.gelu_tanh_backward(grad_out, x)
+
+
+gelu_tanh_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _GeluTanhFunction(torch.autograd.Function):
+    """The custom op plus a forward-mode rule (custom ops have none)."""
+
+    @staticmethod
+    def forward(x):
+        return torch.ops.fastgen.gelu_tanh(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _setup_context(ctx, inputs, output)
+        ctx.save_for_forward(inputs[0])
+
+    backward = staticmethod(_backward)
+
+    @staticmethod
+    def jvp(ctx, tx):
+        (x,) = ctx.saved_tensors
+        return torch.ops.fastgen.gelu_tanh_backward(tx, x)
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def gelu_tanh(x: Tensor) -> Tensor:
+    """``0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))``, as ``F.gelu(x, approximate="tanh")``.
+
+    x: any shape, float16/bfloat16/float32/float64; fp32 arithmetic (fp64 for fp64), output in x's
+    dtype. Differentiable, forward mode (torch.func.jvp) included.
+    """
+    x = _checks.tensor("gelu_tanh", "x", x)
+    if torch.compiler.is_compiling():  # Dynamo cannot trace an autograd.Function with a jvp
+        return torch.ops.fastgen.gelu_tanh(x)
+    if _eager_op.no_autograd((x,)):
+        return forward_dispatcher(x)
+    return _GeluTanhFunction.apply(x)
+
+
+def example_args(device: torch.device, dtype: torch.dtype) -> tuple:
+    """Small arguments of the forward op, for `fastgen-kernels info`."""
+    return (torch.randn(2, 3, 64, device=device, dtype=dtype),)
+
+
+def example_backward_args(x) -> tuple:
+    """Arguments of the backward op matching ``example_args``."""
+    return (x, x)
