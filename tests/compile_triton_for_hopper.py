@@ -65,6 +65,8 @@ def record_all_launches() -> None:
     for name, module in fk.ops.OP_MODULES.items():
         if name == "fp8_linear":  # autotuned: every configuration, below
             continue
+        if "triton" not in module.forward_dispatcher.impls:  # no Triton kernel (gelu_tanh)
+            continue
         for dtype in (torch.float32, torch.bfloat16):
             args = module.example_args(torch.device("cpu"), dtype)
             module.forward_dispatcher.impls["triton"](*args)
