@@ -8,8 +8,8 @@
   (fused attention in the tokens-first layout, no head transposes; SDPA when a mask is given).
 - ``AdaLayerNormZero`` (DiT, SD3): LayerNorm * (1 + scale) + shift in one fused op.
 - ``BasicTransformerBlock`` with adaLN-Zero (DiT) or adaLN-single (PixArt): the whole block runs
-  fused modulated norms and gated residuals (the attention processor takes the gate and the
-  residual), and ``fuse_epilogues`` moves them into FP8 linear layers after ``quantize_fp8``.
+  fused modulated norms, gated residuals and tanh-GELU (the attention processor takes the gate and
+  the residual), and ``fuse_epilogues`` moves them into FP8 linear layers after ``quantize_fp8``.
 
 Blocks are patched by changing the instance's class to a subclass that overrides ``forward``
 (weights, names and ``state_dict`` are untouched), so a patched model saves and loads as before.
@@ -138,6 +138,18 @@ def _make_fused_norm_class(base: type) -> type:
     return FusedAdaLayerNormZero
 
 
+def _feed_forward(ff: nn.Module, h: Tensor) -> Tensor:
+    """diffusers' FeedForward, its tanh-GELU (DiT's and PixArt's ``gelu-approximate``) as the fused
+    ``gelu_tanh``; other activations run as they are."""
+    act = ff.net[0]
+    if getattr(act, "approximate", None) != "tanh" or not isinstance(getattr(act, "proj", None), nn.Linear):
+        return ff(h)
+    h = fk.gelu_tanh(act.proj(h))
+    for layer in ff.net[1:]:
+        h = layer(h)
+    return h
+
+
 def _make_fused_block_class(base: type) -> type:
     class FusedBasicTransformerBlock(base):
         """BasicTransformerBlock (adaLN-Zero or adaLN-single) on fused modulated norms and gated
@@ -181,7 +193,7 @@ def _make_fused_block_class(base: type) -> type:
             h = fk.modulated_layer_norm(x, shift2.to(x.dtype), scale2.to(x.dtype), *_layer_norm_parts(norm_mlp))
             if self.fp8_epilogues:
                 return self.ff.net[-1](self.ff.net[0].proj(h), gate=gate2.to(x.dtype), residual=x)
-            return fk.gated_residual(x, self.ff(h), gate2.to(x.dtype))
+            return fk.gated_residual(x, _feed_forward(self.ff, h), gate2.to(x.dtype))
 
     return FusedBasicTransformerBlock
 
