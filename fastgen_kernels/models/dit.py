@@ -8,10 +8,10 @@ Tokens x (B, L, D) from a patchified latent; c = t_emb(t) + y_emb(class) [+ r_em
 
 ``fused=True`` (the default) runs ``modulated_layer_norm``, ``attention``, ``gelu_tanh`` and
 ``gated_residual``; ``fused=False`` runs the same math as plain PyTorch (F.layer_norm, SDPA,
-nn.GELU, x + g * y), which is the eager baseline of the benchmarks and the oracle of the tests. After ``quantize_fp8`` and
-``fuse_epilogues`` the linear layers are FP8 and carry the GELU, gate and residual in their
-epilogue. Optional: QK-norm (RMSNorm per head), a log-variance head u(t) for sCM's adaptive
-weighting, a second time input r for flow maps (MeanFlow), embedded as t - r.
+nn.GELU, x + g * y), which is the eager baseline of the benchmarks and the oracle of the tests.
+After ``quantize_fp8`` and ``fuse_epilogues`` the linear layers are FP8 and carry the GELU, gate
+and residual in their epilogue. Optional: QK-norm (RMSNorm per head), a log-variance head u(t)
+for sCM's adaptive weighting, a second time input r for flow maps (MeanFlow), embedded as t - r.
 """
 
 from __future__ import annotations

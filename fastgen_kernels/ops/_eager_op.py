@@ -11,7 +11,7 @@ DTensor), a dispatch or torch-function mode (make_fx, FlopCounterMode) or a func
 Both paths compute the same thing; the tests run each.
 
 Inference (:func:`no_autograd`): where no autograd of any kind sees a call, the activation ops
-(norms, gated residual, attention, QK-norm + RoPE) call their backend dispatcher directly, which
+(norms, gated residual, GELU, attention, QK-norm + RoPE) call their backend dispatcher directly, which
 skips the autograd.Function that carries their forward-mode rule as well (50-120 us per call on
 the CPU, as long as these kernels take at a small DiT's sizes).
 """
