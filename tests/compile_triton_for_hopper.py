@@ -17,9 +17,11 @@ import sys
 
 import torch
 import triton
-from triton.backends.compiler import GPUTarget
+from triton._C.libtriton import native_specialize_impl
+from triton.backends.compiler import BaseBackend, GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 import fastgen_kernels as fk
 from fastgen_kernels.triton_ops import attention as triton_attention
@@ -28,8 +30,6 @@ from fastgen_kernels.triton_ops import gan_loss as triton_gan_loss
 from fastgen_kernels.triton_ops import squared_residual as triton_squared_residual
 
 HOPPER = GPUTarget("cuda", 90, 32)
-TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int32: "i32",
-         torch.int64: "i64", torch.float8_e4m3fn: "fp8e4nv"}
 launches: list[tuple[JITFunction, dict, dict]] = []
 
 
@@ -40,22 +40,25 @@ def record(self, *args, grid, warmup, **kwargs):
     launches.append((self, bound, options))
 
 
-def signature(kernel: JITFunction, bound: dict) -> tuple[dict, dict]:
-    sig, constexprs = {}, {}
-    for param in kernel.params:
+def specialization(kernel: JITFunction, bound: dict) -> tuple[dict, dict, dict]:
+    """The signature, constants and attributes Triton's JIT compiles these arguments with: the
+    same specialization (integers equal to 1 become constants; pointers to 16-byte aligned data
+    and integers that are multiples of 16 get the divisibility hint that lets loads be
+    vectorized and pipelined through cp.async), so that the shared memory checked is the GPU's."""
+    sig, constexprs, attrs = {}, {}, {}
+    for index, param in enumerate(kernel.params):
         value = bound[param.name]
-        if param.is_constexpr or value is None:
-            sig[param.name] = "constexpr"
-            constexprs[param.name] = value
-        elif isinstance(value, torch.Tensor):
-            sig[param.name] = "*" + TYPES[value.dtype]
-        elif isinstance(value, bool):
-            sig[param.name] = "i1"
-        elif isinstance(value, int):
-            sig[param.name] = "i32" if abs(value) < 2**31 else "i64"
-        else:
-            sig[param.name] = "fp32"
-    return sig, constexprs
+        if param.is_constexpr:
+            sig[param.name], constexprs[param.name] = "constexpr", value
+            continue
+        kind, attr = native_specialize_impl(BaseBackend, value, False, not param.do_not_specialize,
+                                            not param.do_not_specialize_on_alignment)
+        sig[param.name] = kind
+        if kind == "constexpr":
+            constexprs[param.name] = attr
+        elif isinstance(attr, str):
+            attrs[(index,)] = BaseBackend.parse_attr(attr)
+    return sig, constexprs, attrs
 
 
 def record_all_launches() -> None:
@@ -89,9 +92,10 @@ def record_all_launches() -> None:
 
 
 def record_fp8_linear_launches() -> None:
-    """The quantizer, and the FP8 GEMM in each autotuning configuration with the two DiT
-    epilogues (fc1: bias + GELU; out-projection / fc2: bias, per-batch gate, residual), plus the
-    bf16 operands of GPUs without FP8."""
+    """The quantizer, and the FP8 GEMM in each autotuning configuration of both variants (tiled,
+    persistent TMA) with the two DiT epilogues (fc1: bias + GELU; out-projection / fc2: bias,
+    per-batch gate, residual), plus the bf16 operands of GPUs without FP8 in their own tiles
+    (tiled only: TMA needs Hopper, which has FP8)."""
     x = torch.randn(256, 1152, dtype=torch.bfloat16)
     triton_fp8_linear.quantize_rows(x)
     codes = torch.empty(256, 1152, dtype=torch.float8_e4m3fn)
@@ -99,13 +103,19 @@ def record_fp8_linear_launches() -> None:
     out = torch.empty(256, 1152, dtype=torch.bfloat16)
     epilogues = [dict(HAS_BIAS=True, ACTIVATION=1, HAS_GATE=False, HAS_RESIDUAL=False),
                  dict(HAS_BIAS=True, ACTIVATION=0, HAS_GATE=True, HAS_RESIDUAL=True)]
-    for config in triton_fp8_linear._HOPPER_CONFIGS:
-        for operands, x_scale, epilogue in [(codes, scale, epilogues[0]), (codes, scale, epilogues[1]),
-                                            (x, None, epilogues[1])]:
-            triton_fp8_linear._linear_kernel[(1,)](
-                operands, x_scale, operands, scale[:1152], bias, gate, out, out, 256, 1152, 1152, 128,
-                HAS_X_SCALE=x_scale is not None, PER_CHANNEL=True, IEEE=False, **epilogue, **config.kwargs,
-                num_warps=config.num_warps, num_stages=config.num_stages)
+    cases = [(config, operands, x_scale, epilogue)
+             for config in triton_fp8_linear._TILED_CONFIGS + triton_fp8_linear._TMA_CONFIGS
+             for operands, x_scale, epilogue in [(codes, scale, epilogues[0]), (codes, scale, epilogues[1])]]
+    cases += [(config, x, None, epilogues[1]) for config in triton_fp8_linear._WIDE_OPERAND_CONFIGS]
+    for config, operands, x_scale, epilogue in cases:
+        descriptors = (None, None)
+        if config.kwargs["TMA"]:
+            descriptors = tuple(TensorDescriptor.from_tensor(operands, [1, 1]) for _ in range(2))
+            config.pre_hook(dict(X_DESC=descriptors[0], W_DESC=descriptors[1], **config.kwargs))
+        triton_fp8_linear._linear_kernel[(1,)](
+            operands, x_scale, operands, scale[:1152], bias, gate, out, out, *descriptors,
+            256, 1152, 1152, 128, HAS_X_SCALE=x_scale is not None, PER_CHANNEL=True, IEEE=False,
+            **epilogue, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
 def main() -> int:
@@ -115,16 +125,16 @@ def main() -> int:
     record_all_launches()
     failures, seen = [], set()
     for kernel, bound, options in launches:
-        sig, constexprs = signature(kernel, bound)
+        sig, constexprs, attrs = specialization(kernel, bound)
         key = (kernel.__name__, kernel.fn.__module__, tuple(sig.items()),
-               tuple(sorted(map(str, constexprs.items()))), tuple(options.items()))
+               tuple(sorted(map(str, constexprs.items()))), str(attrs), tuple(options.items()))
         if key in seen:
             continue
         seen.add(key)
         operand = next(t for t in sig.values() if t.startswith("*"))[1:]
         name = f"{kernel.fn.__module__.split('.')[-1]}.{kernel.__name__} {operand} {constexprs}"
         try:
-            compiled = triton.compile(ASTSource(kernel, sig, constexprs), target=HOPPER,
+            compiled = triton.compile(ASTSource(kernel, sig, constexprs, attrs), target=HOPPER,
                                       options=options)
         except Exception as error:  # noqa: BLE001 - report every kernel, then fail
             failures.append(f"{name}: {str(error).splitlines()[-1] if str(error) else error!r}")

@@ -192,6 +192,40 @@ def test_linear_shapes(M, N, K, generator):
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("M,N,K", [(1, 16, 16), (33, 17, 128), (70, 96, 48)])
+@pytest.mark.parametrize("variant", ["tiled", "persistent_tma"])
+def test_linear_kernel_variants(variant, M, N, K, generator):
+    """Both GEMM variants on the same codes and on fp32 operands (IEEE dot), every epilogue
+    option on: the tiled kernel, and the persistent one whose 3 programs walk all the tiles with
+    TMA tile loads (zero-filled past the edges), against the fp64 epilogue of the same product."""
+    from fastgen_kernels.triton_ops import fp8_linear as triton_fp8_linear
+
+    x = torch.randn(1, M, K, generator=generator)
+    weight_q, weight_scale = fp8.quantize_weight(torch.randn(N, K, generator=generator))
+    kwargs = _epilogue_args((True, "gelu_tanh", "token", True), x, N, torch.float32, generator)
+    codes, x_scale = fp8.reference_quantize_rows(x[0])
+    for operand, scale, weight in [(codes, x_scale, weight_q), (x[0], None, weight_q.float())]:
+        out = triton_fp8_linear.linear(operand, scale, weight, weight_scale, kwargs["bias"], "gelu_tanh",
+                                       kwargs["gate"].view(M, N), 1, kwargs["residual"].view(M, N),
+                                       torch.float32, variant=variant)
+        exact = _expected(operand.double() @ weight.double().T, scale, weight_scale, kwargs, x)
+        torch.testing.assert_close(out.double().view(1, M, N), exact, rtol=1e-5, atol=1e-5)
+
+
+def test_linear_kernel_variant_errors(generator):
+    from fastgen_kernels.triton_ops import fp8_linear as triton_fp8_linear
+
+    codes, scale = fp8.reference_quantize_rows(torch.randn(4, 24, generator=generator))
+    weight_q, weight_scale = fp8.quantize_weight(torch.randn(8, 24, generator=generator))
+    args = (codes, scale, weight_q, weight_scale, None, None, None, 1, None, torch.float32)
+    with pytest.raises(ValueError, match="16-byte aligned rows"):  # K = 24 one-byte codes
+        triton_fp8_linear.linear(*args, variant="persistent_tma")
+    with pytest.raises(ValueError, match="variant must be one of"):
+        triton_fp8_linear.linear(*args, variant="split_k")
+    # "auto" off the GPU: the tiled kernel
+    torch.testing.assert_close(triton_fp8_linear.linear(*args), fp8.reference_linear(*args))
+
+
 def test_opcheck(generator):
     x = torch.randn(20, 48, generator=generator, dtype=torch.bfloat16)
     codes, scale = fp8.reference_quantize_rows(x)

@@ -3,22 +3,33 @@
 - ``quantize_rows``: per-token (row) dynamic scaling of activations to e4m3, one program per row,
   two passes over the row (its absolute maximum, then the scaled cast; the second pass finds the
   row in L1/L2).
-- ``linear``: out = epilogue(x @ w^T) in one kernel. Tiles of x (BLOCK_M, BLOCK_K) and of w^T
-  (BLOCK_K, BLOCK_N) go to ``tl.dot`` (wgmma on Hopper; e4m3 x e4m3 -> fp32 tensor-core FMA);
-  the program's (BLOCK_M, BLOCK_N) fp32 accumulator is scaled, biased, activated, gated, added
-  to the residual and rounded once to the output dtype before it is stored. Programs walk the
-  output tiles in groups of GROUP_M row tiles so that the column tiles of w they share stay in L2.
-  w is read K-major ((N, K) row-major, nn.Linear's layout), which is what FP8 wgmma requires of
-  its B operand. The same kernel multiplies bf16/fp16 operands (the path of GPUs without FP8) and
-  fp32 ones in IEEE precision (the interpreter's exact check of the indexing and the epilogue).
+- ``linear``: out = epilogue(x @ w^T) in one kernel, two variants of its main loop:
+  - tiled: a program per (BLOCK_M, BLOCK_N) output tile; tiles of x (BLOCK_M, BLOCK_K) and of
+    w^T (BLOCK_K, BLOCK_N) are loaded through pointers (cp.async, pipelined over num_stages K
+    slices) and go to ``tl.dot`` (wgmma on Hopper; e4m3 x e4m3 -> fp32 tensor-core FMA);
+  - persistent_tma (Hopper): a program per SM walks the output tiles, and the TMA unit copies
+    the x and w tiles into shared memory from host-built descriptors (no address arithmetic or
+    masks in the loop; the tile and K loops are flattened so that the next tile's loads overlap
+    this tile's epilogue).
+  Both scale, bias, activate, gate and add the residual to the (BLOCK_M, BLOCK_N) fp32
+  accumulator and round once to the output dtype. Tiles are numbered in groups of GROUP_M row
+  tiles so that the column tiles of w they share stay in L2. w is read K-major ((N, K)
+  row-major, nn.Linear's layout), which is what FP8 wgmma requires of its B operand. Each variant
+  is autotuned per (M, N, K); "auto" then times the two once per shape and keeps the faster.
+  The tiled kernel also multiplies bf16/fp16 operands (GPUs without FP8, in tiles of their own)
+  and fp32 ones in IEEE precision (the interpreter's exact check of the indexing and epilogue).
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
+import triton.testing
 from torch import Tensor
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from fastgen_kernels.backends import interpreting_triton
 from fastgen_kernels.ops.fp8_linear import ACTIVATIONS, E4M3_MAX, MIN_AMAX
@@ -53,42 +64,29 @@ def _quantize_rows_kernel(
 
 
 @triton.jit
-def _linear_kernel(
-    X,  # (M, K) e4m3 (or bf16/fp16/fp32 operands), contiguous
-    X_SCALE,  # (M,) fp32 per-token scale of x, when HAS_X_SCALE
-    W,  # (N, K) same dtype as X, contiguous: nn.Linear's weight
-    W_SCALE,  # (N,) fp32 per output channel when PER_CHANNEL, else (1,) per tensor
-    BIAS,  # (N,) when HAS_BIAS
-    GATE,  # (M // gate_rows, N) when HAS_GATE: a row per batch (gate_rows = L) or per token (1)
-    RESIDUAL,  # (M, N) when HAS_RESIDUAL, contiguous
-    OUT,  # (M, N) output, contiguous
-    M,
-    N,
-    K,
-    gate_rows,
-    HAS_X_SCALE: tl.constexpr,
-    PER_CHANNEL: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    ACTIVATION: tl.constexpr,  # index in ACTIVATIONS: 0 none, 1 gelu_tanh, 2 gelu (erf), 3 silu
-    HAS_GATE: tl.constexpr,
-    HAS_RESIDUAL: tl.constexpr,
-    IEEE: tl.constexpr,  # fp32 operands: multiply in IEEE fp32, not TF32
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
-):
-    pid = tl.program_id(0)
+def _tile_position(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(row tile, column tile) of output tile number ``tile``: tiles are numbered in groups of
+    GROUP_M row tiles, column by column within a group, so that consecutive tiles share the
+    column tiles of w while they are in L2."""
     tiles_m = tl.cdiv(M, BLOCK_M)
     tiles_n = tl.cdiv(N, BLOCK_N)
     per_group = GROUP_M * tiles_n
-    first_m = (pid // per_group) * GROUP_M
+    first_m = (tile // per_group) * GROUP_M
     group_m = min(tiles_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_m
-    pid_n = (pid % per_group) // group_m
+    return first_m + (tile % per_group) % group_m, (tile % per_group) // group_m
 
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+
+@triton.jit
+def _dot(a, b, acc, IEEE: tl.constexpr):
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _accumulate_pointers(X, W, rows, cols, M, N, K, IEEE: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """x[rows] @ w[cols]^T in fp32, masked loads of (BLOCK_M, BLOCK_K) and (BLOCK_K, BLOCK_N) tiles."""
     ks = tl.arange(0, BLOCK_K)
     row_ok = rows < M
     col_ok = cols < N
@@ -99,14 +97,32 @@ def _linear_kernel(
         k_ok = start + ks < K
         a = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        if IEEE:
-            acc = tl.dot(a, b, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, b, acc)
+        acc = _dot(a, b, acc, IEEE)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
+    return acc
 
-    # epilogue, in fp32 on the accumulator
+
+@triton.jit
+def _accumulate_tma(X_DESC, W_DESC, first_row, first_col, K, IEEE: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The same product from tiles the TMA unit copies to shared memory; it fills the parts of a
+    tile outside x or w with zeros, so there are no masks."""
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for start in range(0, K, BLOCK_K):
+        a = X_DESC.load([first_row, start])
+        b = W_DESC.load([first_col, start])  # (BLOCK_N, BLOCK_K): w is K-major, as wgmma's B wants
+        acc = _dot(a, b.T, acc, IEEE)
+    return acc
+
+
+@triton.jit
+def _store_epilogue(acc, rows, cols, M, N, X_SCALE, W_SCALE, BIAS, GATE, RESIDUAL, OUT, gate_rows,
+                    HAS_X_SCALE: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    ACTIVATION: tl.constexpr, HAS_GATE: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
+    """OUT[rows, cols] = residual + gate * act(acc * s_x * s_w + bias), fp32 until the one rounding."""
+    row_ok = rows < M
+    col_ok = cols < N
     y = acc
     if HAS_X_SCALE:
         y = y * tl.load(X_SCALE + rows, mask=row_ok, other=0.0)[:, None]
@@ -133,18 +149,90 @@ def _linear_kernel(
     tl.store(OUT + offsets, y.to(OUT.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _linear_kernel(
+    X,  # (M, K) e4m3 (or bf16/fp16/fp32 operands), contiguous
+    X_SCALE,  # (M,) fp32 per-token scale of x, when HAS_X_SCALE
+    W,  # (N, K) same dtype as X, contiguous: nn.Linear's weight
+    W_SCALE,  # (N,) fp32 per output channel when PER_CHANNEL, else (1,) per tensor
+    BIAS,  # (N,) when HAS_BIAS
+    GATE,  # (M // gate_rows, N) when HAS_GATE: a row per batch (gate_rows = L) or per token (1)
+    RESIDUAL,  # (M, N) when HAS_RESIDUAL, contiguous
+    OUT,  # (M, N) output, contiguous
+    X_DESC,  # when TMA: TMA descriptors of x's (BLOCK_M, BLOCK_K) tiles
+    W_DESC,  #           and of w's (BLOCK_N, BLOCK_K) tiles; None otherwise
+    M,
+    N,
+    K,
+    gate_rows,
+    HAS_X_SCALE: tl.constexpr,
+    PER_CHANNEL: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ACTIVATION: tl.constexpr,  # index in ACTIVATIONS: 0 none, 1 gelu_tanh, 2 gelu (erf), 3 silu
+    HAS_GATE: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    IEEE: tl.constexpr,  # fp32 operands: multiply in IEEE fp32, not TF32
+    TMA: tl.constexpr,  # the persistent TMA variant (else the tiled one)
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    if TMA:
+        # persistent: a program per SM walks the tiles; flattening the tile and K loops into one
+        # lets the software pipeline load the next tile's first slices during this one's epilogue
+        tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+        for tile in tl.range(tl.program_id(0), tiles, tl.num_programs(0), flatten=True):
+            pid_m, pid_n = _tile_position(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+            acc = _accumulate_tma(X_DESC, W_DESC, pid_m * BLOCK_M, pid_n * BLOCK_N, K, IEEE,
+                                  BLOCK_M, BLOCK_N, BLOCK_K)
+            rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+            cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            _store_epilogue(acc, rows, cols, M, N, X_SCALE, W_SCALE, BIAS, GATE, RESIDUAL, OUT, gate_rows,
+                            HAS_X_SCALE, PER_CHANNEL, HAS_BIAS, ACTIVATION, HAS_GATE, HAS_RESIDUAL)
+    else:
+        pid_m, pid_n = _tile_position(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        acc = _accumulate_pointers(X, W, rows, cols, M, N, K, IEEE, BLOCK_M, BLOCK_N, BLOCK_K)
+        _store_epilogue(acc, rows, cols, M, N, X_SCALE, W_SCALE, BIAS, GATE, RESIDUAL, OUT, gate_rows,
+                        HAS_X_SCALE, PER_CHANNEL, HAS_BIAS, ACTIVATION, HAS_GATE, HAS_RESIDUAL)
+
+
+VARIANTS = ("tiled", "persistent_tma")
+
+
+def _set_descriptor_blocks(nargs: dict) -> None:
+    """Config pre-hook of the TMA variant: its descriptors copy tiles of the config's shape."""
+    nargs["X_DESC"].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_K"]]
+    nargs["W_DESC"].block_shape = [nargs["BLOCK_N"], nargs["BLOCK_K"]]
+
+
+def _configs(tiles: list[tuple[int, int, int, int, int]], tma: bool) -> list[triton.Config]:
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "TMA": tma},
+                          num_stages=stages, num_warps=warps, pre_hook=_set_descriptor_blocks if tma else None)
+            for bm, bn, bk, stages, warps in tiles]
+
+
 # Hopper (H100/H200) FP8 tiles: 128-wide wgmma, 3-4 stages of 128-deep K slices fit in 228 KB of
-# shared memory. Tuned per (M, N, K); the DiT and Flux shapes are multiples of 128.
-_HOPPER_CONFIGS = [
-    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=s, num_warps=w)
-    for bm, bn, bk, s, w in [
-        (128, 256, 128, 3, 8), (256, 128, 128, 3, 8), (128, 128, 128, 4, 8),
-        (128, 128, 64, 4, 4), (64, 128, 128, 4, 4), (128, 64, 128, 4, 4),
-    ]
-]
-_tuned_linear_kernel = triton.autotune(_HOPPER_CONFIGS, key=["M", "N", "K"])(_linear_kernel)
-# Small tiles under the interpreter: several tiles in each direction and ragged edges at test sizes.
+# shared memory. Tuned per (M, N, K); the DiT and Flux shapes are multiples of 128. The persistent
+# TMA variant gets the large tiles only: it pays off where the tiled kernel is bound by issuing
+# loads, not by the number of tiles. GPUs without FP8 multiply 2-byte operands: the same tiles
+# with K slices half as deep, the same bytes per stage (A100: 164 KB of shared memory).
+_FP8_TILES = [(128, 256, 128, 3, 8), (256, 128, 128, 3, 8), (128, 128, 128, 4, 8),
+              (128, 128, 64, 4, 4), (64, 128, 128, 4, 4), (128, 64, 128, 4, 4)]
+_TILED_CONFIGS = _configs(_FP8_TILES, tma=False)
+_TMA_CONFIGS = _configs(_FP8_TILES[:3], tma=True)
+_WIDE_OPERAND_CONFIGS = _configs([(bm, bn, bk // 2, stages, warps) for bm, bn, bk, stages, warps in _FP8_TILES],
+                                 tma=False)
+_TUNED_KERNELS = {name: triton.autotune(configs, key=["M", "N", "K"])(_linear_kernel) for name, configs in
+                  [("tiled", _TILED_CONFIGS), ("persistent_tma", _TMA_CONFIGS), ("wide", _WIDE_OPERAND_CONFIGS)]}
+# Small tiles under the interpreter: several tiles in each direction and ragged edges at test sizes,
+# and fewer persistent programs than tiles, so that each walks several.
 _INTERPRETER_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 2}
+_INTERPRETER_PROGRAMS = 3
+# The variant "auto" measured fastest, per (device, M, N, K, operand dtype, output dtype).
+VARIANT_CHOICES: dict[tuple, str] = {}
 
 
 def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -160,26 +248,84 @@ def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
     return codes, scale
 
 
+def _tma_unsupported(x: Tensor, weight: Tensor) -> str | None:
+    """Why the TMA variant cannot run on these operands (None when it can)."""
+    if x.is_cuda and torch.cuda.get_device_capability(x.device) < (9, 0):
+        return "TMA needs a Hopper or newer GPU (sm_90+)"
+    if x.device.type != "cuda" and not interpreting_triton():
+        return "TMA needs a CUDA device"
+    if (x.shape[1] * x.element_size()) % 16 or x.data_ptr() % 16 or weight.data_ptr() % 16:
+        return "TMA needs 16-byte aligned rows (K * itemsize a multiple of 16) and 16-byte aligned data"
+    return None
+
+
+@functools.cache
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _launch(variant: str, args: tuple, flags: dict, M: int, N: int) -> None:
+    x, w = args[0], args[2]
+    if variant == "persistent_tma":
+        blocks = _INTERPRETER_BLOCKS if interpreting_triton() else _TMA_CONFIGS[0].kwargs
+        descriptors = (TensorDescriptor.from_tensor(x, [blocks["BLOCK_M"], blocks["BLOCK_K"]]),
+                       TensorDescriptor.from_tensor(w, [blocks["BLOCK_N"], blocks["BLOCK_K"]]))
+        programs = _INTERPRETER_PROGRAMS if interpreting_triton() else _multiprocessors(x.device)
+    else:
+        descriptors, programs = (None, None), None
+    args = args[:8] + descriptors + args[8:]
+
+    def grid(meta):
+        tiles = triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])
+        return (tiles if programs is None else min(tiles, programs),)
+
+    if interpreting_triton():
+        _linear_kernel[grid(_INTERPRETER_BLOCKS)](*args, **flags, **_INTERPRETER_BLOCKS,
+                                                  TMA=variant == "persistent_tma")
+    else:
+        wide = variant == "tiled" and x.element_size() > 1
+        _TUNED_KERNELS["wide" if wide else variant][grid](*args, **flags)
+
+
+def _fastest_variant(args: tuple, flags: dict, M: int, N: int) -> str:
+    """Each variant autotuned, then timed once more against the other: the faster wins."""
+    times = {}
+    for variant in VARIANTS:
+        _launch(variant, args, flags, M, N)  # autotunes
+        times[variant] = triton.testing.do_bench(lambda: _launch(variant, args, flags, M, N))
+    return min(times, key=times.get)
+
+
 def linear(x: Tensor, x_scale: Tensor | None, weight: Tensor, weight_scale: Tensor, bias: Tensor | None,
            activation: str | None, gate: Tensor | None, gate_rows: int, residual: Tensor | None,
-           out_dtype: torch.dtype) -> Tensor:
-    """epilogue(x @ weight^T) as (M, N) in out_dtype; x (M, K) and weight (N, K) of one dtype."""
+           out_dtype: torch.dtype, variant: str = "auto") -> Tensor:
+    """epilogue(x @ weight^T) as (M, N) in out_dtype; x (M, K) and weight (N, K) of one dtype.
+
+    variant: "tiled", "persistent_tma" or "auto": the persistent TMA variant where the GPU and the
+    operands allow it and it measured faster for this shape (once per shape), else the tiled one.
+    """
+    if variant not in (*VARIANTS, "auto"):
+        raise ValueError(f"fp8_linear: variant must be one of {VARIANTS} or 'auto', got {variant!r}")
     M, K = x.shape
     N = weight.shape[0]
+    x, weight = x.contiguous(), weight.contiguous()
     out = torch.empty(M, N, device=x.device, dtype=out_dtype)
     flags = dict(HAS_X_SCALE=x_scale is not None, PER_CHANNEL=weight_scale.numel() > 1,
                  HAS_BIAS=bias is not None, ACTIVATION=ACTIVATIONS.index(activation),
                  HAS_GATE=gate is not None, HAS_RESIDUAL=residual is not None,
                  IEEE=x.dtype == torch.float32)
-    args = (x.contiguous(), x_scale, weight.contiguous(), weight_scale, bias,
-            None if gate is None else gate.contiguous(), None if residual is None else residual.contiguous(),
-            out, M, N, K, gate_rows)
-    if interpreting_triton():
-        blocks = _INTERPRETER_BLOCKS
-        grid = (triton.cdiv(M, blocks["BLOCK_M"]) * triton.cdiv(N, blocks["BLOCK_N"]),)
-        _linear_kernel[grid](*args, **flags, **blocks)
-    else:
-        def grid(meta):
-            return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-        _tuned_linear_kernel[grid](*args, **flags)
+    args = (x, x_scale, weight, weight_scale, bias, None if gate is None else gate.contiguous(),
+            None if residual is None else residual.contiguous(), out, M, N, K, gate_rows)
+    tma_problem = _tma_unsupported(x, weight)
+    if variant == "persistent_tma" and tma_problem:
+        raise ValueError(f"fp8_linear: variant 'persistent_tma' cannot run here: {tma_problem}")
+    if variant == "auto":
+        if tma_problem or x.device.type != "cuda":
+            variant = "tiled"
+        else:
+            key = (x.device, M, N, K, x.dtype, out_dtype)
+            if key not in VARIANT_CHOICES and not torch.cuda.is_current_stream_capturing():
+                VARIANT_CHOICES[key] = _fastest_variant(args, flags, M, N)
+            variant = VARIANT_CHOICES.get(key, "tiled")
+    _launch(variant, args, flags, M, N)
     return out
