@@ -8,6 +8,8 @@ place in a DiT block: widening layers (N > K, MLP fc1) bias + GELU(tanh); the ot
 out-projection, fc2) bias + adaLN-Zero gate (B = 4, per batch) + residual. FLOPs: 2 M N K; the
 peer (``speedup_vs_peer``) is _scaled_mm + the separate epilogue ops, and ``_scaled_mm alone``
 (pre-quantized x, no epilogue) is the FP8 ceiling the fused kernel's TFLOP/s is compared with.
+The two ``fused_prequantized_<variant>`` rows force each GEMM variant (tiled; persistent TMA, on
+Hopper); the op's own rows record in ``variant`` which one it measured faster and took.
 
 ``test_dit_xl_forward``: the reference DiT-XL/2 (256px, 32x32x4 latents; batch 32 and 128, so
 M = 8192 and 32768 tokens) end to end, quantized (``quantize_fp8`` + ``fuse_epilogues``) against the
@@ -31,7 +33,9 @@ from fastgen_kernels.models import DiT, DiTConfig
 
 TOKENS = [8192, 32768]
 LAYERS = [(1152, 1152), (4608, 1152), (1152, 4608), (3072, 3072), (12288, 3072)]  # (N, K)
-PROVIDERS = ["fused", "fused_prequantized", "scaled_mm_epilogue", "scaled_mm", "bf16_epilogue", "compile"]
+FORCED_VARIANTS = {"fused_prequantized_tiled": "tiled", "fused_prequantized_persistent_tma": "persistent_tma"}
+PROVIDERS = ["fused", "fused_prequantized", *FORCED_VARIANTS, "scaled_mm_epilogue", "scaled_mm", "bf16_epilogue",
+             "compile"]
 BATCH = 4
 
 
@@ -62,6 +66,8 @@ _compiled_bf16_layer = torch.compile(_bf16_layer, dynamic=False)
 def test_fp8_linear(benchmark, device, tokens, layer, provider):
     if device != "cuda" or torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("an FP8 GPU benchmark (sm_89+): the CPU path is the reference")
+    from fastgen_kernels.triton_ops import fp8_linear as triton_fp8_linear
+
     N, K = layer
     widening = N > K
     x = torch.randn(tokens, K, device=device, dtype=torch.bfloat16)
@@ -79,8 +85,15 @@ def test_fp8_linear(benchmark, device, tokens, layer, provider):
         return torch._scaled_mm(a, weight_q.t(), scale_a=a_scale, scale_b=weight_scale.view(1, -1),
                                 out_dtype=torch.bfloat16)
 
+    def forced(variant):
+        gate_rows = tokens // BATCH if "gate" in epilogue else 1
+        return lambda: triton_fp8_linear.linear(
+            codes, x_scale.view(-1), weight_q, weight_scale, bias, epilogue.get("activation"), epilogue.get("gate"),
+            gate_rows, None if "residual" not in epilogue else residual.view(tokens, N), torch.bfloat16, variant=variant)
+
     fns = {
         "fused": lambda: fk.ops.fp8_linear(x3, weight_q, weight_scale, **epilogue),
+        **{provider: forced(variant) for provider, variant in FORCED_VARIANTS.items()},
         "fused_prequantized": lambda: fk.ops.fp8_linear(codes3, weight_q, weight_scale,
                                                         x_scale=x_scale.view(-1), **epilogue),
         "scaled_mm_epilogue": lambda: _epilogue(scaled_mm(*_quantize_rows(x)), bias, gate, residual, widening),
@@ -88,12 +101,19 @@ def test_fp8_linear(benchmark, device, tokens, layer, provider):
         "bf16_epilogue": lambda: _bf16_layer(x, w_bf16, bias, gate, residual, widening),
         "compile": lambda: _compiled_bf16_layer(x, w_bf16, bias, gate, residual, widening),
     }
+    if provider.endswith("persistent_tma") and torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("TMA needs Hopper (sm_90+)")
     benchmark.group = f"fp8_linear {'fc1+gelu' if widening else 'gate+residual'} M={tokens} N={N} K={K}"
     with torch.no_grad(), fk.use_backend("triton"):
         fns[provider]()  # compile / autotune before timing
+        if provider in FORCED_VARIANTS:
+            benchmark.extra_info["variant"] = FORCED_VARIANTS[provider]
+        elif provider.startswith("fused"):
+            key = (codes.device, tokens, N, K, codes.dtype, torch.bfloat16)
+            benchmark.extra_info["variant"] = triton_fp8_linear.VARIANT_CHOICES.get(key, "tiled")
         run(benchmark, fns[provider], device, peer_key=("fp8_linear", tokens, layer),
             peer_fn=fns["scaled_mm_epilogue"], flops=2 * tokens * N * K, peer="scaled_mm + epilogue",
-            op="fp8_linear", provider=provider, dtype="float8_e4m3fn", mode="forward",
+            op="fp8_linear", provider=provider, dtype=str(torch.float8_e4m3fn), mode="forward",
             shape=[tokens, N, K])
 
 
@@ -123,5 +143,5 @@ def test_dit_xl_forward(benchmark, device, batch):
         benchmark.name = "fp8_fused_epilogues"
         run(benchmark, lambda: fp8(x, t, labels), device, peer_key=("dit_xl", batch),
             peer_fn=lambda: bf16(x, t, labels), flops=flops, peer="bf16 DiT-XL/2 (fused ops)", op="dit_forward",
-            provider="fp8", dtype="float8_e4m3fn", mode="forward", shape=[batch, config.in_channels, 32, 32],
+            provider="fp8", dtype=str(torch.float8_e4m3fn), mode="forward", shape=[batch, config.in_channels, 32, 32],
             snr_db=snr_db)

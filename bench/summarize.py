@@ -26,7 +26,7 @@ def main(path: str) -> None:
             ceilings[("copy", b["device"])] = b["gbps"]
         elif b["op"] == "matmul":
             ceilings[("matmul", b["device"], b["dtype"])] = b["tflops"]
-    print(f"{'op':<22}{'device':<24}{'dtype':<10}{'mode':<18}{'shape':<20}{'provider':<16}"
+    print(f"{'op':<22}{'device':<24}{'dtype':<10}{'mode':<18}{'shape':<20}{'provider':<36}"
           f"{'ms':>10}{'rate':>16}{'of ceiling':>11}{'vs peer':>16}")
     order = lambda b: (b["op"], b["device"], b["dtype"], b["mode"], b["shape"], b["provider"])  # noqa: E731
     for b in sorted(benches, key=order):
@@ -38,8 +38,11 @@ def main(path: str) -> None:
             ceiling = ceilings.get(ceiling_key(b))
             frac = f"{(b.get('tflops') or b['gbps']) / ceiling:.0%}" if ceiling else "-"
         memory = f", memory {b['memory_vs_peer']:.2f}x" if "memory_vs_peer" in b else ""
+        provider = b["provider"]
+        if b.get("variant") and b["variant"] not in provider:  # the kernel variant the op chose
+            provider += f" ({b['variant']})"
         print(f"{b['op']:<22}{b['device'][:23]:<24}{b['dtype'][6:]:<10}{b['mode']:<18}"
-              f"{'x'.join(map(str, b['shape'])):<20}{b['provider']:<16}{b['median_ms']:>10.3f}"
+              f"{'x'.join(map(str, b['shape'])):<20}{provider:<36}{b['median_ms']:>10.3f}"
               f"{rate:>16}{frac:>11}{b['speedup_vs_peer']:>8.2f}x {b['peer']}{memory}")
     for key, value in ceilings.items():
         unit = "GB/s" if key[0] == "copy" else "TFLOP/s"

@@ -292,6 +292,34 @@ def test_fp8_linear_on_gpu(M, N, K, epilogue, generator):
         assert fl.snr_db(out, fl._expected(gemm, None, torch.ones(1, device="cuda"), kwargs, x)) >= 40.0
 
 
+@pytest.mark.parametrize("variant", ["tiled", "persistent_tma"])
+@pytest.mark.parametrize("M,N,K", [(8192, 4608, 1152), (300, 1152, 4608), (37, 48, 80)])
+def test_fp8_linear_kernel_variants_on_gpu(variant, M, N, K, generator):
+    """Each GEMM variant forced (the op's "auto" picks one), fc1's and fc2's epilogues, against
+    the fp64 epilogue of the same e4m3 codes; and "auto" equal to the variant it chose."""
+    if torch.cuda.get_device_capability() < ((9, 0) if variant == "persistent_tma" else (8, 9)):
+        pytest.skip(f"the {variant} FP8 GEMM needs a newer GPU")
+    from fastgen_kernels.triton_ops import fp8_linear as triton_fp8_linear
+
+    fp8 = fk.ops.OP_MODULES["fp8_linear"]
+    x, weight = fl._inputs(generator, batch=1, tokens=M, K=K, N=N)
+    codes, x_scale = (t.cuda() for t in fp8.reference_quantize_rows(x[0]))
+    weight_q, weight_scale = (t.cuda() for t in fp8.quantize_weight(weight))
+    for epilogue in [(True, "gelu_tanh", None, False), (True, None, "token", True)]:
+        kwargs = {k: v.cuda() if isinstance(v, torch.Tensor) else v
+                  for k, v in fl._epilogue_args(epilogue, x, N, torch.bfloat16, generator).items()}
+        args = (codes, x_scale, weight_q, weight_scale, kwargs["bias"], kwargs["activation"],
+                None if kwargs["gate"] is None else kwargs["gate"].view(M, N), 1,
+                None if kwargs["residual"] is None else kwargs["residual"].view(M, N), torch.bfloat16)
+        out = triton_fp8_linear.linear(*args, variant=variant)
+        exact = fl._expected(codes.double() @ weight_q.double().T, x_scale, weight_scale, kwargs, x.cuda())
+        torch.testing.assert_close(out.double().view(1, M, N), exact, rtol=2**-7,
+                                   atol=1e-5 * exact.abs().max().item())
+        auto = triton_fp8_linear.linear(*args)
+        chosen = triton_fp8_linear.VARIANT_CHOICES.get((codes.device, M, N, K, codes.dtype, torch.bfloat16), "tiled")
+        assert torch.equal(auto, triton_fp8_linear.linear(*args, variant=chosen))
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("steps", [1, 4])
