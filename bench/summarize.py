@@ -19,7 +19,8 @@ def ceiling_key(b: dict) -> tuple:
 
 def main(path: str) -> None:
     with open(path) as f:
-        benches = [b["extra_info"] | {"name": b["name"]} for b in json.load(f)["benchmarks"]]
+        # a run stopped at its time limit (bench/gpu_check.sh) leaves its last benchmark without extra_info
+        benches = [b["extra_info"] | {"name": b["name"]} for b in json.load(f)["benchmarks"] if "op" in b["extra_info"]]
     ceilings = {}
     for b in benches:
         if b["op"] == "copy":
