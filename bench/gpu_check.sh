@@ -23,6 +23,10 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 
 echo "== build (in place)"
 python3 setup.py build_ext --inplace -j 16 > "$OUT/build.log" 2>&1 || { tail -50 "$OUT/build.log"; exit 1; }
+# Run from the working tree without installing (the GPU machine has no network for pip): the
+# installed layout maps triton_ops/ to fastgen_kernels.triton_ops (pyproject.toml); a link does here.
+python3 -c "import fastgen_kernels.triton_ops" 2>/dev/null || ln -sfn ../triton_ops fastgen_kernels/triton_ops
+python3 -c "import fastgen_kernels.triton_ops.fp8_linear" || exit 1
 tail -3 "$OUT/build.log"
 python3 -m fastgen_kernels info | tee "$OUT/info.txt"
 
