@@ -254,6 +254,8 @@ def _tma_unsupported(x: Tensor, weight: Tensor) -> str | None:
         return "TMA needs a Hopper or newer GPU (sm_90+)"
     if x.device.type != "cuda" and not interpreting_triton():
         return "TMA needs a CUDA device"
+    if x.is_cuda and x.element_size() != 1:
+        return "the TMA variant's tiles are sized for e4m3 operands"
     if (x.shape[1] * x.element_size()) % 16 or x.data_ptr() % 16 or weight.data_ptr() % 16:
         return "TMA needs 16-byte aligned rows (K * itemsize a multiple of 16) and 16-byte aligned data"
     return None
