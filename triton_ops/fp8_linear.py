@@ -29,10 +29,14 @@ import triton
 import triton.language as tl
 import triton.testing
 from torch import Tensor
-from triton.tools.tensor_descriptor import TensorDescriptor
 
 from fastgen_kernels.backends import interpreting_triton
 from fastgen_kernels.ops.fp8_linear import ACTIVATIONS, E4M3_MAX, MIN_AMAX
+
+try:  # host-side TMA descriptors (newer Triton); without them only the tiled variant runs
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:
+    TensorDescriptor = None
 
 
 @triton.jit
@@ -250,6 +254,8 @@ def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
 
 def _tma_unsupported(x: Tensor, weight: Tensor) -> str | None:
     """Why the TMA variant cannot run on these operands (None when it can)."""
+    if TensorDescriptor is None:
+        return "this Triton has no host-side tensor descriptors (triton.tools.tensor_descriptor)"
     if x.is_cuda and torch.cuda.get_device_capability(x.device) < (9, 0):
         return "TMA needs a Hopper or newer GPU (sm_90+)"
     if x.device.type != "cuda" and not interpreting_triton():
