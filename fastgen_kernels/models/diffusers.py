@@ -140,11 +140,17 @@ def _make_fused_norm_class(base: type) -> type:
 
 def _feed_forward(ff: nn.Module, h: Tensor) -> Tensor:
     """diffusers' FeedForward, its tanh-GELU (DiT's and PixArt's ``gelu-approximate``) as the fused
-    ``gelu_tanh``; other activations run as they are."""
+    ``gelu_tanh``, and with the output layer as ``gelu_tanh_linear`` (the GELU's output is not kept
+    for the backward) where only a dropout that is off sits between them; other activations run as
+    they are."""
     act = ff.net[0]
     if getattr(act, "approximate", None) != "tanh" or not isinstance(getattr(act, "proj", None), nn.Linear):
         return ff(h)
-    h = fk.gelu_tanh(act.proj(h))
+    h = act.proj(h)
+    *between, out = ff.net[1:]
+    if type(out) is nn.Linear and all(isinstance(m, nn.Dropout) and (m.p == 0 or not m.training) for m in between):
+        return fk.gelu_tanh_linear(h, out.weight, out.bias)
+    h = fk.gelu_tanh(h)
     for layer in ff.net[1:]:
         h = layer(h)
     return h

@@ -104,10 +104,10 @@ class Attention(nn.Module):
         self.k_norm = nn.RMSNorm(dim // num_heads, eps=1e-6) if qk_norm else None
         self.proj = nn.Linear(dim, dim)
 
-    def heads(self, x: Tensor, fused: bool) -> Tensor:
-        """softmax(q k^T / sqrt(Dh)) v of x (B, L, D), heads merged back: (B, L, D) before proj."""
-        B, L, D = x.shape
-        q, k, v = self.qkv(x).view(B, L, 3, self.num_heads, D // self.num_heads).unbind(2)
+    def heads(self, qkv: Tensor, fused: bool) -> Tensor:
+        """softmax(q k^T / sqrt(Dh)) v from qkv (B, L, 3D), heads merged back: (B, L, D) before proj."""
+        B, L, D = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
+        q, k, v = qkv.view(B, L, 3, self.num_heads, D // self.num_heads).unbind(2)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if fused:
@@ -128,6 +128,24 @@ def _modulated_ln(x: Tensor, shift: Tensor, scale: Tensor, fused: bool) -> Tenso
     if fused:
         return fk.modulated_layer_norm(x, shift, scale, eps=1e-6)
     return F.layer_norm(x, x.shape[-1:], eps=1e-6) * (1 + scale[:, None]) + shift[:, None]
+
+
+def _norm_linear(x: Tensor, shift: Tensor, scale: Tensor, linear: nn.Module, fused: bool) -> Tensor:
+    """linear(modulated LN of x). Fused with a plain nn.Linear, the norm's output is recomputed in
+    the backward rather than kept (an FP8 or a wrapped, e.g. LoRA, layer takes the norm's output)."""
+    if fused and type(linear) is nn.Linear:
+        return fk.modulated_layer_norm_linear(x, shift, scale, linear.weight, linear.bias, eps=1e-6)
+    return linear(_modulated_ln(x, shift, scale, fused))
+
+
+def _gelu_linear(h: Tensor, mlp: Mlp, fused: bool) -> Tensor:
+    """fc2(GELU(h)). Fused with a plain nn.Linear fc2, the GELU's output is recomputed in the
+    backward rather than kept next to h."""
+    if not fused:
+        return mlp.fc2(mlp.act(h))
+    if type(mlp.fc2) is nn.Linear:
+        return fk.gelu_tanh_linear(h, mlp.fc2.weight, mlp.fc2.bias)
+    return mlp.fc2(fk.gelu_tanh(h))
 
 
 def _gated_residual(x: Tensor, y: Tensor, gate: Tensor, fused: bool) -> Tensor:
@@ -159,15 +177,14 @@ class DiTBlock(nn.Module):
 
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=-1)
-        a = self.attn.heads(_modulated_ln(x, shift1, scale1, self.fused), self.fused)
+        a = self.attn.heads(_norm_linear(x, shift1, scale1, self.attn.qkv, self.fused), self.fused)
         if self.fused_epilogues:
             x = self.attn.proj(a, gate=gate1, residual=x)
-            h = self.mlp.fc1(_modulated_ln(x, shift2, scale2, self.fused))
+            h = _norm_linear(x, shift2, scale2, self.mlp.fc1, self.fused)
             return self.mlp.fc2(h, gate=gate2, residual=x)
         x = _gated_residual(x, self.attn.proj(a), gate1, self.fused)
-        h = self.mlp.fc1(_modulated_ln(x, shift2, scale2, self.fused))
-        h = self.mlp.fc2(fk.gelu_tanh(h) if self.fused else self.mlp.act(h))
-        return _gated_residual(x, h, gate2, self.fused)
+        h = _norm_linear(x, shift2, scale2, self.mlp.fc1, self.fused)
+        return _gated_residual(x, _gelu_linear(h, self.mlp, self.fused), gate2, self.fused)
 
 
 class FinalLayer(nn.Module):
@@ -179,7 +196,7 @@ class FinalLayer(nn.Module):
 
     def forward(self, x: Tensor, c: Tensor, fused: bool) -> Tensor:
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
-        return self.linear(_modulated_ln(x, shift, scale, fused))
+        return _norm_linear(x, shift, scale, self.linear, fused)
 
 
 class DiT(nn.Module):

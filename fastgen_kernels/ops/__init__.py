@@ -14,8 +14,8 @@ from fastgen_kernels.ops import vsd_loss as _vsd_loss_module
 from fastgen_kernels.ops.attention import attention, attention_jvp
 from fastgen_kernels.ops.fp8_linear import fp8_linear, quantize_weight
 from fastgen_kernels.ops.gated_residual import gated_residual
-from fastgen_kernels.ops.gelu_tanh import gelu_tanh
-from fastgen_kernels.ops.modulated_norm import modulated_layer_norm, modulated_rms_norm
+from fastgen_kernels.ops.gelu_tanh import gelu_tanh, gelu_tanh_linear
+from fastgen_kernels.ops.modulated_norm import modulated_layer_norm, modulated_layer_norm_linear, modulated_rms_norm
 from fastgen_kernels.ops.qk_norm_rope import qk_norm_rope
 
 # op module -> its dispatchers, for `fastgen-kernels info` and the tests
@@ -38,7 +38,9 @@ __all__ = [
     "fp8_linear",
     "gated_residual",
     "gelu_tanh",
+    "gelu_tanh_linear",
     "modulated_layer_norm",
+    "modulated_layer_norm_linear",
     "modulated_rms_norm",
     "qk_norm_rope",
     "quantize_weight",

@@ -15,7 +15,10 @@ arithmetic (fp64 for fp64), output in x's dtype. Backends: cpu (extension) and r
 one pass already, and the fusion that pays is into the GEMM's epilogue (``fp8_linear``).
 
 Public API: :func:`gelu_tanh`, running the custom op ``fastgen::gelu_tanh`` (backward:
-``fastgen::gelu_tanh_backward``).
+``fastgen::gelu_tanh_backward``), and :func:`gelu_tanh_linear`, the activation followed by a
+linear layer (a DiT MLP's fc2) that keeps the activation's input, not its output, for the
+backward: the linear layer's weight gradient recomputes y = gelu_tanh(x), one elementwise pass,
+instead of holding a second (..., hidden) activation per MLP from forward to backward.
 """
 
 from __future__ import annotations
@@ -135,6 +138,45 @@ def gelu_tanh(x: Tensor) -> Tensor:
     if _eager_op.no_autograd((x,)):
         return forward_dispatcher(x)
     return _GeluTanhFunction.apply(x)
+
+
+class _GeluTanhLinearFunction(torch.autograd.Function):
+    """F.linear(gelu_tanh(x), weight, bias), saving x and weight. The linear layer runs in the
+    dtype autocast gives it (grad_out's dtype in the backward), as F.linear alone would."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return F.linear(forward_dispatcher(x), weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        dx = dweight = dbias = None
+        if ctx.needs_input_grad[0]:
+            dx = torch.ops.fastgen.gelu_tanh_backward((grad_out @ weight.to(grad_out.dtype)).to(x.dtype), x)
+        rows = grad_out.reshape(-1, grad_out.shape[-1])
+        if ctx.needs_input_grad[1]:
+            y = forward_dispatcher(x).reshape(rows.shape[0], -1).to(grad_out.dtype)  # recomputed
+            dweight = (rows.T @ y).to(weight.dtype)
+        if ctx.needs_input_grad[2]:
+            dbias = rows.sum(0).to(ctx.bias_dtype)
+        return dx, dweight, dbias
+
+
+def gelu_tanh_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``F.linear(gelu_tanh(x), weight, bias)``, holding only x for the backward (see the module doc).
+
+    x: (..., K) float16/bfloat16/float32/float64; weight (N, K), bias (N,) as for ``F.linear``;
+    autocast applies to the linear layer as usual. Differentiable in x, weight and bias. Under
+    forward-mode AD, torch.compile or other transforms it is the plain composition.
+    """
+    x = _checks.tensor("gelu_tanh_linear", "x", x)
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
+    if not needs_grad or torch.autograd.forward_ad._current_level >= 0 or not _eager_op.plain_eager((x, weight, bias)):
+        return F.linear(gelu_tanh(x), weight, bias)
+    return _GeluTanhLinearFunction.apply(x, weight, bias)
 
 
 def example_args(device: torch.device, dtype: torch.dtype) -> tuple:

@@ -27,12 +27,16 @@ rstd * (I - 1/D - xhat xhat^T / D) is symmetric, so its JVP has the same form as
 
 Public API: :func:`modulated_layer_norm`, :func:`modulated_rms_norm`. Both run the custom op
 ``fastgen::modulated_norm`` (backward: ``fastgen::modulated_norm_backward``), which picks a backend
-(cuda, triton, cpu, reference) per call; see :mod:`fastgen_kernels.backends`.
+(cuda, triton, cpu, reference) per call; see :mod:`fastgen_kernels.backends`. And
+:func:`modulated_layer_norm_linear`, the norm followed by a linear layer (a DiT block's qkv or
+fc1) that keeps x and the statistics for the backward, not also y: the linear layer's weight
+gradient recomputes y (one pass over x) instead of holding a (B, L, D) activation per layer.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from fastgen_kernels.backends import OpDispatcher
@@ -307,6 +311,59 @@ def modulated_rms_norm(
     with RMSNorm (x / sqrt(mean(x^2) + eps), times weight) in place of LayerNorm."""
     _check("modulated_rms_norm", x, shift, scale, weight, None, eps)
     return _apply(x, shift, scale, weight, None, eps, True)
+
+
+class _ModulatedNormLinearFunction(torch.autograd.Function):
+    """F.linear(modulated_norm(x, ...), weight, bias), saving x, the modulation, the statistics and
+    the weight. The linear layer runs in the dtype autocast gives it (grad_out's in the backward)."""
+
+    @staticmethod
+    def forward(ctx, x, shift, scale, norm_weight, norm_bias, eps, rms, weight, bias):
+        y, mean, rstd = forward_dispatcher(x, shift, scale, norm_weight, norm_bias, eps, rms)
+        ctx.save_for_backward(x, shift, scale, norm_weight, norm_bias, mean, rstd, weight)
+        ctx.eps, ctx.rms, ctx.bias_dtype = eps, rms, None if bias is None else bias.dtype
+        return F.linear(y, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, shift, scale, norm_weight, norm_bias, mean, rstd, weight = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        rows = grad_out.reshape(-1, grad_out.shape[-1])
+        norm_grads, dweight, dbias = (None,) * 5, None, None
+        if any(needs[:5]):
+            dy = (grad_out @ weight.to(grad_out.dtype)).to(x.dtype)
+            grads = torch.ops.fastgen.modulated_norm_backward(dy, x, shift, scale, norm_weight, norm_bias, mean,
+                                                               rstd, ctx.rms)
+            norm_grads = tuple(g if need and t is not None else None
+                               for g, need, t in zip(grads, needs, (x, shift, scale, norm_weight, norm_bias)))
+        if needs[7]:
+            y = forward_dispatcher(x, shift, scale, norm_weight, norm_bias, ctx.eps, ctx.rms)[0]  # recomputed
+            dweight = (rows.T @ y.reshape(rows.shape[0], -1).to(grad_out.dtype)).to(weight.dtype)
+        if needs[8]:
+            dbias = rows.sum(0).to(ctx.bias_dtype)
+        return (*norm_grads, None, None, dweight, dbias)
+
+
+def modulated_layer_norm_linear(
+    x: Tensor, shift: Tensor, scale: Tensor, linear_weight: Tensor, linear_bias: Tensor | None = None,
+    weight: Tensor | None = None, bias: Tensor | None = None, eps: float = 1e-6,
+) -> Tensor:
+    """``F.linear(modulated_layer_norm(x, shift, scale, weight, bias, eps), linear_weight,
+    linear_bias)``, holding x (and the statistics) but not the norm's output for the backward
+    (see the module doc).
+
+    Arguments as :func:`modulated_layer_norm`, plus the linear layer's (N, D) weight and (N,)
+    bias; autocast applies to the linear layer as usual. Differentiable in every tensor. Under
+    forward-mode AD, torch.compile or other transforms it is the plain composition.
+    """
+    op = "modulated_layer_norm_linear"
+    _check(op, x, shift, scale, weight, bias, eps)
+    tensors = (x, shift, scale, weight, bias, linear_weight, linear_bias)
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    if not needs_grad or torch.autograd.forward_ad._current_level >= 0 or not _eager_op.plain_eager(tensors):
+        return F.linear(_apply(x, shift, scale, weight, bias, eps, False), linear_weight, linear_bias)
+    return _ModulatedNormLinearFunction.apply(x, shift, scale, weight, bias, float(eps), False, linear_weight,
+                                              linear_bias)
 
 
 def example_args(device: torch.device, dtype: torch.dtype) -> tuple:

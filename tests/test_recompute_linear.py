@@ -1,0 +1,175 @@
+"""gelu_tanh_linear and modulated_layer_norm_linear: an activation (the tanh-GELU, the modulated
+LayerNorm) followed by a linear layer, keeping the activation's input for the backward and
+recomputing its output there. Against the plain composition: values and gradients (fp32, bf16
+autocast, fp64 gradcheck), fewer bytes saved for the backward, forward-mode AD, no-grad and
+torch.compile (where they are the composition), the DiT using them, bad input."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import extension_backends
+
+import fastgen_kernels as fk
+
+
+def _gelu_case(generator, dtype, B=2, L=7, K=40, N=24):
+    x = torch.randn(B, L, K, generator=generator, dtype=dtype) * 2
+    weight = torch.randn(N, K, generator=generator, dtype=dtype) / K**0.5
+    bias = torch.randn(N, generator=generator, dtype=dtype)
+    return (x, weight, bias), fk.gelu_tanh_linear, lambda x, w, b: F.linear(fk.gelu_tanh(x), w, b)
+
+
+def _norm_case(generator, dtype, B=2, L=7, D=40, N=24):
+    x = torch.randn(B, L, D, generator=generator, dtype=dtype) * 2 + 1
+    shift, scale = (torch.randn(B, D, generator=generator, dtype=dtype) for _ in range(2))
+    weight = torch.randn(N, D, generator=generator, dtype=dtype) / D**0.5
+    bias = torch.randn(N, generator=generator, dtype=dtype)
+    norm_weight, norm_bias = (1 + 0.1 * torch.randn(D, generator=generator, dtype=dtype) for _ in range(2))
+
+    def composition(x, shift, scale, w, b, nw, nb):
+        return F.linear(fk.modulated_layer_norm(x, shift, scale, nw, nb), w, b)
+
+    return (x, shift, scale, weight, bias, norm_weight, norm_bias), fk.modulated_layer_norm_linear, composition
+
+
+CASES = {"gelu_tanh_linear": _gelu_case, "modulated_layer_norm_linear": _norm_case}
+
+
+def _leaves(args):
+    return tuple(a.detach().clone().requires_grad_() for a in args)
+
+
+def _value_and_grads(fn, args):
+    out = fn(*args)
+    return out, torch.autograd.grad(out.square().sum(), args)
+
+
+def _saved_bytes(fn, args) -> int:
+    """Bytes of the distinct storages autograd keeps for fn(*args)'s backward, args excluded."""
+    inputs = {a.untyped_storage().data_ptr() for a in args}
+    saved = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in inputs:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(*args)
+    return sum(saved.values())
+
+
+@pytest.mark.parametrize("contiguous", [True, False], ids=["contiguous", "x_transposed_view"])
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("backend", extension_backends())
+def test_fp32_matches_the_composition(case, backend, contiguous, generator):
+    args, fused, composition = CASES[case](generator, torch.float32)
+
+    def leaves():
+        x, *rest = _leaves(args)
+        if not contiguous:  # the same values, tokens-major in memory
+            x = x.detach().transpose(0, 1).contiguous().transpose(0, 1).requires_grad_()
+        return (x, *rest)
+
+    with fk.use_backend(backend):
+        out, grads = _value_and_grads(fused, leaves())
+        ref, ref_grads = _value_and_grads(composition, leaves())
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)  # the same kernels, in the same order
+    for got, expected in zip(grads, ref_grads):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bf16_autocast_matches_the_composition(case, generator):
+    """The linear layer in autocast's bf16 on fp32 parameters, as F.linear alone; the weight
+    gradients come back fp32."""
+    args, fused, composition = CASES[case](generator, torch.float32)
+    results = []
+    for fn in (fused, composition):
+        leaves = _leaves(args)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = fn(*leaves)
+        grads = torch.autograd.grad(out.float().square().sum(), leaves)
+        results.append((out, grads))
+    (out, grads), (ref, ref_grads) = results
+    assert out.dtype == ref.dtype == torch.bfloat16
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    for got, expected in zip(grads, ref_grads):
+        assert got.dtype == expected.dtype
+        torch.testing.assert_close(got, expected, rtol=2e-2, atol=1e-2 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("backend", extension_backends())
+def test_fp64_gradcheck(case, backend, generator):
+    args, fused, _ = CASES[case](generator, torch.float64, B=2, L=3, N=5)
+    with fk.use_backend(backend):
+        assert torch.autograd.gradcheck(fused, _leaves(args))
+        # without the optional tensors (biases; the norm's affine)
+        assert torch.autograd.gradcheck(fused, _leaves(args[:2] if case == "gelu_tanh_linear" else args[:4]))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_keeps_less_for_the_backward(case, generator):
+    """The composition keeps the activation's output as the linear layer's input; these do not."""
+    args, fused, composition = CASES[case](generator, torch.float32, B=4, L=16)
+    intermediate = args[0].numel() * args[0].element_size()  # the (B, L, K) activation output
+    ours, theirs = _saved_bytes(fused, _leaves(args)), _saved_bytes(composition, _leaves(args))
+    assert ours <= theirs - intermediate
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_forward_mode_no_grad_and_compile_are_the_composition(case, generator):
+    args, fused, composition = CASES[case](generator, torch.float32)
+    tangents = tuple(torch.randn(a.shape, generator=generator) for a in args)
+    out, tangent = torch.func.jvp(fused, args, tangents)
+    ref, ref_tangent = torch.func.jvp(composition, args, tangents)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(tangent, ref_tangent)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(*args), ref)
+    torch.testing.assert_close(torch.compile(fused, fullgraph=True)(*args), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_dit_block_keeps_less_and_computes_the_same(generator, monkeypatch):
+    """The fused reference DiT uses both (its qkv, fc1, fc2 and final layer are plain nn.Linear):
+    same output and gradients as with the composition, and fewer bytes kept for the backward."""
+    from fastgen_kernels.models import DiT, DiTConfig
+
+    torch.manual_seed(0)
+    net = DiT(DiTConfig(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=2,
+                        num_classes=10))
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    x = torch.randn(3, 4, 8, 8, generator=generator)
+    t, labels = torch.rand(3, generator=generator), torch.tensor([1, 2, 3])
+
+    def run():
+        out = net(x, t, labels)
+        return out, torch.autograd.grad(out.square().sum(), list(net.parameters()))
+
+    out, grads = run()
+    params = tuple(net.parameters())
+    saved = _saved_bytes(lambda *_: net(x, t, labels), params)
+    # the compositions in their place
+    monkeypatch.setattr(fk, "gelu_tanh_linear", lambda h, w, b: F.linear(fk.gelu_tanh(h), w, b))
+    monkeypatch.setattr(fk, "modulated_layer_norm_linear", lambda x, s, c, w, b, eps: F.linear(
+        fk.modulated_layer_norm(x, s, c, eps=eps), w, b))
+    ref, ref_grads = run()
+    ref_saved = _saved_bytes(lambda *_: net(x, t, labels), params)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    for got, expected in zip(grads, ref_grads):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+    assert saved < 0.8 * ref_saved  # 0.67 at this size
+
+
+def test_bad_input(generator):
+    w = torch.randn(4, 8)
+    with pytest.raises(TypeError, match="gelu_tanh_linear: x must be"):
+        fk.gelu_tanh_linear(torch.ones(2, 8, dtype=torch.int32), w)
+    x, mod = torch.randn(2, 3, 8), torch.randn(2, 8)
+    with pytest.raises(ValueError, match="modulated_layer_norm_linear: shift"):
+        fk.modulated_layer_norm_linear(x, torch.randn(3, 8), mod, w)
+    with pytest.raises(ValueError, match="modulated_layer_norm_linear: eps"):
+        fk.modulated_layer_norm_linear(x, mod, mod, w, eps=0)
