@@ -74,6 +74,13 @@ class Denoiser(nn.Module):
         # solver state that outlives one call: CUDA graphs of sampling loops (see sampling.py)
         self._graphs: dict = {}
 
+    def __getstate__(self) -> dict:
+        """Copies (copy.deepcopy, a student made from a teacher) and pickles leave the captured CUDA
+        graphs behind: they cannot be copied, and they hold the original's tensors."""
+        state = self.__dict__.copy()
+        state["_graphs"] = {}
+        return state
+
     @property
     def sigma_data(self) -> float:
         return self.schedule.sigma_data
@@ -87,17 +94,24 @@ class Denoiser(nn.Module):
 
     def raw(self, x_t: Tensor, t: float | Tensor, cond: Tensor | None = None,
             r: float | Tensor | None = None, **net_kwargs) -> Tensor:
-        """The network's own output at (x_t, t) (with the EDM input scaling when preconditioned);
-        ``net_kwargs`` go to the network (e.g. the reference DiT's ``return_logvar=True``)."""
+        """The network's own output at (x_t, t) (with the EDM input scaling when preconditioned), in
+        x_t's dtype (under autocast the network's may be bf16; the losses and solvers take x_t's);
+        ``net_kwargs`` go to the network (e.g. the reference DiT's ``return_logvar=True``, which
+        makes it (output, logvar))."""
         tb = self._times(t, x_t)
         if self.preconditioning == "edm":
             c_in, c_noise, _, _ = self.schedule.precondition(per_sample(tb, x_t))
-            return self.net((x_t * c_in).to(x_t.dtype), c_noise.reshape(-1), cond, **net_kwargs)
-        t_in = tb * self.time_scale + self.time_shift
-        if self.prediction == "mean_flow":
-            r_in = self._times(0.0 if r is None else r, x_t) * self.time_scale + self.time_shift
-            return self.net(x_t, t_in, cond, r_in, **net_kwargs)
-        return self.net(x_t, t_in, cond, **net_kwargs)
+            out = self.net((x_t * c_in).to(x_t.dtype), c_noise.reshape(-1), cond, **net_kwargs)
+        else:
+            t_in = tb * self.time_scale + self.time_shift
+            if self.prediction == "mean_flow":
+                r_in = self._times(0.0 if r is None else r, x_t) * self.time_scale + self.time_shift
+                out = self.net(x_t, t_in, cond, r_in, **net_kwargs)
+            else:
+                out = self.net(x_t, t_in, cond, **net_kwargs)
+        if isinstance(out, tuple):
+            return (out[0].to(x_t.dtype), *out[1:])
+        return out.to(x_t.dtype)
 
     def x0(self, x_t: Tensor, t: float | Tensor, cond: Tensor | None = None) -> Tensor:
         """The clean-data estimate at (x_t, t); x_t (B, ...), t a number or (B,). For a flow map

@@ -52,6 +52,15 @@ class Fp8Linear(nn.Module):
             layer.bias = linear.bias.detach().clone()
         return layer
 
+    def _apply(self, fn, recurse=True):
+        """Device moves apply to every buffer; dtype casts (``model.bfloat16()``, ``.to(dtype)``) to
+        the bias only: the weight stays e4m3 and its scales fp32."""
+        codes, scale = self.weight, self.weight_scale
+        super()._apply(fn, recurse)
+        device = self.weight.device
+        self.weight, self.weight_scale = codes.to(device), scale.to(device)
+        return self
+
     def forward(self, x: Tensor, gate: Tensor | None = None, residual: Tensor | None = None) -> Tensor:
         return fp8_linear(x, self.weight, self.weight_scale, bias=self.bias, activation=self.activation,
                           gate=gate, residual=residual)

@@ -21,6 +21,7 @@ the loop has no host syncs, and a seed gives the same samples with and without t
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import sys
 from collections.abc import Callable, Sequence
@@ -28,6 +29,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from fastgen_kernels import backends
 from fastgen_kernels.denoiser import Denoiser
 from fastgen_kernels.schedules import per_sample
 
@@ -160,9 +162,12 @@ def _solve(guided: _Guided, x: Tensor, noise: Tensor | None, times: list[float],
     return x
 
 
-def _autocast_dtype(autocast: str | torch.dtype | None, device: torch.device) -> torch.dtype | None:
-    if autocast == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
+def _autocast_dtype(autocast: str | torch.dtype | None, device: torch.device,
+                    model: Denoiser) -> torch.dtype | None:
+    if autocast == "auto":  # bf16 for an fp32 network on a GPU; one already in 16 bits runs as it is
+        weights = next((p for p in model.parameters() if p.is_floating_point()), None)
+        full_precision = weights is None or weights.dtype in (torch.float32, torch.float64)
+        return torch.bfloat16 if device.type == "cuda" and full_precision else None
     if autocast is not None and not isinstance(autocast, torch.dtype):
         raise ValueError(f"sample: autocast must be 'auto', None or a torch.dtype, got {autocast!r}")
     return autocast
@@ -200,7 +205,8 @@ def sample(model: Denoiser, steps: int = 1, *, batch_size: int = 1, shape: Seque
         progress: a tqdm bar (default: on for 25+ steps in a terminal, without a CUDA graph).
         return_trajectory: also return [x at t_0, after step 1, ..., after step N].
         scheduler: a diffusers scheduler that drives the loop instead (see ``sample_with_scheduler``).
-        autocast: dtype the network runs in ("auto": bf16 on CUDA, off on CPU); solver math is fp32.
+        autocast: dtype the network runs in ("auto": bf16 for an fp32 network on CUDA, else off);
+            solver math is fp32.
 
     Returns the samples (B, *shape) in fp32 (fp64 for an fp64 model), and the trajectory if asked.
     """
@@ -244,7 +250,7 @@ def sample(model: Denoiser, steps: int = 1, *, batch_size: int = 1, shape: Seque
         return sample_with_scheduler(model, scheduler, steps, batch=batch, shape=shape, noise=noise, cond=cond,
                                      guidance_scale=guidance_scale, neg_cond=neg_cond, seed=seed,
                                      generator=generator, return_trajectory=return_trajectory,
-                                     autocast=_autocast_dtype(autocast, device))
+                                     autocast=_autocast_dtype(autocast, device, model))
 
     if solver == "auto":
         solver = choose_solver(model, steps)
@@ -269,7 +275,7 @@ def sample(model: Denoiser, steps: int = 1, *, batch_size: int = 1, shape: Seque
     step_noise = (torch.randn((steps - 1, batch, *shape), generator=generator, device=device, dtype=dtype)
                   if renoise else None)
 
-    autocast_dtype = _autocast_dtype(autocast, device)
+    autocast_dtype = _autocast_dtype(autocast, device, model)
     use_graph = device.type == "cuda" if cuda_graph == "auto" else bool(cuda_graph)
     if use_graph and device.type != "cuda":
         raise ValueError("sample: cuda_graph=True needs a model on a CUDA device")
@@ -288,7 +294,8 @@ def sample(model: Denoiser, steps: int = 1, *, batch_size: int = 1, shape: Seque
         inputs = (noise.to(device=device, dtype=dtype), step_noise, cond, neg_cond)
         if use_graph:
             key = (batch, shape, dtype, tuple(times), solver, stochastic, guidance_scale, return_trajectory,
-                   autocast_dtype, *[(t.shape, t.dtype) if t is not None else None for t in inputs[2:]])
+                   autocast_dtype, *[(t.shape, t.dtype) if t is not None else None for t in inputs[2:]],
+                   _graph_state(model))
             x, trajectory = _replay(model, key, run, inputs)
         else:
             if progress is None:
@@ -306,24 +313,36 @@ def sample(model: Denoiser, steps: int = 1, *, batch_size: int = 1, shape: Seque
     return (x, trajectory) if return_trajectory else x
 
 
+def _graph_state(model: Denoiser) -> tuple:
+    """What a captured graph holds on to besides its inputs: the modules, the tensors (addresses
+    and dtypes) of their parameters and buffers, and the forced backend. A graph captured before
+    model.to(...), quantize_fp8 or use_backend is not replayed after them; other changes of
+    behaviour (DiT.set_fused, say) need cuda_graph=False or a new Denoiser."""
+    tensors = itertools.chain(model.parameters(), model.buffers())
+    return (tuple(map(id, model.modules())), tuple((t.data_ptr(), t.dtype) for t in tensors),
+            backends.forced_backend()[0])
+
+
 def _replay(model: Denoiser, key: tuple, run: Callable, inputs: tuple):
-    """Runs ``run(*inputs)`` through a CUDA graph captured on first use for this ``key``."""
-    entry = model._graphs.get(key)
-    if entry is None:
-        static = [t.clone() if t is not None else None for t in inputs]
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # warm-up: autotuning, lazy init, allocator pools
-            for _ in range(2):
-                run(*static)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            outputs = run(*static)
-        entry = model._graphs[key] = (graph, static, outputs)
-    graph, static, (x, trajectory) = entry
-    for buffer, value in zip(static, inputs):
-        if buffer is not None:
-            buffer.copy_(value)
-    graph.replay()
-    return x.clone(), [t.clone() for t in trajectory] if trajectory is not None else None
+    """Runs ``run(*inputs)`` through a CUDA graph captured on first use for this ``key``, on the
+    inputs' device."""
+    with torch.cuda.device(inputs[0].device):
+        entry = model._graphs.get(key)
+        if entry is None:
+            static = [t.clone() if t is not None else None for t in inputs]
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):  # warm-up: autotuning, lazy init, allocator pools
+                for _ in range(2):
+                    run(*static)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                outputs = run(*static)
+            entry = model._graphs[key] = (graph, static, outputs)
+        graph, static, (x, trajectory) = entry
+        for buffer, value in zip(static, inputs):
+            if buffer is not None:
+                buffer.copy_(value)
+        graph.replay()
+        return x.clone(), [t.clone() for t in trajectory] if trajectory is not None else None

@@ -350,6 +350,12 @@ def test_triton_declines_batch_entries_beyond_32_bit_offsets():
     assert att.backward_dispatcher.supports["triton"](q, q, long_k, long_k, q, None, 0.1, 0)
 
 
+def test_triton_declines_more_programs_than_the_grid_axis_holds():
+    q = torch.empty(4097, 8, 16, 64, device="meta")  # 65552 (batch, head) programs per query tile
+    assert "65535" in att.forward_dispatcher.supports["triton"](q, q, q, 0.1, 0)
+    assert att.forward_dispatcher.supports["triton"](q[:4095], q[:4095], q[:4095], 0.1, 0) is None  # 65520
+
+
 @pytest.mark.skipif(not fk._extension.cpu_built(), reason="extension not built")
 def test_automatic_choice_on_cpu_is_silent(caplog):
     """No CUDA kernel exists for attention by design: choosing cpu is not a fallback to log."""

@@ -76,6 +76,18 @@ def test_accelerate_keeps_the_outputs(kind, dtype, tol):
     torch.testing.assert_close(run(kind, model, dtype), expected, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_accelerated_fp32_model_under_bf16_autocast(kind):
+    """Under autocast the attention and feed-forward outputs are bf16 and the residual stream fp32:
+    the fused blocks convert them as eager PyTorch promotes."""
+    model = MODELS[kind](torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = run(kind, model, torch.float32).float()
+        accelerate(model)
+        out = run(kind, model, torch.float32).float()
+    torch.testing.assert_close(out, expected, rtol=0.05, atol=0.05 * expected.abs().max().item())
+
+
 def test_unknown_modules_are_left_alone_and_reported():
     from diffusers.models.attention_processor import AttnProcessor
 

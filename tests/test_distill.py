@@ -340,3 +340,39 @@ def test_a_killed_run_resumes_where_its_last_checkpoint_left_off(tmp_path):
     read = lambda run: [{k: v for k, v in json.loads(line).items() if k != "seconds"}
                         for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
     assert read("killed") == read("full")
+
+
+def _dit_methods():
+    """Each method over a tiny reference DiT (fused ops) as student, teacher and fake score."""
+    from fastgen_kernels.models import DiT, DiTConfig
+
+    config = DiTConfig(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=1, num_heads=2,
+                       num_classes=10)
+
+    def denoiser(schedule="trig", prediction="trig_F", **overrides):
+        torch.manual_seed(0)
+        net = DiT(config, **overrides)
+        for p in net.parameters():
+            torch.nn.init.normal_(p, std=0.02)
+        return fk.Denoiser(net, schedule, prediction, sigma_data=0.5, null_cond=10, shape=(4, 8, 8))
+
+    teacher = denoiser().requires_grad_(False).eval()
+    return {"sft": lambda: SFT(denoiser()), "cm-cd": lambda: CM(student_of(teacher), teacher, CMConfig(mode="cd")),
+            "scm-cd": lambda: SCM(denoiser(logvar_head=True), teacher, SCMConfig()),
+            "meanflow-data": lambda: MeanFlow(denoiser("rf", "mean_flow", second_time=True)),
+            "dmd2-gan": lambda: DMD2(student_of(teacher), teacher, DMD2Config(student_every=1, gan_weight=0.1)),
+            "ladd": lambda: LADD(student_of(teacher), teacher, LADDConfig())}
+
+
+@pytest.mark.parametrize("name", list(_dit_methods()))
+def test_each_step_of_a_dit_runs_under_bf16_autocast(name):
+    """Trainer precision "bf16": the network runs in bf16 while data, targets and the solver's
+    quantities stay fp32; the methods' losses get them in one dtype."""
+    method = _dit_methods()[name]()
+    x0, cond = torch.randn(4, 4, 8, 8), torch.arange(4)
+    for iteration in (1, 2):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            metrics = method.training_step(Batch(x0, cond, seed=iteration), iteration)
+        differentiable = [v for v in metrics.values() if v.requires_grad]
+        assert differentiable and all(math.isfinite(v.item()) for v in metrics.values()), metrics
+        torch.autograd.backward(differentiable)

@@ -54,6 +54,30 @@ def test_gradients_equal_the_plain_composition():
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
+def test_fp32_network_under_bf16_autocast():
+    """Autocast makes the modulation and the linear outputs bf16 while the residual stream stays
+    fp32: the fused network converts them as eager PyTorch promotes, forward and backward, and
+    samples through fk.sample's autocast."""
+    model = random_dit(dtype=torch.float32)
+    x, t, y = (v.float() if v.is_floating_point() else v for v in inputs(model, dtype=torch.float32))
+    outs = []
+    for fused in (True, False):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model.set_fused(fused)(x, t, y)
+        out.float().square().sum().backward()
+        outs.append((out.float(), [p.grad.clone() for p in model.parameters()]))
+    (fused, grads), (plain, plain_grads) = outs
+    torch.testing.assert_close(fused, plain, rtol=0.05, atol=0.05 * plain.abs().max().item())
+    for a, b in zip(grads, plain_grads):
+        torch.testing.assert_close(a, b, rtol=0.1, atol=0.05 * b.abs().max().item())
+    denoiser = fk.Denoiser(model.set_fused(True), "rf", "flow", null_cond=TINY.num_classes, distilled=True,
+                           shape=(3, 6, 6))
+    samples = fk.sample(denoiser, 2, batch_size=2, cond=torch.tensor([0, 1]), seed=0, autocast=torch.bfloat16,
+                        progress=False)
+    assert samples.shape == (2, 3, 6, 6) and samples.isfinite().all()
+
+
 def test_jvp_through_the_fused_network_is_exact():
     """What sCM and MeanFlow need: torch.func.jvp through attention, norms and gates."""
     model = random_dit(second_time=True, logvar_head=True)

@@ -344,6 +344,46 @@ def test_quantize_fp8_model_snr_and_safetensors_round_trip(generator, tmp_path):
         assert torch.equal(fresh.block(x, t), out)
 
 
+def test_dtype_casts_of_a_quantized_model_keep_the_fp8_weights(generator):
+    """model.bfloat16() / .to(dtype) cast the bias only: the e4m3 codes and fp32 scales stay."""
+    model = torch.nn.Sequential(torch.nn.Linear(32, 48))
+    fk.quantize_fp8(model, filter_fn=lambda module, name: True)
+    layer = model[0]
+    codes, scale = layer.weight.clone(), layer.weight_scale.clone()
+    x = torch.randn(4, 32, generator=generator, dtype=torch.bfloat16)
+
+    def assert_fp8_weights_kept():
+        assert layer.weight.dtype == torch.float8_e4m3fn and layer.weight_scale.dtype == torch.float32
+        assert torch.equal(layer.weight.view(torch.uint8), codes.view(torch.uint8))
+        assert torch.equal(layer.weight_scale, scale)
+
+    with torch.no_grad():
+        model.bfloat16()
+        assert_fp8_weights_kept()
+        expected = model(x)
+        for cast in (lambda m: m.to(torch.float16), lambda m: m.float(), lambda m: m.to("cpu", torch.bfloat16)):
+            cast(model)
+            assert_fp8_weights_kept()
+        # the bias went bf16 -> fp16 -> fp32 -> bf16, exactly: the same output
+        torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+
+
+def test_strided_parameters(generator):
+    """A bias and per-channel scales that are strided views give the contiguous copies' result."""
+    codes, x_scale = fp8.reference_quantize_rows(torch.randn(9, 32, generator=generator))
+    weight_q, weight_scale = fp8.quantize_weight(torch.randn(16, 32, generator=generator))
+    bias = torch.randn(32, generator=generator)
+    strided = (torch.stack([weight_scale, weight_scale], 1)[:, 0], bias[::2])
+    assert not strided[0].is_contiguous() and not strided[1].is_contiguous()
+    for backend in BACKENDS:
+        with fk.use_backend(backend), torch.no_grad():
+            out = fk.ops.fp8_linear(codes, weight_q, strided[0], bias=strided[1], x_scale=x_scale,
+                                    out_dtype=torch.float32)
+            ref = fk.ops.fp8_linear(codes, weight_q, strided[0].contiguous(), bias=strided[1].contiguous(),
+                                    x_scale=x_scale, out_dtype=torch.float32)
+        torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+
+
 def test_fp8_linear_module_epilogue(generator):
     linear = torch.nn.Linear(32, 48).to(torch.bfloat16)
     layer = fk.Fp8Linear.from_linear(linear, per_channel=False, activation="gelu_tanh")

@@ -93,7 +93,9 @@ def test_non_contiguous_inputs(backend, variant, generator):
     x = x.transpose(0, 1).contiguous().transpose(0, 1)  # same values, (B, L, D) strides permuted
     shift = shift.t().contiguous().t()
     scale_full = torch.randn(B, 2 * L, D, generator=generator)[:, ::2]  # per-token, strided
+    weight, bias = (None if p is None else torch.stack([p, -p], 1)[:, 0] for p in (weight, bias))  # stride 2
     assert not (x.is_contiguous() or shift.is_contiguous() or scale_full.is_contiguous())
+    assert all(p is None or not p.is_contiguous() for p in (weight, bias))
     check_against_oracle(backend, (x, shift, scale_full, weight, bias, rms), torch.float32, generator)
 
 

@@ -368,3 +368,30 @@ def test_bad_inputs():
 def test_every_prediction_is_known():
     assert set(PREDICTIONS) == {"x0", "eps", "v", "flow", "trig_F", "mean_flow"}
     assert math.isclose(get_schedule("trig", sigma_data=1.0).t_max, math.atan(80.0))
+
+
+def test_copies_leave_captured_graphs_behind():
+    """A CUDA graph can be neither copied nor pickled: a deepcopy of a Denoiser that has sampled
+    through one (a DMD2 fake score made from its teacher) starts without graphs."""
+    import copy
+
+    class Uncopyable:
+        def __deepcopy__(self, memo):
+            raise RuntimeError("CUDA graphs cannot be copied")
+
+    model = fk.Denoiser(torch.nn.Linear(2, 2), "rf", "flow")
+    model._graphs["captured"] = Uncopyable()
+    clone = copy.deepcopy(model)
+    assert clone._graphs == {} and list(model._graphs) == ["captured"]
+    torch.testing.assert_close(clone.net.weight, model.net.weight)
+
+
+def test_auto_autocast_is_bf16_for_full_precision_networks_on_gpus_only():
+    from fastgen_kernels.sampling import _autocast_dtype
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    for dtype, expected in [(torch.float32, torch.bfloat16), (torch.float16, None), (torch.bfloat16, None)]:
+        model = fk.Denoiser(torch.nn.Linear(2, 2).to(dtype), "rf", "flow")
+        assert _autocast_dtype("auto", cuda, model) == expected
+        assert _autocast_dtype("auto", cpu, model) is None
+        assert _autocast_dtype(torch.float16, cuda, model) == torch.float16

@@ -316,15 +316,15 @@ def linear(x: Tensor, x_scale: Tensor | None, weight: Tensor, weight_scale: Tens
         raise ValueError(f"fp8_linear: variant must be one of {VARIANTS} or 'auto', got {variant!r}")
     M, K = x.shape
     N = weight.shape[0]
-    x, weight = x.contiguous(), weight.contiguous()
+    x = x.contiguous()
     out = torch.empty(M, N, device=x.device, dtype=out_dtype)
     flags = dict(HAS_X_SCALE=x_scale is not None, PER_CHANNEL=weight_scale.numel() > 1,
                  HAS_BIAS=bias is not None, ACTIVATION=ACTIVATIONS.index(activation),
                  HAS_GATE=gate is not None, HAS_RESIDUAL=residual is not None,
                  IEEE=x.dtype == torch.float32)
-    args = (x, x_scale, weight, weight_scale, bias, None if gate is None else gate.contiguous(),
-            None if residual is None else residual.contiguous(), out, M, N, K, gate_rows)
-    tma_problem = _tma_unsupported(x, weight)
+    args = (x, *(None if t is None else t.contiguous() for t in (x_scale, weight, weight_scale, bias, gate, residual)),
+            out, M, N, K, gate_rows)
+    tma_problem = _tma_unsupported(x, args[2])
     if variant == "persistent_tma" and tma_problem:
         raise ValueError(f"fp8_linear: variant 'persistent_tma' cannot run here: {tma_problem}")
     if variant == "auto":

@@ -170,12 +170,17 @@ def _div(mod: Tensor, tokens: int) -> int:
     return tokens if mod.dim() == 2 else 1
 
 
+def _contiguous(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.contiguous()
+
+
 def forward(
     x: Tensor, shift: Tensor, scale: Tensor, weight: Tensor | None, bias: Tensor | None,
     eps: float, rms: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(y, mean, rstd) as the reference: y (B, L, D) in x's dtype, mean/rstd (B, L) fp32."""
     x, shift, scale = x.contiguous(), shift.contiguous(), scale.contiguous()
+    weight, bias = _contiguous(weight), _contiguous(bias)
     batch, tokens, D = x.shape
     y = torch.empty_like(x)
     rstd = torch.empty(batch, tokens, device=x.device, dtype=torch.float32)
@@ -195,6 +200,7 @@ def backward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx, dshift, dscale, dweight, dbias) as the reference."""
     grad_out, x, scale = grad_out.contiguous(), x.contiguous(), scale.contiguous()
+    weight, bias = _contiguous(weight), _contiguous(bias)
     batch, tokens, D = x.shape
     rows_per_chunk, chunks_per_batch = row_chunks(batch, tokens, x.device)
     num_chunks = batch * chunks_per_batch

@@ -124,9 +124,14 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
 
+# Under autocast the modulation and the linear layers' outputs are bf16 while the residual stream
+# x stays fp32 (the patch embedding plus the fp32 position table): eager PyTorch promotes, the
+# fused ops take their inputs in x's dtype.
+
+
 def _modulated_ln(x: Tensor, shift: Tensor, scale: Tensor, fused: bool) -> Tensor:
     if fused:
-        return fk.modulated_layer_norm(x, shift, scale, eps=1e-6)
+        return fk.modulated_layer_norm(x, shift.to(x.dtype), scale.to(x.dtype), eps=1e-6)
     return F.layer_norm(x, x.shape[-1:], eps=1e-6) * (1 + scale[:, None]) + shift[:, None]
 
 
@@ -134,7 +139,8 @@ def _norm_linear(x: Tensor, shift: Tensor, scale: Tensor, linear: nn.Module, fus
     """linear(modulated LN of x). Fused with a plain nn.Linear, the norm's output is recomputed in
     the backward rather than kept (an FP8 or a wrapped, e.g. LoRA, layer takes the norm's output)."""
     if fused and type(linear) is nn.Linear:
-        return fk.modulated_layer_norm_linear(x, shift, scale, linear.weight, linear.bias, eps=1e-6)
+        return fk.modulated_layer_norm_linear(x, shift.to(x.dtype), scale.to(x.dtype), linear.weight, linear.bias,
+                                              eps=1e-6)
     return linear(_modulated_ln(x, shift, scale, fused))
 
 
@@ -149,7 +155,7 @@ def _gelu_linear(h: Tensor, mlp: Mlp, fused: bool) -> Tensor:
 
 
 def _gated_residual(x: Tensor, y: Tensor, gate: Tensor, fused: bool) -> Tensor:
-    return fk.gated_residual(x, y, gate) if fused else x + gate[:, None] * y
+    return fk.gated_residual(x, y.to(x.dtype), gate.to(x.dtype)) if fused else x + gate[:, None] * y
 
 
 class DiTBlock(nn.Module):

@@ -248,6 +248,8 @@ def _triton_support(q: Tensor, *args: object) -> str | None:
     # offsets within one batch entry are 32-bit in the kernels (64-bit ones cost registers)
     if any(t.shape[1] * t.stride(1) >= 2**31 for t in args[:2] + (q,) if isinstance(t, Tensor)):
         return "a batch entry of more than 2^31 elements (the kernels' offsets are 32-bit)"
+    if q.shape[0] * q.shape[2] > 65535:  # the launch grid's second axis, CUDA's limit
+        return f"batch x heads = {q.shape[0] * q.shape[2]} exceeds the kernels' grid limit of 65535"
     return _checks.nonempty(q)
 
 

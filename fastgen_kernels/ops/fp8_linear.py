@@ -44,8 +44,11 @@ ACTIVATION_INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 def reference_quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
     """(codes (M, K) float8_e4m3fn, scale (M,) fp32): x ~ codes * scale[:, None]."""
     amax = x.abs().amax(-1).float().clamp_min(MIN_AMAX)
-    codes = (x.float() * (E4M3_MAX / amax)[:, None]).clamp(-E4M3_MAX, E4M3_MAX)
-    return codes.to(torch.float8_e4m3fn), amax / E4M3_MAX
+    # correctly rounded divisions, as the kernels' (a Python-number operand would not be: CUDA
+    # multiplies by its reciprocal, and 448 / tensor is tensor.reciprocal() * 448)
+    e4m3 = torch.full_like(amax, E4M3_MAX)
+    codes = (x.float() * (e4m3 / amax)[:, None]).clamp(-E4M3_MAX, E4M3_MAX)
+    return codes.to(torch.float8_e4m3fn), amax / e4m3
 
 
 def epilogue(acc: Tensor, x_scale: Tensor | None, weight_scale: Tensor, bias: Tensor | None,
