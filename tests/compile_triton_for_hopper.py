@@ -63,8 +63,8 @@ def specialization(kernel: JITFunction, bound: dict) -> tuple[dict, dict, dict]:
 
 def record_all_launches() -> None:
     """Calls every Triton launcher: each op's forward and backward on its example arguments in
-    fp32 and bf16, and attention at split head dims (72 = 64 + 16, 96 = 64 + 32) and the widest one,
-    causal or not, JVP included."""
+    fp32 and bf16, and attention at split head dims (72 = 64 + 16, 96 = 64 + 32, in bf16 and fp32)
+    and the widest one, causal or not, JVP included."""
     for name, module in fk.ops.OP_MODULES.items():
         if name == "fp8_linear":  # autotuned: every configuration, below
             continue
@@ -81,8 +81,9 @@ def record_all_launches() -> None:
     triton_squared_residual.scaled_residual(x, x, None, None, s, True)
     triton_gan_loss.sums(x, False)
     triton_gan_loss.backward(x, False, s)
-    for head_dim in (72, 96, 256):
-        q = torch.randn(1, 16, 2, head_dim, dtype=torch.bfloat16)
+    for head_dim, dtype in [(72, torch.bfloat16), (96, torch.bfloat16), (256, torch.bfloat16),
+                            (72, torch.float32), (96, torch.float32)]:
+        q = torch.randn(1, 16, 2, head_dim, dtype=dtype)
         o, lse = torch.empty_like(q), torch.empty(1, 2, 16)
         for chunk in (0, 1):
             triton_attention.forward(q, q, q, 0.1, chunk)

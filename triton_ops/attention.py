@@ -571,6 +571,10 @@ def blocks(width: int, itemsize: int, interpreting: bool, kernel: str
 
 def _config(q: Tensor, kernel: str) -> dict:
     main, tail, split = head_dim_split(q.shape[-1])
+    if split and kernel == "jvp" and q.element_size() > 2:
+        # Triton 3.9's LLVM aborts the process (an SLP vectorizer assertion) compiling the fp32
+        # JVP on split heads (72, 96); one padded tile compiles everywhere
+        main, tail, split = 2 * main, 16, False
     block_m, block_n, warps, stages = blocks(main + tail if split else main, q.element_size(),
                                              interpreting_triton(), kernel)
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=main, BLOCK_HI=tail, SPLIT=split,
