@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from fastgen_kernels import losses
 from fastgen_kernels.denoiser import Denoiser
+from fastgen_kernels.ops.linear import parameters_without_tangents
 from fastgen_kernels.schedules import Schedule, per_sample
 
 JVP_METHODS = ("exact", "finite_difference")
@@ -260,15 +261,17 @@ def jvp(fn: Callable[..., Tensor], primals: tuple[Tensor, ...], tangents: tuple[
     """The directional derivative of fn at ``primals`` along ``tangents``, with no gradients.
 
     ``exact``: forward-mode AD (``torch.func.jvp``; the fused ops carry their own JVP rules, the
-    attention's included). ``finite_difference``: (fn(p + h v) - fn(p - h v)) / 2h, combined in
+    attention's included, and the fused networks' linear layers compute their tangent in one GEMM,
+    ``fastgen_kernels.ops.linear``). ``finite_difference``: (fn(p + h v) - fn(p - h v)) / 2h, combined in
     fp64, h = ``step`` (two evaluations; the baseline the exact JVP replaces). The callers take
     fn(primals) from their own forward pass with gradients, so neither method returns it.
     """
     if method not in JVP_METHODS:
         raise ValueError(f"jvp: method must be one of {JVP_METHODS}, got {method!r}")
     with torch.no_grad():
-        if method == "exact":
-            return torch.func.jvp(fn, primals, tangents)[1]
+        if method == "exact":  # along the inputs: the parameters' tangents are zero
+            with parameters_without_tangents():
+                return torch.func.jvp(fn, primals, tangents)[1]
         plus = fn(*(p + step * v for p, v in zip(primals, tangents)))
         minus = fn(*(p - step * v for p, v in zip(primals, tangents)))
         return ((plus.double() - minus.double()) / (2 * step)).to(plus.dtype)

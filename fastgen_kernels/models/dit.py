@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import fastgen_kernels as fk
+from fastgen_kernels.ops.linear import linear
 
 PRESETS = {  # name: (depth, hidden_size, num_heads)
     "S": (12, 384, 6),
@@ -144,6 +145,14 @@ def _norm_linear(x: Tensor, shift: Tensor, scale: Tensor, linear: nn.Module, fus
     return linear(_modulated_ln(x, shift, scale, fused))
 
 
+def _linear(layer: nn.Module, x: Tensor, fused: bool) -> Tensor:
+    """layer(x); fused with a plain nn.Linear, through ops.linear (one GEMM for its tangent in the
+    distillation methods' forward-mode AD, not PyTorch's two)."""
+    if fused and type(layer) is nn.Linear:
+        return linear(x, layer.weight, layer.bias)
+    return layer(x)
+
+
 def _gelu_linear(h: Tensor, mlp: Mlp, fused: bool) -> Tensor:
     """fc2(GELU(h)). Fused with a plain nn.Linear fc2, the GELU's output is recomputed in the
     backward rather than kept next to h."""
@@ -188,7 +197,7 @@ class DiTBlock(nn.Module):
             x = self.attn.proj(a, gate=gate1, residual=x)
             h = _norm_linear(x, shift2, scale2, self.mlp.fc1, self.fused)
             return self.mlp.fc2(h, gate=gate2, residual=x)
-        x = _gated_residual(x, self.attn.proj(a), gate1, self.fused)
+        x = _gated_residual(x, _linear(self.attn.proj, a, self.fused), gate1, self.fused)
         h = _norm_linear(x, shift2, scale2, self.mlp.fc1, self.fused)
         return _gated_residual(x, _gelu_linear(h, self.mlp, self.fused), gate2, self.fused)
 

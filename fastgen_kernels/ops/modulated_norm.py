@@ -41,6 +41,7 @@ from torch import Tensor
 
 from fastgen_kernels.backends import OpDispatcher
 from fastgen_kernels.ops import _checks, _eager_op
+from fastgen_kernels.ops.linear import linear
 
 # --------------------------------------------------------------------------- reference
 
@@ -361,7 +362,7 @@ def modulated_layer_norm_linear(
     tensors = (x, shift, scale, weight, bias, linear_weight, linear_bias)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     if not needs_grad or torch.autograd.forward_ad._current_level >= 0 or not _eager_op.plain_eager(tensors):
-        return F.linear(_apply(x, shift, scale, weight, bias, eps, False), linear_weight, linear_bias)
+        return linear(_apply(x, shift, scale, weight, bias, eps, False), linear_weight, linear_bias)
     return _ModulatedNormLinearFunction.apply(x, shift, scale, weight, bias, float(eps), False, linear_weight,
                                               linear_bias)
 

@@ -1,0 +1,66 @@
+r"""Linear layers under forward-mode AD when the parameters carry no tangents.
+
+PyTorch's forward-mode rule for a linear layer, y = x W^T + b, is ty = tx W^T + x tW^T + tb,
+and both torch.func.jvp and torch.autograd.forward_ad evaluate the middle GEMM even when W has
+no tangent (its tangent is materialized as zeros): three GEMMs where the JVP needs two. The
+distillation methods differentiate networks along their inputs only (sCM, MeanFlow: along
+(x_t, t)), so inside :func:`parameters_without_tangents` the fused networks' linear layers
+(:func:`linear`) take the rule ty = tx W^T, one GEMM on top of the forward's. Elsewhere, and
+outside forward-mode AD, :func:`linear` is ``F.linear``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+_PARAMETERS_WITHOUT_TANGENTS: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "fastgen_parameters_without_tangents", default=False)
+
+
+@contextlib.contextmanager
+def parameters_without_tangents() -> Iterator[None]:
+    """Inside: forward-mode AD through :func:`linear` treats weights and biases as constants (their
+    tangents are ignored, so they must be zero: differentiation along the inputs only)."""
+    token = _PARAMETERS_WITHOUT_TANGENTS.set(True)
+    try:
+        yield
+    finally:
+        _PARAMETERS_WITHOUT_TANGENTS.reset(token)
+
+
+class _InputTangentLinear(torch.autograd.Function):
+    """F.linear whose forward-mode rule is tx W^T alone; used where grad mode is off, so it has
+    no backward (and holds no activations for one)."""
+
+    @staticmethod
+    def forward(x, weight, bias):
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_forward(inputs[1])
+
+    @staticmethod
+    def jvp(ctx, tx, _tweight, _tbias):
+        (weight,) = ctx.saved_tensors
+        return F.linear(tx, weight)
+
+
+def _forward_mode_active() -> bool:
+    return torch.autograd.forward_ad._current_level >= 0 or torch._C._are_functorch_transforms_active()
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``F.linear(x, weight, bias)``; under forward-mode AD with grad mode off, inside
+    :func:`parameters_without_tangents`, its tangent is computed from x's alone (one GEMM)."""
+    if torch.compiler.is_compiling():  # Dynamo traces no ContextVar; compiled code has its own rules
+        return F.linear(x, weight, bias)
+    if _PARAMETERS_WITHOUT_TANGENTS.get() and not torch.is_grad_enabled() and _forward_mode_active():
+        return _InputTangentLinear.apply(x, weight, bias)
+    return F.linear(x, weight, bias)
