@@ -136,13 +136,13 @@ def _modulated_ln(x: Tensor, shift: Tensor, scale: Tensor, fused: bool) -> Tenso
     return F.layer_norm(x, x.shape[-1:], eps=1e-6) * (1 + scale[:, None]) + shift[:, None]
 
 
-def _norm_linear(x: Tensor, shift: Tensor, scale: Tensor, linear: nn.Module, fused: bool) -> Tensor:
-    """linear(modulated LN of x). Fused with a plain nn.Linear, the norm's output is recomputed in
+def _norm_linear(x: Tensor, shift: Tensor, scale: Tensor, layer: nn.Module, fused: bool) -> Tensor:
+    """layer(modulated LN of x). Fused with a plain nn.Linear, the norm's output is recomputed in
     the backward rather than kept (an FP8 or a wrapped, e.g. LoRA, layer takes the norm's output)."""
-    if fused and type(linear) is nn.Linear:
-        return fk.modulated_layer_norm_linear(x, shift.to(x.dtype), scale.to(x.dtype), linear.weight, linear.bias,
+    if fused and type(layer) is nn.Linear:
+        return fk.modulated_layer_norm_linear(x, shift.to(x.dtype), scale.to(x.dtype), layer.weight, layer.bias,
                                               eps=1e-6)
-    return linear(_modulated_ln(x, shift, scale, fused))
+    return layer(_modulated_ln(x, shift, scale, fused))
 
 
 def _linear(layer: nn.Module, x: Tensor, fused: bool) -> Tensor:
