@@ -55,10 +55,10 @@ def test_outside_the_context_or_forward_mode_it_is_f_linear(generator):
         torch.testing.assert_close(compiled(x), F.linear(x, weight, bias))
 
 
-def test_jvp_through_the_fused_dit_saves_gemms(generator):
+def test_jvp_through_the_fused_dit_costs_two_forwards_of_gemms(generator):
     """The distillation methods' exact JVP (distill.base.jvp) through the fused DiT: the tangent
-    of torch.func.jvp with PyTorch's own linear rule, for fewer matrix-multiply FLOPs (PyTorch's
-    rule multiplies x by the weights' zero tangent too: three forwards' worth)."""
+    of torch.func.jvp with PyTorch's own linear rule, for two forwards' matrix-multiply FLOPs
+    (PyTorch's rule multiplies x by the weights' zero tangent too: three forwards' worth)."""
     torch.manual_seed(0)
     net = DiT(DiTConfig(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=2,
                         num_classes=10)).double()
@@ -80,6 +80,5 @@ def test_jvp_through_the_fused_dit_saves_gemms(generator):
     with torch.no_grad():  # the same network under PyTorch's rule for its linear layers
         _, expected = torch.func.jvp(fn, (x, t), (tx, tt))
     torch.testing.assert_close(ours, expected, rtol=1e-10, atol=1e-10)
-    # 2.37 here: the MLP's fc2 (after the GELU, see gelu_tanh_linear) and the small adaLN and
-    # embedding layers keep PyTorch's rule; 3.0 under PyTorch's rule everywhere
-    assert tangent.get_total_flops() <= 2.4 * forward.get_total_flops()
+    # 2.06 here (the small adaLN and embedding layers keep PyTorch's rule); 3.0 under PyTorch's
+    assert tangent.get_total_flops() <= 2.1 * forward.get_total_flops()

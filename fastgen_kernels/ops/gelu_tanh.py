@@ -31,6 +31,7 @@ from torch import Tensor
 
 from fastgen_kernels.backends import OpDispatcher
 from fastgen_kernels.ops import _checks, _eager_op
+from fastgen_kernels.ops.linear import input_tangents_only
 
 # --------------------------------------------------------------------------- reference
 
@@ -165,6 +166,26 @@ class _GeluTanhLinearFunction(torch.autograd.Function):
         return dx, dweight, dbias
 
 
+class _GeluTanhInputTangentLinear(torch.autograd.Function):
+    """F.linear(gelu_tanh(x), weight, bias) in forward-mode AD along x alone (see
+    fastgen_kernels.ops.linear): tangent F.linear(tx * gelu_tanh'(x), weight), one GEMM. One
+    Function for both: the GELU's Function followed by ops.linear's kept every layer's
+    activations alive through a torch.func.jvp pass (twice the memory, measured)."""
+
+    @staticmethod
+    def forward(x, weight, bias):
+        return F.linear(forward_dispatcher(x), weight, bias)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_forward(inputs[0], inputs[1])
+
+    @staticmethod
+    def jvp(ctx, tx, _tweight, _tbias):
+        x, weight = ctx.saved_tensors
+        return F.linear(backward_dispatcher(tx, x), weight)
+
+
 def gelu_tanh_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """``F.linear(gelu_tanh(x), weight, bias)``, holding only x for the backward (see the module doc).
 
@@ -174,9 +195,9 @@ def gelu_tanh_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> T
     """
     x = _checks.tensor("gelu_tanh_linear", "x", x)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
+    if input_tangents_only():
+        return _GeluTanhInputTangentLinear.apply(x, weight, bias)
     if not needs_grad or torch.autograd.forward_ad._current_level >= 0 or not _eager_op.plain_eager((x, weight, bias)):
-        # F.linear, not ops.linear: after the GELU's autograd.Function, ops.linear's would keep
-        # every layer's activations alive through a torch.func.jvp pass (measured: twice the memory)
         return F.linear(gelu_tanh(x), weight, bias)
     return _GeluTanhLinearFunction.apply(x, weight, bias)
 

@@ -52,15 +52,19 @@ class _InputTangentLinear(torch.autograd.Function):
         return F.linear(tx, weight)
 
 
-def _forward_mode_active() -> bool:
-    return torch.autograd.forward_ad._current_level >= 0 or torch._C._are_functorch_transforms_active()
+def input_tangents_only() -> bool:
+    """Whether a forward-mode rule may ignore parameter tangents here: inside
+    :func:`parameters_without_tangents`, forward-mode AD active, grad mode off (no backward will
+    follow, so the rule's autograd.Function needs none), not compiling."""
+    if torch.compiler.is_compiling():  # Dynamo traces no ContextVar; compiled code has its own rules
+        return False
+    forward_mode = torch.autograd.forward_ad._current_level >= 0 or torch._C._are_functorch_transforms_active()
+    return _PARAMETERS_WITHOUT_TANGENTS.get() and forward_mode and not torch.is_grad_enabled()
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """``F.linear(x, weight, bias)``; under forward-mode AD with grad mode off, inside
-    :func:`parameters_without_tangents`, its tangent is computed from x's alone (one GEMM)."""
-    if torch.compiler.is_compiling():  # Dynamo traces no ContextVar; compiled code has its own rules
-        return F.linear(x, weight, bias)
-    if _PARAMETERS_WITHOUT_TANGENTS.get() and not torch.is_grad_enabled() and _forward_mode_active():
+    """``F.linear(x, weight, bias)``; where :func:`input_tangents_only`, its tangent is computed
+    from x's alone (one GEMM)."""
+    if input_tangents_only():
         return _InputTangentLinear.apply(x, weight, bias)
     return F.linear(x, weight, bias)
