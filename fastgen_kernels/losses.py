@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import math
 
-import torch
 from torch import Tensor
 
 from fastgen_kernels.ops import _checks

@@ -6,7 +6,6 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-import fastgen_kernels as fk
 from fastgen_kernels.distill.base import jvp
 from fastgen_kernels.models import DiT, DiTConfig
 from fastgen_kernels.ops.linear import linear, parameters_without_tangents

@@ -20,7 +20,6 @@ iteration), ``checkpoints/``, and at the end ``student/`` and ``student_ema<deca
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import sys

@@ -46,6 +46,14 @@ def no_autograd(args: tuple) -> bool:
             and plain_eager(args))
 
 
+def backward_will_follow(args: tuple) -> bool:
+    """True when the call is plain eager, grad mode is on and a tensor argument requires grad, and
+    no forward-mode dual level is open: where an ``autograd.Function`` that recomputes in its
+    backward (gelu_tanh_linear, modulated_layer_norm_linear) replaces a composition of ops."""
+    return (torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args)
+            and torch.autograd.forward_ad._current_level < 0 and plain_eager(args))
+
+
 class EagerOp:
     """Calls custom op ``op`` (positional arguments only), or in plain eager mode ``forward(*args)``
     (its backend dispatcher). Given ``setup_context(ctx, args, output)`` and ``backward(ctx,

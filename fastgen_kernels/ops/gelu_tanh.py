@@ -31,7 +31,7 @@ from torch import Tensor
 
 from fastgen_kernels.backends import OpDispatcher
 from fastgen_kernels.ops import _checks, _eager_op
-from fastgen_kernels.ops.linear import input_tangents_only
+from fastgen_kernels.ops.linear import input_tangents_only, recomputed_input_backward
 
 # --------------------------------------------------------------------------- reference
 
@@ -154,15 +154,10 @@ class _GeluTanhLinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x, weight = ctx.saved_tensors
-        dx = dweight = dbias = None
-        if ctx.needs_input_grad[0]:
-            dx = torch.ops.fastgen.gelu_tanh_backward((grad_out @ weight.to(grad_out.dtype)).to(x.dtype), x)
-        rows = grad_out.reshape(-1, grad_out.shape[-1])
-        if ctx.needs_input_grad[1]:
-            y = forward_dispatcher(x).reshape(rows.shape[0], -1).to(grad_out.dtype)  # recomputed
-            dweight = (rows.T @ y).to(weight.dtype)
-        if ctx.needs_input_grad[2]:
-            dbias = rows.sum(0).to(ctx.bias_dtype)
+        needs = ctx.needs_input_grad
+        dy, dweight, dbias = recomputed_input_backward(grad_out, weight, ctx.bias_dtype, needs,
+                                                       lambda: forward_dispatcher(x))
+        dx = torch.ops.fastgen.gelu_tanh_backward(dy.to(x.dtype), x) if needs[0] else None
         return dx, dweight, dbias
 
 
@@ -194,12 +189,11 @@ def gelu_tanh_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> T
     forward-mode AD, torch.compile or other transforms it is the plain composition.
     """
     x = _checks.tensor("gelu_tanh_linear", "x", x)
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
     if input_tangents_only():
         return _GeluTanhInputTangentLinear.apply(x, weight, bias)
-    if not needs_grad or torch.autograd.forward_ad._current_level >= 0 or not _eager_op.plain_eager((x, weight, bias)):
-        return F.linear(gelu_tanh(x), weight, bias)
-    return _GeluTanhLinearFunction.apply(x, weight, bias)
+    if _eager_op.backward_will_follow((x, weight, bias)):
+        return _GeluTanhLinearFunction.apply(x, weight, bias)
+    return F.linear(gelu_tanh(x), weight, bias)
 
 
 def example_args(device: torch.device, dtype: torch.dtype) -> tuple:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +32,22 @@ def parameters_without_tangents() -> Iterator[None]:
         yield
     finally:
         _PARAMETERS_WITHOUT_TANGENTS.reset(token)
+
+
+def recomputed_input_backward(grad_out: Tensor, weight: Tensor, bias_dtype: torch.dtype | None,
+                              needs: tuple[bool, bool, bool], recompute_input: Callable[[], Tensor]
+                              ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """(dy, dweight, dbias) of F.linear(y, weight, bias) whose input y was not kept: y =
+    recompute_input() only when the weight gradient is needed. The layer ran in grad_out's dtype
+    (autocast's, or its inputs'); dy is in it, dweight and dbias in their parameters' dtypes.
+    ``needs``: whether y, weight and bias need gradients (bias_dtype None: no bias)."""
+    rows = grad_out.reshape(-1, grad_out.shape[-1])
+    dy = grad_out @ weight.to(grad_out.dtype) if needs[0] else None
+    dweight = None
+    if needs[1]:
+        dweight = (rows.T @ recompute_input().reshape(rows.shape[0], -1).to(rows.dtype)).to(weight.dtype)
+    dbias = rows.sum(0).to(bias_dtype) if bias_dtype is not None and needs[2] else None
+    return dy, dweight, dbias
 
 
 class _InputTangentLinear(torch.autograd.Function):

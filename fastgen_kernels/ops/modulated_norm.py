@@ -41,7 +41,7 @@ from torch import Tensor
 
 from fastgen_kernels.backends import OpDispatcher
 from fastgen_kernels.ops import _checks, _eager_op
-from fastgen_kernels.ops.linear import linear
+from fastgen_kernels.ops.linear import linear, recomputed_input_backward
 
 # --------------------------------------------------------------------------- reference
 
@@ -329,19 +329,14 @@ class _ModulatedNormLinearFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, shift, scale, norm_weight, norm_bias, mean, rstd, weight = ctx.saved_tensors
         needs = ctx.needs_input_grad
-        rows = grad_out.reshape(-1, grad_out.shape[-1])
-        norm_grads, dweight, dbias = (None,) * 5, None, None
-        if any(needs[:5]):
-            dy = (grad_out @ weight.to(grad_out.dtype)).to(x.dtype)
-            grads = torch.ops.fastgen.modulated_norm_backward(dy, x, shift, scale, norm_weight, norm_bias, mean,
-                                                               rstd, ctx.rms)
-            norm_grads = tuple(g if need and t is not None else None
-                               for g, need, t in zip(grads, needs, (x, shift, scale, norm_weight, norm_bias)))
-        if needs[7]:
-            y = forward_dispatcher(x, shift, scale, norm_weight, norm_bias, ctx.eps, ctx.rms)[0]  # recomputed
-            dweight = (rows.T @ y.reshape(rows.shape[0], -1).to(grad_out.dtype)).to(weight.dtype)
-        if needs[8]:
-            dbias = rows.sum(0).to(ctx.bias_dtype)
+        norm_inputs = (x, shift, scale, norm_weight, norm_bias)
+        dy, dweight, dbias = recomputed_input_backward(
+            grad_out, weight, ctx.bias_dtype, (any(needs[:5]), needs[7], needs[8]),
+            lambda: forward_dispatcher(*norm_inputs, ctx.eps, ctx.rms)[0])
+        norm_grads = (None,) * 5
+        if dy is not None:
+            grads = torch.ops.fastgen.modulated_norm_backward(dy.to(x.dtype), *norm_inputs, mean, rstd, ctx.rms)
+            norm_grads = tuple(g if need and t is not None else None for g, need, t in zip(grads, needs, norm_inputs))
         return (*norm_grads, None, None, dweight, dbias)
 
 
@@ -359,12 +354,10 @@ def modulated_layer_norm_linear(
     """
     op = "modulated_layer_norm_linear"
     _check(op, x, shift, scale, weight, bias, eps)
-    tensors = (x, shift, scale, weight, bias, linear_weight, linear_bias)
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    if not needs_grad or torch.autograd.forward_ad._current_level >= 0 or not _eager_op.plain_eager(tensors):
-        return linear(_apply(x, shift, scale, weight, bias, eps, False), linear_weight, linear_bias)
-    return _ModulatedNormLinearFunction.apply(x, shift, scale, weight, bias, float(eps), False, linear_weight,
-                                              linear_bias)
+    if _eager_op.backward_will_follow((x, shift, scale, weight, bias, linear_weight, linear_bias)):
+        return _ModulatedNormLinearFunction.apply(x, shift, scale, weight, bias, float(eps), False, linear_weight,
+                                                  linear_bias)
+    return linear(_apply(x, shift, scale, weight, bias, eps, False), linear_weight, linear_bias)
 
 
 def example_args(device: torch.device, dtype: torch.dtype) -> tuple:
