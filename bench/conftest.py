@@ -105,8 +105,12 @@ def run(benchmark, fn, device: str, *, peer_key, peer_fn, bytes_moved: int | Non
     if benchmark.disabled:  # --benchmark-disable: one call, which compiles (bench/gpu_check.sh)
         timed()
         return
-    benchmark.pedantic(timed, rounds=rounds_for(timed, device), warmup_rounds=3,
-                       iterations=iterations_for(timed, device))
+    try:
+        benchmark.pedantic(timed, rounds=rounds_for(timed, device), warmup_rounds=3,
+                           iterations=iterations_for(timed, device))
+    except KeyboardInterrupt:  # stopped at a time limit (bench/gpu_check.sh) before any round was timed:
+        benchmark.has_error = True  # no statistics, which pytest-benchmark's JSON writer cannot take
+        raise
     ours = benchmark.stats.stats.median * 1e3
     peer_time = peer_ms(peer_key, lambda: (peer_fn(), sync(device)), device)
     if bytes_moved is not None:

@@ -2,7 +2,9 @@
 attention), the fraction of the ceiling measured in the same run on the same device (copy
 bandwidth; matmul rate in the same dtype, bf16's for fp16), and the speedup over the peer.
 
-    python bench/summarize.py results.json
+    python bench/summarize.py results.json [more.json ...]
+
+Several files (one per benchmark file of a run) make one table; the ceilings may come from any.
 """
 
 import json
@@ -17,10 +19,13 @@ def ceiling_key(b: dict) -> tuple:
     return ("copy", b["device"])
 
 
-def main(path: str) -> None:
-    with open(path) as f:
-        # a run stopped at its time limit (bench/gpu_check.sh) leaves its last benchmark without extra_info
-        benches = [b["extra_info"] | {"name": b["name"]} for b in json.load(f)["benchmarks"] if "op" in b["extra_info"]]
+def main(paths: list[str]) -> None:
+    benches = []
+    for path in paths:
+        with open(path) as f:
+            # a run stopped at its time limit (bench/gpu_check.sh) leaves its last benchmark without extra_info
+            benches += [b["extra_info"] | {"name": b["name"]} for b in json.load(f)["benchmarks"]
+                        if "op" in b["extra_info"]]
     ceilings = {}
     for b in benches:
         if b["op"] == "copy":
@@ -51,4 +56,4 @@ def main(path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1:])
