@@ -382,3 +382,42 @@ def test_cpu_jvp_in_query_blocks_matches_one_block(monkeypatch, generator):
     for a, e in zip(actual, expected):
         torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(via_func, expected[1], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", [Case(2, 33, 33, 2, 72, 0), Case(1, 30, 45, 1, 32, 0), Case(1, 40, 40, 2, 64, 1)],
+                         ids=case_id)
+def test_sdpa_path_matches_oracle_with_gradients(case, generator):
+    """The SDPA path attention takes on CUDA (run here on the CPU): the module's layout in and out,
+    the scale, the token-causal mask, and PyTorch's backward, in fp64."""
+    q, k, v, *_ = make_inputs(case, torch.float64, generator)
+    leaves = [t.requires_grad_() for t in (q, k, v)]
+    out = att.sdpa(*leaves, 0.3, case.chunk)
+    expected = oracle(*leaves, 0.3, allowed_pairs(case))
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    g = torch.randn(out.shape, generator=generator, dtype=torch.float64)
+    for got, want in zip(torch.autograd.grad(out, leaves, g), torch.autograd.grad(expected, leaves, g)):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_sdpa_runs_only_where_it_has_the_mask_and_no_jvp_is_needed():
+    """attention goes to SDPA on CUDA tensors with an automatic backend, outside forward-mode AD,
+    with no mask or a square token-causal one; elsewhere to the op (tensors need only a device and
+    a shape for the decision, so CUDA ones are stand-ins here)."""
+    from types import SimpleNamespace
+
+    import torch.autograd.forward_ad as fwAD
+
+    def tensor(device, length):
+        return SimpleNamespace(device=torch.device(device), shape=(2, length, 4, 64))
+
+    q, k = tensor("cuda", 16), tensor("cuda", 16)
+    assert att.sdpa_runs_it(q, k, 0) and att.sdpa_runs_it(q, k, 1)
+    assert not att.sdpa_runs_it(q, k, 4)  # block-causal
+    assert att.sdpa_runs_it(q, tensor("cuda", 40), 0)
+    assert not att.sdpa_runs_it(q, tensor("cuda", 40), 1)  # bottom-right causal: SDPA's is top-left
+    assert not att.sdpa_runs_it(tensor("cpu", 16), tensor("cpu", 16), 0)
+    with fk.use_backend("triton"):
+        assert not att.sdpa_runs_it(q, k, 0)
+    with fwAD.dual_level():
+        assert not att.sdpa_runs_it(q, k, 0)
+    assert att.sdpa_runs_it(q, k, 0)

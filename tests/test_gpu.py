@@ -267,11 +267,32 @@ def test_loss_ops_pass_opcheck_on_gpu(backend, generator):
 # --------------------------------------------------------------------------- FP8 linear
 
 
+def assert_close_to_fast_accumulation(out, exact, codes, x_scale, weight_q, weight_scale, kwargs, x):
+    """out within the error of Hopper's FP8 tensor-core accumulation of the exact result.
+
+    wgmma adds the e4m3 products of each K slice to the fp32 accumulator with about 13 bits of
+    mantissa (what cuBLAS calls fast accumulation, and Triton's default for FP8 dots on sm_90), so
+    the error grows with sum_k |x_k w_k|, not with the result: up to 2^-11.2 of that sum was
+    measured on an H200 (K = 1152; the first GPU run, 2026-11-27), where outputs near zero were
+    off by far more than the bf16 rounding. Allowed: 2^-9 of it, times the epilogue's largest
+    slope (1.2 bounds GELU's and SiLU's) and |gate|, plus 2^-7 of |exact| for the bf16 output. A
+    wrong tile, scale or skipped K block is off by O(|exact|), far beyond that."""
+    magnitude = (codes.double().abs() @ weight_q.double().abs().T) * weight_scale.double().reshape(1, -1)
+    tolerance = (2**-9 * 1.2 * magnitude * x_scale.double()[:, None]).view(*x.shape[:-1], -1)
+    if kwargs["gate"] is not None:
+        gate = kwargs["gate"].double().abs()
+        tolerance = tolerance * (gate[:, None] if gate.dim() == 2 else gate)
+    excess = (out.double() - exact).abs() - (2**-7 * exact.abs() + tolerance)
+    assert excess.max() <= 0, (f"{int((excess > 0).sum())} of {excess.numel()} outputs beyond the "
+                               f"fast-accumulation bound, worst by {excess.max().item():.3g}")
+
+
 @pytest.mark.parametrize("epilogue", fl.EPILOGUES, ids=str)
 @pytest.mark.parametrize("M,N,K", [(8192, 4608, 1152), (300, 1152, 4608), (37, 45, 70)])
 def test_fp8_linear_on_gpu(M, N, K, epilogue, generator):
     """The Triton quantizer bit-identical to the reference on the GPU (hardware e4m3 casts), and
-    the GEMM + epilogue against the fp64 epilogue of the same codes and against _scaled_mm."""
+    the GEMM + epilogue against the fp64 epilogue of the same codes (within the tensor cores'
+    accumulation error) and against _scaled_mm."""
     fp8 = fk.ops.OP_MODULES["fp8_linear"]
     x, weight = fl._inputs(generator, batch=1, tokens=M, K=K, N=N)
     weight_q, weight_scale = (t.cuda() for t in fp8.quantize_weight(weight))
@@ -285,7 +306,7 @@ def test_fp8_linear_on_gpu(M, N, K, epilogue, generator):
     fl.assert_same_codes(codes, ref_codes, "gpu")
     assert torch.equal(x_scale, ref_scale)
     exact = fl._expected(codes.double() @ weight_q.double().T, x_scale, weight_scale, kwargs, x)
-    torch.testing.assert_close(out.double(), exact, rtol=2**-7, atol=1e-5 * exact.abs().max().item())
+    assert_close_to_fast_accumulation(out, exact, codes, x_scale, weight_q, weight_scale, kwargs, x)
     if torch.cuda.get_device_capability() >= (8, 9) and M % 16 == 0 and N % 16 == 0 and K % 16 == 0:
         # bf16 output: cuBLAS's row-wise scaled FP8 GEMM gives fp32 only on some GPUs and versions
         gemm = torch._scaled_mm(codes, weight_q.t(), scale_a=x_scale[:, None], scale_b=weight_scale[None],
@@ -314,8 +335,8 @@ def test_fp8_linear_kernel_variants_on_gpu(variant, M, N, K, generator):
                 None if kwargs["residual"] is None else kwargs["residual"].view(M, N), torch.bfloat16)
         out = triton_fp8_linear.linear(*args, variant=variant)
         exact = fl._expected(codes.double() @ weight_q.double().T, x_scale, weight_scale, kwargs, x.cuda())
-        torch.testing.assert_close(out.double().view(1, M, N), exact, rtol=2**-7,
-                                   atol=1e-5 * exact.abs().max().item())
+        assert_close_to_fast_accumulation(out.view(1, M, N), exact, codes, x_scale, weight_q, weight_scale,
+                                          kwargs, x)
         auto = triton_fp8_linear.linear(*args)
         chosen = triton_fp8_linear.VARIANT_CHOICES.get((codes.device, M, N, K, codes.dtype, torch.bfloat16), "tiled")
         assert torch.equal(auto, triton_fp8_linear.linear(*args, variant=chosen))

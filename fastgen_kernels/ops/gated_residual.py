@@ -109,6 +109,13 @@ gated_residual_op.register_fake(reference_forward)
 gated_residual_backward.register_fake(reference_backward)
 
 
+# The autograd.Functions and backward below call these: in plain eager mode (grad mode is off
+# there) the dispatcher itself, whose kernels take less host time than the custom op's
+# autograd wrapper; the custom op under compile, export, modes and functorch transforms.
+_gated_residual = _eager_op.EagerOp(torch.ops.fastgen.gated_residual, forward_dispatcher)
+_gated_residual_backward = _eager_op.EagerOp(torch.ops.fastgen.gated_residual_backward, backward_dispatcher)
+
+
 def _setup_context(ctx, inputs, output) -> None:
     _, y, gate = inputs
     ctx.save_for_backward(y, gate)
@@ -116,7 +123,7 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, grad_out):
     y, gate = ctx.saved_tensors
-    dy, dgate = torch.ops.fastgen.gated_residual_backward(grad_out, y, gate)
+    dy, dgate = _gated_residual_backward(grad_out, y, gate)
     needs = ctx.needs_input_grad
     return (grad_out if needs[0] else None, dy if needs[1] else None, dgate if needs[2] else None)
 
@@ -124,12 +131,12 @@ def _backward(ctx, grad_out):
 gated_residual_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-class _GatedResidualFunction(torch.autograd.Function):
+class _GatedResidualFunction(_eager_op.Function):
     """The custom op plus a forward-mode rule (custom ops have none)."""
 
     @staticmethod
     def forward(x, y, gate):
-        return torch.ops.fastgen.gated_residual(x, y, gate)
+        return _gated_residual(x, y, gate)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -144,9 +151,9 @@ class _GatedResidualFunction(torch.autograd.Function):
         y, gate = ctx.saved_tensors
         tout = torch.zeros_like(y) if tx is None else tx
         if ty is not None:
-            tout = torch.ops.fastgen.gated_residual(tout, ty, gate)
+            tout = _gated_residual(tout, ty, gate)
         if tgate is not None:
-            tout = torch.ops.fastgen.gated_residual(tout, y, tgate)
+            tout = _gated_residual(tout, y, tgate)
         return tout
 
 

@@ -92,24 +92,31 @@ gelu_tanh_op.register_fake(reference_forward)
 gelu_tanh_backward.register_fake(reference_backward)
 
 
+# The autograd.Functions and backward below call these: in plain eager mode (grad mode is off
+# there) the dispatcher itself, whose kernels take less host time than the custom op's
+# autograd wrapper; the custom op under compile, export, modes and functorch transforms.
+_gelu_tanh = _eager_op.EagerOp(torch.ops.fastgen.gelu_tanh, forward_dispatcher)
+_gelu_tanh_backward = _eager_op.EagerOp(torch.ops.fastgen.gelu_tanh_backward, backward_dispatcher)
+
+
 def _setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(inputs[0])
 
 
 def _backward(ctx, grad_out):
     (x,) = ctx.saved_tensors
-    return torch.ops.fastgen.gelu_tanh_backward(grad_out, x)
+    return _gelu_tanh_backward(grad_out, x)
 
 
 gelu_tanh_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-class _GeluTanhFunction(torch.autograd.Function):
+class _GeluTanhFunction(_eager_op.Function):
     """The custom op plus a forward-mode rule (custom ops have none)."""
 
     @staticmethod
     def forward(x):
-        return torch.ops.fastgen.gelu_tanh(x)
+        return _gelu_tanh(x)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -121,7 +128,7 @@ class _GeluTanhFunction(torch.autograd.Function):
     @staticmethod
     def jvp(ctx, tx):
         (x,) = ctx.saved_tensors
-        return torch.ops.fastgen.gelu_tanh_backward(tx, x)
+        return _gelu_tanh_backward(tx, x)
 
 
 # --------------------------------------------------------------------------- public API
@@ -157,11 +164,11 @@ class _GeluTanhLinearFunction(torch.autograd.Function):
         needs = ctx.needs_input_grad
         dy, dweight, dbias = recomputed_input_backward(grad_out, weight, ctx.bias_dtype, needs,
                                                        lambda: forward_dispatcher(x))
-        dx = torch.ops.fastgen.gelu_tanh_backward(dy.to(x.dtype), x) if needs[0] else None
+        dx = _gelu_tanh_backward(dy.to(x.dtype), x) if needs[0] else None
         return dx, dweight, dbias
 
 
-class _GeluTanhInputTangentLinear(torch.autograd.Function):
+class _GeluTanhInputTangentLinear(_eager_op.Function):
     """F.linear(gelu_tanh(x), weight, bias) in forward-mode AD along x alone (see
     fastgen_kernels.ops.linear): tangent F.linear(tx * gelu_tanh'(x), weight), one GEMM. One
     Function for both: the GELU's Function followed by ops.linear's kept every layer's

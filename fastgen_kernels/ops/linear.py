@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fastgen_kernels.ops._eager_op import Function
+
 _PARAMETERS_WITHOUT_TANGENTS: contextvars.ContextVar[bool] = contextvars.ContextVar(
     "fastgen_parameters_without_tangents", default=False)
 
@@ -50,7 +52,7 @@ def recomputed_input_backward(grad_out: Tensor, weight: Tensor, bias_dtype: torc
     return dy, dweight, dbias
 
 
-class _InputTangentLinear(torch.autograd.Function):
+class _InputTangentLinear(Function):
     """F.linear whose forward-mode rule is tx W^T alone; used where grad mode is off, so it has
     no backward (and holds no activations for one)."""
 

@@ -223,6 +223,13 @@ modulated_norm.register_fake(reference_forward)
 modulated_norm_backward.register_fake(reference_backward)
 
 
+# The autograd.Functions and backward below call these: in plain eager mode (grad mode is off
+# there) the dispatcher itself, whose kernels take less host time than the custom op's
+# autograd wrapper; the custom op under compile, export, modes and functorch transforms.
+_modulated_norm = _eager_op.EagerOp(torch.ops.fastgen.modulated_norm, forward_dispatcher)
+_modulated_norm_backward = _eager_op.EagerOp(torch.ops.fastgen.modulated_norm_backward, backward_dispatcher)
+
+
 def _setup_context(ctx, inputs, output) -> None:
     x, shift, scale, weight, bias, eps, rms = inputs
     _, mean, rstd = output
@@ -232,7 +239,7 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, grad_out, _grad_mean, _grad_rstd):
     x, shift, scale, weight, bias, mean, rstd = ctx.saved_tensors
-    dx, dshift, dscale, dweight, dbias = torch.ops.fastgen.modulated_norm_backward(
+    dx, dshift, dscale, dweight, dbias = _modulated_norm_backward(
         grad_out, x, shift, scale, weight, bias, mean, rstd, ctx.rms)
     needs = ctx.needs_input_grad
     return (dx if needs[0] else None, dshift if needs[1] else None, dscale if needs[2] else None,
@@ -243,13 +250,13 @@ def _backward(ctx, grad_out, _grad_mean, _grad_rstd):
 modulated_norm.register_autograd(_backward, setup_context=_setup_context)
 
 
-class _ModulatedNormFunction(torch.autograd.Function):
+class _ModulatedNormFunction(_eager_op.Function):
     """The custom op plus a forward-mode rule, so torch.func.jvp works (custom ops have no jvp).
     Its backward is the op's own registered backward."""
 
     @staticmethod
     def forward(x, shift, scale, weight, bias, eps, rms):
-        return torch.ops.fastgen.modulated_norm(x, shift, scale, weight, bias, eps, rms)
+        return _modulated_norm(x, shift, scale, weight, bias, eps, rms)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -335,7 +342,7 @@ class _ModulatedNormLinearFunction(torch.autograd.Function):
             lambda: forward_dispatcher(*norm_inputs, ctx.eps, ctx.rms)[0])
         norm_grads = (None,) * 5
         if dy is not None:
-            grads = torch.ops.fastgen.modulated_norm_backward(dy.to(x.dtype), *norm_inputs, mean, rstd, ctx.rms)
+            grads = _modulated_norm_backward(dy.to(x.dtype), *norm_inputs, mean, rstd, ctx.rms)
             norm_grads = tuple(g if need and t is not None else None for g, need, t in zip(grads, needs, norm_inputs))
         return (*norm_grads, None, None, dweight, dbias)
 

@@ -246,6 +246,13 @@ qk_norm_rope_op.register_fake(reference_forward)
 qk_norm_rope_backward.register_fake(reference_backward)
 
 
+# The autograd.Functions and backward below call these: in plain eager mode (grad mode is off
+# there) the dispatcher itself, whose kernels take less host time than the custom op's
+# autograd wrapper; the custom op under compile, export, modes and functorch transforms.
+_qk_norm_rope = _eager_op.EagerOp(torch.ops.fastgen.qk_norm_rope, forward_dispatcher)
+_qk_norm_rope_backward = _eager_op.EagerOp(torch.ops.fastgen.qk_norm_rope_backward, backward_dispatcher)
+
+
 def _setup_context(ctx, inputs, output) -> None:
     q, k, q_weight, k_weight, cos, sin, _, interleaved = inputs
     _, _, q_rstd, k_rstd = output
@@ -255,7 +262,7 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, grad_q, grad_k, _grad_q_rstd, _grad_k_rstd):
     q, k, q_weight, k_weight, cos, sin, q_rstd, k_rstd = ctx.saved_tensors
-    dq, dk, dq_weight, dk_weight = torch.ops.fastgen.qk_norm_rope_backward(
+    dq, dk, dq_weight, dk_weight = _qk_norm_rope_backward(
         grad_q, grad_k, q, k, q_weight, k_weight, cos, sin, q_rstd, k_rstd, ctx.interleaved)
     needs = ctx.needs_input_grad
     return (dq if needs[0] else None, dk if needs[1] else None,
@@ -266,13 +273,13 @@ def _backward(ctx, grad_q, grad_k, _grad_q_rstd, _grad_k_rstd):
 qk_norm_rope_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-class _QkNormRopeFunction(torch.autograd.Function):
+class _QkNormRopeFunction(_eager_op.Function):
     """The custom op plus a forward-mode rule, so torch.func.jvp works (custom ops have no jvp).
     Its backward is the op's own registered backward."""
 
     @staticmethod
     def forward(q, k, q_weight, k_weight, cos, sin, eps, interleaved):
-        return torch.ops.fastgen.qk_norm_rope(q, k, q_weight, k_weight, cos, sin, eps, interleaved)
+        return _qk_norm_rope(q, k, q_weight, k_weight, cos, sin, eps, interleaved)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
