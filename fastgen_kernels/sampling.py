@@ -21,7 +21,6 @@ the loop has no host syncs, and a seed gives the same samples with and without t
 from __future__ import annotations
 
 import contextlib
-import itertools
 import math
 import sys
 from collections.abc import Callable, Sequence
@@ -318,9 +317,14 @@ def _graph_state(model: Denoiser) -> tuple:
     and dtypes) of their parameters and buffers, and the forced backend. A graph captured before
     model.to(...), quantize_fp8 or use_backend is not replayed after them; other changes of
     behaviour (DiT.set_fused, say) need cuda_graph=False or a new Denoiser."""
-    tensors = itertools.chain(model.parameters(), model.buffers())
-    return (tuple(map(id, model.modules())), tuple((t.data_ptr(), t.dtype) for t in tensors),
-            backends.forced_backend()[0])
+    # one walk over the modules (parameters() and buffers() would walk them twice more): the key
+    # is computed on every call, 0.6 ms for DiT-XL's 323 modules on the CPU
+    state = []
+    for module in model.modules():
+        state.append(id(module))
+        for tensors in (module._parameters, module._buffers):
+            state.extend((t.data_ptr(), t.dtype) for t in tensors.values() if t is not None)
+    return tuple(state), backends.forced_backend()[0]
 
 
 def _replay(model: Denoiser, key: tuple, run: Callable, inputs: tuple):
