@@ -85,9 +85,38 @@ def test_bad_input_names_the_argument():
         fk.gated_residual(x, x[:, :2], torch.randn(2, 8))
     with pytest.raises(ValueError, match="gate must have shape"):
         fk.gated_residual(x, x, torch.randn(2, 9))
-    with pytest.raises(TypeError, match="gate must have x's dtype"):
-        fk.gated_residual(x, x, torch.randn(2, 8, dtype=torch.float64))
+    with pytest.raises(TypeError, match="gate must be float16"):
+        fk.gated_residual(x, x, torch.randn(2, 8).int())
     with pytest.raises(TypeError, match="y must be float16"):
         fk.gated_residual(x, x.int(), torch.randn(2, 8))
     with pytest.raises(ValueError, match="x must have shape"):
         fk.gated_residual(x[0], x[0], torch.randn(2, 8))
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("per_token", [False, True], ids=["gate_BD", "gate_BLD"])
+def test_narrower_y_and_gate_are_widened_and_y_kept_as_given(backend, per_token, generator):
+    """Autocast's case, bf16 y and gate on an fp32 residual stream: the op on the widened inputs,
+    gradients in each input's dtype, forward mode too, and a backward that holds y itself rather
+    than a widened copy (what the DiT's step saves per block)."""
+    x, y, gate = make_inputs((2, 5, 72), torch.float32, per_token, generator)
+    leaves = [x.requires_grad_(), y.bfloat16().requires_grad_(), gate.bfloat16().requires_grad_()]
+    saved = []
+    with fk.use_backend(backend), torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t,
+                                                                          lambda t: t):
+        out = fk.gated_residual(*leaves)
+    g = torch.randn(out.shape, generator=generator)
+    wide = [t.detach().float().requires_grad_() for t in leaves]
+    with fk.use_backend(backend):
+        expected = fk.gated_residual(*wide)
+    assert out.dtype == torch.float32 and torch.equal(out, expected)
+    for got, want, leaf in zip(torch.autograd.grad(out, leaves, g), torch.autograd.grad(expected, wide, g), leaves):
+        assert got.dtype == leaf.dtype and torch.equal(got, want.to(leaf.dtype))
+    assert not any(t.dtype == torch.float32 and t.shape == x.shape for t in saved)
+    tangents = tuple(torch.randn(t.shape, generator=generator).to(t.dtype) for t in leaves)
+    primals = tuple(t.detach() for t in leaves)
+    with fk.use_backend(backend):
+        _, tout = torch.func.jvp(fk.gated_residual, primals, tangents)
+        _, tout_wide = torch.func.jvp(fk.gated_residual, tuple(t.float() for t in primals),
+                                      tuple(t.float() for t in tangents))
+    assert tout.dtype == torch.float32 and torch.equal(tout, tout_wide)

@@ -52,7 +52,7 @@ def _project_out(attn: nn.Module, out: Tensor, gate: Tensor | None, residual: Te
         return proj(out, gate=gate, residual=residual)
     out = attn.to_out[1](proj(out))
     if gate is not None:
-        return fk.gated_residual(residual, out.to(residual.dtype), gate.to(residual.dtype))  # autocast: bf16 out
+        return fk.gated_residual(residual, out, gate)  # autocast: bf16 out and gate, widened by the op
     return out if residual is None else out + residual
 
 
@@ -199,7 +199,7 @@ def _make_fused_block_class(base: type) -> type:
             h = fk.modulated_layer_norm(x, shift2.to(x.dtype), scale2.to(x.dtype), *_layer_norm_parts(norm_mlp))
             if self.fp8_epilogues:
                 return self.ff.net[-1](self.ff.net[0].proj(h), gate=gate2.to(x.dtype), residual=x)
-            return fk.gated_residual(x, _feed_forward(self.ff, h).to(x.dtype), gate2.to(x.dtype))
+            return fk.gated_residual(x, _feed_forward(self.ff, h), gate2)
 
     return FusedBasicTransformerBlock
 

@@ -164,7 +164,7 @@ def _gelu_linear(h: Tensor, mlp: Mlp, fused: bool) -> Tensor:
 
 
 def _gated_residual(x: Tensor, y: Tensor, gate: Tensor, fused: bool) -> Tensor:
-    return fk.gated_residual(x, y.to(x.dtype), gate.to(x.dtype)) if fused else x + gate[:, None] * y
+    return fk.gated_residual(x, y, gate) if fused else x + gate[:, None] * y
 
 
 class DiTBlock(nn.Module):

@@ -28,10 +28,12 @@ def activation(op: str, x: object) -> torch.Tensor:
     return x
 
 
-def like_x(op: str, name: str, value: object, x: torch.Tensor, shapes: list[tuple[int, ...]]) -> None:
-    """``value`` must be a tensor with x's dtype and device and one of ``shapes``."""
+def like_x(op: str, name: str, value: object, x: torch.Tensor, shapes: list[tuple[int, ...]],
+           any_float: bool = False) -> None:
+    """``value`` must be a tensor with x's dtype (any floating dtype with ``any_float``) and
+    device and one of ``shapes``."""
     value = tensor(op, name, value)
-    if value.dtype != x.dtype:
+    if value.dtype != x.dtype and not any_float:
         raise TypeError(f"{op}: {name} must have x's dtype {x.dtype}, got {value.dtype}")
     if value.device != x.device:
         raise ValueError(f"{op}: {name} must be on x's device {x.device}, got {value.device}")
@@ -40,10 +42,10 @@ def like_x(op: str, name: str, value: object, x: torch.Tensor, shapes: list[tupl
         raise ValueError(f"{op}: {name} must have shape {expected}, got {tuple(value.shape)}")
 
 
-def modulation(op: str, name: str, value: object, x: torch.Tensor) -> None:
+def modulation(op: str, name: str, value: object, x: torch.Tensor, any_float: bool = False) -> None:
     """A modulation tensor: (B, D) broadcast over tokens, or (B, L, D) per token."""
     B, L, D = x.shape
-    like_x(op, name, value, x, [(B, D), (B, L, D)])
+    like_x(op, name, value, x, [(B, D), (B, L, D)], any_float)
 
 
 def per_channel(op: str, name: str, value: object, x: torch.Tensor) -> None:

@@ -12,7 +12,9 @@ JVP with tangents (tx, ty, tgate)::   tout = tx + gate * ty + tgate * y
 which is two more calls of the op itself: gated_residual(gated_residual(tx, ty, gate), y, tgate).
 
 Public API: :func:`gated_residual`, running the custom op ``fastgen::gated_residual`` (backward:
-``fastgen::gated_residual_backward``) on the backend chosen per call.
+``fastgen::gated_residual_backward``) on the backend chosen per call. y and gate may come in a
+narrower dtype than x (autocast's bf16 outputs on an fp32 residual stream): they are widened for
+the kernel, and the backward keeps y in its own dtype (half the bytes of a widened copy).
 """
 
 from __future__ import annotations
@@ -123,9 +125,10 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, grad_out):
     y, gate = ctx.saved_tensors
-    dy, dgate = _gated_residual_backward(grad_out, y, gate)
+    dy, dgate = _gated_residual_backward(grad_out, y.to(grad_out.dtype), gate.to(grad_out.dtype))
     needs = ctx.needs_input_grad
-    return (grad_out if needs[0] else None, dy if needs[1] else None, dgate if needs[2] else None)
+    return (grad_out if needs[0] else None, dy.to(y.dtype) if needs[1] else None,
+            dgate.to(gate.dtype) if needs[2] else None)
 
 
 gated_residual_op.register_autograd(_backward, setup_context=_setup_context)
@@ -136,24 +139,26 @@ class _GatedResidualFunction(_eager_op.Function):
 
     @staticmethod
     def forward(x, y, gate):
-        return _gated_residual(x, y, gate)
+        return _gated_residual(x, y.to(x.dtype), gate.to(x.dtype))
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         _setup_context(ctx, inputs, output)
         _, y, gate = inputs
         ctx.save_for_forward(y, gate)
+        ctx.out_dtype = output.dtype
 
     backward = staticmethod(_backward)
 
     @staticmethod
     def jvp(ctx, tx, ty, tgate):
         y, gate = ctx.saved_tensors
-        tout = torch.zeros_like(y) if tx is None else tx
+        dtype = ctx.out_dtype
+        tout = torch.zeros(y.shape, dtype=dtype, device=y.device) if tx is None else tx
         if ty is not None:
-            tout = _gated_residual(tout, ty, gate)
+            tout = _gated_residual(tout, ty.to(dtype), gate.to(dtype))
         if tgate is not None:
-            tout = _gated_residual(tout, y, tgate)
+            tout = _gated_residual(tout, y.to(dtype), tgate.to(dtype))
         return tout
 
 
@@ -163,17 +168,20 @@ class _GatedResidualFunction(_eager_op.Function):
 def gated_residual(x: Tensor, y: Tensor, gate: Tensor) -> Tensor:
     """``x + gate * y`` in one pass: the adaLN-Zero residual of a DiT block.
 
-    x, y: (B, L, D); gate: (B, D) broadcast over L, or (B, L, D); all of one dtype and device.
-    Output in x's dtype (fp32 arithmetic). Differentiable in x, y and gate, forward mode included.
+    x, y: (B, L, D); gate: (B, D) broadcast over L, or (B, L, D); on one device. y and gate may
+    have another floating dtype than x (e.g. bf16 autocast outputs on an fp32 residual stream):
+    they are read widened to x's dtype, and the backward keeps y as given. Output in x's dtype
+    (fp32 arithmetic); gradients in each input's dtype. Differentiable in x, y and gate, forward
+    mode included.
     """
     op = "gated_residual"
     x = _checks.activation(op, x)
-    _checks.like_x(op, "y", y, x, [tuple(x.shape)])
-    _checks.modulation(op, "gate", gate, x)
+    _checks.like_x(op, "y", y, x, [tuple(x.shape)], any_float=True)
+    _checks.modulation(op, "gate", gate, x, any_float=True)
     if torch.compiler.is_compiling():  # Dynamo cannot trace an autograd.Function with a jvp
-        return torch.ops.fastgen.gated_residual(x, y, gate)
+        return torch.ops.fastgen.gated_residual(x, y.to(x.dtype), gate.to(x.dtype))
     if _eager_op.no_autograd((x, y, gate)):
-        return forward_dispatcher(x, y, gate)
+        return forward_dispatcher(x, y.to(x.dtype), gate.to(x.dtype))
     return _GatedResidualFunction.apply(x, y, gate)
 
 
