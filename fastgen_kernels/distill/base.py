@@ -265,9 +265,10 @@ def jvp(fn: Callable[..., Tensor], primals: tuple[Tensor, ...], tangents: tuple[
     their own JVP rules, the attention's included, and the fused networks' linear layers compute
     their tangent in one GEMM, ``fastgen_kernels.ops.linear``). Dual tensors rather than
     ``torch.func.jvp``: the same values, but functorch wraps every autograd.Function call in a
-    new class and the custom op, 2.5x the host time of the pass (a DiT of 28 blocks on the CPU). ``finite_difference``: (fn(p + h v) - fn(p - h v)) / 2h, combined in
-    fp64, h = ``step`` (two evaluations; the baseline the exact JVP replaces). The callers take
-    fn(primals) from their own forward pass with gradients, so neither method returns it.
+    new class and the custom op, 2.5x the host time of the pass (a DiT of 28 blocks on the CPU).
+    ``finite_difference``: (fn(p + h v) - fn(p - h v)) / 2h, combined in fp64, h = ``step`` (two
+    evaluations; the baseline the exact JVP replaces). The callers take fn(primals) from their
+    own forward pass with gradients, so neither method returns it.
     """
     if method not in JVP_METHODS:
         raise ValueError(f"jvp: method must be one of {JVP_METHODS}, got {method!r}")

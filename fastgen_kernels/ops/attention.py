@@ -450,10 +450,10 @@ def sdpa_runs_it(q: Tensor, k: Tensor, causal_chunk: int) -> bool:
     """Whether :func:`attention` hands this call to PyTorch's SDPA: on CUDA tensors, not compiling
     (the custom op, as before), with the backend chosen automatically, outside forward-mode AD
     (SDPA's GPU kernels have no forward-mode rule; ours has), and with a mask SDPA has (none, or
-    token-causal with Lq = Lk: its causal mask is top-left aligned). There its flash and cuDNN kernels measured 2.7-2.9x faster than our
-    Triton forward and 2.7-3.2x faster in the backward at DiT-XL shapes (B = 32, L = 256 and 1024,
-    16 heads of 72) on an H200 (bench/results/2026-11-27_NVIDIA_H200_table.txt); the JVP and
-    block-causal masks stay ours."""
+    token-causal with Lq = Lk: its causal mask is top-left aligned). There its flash and cuDNN
+    kernels measured 2.7-2.9x faster than our Triton forward and 2.7-3.2x faster in the backward
+    at DiT-XL shapes (B = 32, L = 256 and 1024, 16 heads of 72) on an H200
+    (bench/results/2026-11-27_NVIDIA_H200_table.txt); the JVP and block-causal masks stay ours."""
     return (q.device.type == "cuda" and not torch.compiler.is_compiling() and causal_chunk in (0, 1)
             and (causal_chunk == 0 or q.shape[1] == k.shape[1])
             and torch.autograd.forward_ad._current_level < 0
