@@ -71,7 +71,9 @@ class EagerOp:
     """Calls custom op ``op`` (positional arguments only), or in plain eager mode ``forward(*args)``
     (its backend dispatcher). Given ``setup_context(ctx, args, output)`` and ``backward(ctx,
     *grads)`` (the functions given to ``op.register_autograd``), the eager path runs them as an
-    ``autograd.Function``; without them the op is a backward op, called where grad mode is off."""
+    ``autograd.Function``; without them the op is one called where grad mode is off: a backward
+    op, an inference-only op, or an op inside another autograd.Function's forward, backward or
+    jvp (the activation ops' Functions carry their forward-mode rules that way)."""
 
     def __init__(self, op: Callable[..., Any], forward: Callable[..., Any],
                  setup_context: Callable[..., None] | None = None,

@@ -345,9 +345,8 @@ attention_jvp_op.register_fake(reference_jvp)
 attention_tangent_op.register_fake(reference_tangent)
 
 
-# The autograd.Functions and backward below call these: in plain eager mode (grad mode is off
-# there) the dispatcher itself, whose kernels take less host time than the custom op's
-# autograd wrapper; the custom op under compile, export, modes and functorch transforms.
+# What the autograd.Functions and backward below call: the dispatchers in plain eager mode, the
+# custom ops elsewhere (see _eager_op.EagerOp).
 _attention = _eager_op.EagerOp(torch.ops.fastgen.attention, forward_dispatcher)
 _attention_backward = _eager_op.EagerOp(torch.ops.fastgen.attention_backward, backward_dispatcher)
 _attention_tangent = _eager_op.EagerOp(torch.ops.fastgen.attention_tangent, tangent_dispatcher)

@@ -111,9 +111,8 @@ gated_residual_op.register_fake(reference_forward)
 gated_residual_backward.register_fake(reference_backward)
 
 
-# The autograd.Functions and backward below call these: in plain eager mode (grad mode is off
-# there) the dispatcher itself, whose kernels take less host time than the custom op's
-# autograd wrapper; the custom op under compile, export, modes and functorch transforms.
+# What the autograd.Functions and backward below call: the dispatchers in plain eager mode, the
+# custom ops elsewhere (see _eager_op.EagerOp).
 _gated_residual = _eager_op.EagerOp(torch.ops.fastgen.gated_residual, forward_dispatcher)
 _gated_residual_backward = _eager_op.EagerOp(torch.ops.fastgen.gated_residual_backward, backward_dispatcher)
 

@@ -92,9 +92,8 @@ gelu_tanh_op.register_fake(reference_forward)
 gelu_tanh_backward.register_fake(reference_backward)
 
 
-# The autograd.Functions and backward below call these: in plain eager mode (grad mode is off
-# there) the dispatcher itself, whose kernels take less host time than the custom op's
-# autograd wrapper; the custom op under compile, export, modes and functorch transforms.
+# What the autograd.Functions and backward below call: the dispatchers in plain eager mode, the
+# custom ops elsewhere (see _eager_op.EagerOp).
 _gelu_tanh = _eager_op.EagerOp(torch.ops.fastgen.gelu_tanh, forward_dispatcher)
 _gelu_tanh_backward = _eager_op.EagerOp(torch.ops.fastgen.gelu_tanh_backward, backward_dispatcher)
 

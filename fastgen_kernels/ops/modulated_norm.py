@@ -223,9 +223,8 @@ modulated_norm.register_fake(reference_forward)
 modulated_norm_backward.register_fake(reference_backward)
 
 
-# The autograd.Functions and backward below call these: in plain eager mode (grad mode is off
-# there) the dispatcher itself, whose kernels take less host time than the custom op's
-# autograd wrapper; the custom op under compile, export, modes and functorch transforms.
+# What the autograd.Functions and backward below call: the dispatchers in plain eager mode, the
+# custom ops elsewhere (see _eager_op.EagerOp).
 _modulated_norm = _eager_op.EagerOp(torch.ops.fastgen.modulated_norm, forward_dispatcher)
 _modulated_norm_backward = _eager_op.EagerOp(torch.ops.fastgen.modulated_norm_backward, backward_dispatcher)
 

@@ -246,9 +246,8 @@ qk_norm_rope_op.register_fake(reference_forward)
 qk_norm_rope_backward.register_fake(reference_backward)
 
 
-# The autograd.Functions and backward below call these: in plain eager mode (grad mode is off
-# there) the dispatcher itself, whose kernels take less host time than the custom op's
-# autograd wrapper; the custom op under compile, export, modes and functorch transforms.
+# What the autograd.Functions and backward below call: the dispatchers in plain eager mode, the
+# custom ops elsewhere (see _eager_op.EagerOp).
 _qk_norm_rope = _eager_op.EagerOp(torch.ops.fastgen.qk_norm_rope, forward_dispatcher)
 _qk_norm_rope_backward = _eager_op.EagerOp(torch.ops.fastgen.qk_norm_rope_backward, backward_dispatcher)
 
