@@ -12,8 +12,10 @@
 #                                   did not finish, then the other benchmarks (attention, norms, ...)
 #   bash bench/gpu_check.sh bench   build; every GPU benchmark, attention and norms included (long)
 # The goal benchmarks, in order (GPU_CHECK_GOALS overrides the list): the ceilings, sampling
-# (issue 6), the sCM step (7), FP8 GEMM and DiT-XL (5), losses (4). Each file writes its own JSON,
-# so a cut at the deadline loses only that file's unfinished benchmarks. Everything stops by
+# (issue 6), the sCM step (7), FP8 GEMM and DiT-XL (5), losses (4); then, while time remains,
+# bench/profile_gpu.py (host against kernel time of the sCM step, a DiT-XL evaluation, a loss).
+# Each file writes its own JSON, so a cut at the deadline loses only that file's unfinished
+# benchmarks. Everything stops by
 # GPU_CHECK_DEADLINE_S seconds after the start (default 550: inside the tool's 10-minute call);
 # what did not run is listed, and kept in bench/results/local/not_run for "rest". A warm machine
 # keeps the build and the Triton and Inductor caches of an earlier call.
@@ -104,6 +106,11 @@ for file in $timed; do
   if (( rc == 124 || rc == 130 || rc == 137 )); then not_run+=("$file"); elif (( rc )); then bench_rc=$rc; fi
   pack
 done
+# where the time goes (host or kernels) in the goals' workloads, while time remains
+if [ "$stage" != tests ]; then
+  limited 150 python3 bench/profile_gpu.py cuda > "$LOGS/profile.txt" 2>&1
+  grep -E "wall .* launches" "$LOGS/profile.txt"
+fi
 if (( ${#jsons[@]} )); then
   python3 bench/summarize.py "${jsons[@]}" > "$LOGS/table.txt"
   cat "$LOGS/table.txt"
