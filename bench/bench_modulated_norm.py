@@ -2,13 +2,18 @@
 
 Run: ``pytest bench/bench_modulated_norm.py`` (add ``--benchmark-json=out.json`` for the record).
 Bytes moved (analytic, the minimum any implementation must move): forward reads x and writes y;
-forward+backward also reads grad_out and x and writes dx. The (B, D) modulation is negligible.
+forward+backward also reads grad_out and x and writes dx; the JVP (forward-mode AD along x, shift
+and scale, no grad) also reads tx and writes ty. The (B, D) modulation is negligible. The JVP's
+peer is PyTorch's forward-mode AD through the eager composition; its tangent is our Triton kernel
+on the triton backend and the PyTorch formula on the others (torch.compile does not trace dual
+tensors: no compile row).
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from conftest import ALL_PROVIDERS, pick_provider, rotating, run
 
@@ -31,19 +36,21 @@ def fused(x, shift, scale):
 
 
 @pytest.mark.parametrize("provider", ALL_PROVIDERS)
-@pytest.mark.parametrize("mode", ["forward", "forward_backward"])
+@pytest.mark.parametrize("mode", ["forward", "forward_backward", "jvp"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_modulated_layer_norm(benchmark, device, shape, dtype, mode, provider):
+    if mode == "jvp" and provider == "compile":
+        pytest.skip("torch.compile does not trace forward-mode AD")
     fn, backend = pick_provider(provider, device, eager, _compiled, fused)
     B, L, D = shape
     itemsize = torch.empty(0, dtype=dtype).element_size()
     n = B * L * D
 
     def make_inputs():
-        x = torch.randn(B, L, D, device=device, dtype=dtype, requires_grad=mode != "forward")
-        shift, scale = (torch.randn(B, D, device=device, dtype=dtype, requires_grad=mode != "forward")
-                        for _ in range(2))
+        grad = mode == "forward_backward"
+        x = torch.randn(B, L, D, device=device, dtype=dtype, requires_grad=grad)
+        shift, scale = (torch.randn(B, D, device=device, dtype=dtype, requires_grad=grad) for _ in range(2))
         return x, shift, scale, torch.randn(B, L, D, device=device, dtype=dtype)
 
     next_inputs = rotating(make_inputs, device, 2 * n * itemsize)
@@ -51,6 +58,11 @@ def test_modulated_layer_norm(benchmark, device, shape, dtype, mode, provider):
     def step(fn, backend):
         x, shift, scale, grad = next_inputs()
         with fk.use_backend(backend):
+            if mode == "jvp":  # grad (B, L, D) is x's tangent; shift's and scale's are their own values
+                with torch.no_grad(), fwAD.dual_level():
+                    fwAD.unpack_dual(fn(fwAD.make_dual(x, grad), fwAD.make_dual(shift, shift),
+                                        fwAD.make_dual(scale, scale))).tangent
+                return
             y = fn(x, shift, scale)
             if mode == "forward_backward":
                 torch.autograd.grad(y, (x, shift, scale), grad)
@@ -58,5 +70,5 @@ def test_modulated_layer_norm(benchmark, device, shape, dtype, mode, provider):
     benchmark.group = f"modulated_layer_norm {device} {dtype} {mode} {B}x{L}x{D}"
     run(benchmark, lambda: step(fn, backend), device,
         peer_key=(device, shape, dtype, mode), peer_fn=lambda: step(eager, None),
-        bytes_moved=(2 if mode == "forward" else 5) * n * itemsize,
+        bytes_moved={"forward": 2, "forward_backward": 5, "jvp": 4}[mode] * n * itemsize,
         op="modulated_layer_norm", provider=provider, dtype=str(dtype), mode=mode, shape=list(shape))

@@ -27,6 +27,7 @@ import fastgen_kernels as fk
 from fastgen_kernels.triton_ops import attention as triton_attention
 from fastgen_kernels.triton_ops import fp8_linear as triton_fp8_linear
 from fastgen_kernels.triton_ops import gan_loss as triton_gan_loss
+from fastgen_kernels.triton_ops import modulated_norm as triton_modulated_norm
 from fastgen_kernels.triton_ops import squared_residual as triton_squared_residual
 
 HOPPER = GPUTarget("cuda", 90, 32)
@@ -63,7 +64,7 @@ def specialization(kernel: JITFunction, bound: dict) -> tuple[dict, dict, dict]:
 
 def record_all_launches() -> None:
     """Calls every Triton launcher: each op's forward and backward on its example arguments in
-    fp32 and bf16, and attention at split head dims (72 = 64 + 16, 96 = 64 + 32, in bf16 and fp32)
+    fp32 and bf16, the modulated norm's JVP, and attention at split head dims (72 = 64 + 16, 96 = 64 + 32, in bf16 and fp32)
     and the widest one, causal or not, JVP included."""
     for name, module in fk.ops.OP_MODULES.items():
         if name == "fp8_linear":  # autotuned: every configuration, below
@@ -81,6 +82,12 @@ def record_all_launches() -> None:
     triton_squared_residual.scaled_residual(x, x, None, None, s, True)
     triton_gan_loss.sums(x, False)
     triton_gan_loss.backward(x, False, s)
+    for dtype in (torch.float32, torch.bfloat16):  # the norm's JVP: every tangent, and the DiT's
+        xd, mod, w = x.to(dtype), torch.randn(2, 16, dtype=dtype), torch.randn(16, dtype=dtype)
+        stats = torch.randn(2, 3), torch.rand(2, 3)
+        for rms in (False, True):
+            triton_modulated_norm.jvp(xd, mod, w, w, *stats, rms, xd, mod, mod, w, w)
+            triton_modulated_norm.jvp(xd, mod, None, None, *stats, rms, xd, mod, mod, None, None)
     for head_dim, dtype in [(72, torch.bfloat16), (96, torch.bfloat16), (256, torch.bfloat16),
                             (72, torch.float32), (96, torch.float32)]:
         q = torch.randn(1, 16, 2, head_dim, dtype=dtype)

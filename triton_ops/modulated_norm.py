@@ -3,6 +3,9 @@
 Forward: one program per row; the row (D <= 8192 elements, padded to a power of two) lives in
 registers, so x is read once and the statistics are an exact two-pass mean and variance.
 
+JVP: one program per row, reading x and the tangents once: the tangent of y from the forward's
+statistics (the exact formula of the reference, in fp32, rounded once).
+
 Backward: one program per chunk of rows of one batch (see `row_chunks`). It writes dx for each row
 and keeps the gradients that are sums over rows (weight, bias, and a per-batch shift or scale) as
 fp32 register accumulators, stored once per chunk as partial sums that the launcher adds up:
@@ -69,6 +72,70 @@ def _forward_kernel(
     shift = tl.load(SHIFT + (row // shift_div) * D + cols, mask=mask, other=0.0).to(tl.float32)
     scale = tl.load(SCALE + (row // scale_div) * D + cols, mask=mask, other=0.0).to(tl.float32)
     tl.store(Y + row * D + cols, (n * (1.0 + scale) + shift).to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _jvp_kernel(
+    X,  # (rows, D) forward input
+    SCALE,  # (rows // scale_div, D)
+    W,  # (D,) or unused
+    B,  # (D,) or unused
+    MEAN,  # (rows,) fp32 from the forward, unused when RMS
+    RSTD,  # (rows,) fp32 from the forward
+    TX,  # (rows, D) tangent of x, or unused
+    TSHIFT,  # (rows // tshift_div, D), or unused
+    TSCALE,  # (rows // tscale_div, D), or unused
+    TW,  # (D,) tangent of the weight, or unused
+    TB,  # (D,) tangent of the bias, or unused
+    TY,  # (rows, D) output
+    D,
+    scale_div,
+    tshift_div,
+    tscale_div,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    HAS_TX: tl.constexpr,
+    HAS_TSHIFT: tl.constexpr,
+    HAS_TSCALE: tl.constexpr,
+    HAS_TW: tl.constexpr,
+    HAS_TB: tl.constexpr,
+    RMS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_D)
+    mask = cols < D
+    offs = row * D + cols
+    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    rstd = tl.load(RSTD + row)
+    if RMS:
+        xhat = x * rstd
+    else:
+        xhat = tl.where(mask, (x - tl.load(MEAN + row)) * rstd, 0.0)
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32) if HAS_W else 1.0
+    tn = tl.zeros([BLOCK_D], dtype=tl.float32)
+    if HAS_TX:
+        tx = tl.load(TX + offs, mask=mask, other=0.0).to(tl.float32)
+        proj = tl.sum(tx * xhat, axis=0) / D
+        if RMS:
+            txhat = rstd * (tx - xhat * proj)
+        else:
+            txhat = rstd * (tx - tl.sum(tx, axis=0) / D - xhat * proj)
+        tn += txhat * w
+    if HAS_TW:
+        tn += xhat * tl.load(TW + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_TB:
+        tn += tl.load(TB + cols, mask=mask, other=0.0).to(tl.float32)
+    scale = tl.load(SCALE + (row // scale_div) * D + cols, mask=mask, other=0.0).to(tl.float32)
+    ty = tn * (1.0 + scale)
+    if HAS_TSCALE:
+        n = xhat * w
+        if HAS_B:
+            n += tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
+        ty += n * tl.load(TSCALE + (row // tscale_div) * D + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_TSHIFT:
+        ty += tl.load(TSHIFT + (row // tshift_div) * D + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(TY + offs, ty.to(TY.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -192,6 +259,28 @@ def forward(
         num_warps=warps,
     )
     return y, mean, rstd
+
+
+def jvp(
+    x: Tensor, scale: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, rstd: Tensor,
+    rms: bool, tx: Tensor | None, tshift: Tensor | None, tscale: Tensor | None, tweight: Tensor | None,
+    tbias: Tensor | None,
+) -> Tensor:
+    """The tangent of y (B, L, D) in x's dtype, as the reference's (None tangents are zero)."""
+    x, scale = x.contiguous(), scale.contiguous()
+    weight, bias, tx, tshift, tscale, tweight, tbias = map(_contiguous, (weight, bias, tx, tshift, tscale,
+                                                                         tweight, tbias))
+    batch, tokens, D = x.shape
+    ty = torch.empty_like(x)
+    block, warps = launch_config(D)
+    _jvp_kernel[(batch * tokens,)](
+        x, scale, weight, bias, mean, rstd, tx, tshift, tscale, tweight, tbias, ty, D,
+        _div(scale, tokens), 1 if tshift is None else _div(tshift, tokens),
+        1 if tscale is None else _div(tscale, tokens), HAS_W=weight is not None, HAS_B=bias is not None,
+        HAS_TX=tx is not None, HAS_TSHIFT=tshift is not None, HAS_TSCALE=tscale is not None,
+        HAS_TW=tweight is not None, HAS_TB=tbias is not None, RMS=rms, BLOCK_D=block, num_warps=warps,
+    )
+    return ty
 
 
 def backward(
