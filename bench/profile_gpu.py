@@ -5,7 +5,10 @@ device kernels, ours against the peer, with the torch profiler.
 
 Workloads: ``scm_step`` (bench_distill: the fused exact-JVP sCM step against eager + SDPA + finite
 differences), ``dit_eval`` (bench_sampling: one fused network evaluation, FP8 on sm_89+, op by op,
-against the eager one) and ``vsd_loss`` (bench_losses: fused against eager, fp32, 64x4x64x64).
+against the eager one), ``sample_1_step`` (bench_sampling: a whole 1-step ``fk.sample`` call, the
+CUDA graph's replay included, against a 2-step one: twice the first less the second is the
+call's fixed cost) and ``vsd_loss`` (bench_losses:
+fused against eager, fp32, 64x4x64x64).
 For each side: the wall time of one call after warm-up, the summed time of the device's kernels
 (on the CPU, of the ops' own CPU time), the number of kernels launched (ops run, on the CPU), and
 the costliest kernels. A wall time well above the kernel time means the host bounds the call.
@@ -20,7 +23,9 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, str(Path(__file__).parent))
+import fastgen_kernels as fk
+
+sys.path.insert(0, str(Path(__file__).parent))  # the bench modules and their conftest
 
 WARMUP, PROFILED = 3, 3
 
@@ -50,6 +55,19 @@ def dit_eval(device: str):
     return evaluate(student), evaluate(teacher)
 
 
+def sample_1_step(device: str):
+    import bench_sampling
+
+    _, student = bench_sampling.models(device)
+    batch = bench_sampling.CONFIGS[device][1]
+    labels = torch.arange(batch, device=device) % student.null_cond
+
+    def steps(n):
+        return lambda: fk.sample(student, n, batch_size=batch, cond=labels, seed=0, progress=False)
+
+    return steps(1), steps(2)
+
+
 def vsd_loss(device: str):
     import bench_losses
 
@@ -64,7 +82,7 @@ def vsd_loss(device: str):
     return step(fused), step(eager)
 
 
-WORKLOADS = {"scm_step": scm_step, "dit_eval": dit_eval, "vsd_loss": vsd_loss}
+WORKLOADS = {"scm_step": scm_step, "dit_eval": dit_eval, "sample_1_step": sample_1_step, "vsd_loss": vsd_loss}
 
 
 def sync(device: str) -> None:
