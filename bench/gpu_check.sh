@@ -89,7 +89,7 @@ tests_rc=0
 compile_first & warm_pid=$!
 build
 case $stage in
-  all) tests "${GPU_CHECK_TESTS_S:-200}"; tests_rc=$? ;;
+  all) tests "${GPU_CHECK_TESTS_S:-230}"; tests_rc=$? ;;
   tests) tests "${GPU_CHECK_TESTS_S:-300}"; tests_rc=$? ;;
 esac
 wait $warm_pid
