@@ -61,13 +61,16 @@ build() {
 goals=${GPU_CHECK_GOALS:-bench/bench_copy.py bench/bench_matmul.py bench/bench_sampling.py bench/bench_distill.py bench/bench_fp8_linear.py bench/bench_losses.py}
 case $stage in
   goals | all) timed=$goals ;;
-  rest) timed="$(cat "$STATE/not_run" 2>/dev/null) $(for f in bench/bench_*.py; do [[ " $goals " == *" $f "* ]] || echo "$f"; done)" ;;
+  rest)  # what was cut, then the other benchmarks that have not run to the end on this machine
+    timed=$(cat "$STATE/not_run" <(for f in bench/bench_*.py; do [[ " $goals " == *" $f "* ]] || echo "$f"; done) \
+            2>/dev/null | awk '!seen[$0]++' | grep -vxF -f <(cat "$STATE/done" 2>/dev/null; echo :)) ;;
   bench) timed=$(ls bench/bench_*.py) ;;
   *) timed= ;;
 esac
 # The timed files with autotuned kernels or torch.compile peers run once first on 8 workers, which
-# fills Triton's and Inductor's on-disk caches for the serial, timed pass (imports only Triton and
-# torch.compile, so it can start while the extension builds).
+# fills Triton's and Inductor's on-disk caches for the serial, timed pass. It starts while the
+# extension builds: a fresh machine's pass runs without the extension (it needs only Triton and
+# Inductor), and one whose extension is rebuilt under it may crash, which costs only its caching.
 warm=$(for f in $timed; do grep -lE "torch\.compile|autotune|fp8_linear" "$f"; done | tr '\n' ' ')
 compile_first() {
   [ -n "${warm// /}" ] || return 0
@@ -103,19 +106,20 @@ for file in $timed; do
   rc=$?
   tail -2 "$LOGS/$name.log"
   [ -s "$json" ] && jsons+=("$json")
-  if (( rc == 124 || rc == 130 || rc == 137 )); then not_run+=("$file"); elif (( rc )); then bench_rc=$rc; fi
+  if (( rc == 124 || rc == 130 || rc == 137 )); then not_run+=("$file"); else echo "$file" >> "$STATE/done"; fi
+  (( rc && rc != 124 && rc != 130 && rc != 137 )) && bench_rc=$rc
   pack
 done
 # where the time goes (host or kernels) in the goals' workloads, while time remains
 if [ "$stage" != tests ]; then
-  limited 150 python3 bench/profile_gpu.py cuda > "$LOGS/profile.txt" 2>&1
+  PYTHONPATH=. limited 150 python3 bench/profile_gpu.py cuda > "$LOGS/profile.txt" 2>&1
   grep -E "wall .* launches" "$LOGS/profile.txt"
 fi
 if (( ${#jsons[@]} )); then
   python3 bench/summarize.py "${jsons[@]}" > "$LOGS/table.txt"
   cat "$LOGS/table.txt"
 fi
-printf '%s\n' "${not_run[@]}" > "$STATE/not_run"
+[ -n "$timed" ] && printf '%s\n' "${not_run[@]}" > "$STATE/not_run"
 (( ${#not_run[@]} )) && echo "cut at the deadline (bash bench/gpu_check.sh rest goes on): ${not_run[*]}"
 echo "tests rc=$tests_rc bench rc=$bench_rc, $((SECONDS - start)) s"
 exit $(( tests_rc || bench_rc ))

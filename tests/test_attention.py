@@ -397,6 +397,8 @@ def test_sdpa_path_matches_oracle_with_gradients(case, generator):
     g = torch.randn(out.shape, generator=generator, dtype=torch.float64)
     for got, want in zip(torch.autograd.grad(out, leaves, g), torch.autograd.grad(expected, leaves, g)):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # in q's dtype, as the op: autocast is off for it
+        assert att.sdpa(*(t.float() for t in leaves), 0.3, case.chunk).dtype == torch.float32
 
 
 def test_sdpa_runs_only_where_it_has_the_mask_and_no_jvp_is_needed():

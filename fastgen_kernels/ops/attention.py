@@ -462,9 +462,11 @@ def sdpa_runs_it(q: Tensor, k: Tensor, causal_chunk: int) -> bool:
 
 def sdpa(q: Tensor, k: Tensor, v: Tensor, scale: float, causal_chunk: int) -> Tensor:
     """``F.scaled_dot_product_attention`` in this module's (B, L, H, Dh) layout (causal_chunk 0 or
-    1, with Lq = Lk when 1); differentiable by PyTorch's own backward."""
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                         is_causal=causal_chunk == 1, scale=scale)
+    1, with Lq = Lk when 1); differentiable by PyTorch's own backward. In q's dtype, as the op:
+    autocast, which would run SDPA in bf16, is off for it."""
+    with torch.autocast(q.device.type, enabled=False):
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             is_causal=causal_chunk == 1, scale=scale)
     return out.transpose(1, 2)
 
 

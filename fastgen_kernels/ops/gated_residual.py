@@ -153,7 +153,7 @@ class _GatedResidualFunction(_eager_op.Function):
     def jvp(ctx, tx, ty, tgate):
         y, gate = ctx.saved_tensors
         dtype = ctx.out_dtype
-        tout = torch.zeros(y.shape, dtype=dtype, device=y.device) if tx is None else tx
+        tout = torch.zeros(y.shape, dtype=dtype, device=y.device) if tx is None else tx.to(dtype)
         if ty is not None:
             tout = _gated_residual(tout, ty.to(dtype), gate.to(dtype))
         if tgate is not None:
