@@ -59,6 +59,39 @@ def use_backend(name: str | None) -> Iterator[None]:
         _forced.reset(token)
 
 
+def record_forced_backend(ctx: Any) -> None:
+    """Keeps on an autograd context the backend ``use_backend`` forces now, for its backward."""
+    ctx.forced_backend = _forced.get()
+
+
+def under_forced_backend(backward: Callable[..., Any]) -> Callable[..., Any]:
+    """``backward(ctx, *grads)`` run under the backend ``use_backend`` forced at its forward
+    (:func:`record_forced_backend`). Autograd runs the backward of CUDA tensors on a thread of its
+    own, which does not see this thread's context variables: without this a forced backend would
+    hold for the forward alone. A forward that forced none leaves the backward's choice as it is."""
+    @functools.wraps(backward)
+    def run(ctx, *grads):
+        forced = getattr(ctx, "forced_backend", None)
+        if forced is None:
+            return backward(ctx, *grads)
+        token = _forced.set(forced)
+        try:
+            return backward(ctx, *grads)
+        finally:
+            _forced.reset(token)
+    return run
+
+
+def carry_forced_backend(setup_context: Callable[..., None], backward: Callable[..., Any]
+                         ) -> tuple[Callable[..., None], Callable[..., Any]]:
+    """An autograd rule's (setup_context, backward) with the forward's forced backend carried into
+    the backward (:func:`under_forced_backend`)."""
+    def setup(ctx, inputs, output):
+        record_forced_backend(ctx)
+        setup_context(ctx, inputs, output)
+    return setup, under_forced_backend(backward)
+
+
 def forced_backend() -> tuple[str | None, str]:
     """The backend forced right now and by what, or ``(None, "")``."""
     name = _forced.get()

@@ -88,3 +88,27 @@ def test_fallback_is_logged_once(caplog):
 def test_dispatcher_requires_a_reference():
     with pytest.raises(ValueError, match="must include 'reference'"):
         backends.OpDispatcher("fastgen.bad", {"cpu": lambda x: x})
+
+
+@pytest.mark.parametrize("op", ["gated_residual", "modulated_layer_norm_linear", "denoising_loss"])
+def test_the_forwards_forced_backend_reaches_the_backward_on_another_thread(op, monkeypatch):
+    """Autograd runs the backward of CUDA tensors on a thread of its own, where use_backend's
+    context variable is unset: each op's backward takes the backend forced at its forward
+    (emulated on the CPU by a backward on a new thread, outside the block)."""
+    import threading
+
+    used = []
+    for module in ("gated_residual", "modulated_norm", "squared_residual"):
+        dispatcher = fk.ops.OP_MODULES[module].backward_dispatcher
+        monkeypatch.setattr(dispatcher, "select", lambda *args, _select=dispatcher.select:
+                            used.append(_select(*args)) or used[-1])
+    x = torch.randn(2, 3, 8, requires_grad=True)
+    mod, weight = torch.randn(2, 8), torch.randn(5, 8, requires_grad=True)
+    with fk.use_backend("reference"):
+        out = {"gated_residual": lambda: fk.gated_residual(x, x * 2, mod),
+               "modulated_layer_norm_linear": lambda: fk.modulated_layer_norm_linear(x, mod, mod, weight),
+               "denoising_loss": lambda: fk.losses.denoising_loss(x, torch.zeros_like(x))}[op]()
+    thread = threading.Thread(target=lambda: out.sum().backward())
+    thread.start()
+    thread.join()
+    assert used and set(used) == {"reference"} and x.grad is not None

@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastgen_kernels.backends import OpDispatcher, forced_backend
+from fastgen_kernels.backends import OpDispatcher, carry_forced_backend, forced_backend
 from fastgen_kernels.ops import _checks, _eager_op
 
 # Widest head the Triton kernels take: q, tq and two fp32 accumulators of that width per query
@@ -367,6 +367,7 @@ def _backward(ctx, grad_out, _grad_lse):
             None, None)
 
 
+_setup_context, _backward = carry_forced_backend(_setup_context, _backward)
 attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 

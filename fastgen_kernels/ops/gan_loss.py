@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastgen_kernels.backends import BACKENDS, OpDispatcher
+from fastgen_kernels.backends import BACKENDS, OpDispatcher, carry_forced_backend
 from fastgen_kernels.ops import _checks
 from fastgen_kernels.ops import _sample_loss as sl
 from fastgen_kernels.ops._eager_op import EagerOp
@@ -122,6 +122,7 @@ def _backward(ctx, grad):
     return dx, None
 
 
+_setup_context, _backward = carry_forced_backend(_setup_context, _backward)
 softplus_sum.register_autograd(_backward, setup_context=_setup_context)
 softplus_sum_eager = EagerOp(torch.ops.fastgen.softplus_sum, forward_dispatcher, _setup_context, _backward)
 

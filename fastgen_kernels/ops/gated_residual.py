@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fastgen_kernels.backends import OpDispatcher
+from fastgen_kernels.backends import OpDispatcher, carry_forced_backend
 from fastgen_kernels.ops import _checks, _eager_op
 
 # --------------------------------------------------------------------------- reference
@@ -130,6 +130,7 @@ def _backward(ctx, grad_out):
             dgate.to(gate.dtype) if needs[2] else None)
 
 
+_setup_context, _backward = carry_forced_backend(_setup_context, _backward)
 gated_residual_op.register_autograd(_backward, setup_context=_setup_context)
 
 

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastgen_kernels.backends import OpDispatcher
+from fastgen_kernels.backends import OpDispatcher, carry_forced_backend, record_forced_backend, under_forced_backend
 from fastgen_kernels.ops import _checks, _eager_op
 from fastgen_kernels.ops.linear import input_tangents_only, recomputed_input_backward
 
@@ -107,6 +107,7 @@ def _backward(ctx, grad_out):
     return _gelu_tanh_backward(grad_out, x)
 
 
+_setup_context, _backward = carry_forced_backend(_setup_context, _backward)
 gelu_tanh_op.register_autograd(_backward, setup_context=_setup_context)
 
 
@@ -155,9 +156,11 @@ class _GeluTanhLinearFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias):
         ctx.save_for_backward(x, weight)
         ctx.bias_dtype = None if bias is None else bias.dtype
+        record_forced_backend(ctx)
         return F.linear(forward_dispatcher(x), weight, bias)
 
     @staticmethod
+    @under_forced_backend
     def backward(ctx, grad_out):
         x, weight = ctx.saved_tensors
         needs = ctx.needs_input_grad

@@ -39,7 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastgen_kernels.backends import OpDispatcher, forced_backend
+from fastgen_kernels.backends import (OpDispatcher, carry_forced_backend, forced_backend, record_forced_backend,
+                                      under_forced_backend)
 from fastgen_kernels.ops import _checks, _eager_op
 from fastgen_kernels.ops.linear import linear, recomputed_input_backward
 
@@ -261,6 +262,7 @@ def _backward(ctx, grad_out, _grad_mean, _grad_rstd):
             dbias if bias is not None and needs[4] else None, None, None)
 
 
+_setup_context, _backward = carry_forced_backend(_setup_context, _backward)
 modulated_norm.register_autograd(_backward, setup_context=_setup_context)
 
 
@@ -346,9 +348,11 @@ class _ModulatedNormLinearFunction(torch.autograd.Function):
         y, mean, rstd = forward_dispatcher(x, shift, scale, norm_weight, norm_bias, eps, rms)
         ctx.save_for_backward(x, shift, scale, norm_weight, norm_bias, mean, rstd, weight)
         ctx.eps, ctx.rms, ctx.bias_dtype = eps, rms, None if bias is None else bias.dtype
+        record_forced_backend(ctx)
         return F.linear(y, weight, bias)
 
     @staticmethod
+    @under_forced_backend
     def backward(ctx, grad_out):
         x, shift, scale, norm_weight, norm_bias, mean, rstd, weight = ctx.saved_tensors
         needs = ctx.needs_input_grad

@@ -42,7 +42,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fastgen_kernels.backends import OpDispatcher
+from fastgen_kernels.backends import OpDispatcher, carry_forced_backend
 from fastgen_kernels.ops import _checks, _eager_op
 
 # Widest head the CUDA and Triton kernels take (a head vector lives in one warp's registers:
@@ -269,6 +269,7 @@ def _backward(ctx, grad_q, grad_k, _grad_q_rstd, _grad_k_rstd):
             dk_weight if k_weight is not None and needs[3] else None, None, None, None, None)
 
 
+_setup_context, _backward = carry_forced_backend(_setup_context, _backward)
 qk_norm_rope_op.register_autograd(_backward, setup_context=_setup_context)
 
 

@@ -33,7 +33,7 @@ import math
 import torch
 from torch import Tensor
 
-from fastgen_kernels.backends import BACKENDS, OpDispatcher
+from fastgen_kernels.backends import BACKENDS, OpDispatcher, carry_forced_backend
 from fastgen_kernels.ops import _checks
 from fastgen_kernels.ops import _sample_loss as sl
 from fastgen_kernels.ops._eager_op import EagerOp
@@ -165,6 +165,7 @@ def _backward(ctx, grad, _grad_q):
     return dF, None, None, None, None, None, None, None, None
 
 
+_setup_context, _backward = carry_forced_backend(_setup_context, _backward)
 scm_residual.register_autograd(_backward, setup_context=_setup_context)
 scm_residual_eager = EagerOp(torch.ops.fastgen.scm_residual, forward_dispatcher, _setup_context, _backward)
 

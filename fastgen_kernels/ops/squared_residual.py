@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fastgen_kernels.backends import BACKENDS, OpDispatcher
+from fastgen_kernels.backends import BACKENDS, OpDispatcher, carry_forced_backend
 from fastgen_kernels.ops import _sample_loss as sl
 from fastgen_kernels.ops._eager_op import EagerOp
 
@@ -169,6 +169,7 @@ def _backward(ctx, grad):
     return da if needs[0] else None, db if needs[1] else None, None, None, None
 
 
+_setup_context, _backward = carry_forced_backend(_setup_context, _backward)
 squared_residual.register_autograd(_backward, setup_context=_setup_context)
 squared_residual_eager = EagerOp(torch.ops.fastgen.squared_residual, forward_dispatcher, _setup_context,
                                  _backward)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fastgen_kernels.backends import BACKENDS, OpDispatcher
+from fastgen_kernels.backends import BACKENDS, OpDispatcher, carry_forced_backend
 from fastgen_kernels.ops import _checks
 from fastgen_kernels.ops import _sample_loss as sl
 from fastgen_kernels.ops._eager_op import EagerOp
@@ -127,6 +127,7 @@ def _backward(ctx, grad_loss, _grad_factor):
     return dx, None, None, None, None
 
 
+_setup_context, _backward = carry_forced_backend(_setup_context, _backward)
 vsd_loss_op.register_autograd(_backward, setup_context=_setup_context)
 vsd_loss_eager = EagerOp(torch.ops.fastgen.vsd_loss, forward_dispatcher, _setup_context, _backward)
 
