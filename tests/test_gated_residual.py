@@ -120,3 +120,12 @@ def test_narrower_y_and_gate_are_widened_and_y_kept_as_given(backend, per_token,
         _, tout_wide = torch.func.jvp(fk.gated_residual, tuple(t.float() for t in primals),
                                       tuple(t.float() for t in tangents))
     assert tout.dtype == torch.float32 and torch.equal(tout, tout_wide)
+
+
+def test_a_second_derivative_raises_rather_than_coming_back_zero(generator):
+    """The backward op has no derivative of its own: differentiating a create_graph=True gradient
+    says so instead of treating the backward's kernels as constants."""
+    x, y, gate = (t.requires_grad_() for t in make_inputs((2, 3, 8), torch.float32, False, generator))
+    dy = torch.autograd.grad(fk.gated_residual(x, y, gate).sum(), y, create_graph=True)[0]
+    with pytest.raises(RuntimeError, match="no autograd formula"):
+        torch.autograd.grad(dy.sum(), gate)

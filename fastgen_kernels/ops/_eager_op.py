@@ -91,6 +91,12 @@ class EagerOp:
                 "forward": staticmethod(function_forward), "backward": staticmethod(backward)})
 
     def __call__(self, *args):
-        if not plain_eager(args):
+        if not plain_eager(args) or (self.function is None and _records_grad(args)):
+            # an op without autograd where autograd would record it (a backward with
+            # create_graph=True): the custom op, which says it has no derivative
             return self.op(*args)
         return self.forward(*args) if self.function is None else self.function.apply(*args)
+
+
+def _records_grad(args: tuple) -> bool:
+    return torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args)
