@@ -34,6 +34,18 @@ def chunk_rows(chunk, tokens, rows_per_chunk, chunks_per_batch):
 
 
 @triton.jit
+def normalized(x, row, MEAN, RSTD, mask, RMS: tl.constexpr):
+    """(xhat, rstd) of a row from the forward's statistics: (x - mean) * rstd, zero in the padding
+    (x * rstd for RMSNorm)."""
+    rstd = tl.load(RSTD + row)
+    if RMS:
+        xhat = x * rstd
+    else:
+        xhat = tl.where(mask, (x - tl.load(MEAN + row)) * rstd, 0.0)
+    return xhat, rstd
+
+
+@triton.jit
 def _forward_kernel(
     X,  # (rows, D) input
     SHIFT,  # (rows // shift_div, D)
@@ -107,11 +119,7 @@ def _jvp_kernel(
     mask = cols < D
     offs = row * D + cols
     x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-    rstd = tl.load(RSTD + row)
-    if RMS:
-        xhat = x * rstd
-    else:
-        xhat = tl.where(mask, (x - tl.load(MEAN + row)) * rstd, 0.0)
+    xhat, rstd = normalized(x, row, MEAN, RSTD, mask, RMS)
     w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32) if HAS_W else 1.0
     tn = tl.zeros([BLOCK_D], dtype=tl.float32)
     if HAS_TX:
@@ -179,11 +187,7 @@ def _backward_kernel(
         g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
         x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
         scale = tl.load(SCALE + (row // scale_div) * D + cols, mask=mask, other=0.0).to(tl.float32)
-        rstd = tl.load(RSTD + row)
-        if RMS:
-            xhat = x * rstd
-        else:
-            xhat = tl.where(mask, (x - tl.load(MEAN + row)) * rstd, 0.0)
+        xhat, rstd = normalized(x, row, MEAN, RSTD, mask, RMS)
         gn = g * (1.0 + scale)
         gx = gn * w
         proj = tl.sum(gx * xhat, axis=0) / D
