@@ -36,22 +36,24 @@ def plain_eager(args: tuple) -> bool:
             and all(type(a) in _PLAIN_TYPES for a in args if isinstance(a, Tensor)))
 
 
+def records_grad(args: tuple) -> bool:
+    """True when backward-mode autograd records the call: grad mode is on and a tensor argument
+    requires grad."""
+    return torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args)
+
+
 def no_autograd(args: tuple) -> bool:
-    """True when the call is plain eager (:func:`plain_eager`) and invisible to autograd: grad mode
-    is off or no tensor argument requires grad, and no forward-mode dual level is open (dual
-    tensors look like plain ones, and grad mode does not switch forward mode off)."""
-    return (torch.autograd.forward_ad._current_level < 0
-            and not (torch.is_grad_enabled()
-                     and any(isinstance(a, Tensor) and a.requires_grad for a in args))
-            and plain_eager(args))
+    """True when the call is plain eager (:func:`plain_eager`) and invisible to autograd: not
+    recorded (:func:`records_grad`), and no forward-mode dual level is open (dual tensors look like
+    plain ones, and grad mode does not switch forward mode off)."""
+    return torch.autograd.forward_ad._current_level < 0 and not records_grad(args) and plain_eager(args)
 
 
 def backward_will_follow(args: tuple) -> bool:
-    """True when the call is plain eager, grad mode is on and a tensor argument requires grad, and
-    no forward-mode dual level is open: where an ``autograd.Function`` that recomputes in its
-    backward (gelu_tanh_linear, modulated_layer_norm_linear) replaces a composition of ops."""
-    return (torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args)
-            and torch.autograd.forward_ad._current_level < 0 and plain_eager(args))
+    """True when the call is plain eager, recorded by autograd and no forward-mode dual level is
+    open: where an ``autograd.Function`` that recomputes in its backward (gelu_tanh_linear,
+    modulated_layer_norm_linear) replaces a composition of ops."""
+    return records_grad(args) and torch.autograd.forward_ad._current_level < 0 and plain_eager(args)
 
 
 class Function(torch.autograd.Function):
@@ -91,12 +93,9 @@ class EagerOp:
                 "forward": staticmethod(function_forward), "backward": staticmethod(backward)})
 
     def __call__(self, *args):
-        if not plain_eager(args) or (self.function is None and _records_grad(args)):
+        if not plain_eager(args) or (self.function is None and records_grad(args)):
             # an op without autograd where autograd would record it (a backward with
             # create_graph=True): the custom op, which says it has no derivative
             return self.op(*args)
         return self.forward(*args) if self.function is None else self.function.apply(*args)
 
-
-def _records_grad(args: tuple) -> bool:
-    return torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args)
