@@ -215,7 +215,7 @@ def test_jvp_kernel_matches_the_formula(backend, variant, per_token, tangents, g
     tshift, tscale = (tangent(t, tangents != "x") for t in (shift, scale))
     tweight, tbias = (tangent(t, tangents == "all") for t in (weight, bias))
     args = (x, scale, weight, bias, mean, rstd, rms, tx, tshift, tscale, tweight, tbias)
-    with fk.use_backend(backend if backend == "triton" else None):  # cpu: no JVP kernel, the formula
+    with fk.use_backend(backend):
         ty = mn.jvp_dispatcher(*args)
     wide = tuple(t.double() if isinstance(t, torch.Tensor) else t for t in args)
     expected = mn.reference_jvp(*wide)

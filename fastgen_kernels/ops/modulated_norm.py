@@ -39,8 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastgen_kernels.backends import (OpDispatcher, carry_forced_backend, forced_backend, record_forced_backend,
-                                      under_forced_backend)
+from fastgen_kernels.backends import OpDispatcher, carry_forced_backend, record_forced_backend, under_forced_backend
 from fastgen_kernels.ops import _checks, _eager_op
 from fastgen_kernels.ops.linear import linear, recomputed_input_backward
 
@@ -208,9 +207,10 @@ backward_dispatcher = OpDispatcher(
 )
 # The forward-mode rule's tangent (x, scale, weight, bias, mean, rstd, rms, tx, tshift, tscale,
 # tweight, tbias) -> ty in x's dtype: one Triton pass on a GPU instead of the formula's dozen
-# PyTorch ops (what the other backends run).
+# PyTorch ops, which the cpu backend runs (no cuda kernel: a forced cuda backend says so).
 jvp_dispatcher = OpDispatcher(
-    "fastgen.modulated_norm_jvp", {"triton": _triton_jvp, "reference": _reference_jvp}, _SUPPORTS)
+    "fastgen.modulated_norm_jvp", {"triton": _triton_jvp, "cpu": _reference_jvp, "reference": _reference_jvp},
+    _SUPPORTS)
 
 # --------------------------------------------------------------------------- custom ops
 
@@ -288,10 +288,8 @@ class _ModulatedNormFunction(_eager_op.Function):
     def jvp(ctx, tx, tshift, tscale, tweight, tbias, _teps, _trms):
         x, scale, weight, bias, mean, rstd = ctx.saved_tensors
         args = (x, scale, weight, bias, mean, rstd, ctx.rms, tx, tshift, tscale, tweight, tbias)
-        # the kernel takes plain tensors (under functorch transforms the formula runs), and a
-        # forced cuda or cpu backend, which has no JVP kernel, gets the formula on its device
-        kernel = _eager_op.plain_eager(args) and forced_backend()[0] in (None, "triton")
-        return jvp_dispatcher(*args) if kernel else _reference_jvp(*args), None, None
+        # the kernels take plain tensors: under functorch transforms the formula runs
+        return jvp_dispatcher(*args) if _eager_op.plain_eager(args) else _reference_jvp(*args), None, None
 
 
 # --------------------------------------------------------------------------- public API
