@@ -22,6 +22,7 @@ from conftest import run
 
 import fastgen_kernels as fk
 from fastgen_kernels.models import DiT, DiTConfig
+from fastgen_kernels.sampling import capture_cuda_graph
 
 TEACHER_STEPS = 50
 CONFIGS = {  # device: (DiT config, batch)
@@ -81,23 +82,11 @@ def test_student_vs_50_step_teacher(benchmark, device, steps):
     run(benchmark, fast, device, peer_key=("teacher", device), peer_fn=teacher_fn(device),
         peer=f"eager teacher, {TEACHER_STEPS} Euler steps", batch=batch, steps=steps,
         ms_per_image=None, **_row(device, f"student_{steps}"))
+    if benchmark.disabled:  # one call, nothing timed (--benchmark-disable)
+        return
     info = benchmark.extra_info
     info.update(ms_per_image=info["median_ms"] / batch, teacher_ms_per_image=info["peer_ms"] / batch,
                 fp8=isinstance(student.net.blocks[0].mlp.fc1, fk.Fp8Linear))
-
-
-def graphed(fn):
-    """fn() replayed from a CUDA graph captured after two warm-up calls (as ``sample`` does)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
 
 
 @pytest.mark.parametrize("launch", ["fast", "fused"])
@@ -120,7 +109,7 @@ def test_per_evaluation(benchmark, device, launch):
 
     fast = lambda: evaluate(student)  # noqa: E731
     if device == "cuda" and launch == "fast":
-        fast = graphed(fast)
+        fast = capture_cuda_graph(fast)[0].replay  # as sample() captures its loop
     benchmark.group = f"sampling {device}"
     benchmark.name = f"eval_{launch}"
     run(benchmark, fast, device, peer_key=("eval", device), peer_fn=lambda: evaluate(teacher),

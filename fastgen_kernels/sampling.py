@@ -24,6 +24,7 @@ import contextlib
 import math
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -327,6 +328,22 @@ def _graph_state(model: Denoiser) -> tuple:
     return tuple(state), backends.forced_backend()[0]
 
 
+def capture_cuda_graph(fn: Callable[[], Any]) -> tuple[torch.cuda.CUDAGraph, Any]:
+    """(graph, outputs): fn() captured in a CUDA graph on the current device after two warm-up
+    calls on a side stream (autotuning, lazy initialization, allocator pools); graph.replay()
+    recomputes the outputs in place."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = fn()
+    return graph, outputs
+
+
 def _replay(model: Denoiser, key: tuple, run: Callable, inputs: tuple):
     """Runs ``run(*inputs)`` through a CUDA graph captured on first use for this ``key``, on the
     inputs' device."""
@@ -334,17 +351,8 @@ def _replay(model: Denoiser, key: tuple, run: Callable, inputs: tuple):
         entry = model._graphs.get(key)
         if entry is None:
             static = [t.clone() if t is not None else None for t in inputs]
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):  # warm-up: autotuning, lazy init, allocator pools
-                for _ in range(2):
-                    run(*static)
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                outputs = run(*static)
-            entry = model._graphs[key] = (graph, static, outputs)
-        graph, static, (x, trajectory) = entry
+            entry = model._graphs[key] = (*capture_cuda_graph(lambda: run(*static)), static)
+        graph, (x, trajectory), static = entry
         for buffer, value in zip(static, inputs):
             if buffer is not None:
                 buffer.copy_(value)
