@@ -10,6 +10,7 @@
 #include <string>
 
 #include "row_chunks.h"
+#include "sample_loss_tail.h"
 
 namespace fastgen {
 
@@ -53,6 +54,13 @@ void qk_norm_rope_backward(const at::Tensor& grad_out, const at::Tensor& x,
                            const at::Tensor* weight, const at::Tensor* cos, const at::Tensor* sin,
                            const at::Tensor& rstd, bool interleaved, RowChunks chunks,
                            at::Tensor& dx, at::Tensor& partials);
+
+// The tail of a per-sample loss (sample_loss_tail.h) over the batch: sums (B, tail_sums(kind));
+// weight, t, logvar (B,) or nullptr; loss () when mean (the batch mean), else (B,); saved
+// (B, tail_saved(kind)); all contiguous in the statistics' dtype.
+void sample_loss_tail(const LossTailArgs& args, const at::Tensor& sums, const at::Tensor* weight,
+                      const at::Tensor* t, const at::Tensor* logvar, bool mean, at::Tensor& loss,
+                      at::Tensor& saved);
 
 // Per-sample losses: x-like tensors (B, ...) contiguous, read as B samples of numel / B elements;
 // sums (B, NSTAT) in the statistics' dtype (see sample_chunks.h for the deterministic chunking);

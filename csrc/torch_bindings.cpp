@@ -518,6 +518,50 @@ Tensor softplus_backward(const Tensor& x, bool negative, const Tensor& scale) {
   return out;
 }
 
+// The tail of a per-sample loss over the batch (sample_loss_tail.h): (loss, saved), loss () for
+// mean, else (B,).
+std::tuple<Tensor, Tensor> sample_loss_tail(const Tensor& sums, const optional<Tensor>& weight,
+                                            const optional<Tensor>& t, const optional<Tensor>& logvar,
+                                            int64_t kind, at::ArrayRef<double> params, int64_t numel,
+                                            bool mean) {
+  TORCH_CHECK(kind >= 0 && kind < kLossTails, "sample_loss_tail: unknown kind ", kind);
+  TORCH_CHECK(params.size() <= kTailParams, "sample_loss_tail: at most ", kTailParams, " params");
+  TORCH_CHECK(numel >= 1, "sample_loss_tail: numel must be positive, got ", numel);
+  const auto tail_kind = static_cast<LossTail>(kind);
+  TORCH_CHECK(sums.dim() == 2 && sums.size(0) >= 1 && sums.size(1) == tail_sums(tail_kind) &&
+                  sums.is_contiguous() && (sums.scalar_type() == at::kFloat || sums.scalar_type() == at::kDouble),
+              "sample_loss_tail: sums must be a contiguous (B, ", tail_sums(tail_kind), ") fp32/fp64 tensor, got ",
+              sums.sizes(), " ", sums.scalar_type());
+  const int64_t batch = sums.size(0);
+  auto per_sample = [&](const optional<Tensor>& p, const char* name) -> const Tensor* {
+    if (!p) return nullptr;
+    TORCH_CHECK(p->dim() == 1 && p->size(0) == batch && p->is_contiguous() &&
+                    p->scalar_type() == sums.scalar_type() && p->device() == sums.device(),
+                "sample_loss_tail: ", name, " must be a contiguous (B,) tensor of the sums' dtype and device");
+    return &*p;
+  };
+  const Tensor* w = per_sample(weight, "weight");
+  const Tensor* tt = per_sample(t, "t");
+  const Tensor* u = per_sample(logvar, "logvar");
+  LossTailArgs args{tail_kind, {0.0, 0.0, 0.0, 0.0}, numel, mean ? 1.0 / static_cast<double>(batch) : 1.0};
+  for (size_t i = 0; i < params.size(); ++i) args.params[i] = params[i];
+  Tensor loss = mean ? at::empty({}, sums.options()) : at::empty({batch}, sums.options());
+  Tensor saved = at::empty({batch, tail_saved(tail_kind)}, sums.options());
+  if (sums.is_cuda()) {
+#ifdef FASTGEN_WITH_CUDA
+    TORCH_CHECK(sums.scalar_type() == at::kFloat, "sample_loss_tail: CUDA sums must be fp32");
+    const c10::cuda::CUDAGuard guard(sums.device());
+    auto ptr = [](const Tensor* p) { return p ? p->const_data_ptr<float>() : nullptr; };
+    cuda::SampleLossTailArgs launch{args, sums.const_data_ptr<float>(), ptr(w), ptr(tt), ptr(u),
+                                    loss.mutable_data_ptr<float>(), saved.mutable_data_ptr<float>(), batch, mean};
+    check_launch(cuda::launch_sample_loss_tail(launch, c10::cuda::getCurrentCUDAStream()), "sample_loss_tail");
+#endif
+  } else {
+    cpu::sample_loss_tail(args, sums, w, tt, u, mean, loss, saved);
+  }
+  return {loss, saved};
+}
+
 // GELU(tanh), CPU only (on a GPU PyTorch's own one-pass kernel is the peer; the fusion that pays
 // there is into the GEMM's epilogue).
 Tensor gelu_tanh_forward(const Tensor& x) {
@@ -563,6 +607,8 @@ TORCH_LIBRARY(fastgen_C, m) {
         "Tensor coef, Tensor scale) -> Tensor");
   m.def("softplus_sums(Tensor x, bool negative) -> Tensor");
   m.def("softplus_backward(Tensor x, bool negative, Tensor scale) -> Tensor");
+  m.def("sample_loss_tail(Tensor sums, Tensor? weight, Tensor? t, Tensor? logvar, int kind, "
+        "float[] params, int numel, bool mean) -> (Tensor, Tensor)");
   m.def("gelu_tanh_forward(Tensor x) -> Tensor");
   m.def("gelu_tanh_backward(Tensor grad_out, Tensor x) -> Tensor");
   // The instruction set of the CPU loss kernels (csrc/cpu/isa.h): returns the current one after
@@ -590,6 +636,7 @@ void register_kernels(torch::Library& m) {
   m.impl("scm_loss_backward", &fastgen::scm_loss_backward);
   m.impl("softplus_sums", &fastgen::softplus_sums);
   m.impl("softplus_backward", &fastgen::softplus_backward);
+  m.impl("sample_loss_tail", &fastgen::sample_loss_tail);
 }
 }  // namespace
 

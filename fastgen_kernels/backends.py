@@ -167,6 +167,7 @@ class OpDispatcher:
         self.supports = dict(supports or {})
         self.device_of = device_of
         self._logged: set[tuple[str, str]] = set()
+        self._candidates: dict[str, tuple[tuple[str, str | None], ...]] = {}
 
     def reason(self, backend: str, args: tuple, automatic: bool) -> tuple[str | None, bool]:
         """(why ``backend`` cannot run ``args`` or None, whether that is by design: another
@@ -182,6 +183,18 @@ class OpDispatcher:
         check = self.supports.get(backend)
         return (check(*args) if check else None), False
 
+    def _automatic_candidates(self, device_type: str) -> tuple[tuple[str, str | None], ...]:
+        """(backend, why it cannot run in this process or None) of every backend automatic choice
+        may take on ``device_type``, in priority order: what depends only on the process (the
+        extension's build, the triton package) and the device, worked out once per device type."""
+        candidates = self._candidates.get(device_type)
+        if candidates is None:
+            device = torch.device(device_type)
+            candidates = tuple((name, _unavailable(name)) for name in BACKENDS
+                               if name in self.impls and _wrong_device(name, device, automatic=True) is None)
+            self._candidates[device_type] = candidates
+        return candidates
+
     def select(self, *args: Any) -> str:
         forced, source = forced_backend()
         if forced is not None:
@@ -193,14 +206,14 @@ class OpDispatcher:
                 )
             return forced
         skipped: dict[str, list[str]] = {}  # reason -> backends skipped for it
-        for backend in BACKENDS:
-            why, by_design = self.reason(backend, args, automatic=True)
+        for backend, unavailable in self._automatic_candidates(self.device_of(*args).type):
+            check = self.supports.get(backend)
+            why = unavailable or (check(*args) if check else None)
             if why is None:
                 if skipped:
                     self._log_fallback(backend, skipped)
                 return backend
-            if not by_design:
-                skipped.setdefault(why, []).append(backend)
+            skipped.setdefault(why, []).append(backend)
         raise AssertionError("the reference backend always runs")  # pragma: no cover
 
     def _log_fallback(self, chosen: str, skipped: dict[str, list[str]]) -> None:

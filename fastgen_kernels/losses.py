@@ -14,10 +14,11 @@ get a gradient.
 - :func:`denoising_loss`: weighted per-sample MSE (teacher SFT, DMD2's fake-score update, R1);
 - :func:`gan_loss`: softplus generator / discriminator terms on logits.
 
-The denoising, consistency and MeanFlow losses are the per-sample squared residual
-S_b = sum_D (a - b + k_b c)^2 of one custom op (``fastgen::squared_residual``, one pass each way;
-it applies the pseudo-Huber metric too) followed by plain torch on (B,) vectors, which autograd
-differentiates.
+Each loss is one custom op from its inputs to its result, with the (B,)-sized arithmetic after the
+per-sample sums (weights, metrics, adaptive weighting, the batch mean) in one launch of its own
+(ops/_sample_loss.py). The denoising, consistency and MeanFlow losses are one op,
+``fastgen::squared_residual_loss``, over the per-sample squared residual
+S_b = sum_D (a - b + k_b c)^2.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from fastgen_kernels.ops import _checks
 from fastgen_kernels.ops import _sample_loss as sl
 from fastgen_kernels.ops.gan_loss import gan_loss
 from fastgen_kernels.ops.scm_loss import scm_loss
-from fastgen_kernels.ops.squared_residual import squared_residual_eager
+from fastgen_kernels.ops.squared_residual import squared_residual_loss_eager
 from fastgen_kernels.ops.vsd_loss import vsd_loss
 
 __all__ = ["consistency_loss", "denoising_loss", "gan_loss", "meanflow_loss", "scm_loss", "vsd_loss"]
@@ -38,13 +39,10 @@ __all__ = ["consistency_loss", "denoising_loss", "gan_loss", "meanflow_loss", "s
 METRICS = ("pseudo_huber", "l2")
 
 
-def _squared_residual(a: Tensor, b: Tensor, c: Tensor | None = None, k: Tensor | None = None,
-                      huber: float = 0.0) -> Tensor:
-    return squared_residual_eager(a, b, c, k, huber)
-
-
-def _weighted(loss: Tensor, weight: Tensor | None) -> Tensor:
-    return loss if weight is None else loss * weight.to(loss.dtype)
+def _squared_residual_loss(a: Tensor, b: Tensor, c: Tensor | None = None, k: Tensor | None = None,
+                           weight: Tensor | None = None, scale: float = 1.0, huber: float = 0.0,
+                           power: float = 0.0, offset: float = 0.0, reduction: str = "mean") -> Tensor:
+    return squared_residual_loss_eager(a, b, c, k, weight, scale, huber, power, offset, reduction == "mean")[0]
 
 
 def denoising_loss(pred: Tensor, target: Tensor, weight: Tensor | None = None,
@@ -59,8 +57,8 @@ def denoising_loss(pred: Tensor, target: Tensor, weight: Tensor | None = None,
     pred = _checks.samples(op, pred=pred, target=target)
     _checks.per_sample(op, "weight", weight, "pred", pred)
     reduction = _checks.reduction(op, reduction)
-    loss = _squared_residual(pred, target) / sl.numel_per_sample(pred)
-    return sl.reduce(_weighted(loss, weight), reduction)
+    return _squared_residual_loss(pred, target, weight=weight, scale=1.0 / sl.numel_per_sample(pred),
+                                  reduction=reduction)
 
 
 def consistency_loss(pred: Tensor, target: Tensor, weight: Tensor | None = None,
@@ -84,8 +82,8 @@ def consistency_loss(pred: Tensor, target: Tensor, weight: Tensor | None = None,
     D = sl.numel_per_sample(pred)
     c = 0.00054 * math.sqrt(D) if c is None else _checks.positive(op, "c", c)
     reduction = _checks.reduction(op, reduction)
-    loss = _squared_residual(pred, target.detach(), huber=0.0 if metric == "l2" else c)
-    return sl.reduce(_weighted(loss, weight), reduction)
+    return _squared_residual_loss(pred, target.detach(), weight=weight, huber=0.0 if metric == "l2" else c,
+                                  reduction=reduction)
 
 
 def meanflow_loss(u: Tensor, v: Tensor, jvp: Tensor, t: Tensor, r: Tensor, p: float = 1.0,
@@ -106,6 +104,4 @@ def meanflow_loss(u: Tensor, v: Tensor, jvp: Tensor, t: Tensor, r: Tensor, p: fl
     c = _checks.positive(op, "c", c)
     reduction = _checks.reduction(op, reduction)
     k = t.detach().to(sl.stat_dtype(u)) - r.detach().to(sl.stat_dtype(u))
-    e = _squared_residual(u, v.detach(), jvp.detach(), k)
-    loss = (e.detach() + c).pow(-p) * e
-    return sl.reduce(loss, reduction)
+    return _squared_residual_loss(u, v.detach(), jvp.detach(), k, power=p, offset=c, reduction=reduction)

@@ -24,10 +24,12 @@ from triton.runtime.jit import JITFunction
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 import fastgen_kernels as fk
+from fastgen_kernels.ops import _sample_loss as sl
 from fastgen_kernels.triton_ops import attention as triton_attention
 from fastgen_kernels.triton_ops import fp8_linear as triton_fp8_linear
 from fastgen_kernels.triton_ops import gan_loss as triton_gan_loss
 from fastgen_kernels.triton_ops import modulated_norm as triton_modulated_norm
+from fastgen_kernels.triton_ops import sample_loss_tail as triton_sample_loss_tail
 from fastgen_kernels.triton_ops import squared_residual as triton_squared_residual
 
 HOPPER = GPUTarget("cuda", 90, 32)
@@ -82,6 +84,10 @@ def record_all_launches() -> None:
     triton_squared_residual.scaled_residual(x, x, None, None, s, True)
     triton_gan_loss.sums(x, False)
     triton_gan_loss.backward(x, False, s)
+    for kind, (nsums, _) in sl.TAIL_WIDTHS.items():  # every tail, mean or not, weighted or not
+        for mean in (True, False):
+            triton_sample_loss_tail.tail(torch.rand(2, nsums), s, s, s, kind, [1.0, 0.1, 1.0, 0.1], 48, mean)
+            triton_sample_loss_tail.tail(torch.rand(2, nsums), None, s, s, kind, [1.0, 0.0, 0.0, 0.1], 48, mean)
     for dtype in (torch.float32, torch.bfloat16):  # the norm's JVP: every tangent, and the DiT's
         xd, mod, w = x.to(dtype), torch.randn(2, 16, dtype=dtype), torch.randn(16, dtype=dtype)
         stats = torch.randn(2, 3), torch.rand(2, 3)

@@ -159,7 +159,7 @@ def test_eager_path_only_without_modes_and_subclasses():
         assert not _eager_op.plain_eager((mode.from_tensor(x),))
     assert not torch.func.vmap(lambda v: torch.tensor(_eager_op.plain_eager((v,))))(x).any()
     graph = make_fx(lambda a, b: losses.consistency_loss(a, b))(x, x + 1)
-    assert "fastgen.squared_residual" in str(graph.graph)
+    assert "fastgen.squared_residual_loss" in str(graph.graph)
 
 
 # --------------------------------------------------------------------------- the custom ops
@@ -172,19 +172,25 @@ def op_cases(generator):
     t = uniform(2, generator, 0.1, 1.4)
     q = randn((2, 4), torch.float32, generator)
     ops = torch.ops.fastgen
+    one = torch.ones(())
     return [
-        (ops.vsd_loss.default, (x, y, z, s, 1e-6)),
-        (ops.vsd_loss.default, (x.clone().requires_grad_(), y, z, None, 1e-3)),
-        (ops.vsd_loss_backward.default, (z, y, s, k)),
-        (ops.squared_residual.default, (x, y, None, None, 0.0)),
-        (ops.squared_residual.default, (x.clone().requires_grad_(), y.clone().requires_grad_(), z, k, 0.0)),
-        (ops.squared_residual.default, (x.clone().requires_grad_(), y.clone().requires_grad_(), None, None, 0.3)),
-        (ops.squared_residual_backward.default, (x, y, z, k, s, True)),
-        (ops.squared_residual_backward.default, (x, y, None, None, s, False)),
-        (ops.scm_residual.default, (x.clone().requires_grad_(), y, z, x, y, t, 0.5, 1.0, 0.1)),
-        (ops.scm_residual_backward.default, (x, y, z, x, y, q, s)),
-        (ops.softplus_sum.default, (x.clone().requires_grad_(), True)),
-        (ops.softplus_sum_backward.default, (x, False, s)),
+        (ops.vsd_loss.default, (x, y, z, s, 1e-6, True)),
+        (ops.vsd_loss.default, (x.clone().requires_grad_(), y, z, None, 1e-3, False)),
+        (ops.vsd_loss_backward.default, (z, y, s, one)),
+        (ops.squared_residual_loss.default, (x, y, None, None, None, 0.1, 0.0, 0.0, 0.0, True)),
+        (ops.squared_residual_loss.default, (x.clone().requires_grad_(), y.clone().requires_grad_(), z, k,
+                                             s.clone().requires_grad_(), 1.0, 0.0, 1.0, 1e-3, False)),
+        (ops.squared_residual_loss.default, (x.clone().requires_grad_(), y.clone().requires_grad_(), None, None,
+                                             None, 1.0, 0.3, 0.0, 0.0, True)),
+        (ops.squared_residual_backward.default, (x, y, z, k, s, one, True)),
+        (ops.squared_residual_backward.default, (x, y, None, None, s, k, False)),
+        (ops.scm_loss.default, (x.clone().requires_grad_(), y, z, x, y, t, k.clone().requires_grad_(), 0.5, 1.0,
+                                0.1, True)),
+        (ops.scm_loss.default, (x.clone().requires_grad_(), y, z, x, y, t, k, 0.5, 0.3, 0.1, False)),
+        (ops.scm_loss_backward.default, (x, y, z, x, y, q, s, one)),
+        (ops.softplus_loss.default, (x.clone().requires_grad_(), True, True)),
+        (ops.softplus_loss.default, (x.clone().requires_grad_(), False, False)),
+        (ops.softplus_loss_backward.default, (x, False, s, k)),
     ]
 
 

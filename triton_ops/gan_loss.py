@@ -60,8 +60,8 @@ def _backward_kernel(
 
 
 def sums(x: Tensor, negative: bool) -> Tensor:
-    """(B,) fp32 per-sample sum of softplus(z)."""
-    return sample_reduce.reduce(_sums_kernel, [x], 1, NEGATIVE=negative)[:, 0]
+    """(B, 1) fp32 per-sample sum of softplus(z)."""
+    return sample_reduce.reduce(_sums_kernel, [x], 1, NEGATIVE=negative)
 
 
 def backward(x: Tensor, negative: bool, s: Tensor) -> Tensor:

@@ -72,8 +72,8 @@ def _scaled_residual_kernel(
 
 
 def sums(a: Tensor, b: Tensor, c: Tensor | None, k: Tensor | None) -> Tensor:
-    """(B,) fp32 per-sample sum of r^2; k (B,) fp32 with c."""
-    return sample_reduce.reduce(_sums_kernel, [a, b, c, k], 1, HAS_C=c is not None)[:, 0]
+    """(B, 1) fp32 per-sample sum of r^2; k (B,) fp32 with c."""
+    return sample_reduce.reduce(_sums_kernel, [a, b, c, k], 1, HAS_C=c is not None)
 
 
 def scaled_residual(a: Tensor, b: Tensor, c: Tensor | None, k: Tensor | None, s: Tensor,

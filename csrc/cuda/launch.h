@@ -20,6 +20,7 @@
 
 #include "../row_chunks.h"
 #include "../sample_chunks.h"
+#include "../sample_loss_tail.h"
 
 namespace fastgen {
 namespace cuda {
@@ -146,6 +147,23 @@ struct SampleReduceArgs {
   float* partials;  // (batch * chunks_per_sample, NSTAT), scratch
   float* sums;      // (batch, NSTAT), written
 };
+
+// The tail of a per-sample loss over the batch (sample_loss_tail.h), one block: loss[b] =
+// loss_tail(sums[b], ...) and saved[b], or with mean loss[0] = sum_b loss_b / batch (a fixed-order
+// block reduction: deterministic).
+struct SampleLossTailArgs {
+  LossTailArgs tail;
+  const float* sums;    // (batch, tail_sums(kind))
+  const float* weight;  // (batch,) or nullptr (1)
+  const float* t;       // (batch,) or nullptr (0)
+  const float* logvar;  // (batch,) or nullptr (0)
+  float* loss;          // (1,) when mean, else (batch,); written
+  float* saved;         // (batch, tail_saved(kind)); written
+  int64_t batch;
+  bool mean;
+};
+
+cudaError_t launch_sample_loss_tail(const SampleLossTailArgs& args, cudaStream_t stream);
 
 // sums[b] = (sum |x_g - teacher|, sum (fake - teacher)^2)
 struct VsdLossSumsArgs {

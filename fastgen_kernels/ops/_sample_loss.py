@@ -1,16 +1,18 @@
 r"""Shared machinery of the fused per-sample losses (``fastgen_kernels.losses``).
 
-Every loss reads (B, ...) tensors as B samples of D = numel / B elements and follows one scheme:
+Every loss reads (B, ...) tensors as B samples of D = numel / B elements, is ONE custom op from its
+inputs to its result (the batch mean, or the (B,) vector for ``reduction="none"``) and follows one
+scheme, so a forward + backward costs a handful of kernel launches whatever its formula:
 
-- forward: ONE fused pass reduces each sample to a few sums (e.g. sum |x - T|, sum (F - T)^2), as
-  deterministic partial sums per (sample, chunk) added in chunk order (csrc/sample_chunks.h); the
-  per-sample loss and the per-sample factor the backward needs come from those (B, k) sums in a
-  few tiny torch ops (``finish`` of each op, shared by every backend and the fake kernel);
-- backward: ONE elementwise pass, e.g. ``out = s_b * (a - b)``, with a per-sample scale s_b
-  built from the upstream gradient g_b of the op's per-sample output;
-- what follows the sums and is only (B,)-sized (weights, the pseudo-Huber metric, MeanFlow's
-  adaptive weight, sCM's log-variance weighting) and the batch reduction ("mean" or "none") is
-  plain torch on (B,) vectors, so autograd composes it with the op.
+- forward: a fused pass reduces each sample to a few sums (e.g. sum |x - T|, sum (F - T)^2), as
+  deterministic partial sums per (sample, chunk) added in chunk order (csrc/sample_chunks.h); then
+  the loss's *tail* (:func:`tail`, csrc/sample_loss_tail.h), one launch over the batch, turns the
+  sums and the per-sample inputs (weights, times, log-variance) into each sample's loss, the batch
+  mean, and the per-sample factors the backward needs (``saved``, (B, k)), which already contain
+  the reduction's 1 / B;
+- backward: one elementwise pass, e.g. ``out = s_b * (a - b)``, with s_b = g * saved_b for the
+  upstream gradient g (a scalar, or (B,) for "none"); gradients of (B,) inputs (a weight, sCM's
+  log-variance) are g * saved_b as well.
 
 Statistics and per-sample values are fp32 (fp64 for fp64 input, what gradcheck uses).
 """
@@ -37,18 +39,10 @@ def numel_per_sample(x: Tensor) -> int:
     return x.numel() // x.shape[0]
 
 
-def per_sample_factor(weight: Tensor | None, like: Tensor) -> Tensor:
-    """weight (B,) in ``like``'s dtype (a copy: op outputs may not alias inputs), or ones."""
-    if weight is None:
-        return torch.ones_like(like)
-    return weight.to(like.dtype, memory_format=torch.contiguous_format, copy=True)
-
-
-def scale(grad: Tensor, factor: Tensor | None, constant: float, dtype: torch.dtype) -> Tensor:
-    """s_b = g_b * c_b * constant (c_b = 1 when factor is None), contiguous, in ``dtype`` (the
-    statistics' dtype)."""
-    s = grad.to(dtype) * constant
-    return (s if factor is None else s * factor).contiguous()
+def scale(grad: Tensor, factor: Tensor) -> Tensor:
+    """s_b = g * factor_b for the upstream gradient g, () or (B,): (B,) contiguous, in the
+    factor's dtype (the statistics')."""
+    return (factor * grad.to(factor.dtype)).contiguous()
 
 
 def per_sample_stat(value: Tensor, like: Tensor) -> Tensor:
@@ -57,8 +51,71 @@ def per_sample_stat(value: Tensor, like: Tensor) -> Tensor:
     return value.to(stat_dtype(like)).contiguous()
 
 
-def reduce(loss: Tensor, reduction: str) -> Tensor:
-    return loss.mean() if reduction == "mean" else loss
+# --------------------------------------------------------------------------- tails
+
+# The tails of csrc/sample_loss_tail.h: kind -> (name, sums read per sample, values saved per sample)
+SQUARED, VSD, SOFTPLUS, SCM = 0, 1, 2, 3
+TAIL_WIDTHS = {SQUARED: (1, 2), VSD: (2, 1), SOFTPLUS: (1, 1), SCM: (3, 6)}
+
+
+def scm_coefficients(t: Tensor, sigma_data: float, warmup: float) -> Tensor:
+    """p (B, 4) with sCM's tangent g = p . (F_minus, dxt_dt, jvp, x_t), in t's dtype."""
+    cos, sin = torch.cos(t), torch.sin(t)
+    return torch.stack([-cos * cos * sigma_data, cos * cos, torch.full_like(t, -warmup * sigma_data),
+                        -warmup * cos * sin], 1)
+
+
+def reference_tail(sums: Tensor, weight: Tensor | None, t: Tensor | None, logvar: Tensor | None,
+                   kind: int, params: list[float], numel: int, mean: bool) -> tuple[Tensor, Tensor]:
+    """(loss: () if mean else (B,), saved (B, k)) from the sums (B, n): csrc/sample_loss_tail.h in
+    torch, in the sums' dtype."""
+    params = list(params) + [0.0] * (4 - len(params))
+    D, red = float(numel), 1.0 / sums.shape[0] if mean else 1.0
+    per_sample = [None if v is None else v.to(sums.dtype) for v in (weight, t, logvar)]
+    w = torch.ones_like(sums[:, 0]) if per_sample[0] is None else per_sample[0]
+    if kind == SQUARED:
+        scale, huber, power, offset = params
+        S = sums[:, 0]
+        m, dm = S, torch.ones_like(S)
+        if huber > 0:
+            root = torch.sqrt(S + huber * huber)
+            m, dm = S / (root + huber), 1 / (2 * root)
+        adaptive = (m + offset).pow(-power) if power != 0 else torch.ones_like(S)
+        loss = w * scale * adaptive * m
+        saved = [2 * red * w * scale * adaptive * dm, red * scale * adaptive * m]
+    elif kind == VSD:
+        c = 1 / (sums[:, 0] / D + params[0]) * w
+        loss = 0.5 * c * c * sums[:, 1] / D
+        saved = [red * c / D]
+    elif kind == SOFTPLUS:
+        loss = sums[:, 0] / D
+        saved = [torch.full_like(loss, red / D)]
+    else:  # SCM
+        sigma_data, warmup, c = params[:3]
+        t, u = per_sample[1], per_sample[2]
+        n = 1 / (torch.sqrt(sums[:, 0] / D) + c)
+        S = (sums[:, 2] - 2 * sums[:, 1] * n + sums[:, 0] * n * n).clamp_min(0)
+        k = torch.exp(-u) / (D * (sigma_data * torch.tan(t)).clamp_min(1e-6))  # no zero denominators
+        loss = S * k + u
+        saved = [2 * red * k, red * (1 - S * k), *(n[:, None] * scm_coefficients(t, sigma_data, warmup)).unbind(1)]
+    return (loss.sum() / sums.shape[0] if mean else loss), torch.stack(saved, 1)
+
+
+def _extension_tail(sums, weight, t, logvar, kind, params, numel, mean):
+    return torch.ops.fastgen_C.sample_loss_tail(
+        sums, *(None if v is None else per_sample_stat(v, sums) for v in (weight, t, logvar)),
+        kind, params, numel, mean)
+
+
+def _triton_tail(sums, weight, t, logvar, kind, params, numel, mean):
+    from fastgen_kernels.triton_ops import sample_loss_tail
+
+    return sample_loss_tail.tail(
+        sums, *(None if v is None else per_sample_stat(v, sums) for v in (weight, t, logvar)),
+        kind, params, numel, mean)
+
+
+TAIL = {"cuda": _extension_tail, "triton": _triton_tail, "cpu": _extension_tail, "reference": reference_tail}
 
 
 SUPPORTS = {

@@ -7,14 +7,15 @@ samples of D elements. With z = -x for the "negative" terms, per sample::
     generator:      loss_b = S_b(-fake) / D_fake                   (mean softplus(-D(fake)))
     discriminator:  loss_b = S_b(fake) / D_fake + S_b(-real) / D_real
 
-VJP of S_b with upstream gradient g_b (one elementwise pass)::
+One op per term: the sums, then the tail (csrc/sample_loss_tail.h) S_b / D and the batch mean.
+VJP of a term with upstream gradient g (one elementwise pass; red = 1 / B for the mean)::
 
-    dx = g_b * sign * sigmoid(z),   sign = -1 for a negative term, else 1
+    dx = g * red / D * sign * sigmoid(z),   sign = -1 for a negative term, else 1
 
 The R1 penalty of METHODS.md, mean (D(real_t) - D(real_t + 0.1 noise))^2, is
 ``denoising_loss(logits_real, logits_perturbed)``.
 
-Custom ops: ``fastgen::softplus_sum`` -> S (B,), backward ``fastgen::softplus_sum_backward``.
+Custom ops: ``fastgen::softplus_loss`` -> (loss, saved), backward ``fastgen::softplus_loss_backward``.
 Public API: :func:`gan_loss` (also ``fastgen_kernels.losses.gan_loss``). Shared scheme:
 :mod:`fastgen_kernels.ops._sample_loss`.
 """
@@ -40,8 +41,8 @@ def _signed(x: Tensor, negative: bool) -> Tensor:
 
 
 def reference_sums(x: Tensor, negative: bool) -> Tensor:
-    """(B,): per sample S = sum softplus(z), in the statistics' dtype."""
-    return F.softplus(_signed(x, negative)).sum(1)
+    """(B, 1): per sample S = sum softplus(z), in the statistics' dtype."""
+    return F.softplus(_signed(x, negative)).sum(1, keepdim=True)
 
 
 def reference_backward_kernel(x: Tensor, negative: bool, s: Tensor) -> Tensor:
@@ -54,7 +55,7 @@ def reference_backward_kernel(x: Tensor, negative: bool, s: Tensor) -> Tensor:
 
 
 def _extension_sums(x, negative):
-    return torch.ops.fastgen_C.softplus_sums(x.contiguous(), negative)[:, 0]
+    return torch.ops.fastgen_C.softplus_sums(x.contiguous(), negative)
 
 
 def _extension_backward(x, negative, s):
@@ -79,61 +80,71 @@ _BACKWARD = {"cuda": _extension_backward, "triton": _triton_backward, "cpu": _ex
              "reference": reference_backward_kernel}
 
 
+def _forward_impl(backend: str):
+    def forward(x, negative, mean):
+        return sl.TAIL[backend](_SUMS[backend](x, negative), None, None, None, sl.SOFTPLUS, [],
+                                sl.numel_per_sample(x), mean)
+    return forward
+
+
 def _backward_impl(backend: str):
-    def backward(x, negative, grad):
-        return _BACKWARD[backend](x, negative, sl.scale(grad, None, 1.0, sl.stat_dtype(x)))
+    def backward(x, negative, factor, grad):
+        return _BACKWARD[backend](x, negative, sl.scale(grad, factor))
     return backward
 
 
+reference_forward = _forward_impl("reference")
 reference_backward = _backward_impl("reference")
 
-forward_dispatcher = OpDispatcher("fastgen.softplus_sum", _SUMS, sl.SUPPORTS)
+forward_dispatcher = OpDispatcher(
+    "fastgen.softplus_loss", {name: _forward_impl(name) for name in BACKENDS}, sl.SUPPORTS)
 backward_dispatcher = OpDispatcher(
-    "fastgen.softplus_sum_backward", {name: _backward_impl(name) for name in BACKENDS}, sl.SUPPORTS)
+    "fastgen.softplus_loss_backward", {name: _backward_impl(name) for name in BACKENDS}, sl.SUPPORTS)
 
 # --------------------------------------------------------------------------- custom ops
 
 
-@torch.library.custom_op("fastgen::softplus_sum", mutates_args=())
-def softplus_sum(x: Tensor, negative: bool) -> Tensor:
-    """S_b = sum over sample b of softplus(-x if negative else x), (B,) in the statistics' dtype."""
-    return forward_dispatcher(x, negative)
+@torch.library.custom_op("fastgen::softplus_loss", mutates_args=())
+def softplus_loss(x: Tensor, negative: bool, mean: bool) -> tuple[Tensor, Tensor]:
+    """(loss, saved): the batch mean (mean) or the (B,) values of the per-sample mean of
+    softplus(-x if negative else x), and saved (B, 1) = red / D, in the statistics' dtype."""
+    return forward_dispatcher(x, negative, mean)
 
 
-@torch.library.custom_op("fastgen::softplus_sum_backward", mutates_args=())
-def softplus_sum_backward(x: Tensor, negative: bool, grad: Tensor) -> Tensor:
-    """dx = grad_b * sign * sigmoid(sign * x), sign = -1 if negative else 1."""
-    return backward_dispatcher(x, negative, grad)
+@torch.library.custom_op("fastgen::softplus_loss_backward", mutates_args=())
+def softplus_loss_backward(x: Tensor, negative: bool, factor: Tensor, grad: Tensor) -> Tensor:
+    """dx = grad * factor_b * sign * sigmoid(sign * x), sign = -1 if negative else 1."""
+    return backward_dispatcher(x, negative, factor, grad)
 
 
-softplus_sum.register_fake(reference_sums)
-softplus_sum_backward.register_fake(reference_backward)
-softplus_sum_backward_eager = EagerOp(torch.ops.fastgen.softplus_sum_backward, backward_dispatcher)
+softplus_loss.register_fake(reference_forward)
+softplus_loss_backward.register_fake(reference_backward)
+softplus_loss_backward_eager = EagerOp(torch.ops.fastgen.softplus_loss_backward, backward_dispatcher)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    ctx.save_for_backward(inputs[0])
+    ctx.save_for_backward(inputs[0], output[1])
     ctx.negative = inputs[1]
 
 
-def _backward(ctx, grad):
-    (x,) = ctx.saved_tensors
-    dx = softplus_sum_backward_eager(x, ctx.negative, grad) if ctx.needs_input_grad[0] else None
-    return dx, None
+def _backward(ctx, grad, _grad_saved):
+    x, saved = ctx.saved_tensors
+    dx = softplus_loss_backward_eager(x, ctx.negative, saved[:, 0], grad) if ctx.needs_input_grad[0] else None
+    return dx, None, None
 
 
 _setup_context, _backward = carry_forced_backend(_setup_context, _backward)
-softplus_sum.register_autograd(_backward, setup_context=_setup_context)
-softplus_sum_eager = EagerOp(torch.ops.fastgen.softplus_sum, forward_dispatcher, _setup_context, _backward)
+softplus_loss.register_autograd(_backward, setup_context=_setup_context)
+softplus_loss_eager = EagerOp(torch.ops.fastgen.softplus_loss, forward_dispatcher, _setup_context, _backward)
 
 # --------------------------------------------------------------------------- public API
 
 MODES = ("generator", "discriminator")
 
 
-def _mean_softplus(x: Tensor, negative: bool) -> Tensor:
-    """(B,): per sample mean softplus(-x if negative else x)."""
-    return softplus_sum_eager(x, negative) / sl.numel_per_sample(x)
+def _mean_softplus(x: Tensor, negative: bool, reduction: str) -> Tensor:
+    """The batch mean or the (B,) per-sample means of softplus(-x if negative else x)."""
+    return softplus_loss_eager(x, negative, reduction == "mean")[0]
 
 
 def gan_loss(logits_fake: Tensor, logits_real: Tensor | None = None, mode: str = "generator",
@@ -155,7 +166,7 @@ def gan_loss(logits_fake: Tensor, logits_real: Tensor | None = None, mode: str =
         if logits_real is not None:
             raise ValueError(f"{op}: logits_real is for mode='discriminator'; the generator loss "
                              "reads logits_fake only")
-        return sl.reduce(_mean_softplus(logits_fake, True), reduction)
+        return _mean_softplus(logits_fake, True, reduction)
     if logits_real is None:
         raise ValueError(f"{op}: mode='discriminator' needs logits_real")
     logits_real = _checks.samples(op, logits_real=logits_real)
@@ -165,17 +176,16 @@ def gan_loss(logits_fake: Tensor, logits_real: Tensor | None = None, mode: str =
     if reduction == "none" and logits_real.shape[0] != logits_fake.shape[0]:
         raise ValueError(f"{op}: reduction='none' needs one batch size, got logits_fake with "
                          f"B = {logits_fake.shape[0]} and logits_real with B = {logits_real.shape[0]}")
-    fake, real = _mean_softplus(logits_fake, False), _mean_softplus(logits_real, True)
-    if reduction == "mean":
-        return fake.mean() + real.mean().to(fake.dtype)
+    fake, real = _mean_softplus(logits_fake, False, reduction), _mean_softplus(logits_real, True, reduction)
     return fake + real.to(fake.dtype)
 
 
 def example_args(device: torch.device, dtype: torch.dtype) -> tuple:
     """Small arguments of the forward op, for `fastgen-kernels info`."""
-    return (torch.randn(4, 1, 8, 8, device=device, dtype=dtype) * 3, True)
+    return (torch.randn(4, 1, 8, 8, device=device, dtype=dtype) * 3, True, True)
 
 
-def example_backward_args(x, negative) -> tuple:
+def example_backward_args(x, negative, mean) -> tuple:
     """Arguments of the backward op matching ``example_args``."""
-    return (x, negative, torch.ones(x.shape[0], device=x.device))
+    _, saved = reference_forward(x, negative, mean)
+    return (x, negative, saved[:, 0], torch.ones((), device=x.device))

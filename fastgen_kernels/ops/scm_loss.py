@@ -14,14 +14,16 @@ sample, with c_t = cos t, s_t = sin t, sigma_d = sigma_data and warm-up factor w
 
 One fused pass reads the five inputs once and sums g^2, d g and d^2 with d = F - F_minus, which give
 n and S = sum d^2 - 2 sum d g / n + sum g^2 / n^2 (exact; when F_minus is F's own value, as in
-training, d = 0 and S = sum g^2 / n^2). The VJP of S, upstream gradient g_S, is one more pass::
+training, d = 0 and S = sum g^2 / n^2); the tail (csrc/sample_loss_tail.h) makes loss_b, the
+batch mean and the backward's factors. The VJP, upstream gradient g of the result (red = 1 / B for
+the mean), is one more pass for F and a (B,) product for u::
 
-    dF = 2 g_S (d - q . (F_minus, dx_t/dt, J, x_t)),    q = p / n
+    dF = g * 2 red / (D sigma_edm e^u) * (d - q . (F_minus, dx_t/dt, J, x_t)),    q = p / n
+    du = g * red * (1 - S / (D sigma_edm e^u))
 
-loss_b's dependence on u and on S is plain torch on (B,) vectors, so logvar gets its gradient
-1 - S / (D sigma_edm e^u) from autograd; F_minus, dxt_dt, jvp, x_t and t are constants.
+F_minus, dxt_dt, jvp, x_t and t are constants.
 
-Custom ops: ``fastgen::scm_residual`` -> (S, q), backward ``fastgen::scm_residual_backward``.
+Custom ops: ``fastgen::scm_loss`` -> (loss, saved), backward ``fastgen::scm_loss_backward``.
 Public API: :func:`scm_loss` (also ``fastgen_kernels.losses.scm_loss``). Shared scheme:
 :mod:`fastgen_kernels.ops._sample_loss`.
 """
@@ -41,14 +43,6 @@ from fastgen_kernels.ops._eager_op import EagerOp
 # --------------------------------------------------------------------------- reference
 
 
-def tangent_coefficients(t: Tensor, sigma_data: float, warmup: float, like: Tensor) -> Tensor:
-    """p (B, 4) with g = p . (F_minus, dxt_dt, jvp, x_t), in the statistics' dtype of ``like``."""
-    t = t.to(sl.stat_dtype(like))
-    cos, sin = torch.cos(t), torch.sin(t)
-    return torch.stack([-cos * cos * sigma_data, cos * cos, torch.full_like(t, -warmup * sigma_data),
-                        -warmup * cos * sin], 1).contiguous()
-
-
 def _tangent_and_difference(F, F_minus, dxt_dt, jvp, x_t, coef) -> tuple[Tensor, Tensor]:
     """(g = coef . (F_minus, dxt_dt, jvp, x_t), d = F - F_minus), both (B, D) in the statistics'
     dtype."""
@@ -62,13 +56,6 @@ def reference_sums(F, F_minus, dxt_dt, jvp, x_t, coef) -> Tensor:
     """(B, 3): per sample (sum g^2, sum d g, sum d^2), in the statistics' dtype."""
     g, d = _tangent_and_difference(F, F_minus, dxt_dt, jvp, x_t, coef)
     return torch.stack([(g * g).sum(1), (d * g).sum(1), (d * d).sum(1)], 1)
-
-
-def finish(sums: Tensor, coef: Tensor, c: float, D: int) -> tuple[Tensor, Tensor]:
-    """(S, q = p / n) from the per-sample sums: every backend's last step."""
-    inv_norm = 1.0 / (torch.sqrt(sums[:, 0] / D) + c)
-    S = (sums[:, 2] - 2 * sums[:, 1] * inv_norm + sums[:, 0] * inv_norm.square()).clamp_min(0)
-    return S, coef * inv_norm[:, None]
 
 
 def reference_backward_kernel(F, F_minus, dxt_dt, jvp, x_t, q, s) -> Tensor:
@@ -109,17 +96,18 @@ _BACKWARD = {"cuda": _extension_backward, "triton": _triton_backward, "cpu": _ex
 
 
 def _forward_impl(backend: str):
-    def forward(F, F_minus, dxt_dt, jvp, x_t, t, sigma_data, warmup, c):
-        coef = tangent_coefficients(t, sigma_data, warmup, F)
+    def forward(F, F_minus, dxt_dt, jvp, x_t, t, logvar, sigma_data, warmup, c, mean):
+        t = sl.per_sample_stat(t, F)
+        coef = sl.scm_coefficients(t, sigma_data, warmup).contiguous()
         sums = _SUMS[backend](F, F_minus, dxt_dt, jvp, x_t, coef)
-        return finish(sums, coef, c, sl.numel_per_sample(F))
+        return sl.TAIL[backend](sums, None, t, logvar, sl.SCM, [sigma_data, warmup, c],
+                                sl.numel_per_sample(F), mean)
     return forward
 
 
 def _backward_impl(backend: str):
-    def backward(F, F_minus, dxt_dt, jvp, x_t, q, grad):
-        s = sl.scale(grad, None, 2.0, q.dtype)
-        return _BACKWARD[backend](F, F_minus, dxt_dt, jvp, x_t, q.contiguous(), s)
+    def backward(F, F_minus, dxt_dt, jvp, x_t, q, factor, grad):
+        return _BACKWARD[backend](F, F_minus, dxt_dt, jvp, x_t, q.contiguous(), sl.scale(grad, factor))
     return backward
 
 
@@ -127,47 +115,51 @@ reference_forward = _forward_impl("reference")
 reference_backward = _backward_impl("reference")
 
 forward_dispatcher = OpDispatcher(
-    "fastgen.scm_residual", {name: _forward_impl(name) for name in BACKENDS}, sl.SUPPORTS)
+    "fastgen.scm_loss", {name: _forward_impl(name) for name in BACKENDS}, sl.SUPPORTS)
 backward_dispatcher = OpDispatcher(
-    "fastgen.scm_residual_backward", {name: _backward_impl(name) for name in BACKENDS}, sl.SUPPORTS)
+    "fastgen.scm_loss_backward", {name: _backward_impl(name) for name in BACKENDS}, sl.SUPPORTS)
 
 # --------------------------------------------------------------------------- custom ops
 
 
-@torch.library.custom_op("fastgen::scm_residual", mutates_args=())
-def scm_residual(F: Tensor, F_minus: Tensor, dxt_dt: Tensor, jvp: Tensor, x_t: Tensor, t: Tensor,
-                 sigma_data: float, warmup: float, c: float) -> tuple[Tensor, Tensor]:
-    """(S (B,), q (B, 4)): the squared residual of F - F_minus - g / n per sample and the
-    normalized tangent coefficients, in the statistics' dtype."""
-    return forward_dispatcher(F, F_minus, dxt_dt, jvp, x_t, t, sigma_data, warmup, c)
+@torch.library.custom_op("fastgen::scm_loss", mutates_args=())
+def scm_loss_op(F: Tensor, F_minus: Tensor, dxt_dt: Tensor, jvp: Tensor, x_t: Tensor, t: Tensor,
+                logvar: Tensor, sigma_data: float, warmup: float, c: float,
+                mean: bool) -> tuple[Tensor, Tensor]:
+    """(loss: the batch mean (mean) or the (B,) values of loss_b, saved (B, 6): the scale of dF,
+    d loss / d u and q = p / n), in the statistics' dtype."""
+    return forward_dispatcher(F, F_minus, dxt_dt, jvp, x_t, t, logvar, sigma_data, warmup, c, mean)
 
 
-@torch.library.custom_op("fastgen::scm_residual_backward", mutates_args=())
-def scm_residual_backward(F: Tensor, F_minus: Tensor, dxt_dt: Tensor, jvp: Tensor, x_t: Tensor,
-                          q: Tensor, grad: Tensor) -> Tensor:
-    """dF = 2 grad_b (F - F_minus - q . (F_minus, dxt_dt, jvp, x_t))."""
-    return backward_dispatcher(F, F_minus, dxt_dt, jvp, x_t, q, grad)
+@torch.library.custom_op("fastgen::scm_loss_backward", mutates_args=())
+def scm_loss_backward(F: Tensor, F_minus: Tensor, dxt_dt: Tensor, jvp: Tensor, x_t: Tensor,
+                      q: Tensor, factor: Tensor, grad: Tensor) -> Tensor:
+    """dF = grad * factor_b * (F - F_minus - q . (F_minus, dxt_dt, jvp, x_t))."""
+    return backward_dispatcher(F, F_minus, dxt_dt, jvp, x_t, q, factor, grad)
 
 
-scm_residual.register_fake(reference_forward)
-scm_residual_backward.register_fake(reference_backward)
-scm_residual_backward_eager = EagerOp(torch.ops.fastgen.scm_residual_backward, backward_dispatcher)
+scm_loss_op.register_fake(reference_forward)
+scm_loss_backward.register_fake(reference_backward)
+scm_loss_backward_eager = EagerOp(torch.ops.fastgen.scm_loss_backward, backward_dispatcher)
 
 
 def _setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(*inputs[:5], output[1])
 
 
-def _backward(ctx, grad, _grad_q):
-    dF = None
+def _backward(ctx, grad, _grad_saved):
+    *inputs, saved = ctx.saved_tensors
+    dF = dlogvar = None
     if ctx.needs_input_grad[0]:
-        dF = scm_residual_backward_eager(*ctx.saved_tensors, grad)
-    return dF, None, None, None, None, None, None, None, None
+        dF = scm_loss_backward_eager(*inputs, saved[:, 2:], saved[:, 0], grad)
+    if ctx.needs_input_grad[6]:
+        dlogvar = sl.scale(grad, saved[:, 1])
+    return dF, None, None, None, None, None, dlogvar, None, None, None, None
 
 
 _setup_context, _backward = carry_forced_backend(_setup_context, _backward)
-scm_residual.register_autograd(_backward, setup_context=_setup_context)
-scm_residual_eager = EagerOp(torch.ops.fastgen.scm_residual, forward_dispatcher, _setup_context, _backward)
+scm_loss_op.register_autograd(_backward, setup_context=_setup_context)
+scm_loss_eager = EagerOp(torch.ops.fastgen.scm_loss, forward_dispatcher, _setup_context, _backward)
 
 # --------------------------------------------------------------------------- public API
 
@@ -191,13 +183,9 @@ def scm_loss(F: Tensor, F_minus: Tensor, dxt_dt: Tensor, jvp: Tensor, x_t: Tenso
     warmup = _checks.in_range(op, "warmup", warmup, 0.0, 1.0)
     c = _checks.positive(op, "c", c)
     reduction = _checks.reduction(op, reduction)
-    S, _ = scm_residual_eager(F, F_minus.detach(), dxt_dt.detach(), jvp.detach(),
-                              x_t.detach(), t.detach(), sigma_data, warmup, c)
-    t = t.detach().to(S.dtype)
-    sigma = (sigma_data * torch.tan(t)).clamp_min(1e-6)  # METHODS.md: no zero denominators
-    u = logvar.to(S.dtype)
-    loss = S / (sl.numel_per_sample(F) * sigma) * torch.exp(-u) + u
-    return sl.reduce(loss, reduction)
+    loss, _ = scm_loss_eager(F, F_minus.detach(), dxt_dt.detach(), jvp.detach(), x_t.detach(), t.detach(),
+                             logvar, sigma_data, warmup, c, reduction == "mean")
+    return loss
 
 
 def example_args(device: torch.device, dtype: torch.dtype) -> tuple:
@@ -205,10 +193,10 @@ def example_args(device: torch.device, dtype: torch.dtype) -> tuple:
     F = torch.randn(2, 3, 16, 16, device=device, dtype=dtype)
     t = torch.rand(2, device=device) * (math.pi / 2 - 0.1) + 0.05
     return (F, torch.randn_like(F), torch.randn_like(F), torch.randn_like(F), torch.randn_like(F), t,
-            0.5, 1.0, 0.1)
+            torch.randn(2, device=device), 0.5, 1.0, 0.1, True)
 
 
-def example_backward_args(F, F_minus, dxt_dt, jvp, x_t, t, sigma_data, warmup, c) -> tuple:
+def example_backward_args(F, F_minus, dxt_dt, jvp, x_t, t, logvar, sigma_data, warmup, c, mean) -> tuple:
     """Arguments of the backward op matching ``example_args``."""
-    _, q = reference_forward(F, F_minus, dxt_dt, jvp, x_t, t, sigma_data, warmup, c)
-    return (F, F_minus, dxt_dt, jvp, x_t, q, torch.ones(F.shape[0], device=F.device))
+    _, saved = reference_forward(F, F_minus, dxt_dt, jvp, x_t, t, logvar, sigma_data, warmup, c, mean)
+    return (F, F_minus, dxt_dt, jvp, x_t, saved[:, 2:], saved[:, 0], torch.ones((), device=F.device))

@@ -1,28 +1,28 @@
-r"""Per-sample squared residual, fused: the kernel behind the denoising, consistency and MeanFlow
-losses (``fastgen_kernels.losses``), and its scaled-residual backward, also the VSD backward.
+r"""Per-sample squared-residual losses, fused: the op behind the denoising, consistency and
+MeanFlow losses (``fastgen_kernels.losses``), and its scaled-residual backward, also the VSD
+backward.
 
 Shapes: a, b (B, ...) of one shape and dtype, read as B samples of D elements; optional c of the
-same shape with a per-sample k (B,) (c and k come together). Per sample b::
+same shape with a per-sample k (B,) (c and k come together); optional weight w (B,). Per sample b::
 
     r = a - b + k_b * c                 (c absent: r = a - b)
-    S_b = sum_D r^2                     (one fused pass, fp32 accumulation)
-    out_b = S_b, or with huber = h > 0 the pseudo-Huber metric
-    out_b = sqrt(S_b + h^2) - h = S_b / (sqrt(S_b + h^2) + h)   (no cancellation near S_b = 0)
+    S = sum_D r^2                       (one fused pass, fp32 accumulation)
+    m = S, or with huber = h > 0 the pseudo-Huber metric
+    m = sqrt(S + h^2) - h = S / (sqrt(S + h^2) + h)     (no cancellation near S = 0)
+    A = sg((m + offset)^-power)         (MeanFlow's adaptive weight; A = 1 for power = 0)
+    loss_b = w_b * scale * A * m        -> the batch mean, or the (B,) vector
 
-VJP with upstream gradient g_b of out_b (one elementwise pass writing both), where
-dout/dS = 1, or 1 / (2 sqrt(S + h^2)) = 1 / (2 (out + h)) with the metric::
+(the tail: csrc/sample_loss_tail.h). VJP with upstream gradient g, one elementwise pass writing
+both, where saved_b = 2 red w_b scale A dm/dS (red = 1 / B for the mean) comes from the forward::
 
-    da = 2 g_b dout/dS r        db = -da
+    da = g saved_b r        db = -da        dw_b = g red scale A m
 
-c and k are constants of the op (MeanFlow's JVP and t - r are stop-gradients): they get no
-gradient. The scaled residual ``out = s_b * r`` (and ``-out``) is the one backward kernel of the
-squared residual and of the VSD loss.
+c, k and the adaptive weight are constants (MeanFlow's JVP, t - r and its stop-gradient weight):
+they get no gradient. The scaled residual ``out = s_b * r`` (and ``-out``) is the one backward
+kernel of this op and of the VSD loss.
 
-The metric lives in the op, not in torch after it, because each (B,)-sized autograd node costs
-about as much host time as the kernels at training sizes on a CPU.
-
-Custom ops: ``fastgen::squared_residual`` -> out (B,), backward ``fastgen::squared_residual_backward``.
-Shared scheme: :mod:`fastgen_kernels.ops._sample_loss`.
+Custom ops: ``fastgen::squared_residual_loss`` -> (loss, saved), backward
+``fastgen::squared_residual_backward``. Shared scheme: :mod:`fastgen_kernels.ops._sample_loss`.
 """
 
 from __future__ import annotations
@@ -45,8 +45,8 @@ def _residual(a: Tensor, b: Tensor, c: Tensor | None, k: Tensor | None) -> Tenso
 
 
 def reference_sums(a: Tensor, b: Tensor, c: Tensor | None, k: Tensor | None) -> Tensor:
-    """(B,): per sample S = sum r^2, in the statistics' dtype."""
-    return _residual(a, b, c, k).square().sum(1)
+    """(B, 1): per sample S = sum r^2, in the statistics' dtype."""
+    return _residual(a, b, c, k).square().sum(1, keepdim=True)
 
 
 def reference_scaled_residual(a, b, c, k, s, negated: bool) -> tuple[Tensor, Tensor]:
@@ -69,7 +69,7 @@ def _contiguous(c: Tensor | None) -> Tensor | None:
 
 def _extension_sums(a, b, c, k):
     return torch.ops.fastgen_C.squared_residual_sums(a.contiguous(), b.contiguous(), _contiguous(c),
-                                                     _per_sample_k(a, k))[:, 0]
+                                                     _per_sample_k(a, k))
 
 
 def _extension_scaled_residual(a, b, c, k, s, negated):
@@ -94,93 +94,87 @@ def _triton_scaled_residual(a, b, c, k, s, negated):
 SUMS = {"cuda": _extension_sums, "triton": _triton_sums, "cpu": _extension_sums,
         "reference": reference_sums}
 
-
-def pseudo_huber(S: Tensor, huber: float) -> Tensor:
-    """out_b from S_b (the identity for huber = 0): every backend's last step."""
-    return S / (torch.sqrt(S + huber * huber) + huber) if huber > 0 else S
-
-
-def _forward_impl(backend: str):
-    def forward(a, b, c, k, huber):
-        return pseudo_huber(SUMS[backend](a, b, c, k), huber)
-    return forward
-
-
-def reference_forward(a, b, c, k, huber: float) -> Tensor:
-    return _forward_impl("reference")(a, b, c, k, huber)
-
 # out = s_b * r (and -out): the backward kernel of this op and of the VSD loss, per backend
 SCALED_RESIDUAL = {"cuda": _extension_scaled_residual, "triton": _triton_scaled_residual,
                    "cpu": _extension_scaled_residual, "reference": reference_scaled_residual}
 
 
+def _forward_impl(backend: str):
+    def forward(a, b, c, k, weight, scale, huber, power, offset, mean):
+        return sl.TAIL[backend](SUMS[backend](a, b, c, k), weight, None, None, sl.SQUARED,
+                                [scale, huber, power, offset], sl.numel_per_sample(a), mean)
+    return forward
+
+
 def _backward_impl(backend: str):
-    def backward(a, b, c, k, grad, b_grad):
-        s = sl.scale(grad, None, 2.0, sl.stat_dtype(a))
-        return SCALED_RESIDUAL[backend](a, b, c, k, s, b_grad)
+    def backward(a, b, c, k, factor, grad, b_grad):
+        return SCALED_RESIDUAL[backend](a, b, c, k, sl.scale(grad, factor), b_grad)
     return backward
 
 
-def reference_backward(a, b, c, k, grad, b_grad: bool) -> tuple[Tensor, Tensor]:
-    """(da, db or an empty tensor unless b_grad), in the inputs' dtype."""
-    return _backward_impl("reference")(a, b, c, k, grad, b_grad)
-
+reference_forward = _forward_impl("reference")
+reference_backward = _backward_impl("reference")
 
 forward_dispatcher = OpDispatcher(
-    "fastgen.squared_residual", {name: _forward_impl(name) for name in BACKENDS}, sl.SUPPORTS)
+    "fastgen.squared_residual_loss", {name: _forward_impl(name) for name in BACKENDS}, sl.SUPPORTS)
 backward_dispatcher = OpDispatcher(
     "fastgen.squared_residual_backward", {name: _backward_impl(name) for name in BACKENDS}, sl.SUPPORTS)
 
 # --------------------------------------------------------------------------- custom ops
 
 
-@torch.library.custom_op("fastgen::squared_residual", mutates_args=())
-def squared_residual(a: Tensor, b: Tensor, c: Tensor | None, k: Tensor | None, huber: float) -> Tensor:
-    """S_b = sum over sample b of (a - b + k_b c)^2, or its pseudo-Huber metric when huber > 0;
-    (B,) in the statistics' dtype."""
-    return forward_dispatcher(a, b, c, k, huber)
+@torch.library.custom_op("fastgen::squared_residual_loss", mutates_args=())
+def squared_residual_loss(a: Tensor, b: Tensor, c: Tensor | None, k: Tensor | None,
+                          weight: Tensor | None, scale: float, huber: float, power: float,
+                          offset: float, mean: bool) -> tuple[Tensor, Tensor]:
+    """(loss, saved): the batch mean (mean) or the (B,) values of w_b scale A m(S_b), and the
+    per-sample backward factors (B, 2), in the statistics' dtype."""
+    return forward_dispatcher(a, b, c, k, weight, scale, huber, power, offset, mean)
 
 
 @torch.library.custom_op("fastgen::squared_residual_backward", mutates_args=())
-def squared_residual_backward(a: Tensor, b: Tensor, c: Tensor | None, k: Tensor | None, grad: Tensor,
-                              b_grad: bool) -> tuple[Tensor, Tensor]:
-    """(da, db) = (2 g_b r, -2 g_b r); db is empty unless b_grad."""
-    return backward_dispatcher(a, b, c, k, grad, b_grad)
+def squared_residual_backward(a: Tensor, b: Tensor, c: Tensor | None, k: Tensor | None,
+                              factor: Tensor, grad: Tensor, b_grad: bool) -> tuple[Tensor, Tensor]:
+    """(da, db) = (s_b r, -s_b r) with s_b = grad * factor_b; db is empty unless b_grad."""
+    return backward_dispatcher(a, b, c, k, factor, grad, b_grad)
 
 
-squared_residual.register_fake(reference_forward)
+squared_residual_loss.register_fake(reference_forward)
 squared_residual_backward.register_fake(reference_backward)
 squared_residual_backward_eager = EagerOp(torch.ops.fastgen.squared_residual_backward, backward_dispatcher)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    *tensors, ctx.huber = inputs
-    ctx.save_for_backward(*tensors, output)
+    a, b, c, k = inputs[:4]
+    ctx.save_for_backward(a, b, c, k, output[1])
 
 
-def _backward(ctx, grad):
-    a, b, c, k, out = ctx.saved_tensors
-    needs = ctx.needs_input_grad
-    if not (needs[0] or needs[1]):
-        return None, None, None, None, None
-    if ctx.huber > 0:
-        grad = grad / (2 * (out + ctx.huber))
-    da, db = squared_residual_backward_eager(a, b, c, k, grad, needs[1])
-    return da if needs[0] else None, db if needs[1] else None, None, None, None
+def _backward(ctx, grad, _grad_saved):
+    a, b, c, k, saved = ctx.saved_tensors
+    needs_a, needs_b, _, _, needs_weight = ctx.needs_input_grad[:5]
+    da = db = dweight = None
+    if needs_a or needs_b:
+        da, db = squared_residual_backward_eager(a, b, c, k, saved[:, 0], grad, needs_b)
+    if needs_weight:
+        dweight = sl.scale(grad, saved[:, 1])
+    return (da if needs_a else None, db if needs_b else None, None, None, dweight,
+            None, None, None, None, None)
 
 
 _setup_context, _backward = carry_forced_backend(_setup_context, _backward)
-squared_residual.register_autograd(_backward, setup_context=_setup_context)
-squared_residual_eager = EagerOp(torch.ops.fastgen.squared_residual, forward_dispatcher, _setup_context,
-                                 _backward)
+squared_residual_loss.register_autograd(_backward, setup_context=_setup_context)
+squared_residual_loss_eager = EagerOp(torch.ops.fastgen.squared_residual_loss, forward_dispatcher,
+                                      _setup_context, _backward)
 
 
 def example_args(device: torch.device, dtype: torch.dtype) -> tuple:
     """Small arguments of the forward op, for `fastgen-kernels info`."""
     a = torch.randn(2, 3, 16, 16, device=device, dtype=dtype)
-    return (a, torch.randn_like(a), torch.randn_like(a), torch.rand(2, device=device), 0.0)
+    return (a, torch.randn_like(a), torch.randn_like(a), torch.rand(2, device=device), None,
+            1.0, 0.0, 1.0, 1e-3, True)
 
 
-def example_backward_args(a, b, c, k, huber) -> tuple:
+def example_backward_args(a, b, c, k, weight, scale, huber, power, offset, mean) -> tuple:
     """Arguments of the backward op matching ``example_args``."""
-    return (a, b, c, k, torch.ones(a.shape[0], device=a.device), True)
+    _, saved = reference_forward(a, b, c, k, weight, scale, huber, power, offset, mean)
+    return (a, b, c, k, saved[:, 0], torch.ones((), device=a.device), True)

@@ -7,15 +7,16 @@ D elements; weight h: (B,) or None (h = 1). Per sample b, with sums over its D e
     w  = 1 / (S1 / D + eps)       c  = w * h                      (no gradient through w, h)
     grad = (Fk - T) * c           loss_b = 0.5 * mean_D(grad^2) = 0.5 * c^2 * S2 / D
 
-This is METHODS.md's 0.5 * mean((x_g - sg(x_g - grad))^2) without the pseudo-target: its gradient
-w.r.t. x_g, with upstream gradient g_b of loss_b, is (one elementwise pass)::
+(the tail: csrc/sample_loss_tail.h). This is METHODS.md's 0.5 * mean((x_g - sg(x_g - grad))^2)
+without the pseudo-target: its gradient w.r.t. x_g, with upstream gradient g of the result, is
+(one elementwise pass)::
 
-    dx_g = g_b * c * (Fk - T) / D          (batch mean: g_b = 1 / B, so grad / (B * D))
+    dx_g = g * red * c * (Fk - T) / D      (red = 1 / B for the batch mean: grad / (B * D))
 
 x0_teacher, x0_fake and weight are constants (stop-gradient): they never get a gradient.
 
 Public API: :func:`vsd_loss` (also ``fastgen_kernels.losses.vsd_loss``), running the custom op
-``fastgen::vsd_loss`` -> (loss_b, c) (backward: ``fastgen::vsd_loss_backward``) on the backend
+``fastgen::vsd_loss`` -> (loss, saved) (backward: ``fastgen::vsd_loss_backward``) on the backend
 chosen per call. Shared scheme: :mod:`fastgen_kernels.ops._sample_loss`; the backward kernel is the
 scaled residual of :mod:`fastgen_kernels.ops.squared_residual`.
 """
@@ -41,23 +42,6 @@ def reference_sums(x_g: Tensor, teacher: Tensor, fake: Tensor) -> Tensor:
     return torch.stack([(sl.flat(x_g, ct) - t).abs().sum(1), (sl.flat(fake, ct) - t).square().sum(1)], 1)
 
 
-def finish(sums: Tensor, weight: Tensor | None, eps: float, D: int) -> tuple[Tensor, Tensor]:
-    """(loss_b, c_b) from the per-sample sums (S1, S2): every backend's last step."""
-    w = 1.0 / (sums[:, 0] / D + eps)
-    c = w * sl.per_sample_factor(weight, w)
-    return 0.5 * c.square() * sums[:, 1] / D, c
-
-
-def reference_forward(x_g: Tensor, teacher: Tensor, fake: Tensor, weight: Tensor | None,
-                      eps: float) -> tuple[Tensor, Tensor]:
-    return finish(reference_sums(x_g, teacher, fake), weight, eps, sl.numel_per_sample(x_g))
-
-
-def reference_backward(fake: Tensor, teacher: Tensor, factor: Tensor, grad: Tensor) -> Tensor:
-    """dx_g = grad_b * c_b * (Fk - T) / D, in the inputs' dtype."""
-    return _backward_impl("reference")(fake, teacher, factor, grad)
-
-
 # --------------------------------------------------------------------------- backends
 
 
@@ -76,17 +60,20 @@ _SUMS = {"cuda": _extension_sums, "triton": _triton_sums, "cpu": _extension_sums
 
 
 def _forward_impl(backend: str):
-    def forward(x_g, teacher, fake, weight, eps):
-        return finish(_SUMS[backend](x_g, teacher, fake), weight, eps, sl.numel_per_sample(x_g))
+    def forward(x_g, teacher, fake, weight, eps, mean):
+        return sl.TAIL[backend](_SUMS[backend](x_g, teacher, fake), weight, None, None, sl.VSD, [eps],
+                                sl.numel_per_sample(x_g), mean)
     return forward
 
 
 def _backward_impl(backend: str):
     def backward(fake, teacher, factor, grad):
-        s = sl.scale(grad, factor, 1.0 / sl.numel_per_sample(fake), factor.dtype)
-        return SCALED_RESIDUAL[backend](fake, teacher, None, None, s, False)[0]
+        return SCALED_RESIDUAL[backend](fake, teacher, None, None, sl.scale(grad, factor), False)[0]
     return backward
 
+
+reference_forward = _forward_impl("reference")
+reference_backward = _backward_impl("reference")
 
 forward_dispatcher = OpDispatcher(
     "fastgen.vsd_loss", {b: _forward_impl(b) for b in BACKENDS}, sl.SUPPORTS)
@@ -98,14 +85,15 @@ backward_dispatcher = OpDispatcher(
 
 @torch.library.custom_op("fastgen::vsd_loss", mutates_args=())
 def vsd_loss_op(x_g: Tensor, x0_teacher: Tensor, x0_fake: Tensor, weight: Tensor | None,
-                eps: float) -> tuple[Tensor, Tensor]:
-    """(loss_b, c_b), both (B,) in the statistics' dtype."""
-    return forward_dispatcher(x_g, x0_teacher, x0_fake, weight, eps)
+                eps: float, mean: bool) -> tuple[Tensor, Tensor]:
+    """(loss: the batch mean (mean) or the (B,) values of loss_b, saved (B, 1): red c_b / D), in the
+    statistics' dtype."""
+    return forward_dispatcher(x_g, x0_teacher, x0_fake, weight, eps, mean)
 
 
 @torch.library.custom_op("fastgen::vsd_loss_backward", mutates_args=())
 def vsd_loss_backward(x0_fake: Tensor, x0_teacher: Tensor, factor: Tensor, grad: Tensor) -> Tensor:
-    """dx_g = grad_b * factor_b * (x0_fake - x0_teacher) / D."""
+    """dx_g = grad * factor_b * (x0_fake - x0_teacher)."""
     return backward_dispatcher(x0_fake, x0_teacher, factor, grad)
 
 
@@ -115,16 +103,16 @@ vsd_loss_backward_eager = EagerOp(torch.ops.fastgen.vsd_loss_backward, backward_
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    _, teacher, fake, _, _ = inputs
+    _, teacher, fake, *_ = inputs
     ctx.save_for_backward(teacher, fake, output[1])
 
 
-def _backward(ctx, grad_loss, _grad_factor):
-    teacher, fake, factor = ctx.saved_tensors
+def _backward(ctx, grad, _grad_saved):
+    teacher, fake, saved = ctx.saved_tensors
     dx = None
     if ctx.needs_input_grad[0]:
-        dx = vsd_loss_backward_eager(fake, teacher, factor, grad_loss)
-    return dx, None, None, None, None
+        dx = vsd_loss_backward_eager(fake, teacher, saved[:, 0], grad)
+    return dx, None, None, None, None, None
 
 
 _setup_context, _backward = carry_forced_backend(_setup_context, _backward)
@@ -150,17 +138,17 @@ def vsd_loss(x_g: Tensor, x0_teacher: Tensor, x0_fake: Tensor, weight: Tensor | 
     eps = _checks.positive(op, "eps", eps)
     reduction = _checks.reduction(op, reduction)
     loss, _ = vsd_loss_eager(x_g, x0_teacher.detach(), x0_fake.detach(),
-                             None if weight is None else weight.detach(), eps)
-    return sl.reduce(loss, reduction)
+                             None if weight is None else weight.detach(), eps, reduction == "mean")
+    return loss
 
 
 def example_args(device: torch.device, dtype: torch.dtype) -> tuple:
     """Small arguments of the forward op, for `fastgen-kernels info`."""
     x = torch.randn(2, 3, 16, 16, device=device, dtype=dtype)
-    return (x, torch.randn_like(x), torch.randn_like(x), None, 1e-6)
+    return (x, torch.randn_like(x), torch.randn_like(x), None, 1e-6, True)
 
 
-def example_backward_args(x_g, x0_teacher, x0_fake, weight, eps) -> tuple:
+def example_backward_args(x_g, x0_teacher, x0_fake, weight, eps, mean) -> tuple:
     """Arguments of the backward op matching ``example_args``."""
-    _, factor = reference_forward(x_g, x0_teacher, x0_fake, weight, eps)
-    return (x0_fake, x0_teacher, factor, torch.ones_like(factor))
+    _, saved = reference_forward(x_g, x0_teacher, x0_fake, weight, eps, mean)
+    return (x0_fake, x0_teacher, saved[:, 0], torch.ones((), device=x_g.device))

@@ -1,0 +1,95 @@
+"""Triton side of the per-sample losses' tails (formulas: csrc/sample_loss_tail.h, kinds and
+widths: fastgen_kernels/ops/_sample_loss.py): one program over the whole batch, which also sums
+the batch for "mean" (one tl.sum over a fixed block: deterministic)."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from fastgen_kernels.ops import _sample_loss as sl
+
+
+@triton.jit
+def _tail_kernel(
+    SUMS,  # (B, NSUMS) fp32
+    WEIGHT,  # (B,) fp32, read if HAS_WEIGHT
+    T,  # (B,) fp32, read if KIND == SCM
+    LOGVAR,  # (B,) fp32, read if KIND == SCM
+    LOSS,  # () if MEAN else (B,) fp32 output
+    SAVED,  # (B, NSAVED) fp32 output
+    batch,
+    D,  # elements per sample, as a float
+    red,  # 1 / B for "mean", 1 for "none"
+    p0, p1, p2, p3,  # the tail's params
+    KIND: tl.constexpr,
+    NSUMS: tl.constexpr,
+    NSAVED: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    MEAN: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    b = tl.arange(0, BLOCK)
+    mask = b < batch
+    s0 = tl.load(SUMS + b * NSUMS, mask=mask, other=0.0)
+    w = tl.full([BLOCK], 1.0, tl.float32)
+    if HAS_WEIGHT:
+        w = tl.load(WEIGHT + b, mask=mask, other=1.0)
+    if KIND == 0:  # squared residual: (scale, huber, power, offset)
+        m = s0
+        dm = tl.full([BLOCK], 1.0, tl.float32)
+        if p1 > 0:
+            root = tl.sqrt(s0 + p1 * p1)
+            m = s0 / (root + p1)
+            dm = 1.0 / (2.0 * root)
+        adaptive = tl.full([BLOCK], 1.0, tl.float32)
+        if p2 != 0:
+            adaptive = tl.exp(-p2 * tl.log(m + p3))
+        loss = w * p0 * adaptive * m
+        tl.store(SAVED + b * NSAVED, 2.0 * red * w * p0 * adaptive * dm, mask=mask)
+        tl.store(SAVED + b * NSAVED + 1, red * p0 * adaptive * m, mask=mask)
+    elif KIND == 1:  # VSD: (eps,)
+        c = 1.0 / (s0 / D + p0) * w
+        loss = 0.5 * c * c * tl.load(SUMS + b * NSUMS + 1, mask=mask, other=0.0) / D
+        tl.store(SAVED + b * NSAVED, red * c / D, mask=mask)
+    elif KIND == 2:  # softplus
+        loss = s0 / D
+        tl.store(SAVED + b * NSAVED, tl.full([BLOCK], 1.0, tl.float32) * (red / D), mask=mask)
+    else:  # sCM: (sigma_data, warmup, c)
+        s1 = tl.load(SUMS + b * NSUMS + 1, mask=mask, other=0.0)
+        s2 = tl.load(SUMS + b * NSUMS + 2, mask=mask, other=0.0)
+        t = tl.load(T + b, mask=mask, other=0.0)
+        u = tl.load(LOGVAR + b, mask=mask, other=0.0)
+        n = 1.0 / (tl.sqrt(s0 / D) + p2)
+        S = tl.maximum(s2 - 2.0 * s1 * n + s0 * n * n, 0.0)
+        cos_t, sin_t = tl.cos(t), tl.sin(t)
+        sigma = tl.maximum(p0 * sin_t / cos_t, 1e-6)  # METHODS.md: no zero denominators
+        k = tl.exp(-u) / (D * sigma)
+        loss = S * k + u
+        tl.store(SAVED + b * NSAVED, 2.0 * red * k, mask=mask)
+        tl.store(SAVED + b * NSAVED + 1, red * (1.0 - S * k), mask=mask)
+        tl.store(SAVED + b * NSAVED + 2, n * (-cos_t * cos_t * p0), mask=mask)
+        tl.store(SAVED + b * NSAVED + 3, n * (cos_t * cos_t), mask=mask)
+        tl.store(SAVED + b * NSAVED + 4, n * (-p1 * p0), mask=mask)
+        tl.store(SAVED + b * NSAVED + 5, n * (-p1 * cos_t * sin_t), mask=mask)
+    if MEAN:
+        tl.store(LOSS, tl.sum(tl.where(mask, loss, 0.0), axis=0) * red)
+    else:
+        tl.store(LOSS + b, loss, mask=mask)
+
+
+def tail(sums: Tensor, weight: Tensor | None, t: Tensor | None, logvar: Tensor | None, kind: int,
+         params: list[float], numel: int, mean: bool) -> tuple[Tensor, Tensor]:
+    """(loss () if mean else (B,), saved (B, k)) from the fp32 sums (B, n); per-sample inputs fp32."""
+    batch = sums.shape[0]
+    nsums, nsaved = sl.TAIL_WIDTHS[kind]
+    p0, p1, p2, p3 = [float(v) for v in params] + [0.0] * (4 - len(params))
+    loss = sums.new_empty(() if mean else (batch,))
+    saved = sums.new_empty(batch, nsaved)
+    _tail_kernel[(1,)](sums.contiguous(), weight, t, logvar, loss, saved, batch, float(numel),
+                       1.0 / batch if mean else 1.0, p0, p1, p2, p3,
+                       KIND=kind, NSUMS=nsums, NSAVED=nsaved, HAS_WEIGHT=weight is not None, MEAN=mean,
+                       BLOCK=max(16, triton.next_power_of_2(batch)), num_warps=4)
+    return loss, saved
