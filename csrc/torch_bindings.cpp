@@ -8,6 +8,7 @@
 #include <Python.h>
 
 #include <ATen/ATen.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -562,6 +563,137 @@ std::tuple<Tensor, Tensor> sample_loss_tail(const Tensor& sums, const optional<T
   return {loss, saved};
 }
 
+// The losses with their autograd in C++: what the Python ops (fastgen_kernels/ops/*_loss.py,
+// squared_residual.py) do in plain eager mode, without Python between the kernels. A loss is
+// host-bound at training sizes on a GPU, where each Python-level step costs as much as a kernel.
+// Forward: the sums and the tail (sample_loss_tail.h); backward: one elementwise pass scaled by
+// s_b = g saved[b, 0].
+
+// The kernels' outputs have no derivative: a create_graph=True backward must raise, not see zeros.
+void check_first_order(const char* op) {
+  TORCH_CHECK(!at::GradMode::is_enabled(), op, ": the backward is not differentiable (no second "
+              "derivative); use the reference backend for create_graph=True");
+}
+
+// s_b = g * factors[b, column]: (B,) contiguous, for the upstream gradient g, () or (B,).
+Tensor backward_scale(const Tensor& factors, int64_t column, const Tensor& grad) {
+  return (factors.select(1, column) * grad).contiguous();
+}
+
+std::tuple<Tensor, Tensor> loss_and_saved(const torch::autograd::variable_list& out) {
+  return {out[0], out[1]};
+}
+
+// Squared residual: da = g saved[:, 0] r (db = -da), dweight = g saved[:, 1].
+class SquaredResidualLoss : public torch::autograd::Function<SquaredResidualLoss> {
+ public:
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const Tensor& a,
+                                                const Tensor& b, const optional<Tensor>& c,
+                                                const optional<Tensor>& k, const optional<Tensor>& weight,
+                                                double scale, double huber, double power, double offset,
+                                                bool mean) {
+    const optional<Tensor> k_opt = k ? optional<Tensor>(k->to(stat_dtype(a)).contiguous()) : std::nullopt;
+    const optional<Tensor> w_opt = weight ? optional<Tensor>(weight->to(stat_dtype(a)).contiguous()) : std::nullopt;
+    const Tensor sums = squared_residual_sums(a, b, c, k_opt);
+    auto [loss, saved] = sample_loss_tail(sums, w_opt, std::nullopt, std::nullopt,
+                                          static_cast<int64_t>(LossTail::kSquared),
+                                          {scale, huber, power, offset}, a.numel() / a.size(0), mean);
+    ctx->save_for_backward({a, b, c.value_or(Tensor()), k_opt.value_or(Tensor()), saved});
+    // needs_input_grad counts the tensor inputs given (absent optionals have no edge)
+    ctx->saved_data["weight_edge"] = weight ? int64_t{2} + c.has_value() + k.has_value() : int64_t{-1};
+    ctx->mark_non_differentiable({saved});
+    return {loss, saved};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    check_first_order("squared_residual_loss");
+    const auto saved = ctx->get_saved_variables();
+    const Tensor &a = saved[0], &b = saved[1], &c = saved[2], &k = saved[3], &factors = saved[4];
+    const bool needs_a = ctx->needs_input_grad(0), needs_b = ctx->needs_input_grad(1);
+    Tensor da, db, dweight;
+    if (needs_a || needs_b) {
+      const optional<Tensor> c_opt = c.defined() ? optional<Tensor>(c) : std::nullopt;
+      const optional<Tensor> k_opt = k.defined() ? optional<Tensor>(k) : std::nullopt;
+      std::tie(da, db) = scaled_residual(a, b, c_opt, k_opt, backward_scale(factors, 0, grads[0]), needs_b);
+    }
+    const int64_t weight_edge = ctx->saved_data["weight_edge"].toInt();
+    if (weight_edge >= 0 && ctx->needs_input_grad(weight_edge)) dweight = backward_scale(factors, 1, grads[0]);
+    return {needs_a ? da : Tensor(), needs_b ? db : Tensor(), Tensor(), Tensor(), dweight, Tensor(), Tensor(),
+            Tensor(), Tensor(), Tensor()};
+  }
+};
+
+std::tuple<Tensor, Tensor> squared_residual_loss(const Tensor& a, const Tensor& b, const optional<Tensor>& c,
+                                                 const optional<Tensor>& k, const optional<Tensor>& weight,
+                                                 double scale, double huber, double power, double offset,
+                                                 bool mean) {
+  const optional<Tensor> c_contiguous = c ? optional<Tensor>(c->contiguous()) : std::nullopt;
+  return loss_and_saved(SquaredResidualLoss::apply(a.contiguous(), b.contiguous(), c_contiguous, k, weight, scale,
+                                                   huber, power, offset, mean));
+}
+
+// VSD: dx_g = g saved[:, 0] (Fk - T); teacher, fake and weight are constants.
+class VsdLoss : public torch::autograd::Function<VsdLoss> {
+ public:
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const Tensor& x_g,
+                                                const Tensor& teacher, const Tensor& fake,
+                                                const optional<Tensor>& weight, double eps, bool mean) {
+    const optional<Tensor> w_opt = weight ? optional<Tensor>(weight->to(stat_dtype(x_g)).contiguous()) : std::nullopt;
+    auto [loss, saved] = sample_loss_tail(vsd_loss_sums(x_g, teacher, fake), w_opt, std::nullopt, std::nullopt,
+                                          static_cast<int64_t>(LossTail::kVsd), {eps}, x_g.numel() / x_g.size(0), mean);
+    ctx->save_for_backward({teacher, fake, saved});
+    ctx->mark_non_differentiable({saved});
+    return {loss, saved};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    check_first_order("vsd_loss");
+    const auto saved = ctx->get_saved_variables();
+    Tensor dx;
+    if (ctx->needs_input_grad(0)) {
+      dx = std::get<0>(scaled_residual(saved[1], saved[0], std::nullopt, std::nullopt,
+                                       backward_scale(saved[2], 0, grads[0]), false));
+    }
+    return {dx, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+  }
+};
+
+std::tuple<Tensor, Tensor> vsd_loss(const Tensor& x_g, const Tensor& teacher, const Tensor& fake,
+                                    const optional<Tensor>& weight, double eps, bool mean) {
+  return loss_and_saved(VsdLoss::apply(x_g.contiguous(), teacher.contiguous(), fake.contiguous(), weight, eps, mean));
+}
+
+// Softplus (GAN): dx = g saved[:, 0] sign sigmoid(z).
+class SoftplusLoss : public torch::autograd::Function<SoftplusLoss> {
+ public:
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const Tensor& x,
+                                                bool negative, bool mean) {
+    auto [loss, saved] = sample_loss_tail(softplus_sums(x, negative), std::nullopt, std::nullopt, std::nullopt,
+                                          static_cast<int64_t>(LossTail::kSoftplus), {}, x.numel() / x.size(0), mean);
+    ctx->save_for_backward({x, saved});
+    ctx->mark_non_differentiable({saved});
+    ctx->saved_data["negative"] = negative;
+    return {loss, saved};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    check_first_order("softplus_loss");
+    const auto saved = ctx->get_saved_variables();
+    Tensor dx;
+    if (ctx->needs_input_grad(0)) {
+      dx = softplus_backward(saved[0], ctx->saved_data["negative"].toBool(), backward_scale(saved[1], 0, grads[0]));
+    }
+    return {dx, Tensor(), Tensor()};
+  }
+};
+
+std::tuple<Tensor, Tensor> softplus_loss(const Tensor& x, bool negative, bool mean) {
+  return loss_and_saved(SoftplusLoss::apply(x.contiguous(), negative, mean));
+}
+
 // GELU(tanh), CPU only (on a GPU PyTorch's own one-pass kernel is the peer; the fusion that pays
 // there is into the GEMM's epilogue).
 Tensor gelu_tanh_forward(const Tensor& x) {
@@ -609,6 +741,11 @@ TORCH_LIBRARY(fastgen_C, m) {
   m.def("softplus_backward(Tensor x, bool negative, Tensor scale) -> Tensor");
   m.def("sample_loss_tail(Tensor sums, Tensor? weight, Tensor? t, Tensor? logvar, int kind, "
         "float[] params, int numel, bool mean) -> (Tensor, Tensor)");
+  m.def("squared_residual_loss(Tensor a, Tensor b, Tensor? c, Tensor? k, Tensor? weight, float scale, "
+        "float huber, float power, float offset, bool mean) -> (Tensor, Tensor)");
+  m.def("vsd_loss(Tensor x_g, Tensor x0_teacher, Tensor x0_fake, Tensor? weight, float eps, bool mean) "
+        "-> (Tensor, Tensor)");
+  m.def("softplus_loss(Tensor x, bool negative, bool mean) -> (Tensor, Tensor)");
   m.def("gelu_tanh_forward(Tensor x) -> Tensor");
   m.def("gelu_tanh_backward(Tensor grad_out, Tensor x) -> Tensor");
   // The instruction set of the CPU loss kernels (csrc/cpu/isa.h): returns the current one after
@@ -639,6 +776,13 @@ void register_kernels(torch::Library& m) {
   m.impl("sample_loss_tail", &fastgen::sample_loss_tail);
 }
 }  // namespace
+
+// The losses whose autograd is C++ (the Python ops' eager fast path): one kernel for every device.
+TORCH_LIBRARY_IMPL(fastgen_C, Autograd, m) {
+  m.impl("squared_residual_loss", &fastgen::squared_residual_loss);
+  m.impl("vsd_loss", &fastgen::vsd_loss);
+  m.impl("softplus_loss", &fastgen::softplus_loss);
+}
 
 TORCH_LIBRARY_IMPL(fastgen_C, CPU, m) {
   register_kernels(m);

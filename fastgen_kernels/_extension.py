@@ -36,3 +36,11 @@ def unavailable_reason() -> str:
     if _C is not None:
         return ""
     return f"extension fastgen_kernels._C {IMPORT_ERROR} (pip install --no-build-isolation -e .)"
+
+
+def native_op(name: str):
+    """The extension's op ``fastgen_C::name`` (one with its autograd in C++), or None without the
+    extension."""
+    import torch
+
+    return None if _C is None else getattr(torch.ops.fastgen_C, name).default

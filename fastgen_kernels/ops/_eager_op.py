@@ -8,7 +8,9 @@ registered with torch.library (the backend dispatcher, ``setup_context`` and ``b
 through a plain ``autograd.Function`` when nothing needs the op's registration, and calls the
 custom op otherwise: under torch.compile or export, with a tensor subclass (fake, functional,
 DTensor), a dispatch or torch-function mode (make_fx, FlopCounterMode) or a functorch transform.
-Both paths compute the same thing; the tests run each.
+Both paths compute the same thing; the tests run each. An op may also have a *native* path: the
+same kernels with their autograd in C++ (torch.ops.fastgen_C), taken for the backends that have it
+(cpu, cuda), which leaves no Python between the kernels of a forward + backward.
 
 Inference (:func:`no_autograd`): where no autograd of any kind sees a call, the activation ops
 (norms, gated residual, GELU, attention, QK-norm + RoPE) call their backend dispatcher directly, which
@@ -71,7 +73,8 @@ class Function(torch.autograd.Function):
 
 class EagerOp:
     """Calls custom op ``op`` (positional arguments only), or in plain eager mode ``forward(*args)``
-    (its backend dispatcher). Given ``setup_context(ctx, args, output)`` and ``backward(ctx,
+    (its backend dispatcher), or ``native(*args)`` when given and the dispatcher picks one of
+    ``native_backends``. Given ``setup_context(ctx, args, output)`` and ``backward(ctx,
     *grads)`` (the functions given to ``op.register_autograd``), the eager path runs them as an
     ``autograd.Function``; without them the op is one called where grad mode is off: a backward
     op, an inference-only op, or an op inside another autograd.Function's forward, backward or
@@ -79,9 +82,13 @@ class EagerOp:
 
     def __init__(self, op: Callable[..., Any], forward: Callable[..., Any],
                  setup_context: Callable[..., None] | None = None,
-                 backward: Callable[..., Any] | None = None) -> None:
+                 backward: Callable[..., Any] | None = None,
+                 native: Callable[..., Any] | None = None,
+                 native_backends: tuple[str, ...] = ("cuda", "cpu")) -> None:
         self.op = op
         self.forward = forward
+        self.native = native
+        self.native_backends = native_backends
         self.function = None
         if backward is not None:
             def function_forward(ctx, *args):
@@ -97,5 +104,7 @@ class EagerOp:
             # an op without autograd where autograd would record it (a backward with
             # create_graph=True): the custom op, which says it has no derivative
             return self.op(*args)
+        if self.native is not None and self.forward.select(*args) in self.native_backends:
+            return self.native(*args)
         return self.forward(*args) if self.function is None else self.function.apply(*args)
 

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fastgen_kernels import _extension
 from fastgen_kernels.backends import BACKENDS, OpDispatcher, carry_forced_backend
 from fastgen_kernels.ops import _checks
 from fastgen_kernels.ops import _sample_loss as sl
@@ -135,7 +136,9 @@ def _backward(ctx, grad, _grad_saved):
 
 _setup_context, _backward = carry_forced_backend(_setup_context, _backward)
 softplus_loss.register_autograd(_backward, setup_context=_setup_context)
-softplus_loss_eager = EagerOp(torch.ops.fastgen.softplus_loss, forward_dispatcher, _setup_context, _backward)
+# native: the same kernels with the autograd above written in C++ (csrc/torch_bindings.cpp)
+softplus_loss_eager = EagerOp(torch.ops.fastgen.softplus_loss, forward_dispatcher, _setup_context, _backward,
+                              native=_extension.native_op("softplus_loss"))
 
 # --------------------------------------------------------------------------- public API
 

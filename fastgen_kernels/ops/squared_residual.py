@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fastgen_kernels import _extension
 from fastgen_kernels.backends import BACKENDS, OpDispatcher, carry_forced_backend
 from fastgen_kernels.ops import _sample_loss as sl
 from fastgen_kernels.ops._eager_op import EagerOp
@@ -163,8 +164,9 @@ def _backward(ctx, grad, _grad_saved):
 
 _setup_context, _backward = carry_forced_backend(_setup_context, _backward)
 squared_residual_loss.register_autograd(_backward, setup_context=_setup_context)
+# native: the same kernels with the autograd above written in C++ (csrc/torch_bindings.cpp)
 squared_residual_loss_eager = EagerOp(torch.ops.fastgen.squared_residual_loss, forward_dispatcher,
-                                      _setup_context, _backward)
+                                      _setup_context, _backward, native=_extension.native_op("squared_residual_loss"))
 
 
 def example_args(device: torch.device, dtype: torch.dtype) -> tuple:

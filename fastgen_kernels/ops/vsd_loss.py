@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fastgen_kernels import _extension
 from fastgen_kernels.backends import BACKENDS, OpDispatcher, carry_forced_backend
 from fastgen_kernels.ops import _checks
 from fastgen_kernels.ops import _sample_loss as sl
@@ -117,7 +118,9 @@ def _backward(ctx, grad, _grad_saved):
 
 _setup_context, _backward = carry_forced_backend(_setup_context, _backward)
 vsd_loss_op.register_autograd(_backward, setup_context=_setup_context)
-vsd_loss_eager = EagerOp(torch.ops.fastgen.vsd_loss, forward_dispatcher, _setup_context, _backward)
+# native: the same kernels with the autograd above written in C++ (csrc/torch_bindings.cpp)
+vsd_loss_eager = EagerOp(torch.ops.fastgen.vsd_loss, forward_dispatcher, _setup_context, _backward,
+                         native=_extension.native_op("vsd_loss"))
 
 # --------------------------------------------------------------------------- public API
 
