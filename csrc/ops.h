@@ -79,11 +79,12 @@ void sample_loss_tail(const LossTailArgs& args, const at::Tensor& sums, const at
   void scaled_residual(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c,             \
                        const at::Tensor& k, const at::Tensor& scale, at::Tensor& out,             \
                        at::Tensor& negated);                                                        \
-  /* sCM, inputs (F, F_minus, dxt_dt, jvp, x_t), coef (B, 4), tangent */                           \
-  /* g = coef[b] . (F_minus, dxt_dt, jvp, x_t), d = F - F_minus: */                                 \
+  /* sCM, inputs (F, F_minus, dxt_dt, jvp, x_t), t (B,), tangent g = p . (F_minus, dxt_dt, */    \
+  /* jvp, x_t) with p = scm_coefficients(t[b], sigma_data, warmup), d = F - F_minus: */             \
   /* sums[b] = (sum g^2, sum d g, sum d^2). */                                                      \
-  void scm_loss_sums(const at::Tensor (&inputs)[5], const at::Tensor& coef, at::Tensor& sums);    \
-  /* out = scale[b] * (d - coef[b] . (F_minus, dxt_dt, jvp, x_t)). */                               \
+  void scm_loss_sums(const at::Tensor (&inputs)[5], const at::Tensor& t, double sigma_data,       \
+                     double warmup, at::Tensor& sums);                                              \
+  /* out = scale[b] * (d - coef[b] . (F_minus, dxt_dt, jvp, x_t)); coef (B, 4), rows strided. */   \
   void scm_loss_backward(const at::Tensor (&inputs)[5], const at::Tensor& coef,                   \
                          const at::Tensor& scale, at::Tensor& out);                                 \
   /* With z = -x if negative else x: sums[b] = sum softplus(z) over sample b. */                    \

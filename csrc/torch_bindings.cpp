@@ -448,31 +448,37 @@ std::tuple<Tensor, Tensor> scaled_residual(const Tensor& a, const Tensor& b, con
 }
 
 // The five sCM inputs (F, F_minus, dxt_dt, jvp, x_t) and their (B, 4) coefficients.
-void check_scm(const Tensor (&in)[5], const Tensor& coef) {
+void check_scm(const Tensor (&in)[5]) {
   check_samples(in[0], {{&in[1], "F_minus"}, {&in[2], "dxt_dt"}, {&in[3], "jvp"}, {&in[4], "x_t"}});
-  check_per_sample(coef, in[0], 4, "coef");
 }
 
 Tensor scm_loss_sums(const Tensor& F, const Tensor& F_minus, const Tensor& dxt_dt, const Tensor& jvp,
-                     const Tensor& x_t, const Tensor& coef) {
+                     const Tensor& x_t, const Tensor& t, double sigma_data, double warmup) {
   const Tensor in[5] = {F, F_minus, dxt_dt, jvp, x_t};
-  check_scm(in, coef);
+  check_scm(in);
+  check_per_sample(t, F, 1, "t");
   return sample_sums(
-      F, 3, [&](Tensor& sums) { cpu::scm_loss_sums(in, coef, sums); },
+      F, 3, [&](Tensor& sums) { cpu::scm_loss_sums(in, t, sigma_data, warmup, sums); },
       [&]([[maybe_unused]] const auto& reduce) {
 #ifdef FASTGEN_WITH_CUDA
         cuda::ScmLossSumsArgs args{cuda_dtype(F), {F.const_data_ptr(), F_minus.const_data_ptr(),
             dxt_dt.const_data_ptr(), jvp.const_data_ptr(), x_t.const_data_ptr()},
-            coef.const_data_ptr<float>(), reduce};
+            t.const_data_ptr<float>(), static_cast<float>(sigma_data), static_cast<float>(warmup), reduce};
         check_launch(cuda::launch_scm_loss_sums(args, c10::cuda::getCurrentCUDAStream()), "scm_loss_sums");
 #endif
       });
 }
 
+// coef: (B, 4) of the statistics' dtype with contiguous rows at any row stride (a column block of
+// the sCM tail's saved factors).
 Tensor scm_loss_backward(const Tensor& F, const Tensor& F_minus, const Tensor& dxt_dt,
                          const Tensor& jvp, const Tensor& x_t, const Tensor& coef, const Tensor& scale) {
   const Tensor in[5] = {F, F_minus, dxt_dt, jvp, x_t};
-  check_scm(in, coef);
+  check_scm(in);
+  TORCH_CHECK(coef.dim() == 2 && coef.size(0) == F.size(0) && coef.size(1) == 4 && coef.stride(1) == 1 &&
+                  coef.stride(0) >= 4 && coef.scalar_type() == stat_dtype(F) && coef.device() == F.device(),
+              "coef must be a (B, 4) tensor with contiguous rows, of the statistics' dtype on F's device, got ",
+              coef.sizes(), " strides ", coef.strides());
   check_per_sample(scale, F, 1, "scale");
   Tensor out = at::empty_like(F);
   if (F.is_cuda()) {
@@ -480,7 +486,7 @@ Tensor scm_loss_backward(const Tensor& F, const Tensor& F_minus, const Tensor& d
     const c10::cuda::CUDAGuard guard(F.device());
     cuda::ScmLossBackwardArgs args{cuda_dtype(F), {F.const_data_ptr(), F_minus.const_data_ptr(),
         dxt_dt.const_data_ptr(), jvp.const_data_ptr(), x_t.const_data_ptr()},
-        coef.const_data_ptr<float>(), scale.const_data_ptr<float>(), out.mutable_data_ptr(),
+        coef.const_data_ptr<float>(), coef.stride(0), scale.const_data_ptr<float>(), out.mutable_data_ptr(),
         F.size(0), F.numel() / F.size(0)};
     check_launch(cuda::launch_scm_loss_backward(args, c10::cuda::getCurrentCUDAStream()), "scm_loss_backward");
 #endif
@@ -694,6 +700,46 @@ std::tuple<Tensor, Tensor> softplus_loss(const Tensor& x, bool negative, bool me
   return loss_and_saved(SoftplusLoss::apply(x.contiguous(), negative, mean));
 }
 
+// sCM: dF = g saved[:, 0] (d - q . (F_minus, dxt_dt, jvp, x_t)) with q = saved[:, 2:6],
+// dlogvar = g saved[:, 1]; F_minus, dxt_dt, jvp, x_t and t are constants.
+class ScmLoss : public torch::autograd::Function<ScmLoss> {
+ public:
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const Tensor& F,
+                                                const Tensor& F_minus, const Tensor& dxt_dt, const Tensor& jvp,
+                                                const Tensor& x_t, const Tensor& t, const Tensor& logvar,
+                                                double sigma_data, double warmup, double c, bool mean) {
+    const Tensor t_stat = t.to(stat_dtype(F)).contiguous();
+    const Tensor sums = scm_loss_sums(F, F_minus, dxt_dt, jvp, x_t, t_stat, sigma_data, warmup);
+    auto [loss, saved] = sample_loss_tail(sums, std::nullopt, t_stat, logvar.to(stat_dtype(F)).contiguous(),
+                                          static_cast<int64_t>(LossTail::kScm), {sigma_data, warmup, c},
+                                          F.numel() / F.size(0), mean);
+    ctx->save_for_backward({F, F_minus, dxt_dt, jvp, x_t, saved});
+    ctx->mark_non_differentiable({saved});
+    return {loss, saved};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    check_first_order("scm_loss");
+    const auto saved = ctx->get_saved_variables();
+    const Tensor& factors = saved[5];
+    Tensor dF, dlogvar;
+    if (ctx->needs_input_grad(0)) {
+      dF = scm_loss_backward(saved[0], saved[1], saved[2], saved[3], saved[4], factors.narrow(1, 2, 4),
+                             backward_scale(factors, 0, grads[0]));
+    }
+    if (ctx->needs_input_grad(6)) dlogvar = backward_scale(factors, 1, grads[0]);
+    return {dF, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), dlogvar, Tensor(), Tensor(), Tensor(), Tensor()};
+  }
+};
+
+std::tuple<Tensor, Tensor> scm_loss(const Tensor& F, const Tensor& F_minus, const Tensor& dxt_dt, const Tensor& jvp,
+                                    const Tensor& x_t, const Tensor& t, const Tensor& logvar, double sigma_data,
+                                    double warmup, double c, bool mean) {
+  return loss_and_saved(ScmLoss::apply(F.contiguous(), F_minus.contiguous(), dxt_dt.contiguous(), jvp.contiguous(),
+                                       x_t.contiguous(), t, logvar, sigma_data, warmup, c, mean));
+}
+
 // GELU(tanh), CPU only (on a GPU PyTorch's own one-pass kernel is the peer; the fusion that pays
 // there is into the GEMM's epilogue).
 Tensor gelu_tanh_forward(const Tensor& x) {
@@ -733,8 +779,8 @@ TORCH_LIBRARY(fastgen_C, m) {
   m.def("squared_residual_sums(Tensor a, Tensor b, Tensor? c, Tensor? k) -> Tensor");
   m.def("scaled_residual(Tensor a, Tensor b, Tensor? c, Tensor? k, Tensor scale, bool negated) "
         "-> (Tensor, Tensor)");
-  m.def("scm_loss_sums(Tensor F, Tensor F_minus, Tensor dxt_dt, Tensor jvp, Tensor x_t, Tensor coef) "
-        "-> Tensor");
+  m.def("scm_loss_sums(Tensor F, Tensor F_minus, Tensor dxt_dt, Tensor jvp, Tensor x_t, Tensor t, "
+        "float sigma_data, float warmup) -> Tensor");
   m.def("scm_loss_backward(Tensor F, Tensor F_minus, Tensor dxt_dt, Tensor jvp, Tensor x_t, "
         "Tensor coef, Tensor scale) -> Tensor");
   m.def("softplus_sums(Tensor x, bool negative) -> Tensor");
@@ -746,6 +792,8 @@ TORCH_LIBRARY(fastgen_C, m) {
   m.def("vsd_loss(Tensor x_g, Tensor x0_teacher, Tensor x0_fake, Tensor? weight, float eps, bool mean) "
         "-> (Tensor, Tensor)");
   m.def("softplus_loss(Tensor x, bool negative, bool mean) -> (Tensor, Tensor)");
+  m.def("scm_loss(Tensor F, Tensor F_minus, Tensor dxt_dt, Tensor jvp, Tensor x_t, Tensor t, Tensor logvar, "
+        "float sigma_data, float warmup, float c, bool mean) -> (Tensor, Tensor)");
   m.def("gelu_tanh_forward(Tensor x) -> Tensor");
   m.def("gelu_tanh_backward(Tensor grad_out, Tensor x) -> Tensor");
   // The instruction set of the CPU loss kernels (csrc/cpu/isa.h): returns the current one after
@@ -782,6 +830,7 @@ TORCH_LIBRARY_IMPL(fastgen_C, Autograd, m) {
   m.impl("squared_residual_loss", &fastgen::squared_residual_loss);
   m.impl("vsd_loss", &fastgen::vsd_loss);
   m.impl("softplus_loss", &fastgen::softplus_loss);
+  m.impl("scm_loss", &fastgen::scm_loss);
 }
 
 TORCH_LIBRARY_IMPL(fastgen_C, CPU, m) {

@@ -295,7 +295,7 @@ def test_gan_discriminator_with_different_real_and_fake_shapes(backend, generato
     torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
 
 
-NATIVE_CASES = ["vsd", "denoising", "consistency", "meanflow", "gan_generator"]
+NATIVE_CASES = ["vsd", "denoising", "consistency", "meanflow", "scm", "gan_generator"]
 
 
 @pytest.mark.parametrize("case", NATIVE_CASES)

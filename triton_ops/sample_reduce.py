@@ -42,17 +42,18 @@ def contiguous(*tensors: Tensor | None) -> list[Tensor | None]:
     return [None if t is None else t.contiguous() for t in tensors]
 
 
-def reduce(kernel, inputs: list[Tensor | None], nstat: int, **constexprs) -> Tensor:
+def reduce(kernel, inputs: list[Tensor | None], nstat: int, **kwargs) -> Tensor:
     """Runs reduction ``kernel(*inputs, PARTIALS, numel, chunk_size, chunks_per_sample,
-    BLOCK=..., **constexprs)``; inputs[0] is (B, ...) and fixes B and numel, the others are
-    tensors of its shape, per-sample tensors or None. Returns the sums (B, nstat) in fp32."""
+    BLOCK=..., **kwargs)`` (kwargs: scalars after chunks_per_sample, constexprs); inputs[0] is
+    (B, ...) and fixes B and numel, the others are tensors of its shape, per-sample tensors or
+    None. Returns the sums (B, nstat) in fp32."""
     inputs = contiguous(*inputs)
     batch = inputs[0].shape[0]
     numel = inputs[0].numel() // batch
     chunk_size, chunks = sample_chunks(batch, numel)
     partials = torch.empty(batch, chunks, nstat, device=inputs[0].device, dtype=torch.float32)
     kernel[(batch * chunks,)](*inputs, partials, numel, chunk_size, chunks, BLOCK=BLOCK,
-                              num_warps=4, **constexprs)
+                              num_warps=4, **kwargs)
     return partials.sum(1)
 
 

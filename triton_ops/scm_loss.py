@@ -1,6 +1,7 @@
 """Triton kernels of the sCM loss (math: fastgen_kernels/ops/scm_loss.py). Inputs (F, F_minus,
-dxt_dt, jvp, x_t); per sample the tangent g = p . (F_minus, dxt_dt, jvp, x_t), p = COEF[b], and
-d = F - F_minus. Forward: per-(sample, chunk) partial sums of (g^2, d g, d^2) (scheme:
+dxt_dt, jvp, x_t); per sample the tangent g = p . (F_minus, dxt_dt, jvp, x_t) with
+p = (-cos^2 t sigma_data, cos^2 t, -warmup sigma_data, -warmup cos t sin t) at t = T[b]
+(csrc/sample_loss_tail.h scm_coefficients), and d = F - F_minus. Forward: per-(sample, chunk) partial sums of (g^2, d g, d^2) (scheme:
 triton_ops/sample_reduce.py). Backward: out = s_b * (d - q . (F_minus, dxt_dt, jvp, x_t))."""
 
 from __future__ import annotations
@@ -27,17 +28,21 @@ def _load_inputs(F, FM, DX, J, XT, offs, mask):
 @triton.jit
 def _sums_kernel(
     F, FM, DX, J, XT,  # (B * numel,) each: F, F_minus, dxt_dt, jvp, x_t
-    COEF,  # (B, 4) fp32 tangent coefficients p
+    T,  # (B,) fp32 TrigFlow times
     PARTIALS,  # (B * chunks_per_sample, 3) fp32 output: (sum g^2, sum d g, sum d^2)
     numel,  # elements per sample
     chunk_size,  # elements per chunk, a multiple of BLOCK
     chunks_per_sample,
+    sigma_data,
+    jvp_weight,  # the warm-up factor (Triton's launcher reserves the name warmup)
     BLOCK: tl.constexpr,
 ):
     program = tl.program_id(0).to(tl.int64)
     first, last = chunk_range(program, numel, chunk_size, chunks_per_sample)
-    coef = COEF + (program // chunks_per_sample) * 4
-    p0, p1, p2, p3 = tl.load(coef), tl.load(coef + 1), tl.load(coef + 2), tl.load(coef + 3)
+    t = tl.load(T + program // chunks_per_sample)
+    cos_t, sin_t = tl.cos(t), tl.sin(t)
+    p0, p1 = -cos_t * cos_t * sigma_data, cos_t * cos_t
+    p2, p3 = -jvp_weight * sigma_data, -jvp_weight * cos_t * sin_t
     gg = tl.zeros([BLOCK], dtype=tl.float32)
     dg = tl.zeros([BLOCK], dtype=tl.float32)
     dd = tl.zeros([BLOCK], dtype=tl.float32)
@@ -75,9 +80,11 @@ def _backward_kernel(
     tl.store(OUT + offs, out.to(OUT.dtype.element_ty), mask=mask)
 
 
-def sums(F: Tensor, F_minus: Tensor, dxt_dt: Tensor, jvp: Tensor, x_t: Tensor, coef: Tensor) -> Tensor:
-    """(B, 3) fp32 per-sample (sum g^2, sum d g, sum d^2); coef (B, 4) fp32."""
-    return sample_reduce.reduce(_sums_kernel, [F, F_minus, dxt_dt, jvp, x_t, coef], 3)
+def sums(F: Tensor, F_minus: Tensor, dxt_dt: Tensor, jvp: Tensor, x_t: Tensor, t: Tensor,
+         sigma_data: float, warmup: float) -> Tensor:
+    """(B, 3) fp32 per-sample (sum g^2, sum d g, sum d^2); t (B,) fp32."""
+    return sample_reduce.reduce(_sums_kernel, [F, F_minus, dxt_dt, jvp, x_t, t], 3,
+                                sigma_data=float(sigma_data), jvp_weight=float(warmup))
 
 
 def backward(F: Tensor, F_minus: Tensor, dxt_dt: Tensor, jvp: Tensor, x_t: Tensor, q: Tensor,

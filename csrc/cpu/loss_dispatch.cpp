@@ -75,8 +75,9 @@ void scaled_residual(const at::Tensor& a, const at::Tensor& b, const at::Tensor&
   FASTGEN_RUN(scaled_residual, a, b, c, k, scale, out, negated);
 }
 
-void scm_loss_sums(const at::Tensor (&inputs)[5], const at::Tensor& coef, at::Tensor& sums) {
-  FASTGEN_RUN(scm_loss_sums, inputs, coef, sums);
+void scm_loss_sums(const at::Tensor (&inputs)[5], const at::Tensor& t, double sigma_data, double warmup,
+                   at::Tensor& sums) {
+  FASTGEN_RUN(scm_loss_sums, inputs, t, sigma_data, warmup, sums);
 }
 
 void scm_loss_backward(const at::Tensor (&inputs)[5], const at::Tensor& coef, const at::Tensor& scale,

@@ -1,6 +1,6 @@
 // sCM loss on the CPU (math: fastgen_kernels/ops/scm_loss.py). With per-sample coefficients
-// p[b] = (p0, p1, p2, p3), the tangent of sample b is g = p0 F_minus + p1 dxt_dt + p2 jvp + p3 x_t
-// and d = F - F_minus:
+// p[b] = (p0, p1, p2, p3) = scm_coefficients(t[b]) (sample_loss_tail.h), the tangent of sample b
+// is g = p0 F_minus + p1 dxt_dt + p2 jvp + p3 x_t and d = F - F_minus:
 //   scm_loss_sums:     sums[b] = (sum g^2, sum d g, sum d^2), one pass over the five inputs;
 //   scm_loss_backward: out = scale[b] * (d - (q[b] . inputs)), q = p / ||g||-normalizer, one pass.
 #include "cpu/convert.h"
@@ -29,14 +29,15 @@ struct ScmInputs {
 };
 
 template <typename T>
-void sums_impl(const at::Tensor (&inputs)[5], const at::Tensor& coef, at::Tensor& sums) {
+void sums_impl(const at::Tensor (&inputs)[5], const at::Tensor& t, double sigma_data, double warmup,
+               at::Tensor& sums) {
   using A = acc_t<T>;
   const ScmInputs<T> in(inputs);
-  const A* cp = coef.const_data_ptr<A>();
+  const A* tp = t.const_data_ptr<A>();
   const int64_t batch = inputs[0].size(0), numel = inputs[0].numel() / batch;
   sample_chunk_sums<3, A>(batch, numel, sums, [&](int64_t begin, int64_t end, A (&acc)[3]) {
-    const A p[4] = {cp[begin / numel * 4], cp[begin / numel * 4 + 1], cp[begin / numel * 4 + 2],
-                    cp[begin / numel * 4 + 3]};
+    A p[4];
+    scm_coefficients<A>(tp[begin / numel], static_cast<A>(sigma_data), static_cast<A>(warmup), p);
     lane_sums<3, A>(begin, end, acc, [&](int64_t i, A (&t)[3]) {
       A fm;
       const A g = in.tangent(i, p, fm);
@@ -59,7 +60,8 @@ void backward_impl(const at::Tensor (&inputs)[5], const at::Tensor& coef, const 
   const int64_t batch = inputs[0].size(0);
   sample_runs(batch, inputs[0].numel() / batch, [&](int64_t sample, int64_t begin, int64_t end) {
     const A s = sp[sample];
-    const A q[4] = {cp[sample * 4], cp[sample * 4 + 1], cp[sample * 4 + 2], cp[sample * 4 + 3]};
+    const A* row = cp + sample * coef.stride(0);
+    const A q[4] = {row[0], row[1], row[2], row[3]};
 #pragma omp simd
     for (int64_t i = begin; i < end; ++i) {
       A fm;
@@ -71,9 +73,10 @@ void backward_impl(const at::Tensor (&inputs)[5], const at::Tensor& coef, const 
 
 }  // namespace
 
-void scm_loss_sums(const at::Tensor (&inputs)[5], const at::Tensor& coef, at::Tensor& sums) {
+void scm_loss_sums(const at::Tensor (&inputs)[5], const at::Tensor& t, double sigma_data, double warmup,
+                   at::Tensor& sums) {
   FASTGEN_DISPATCH_FLOATING(inputs[0].scalar_type(), "scm_loss_sums",
-                            [&] { sums_impl<scalar_t>(inputs, coef, sums); });
+                            [&] { sums_impl<scalar_t>(inputs, t, sigma_data, warmup, sums); });
 }
 
 void scm_loss_backward(const at::Tensor (&inputs)[5], const at::Tensor& coef,

@@ -210,7 +210,8 @@ cudaError_t launch_scaled_residual(const ScaledResidualArgs& args, cudaStream_t 
 struct ScmLossSumsArgs {
   DType dtype;
   const void* inputs[5];
-  const float* coef;  // (batch, 4)
+  const float* t;  // (batch,): the tangent's coefficients are scm_coefficients(t[b], ...)
+  float sigma_data, warmup;
   SampleReduceArgs reduce;
 };
 
@@ -220,7 +221,8 @@ cudaError_t launch_scm_loss_sums(const ScmLossSumsArgs& args, cudaStream_t strea
 struct ScmLossBackwardArgs {
   DType dtype;
   const void* inputs[5];
-  const float* coef;   // (batch, 4)
+  const float* coef;   // (batch, 4), rows coef_stride floats apart
+  int64_t coef_stride;
   const float* scale;  // (batch,)
   void* out;           // (batch, numel), written
   int64_t batch, numel;

@@ -35,6 +35,7 @@ import math
 import torch
 from torch import Tensor
 
+from fastgen_kernels import _extension
 from fastgen_kernels.backends import BACKENDS, OpDispatcher, carry_forced_backend
 from fastgen_kernels.ops import _checks
 from fastgen_kernels.ops import _sample_loss as sl
@@ -52,8 +53,9 @@ def _tangent_and_difference(F, F_minus, dxt_dt, jvp, x_t, coef) -> tuple[Tensor,
     return g, sl.flat(F, ct) - fm
 
 
-def reference_sums(F, F_minus, dxt_dt, jvp, x_t, coef) -> Tensor:
+def reference_sums(F, F_minus, dxt_dt, jvp, x_t, t, sigma_data, warmup) -> Tensor:
     """(B, 3): per sample (sum g^2, sum d g, sum d^2), in the statistics' dtype."""
+    coef = sl.scm_coefficients(t.to(sl.stat_dtype(F)), sigma_data, warmup)
     g, d = _tangent_and_difference(F, F_minus, dxt_dt, jvp, x_t, coef)
     return torch.stack([(g * g).sum(1), (d * g).sum(1), (d * d).sum(1)], 1)
 
@@ -67,9 +69,9 @@ def reference_backward_kernel(F, F_minus, dxt_dt, jvp, x_t, q, s) -> Tensor:
 # --------------------------------------------------------------------------- backends
 
 
-def _extension_sums(*args):
-    *inputs, coef = args
-    return torch.ops.fastgen_C.scm_loss_sums(*(x.contiguous() for x in inputs), coef)
+def _extension_sums(F, F_minus, dxt_dt, jvp, x_t, t, sigma_data, warmup):
+    return torch.ops.fastgen_C.scm_loss_sums(*(x.contiguous() for x in (F, F_minus, dxt_dt, jvp, x_t)), t,
+                                             sigma_data, warmup)
 
 
 def _extension_backward(*args):
@@ -98,8 +100,7 @@ _BACKWARD = {"cuda": _extension_backward, "triton": _triton_backward, "cpu": _ex
 def _forward_impl(backend: str):
     def forward(F, F_minus, dxt_dt, jvp, x_t, t, logvar, sigma_data, warmup, c, mean):
         t = sl.per_sample_stat(t, F)
-        coef = sl.scm_coefficients(t, sigma_data, warmup).contiguous()
-        sums = _SUMS[backend](F, F_minus, dxt_dt, jvp, x_t, coef)
+        sums = _SUMS[backend](F, F_minus, dxt_dt, jvp, x_t, t, sigma_data, warmup)
         return sl.TAIL[backend](sums, None, t, logvar, sl.SCM, [sigma_data, warmup, c],
                                 sl.numel_per_sample(F), mean)
     return forward
@@ -107,7 +108,7 @@ def _forward_impl(backend: str):
 
 def _backward_impl(backend: str):
     def backward(F, F_minus, dxt_dt, jvp, x_t, q, factor, grad):
-        return _BACKWARD[backend](F, F_minus, dxt_dt, jvp, x_t, q.contiguous(), sl.scale(grad, factor))
+        return _BACKWARD[backend](F, F_minus, dxt_dt, jvp, x_t, q, sl.scale(grad, factor))
     return backward
 
 
@@ -159,7 +160,9 @@ def _backward(ctx, grad, _grad_saved):
 
 _setup_context, _backward = carry_forced_backend(_setup_context, _backward)
 scm_loss_op.register_autograd(_backward, setup_context=_setup_context)
-scm_loss_eager = EagerOp(torch.ops.fastgen.scm_loss, forward_dispatcher, _setup_context, _backward)
+# native: the same kernels with the autograd above written in C++ (csrc/torch_bindings.cpp)
+scm_loss_eager = EagerOp(torch.ops.fastgen.scm_loss, forward_dispatcher, _setup_context, _backward,
+                         native=_extension.native_op("scm_loss"))
 
 # --------------------------------------------------------------------------- public API
 
