@@ -12,6 +12,7 @@ from conftest import HAS_CUDA
 
 import fastgen_kernels as fk
 from fastgen_kernels import _extension
+from fastgen_kernels.ops import _eager_op
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")]
 
@@ -247,8 +248,8 @@ import loss_testing as lt  # noqa: E402
 import test_losses as tl  # noqa: E402
 from loss_cases import CASES  # noqa: E402
 
-# odd D, B = 1, SD latents, a latent video clip (D = 99840)
-LOSS_SHAPES = [(2, 3, 37, 37), (1, 5), (64, 4, 64, 64), (8, 16, 60, 104)]
+# odd D, B = 1, more samples than the tail kernel's threads, SD latents, a latent video clip (D = 99840)
+LOSS_SHAPES = [(2, 3, 37, 37), (1, 5), (600, 7), (64, 4, 64, 64), (8, 16, 60, 104)]
 
 
 @pytest.mark.parametrize("backend", gpu_backends())
@@ -274,6 +275,21 @@ def test_losses_are_deterministic_on_gpu(backend, case, generator):
             value = spec.fn(**inputs | {name: x}, **spec.kwargs)
             results.append((value, torch.autograd.grad(value, x)[0]))
     assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_loss_native_path_equals_custom_op_on_gpu(case, generator, monkeypatch):
+    """On the cuda backend a plain eager call runs the loss's C++ autograd; the custom op (what
+    torch.compile sees) runs the Python one over the same kernels: bit-identical values and
+    gradients."""
+    if not _extension.cuda_built():
+        pytest.skip("extension built without CUDA")
+    inputs = {k: v.cuda() for k, v in CASES[case].make_inputs((600, 3, 5), torch.float32, generator).items()}
+    with fk.use_backend("cuda"):
+        native = tl._value_and_grads(CASES[case], inputs)
+        monkeypatch.setattr(_eager_op, "plain_eager", lambda args: False)
+        through_op = tl._value_and_grads(CASES[case], inputs)
+    assert all(torch.equal(a, b) for a, b in zip(native, through_op, strict=True))
 
 
 @pytest.mark.parametrize("backend", gpu_backends())

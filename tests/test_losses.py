@@ -29,6 +29,17 @@ def test_matches_oracle(case, backend, dtype, shape, reduction, generator):
                          reduction)
 
 
+@pytest.mark.parametrize("backend", [p for p in cpu_backends() if p.values[0] != "triton"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_many_samples_match_oracle(case, backend, generator):
+    """More samples than the CUDA tail's threads (each thread then takes several, and the batch mean
+    adds the threads' sums): the tails' batch loop and reduction (Triton's one-program tail is
+    covered by the other tests; 600 programs of the interpreter take seconds per case)."""
+    inputs = CASES[case].make_inputs((600, 7), torch.float32, generator)
+    for reduction in ("mean", "none"):
+        check_against_oracle(CASES[case], inputs, torch.float32, backend, reduction)
+
+
 @pytest.mark.parametrize("cpu_isa", cpu_isas(), indirect=True)
 @pytest.mark.parametrize("dtype", CPU_DTYPES + [torch.float64], ids=str)
 @pytest.mark.parametrize("case", list(CASES))

@@ -4,7 +4,6 @@ the batch for "mean" (one tl.sum over a fixed block: deterministic)."""
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 from torch import Tensor
