@@ -424,11 +424,41 @@ Tensor squared_residual_sums(const Tensor& a, const Tensor& b, const optional<Te
       });
 }
 
-std::tuple<Tensor, Tensor> scaled_residual(const Tensor& a, const Tensor& b, const optional<Tensor>& c,
-                                           const optional<Tensor>& k, const Tensor& scale, bool negated) {
+// The per-sample scale of a loss's backward pass: s_b = factor[b] * g_b, factor (B,) of the
+// statistics' dtype at any stride (a column of the loss tail's saved factors), g the upstream
+// gradient, () or (B,), or absent (g = 1). The CPU kernels read s as a contiguous (B,) tensor; the
+// CUDA kernels read factor and g themselves (cuda::SampleScale), which saves the (B,) product's
+// launch on a GPU.
+struct BackwardScale {
+  Tensor factor, grad;  // grad undefined: 1
+
+  BackwardScale(const Tensor& factor_, const Tensor& x, const Tensor* grad_) : factor(factor_) {
+    TORCH_CHECK(factor.dim() == 1 && factor.size(0) == x.size(0) && factor.scalar_type() == stat_dtype(x) &&
+                    factor.device() == x.device(),
+                "the backward's per-sample factor must be a (B,) tensor of the statistics' dtype on the input's "
+                "device, got ", factor.sizes());
+    if (grad_ != nullptr) {
+      TORCH_CHECK(grad_->dim() == 0 || (grad_->dim() == 1 && grad_->size(0) == x.size(0)),
+                  "the upstream gradient must be () or (B,), got ", grad_->sizes());
+      grad = grad_->to(factor.scalar_type());
+    }
+  }
+
+  Tensor cpu() const { return grad.defined() ? (factor * grad).contiguous() : factor.contiguous(); }
+
+#ifdef FASTGEN_WITH_CUDA
+  cuda::SampleScale cuda() const {
+    return {factor.const_data_ptr<float>(), factor.stride(0), grad.defined() ? grad.const_data_ptr<float>() : nullptr,
+            grad.defined() && grad.dim() == 1 ? grad.stride(0) : 0};
+  }
+#endif
+};
+
+std::tuple<Tensor, Tensor> scaled_residual_scaled_by(const Tensor& a, const Tensor& b, const optional<Tensor>& c,
+                                                     const optional<Tensor>& k, const BackwardScale& scale,
+                                                     bool negated) {
   check_samples(a, {{&b, "b"}});
   const Tensor* term = check_residual_term(a, c, k);
-  check_per_sample(scale, a, 1, "scale");
   Tensor out = at::empty_like(a);
   Tensor neg = negated ? at::empty_like(a) : Tensor();
   if (a.is_cuda()) {
@@ -436,15 +466,21 @@ std::tuple<Tensor, Tensor> scaled_residual(const Tensor& a, const Tensor& b, con
     const c10::cuda::CUDAGuard guard(a.device());
     cuda::ScaledResidualArgs args{cuda_dtype(a), a.const_data_ptr(), b.const_data_ptr(),
         term ? c->const_data_ptr() : nullptr, term ? k->const_data_ptr<float>() : nullptr,
-        scale.const_data_ptr<float>(), out.mutable_data_ptr(), negated ? neg.mutable_data_ptr() : nullptr,
+        scale.cuda(), out.mutable_data_ptr(), negated ? neg.mutable_data_ptr() : nullptr,
         a.size(0), a.numel() / a.size(0)};
     check_launch(cuda::launch_scaled_residual(args, c10::cuda::getCurrentCUDAStream()), "scaled_residual");
 #endif
   } else {
     const Tensor none;
-    cpu::scaled_residual(a, b, term ? *c : none, term ? *k : none, scale, out, neg);
+    cpu::scaled_residual(a, b, term ? *c : none, term ? *k : none, scale.cpu(), out, neg);
   }
   return {out, negated ? neg : at::empty({0}, a.options())};
+}
+
+std::tuple<Tensor, Tensor> scaled_residual(const Tensor& a, const Tensor& b, const optional<Tensor>& c,
+                                           const optional<Tensor>& k, const Tensor& scale, bool negated) {
+  check_per_sample(scale, a, 1, "scale");
+  return scaled_residual_scaled_by(a, b, c, k, BackwardScale(scale, a, nullptr), negated);
 }
 
 // The five sCM inputs (F, F_minus, dxt_dt, jvp, x_t) and their (B, 4) coefficients.
@@ -471,29 +507,34 @@ Tensor scm_loss_sums(const Tensor& F, const Tensor& F_minus, const Tensor& dxt_d
 
 // coef: (B, 4) of the statistics' dtype with contiguous rows at any row stride (a column block of
 // the sCM tail's saved factors).
-Tensor scm_loss_backward(const Tensor& F, const Tensor& F_minus, const Tensor& dxt_dt,
-                         const Tensor& jvp, const Tensor& x_t, const Tensor& coef, const Tensor& scale) {
+Tensor scm_loss_backward_scaled_by(const Tensor& F, const Tensor& F_minus, const Tensor& dxt_dt, const Tensor& jvp,
+                                   const Tensor& x_t, const Tensor& coef, const BackwardScale& scale) {
   const Tensor in[5] = {F, F_minus, dxt_dt, jvp, x_t};
   check_scm(in);
   TORCH_CHECK(coef.dim() == 2 && coef.size(0) == F.size(0) && coef.size(1) == 4 && coef.stride(1) == 1 &&
                   coef.stride(0) >= 4 && coef.scalar_type() == stat_dtype(F) && coef.device() == F.device(),
               "coef must be a (B, 4) tensor with contiguous rows, of the statistics' dtype on F's device, got ",
               coef.sizes(), " strides ", coef.strides());
-  check_per_sample(scale, F, 1, "scale");
   Tensor out = at::empty_like(F);
   if (F.is_cuda()) {
 #ifdef FASTGEN_WITH_CUDA
     const c10::cuda::CUDAGuard guard(F.device());
     cuda::ScmLossBackwardArgs args{cuda_dtype(F), {F.const_data_ptr(), F_minus.const_data_ptr(),
         dxt_dt.const_data_ptr(), jvp.const_data_ptr(), x_t.const_data_ptr()},
-        coef.const_data_ptr<float>(), coef.stride(0), scale.const_data_ptr<float>(), out.mutable_data_ptr(),
+        coef.const_data_ptr<float>(), coef.stride(0), scale.cuda(), out.mutable_data_ptr(),
         F.size(0), F.numel() / F.size(0)};
     check_launch(cuda::launch_scm_loss_backward(args, c10::cuda::getCurrentCUDAStream()), "scm_loss_backward");
 #endif
   } else {
-    cpu::scm_loss_backward(in, coef, scale, out);
+    cpu::scm_loss_backward(in, coef, scale.cpu(), out);
   }
   return out;
+}
+
+Tensor scm_loss_backward(const Tensor& F, const Tensor& F_minus, const Tensor& dxt_dt,
+                         const Tensor& jvp, const Tensor& x_t, const Tensor& coef, const Tensor& scale) {
+  check_per_sample(scale, F, 1, "scale");
+  return scm_loss_backward_scaled_by(F, F_minus, dxt_dt, jvp, x_t, coef, BackwardScale(scale, F, nullptr));
 }
 
 Tensor softplus_sums(const Tensor& x, bool negative) {
@@ -508,21 +549,25 @@ Tensor softplus_sums(const Tensor& x, bool negative) {
       });
 }
 
-Tensor softplus_backward(const Tensor& x, bool negative, const Tensor& scale) {
+Tensor softplus_backward_scaled_by(const Tensor& x, bool negative, const BackwardScale& scale) {
   check_samples(x, {});
-  check_per_sample(scale, x, 1, "scale");
   Tensor out = at::empty_like(x);
   if (x.is_cuda()) {
 #ifdef FASTGEN_WITH_CUDA
     const c10::cuda::CUDAGuard guard(x.device());
-    cuda::SoftplusBackwardArgs args{cuda_dtype(x), x.const_data_ptr(), negative,
-        scale.const_data_ptr<float>(), out.mutable_data_ptr(), x.size(0), x.numel() / x.size(0)};
+    cuda::SoftplusBackwardArgs args{cuda_dtype(x), x.const_data_ptr(), negative, scale.cuda(), out.mutable_data_ptr(),
+                                    x.size(0), x.numel() / x.size(0)};
     check_launch(cuda::launch_softplus_backward(args, c10::cuda::getCurrentCUDAStream()), "softplus_backward");
 #endif
   } else {
-    cpu::softplus_backward(x, negative, scale, out);
+    cpu::softplus_backward(x, negative, scale.cpu(), out);
   }
   return out;
+}
+
+Tensor softplus_backward(const Tensor& x, bool negative, const Tensor& scale) {
+  check_per_sample(scale, x, 1, "scale");
+  return softplus_backward_scaled_by(x, negative, BackwardScale(scale, x, nullptr));
 }
 
 // The tail of a per-sample loss over the batch (sample_loss_tail.h): (loss, saved), loss () for
@@ -581,9 +626,9 @@ void check_first_order(const char* op) {
               "derivative); use the reference backend for create_graph=True");
 }
 
-// s_b = g * factors[b, column]: (B,) contiguous, for the upstream gradient g, () or (B,).
-Tensor backward_scale(const Tensor& factors, int64_t column, const Tensor& grad) {
-  return (factors.select(1, column) * grad).contiguous();
+// g * factors[b, column] for the upstream gradient g, () or (B,): a (B,) product.
+Tensor backward_product(const Tensor& factors, int64_t column, const Tensor& grad) {
+  return factors.select(1, column) * grad;
 }
 
 std::tuple<Tensor, Tensor> loss_and_saved(const torch::autograd::variable_list& out) {
@@ -621,10 +666,11 @@ class SquaredResidualLoss : public torch::autograd::Function<SquaredResidualLoss
     if (needs_a || needs_b) {
       const optional<Tensor> c_opt = c.defined() ? optional<Tensor>(c) : std::nullopt;
       const optional<Tensor> k_opt = k.defined() ? optional<Tensor>(k) : std::nullopt;
-      std::tie(da, db) = scaled_residual(a, b, c_opt, k_opt, backward_scale(factors, 0, grads[0]), needs_b);
+      std::tie(da, db) = scaled_residual_scaled_by(a, b, c_opt, k_opt, BackwardScale(factors.select(1, 0), a, &grads[0]),
+                                                   needs_b);
     }
     const int64_t weight_edge = ctx->saved_data["weight_edge"].toInt();
-    if (weight_edge >= 0 && ctx->needs_input_grad(weight_edge)) dweight = backward_scale(factors, 1, grads[0]);
+    if (weight_edge >= 0 && ctx->needs_input_grad(weight_edge)) dweight = backward_product(factors, 1, grads[0]);
     return {needs_a ? da : Tensor(), needs_b ? db : Tensor(), Tensor(), Tensor(), dweight, Tensor(), Tensor(),
             Tensor(), Tensor(), Tensor()};
   }
@@ -659,8 +705,8 @@ class VsdLoss : public torch::autograd::Function<VsdLoss> {
     const auto saved = ctx->get_saved_variables();
     Tensor dx;
     if (ctx->needs_input_grad(0)) {
-      dx = std::get<0>(scaled_residual(saved[1], saved[0], std::nullopt, std::nullopt,
-                                       backward_scale(saved[2], 0, grads[0]), false));
+      dx = std::get<0>(scaled_residual_scaled_by(saved[1], saved[0], std::nullopt, std::nullopt,
+                                                 BackwardScale(saved[2].select(1, 0), saved[1], &grads[0]), false));
     }
     return {dx, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
   }
@@ -690,7 +736,8 @@ class SoftplusLoss : public torch::autograd::Function<SoftplusLoss> {
     const auto saved = ctx->get_saved_variables();
     Tensor dx;
     if (ctx->needs_input_grad(0)) {
-      dx = softplus_backward(saved[0], ctx->saved_data["negative"].toBool(), backward_scale(saved[1], 0, grads[0]));
+      dx = softplus_backward_scaled_by(saved[0], ctx->saved_data["negative"].toBool(),
+                                       BackwardScale(saved[1].select(1, 0), saved[0], &grads[0]));
     }
     return {dx, Tensor(), Tensor()};
   }
@@ -725,10 +772,10 @@ class ScmLoss : public torch::autograd::Function<ScmLoss> {
     const Tensor& factors = saved[5];
     Tensor dF, dlogvar;
     if (ctx->needs_input_grad(0)) {
-      dF = scm_loss_backward(saved[0], saved[1], saved[2], saved[3], saved[4], factors.narrow(1, 2, 4),
-                             backward_scale(factors, 0, grads[0]));
+      dF = scm_loss_backward_scaled_by(saved[0], saved[1], saved[2], saved[3], saved[4], factors.narrow(1, 2, 4),
+                                       BackwardScale(factors.select(1, 0), saved[0], &grads[0]));
     }
-    if (ctx->needs_input_grad(6)) dlogvar = backward_scale(factors, 1, grads[0]);
+    if (ctx->needs_input_grad(6)) dlogvar = backward_product(factors, 1, grads[0]);
     return {dF, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), dlogvar, Tensor(), Tensor(), Tensor(), Tensor()};
   }
 };

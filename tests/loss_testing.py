@@ -27,8 +27,11 @@ def check_against_oracle(case: LossCase, inputs: dict, dtype, backend, reduction
     assert_close(loss, loss64, loss.dtype, "loss")
     for name, grad, grad64 in zip(names, grads, grads64):
         assert grad.dtype == inputs[name].dtype and grad.shape == inputs[name].shape, name
-        assert torch.isfinite(grad).all(), name
-        assert_close_scaled(grad, grad64, inputs[name].dtype, f"d{name}")
+        # a gradient beyond the dtype's range (float16 at magnitudes of 1e4: 2 (a - b) > 65504)
+        # rounds to inf, as it must; every other element is finite and close
+        fits = grad64.abs() <= torch.finfo(grad.dtype).max
+        assert torch.isfinite(grad[fits]).all() and torch.isinf(grad[~fits]).all(), name
+        assert_close_scaled(grad[fits], grad64[fits], inputs[name].dtype, f"d{name}")
 
 
 def check_deterministic(case: LossCase, inputs: dict) -> None:

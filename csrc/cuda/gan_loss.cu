@@ -1,6 +1,6 @@
 // GAN logit losses (math: fastgen_kernels/ops/gan_loss.py), z = sign * x with sign = -1 if
 // negative else 1: the per-sample sum of softplus(z) (scheme: cuda/sample_reduce.cuh) and the
-// elementwise backward out = scale[b] * sign * sigmoid(z). Launch API: launch.h.
+// elementwise backward out = scale(b) * sign * sigmoid(z). Launch API: launch.h.
 #include "cuda/sample_reduce.cuh"
 
 namespace fastgen {
@@ -26,14 +26,14 @@ template <typename T, int VEC>
 __global__ void __launch_bounds__(kThreads) softplus_backward_kernel(
     const T* __restrict__ x,          // (batch, numel)
     float sign,                       // -1 or 1
-    const float* __restrict__ scale,  // (batch,)
+    SampleScale scale,
     T* __restrict__ out,              // (batch, numel)
     int64_t num_vecs,                 // batch * numel / VEC
     int64_t numel) {
   const int64_t stride = int64_t{gridDim.x} * blockDim.x;
   for (int64_t v = int64_t{blockIdx.x} * blockDim.x + threadIdx.x; v < num_vecs; v += stride) {
     const int64_t i = v * VEC;
-    const float s = sign * scale[i / numel];
+    const float s = sign * scale(i / numel);
     float xv[VEC];
     load_vec(x + i, xv);
 #pragma unroll

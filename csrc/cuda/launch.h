@@ -188,7 +188,24 @@ struct SquaredResidualSumsArgs {
 
 cudaError_t launch_squared_residual_sums(const SquaredResidualSumsArgs& args, cudaStream_t stream);
 
-// out = scale[b] * r, r as above; negated = -out when not nullptr. The backward of the squared
+// The per-sample scale of a loss's backward pass, s_b = factor[b * factor_stride] * g_b with
+// g_b = grad[b * grad_stride] (grad_stride 0: a scalar upstream gradient; grad nullptr: g_b = 1):
+// a column of the loss tail's saved factors times the upstream gradient, read by the kernel instead
+// of a (B,) product launched before it.
+struct SampleScale {
+  const float* factor;
+  int64_t factor_stride;
+  const float* grad;
+  int64_t grad_stride;
+#ifdef __CUDACC__
+  __device__ __forceinline__ float operator()(int64_t sample) const {
+    const float f = factor[sample * factor_stride];
+    return grad == nullptr ? f : f * grad[sample * grad_stride];
+  }
+#endif
+};
+
+// out = scale(b) * r, r as above; negated = -out when not nullptr. The backward of the squared
 // residual and of the VSD loss.
 struct ScaledResidualArgs {
   DType dtype;
@@ -196,7 +213,7 @@ struct ScaledResidualArgs {
   const void* b;        // (batch, numel)
   const void* c;        // (batch, numel) or nullptr
   const float* k;       // (batch,), nullptr with c
-  const float* scale;   // (batch,)
+  SampleScale scale;
   void* out;            // (batch, numel), written
   void* negated;        // (batch, numel), written, or nullptr
   int64_t batch, numel;
@@ -217,13 +234,13 @@ struct ScmLossSumsArgs {
 
 cudaError_t launch_scm_loss_sums(const ScmLossSumsArgs& args, cudaStream_t stream);
 
-// out = scale[b] * (d - coef[b] . (F_minus, dxt_dt, jvp, x_t)).
+// out = scale(b) * (d - coef[b] . (F_minus, dxt_dt, jvp, x_t)).
 struct ScmLossBackwardArgs {
   DType dtype;
   const void* inputs[5];
   const float* coef;   // (batch, 4), rows coef_stride floats apart
   int64_t coef_stride;
-  const float* scale;  // (batch,)
+  SampleScale scale;
   void* out;           // (batch, numel), written
   int64_t batch, numel;
 };
@@ -240,12 +257,12 @@ struct SoftplusSumsArgs {
 
 cudaError_t launch_softplus_sums(const SoftplusSumsArgs& args, cudaStream_t stream);
 
-// out = scale[b] * dsoftplus(z)/dx = scale[b] * (negative ? -1 : 1) * sigmoid(z).
+// out = scale(b) * dsoftplus(z)/dx = scale(b) * (negative ? -1 : 1) * sigmoid(z).
 struct SoftplusBackwardArgs {
   DType dtype;
   const void* x;       // (batch, numel)
   bool negative;
-  const float* scale;  // (batch,)
+  SampleScale scale;
   void* out;           // (batch, numel), written
   int64_t batch, numel;
 };

@@ -2,7 +2,7 @@
 // sample the tangent g = p . (F_minus, dxt_dt, jvp, x_t) with p = scm_coefficients(t[b]) (from
 // sample_loss_tail.h), and d = F - F_minus.
 // Forward: the per-sample sums (g^2, d g, d^2) in one pass (scheme: cuda/sample_reduce.cuh).
-// Backward: out = scale[b] * (d - q . (F_minus, dxt_dt, jvp, x_t)), q = coef[b], one pass.
+// Backward: out = scale(b) * (d - q . (F_minus, dxt_dt, jvp, x_t)), q = coef[b], one pass.
 // Launch API: launch.h.
 #include "cuda/sample_reduce.cuh"
 
@@ -46,14 +46,14 @@ __global__ void __launch_bounds__(kThreads) scm_loss_backward_kernel(
     Inputs<T, 5> in,                  // (F, F_minus, dxt_dt, jvp, x_t), each (batch, numel)
     const float* __restrict__ coef,   // (batch, 4), rows coef_stride apart
     int64_t coef_stride,
-    const float* __restrict__ scale,  // (batch,)
+    SampleScale scale,
     T* __restrict__ out,              // (batch, numel)
     int64_t num_vecs,                 // batch * numel / VEC
     int64_t numel) {
   const int64_t stride = int64_t{gridDim.x} * blockDim.x;
   for (int64_t v = int64_t{blockIdx.x} * blockDim.x + threadIdx.x; v < num_vecs; v += stride) {
     const int64_t i = v * VEC, sample = i / numel;
-    const float s = scale[sample];
+    const float s = scale(sample);
     const float4 q = load_coef(coef, sample, coef_stride);
     float x[5][VEC], o[VEC];
 #pragma unroll

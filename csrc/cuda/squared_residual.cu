@@ -1,6 +1,6 @@
 // Squared residual, r = a - b + k[b] * c per element of sample b (math:
 // fastgen_kernels/ops/squared_residual.py): the per-sample sum of r^2 (reduction scheme:
-// cuda/sample_reduce.cuh) and the elementwise out = scale[b] * r (and -out), which is also the VSD
+// cuda/sample_reduce.cuh) and the elementwise out = scale(b) * r (and -out), which is also the VSD
 // backward. Launch API: launch.h.
 #include "cuda/sample_reduce.cuh"
 
@@ -37,7 +37,7 @@ __global__ void __launch_bounds__(kThreads) scaled_residual_kernel(
     const T* __restrict__ b,          // (batch, numel)
     const T* __restrict__ c,          // (batch, numel), read if HAS_C
     const float* __restrict__ k,      // (batch,), read if HAS_C
-    const float* __restrict__ scale,  // (batch,)
+    SampleScale scale,
     T* __restrict__ out,              // (batch, numel)
     T* __restrict__ negated,          // (batch, numel), written if NEGATED
     int64_t num_vecs,                 // batch * numel / VEC
@@ -45,7 +45,7 @@ __global__ void __launch_bounds__(kThreads) scaled_residual_kernel(
   const int64_t stride = int64_t{gridDim.x} * blockDim.x;
   for (int64_t v = int64_t{blockIdx.x} * blockDim.x + threadIdx.x; v < num_vecs; v += stride) {
     const int64_t i = v * VEC, sample = i / numel;
-    const float s = scale[sample];
+    const float s = scale(sample);
     float av[VEC], bv[VEC];
     load_vec(a + i, av);
     load_vec(b + i, bv);
