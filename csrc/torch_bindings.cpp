@@ -354,30 +354,36 @@ void check_samples(const Tensor& x, std::initializer_list<std::pair<const Tensor
 }
 
 // Runs `cpu_fn(sums)` or fills the CUDA reduce arguments for `cuda_fn(reduce)`; returns sums
-// (B, nstat) in the statistics' dtype.
+// (B, nstat) in the statistics' dtype. With chunk_partials, on CUDA, returns the reduction's partial
+// sums (B * chunks_per_sample, nstat) instead, which a loss's tail adds up itself
+// (sample_loss_tail_impl); the CPU reduction always returns the sums.
 template <typename CpuFn, typename CudaFn>
-Tensor sample_sums(const Tensor& x, int64_t nstat, CpuFn&& cpu_fn, [[maybe_unused]] CudaFn&& cuda_fn) {
+Tensor sample_sums(const Tensor& x, int64_t nstat, bool chunk_partials, CpuFn&& cpu_fn,
+                   [[maybe_unused]] CudaFn&& cuda_fn) {
   const int64_t batch = x.size(0), numel = x.numel() / batch;
-  Tensor sums = at::empty({batch, nstat}, x.options().dtype(stat_dtype(x)));
+  const auto options = x.options().dtype(stat_dtype(x));
   if (x.is_cuda()) {
 #ifdef FASTGEN_WITH_CUDA
     const c10::cuda::CUDAGuard guard(x.device());
     const SampleChunks chunks = sample_chunks(batch, numel);
-    Tensor partials = at::empty({batch * chunks.chunks_per_sample, nstat}, sums.options());
+    Tensor partials = at::empty({batch * chunks.chunks_per_sample, nstat}, options);
+    Tensor sums = chunk_partials ? Tensor() : at::empty({batch, nstat}, options);
     cuda::SampleReduceArgs reduce{batch, numel, chunks.chunk_size, chunks.chunks_per_sample,
-                                  partials.mutable_data_ptr<float>(), sums.mutable_data_ptr<float>()};
+                                  partials.mutable_data_ptr<float>(),
+                                  chunk_partials ? nullptr : sums.mutable_data_ptr<float>()};
     cuda_fn(reduce);
+    return chunk_partials ? partials : sums;
 #endif
-  } else {
-    cpu_fn(sums);
   }
+  Tensor sums = at::empty({batch, nstat}, options);
+  cpu_fn(sums);
   return sums;
 }
 
-Tensor vsd_loss_sums(const Tensor& x_g, const Tensor& teacher, const Tensor& fake) {
+Tensor vsd_loss_sums(const Tensor& x_g, const Tensor& teacher, const Tensor& fake, bool chunk_partials = false) {
   check_samples(x_g, {{&teacher, "x0_teacher"}, {&fake, "x0_fake"}});
   return sample_sums(
-      x_g, 2, [&](Tensor& sums) { cpu::vsd_loss_sums(x_g, teacher, fake, sums); },
+      x_g, 2, chunk_partials, [&](Tensor& sums) { cpu::vsd_loss_sums(x_g, teacher, fake, sums); },
       [&]([[maybe_unused]] const auto& reduce) {
 #ifdef FASTGEN_WITH_CUDA
         cuda::VsdLossSumsArgs args{cuda_dtype(x_g), x_g.const_data_ptr(), teacher.const_data_ptr(),
@@ -407,12 +413,13 @@ const Tensor* check_residual_term(const Tensor& a, const optional<Tensor>& c, co
 }
 
 Tensor squared_residual_sums(const Tensor& a, const Tensor& b, const optional<Tensor>& c,
-                             const optional<Tensor>& k) {
+                             const optional<Tensor>& k, bool chunk_partials = false) {
   check_samples(a, {{&b, "b"}});
   const Tensor* term = check_residual_term(a, c, k);
   const Tensor none;
   return sample_sums(
-      a, 1, [&](Tensor& sums) { cpu::squared_residual_sums(a, b, term ? *c : none, term ? *k : none, sums); },
+      a, 1, chunk_partials,
+      [&](Tensor& sums) { cpu::squared_residual_sums(a, b, term ? *c : none, term ? *k : none, sums); },
       [&]([[maybe_unused]] const auto& reduce) {
 #ifdef FASTGEN_WITH_CUDA
         cuda::SquaredResidualSumsArgs args{cuda_dtype(a), a.const_data_ptr(), b.const_data_ptr(),
@@ -489,12 +496,13 @@ void check_scm(const Tensor (&in)[5]) {
 }
 
 Tensor scm_loss_sums(const Tensor& F, const Tensor& F_minus, const Tensor& dxt_dt, const Tensor& jvp,
-                     const Tensor& x_t, const Tensor& t, double sigma_data, double warmup) {
+                     const Tensor& x_t, const Tensor& t, double sigma_data, double warmup,
+                     bool chunk_partials = false) {
   const Tensor in[5] = {F, F_minus, dxt_dt, jvp, x_t};
   check_scm(in);
   check_per_sample(t, F, 1, "t");
   return sample_sums(
-      F, 3, [&](Tensor& sums) { cpu::scm_loss_sums(in, t, sigma_data, warmup, sums); },
+      F, 3, chunk_partials, [&](Tensor& sums) { cpu::scm_loss_sums(in, t, sigma_data, warmup, sums); },
       [&]([[maybe_unused]] const auto& reduce) {
 #ifdef FASTGEN_WITH_CUDA
         cuda::ScmLossSumsArgs args{cuda_dtype(F), {F.const_data_ptr(), F_minus.const_data_ptr(),
@@ -537,10 +545,10 @@ Tensor scm_loss_backward(const Tensor& F, const Tensor& F_minus, const Tensor& d
   return scm_loss_backward_scaled_by(F, F_minus, dxt_dt, jvp, x_t, coef, BackwardScale(scale, F, nullptr));
 }
 
-Tensor softplus_sums(const Tensor& x, bool negative) {
+Tensor softplus_sums(const Tensor& x, bool negative, bool chunk_partials = false) {
   check_samples(x, {});
   return sample_sums(
-      x, 1, [&](Tensor& sums) { cpu::softplus_sums(x, negative, sums); },
+      x, 1, chunk_partials, [&](Tensor& sums) { cpu::softplus_sums(x, negative, sums); },
       [&]([[maybe_unused]] const auto& reduce) {
 #ifdef FASTGEN_WITH_CUDA
         cuda::SoftplusSumsArgs args{cuda_dtype(x), x.const_data_ptr(), negative, reduce};
@@ -571,20 +579,24 @@ Tensor softplus_backward(const Tensor& x, bool negative, const Tensor& scale) {
 }
 
 // The tail of a per-sample loss over the batch (sample_loss_tail.h): (loss, saved), loss () for
-// mean, else (B,).
-std::tuple<Tensor, Tensor> sample_loss_tail(const Tensor& sums, const optional<Tensor>& weight,
-                                            const optional<Tensor>& t, const optional<Tensor>& logvar,
-                                            int64_t kind, at::ArrayRef<double> params, int64_t numel,
-                                            bool mean) {
+// mean, else (B,). sums: (B * chunks_per_sample, n), the reduction's partial sums when
+// chunks_per_sample > 1 (CUDA only: sample_sums with chunk_partials).
+std::tuple<Tensor, Tensor> sample_loss_tail_impl(const Tensor& sums, int64_t chunks_per_sample,
+                                                 const optional<Tensor>& weight, const optional<Tensor>& t,
+                                                 const optional<Tensor>& logvar, int64_t kind,
+                                                 at::ArrayRef<double> params, int64_t numel, bool mean) {
   TORCH_CHECK(kind >= 0 && kind < kLossTails, "sample_loss_tail: unknown kind ", kind);
   TORCH_CHECK(params.size() <= kTailParams, "sample_loss_tail: at most ", kTailParams, " params");
   TORCH_CHECK(numel >= 1, "sample_loss_tail: numel must be positive, got ", numel);
   const auto tail_kind = static_cast<LossTail>(kind);
-  TORCH_CHECK(sums.dim() == 2 && sums.size(0) >= 1 && sums.size(1) == tail_sums(tail_kind) &&
+  TORCH_CHECK(chunks_per_sample >= 1 && (chunks_per_sample == 1 || sums.is_cuda()),
+              "sample_loss_tail: partial sums are a CUDA reduction's");
+  TORCH_CHECK(sums.dim() == 2 && sums.size(0) >= 1 && sums.size(0) % chunks_per_sample == 0 &&
+                  sums.size(1) == tail_sums(tail_kind) &&
                   sums.is_contiguous() && (sums.scalar_type() == at::kFloat || sums.scalar_type() == at::kDouble),
               "sample_loss_tail: sums must be a contiguous (B, ", tail_sums(tail_kind), ") fp32/fp64 tensor, got ",
               sums.sizes(), " ", sums.scalar_type());
-  const int64_t batch = sums.size(0);
+  const int64_t batch = sums.size(0) / chunks_per_sample;
   auto per_sample = [&](const optional<Tensor>& p, const char* name) -> const Tensor* {
     if (!p) return nullptr;
     TORCH_CHECK(p->dim() == 1 && p->size(0) == batch && p->is_contiguous() &&
@@ -604,7 +616,7 @@ std::tuple<Tensor, Tensor> sample_loss_tail(const Tensor& sums, const optional<T
     TORCH_CHECK(sums.scalar_type() == at::kFloat, "sample_loss_tail: CUDA sums must be fp32");
     const c10::cuda::CUDAGuard guard(sums.device());
     auto ptr = [](const Tensor* p) { return p ? p->const_data_ptr<float>() : nullptr; };
-    cuda::SampleLossTailArgs launch{args, sums.const_data_ptr<float>(), ptr(w), ptr(tt), ptr(u),
+    cuda::SampleLossTailArgs launch{args, sums.const_data_ptr<float>(), chunks_per_sample, ptr(w), ptr(tt), ptr(u),
                                     loss.mutable_data_ptr<float>(), saved.mutable_data_ptr<float>(), batch, mean};
     check_launch(cuda::launch_sample_loss_tail(launch, c10::cuda::getCurrentCUDAStream()), "sample_loss_tail");
 #endif
@@ -612,6 +624,19 @@ std::tuple<Tensor, Tensor> sample_loss_tail(const Tensor& sums, const optional<T
     cpu::sample_loss_tail(args, sums, w, tt, u, mean, loss, saved);
   }
   return {loss, saved};
+}
+
+std::tuple<Tensor, Tensor> sample_loss_tail(const Tensor& sums, const optional<Tensor>& weight,
+                                            const optional<Tensor>& t, const optional<Tensor>& logvar,
+                                            int64_t kind, at::ArrayRef<double> params, int64_t numel,
+                                            bool mean) {
+  return sample_loss_tail_impl(sums, 1, weight, t, logvar, kind, params, numel, mean);
+}
+
+// The sums of a loss for its tail (sample_loss_tail_impl): the partial sums on CUDA, with the
+// number of chunks per sample.
+std::pair<Tensor, int64_t> sums_for_tail(const Tensor& sums_or_partials, const Tensor& x) {
+  return {sums_or_partials, sums_or_partials.size(0) / x.size(0)};
 }
 
 // The losses with their autograd in C++: what the Python ops (fastgen_kernels/ops/*_loss.py,
@@ -645,10 +670,10 @@ class SquaredResidualLoss : public torch::autograd::Function<SquaredResidualLoss
                                                 bool mean) {
     const optional<Tensor> k_opt = k ? optional<Tensor>(k->to(stat_dtype(a)).contiguous()) : std::nullopt;
     const optional<Tensor> w_opt = weight ? optional<Tensor>(weight->to(stat_dtype(a)).contiguous()) : std::nullopt;
-    const Tensor sums = squared_residual_sums(a, b, c, k_opt);
-    auto [loss, saved] = sample_loss_tail(sums, w_opt, std::nullopt, std::nullopt,
-                                          static_cast<int64_t>(LossTail::kSquared),
-                                          {scale, huber, power, offset}, a.numel() / a.size(0), mean);
+    const auto [sums, chunks] = sums_for_tail(squared_residual_sums(a, b, c, k_opt, true), a);
+    auto [loss, saved] = sample_loss_tail_impl(sums, chunks, w_opt, std::nullopt, std::nullopt,
+                                               static_cast<int64_t>(LossTail::kSquared),
+                                               {scale, huber, power, offset}, a.numel() / a.size(0), mean);
     ctx->save_for_backward({a, b, c.value_or(Tensor()), k_opt.value_or(Tensor()), saved});
     // needs_input_grad counts the tensor inputs given (absent optionals have no edge)
     ctx->saved_data["weight_edge"] = weight ? int64_t{2} + c.has_value() + k.has_value() : int64_t{-1};
@@ -666,8 +691,8 @@ class SquaredResidualLoss : public torch::autograd::Function<SquaredResidualLoss
     if (needs_a || needs_b) {
       const optional<Tensor> c_opt = c.defined() ? optional<Tensor>(c) : std::nullopt;
       const optional<Tensor> k_opt = k.defined() ? optional<Tensor>(k) : std::nullopt;
-      std::tie(da, db) = scaled_residual_scaled_by(a, b, c_opt, k_opt, BackwardScale(factors.select(1, 0), a, &grads[0]),
-                                                   needs_b);
+      const BackwardScale scale(factors.select(1, 0), a, &grads[0]);
+      std::tie(da, db) = scaled_residual_scaled_by(a, b, c_opt, k_opt, scale, needs_b);
     }
     const int64_t weight_edge = ctx->saved_data["weight_edge"].toInt();
     if (weight_edge >= 0 && ctx->needs_input_grad(weight_edge)) dweight = backward_product(factors, 1, grads[0]);
@@ -692,8 +717,10 @@ class VsdLoss : public torch::autograd::Function<VsdLoss> {
                                                 const Tensor& teacher, const Tensor& fake,
                                                 const optional<Tensor>& weight, double eps, bool mean) {
     const optional<Tensor> w_opt = weight ? optional<Tensor>(weight->to(stat_dtype(x_g)).contiguous()) : std::nullopt;
-    auto [loss, saved] = sample_loss_tail(vsd_loss_sums(x_g, teacher, fake), w_opt, std::nullopt, std::nullopt,
-                                          static_cast<int64_t>(LossTail::kVsd), {eps}, x_g.numel() / x_g.size(0), mean);
+    const auto [sums, chunks] = sums_for_tail(vsd_loss_sums(x_g, teacher, fake, true), x_g);
+    auto [loss, saved] = sample_loss_tail_impl(sums, chunks, w_opt, std::nullopt, std::nullopt,
+                                               static_cast<int64_t>(LossTail::kVsd), {eps},
+                                               x_g.numel() / x_g.size(0), mean);
     ctx->save_for_backward({teacher, fake, saved});
     ctx->mark_non_differentiable({saved});
     return {loss, saved};
@@ -722,8 +749,10 @@ class SoftplusLoss : public torch::autograd::Function<SoftplusLoss> {
  public:
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const Tensor& x,
                                                 bool negative, bool mean) {
-    auto [loss, saved] = sample_loss_tail(softplus_sums(x, negative), std::nullopt, std::nullopt, std::nullopt,
-                                          static_cast<int64_t>(LossTail::kSoftplus), {}, x.numel() / x.size(0), mean);
+    const auto [sums, chunks] = sums_for_tail(softplus_sums(x, negative, true), x);
+    auto [loss, saved] = sample_loss_tail_impl(sums, chunks, std::nullopt, std::nullopt, std::nullopt,
+                                               static_cast<int64_t>(LossTail::kSoftplus), {},
+                                               x.numel() / x.size(0), mean);
     ctx->save_for_backward({x, saved});
     ctx->mark_non_differentiable({saved});
     ctx->saved_data["negative"] = negative;
@@ -756,10 +785,12 @@ class ScmLoss : public torch::autograd::Function<ScmLoss> {
                                                 const Tensor& x_t, const Tensor& t, const Tensor& logvar,
                                                 double sigma_data, double warmup, double c, bool mean) {
     const Tensor t_stat = t.to(stat_dtype(F)).contiguous();
-    const Tensor sums = scm_loss_sums(F, F_minus, dxt_dt, jvp, x_t, t_stat, sigma_data, warmup);
-    auto [loss, saved] = sample_loss_tail(sums, std::nullopt, t_stat, logvar.to(stat_dtype(F)).contiguous(),
-                                          static_cast<int64_t>(LossTail::kScm), {sigma_data, warmup, c},
-                                          F.numel() / F.size(0), mean);
+    const auto [sums, chunks] =
+        sums_for_tail(scm_loss_sums(F, F_minus, dxt_dt, jvp, x_t, t_stat, sigma_data, warmup, true), F);
+    const Tensor u = logvar.to(stat_dtype(F)).contiguous();
+    auto [loss, saved] = sample_loss_tail_impl(sums, chunks, std::nullopt, t_stat, u,
+                                               static_cast<int64_t>(LossTail::kScm), {sigma_data, warmup, c},
+                                               F.numel() / F.size(0), mean);
     ctx->save_for_backward({F, F_minus, dxt_dt, jvp, x_t, saved});
     ctx->mark_non_differentiable({saved});
     return {loss, saved};
@@ -861,12 +892,21 @@ void register_kernels(torch::Library& m) {
   m.impl("gated_residual_backward", &fastgen::gated_residual_backward);
   m.impl("qk_norm_rope_forward", &fastgen::qk_norm_rope_forward);
   m.impl("qk_norm_rope_backward", &fastgen::qk_norm_rope_backward);
-  m.impl("vsd_loss_sums", &fastgen::vsd_loss_sums);
-  m.impl("squared_residual_sums", &fastgen::squared_residual_sums);
+  m.impl("vsd_loss_sums", [](const at::Tensor& x_g, const at::Tensor& teacher, const at::Tensor& fake) {
+    return fastgen::vsd_loss_sums(x_g, teacher, fake);
+  });
+  m.impl("squared_residual_sums", [](const at::Tensor& a, const at::Tensor& b, const std::optional<at::Tensor>& c,
+                                     const std::optional<at::Tensor>& k) {
+    return fastgen::squared_residual_sums(a, b, c, k);
+  });
   m.impl("scaled_residual", &fastgen::scaled_residual);
-  m.impl("scm_loss_sums", &fastgen::scm_loss_sums);
+  m.impl("scm_loss_sums", [](const at::Tensor& F, const at::Tensor& F_minus, const at::Tensor& dxt_dt,
+                             const at::Tensor& jvp, const at::Tensor& x_t, const at::Tensor& t, double sigma_data,
+                             double warmup) {
+    return fastgen::scm_loss_sums(F, F_minus, dxt_dt, jvp, x_t, t, sigma_data, warmup);
+  });
   m.impl("scm_loss_backward", &fastgen::scm_loss_backward);
-  m.impl("softplus_sums", &fastgen::softplus_sums);
+  m.impl("softplus_sums", [](const at::Tensor& x, bool negative) { return fastgen::softplus_sums(x, negative); });
   m.impl("softplus_backward", &fastgen::softplus_backward);
   m.impl("sample_loss_tail", &fastgen::sample_loss_tail);
 }

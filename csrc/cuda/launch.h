@@ -145,15 +145,17 @@ cudaError_t launch_qk_norm_rope_backward(const QkNormRopeBackwardArgs& args, cud
 struct SampleReduceArgs {
   int64_t batch, numel, chunk_size, chunks_per_sample;
   float* partials;  // (batch * chunks_per_sample, NSTAT), scratch
-  float* sums;      // (batch, NSTAT), written
+  float* sums;      // (batch, NSTAT), written; nullptr: partials only
 };
 
 // The tail of a per-sample loss over the batch (sample_loss_tail.h), one block: loss[b] =
 // loss_tail(sums[b], ...) and saved[b], or with mean loss[0] = sum_b loss_b / batch (a fixed-order
-// block reduction: deterministic).
+// block reduction: deterministic). sums may be the reduction's partial sums, chunks_per_sample rows
+// per sample, which the tail adds in chunk order as the reduction's finish would.
 struct SampleLossTailArgs {
   LossTailArgs tail;
-  const float* sums;    // (batch, tail_sums(kind))
+  const float* sums;    // (batch * chunks_per_sample, tail_sums(kind))
+  int64_t chunks_per_sample;
   const float* weight;  // (batch,) or nullptr (1)
   const float* t;       // (batch,) or nullptr (0)
   const float* logvar;  // (batch,) or nullptr (0)

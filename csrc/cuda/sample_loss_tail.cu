@@ -1,6 +1,7 @@
 // The per-sample tails of the fused losses on the GPU (formulas: sample_loss_tail.h): one block
-// walks the batch, thread i taking samples i, i + blockDim.x, ...; "mean" adds each thread's sum
-// and then the block's in a fixed order. Launch API: launch.h.
+// walks the batch, thread i taking samples i, i + blockDim.x, ..., each first adding its sample's
+// partial sums in chunk order (the reduction's finish, sample_reduce.cuh, folded in: one launch
+// less); "mean" adds each thread's sum and then the block's in a fixed order. Launch API: launch.h.
 #include "cuda/common.cuh"
 
 namespace fastgen {
@@ -14,8 +15,13 @@ __global__ void __launch_bounds__(kTailThreads) sample_loss_tail_kernel(SampleLo
   const int saved_width = tail_saved(args.tail.kind);
   float total = 0.f;
   for (int64_t b = threadIdx.x; b < args.batch; b += blockDim.x) {
+    float sums[3] = {};  // at most 3 sums per sample (sCM)
+    for (int64_t k = 0; k < args.chunks_per_sample; ++k) {
+      const float* row = args.sums + (b * args.chunks_per_sample + k) * sums_width;
+      for (int s = 0; s < sums_width; ++s) sums[s] += row[s];
+    }
     const float value = loss_tail<float>(
-        args.tail, args.sums + b * sums_width, args.weight ? args.weight[b] : 1.f, args.t ? args.t[b] : 0.f,
+        args.tail, sums, args.weight ? args.weight[b] : 1.f, args.t ? args.t[b] : 0.f,
         args.logvar ? args.logvar[b] : 0.f, args.saved + b * saved_width);
     if (args.mean) {
       total += value;
@@ -33,7 +39,7 @@ __global__ void __launch_bounds__(kTailThreads) sample_loss_tail_kernel(SampleLo
 
 cudaError_t launch_sample_loss_tail(const SampleLossTailArgs& args, cudaStream_t stream) {
   const auto kind = static_cast<int64_t>(args.tail.kind);
-  if (args.batch < 1 || kind < 0 || kind >= kLossTails) return cudaErrorInvalidValue;
+  if (args.batch < 1 || args.chunks_per_sample < 1 || kind < 0 || kind >= kLossTails) return cudaErrorInvalidValue;
   sample_loss_tail_kernel<<<1, kTailThreads, 0, stream>>>(args);
   return cudaGetLastError();
 }

@@ -81,7 +81,8 @@ inline bool valid_sample_reduce(const SampleReduceArgs& r) {
          r.chunks_per_sample <= INT32_MAX / r.batch;
 }
 
-// Launches the reduction of Stats over the inputs `ptrs` (all of `dtype`), then the finish.
+// Launches the reduction of Stats over the inputs `ptrs` (all of `dtype`), then the finish (unless
+// r.sums is nullptr: a loss's tail then adds the partial sums itself, cuda/sample_loss_tail.cu).
 template <typename Stats>
 cudaError_t launch_sample_reduce(DType dtype, const void* const (&ptrs)[Stats::kInputs],
                                  const SampleReduceArgs& r, Stats stats, cudaStream_t stream) {
@@ -105,7 +106,7 @@ cudaError_t launch_sample_reduce(DType dtype, const void* const (&ptrs)[Stats::k
     if (aligned && r.numel % kVec == 0) return launch(type_tag, IntTag<kVec>{});
     return launch(type_tag, IntTag<1>{});
   });
-  if (err != cudaSuccess) return err;
+  if (err != cudaSuccess || r.sums == nullptr) return err;
   constexpr int kFinishThreads = 128;
   sample_chunks_finish_kernel<Stats::kStats>
       <<<static_cast<unsigned>(ceil_div(r.batch, kFinishThreads)), kFinishThreads, 0, stream>>>(

@@ -70,7 +70,8 @@ __global__ void __launch_bounds__(kThreads) scm_loss_backward_kernel(
 }  // namespace
 
 cudaError_t launch_scm_loss_sums(const ScmLossSumsArgs& args, cudaStream_t stream) {
-  return launch_sample_reduce(args.dtype, args.inputs, args.reduce, ScmStats{args.t, args.sigma_data, args.warmup, {}}, stream);
+  const ScmStats stats{args.t, args.sigma_data, args.warmup, {}};
+  return launch_sample_reduce(args.dtype, args.inputs, args.reduce, stats, stream);
 }
 
 cudaError_t launch_scm_loss_backward(const ScmLossBackwardArgs& args, cudaStream_t stream) {
