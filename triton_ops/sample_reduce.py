@@ -2,7 +2,7 @@
 
 Reductions: grid (B * chunks_per_sample,), one program per chunk of one sample (the chunking of
 csrc/sample_chunks.h, mirrored by `sample_chunks`), each storing its fp32 partial sums to
-partials (B, chunks_per_sample, NSTAT); `finish` adds them up per sample with a torch sum over
+partials (B, chunks_per_sample, NSTAT); `reduce` adds them up per sample with a torch sum over
 that tiny tensor (deterministic: a fixed reduction over a fixed shape, no atomics).
 
 Backward passes: elementwise kernels of ELEMENTWISE_BLOCK elements per program over the flat
