@@ -13,7 +13,8 @@
 #   bash bench/gpu_check.sh bench   build; every GPU benchmark, attention and norms included (long)
 # The goal benchmarks, in order (GPU_CHECK_GOALS overrides the list): the ceilings, sampling
 # (issue 6), the sCM step (7), FP8 GEMM and DiT-XL (5), losses (4); then, while time remains,
-# bench/profile_gpu.py (host against kernel time of the sCM step, a DiT-XL evaluation, a loss).
+# bench/profile_gpu.py (host against kernel time of the sCM step, a DiT-XL evaluation, a loss) and
+# bench/loss_host_cost.py (each loss's fixed per-call cost against eager's).
 # Each file writes its own JSON, so a cut at the deadline loses only that file's unfinished
 # benchmarks. Everything stops by
 # GPU_CHECK_DEADLINE_S seconds after the start (default 550: inside the tool's 10-minute call);
@@ -114,6 +115,8 @@ done
 if [ "$stage" != tests ]; then
   PYTHONPATH=. limited 150 python3 bench/profile_gpu.py cuda > "$LOGS/profile.txt" 2>&1
   grep -E "wall .* launches" "$LOGS/profile.txt"
+  PYTHONPATH=. limited 60 python3 bench/loss_host_cost.py cuda > "$LOGS/loss_host_cost.txt" 2>&1
+  cat "$LOGS/loss_host_cost.txt"
 fi
 if (( ${#jsons[@]} )); then
   python3 bench/summarize.py "${jsons[@]}" > "$LOGS/table.txt"
