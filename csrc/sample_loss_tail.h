@@ -104,10 +104,11 @@ FASTGEN_HOST_DEVICE inline T loss_tail(const LossTailArgs& args, const T* sums, 
       return sums[0] / D;
     case LossTail::kScm: {
       const T n = 1 / (sqrt(sums[0] / D) + p2);
+      // the clamps below keep a NaN (a diverged sample) a NaN, as torch's clamp_min does
       T S = sums[2] - 2 * sums[1] * n + sums[0] * n * n;
-      S = S > 0 ? S : T(0);
+      S = S < 0 ? T(0) : S;
       T sigma = p0 * tan(t);
-      sigma = sigma > T(1e-6) ? sigma : T(1e-6);  // METHODS.md: no zero denominators
+      sigma = sigma < T(1e-6) ? T(1e-6) : sigma;  // METHODS.md: no zero denominators
       const T k = exp(-logvar) / (D * sigma);
       T p[4];
       scm_coefficients(t, p0, p1, p);

@@ -645,10 +645,15 @@ std::pair<Tensor, int64_t> sums_for_tail(const Tensor& sums_or_partials, const T
 // Forward: the sums and the tail (sample_loss_tail.h); backward: one elementwise pass scaled by
 // s_b = g saved[b, 0].
 
-// The kernels' outputs have no derivative: a create_graph=True backward must raise, not see zeros.
-void check_first_order(const char* op) {
-  TORCH_CHECK(!at::GradMode::is_enabled(), op, ": the backward is not differentiable (no second "
-              "derivative); use the reference backend for create_graph=True");
+// At the start of a loss's backward: whether the loss itself has a gradient (its forward turned
+// materialize_grads off). The kernels' outputs have no derivative, so a create_graph=True backward
+// raises instead of returning gradients that would differentiate as constants, and so does a
+// gradient reaching the saved factors (the op's second output, which only a second derivative
+// through a weight's or the log-variance's gradient would reach).
+bool loss_gradient_flows(const char* op, const torch::autograd::variable_list& grads) {
+  TORCH_CHECK(!at::GradMode::is_enabled() && !grads[1].defined(), op,
+              ": the fused loss has no second derivative (create_graph=True)");
+  return grads[0].defined();
 }
 
 // g * factors[b, column] for the upstream gradient g, () or (B,): a (B,) product.
@@ -677,13 +682,13 @@ class SquaredResidualLoss : public torch::autograd::Function<SquaredResidualLoss
     ctx->save_for_backward({a, b, c.value_or(Tensor()), k_opt.value_or(Tensor()), saved});
     // needs_input_grad counts the tensor inputs given (absent optionals have no edge)
     ctx->saved_data["weight_edge"] = weight ? int64_t{2} + c.has_value() + k.has_value() : int64_t{-1};
-    ctx->mark_non_differentiable({saved});
+    ctx->set_materialize_grads(false);
     return {loss, saved};
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
-    check_first_order("squared_residual_loss");
+    if (!loss_gradient_flows("squared_residual_loss", grads)) return torch::autograd::variable_list(10);
     const auto saved = ctx->get_saved_variables();
     const Tensor &a = saved[0], &b = saved[1], &c = saved[2], &k = saved[3], &factors = saved[4];
     const bool needs_a = ctx->needs_input_grad(0), needs_b = ctx->needs_input_grad(1);
@@ -722,13 +727,13 @@ class VsdLoss : public torch::autograd::Function<VsdLoss> {
                                                static_cast<int64_t>(LossTail::kVsd), {eps},
                                                x_g.numel() / x_g.size(0), mean);
     ctx->save_for_backward({teacher, fake, saved});
-    ctx->mark_non_differentiable({saved});
+    ctx->set_materialize_grads(false);
     return {loss, saved};
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
-    check_first_order("vsd_loss");
+    if (!loss_gradient_flows("vsd_loss", grads)) return torch::autograd::variable_list(6);
     const auto saved = ctx->get_saved_variables();
     Tensor dx;
     if (ctx->needs_input_grad(0)) {
@@ -754,14 +759,14 @@ class SoftplusLoss : public torch::autograd::Function<SoftplusLoss> {
                                                static_cast<int64_t>(LossTail::kSoftplus), {},
                                                x.numel() / x.size(0), mean);
     ctx->save_for_backward({x, saved});
-    ctx->mark_non_differentiable({saved});
+    ctx->set_materialize_grads(false);
     ctx->saved_data["negative"] = negative;
     return {loss, saved};
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
-    check_first_order("softplus_loss");
+    if (!loss_gradient_flows("softplus_loss", grads)) return torch::autograd::variable_list(3);
     const auto saved = ctx->get_saved_variables();
     Tensor dx;
     if (ctx->needs_input_grad(0)) {
@@ -792,13 +797,13 @@ class ScmLoss : public torch::autograd::Function<ScmLoss> {
                                                static_cast<int64_t>(LossTail::kScm), {sigma_data, warmup, c},
                                                F.numel() / F.size(0), mean);
     ctx->save_for_backward({F, F_minus, dxt_dt, jvp, x_t, saved});
-    ctx->mark_non_differentiable({saved});
+    ctx->set_materialize_grads(false);
     return {loss, saved};
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
-    check_first_order("scm_loss");
+    if (!loss_gradient_flows("scm_loss", grads)) return torch::autograd::variable_list(11);
     const auto saved = ctx->get_saved_variables();
     const Tensor& factors = saved[5];
     Tensor dF, dlogvar;
@@ -912,8 +917,9 @@ void register_kernels(torch::Library& m) {
 }
 }  // namespace
 
-// The losses whose autograd is C++ (the Python ops' eager fast path): one kernel for every device.
-TORCH_LIBRARY_IMPL(fastgen_C, Autograd, m) {
+// The losses whose autograd is C++ (the Python ops' eager fast path): one kernel for every device,
+// which records its own autograd node, and also runs where autograd is off (inference mode).
+TORCH_LIBRARY_IMPL(fastgen_C, CompositeImplicitAutograd, m) {
   m.impl("squared_residual_loss", &fastgen::squared_residual_loss);
   m.impl("vsd_loss", &fastgen::vsd_loss);
   m.impl("softplus_loss", &fastgen::softplus_loss);

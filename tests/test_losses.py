@@ -327,6 +327,60 @@ def test_native_autograd_on_the_extension_backends(case, generator):
         assert "CppNode" not in spec.fn(**inputs, **spec.kwargs).grad_fn.name()
 
 
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("case", list(CASES))
+def test_inference_mode(case, backend, generator):
+    """Under torch.inference_mode (no autograd at all) every loss still computes its value."""
+    spec = CASES[case]
+    inputs = spec.make_inputs((2, 3, 5), torch.float32, generator)
+    with fk.use_backend(backend):
+        expected = spec.fn(**inputs, **spec.kwargs)
+        with torch.inference_mode():
+            assert torch.equal(spec.fn(**inputs, **spec.kwargs), expected)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("case", ["scm", "scm_offset", "denoising", "vsd"])
+def test_a_diverged_sample_stays_nan(case, backend, generator):
+    """A NaN in one sample's input makes that sample's loss NaN (no clamp or max drops it) and
+    leaves the others finite."""
+    spec = CASES[case]
+    inputs = spec.make_inputs((2, 3, 5), torch.float32, generator)
+    first = inputs[spec.tensors[0]].clone()
+    first[0, 0, 0] = float("nan")
+    inputs[spec.tensors[0]] = first
+    with fk.use_backend(backend):
+        loss = spec.fn(**inputs, reduction="none", **spec.kwargs)
+    assert loss[0].isnan() and loss[1].isfinite()
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("case, wrt", [("denoising", "weight"), ("scm", "logvar")])
+def test_second_derivative_through_per_sample_gradients_raises(case, wrt, backend, generator):
+    """d/dx of the gradient with respect to a weight (or sCM's log-variance) would need the
+    derivative of the kernels' saved factors, which they do not have: it raises on every path
+    instead of coming back as zero."""
+    spec = CASES[case]
+    inputs = spec.make_inputs((2, 3, 5), torch.float32, generator)
+    first = inputs[spec.differentiable[0]].requires_grad_()
+    other = inputs[wrt].requires_grad_()
+    with fk.use_backend(backend), pytest.raises(RuntimeError, match="no second derivative"):
+        (grad,) = torch.autograd.grad(spec.fn(**inputs, **spec.kwargs), other, create_graph=True)
+        torch.autograd.grad(grad.sum(), first)
+
+
+def test_native_loss_under_compiled_autograd(generator):
+    """The C++ autograd node runs under compiled autograd (torch.compile of the backward)."""
+    spec = CASES["denoising"]
+    inputs = spec.make_inputs((2, 3, 5), torch.float32, generator)
+    pred = inputs["pred"].requires_grad_()
+    with fk.use_backend("cpu"):
+        (expected,) = torch.autograd.grad(spec.fn(**inputs), pred)
+        with torch._dynamo.compiled_autograd._enable(torch.compile(backend="eager")):
+            spec.fn(**inputs).backward()
+    torch.testing.assert_close(pred.grad, expected, rtol=0, atol=0)
+
+
 # --------------------------------------------------------------------------- bad input
 
 

@@ -62,9 +62,11 @@ def _tail_kernel(
         t = tl.load(T + b, mask=mask, other=0.0)
         u = tl.load(LOGVAR + b, mask=mask, other=0.0)
         n = 1.0 / (tl.sqrt(s0 / D) + p2)
-        S = tl.maximum(s2 - 2.0 * s1 * n + s0 * n * n, 0.0)
+        S = s2 - 2.0 * s1 * n + s0 * n * n
+        S = tl.where(S < 0.0, 0.0, S)  # keeps a NaN (a diverged sample) a NaN, as clamp_min does
         cos_t, sin_t = tl.cos(t), tl.sin(t)
-        sigma = tl.maximum(p0 * sin_t / cos_t, 1e-6)  # METHODS.md: no zero denominators
+        sigma = p0 * sin_t / cos_t
+        sigma = tl.where(sigma < 1e-6, 1e-6, sigma)  # METHODS.md: no zero denominators
         k = tl.exp(-u) / (D * sigma)
         loss = S * k + u
         tl.store(SAVED + b * NSAVED, 2.0 * red * k, mask=mask)

@@ -45,6 +45,20 @@ def scale(grad: Tensor, factor: Tensor) -> Tensor:
     return (factor * grad.to(factor.dtype)).contiguous()
 
 
+def setup_loss_context(ctx, saved: Tensor) -> None:
+    """For a loss op's setup_context: its saved factors (the op's second output) are constants."""
+    ctx.mark_non_differentiable(saved)
+
+
+def check_first_order(op: str, needs_per_sample_gradient: bool) -> None:
+    """In a loss op's backward: the gradient of a weight or of sCM's log-variance is
+    grad * saved factor, and the factors come from the kernels without a derivative of their
+    own, so a create_graph=True backward that makes one raises instead of returning a gradient
+    that would differentiate as if the factors were constants."""
+    if needs_per_sample_gradient and torch.is_grad_enabled():
+        raise RuntimeError(f"{op}: the fused loss has no second derivative (create_graph=True)")
+
+
 def per_sample_stat(value: Tensor, like: Tensor) -> Tensor:
     """A (B,) or (B, k) per-sample tensor as the kernels read it: contiguous, in the statistics'
     dtype of ``like``."""

@@ -126,11 +126,14 @@ softplus_loss_backward_eager = EagerOp(torch.ops.fastgen.softplus_loss_backward,
 def _setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(inputs[0], output[1])
     ctx.negative = inputs[1]
+    sl.setup_loss_context(ctx, output[1])
 
 
 def _backward(ctx, grad, _grad_saved):
     x, saved = ctx.saved_tensors
-    dx = softplus_loss_backward_eager(x, ctx.negative, saved[:, 0], grad) if ctx.needs_input_grad[0] else None
+    dx = None
+    if ctx.needs_input_grad[0]:
+        dx = softplus_loss_backward_eager(x, ctx.negative, saved[:, 0], grad)
     return dx, None, None
 
 

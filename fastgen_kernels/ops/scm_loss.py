@@ -146,10 +146,12 @@ scm_loss_backward_eager = EagerOp(torch.ops.fastgen.scm_loss_backward, backward_
 
 def _setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(*inputs[:5], output[1])
+    sl.setup_loss_context(ctx, output[1])
 
 
 def _backward(ctx, grad, _grad_saved):
     *inputs, saved = ctx.saved_tensors
+    sl.check_first_order("scm_loss", ctx.needs_input_grad[6])
     dF = dlogvar = None
     if ctx.needs_input_grad[0]:
         dF = scm_loss_backward_eager(*inputs, saved[:, 2:], saved[:, 0], grad)

@@ -148,11 +148,13 @@ squared_residual_backward_eager = EagerOp(torch.ops.fastgen.squared_residual_bac
 def _setup_context(ctx, inputs, output) -> None:
     a, b, c, k = inputs[:4]
     ctx.save_for_backward(a, b, c, k, output[1])
+    sl.setup_loss_context(ctx, output[1])
 
 
 def _backward(ctx, grad, _grad_saved):
     a, b, c, k, saved = ctx.saved_tensors
     needs_a, needs_b, _, _, needs_weight = ctx.needs_input_grad[:5]
+    sl.check_first_order("squared_residual_loss", needs_weight)
     da = db = dweight = None
     if needs_a or needs_b:
         da, db = squared_residual_backward_eager(a, b, c, k, saved[:, 0], grad, needs_b)

@@ -106,6 +106,7 @@ vsd_loss_backward_eager = EagerOp(torch.ops.fastgen.vsd_loss_backward, backward_
 def _setup_context(ctx, inputs, output) -> None:
     _, teacher, fake, *_ = inputs
     ctx.save_for_backward(teacher, fake, output[1])
+    sl.setup_loss_context(ctx, output[1])
 
 
 def _backward(ctx, grad, _grad_saved):
