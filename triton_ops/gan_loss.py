@@ -60,7 +60,7 @@ def _backward_kernel(
 
 
 def sums(x: Tensor, negative: bool) -> Tensor:
-    """(B, 1) fp32 per-sample sum of softplus(z)."""
+    """(B, chunks, 1) fp32 partial sums of softplus(z) per sample."""
     return sample_reduce.reduce(_sums_kernel, [x], 1, NEGATIVE=negative)
 
 

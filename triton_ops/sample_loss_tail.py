@@ -1,6 +1,7 @@
 """Triton side of the per-sample losses' tails (formulas: csrc/sample_loss_tail.h, kinds and
-widths: fastgen_kernels/ops/_sample_loss.py): one program over the whole batch, which also sums
-the batch for "mean" (one tl.sum over a fixed block: deterministic)."""
+widths: fastgen_kernels/ops/_sample_loss.py): one program over the whole batch, which first adds
+each sample's partial sums in chunk order (what the reductions leave, triton_ops/sample_reduce.py)
+and last sums the batch for "mean" (one tl.sum over a fixed block: deterministic)."""
 
 from __future__ import annotations
 
@@ -13,13 +14,14 @@ from fastgen_kernels.ops import _sample_loss as sl
 
 @triton.jit
 def _tail_kernel(
-    SUMS,  # (B, NSUMS) fp32
+    PARTIALS,  # (B, chunks, NSUMS) fp32 partial sums
     WEIGHT,  # (B,) fp32, read if HAS_WEIGHT
     T,  # (B,) fp32, read if KIND == SCM
     LOGVAR,  # (B,) fp32, read if KIND == SCM
     LOSS,  # () if MEAN else (B,) fp32 output
     SAVED,  # (B, NSAVED) fp32 output
     batch,
+    chunks,  # partial sums per sample
     D,  # elements per sample, as a float
     red,  # 1 / B for "mean", 1 for "none"
     p0, p1, p2, p3,  # the tail's params
@@ -32,7 +34,16 @@ def _tail_kernel(
 ):
     b = tl.arange(0, BLOCK)
     mask = b < batch
-    s0 = tl.load(SUMS + b * NSUMS, mask=mask, other=0.0)
+    s0 = tl.zeros([BLOCK], tl.float32)
+    s1 = tl.zeros([BLOCK], tl.float32)
+    s2 = tl.zeros([BLOCK], tl.float32)
+    for k in range(0, chunks):
+        row = PARTIALS + (b * chunks + k) * NSUMS
+        s0 += tl.load(row, mask=mask, other=0.0)
+        if NSUMS > 1:
+            s1 += tl.load(row + 1, mask=mask, other=0.0)
+        if NSUMS > 2:
+            s2 += tl.load(row + 2, mask=mask, other=0.0)
     w = tl.full([BLOCK], 1.0, tl.float32)
     if HAS_WEIGHT:
         w = tl.load(WEIGHT + b, mask=mask, other=1.0)
@@ -51,14 +62,12 @@ def _tail_kernel(
         tl.store(SAVED + b * NSAVED + 1, red * p0 * adaptive * m, mask=mask)
     elif KIND == 1:  # VSD: (eps,)
         c = 1.0 / (s0 / D + p0) * w
-        loss = 0.5 * c * c * tl.load(SUMS + b * NSUMS + 1, mask=mask, other=0.0) / D
+        loss = 0.5 * c * c * s1 / D
         tl.store(SAVED + b * NSAVED, red * c / D, mask=mask)
     elif KIND == 2:  # softplus
         loss = s0 / D
         tl.store(SAVED + b * NSAVED, tl.full([BLOCK], 1.0, tl.float32) * (red / D), mask=mask)
     else:  # sCM: (sigma_data, warmup, c)
-        s1 = tl.load(SUMS + b * NSUMS + 1, mask=mask, other=0.0)
-        s2 = tl.load(SUMS + b * NSUMS + 2, mask=mask, other=0.0)
         t = tl.load(T + b, mask=mask, other=0.0)
         u = tl.load(LOGVAR + b, mask=mask, other=0.0)
         n = 1.0 / (tl.sqrt(s0 / D) + p2)
@@ -81,15 +90,17 @@ def _tail_kernel(
         tl.store(LOSS + b, loss, mask=mask)
 
 
-def tail(sums: Tensor, weight: Tensor | None, t: Tensor | None, logvar: Tensor | None, kind: int,
+def tail(partials: Tensor, weight: Tensor | None, t: Tensor | None, logvar: Tensor | None, kind: int,
          params: list[float], numel: int, mean: bool) -> tuple[Tensor, Tensor]:
-    """(loss () if mean else (B,), saved (B, k)) from the fp32 sums (B, n); per-sample inputs fp32."""
-    batch = sums.shape[0]
+    """(loss () if mean else (B,), saved (B, k)) from the fp32 partial sums (B, chunks, n) or sums
+    (B, n); per-sample inputs fp32."""
+    batch = partials.shape[0]
+    chunks = partials.shape[1] if partials.dim() == 3 else 1
     nsums, nsaved = sl.TAIL_WIDTHS[kind]
     p0, p1, p2, p3 = [float(v) for v in params] + [0.0] * (4 - len(params))
-    loss = sums.new_empty(() if mean else (batch,))
-    saved = sums.new_empty(batch, nsaved)
-    _tail_kernel[(1,)](sums.contiguous(), weight, t, logvar, loss, saved, batch, float(numel),
+    loss = partials.new_empty(() if mean else (batch,))
+    saved = partials.new_empty(batch, nsaved)
+    _tail_kernel[(1,)](partials.contiguous(), weight, t, logvar, loss, saved, batch, chunks, float(numel),
                        1.0 / batch if mean else 1.0, p0, p1, p2, p3,
                        KIND=kind, NSUMS=nsums, NSAVED=nsaved, HAS_WEIGHT=weight is not None, MEAN=mean,
                        BLOCK=max(16, triton.next_power_of_2(batch)), num_warps=4)

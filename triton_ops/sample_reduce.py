@@ -2,8 +2,8 @@
 
 Reductions: grid (B * chunks_per_sample,), one program per chunk of one sample (the chunking of
 csrc/sample_chunks.h, mirrored by `sample_chunks`), each storing its fp32 partial sums to
-partials (B, chunks_per_sample, NSTAT); `reduce` adds them up per sample with a torch sum over
-that tiny tensor (deterministic: a fixed reduction over a fixed shape, no atomics).
+partials (B, chunks_per_sample, NSTAT), which the loss's tail adds up per sample in chunk order
+(triton_ops/sample_loss_tail.py; deterministic, no atomics).
 
 Backward passes: elementwise kernels of ELEMENTWISE_BLOCK elements per program over the flat
 (B * numel,) tensors, launched by `elementwise`.
@@ -46,7 +46,7 @@ def reduce(kernel, inputs: list[Tensor | None], nstat: int, **kwargs) -> Tensor:
     """Runs reduction ``kernel(*inputs, PARTIALS, numel, chunk_size, chunks_per_sample,
     BLOCK=..., **kwargs)`` (kwargs: scalars after chunks_per_sample, constexprs); inputs[0] is
     (B, ...) and fixes B and numel, the others are tensors of its shape, per-sample tensors or
-    None. Returns the sums (B, nstat) in fp32."""
+    None. Returns the partial sums (B, chunks_per_sample, nstat) in fp32."""
     inputs = contiguous(*inputs)
     batch = inputs[0].shape[0]
     numel = inputs[0].numel() // batch
@@ -54,7 +54,7 @@ def reduce(kernel, inputs: list[Tensor | None], nstat: int, **kwargs) -> Tensor:
     partials = torch.empty(batch, chunks, nstat, device=inputs[0].device, dtype=torch.float32)
     kernel[(batch * chunks,)](*inputs, partials, numel, chunk_size, chunks, BLOCK=BLOCK,
                               num_warps=4, **kwargs)
-    return partials.sum(1)
+    return partials
 
 
 def elementwise(kernel, inputs: list[Tensor | None], outputs: list[Tensor | None], **constexprs) -> None:

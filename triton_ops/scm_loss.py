@@ -82,7 +82,7 @@ def _backward_kernel(
 
 def sums(F: Tensor, F_minus: Tensor, dxt_dt: Tensor, jvp: Tensor, x_t: Tensor, t: Tensor,
          sigma_data: float, warmup: float) -> Tensor:
-    """(B, 3) fp32 per-sample (sum g^2, sum d g, sum d^2); t (B,) fp32."""
+    """(B, chunks, 3) fp32 partial (sum g^2, sum d g, sum d^2) per sample; t (B,) fp32."""
     return sample_reduce.reduce(_sums_kernel, [F, F_minus, dxt_dt, jvp, x_t, t], 3,
                                 sigma_data=float(sigma_data), jvp_weight=float(warmup))
 

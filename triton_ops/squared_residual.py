@@ -72,7 +72,7 @@ def _scaled_residual_kernel(
 
 
 def sums(a: Tensor, b: Tensor, c: Tensor | None, k: Tensor | None) -> Tensor:
-    """(B, 1) fp32 per-sample sum of r^2; k (B,) fp32 with c."""
+    """(B, chunks, 1) fp32 partial sums of r^2 per sample; k (B,) fp32 with c."""
     return sample_reduce.reduce(_sums_kernel, [a, b, c, k], 1, HAS_C=c is not None)
 
 

@@ -1,6 +1,6 @@
 """Triton kernel of the VSD loss (math: fastgen_kernels/ops/vsd_loss.py): one pass over x_g,
 x0_teacher, x0_fake per (sample, chunk) storing the partial sums of |x_g - T| and (Fk - T)^2
-(scheme: triton_ops/sample_reduce.py). The backward is sample_reduce.scaled_difference."""
+(scheme: triton_ops/sample_reduce.py). The backward is triton_ops/squared_residual.scaled_residual."""
 
 from __future__ import annotations
 
@@ -40,5 +40,5 @@ def _sums_kernel(
 
 
 def sums(x_g: Tensor, x0_teacher: Tensor, x0_fake: Tensor) -> Tensor:
-    """(B, 2) fp32 per-sample (S1, S2), as the reference's sums."""
+    """(B, chunks, 2) fp32 partial (S1, S2) per sample; the tail adds them up."""
     return sample_reduce.reduce(_sums_kernel, [x_g, x0_teacher, x0_fake], 2)
