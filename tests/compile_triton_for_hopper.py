@@ -81,9 +81,9 @@ def record_all_launches() -> None:
     # the constexpr variants the example arguments leave out
     x, s = torch.randn(2, 3, 16), torch.rand(2)
     triton_squared_residual.sums(x, x, None, None)
-    triton_squared_residual.scaled_residual(x, x, None, None, s, True)
+    triton_squared_residual.scaled_residual(x, x, None, None, s, None, True)
     triton_gan_loss.sums(x, False)
-    triton_gan_loss.backward(x, False, s)
+    triton_gan_loss.backward(x, False, s, s)
     for kind, (nsums, _) in sl.TAIL_WIDTHS.items():  # every tail, mean or not, weighted or not
         for mean in (True, False):
             triton_sample_loss_tail.tail(torch.rand(2, nsums), s, s, s, kind, [1.0, 0.1, 1.0, 0.1], 48, mean)

@@ -10,7 +10,7 @@ import triton.language as tl
 from torch import Tensor
 
 from fastgen_kernels.triton_ops import sample_reduce
-from fastgen_kernels.triton_ops.sample_reduce import chunk_range
+from fastgen_kernels.triton_ops.sample_reduce import chunk_range, sample_scale
 
 
 @triton.jit
@@ -41,17 +41,18 @@ def _sums_kernel(
 @triton.jit
 def _backward_kernel(
     X,  # (B * numel,) logits
-    S,  # (B,) fp32 per-sample scale
     OUT,  # (B * numel,) output: s_b * sign * sigmoid(z)
     total,  # B * numel
     numel,  # elements per sample
+    FACTOR, factor_stride, GRAD, grad_stride,  # s_b (sample_reduce.sample_scale)
     NEGATIVE: tl.constexpr,
+    HAS_GRAD: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < total
     z = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-    s = tl.load(S + offs // numel, mask=mask, other=0.0)
+    s = sample_scale(FACTOR, factor_stride, GRAD, grad_stride, offs // numel, mask, HAS_GRAD)
     if NEGATIVE:
         z = -z
         s = -s
@@ -64,8 +65,9 @@ def sums(x: Tensor, negative: bool) -> Tensor:
     return sample_reduce.reduce(_sums_kernel, [x], 1, NEGATIVE=negative)
 
 
-def backward(x: Tensor, negative: bool, s: Tensor) -> Tensor:
-    """s_b * sign * sigmoid(z); s (B,) fp32."""
+def backward(x: Tensor, negative: bool, factor: Tensor, grad: Tensor | None) -> Tensor:
+    """s_b * sign * sigmoid(z), s_b = factor[b] * grad (sample_reduce.scale_args)."""
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
-    sample_reduce.elementwise(_backward_kernel, [x, s], [out], NEGATIVE=negative)
+    sample_reduce.elementwise(_backward_kernel, [x], [out], **sample_reduce.scale_args(factor, grad),
+                              NEGATIVE=negative)
     return out

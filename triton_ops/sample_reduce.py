@@ -38,6 +38,26 @@ def chunk_range(program, numel, chunk_size, chunks_per_sample):
     return sample * numel + start, sample * numel + tl.minimum(start + chunk_size, numel)
 
 
+@triton.jit
+def sample_scale(FACTOR, factor_stride, GRAD, grad_stride, sample, mask, HAS_GRAD: tl.constexpr):
+    """A backward pass's per-sample scale s_b = factor[b] * grad[b] (csrc/cuda/launch.h
+    SampleScale): a column of the loss tail's saved factors times the upstream gradient."""
+    s = tl.load(FACTOR + sample * factor_stride, mask=mask, other=0.0)
+    if HAS_GRAD:
+        s = s * tl.load(GRAD + sample * grad_stride, mask=mask, other=0.0)
+    return s
+
+
+def scale_args(factor: Tensor, grad: Tensor | None) -> dict:
+    """The keyword arguments of `sample_scale` for a (B,) fp32 factor at any stride and an
+    upstream gradient () or (B,) (grad_stride 0 broadcasts a scalar), or None (s_b = factor[b])."""
+    if grad is not None:
+        grad = grad.to(torch.float32)
+    return {"FACTOR": factor, "factor_stride": factor.stride(0), "GRAD": grad,
+            "grad_stride": grad.stride(0) if grad is not None and grad.dim() == 1 else 0,
+            "HAS_GRAD": grad is not None}
+
+
 def contiguous(*tensors: Tensor | None) -> list[Tensor | None]:
     return [None if t is None else t.contiguous() for t in tensors]
 
@@ -57,10 +77,11 @@ def reduce(kernel, inputs: list[Tensor | None], nstat: int, **kwargs) -> Tensor:
     return partials
 
 
-def elementwise(kernel, inputs: list[Tensor | None], outputs: list[Tensor | None], **constexprs) -> None:
-    """Runs ``kernel(*inputs, *outputs, total, numel, BLOCK=..., **constexprs)``, one program per
-    ELEMENTWISE_BLOCK elements; inputs[0] is (B, ...) and fixes total = B * numel."""
+def elementwise(kernel, inputs: list[Tensor | None], outputs: list[Tensor | None], **kwargs) -> None:
+    """Runs ``kernel(*inputs, *outputs, total, numel, BLOCK=..., **kwargs)``, one program per
+    ELEMENTWISE_BLOCK elements; inputs[0] is (B, ...) and fixes total = B * numel; inputs are made
+    contiguous, kwargs (strided per-sample tensors with their strides, constexprs) pass as they are."""
     total = inputs[0].numel()
     kernel[(triton.cdiv(total, ELEMENTWISE_BLOCK),)](
         *contiguous(*inputs), *outputs, total, total // inputs[0].shape[0], BLOCK=ELEMENTWISE_BLOCK,
-        num_warps=4, **constexprs)
+        num_warps=4, **kwargs)

@@ -12,7 +12,7 @@ import triton.language as tl
 from torch import Tensor
 
 from fastgen_kernels.triton_ops import sample_reduce
-from fastgen_kernels.triton_ops.sample_reduce import chunk_range
+from fastgen_kernels.triton_ops.sample_reduce import chunk_range, sample_scale
 
 
 @triton.jit
@@ -62,21 +62,23 @@ def _sums_kernel(
 @triton.jit
 def _backward_kernel(
     F, FM, DX, J, XT,  # (B * numel,) each: F, F_minus, dxt_dt, jvp, x_t
-    Q,  # (B, 4) fp32 normalized tangent coefficients q
-    S,  # (B,) fp32 per-sample scale
     OUT,  # (B * numel,) output: s_b * (d - q . inputs)
     total,  # B * numel
     numel,  # elements per sample
+    Q,  # (B, 4) fp32 normalized tangent coefficients q, rows q_stride apart
+    q_stride,
+    FACTOR, factor_stride, GRAD, grad_stride,  # s_b (sample_reduce.sample_scale)
+    HAS_GRAD: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < total
     sample = offs // numel
     f, fm, dx, j, xt = _load_inputs(F, FM, DX, J, XT, offs, mask)
-    q = Q + sample * 4
+    q = Q + sample * q_stride
     g = (tl.load(q, mask=mask, other=0.0) * fm + tl.load(q + 1, mask=mask, other=0.0) * dx
          + tl.load(q + 2, mask=mask, other=0.0) * j + tl.load(q + 3, mask=mask, other=0.0) * xt)
-    out = tl.load(S + sample, mask=mask, other=0.0) * (f - fm - g)
+    out = sample_scale(FACTOR, factor_stride, GRAD, grad_stride, sample, mask, HAS_GRAD) * (f - fm - g)
     tl.store(OUT + offs, out.to(OUT.dtype.element_ty), mask=mask)
 
 
@@ -88,8 +90,10 @@ def sums(F: Tensor, F_minus: Tensor, dxt_dt: Tensor, jvp: Tensor, x_t: Tensor, t
 
 
 def backward(F: Tensor, F_minus: Tensor, dxt_dt: Tensor, jvp: Tensor, x_t: Tensor, q: Tensor,
-             s: Tensor) -> Tensor:
-    """s_b * (F - F_minus - q . (F_minus, dxt_dt, jvp, x_t)); q (B, 4), s (B,) fp32."""
+             factor: Tensor, grad: Tensor | None) -> Tensor:
+    """s_b * (F - F_minus - q . (F_minus, dxt_dt, jvp, x_t)), s_b = factor[b] * grad
+    (sample_reduce.scale_args); q (B, 4) fp32 with contiguous rows at any row stride."""
     out = torch.empty_like(F, memory_format=torch.contiguous_format)
-    sample_reduce.elementwise(_backward_kernel, [F, F_minus, dxt_dt, jvp, x_t, q, s], [out])
+    sample_reduce.elementwise(_backward_kernel, [F, F_minus, dxt_dt, jvp, x_t], [out], Q=q, q_stride=q.stride(0),
+                              **sample_reduce.scale_args(factor, grad))
     return out

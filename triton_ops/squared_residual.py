@@ -10,7 +10,7 @@ import triton.language as tl
 from torch import Tensor
 
 from fastgen_kernels.triton_ops import sample_reduce
-from fastgen_kernels.triton_ops.sample_reduce import chunk_range
+from fastgen_kernels.triton_ops.sample_reduce import chunk_range, sample_scale
 
 
 @triton.jit
@@ -48,13 +48,14 @@ def _scaled_residual_kernel(
     Bt,  # (B * numel,)
     C,  # (B * numel,), read if HAS_C
     K,  # (B,) fp32, read if HAS_C
-    S,  # (B,) fp32 per-sample scale
     OUT,  # (B * numel,) output: s_b * r
     NEG,  # (B * numel,) output: -OUT, written if NEGATED
     total,  # B * numel
     numel,  # elements per sample
+    FACTOR, factor_stride, GRAD, grad_stride,  # s_b (sample_reduce.sample_scale)
     HAS_C: tl.constexpr,
     NEGATED: tl.constexpr,
+    HAS_GRAD: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -65,7 +66,7 @@ def _scaled_residual_kernel(
     if HAS_C:
         k = tl.load(K + sample, mask=mask, other=0.0)
         r += k * tl.load(C + offs, mask=mask, other=0.0).to(tl.float32)
-    out = tl.load(S + sample, mask=mask, other=0.0) * r
+    out = sample_scale(FACTOR, factor_stride, GRAD, grad_stride, sample, mask, HAS_GRAD) * r
     tl.store(OUT + offs, out.to(OUT.dtype.element_ty), mask=mask)
     if NEGATED:
         tl.store(NEG + offs, (-out).to(NEG.dtype.element_ty), mask=mask)
@@ -76,11 +77,12 @@ def sums(a: Tensor, b: Tensor, c: Tensor | None, k: Tensor | None) -> Tensor:
     return sample_reduce.reduce(_sums_kernel, [a, b, c, k], 1, HAS_C=c is not None)
 
 
-def scaled_residual(a: Tensor, b: Tensor, c: Tensor | None, k: Tensor | None, s: Tensor,
-                    negated: bool) -> tuple[Tensor, Tensor]:
-    """(s_b * r, its negation or an empty tensor); k, s (B,) fp32."""
+def scaled_residual(a: Tensor, b: Tensor, c: Tensor | None, k: Tensor | None, factor: Tensor,
+                    grad: Tensor | None, negated: bool) -> tuple[Tensor, Tensor]:
+    """(s_b * r, its negation or an empty tensor), s_b = factor[b] * grad (sample_reduce.scale_args);
+    k (B,) fp32."""
     out = torch.empty_like(a, memory_format=torch.contiguous_format)
     neg = torch.empty_like(out) if negated else a.new_empty(0)
-    sample_reduce.elementwise(_scaled_residual_kernel, [a, b, c, k, s], [out, neg if negated else None],
-                              HAS_C=c is not None, NEGATED=negated)
+    sample_reduce.elementwise(_scaled_residual_kernel, [a, b, c, k], [out, neg if negated else None],
+                              **sample_reduce.scale_args(factor, grad), HAS_C=c is not None, NEGATED=negated)
     return out, neg

@@ -46,10 +46,10 @@ def reference_sums(x: Tensor, negative: bool) -> Tensor:
     return F.softplus(_signed(x, negative)).sum(1, keepdim=True)
 
 
-def reference_backward_kernel(x: Tensor, negative: bool, s: Tensor) -> Tensor:
-    """s_b * sign * sigmoid(z), in x's dtype."""
+def reference_backward_kernel(x: Tensor, negative: bool, factor: Tensor, grad: Tensor) -> Tensor:
+    """s_b * sign * sigmoid(z), s_b = grad * factor_b, in x's dtype."""
     sign = -1.0 if negative else 1.0
-    return (sign * s[:, None] * torch.sigmoid(_signed(x, negative))).view(x.shape).to(x.dtype)
+    return (sign * sl.scale(grad, factor)[:, None] * torch.sigmoid(_signed(x, negative))).view(x.shape).to(x.dtype)
 
 
 # --------------------------------------------------------------------------- backends
@@ -59,8 +59,8 @@ def _extension_sums(x, negative):
     return torch.ops.fastgen_C.softplus_sums(x.contiguous(), negative)
 
 
-def _extension_backward(x, negative, s):
-    return torch.ops.fastgen_C.softplus_backward(x.contiguous(), negative, s)
+def _extension_backward(x, negative, factor, grad):
+    return torch.ops.fastgen_C.softplus_backward(x.contiguous(), negative, sl.scale(grad, factor))
 
 
 def _triton_sums(x, negative):
@@ -69,10 +69,10 @@ def _triton_sums(x, negative):
     return gan_loss.sums(x, negative)
 
 
-def _triton_backward(x, negative, s):
+def _triton_backward(x, negative, factor, grad):
     from fastgen_kernels.triton_ops import gan_loss
 
-    return gan_loss.backward(x, negative, s)
+    return gan_loss.backward(x, negative, factor, grad)
 
 
 _SUMS = {"cuda": _extension_sums, "triton": _triton_sums, "cpu": _extension_sums,
@@ -90,7 +90,7 @@ def _forward_impl(backend: str):
 
 def _backward_impl(backend: str):
     def backward(x, negative, factor, grad):
-        return _BACKWARD[backend](x, negative, sl.scale(grad, factor))
+        return _BACKWARD[backend](x, negative, factor, grad)
     return backward
 
 

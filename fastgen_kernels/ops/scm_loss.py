@@ -60,10 +60,10 @@ def reference_sums(F, F_minus, dxt_dt, jvp, x_t, t, sigma_data, warmup) -> Tenso
     return torch.stack([(g * g).sum(1), (d * g).sum(1), (d * d).sum(1)], 1)
 
 
-def reference_backward_kernel(F, F_minus, dxt_dt, jvp, x_t, q, s) -> Tensor:
-    """s_b * (d - q . (F_minus, dxt_dt, jvp, x_t)), in F's dtype."""
+def reference_backward_kernel(F, F_minus, dxt_dt, jvp, x_t, q, factor, grad) -> Tensor:
+    """s_b * (d - q . (F_minus, dxt_dt, jvp, x_t)), s_b = grad * factor_b, in F's dtype."""
     g, d = _tangent_and_difference(F, F_minus, dxt_dt, jvp, x_t, q)
-    return (s.to(g.dtype)[:, None] * (d - g)).view(F.shape).to(F.dtype)
+    return (sl.scale(grad, factor).to(g.dtype)[:, None] * (d - g)).view(F.shape).to(F.dtype)
 
 
 # --------------------------------------------------------------------------- backends
@@ -74,9 +74,9 @@ def _extension_sums(F, F_minus, dxt_dt, jvp, x_t, t, sigma_data, warmup):
                                              sigma_data, warmup)
 
 
-def _extension_backward(*args):
-    *inputs, q, s = args
-    return torch.ops.fastgen_C.scm_loss_backward(*(x.contiguous() for x in inputs), q, s)
+def _extension_backward(F, F_minus, dxt_dt, jvp, x_t, q, factor, grad):
+    return torch.ops.fastgen_C.scm_loss_backward(*(x.contiguous() for x in (F, F_minus, dxt_dt, jvp, x_t)), q,
+                                                 sl.scale(grad, factor))
 
 
 def _triton_sums(*args):
@@ -108,7 +108,7 @@ def _forward_impl(backend: str):
 
 def _backward_impl(backend: str):
     def backward(F, F_minus, dxt_dt, jvp, x_t, q, factor, grad):
-        return _BACKWARD[backend](F, F_minus, dxt_dt, jvp, x_t, q, sl.scale(grad, factor))
+        return _BACKWARD[backend](F, F_minus, dxt_dt, jvp, x_t, q, factor, grad)
     return backward
 
 

@@ -50,9 +50,9 @@ def reference_sums(a: Tensor, b: Tensor, c: Tensor | None, k: Tensor | None) -> 
     return _residual(a, b, c, k).square().sum(1, keepdim=True)
 
 
-def reference_scaled_residual(a, b, c, k, s, negated: bool) -> tuple[Tensor, Tensor]:
-    """(s_b * r, its negation or an empty tensor), in a's dtype and shape."""
-    out = (sl.per_sample_stat(s, a).view(-1, 1) * _residual(a, b, c, k)).view(a.shape)
+def reference_scaled_residual(a, b, c, k, factor, grad, negated: bool) -> tuple[Tensor, Tensor]:
+    """(s_b * r, its negation or an empty tensor), s_b = grad * factor_b, in a's dtype and shape."""
+    out = (sl.scale(grad, factor).view(-1, 1) * _residual(a, b, c, k)).view(a.shape)
     neg = (-out).to(a.dtype) if negated else a.new_empty(0)
     return out.to(a.dtype), neg
 
@@ -73,10 +73,9 @@ def _extension_sums(a, b, c, k):
                                                      _per_sample_k(a, k))
 
 
-def _extension_scaled_residual(a, b, c, k, s, negated):
+def _extension_scaled_residual(a, b, c, k, factor, grad, negated):
     return tuple(torch.ops.fastgen_C.scaled_residual(
-        a.contiguous(), b.contiguous(), _contiguous(c), _per_sample_k(a, k), sl.per_sample_stat(s, a),
-        negated))
+        a.contiguous(), b.contiguous(), _contiguous(c), _per_sample_k(a, k), sl.scale(grad, factor), negated))
 
 
 def _triton_sums(a, b, c, k):
@@ -85,17 +84,17 @@ def _triton_sums(a, b, c, k):
     return squared_residual.sums(a, b, c, _per_sample_k(a, k))
 
 
-def _triton_scaled_residual(a, b, c, k, s, negated):
+def _triton_scaled_residual(a, b, c, k, factor, grad, negated):
     from fastgen_kernels.triton_ops import squared_residual
 
-    return squared_residual.scaled_residual(a, b, c, _per_sample_k(a, k), sl.per_sample_stat(s, a),
-                                            negated)
+    return squared_residual.scaled_residual(a, b, c, _per_sample_k(a, k), factor, grad, negated)
 
 
 SUMS = {"cuda": _extension_sums, "triton": _triton_sums, "cpu": _extension_sums,
         "reference": reference_sums}
 
-# out = s_b * r (and -out): the backward kernel of this op and of the VSD loss, per backend
+# out = s_b * r (and -out), s_b = grad * factor_b: the backward kernel of this op and of the VSD
+# loss, per backend
 SCALED_RESIDUAL = {"cuda": _extension_scaled_residual, "triton": _triton_scaled_residual,
                    "cpu": _extension_scaled_residual, "reference": reference_scaled_residual}
 
@@ -109,7 +108,7 @@ def _forward_impl(backend: str):
 
 def _backward_impl(backend: str):
     def backward(a, b, c, k, factor, grad, b_grad):
-        return SCALED_RESIDUAL[backend](a, b, c, k, sl.scale(grad, factor), b_grad)
+        return SCALED_RESIDUAL[backend](a, b, c, k, factor, grad, b_grad)
     return backward
 
 

@@ -69,7 +69,7 @@ def _forward_impl(backend: str):
 
 def _backward_impl(backend: str):
     def backward(fake, teacher, factor, grad):
-        return SCALED_RESIDUAL[backend](fake, teacher, None, None, sl.scale(grad, factor), False)[0]
+        return SCALED_RESIDUAL[backend](fake, teacher, None, None, factor, grad, False)[0]
     return backward
 
 
