@@ -55,16 +55,19 @@ def assert_within_peer(actual: torch.Tensor, peer: torch.Tensor, expected: torch
         f"+ noise {noise:.3g}")
 
 
-def assert_close_scaled(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str) -> None:
+def assert_close_scaled(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str,
+                        floor: float = 0.0) -> None:
     """As assert_close, in units of the largest |expected|: for loss gradients, whose size is set
     by 1/D (about 1e-4 here), so absolute tolerances made for O(1) values would accept anything.
     Each element is one rounding of an fp32 value (a per-sample scale times a difference), so the
     dtype's tolerance relative to the tensor's scale bounds it, plus one subnormal step of the
     dtype: tiny gradients (inputs of size 1e-3 over D = 343 give 6e-6, below float16's smallest
-    normal 6.1e-5) round to the subnormal grid, whatever the kernel."""
+    normal 6.1e-5) round to the subnormal grid, whatever the kernel. ``floor``: the least scale, for
+    values that are small differences of larger terms (sCM's d loss / d logvar = 1 - S k near the
+    fixed point S k = 1 is 1e-3 with an error of the dtype's eps, not of eps 1e-3)."""
     rtol, atol = TOLERANCES[dtype]
     finfo = torch.finfo(dtype)
-    scale = expected.double().abs().max().clamp_min(torch.finfo(torch.float64).tiny).item()
+    scale = expected.double().abs().max().clamp_min(max(floor, torch.finfo(torch.float64).tiny)).item()
     torch.testing.assert_close(actual.double() / scale, expected.double() / scale, rtol=rtol,
                                atol=atol + finfo.smallest_normal * finfo.eps / scale,
                                msg=lambda m: f"{what} ({dtype}): {m}")
