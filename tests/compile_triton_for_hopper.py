@@ -86,8 +86,8 @@ def record_all_launches() -> None:
     triton_gan_loss.backward(x, False, s, s)
     for kind, (nsums, _) in sl.TAIL_WIDTHS.items():  # every tail, mean or not, weighted or not
         for mean in (True, False):
-            triton_sample_loss_tail.tail(torch.rand(2, nsums), s, s, s, kind, [1.0, 0.1, 1.0, 0.1], 48, mean)
-            triton_sample_loss_tail.tail(torch.rand(2, nsums), None, s, s, kind, [1.0, 0.0, 0.0, 0.1], 48, mean)
+            triton_sample_loss_tail.tail(torch.rand(2, 3, nsums), s, s, s, kind, [1.0, 0.1, 1.0, 0.1], 48, mean)
+            triton_sample_loss_tail.tail(torch.rand(2, 1, nsums), None, s, s, kind, [1.0, 0.0, 0.0, 0.1], 48, mean)
     for dtype in (torch.float32, torch.bfloat16):  # the norm's JVP: every tangent, and the DiT's
         xd, mod, w = x.to(dtype), torch.randn(2, 16, dtype=dtype), torch.randn(16, dtype=dtype)
         stats = torch.randn(2, 3), torch.rand(2, 3)

@@ -92,10 +92,9 @@ def _tail_kernel(
 
 def tail(partials: Tensor, weight: Tensor | None, t: Tensor | None, logvar: Tensor | None, kind: int,
          params: list[float], numel: int, mean: bool) -> tuple[Tensor, Tensor]:
-    """(loss () if mean else (B,), saved (B, k)) from the fp32 partial sums (B, chunks, n) or sums
-    (B, n); per-sample inputs fp32."""
-    batch = partials.shape[0]
-    chunks = partials.shape[1] if partials.dim() == 3 else 1
+    """(loss () if mean else (B,), saved (B, k)) from the fp32 partial sums (B, chunks, n) of the
+    reductions (sample_reduce.reduce); per-sample inputs fp32."""
+    batch, chunks = partials.shape[:2]
     nsums, nsaved = sl.TAIL_WIDTHS[kind]
     p0, p1, p2, p3 = [float(v) for v in params] + [0.0] * (4 - len(params))
     loss = partials.new_empty(() if mean else (batch,))

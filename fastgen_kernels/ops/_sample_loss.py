@@ -115,18 +115,20 @@ def reference_tail(sums: Tensor, weight: Tensor | None, t: Tensor | None, logvar
     return (loss.sum() / sums.shape[0] if mean else loss), torch.stack(saved, 1)
 
 
+def _kernel_inputs(sums: Tensor, *per_sample: Tensor | None) -> list[Tensor | None]:
+    """The per-sample inputs of a tail kernel, as the kernels read them (per_sample_stat)."""
+    return [None if v is None else per_sample_stat(v, sums) for v in per_sample]
+
+
 def _extension_tail(sums, weight, t, logvar, kind, params, numel, mean):
-    return torch.ops.fastgen_C.sample_loss_tail(
-        sums, *(None if v is None else per_sample_stat(v, sums) for v in (weight, t, logvar)),
-        kind, params, numel, mean)
+    return torch.ops.fastgen_C.sample_loss_tail(sums, *_kernel_inputs(sums, weight, t, logvar), kind, params,
+                                                numel, mean)
 
 
-def _triton_tail(sums, weight, t, logvar, kind, params, numel, mean):
+def _triton_tail(partials, weight, t, logvar, kind, params, numel, mean):
     from fastgen_kernels.triton_ops import sample_loss_tail
 
-    return sample_loss_tail.tail(
-        sums, *(None if v is None else per_sample_stat(v, sums) for v in (weight, t, logvar)),
-        kind, params, numel, mean)
+    return sample_loss_tail.tail(partials, *_kernel_inputs(partials, weight, t, logvar), kind, params, numel, mean)
 
 
 TAIL = {"cuda": _extension_tail, "triton": _triton_tail, "cpu": _extension_tail, "reference": reference_tail}
