@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from fastgen_kernels.ops.constant_operands import add_constant, mul_constant
 from fastgen_kernels.schedules import EDM, PREDICTIONS, Schedule, get_schedule, per_sample
 
 CONFIG_NAME = "fastgen.json"
@@ -103,9 +104,10 @@ class Denoiser(nn.Module):
             c_in, c_noise, _, _ = self.schedule.precondition(per_sample(tb, x_t))
             out = self.net((x_t * c_in).to(x_t.dtype), c_noise.reshape(-1), cond, **net_kwargs)
         else:
-            t_in = tb * self.time_scale + self.time_shift
+            t_in = add_constant(mul_constant(tb, self.time_scale), self.time_shift)
             if self.prediction == "mean_flow":
-                r_in = self._times(0.0 if r is None else r, x_t) * self.time_scale + self.time_shift
+                r_in = add_constant(mul_constant(self._times(0.0 if r is None else r, x_t), self.time_scale),
+                                    self.time_shift)
                 out = self.net(x_t, t_in, cond, r_in, **net_kwargs)
             else:
                 out = self.net(x_t, t_in, cond, **net_kwargs)

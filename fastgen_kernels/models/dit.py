@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import fastgen_kernels as fk
+from fastgen_kernels.ops.constant_operands import add_constant, mul_constant
 from fastgen_kernels.ops.linear import linear
 
 PRESETS = {  # name: (depth, hidden_size, num_heads)
@@ -67,7 +68,7 @@ def timestep_frequencies(t: Tensor, dim: int = 256, max_period: float = 10000.0)
     half = dim // 2
     dtype = torch.float64 if t.dtype == torch.float64 else torch.float32
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=dtype) / half)
-    args = t.to(dtype)[:, None] * freqs[None]
+    args = mul_constant(t.to(dtype)[:, None], freqs[None])
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
@@ -92,8 +93,10 @@ class TimestepEmbedder(nn.Module):
         self.frequency_dim = frequency_dim
         self.mlp = nn.Sequential(nn.Linear(frequency_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
 
-    def forward(self, t: Tensor) -> Tensor:
-        return self.mlp(timestep_frequencies(t, self.frequency_dim).to(self.mlp[0].weight.dtype))
+    def forward(self, t: Tensor, fused: bool = False) -> Tensor:
+        first, act, second = self.mlp
+        h = act(_linear(first, timestep_frequencies(t, self.frequency_dim).to(first.weight.dtype), fused))
+        return _linear(second, h, fused)
 
 
 class Attention(nn.Module):
@@ -146,11 +149,20 @@ def _norm_linear(x: Tensor, shift: Tensor, scale: Tensor, layer: nn.Module, fuse
 
 
 def _linear(layer: nn.Module, x: Tensor, fused: bool) -> Tensor:
-    """layer(x); fused with a plain nn.Linear, through ops.linear (one GEMM for its tangent in the
-    distillation methods' forward-mode AD, not PyTorch's two)."""
+    """layer(x); fused with a plain nn.Linear, through ops.linear: in the distillation methods'
+    forward-mode AD its tangent is one GEMM, not PyTorch's two, and its bias adds no host cost
+    (PyTorch's rule gives the bias a zero tangent whose sum with the output's tangent it sizes
+    by running the op on meta tensors through Python, 0.1-0.2 ms a call)."""
     if fused and type(layer) is nn.Linear:
         return linear(x, layer.weight, layer.bias)
     return layer(x)
+
+
+def _modulation(modulation: nn.Module, c: Tensor, fused: bool) -> Tensor:
+    """modulation(c); fused, DiT's Sequential(SiLU, Linear) with the Linear through :func:`_linear`."""
+    if fused and isinstance(modulation, nn.Sequential) and len(modulation) == 2 and type(modulation[0]) is nn.SiLU:
+        return _linear(modulation[1], modulation[0](c), fused)
+    return modulation(c)
 
 
 def _gelu_linear(h: Tensor, mlp: Mlp, fused: bool) -> Tensor:
@@ -191,7 +203,7 @@ class DiTBlock(nn.Module):
         return True
 
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=-1)
+        shift1, scale1, gate1, shift2, scale2, gate2 = _modulation(self.adaLN_modulation, c, self.fused).chunk(6, dim=-1)
         a = self.attn.heads(_norm_linear(x, shift1, scale1, self.attn.qkv, self.fused), self.fused)
         if self.fused_epilogues:
             x = self.attn.proj(a, gate=gate1, residual=x)
@@ -210,7 +222,7 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(D, p * p * config.in_channels)
 
     def forward(self, x: Tensor, c: Tensor, fused: bool) -> Tensor:
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
+        shift, scale = _modulation(self.adaLN_modulation, c, fused).chunk(2, dim=-1)
         return _norm_linear(x, shift, scale, self.linear, fused)
 
 
@@ -278,18 +290,18 @@ class DiT(nn.Module):
 
     def condition(self, t: Tensor, cond: Tensor | None, r: Tensor | None) -> Tensor:
         """c = t_emb(t) [+ y_emb(cond)] [+ r_emb(t - r)]: (B, D)."""
-        c = self.t_embedder(t)
+        c = self.t_embedder(t, self.fused)
         if self.y_embedder is not None:
             if cond is None:
                 cond = torch.full_like(t, self.config.num_classes, dtype=torch.long)
             if cond.dtype.is_floating_point or cond.dim() != 1 or cond.shape[0] != t.shape[0]:
                 raise ValueError(f"DiT: cond must be ({t.shape[0]},) integer class labels, got "
                                  f"{tuple(cond.shape)} {cond.dtype}")
-            c = c + self.y_embedder(cond)
+            c = add_constant(c, self.y_embedder(cond))
         if self.r_embedder is not None:
             if r is None:
                 raise ValueError("DiT: this network takes a second time r (config.second_time)")
-            c = c + self.r_embedder(t - r)
+            c = c + self.r_embedder(t - r, self.fused)
         return c
 
     def forward(self, x: Tensor, t: Tensor, cond: Tensor | None = None, r: Tensor | None = None,
@@ -301,7 +313,7 @@ class DiT(nn.Module):
                              f"got {tuple(x.shape)}")
         t = torch.as_tensor(t, device=x.device).reshape(-1).expand(B)
         dtype = self.x_embedder.weight.dtype
-        tokens = self.x_embedder(x.to(dtype)).flatten(2).transpose(1, 2) + self.pos_embed.to(dtype)
+        tokens = add_constant(self.x_embedder(x.to(dtype)).flatten(2).transpose(1, 2), self.pos_embed.to(dtype))
         c = self.condition(t, cond, None if r is None else torch.as_tensor(r, device=x.device).reshape(-1).expand(B))
         c = c.to(tokens.dtype)
         for block in self.blocks:
