@@ -25,9 +25,9 @@ SKIPPED_NAME_PARTS = ("embed", "norm", "adaln", "modulation")
 
 class Fp8Linear(nn.Module):
     """``y = x @ W^T + b`` with W in float8_e4m3fn and per-output-channel (or per-tensor) fp32
-    scales; x is quantized per token on the fly. ``activation`` (None, "gelu_tanh", "gelu",
-    "silu") is applied in the GEMM's epilogue; ``forward(x, gate=None, residual=None)`` also takes
-    the adaLN-Zero gate and the residual into it. Inference only."""
+    scales; x is quantized per token on the fly (or comes quantized). ``activation`` (None,
+    "gelu_tanh", "gelu", "silu") is applied in the GEMM's epilogue; ``forward(x, gate=None,
+    residual=None)`` also takes the adaLN-Zero gate and the residual into it. Inference only."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, per_channel: bool = True,
                  activation: str | None = None, device: torch.device | None = None,
@@ -61,9 +61,12 @@ class Fp8Linear(nn.Module):
         self.weight, self.weight_scale = codes.to(device), scale.to(device)
         return self
 
-    def forward(self, x: Tensor, gate: Tensor | None = None, residual: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, gate: Tensor | None = None, residual: Tensor | None = None,
+                x_scale: Tensor | None = None, out_dtype: torch.dtype | None = None) -> Tensor:
+        """x (..., in_features), or its e4m3 codes with ``x_scale`` (e.g. from
+        ``modulated_layer_norm_fp8``); the rest as :func:`~fastgen_kernels.ops.fp8_linear`."""
         return fp8_linear(x, self.weight, self.weight_scale, bias=self.bias, activation=self.activation,
-                          gate=gate, residual=residual)
+                          gate=gate, residual=residual, x_scale=x_scale, out_dtype=out_dtype)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

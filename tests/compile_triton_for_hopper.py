@@ -76,7 +76,8 @@ def record_all_launches() -> None:
         for dtype in (torch.float32, torch.bfloat16):
             args = module.example_args(torch.device("cpu"), dtype)
             module.forward_dispatcher.impls["triton"](*args)
-            module.backward_dispatcher.impls["triton"](*module.example_backward_args(*args))
+            if hasattr(module, "backward_dispatcher"):  # inference-only ops have none
+                module.backward_dispatcher.impls["triton"](*module.example_backward_args(*args))
     record_fp8_linear_launches()
     # the constexpr variants the example arguments leave out
     x, s = torch.randn(2, 3, 16), torch.rand(2)

@@ -10,6 +10,7 @@ from fastgen_kernels.schedules import VP
 diffusers = pytest.importorskip("diffusers")
 
 from test_sampling import DATA_STD, GaussianDenoiser, marginal_std  # noqa: E402
+from tolerances import snr_db  # noqa: E402
 
 
 def randomized(model, dtype=torch.float64, std=0.1, seed=0):
@@ -135,10 +136,6 @@ def test_from_diffusers_with_a_schedule_name():
     assert (model.schedule.name, model.prediction, model.time_scale) == ("rf", "flow", 1000.0)
     context = torch.randn(1, 5, 24, dtype=torch.float64)
     assert fk.sample(model, 2, cond=context, seed=0).shape == (1, 4, 8, 8)
-
-
-def snr_db(estimate, reference):
-    return 10 * torch.log10(reference.double().square().sum() / (estimate.double() - reference.double()).square().sum())
 
 
 def test_quantized_diffusers_dit_is_within_the_snr_floor():

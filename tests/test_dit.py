@@ -7,6 +7,7 @@ import torch
 import fastgen_kernels as fk
 from fastgen_kernels.models import DiT, DiTConfig
 from fastgen_kernels.models.dit import DiTBlock
+from tolerances import snr_db
 
 TINY = DiTConfig(input_size=6, patch_size=2, in_channels=3, hidden_size=48, depth=2, num_heads=3, num_classes=5)
 
@@ -151,10 +152,6 @@ def test_save_and_load_a_student_that_samples_without_arguments(tmp_path):
     net = random_dit(dtype=torch.float32, seed=9)
     net.save(tmp_path / "dit.safetensors")
     torch.testing.assert_close(DiT(TINY).load(tmp_path / "dit.safetensors").state_dict(), net.state_dict())
-
-
-def snr_db(estimate, reference):
-    return 10 * torch.log10(reference.double().square().sum() / (estimate.double() - reference.double()).square().sum())
 
 
 def test_fp8_dit_with_fused_epilogues_is_within_the_snr_floor():

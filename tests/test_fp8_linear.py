@@ -9,42 +9,17 @@ the Triton kernels under the interpreter (small tiles: several tiles each way an
   GPUs without FP8 (operands widened, fp32 here), opcheck, torch.compile, bad input."""
 
 import itertools
-import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import fastgen_kernels as fk
+from tolerances import assert_same_codes, snr_db
+
 fp8 = fk.ops.OP_MODULES["fp8_linear"]
 
 BACKENDS = ["reference", "triton"]
-
-
-def snr_db(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """Signal-to-noise ratio of ``actual`` against ``expected``, in dB."""
-    expected = expected.double()
-    noise = (actual.double() - expected).square().sum()
-    return 10 * math.log10(expected.square().sum().item() / max(noise.item(), 1e-300))
-
-
-def assert_same_codes(codes: torch.Tensor, ref: torch.Tensor, backend: str) -> None:
-    """Bit-identical e4m3 codes, but for known faults of the Triton interpreter's fp32 -> e4m3
-    cast (GPUs cast in hardware, cvt.rn.satfinite): it may round to the other neighbour of the
-    value (double rounding through fp16), and rounding up to a power of two loses the carry into
-    the exponent (127.9 -> 64, not 128), also after a double rounding (123.99 -> 64, not 120).
-    Its codes are one of those, on a few elements."""
-    bad = codes.view(torch.uint8) != ref.view(torch.uint8)
-    if backend != "triton":
-        assert not bad.any()
-        return
-
-    def steps_from_reference(values: torch.Tensor) -> torch.Tensor:  # e4m3 codes are monotonic per sign
-        return (values.to(torch.float8_e4m3fn).view(torch.uint8).int() - ref[bad].view(torch.uint8).int()).abs()
-
-    got = codes[bad].float()
-    lost_carry = (torch.frexp(got).mantissa.abs() == 0.5) & (steps_from_reference(2 * got) <= 1)
-    assert ((steps_from_reference(got) == 1) | lost_carry).all() and bad.float().mean() < 0.05
 
 
 def _inputs(generator, batch=2, tokens=19, K=70, N=45, dtype=torch.bfloat16):

@@ -9,6 +9,7 @@ import test_gated_residual as gr
 import test_modulated_norm as mn
 import test_qk_norm_rope as qk
 from conftest import HAS_CUDA
+from tolerances import assert_same_codes, snr_db
 
 import fastgen_kernels as fk
 from fastgen_kernels import _extension
@@ -340,7 +341,7 @@ def test_fp8_linear_on_gpu(M, N, K, epilogue, generator):
         codes, x_scale = torch.ops.fastgen.quantize_fp8_rows(x[0])
         out = fk.ops.fp8_linear(x, weight_q, weight_scale, **kwargs)
     ref_codes, ref_scale = fp8.reference_quantize_rows(x[0])
-    fl.assert_same_codes(codes, ref_codes, "gpu")
+    assert_same_codes(codes, ref_codes, "gpu")
     assert torch.equal(x_scale, ref_scale)
     exact = fl._expected(codes.double() @ weight_q.double().T, x_scale, weight_scale, kwargs, x)
     assert_close_to_fast_accumulation(out, exact, codes, x_scale, weight_q, weight_scale, kwargs, x)
@@ -348,7 +349,32 @@ def test_fp8_linear_on_gpu(M, N, K, epilogue, generator):
         # bf16 output: cuBLAS's row-wise scaled FP8 GEMM gives fp32 only on some GPUs and versions
         gemm = torch._scaled_mm(codes, weight_q.t(), scale_a=x_scale[:, None], scale_b=weight_scale[None],
                                 out_dtype=torch.bfloat16)
-        assert fl.snr_db(out, fl._expected(gemm, None, torch.ones(1, device="cuda"), kwargs, x)) >= 40.0
+        assert snr_db(out, fl._expected(gemm, None, torch.ones(1, device="cuda"), kwargs, x)) >= 40.0
+
+
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(64, 256, 1152), (2, 77, 1000), (1, 5, 37)], ids=str)
+def test_modulated_norm_fp8_on_gpu(dtype, shape, generator):
+    """The Triton norm's e4m3 codes and scales against the reference's: the fp32 norm may differ
+    in its last bit (FMA contraction, summation order), so a row's scale by an ulp and a code by
+    one step on rare elements; the dequantized rows within the e4m3 rounding of the fp64 norm."""
+    fp8 = fk.ops.OP_MODULES["fp8_linear"]
+    if not fp8.fp8_supported(torch.device("cuda")):
+        pytest.skip("no e4m3 on this GPU")
+    mnq = fk.ops.OP_MODULES["modulated_norm_fp8"]
+    inputs = mn.make_inputs(shape, dtype, "layer_affine", True, generator, device="cuda")[:5]
+    with fk.use_backend("triton"), torch.no_grad():
+        codes, scales = fk.modulated_layer_norm_fp8(*inputs)
+    ref_codes, ref_scales = mnq.reference_modulated_norm_fp8(*inputs, 1e-6, False)
+    torch.testing.assert_close(scales, ref_scales, rtol=2e-6, atol=0)
+    def ordinal(c):  # e4m3 is sign-magnitude: the signed magnitude orders the codes (and -0 = +0)
+        bits = c.view(torch.uint8).int()
+        return torch.where(bits >= 128, 128 - bits, bits)
+
+    steps = (ordinal(codes) - ordinal(ref_codes)).abs()
+    assert steps.max() <= 1 and steps.bool().float().mean() < 1e-3, steps.bool().float().mean()
+    y64 = mn.oracle(*(t.double() for t in inputs), False).reshape(-1, shape[-1])
+    assert snr_db(codes.double().reshape(-1, shape[-1]) * scales.double()[:, None], y64) >= 25.0
 
 
 @pytest.mark.parametrize("variant", ["tiled", "persistent_tma"])

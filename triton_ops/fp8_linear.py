@@ -40,6 +40,21 @@ except ImportError:
 
 
 @triton.jit
+def e4m3_scales(amax, E4M3: tl.constexpr, MIN_ABS: tl.constexpr):
+    """(inverse, scale) of a row whose largest magnitude is amax (at least MIN_ABS): its codes are
+    x * inverse, and x ~ codes * scale. Correctly rounded divisions, so that scales and codes equal
+    the reference's bit for bit."""
+    amax = tl.maximum(amax, MIN_ABS)
+    return tl.math.div_rn(E4M3, amax), tl.math.div_rn(amax, E4M3)
+
+
+@triton.jit
+def e4m3_codes(x, inverse, E4M3: tl.constexpr):
+    """x * inverse within [-448, 448] (its rounding may pass 448 by an ulp), for the cast to e4m3."""
+    return tl.minimum(tl.maximum(x * inverse, -E4M3), E4M3)
+
+
+@triton.jit
 def _quantize_rows_kernel(
     X,  # (M, K) bf16/fp16/fp32, rows stride_x apart
     XQ,  # (M, K) float8_e4m3fn output, contiguous
@@ -56,15 +71,12 @@ def _quantize_rows_kernel(
     for start in range(0, K, BLOCK_K):
         x = tl.load(X + row * stride_x + start + cols, mask=start + cols < K, other=0.0)
         amax = tl.maximum(amax, tl.abs(x.to(tl.float32)))
-    amax_row = tl.maximum(tl.max(amax, 0), MIN_ABS)
-    # correctly rounded divisions, so that scales and codes equal the reference's bit for bit
-    inverse = tl.math.div_rn(E4M3, amax_row)
-    tl.store(SCALE + row, tl.math.div_rn(amax_row, E4M3))
+    inverse, scale = e4m3_scales(tl.max(amax, 0), E4M3, MIN_ABS)
+    tl.store(SCALE + row, scale)
     for start in range(0, K, BLOCK_K):
         mask = start + cols < K
         x = tl.load(X + row * stride_x + start + cols, mask=mask, other=0.0).to(tl.float32)
-        q = tl.minimum(tl.maximum(x * inverse, -E4M3), E4M3)  # rounding may pass 448 by an ulp
-        tl.store(XQ + row * K + start + cols, q.to(XQ.dtype.element_ty), mask=mask)
+        tl.store(XQ + row * K + start + cols, e4m3_codes(x, inverse, E4M3).to(XQ.dtype.element_ty), mask=mask)
 
 
 @triton.jit

@@ -1,7 +1,9 @@
 """Triton kernels of the modulated LayerNorm / RMSNorm (math: fastgen_kernels/ops/modulated_norm.py).
 
 Forward: one program per row; the row (D <= 8192 elements, padded to a power of two) lives in
-registers, so x is read once and the statistics are an exact two-pass mean and variance.
+registers, so x is read once and the statistics are an exact two-pass mean and variance. For FP8
+inference it can write y as e4m3 codes with a scale per row instead (the next linear layer's
+per-token quantization, without writing y and reading it back).
 
 JVP: one program per row, reading x and the tangents once: the tangent of y from the forward's
 statistics (the exact formula of the reference, in fp32, rounded once).
@@ -19,7 +21,12 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from fastgen_kernels.ops.fp8_linear import E4M3_MAX, MIN_AMAX
+from fastgen_kernels.triton_ops.fp8_linear import e4m3_codes, e4m3_scales
+
 MAX_D = 8192
+_E4M3 = tl.constexpr(E4M3_MAX)
+_MIN_AMAX = tl.constexpr(MIN_AMAX)
 
 # Partial-sum slots of the backward, as in csrc/row_chunks.h.
 SLOT_WEIGHT, SLOT_BIAS, SLOT_SHIFT, SLOT_SCALE = range(4)
@@ -52,7 +59,8 @@ def _forward_kernel(
     SCALE,  # (rows // scale_div, D)
     W,  # (D,) or unused
     B,  # (D,) or unused
-    Y,  # (rows, D) output
+    Y,  # (rows, D) output in x's dtype, or its e4m3 codes when QUANTIZE
+    Y_SCALE,  # (rows,) fp32 output when QUANTIZE: y's dequantization scale per row; else unused
     MEAN,  # (rows,) fp32 output, unused when RMS
     RSTD,  # (rows,) fp32 output
     D,  # row length
@@ -62,6 +70,7 @@ def _forward_kernel(
     HAS_W: tl.constexpr,
     HAS_B: tl.constexpr,
     RMS: tl.constexpr,
+    QUANTIZE: tl.constexpr,  # y in e4m3 per row (FP8 inference's next linear layer reads it)
     BLOCK_D: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -83,7 +92,12 @@ def _forward_kernel(
         n = n + tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
     shift = tl.load(SHIFT + (row // shift_div) * D + cols, mask=mask, other=0.0).to(tl.float32)
     scale = tl.load(SCALE + (row // scale_div) * D + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(Y + row * D + cols, (n * (1.0 + scale) + shift).to(Y.dtype.element_ty), mask=mask)
+    y = n * (1.0 + scale) + shift
+    if QUANTIZE:  # from y in fp32: no rounding to x's dtype before the codes
+        inverse, y_scale = e4m3_scales(tl.max(tl.where(mask, tl.abs(y), 0.0), axis=0), _E4M3, _MIN_AMAX)
+        tl.store(Y_SCALE + row, y_scale)
+        y = e4m3_codes(y, inverse, _E4M3)
+    tl.store(Y + row * D + cols, y.to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -245,24 +259,40 @@ def _contiguous(t: Tensor | None) -> Tensor | None:
     return None if t is None else t.contiguous()
 
 
+def _launch_forward(x: Tensor, shift: Tensor, scale: Tensor, weight: Tensor | None, bias: Tensor | None,
+                    eps: float, rms: bool, y: Tensor, y_scale: Tensor | None) -> tuple[Tensor, Tensor]:
+    """The forward kernel into y (and y_scale when quantizing); returns (mean, rstd)."""
+    x, shift, scale = x.contiguous(), shift.contiguous(), scale.contiguous()
+    batch, tokens, D = x.shape
+    rstd = torch.empty(batch, tokens, device=x.device, dtype=torch.float32)
+    mean = torch.empty(0 if rms else (batch, tokens), device=x.device, dtype=torch.float32)
+    block, warps = launch_config(D)
+    _forward_kernel[(batch * tokens,)](
+        x, shift, scale, _contiguous(weight), _contiguous(bias), y, y_scale, mean, rstd, D, _div(shift, tokens),
+        _div(scale, tokens), eps, HAS_W=weight is not None, HAS_B=bias is not None, RMS=rms,
+        QUANTIZE=y_scale is not None, BLOCK_D=block, num_warps=warps,
+    )
+    return mean, rstd
+
+
 def forward(
     x: Tensor, shift: Tensor, scale: Tensor, weight: Tensor | None, bias: Tensor | None,
     eps: float, rms: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(y, mean, rstd) as the reference: y (B, L, D) in x's dtype, mean/rstd (B, L) fp32."""
-    x, shift, scale = x.contiguous(), shift.contiguous(), scale.contiguous()
-    weight, bias = _contiguous(weight), _contiguous(bias)
-    batch, tokens, D = x.shape
-    y = torch.empty_like(x)
-    rstd = torch.empty(batch, tokens, device=x.device, dtype=torch.float32)
-    mean = torch.empty(0 if rms else (batch, tokens), device=x.device, dtype=torch.float32)
-    block, warps = launch_config(D)
-    _forward_kernel[(batch * tokens,)](
-        x, shift, scale, weight, bias, y, mean, rstd, D, _div(shift, tokens), _div(scale, tokens),
-        eps, HAS_W=weight is not None, HAS_B=bias is not None, RMS=rms, BLOCK_D=block,
-        num_warps=warps,
-    )
-    return y, mean, rstd
+    y = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+    return y, *_launch_forward(x, shift, scale, weight, bias, eps, rms, y, None)
+
+
+def forward_fp8(
+    x: Tensor, shift: Tensor, scale: Tensor, weight: Tensor | None, bias: Tensor | None,
+    eps: float, rms: bool,
+) -> tuple[Tensor, Tensor]:
+    """(codes (B, L, D) float8_e4m3fn, scales (B * L,) fp32) of y per row, as the reference."""
+    codes = torch.empty(x.shape, device=x.device, dtype=torch.float8_e4m3fn)
+    scales = torch.empty(x.shape[0] * x.shape[1], device=x.device, dtype=torch.float32)
+    _launch_forward(x, shift, scale, weight, bias, eps, rms, codes, scales)
+    return codes, scales
 
 
 def jvp(

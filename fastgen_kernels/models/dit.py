@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 import fastgen_kernels as fk
 from fastgen_kernels.ops.constant_operands import add_constant, mul_constant
+from fastgen_kernels.ops.fp8_linear import fp8_supported
 from fastgen_kernels.ops.linear import linear
 
 PRESETS = {  # name: (depth, hidden_size, num_heads)
@@ -141,10 +142,15 @@ def _modulated_ln(x: Tensor, shift: Tensor, scale: Tensor, fused: bool) -> Tenso
 
 def _norm_linear(x: Tensor, shift: Tensor, scale: Tensor, layer: nn.Module, fused: bool) -> Tensor:
     """layer(modulated LN of x). Fused with a plain nn.Linear, the norm's output is recomputed in
-    the backward rather than kept (an FP8 or a wrapped, e.g. LoRA, layer takes the norm's output)."""
+    the backward rather than kept; with an FP8 layer on a device with e4m3, the norm writes its
+    output as the layer's per-token e4m3 input (no pass to quantize it); a wrapped (e.g. LoRA)
+    layer takes the norm's output."""
     if fused and type(layer) is nn.Linear:
         return fk.modulated_layer_norm_linear(x, shift.to(x.dtype), scale.to(x.dtype), layer.weight, layer.bias,
                                               eps=1e-6)
+    if fused and type(layer) is fk.Fp8Linear and fp8_supported(x.device):
+        codes, x_scale = fk.modulated_layer_norm_fp8(x, shift.to(x.dtype), scale.to(x.dtype), eps=1e-6)
+        return layer(codes, x_scale=x_scale, out_dtype=x.dtype)
     return layer(_modulated_ln(x, shift, scale, fused))
 
 

@@ -7,6 +7,7 @@ from fastgen_kernels.ops import gan_loss as _gan_loss_module
 from fastgen_kernels.ops import gated_residual as _gated_residual_module
 from fastgen_kernels.ops import gelu_tanh as _gelu_tanh_module
 from fastgen_kernels.ops import modulated_norm as _modulated_norm_module
+from fastgen_kernels.ops import modulated_norm_fp8 as _modulated_norm_fp8_module
 from fastgen_kernels.ops import qk_norm_rope as _qk_norm_rope_module
 from fastgen_kernels.ops import scm_loss as _scm_loss_module
 from fastgen_kernels.ops import squared_residual as _squared_residual_module
@@ -16,6 +17,7 @@ from fastgen_kernels.ops.fp8_linear import fp8_linear, quantize_weight
 from fastgen_kernels.ops.gated_residual import gated_residual
 from fastgen_kernels.ops.gelu_tanh import gelu_tanh, gelu_tanh_linear
 from fastgen_kernels.ops.modulated_norm import modulated_layer_norm, modulated_layer_norm_linear, modulated_rms_norm
+from fastgen_kernels.ops.modulated_norm_fp8 import modulated_layer_norm_fp8
 from fastgen_kernels.ops.qk_norm_rope import qk_norm_rope
 
 # op module -> its dispatchers, for `fastgen-kernels info` and the tests
@@ -30,6 +32,7 @@ OP_MODULES = {
     "scm_loss": _scm_loss_module,
     "gan_loss": _gan_loss_module,
     "fp8_linear": _fp8_linear_module,
+    "modulated_norm_fp8": _modulated_norm_fp8_module,
 }
 
 __all__ = [
@@ -40,6 +43,7 @@ __all__ = [
     "gelu_tanh",
     "gelu_tanh_linear",
     "modulated_layer_norm",
+    "modulated_layer_norm_fp8",
     "modulated_layer_norm_linear",
     "modulated_rms_norm",
     "qk_norm_rope",
