@@ -93,11 +93,32 @@ def peer_ms(key, fn, device: str) -> float:
     return _peer_ms[key]
 
 
+class Graphed:
+    """fn() called ``calls`` times in one CUDA graph, replayed by calling this: timing it measures
+    the kernels alone, without the host's per-call cost (as ``sample`` runs a network). ``calls``
+    is chosen so that a replay takes about a millisecond (at most 64 calls); :func:`run` reports
+    times per call."""
+
+    def __init__(self, fn) -> None:
+        from fastgen_kernels.sampling import capture_cuda_graph
+
+        self.calls = max(1, min(64, round(1.0 / median_ms(fn, "cuda", rounds=5))))
+
+        def repeated():
+            for _ in range(self.calls):
+                fn()
+
+        self.replay = capture_cuda_graph(repeated)[0].replay
+
+    def __call__(self) -> None:
+        self.replay()
+
+
 def run(benchmark, fn, device: str, *, peer_key, peer_fn, bytes_moved: int | None = None,
         flops: int | None = None, peer: str = "eager", **info) -> None:
     """Times fn with pytest-benchmark and fills extra_info: GB/s from the analytic bytes moved
     or TFLOP/s from the analytic flops, and the ratio to ``peer`` (its name; ``peer_fn`` runs it)
-    timed in the same process."""
+    timed in the same process. A :class:`Graphed` fn or peer_fn is timed per call of its graph."""
     def timed():
         fn()
         sync(device)
@@ -111,8 +132,8 @@ def run(benchmark, fn, device: str, *, peer_key, peer_fn, bytes_moved: int | Non
     except KeyboardInterrupt:  # stopped at a time limit (bench/gpu_check.sh) before any round was timed:
         benchmark.has_error = True  # no statistics, which pytest-benchmark's JSON writer cannot take
         raise
-    ours = benchmark.stats.stats.median * 1e3
-    peer_time = peer_ms(peer_key, lambda: (peer_fn(), sync(device)), device)
+    ours = benchmark.stats.stats.median * 1e3 / getattr(fn, "calls", 1)
+    peer_time = peer_ms(peer_key, lambda: (peer_fn(), sync(device)), device) / getattr(peer_fn, "calls", 1)
     if bytes_moved is not None:
         info.update(bytes=bytes_moved, gbps=bytes_moved / ours / 1e6)
     if flops is not None:
