@@ -12,9 +12,9 @@
 #                                   did not finish, then the other benchmarks (attention, norms, ...)
 #   bash bench/gpu_check.sh bench   build; every GPU benchmark, attention and norms included (long)
 # The goal benchmarks, in order (GPU_CHECK_GOALS overrides the list): the ceilings, sampling
-# (issue 6), the sCM step (7), FP8 GEMM and DiT-XL (5), losses (4); then, while time remains,
-# bench/profile_gpu.py (host against kernel time of the sCM step, a DiT-XL evaluation, a loss) and
-# bench/loss_host_cost.py (each loss's fixed per-call cost against eager's).
+# (issue 6), the sCM step (7), then bench/profile_gpu.py (host against kernel time of the sCM
+# step, a DiT-XL evaluation, a loss) and bench/loss_host_cost.py (each loss's fixed per-call cost
+# against eager's), then FP8 GEMM and DiT-XL (5), losses (4).
 # Each file writes its own JSON, so a cut at the deadline loses only that file's unfinished
 # benchmarks. Everything stops by
 # GPU_CHECK_DEADLINE_S seconds after the start (default 550: inside the tool's 10-minute call);
@@ -98,6 +98,19 @@ case $stage in
 esac
 wait $warm_pid
 
+# where the time goes (host or kernels) in the goals' workloads: after the sampling and sCM
+# benchmarks (what it profiles), before the long FP8 and loss files, so that a cut leaves it
+profiled=0
+profile() {
+  (( profiled )) || [ "$stage" = tests ] && return 0
+  profiled=1
+  PYTHONPATH=. limited 150 python3 bench/profile_gpu.py cuda > "$LOGS/profile.txt" 2>&1
+  grep -E "wall .* launches" "$LOGS/profile.txt"
+  PYTHONPATH=. limited 60 python3 bench/loss_host_cost.py cuda > "$LOGS/loss_host_cost.txt" 2>&1
+  cat "$LOGS/loss_host_cost.txt"
+  pack
+}
+
 bench_rc=0 jsons=() not_run=()
 for file in $timed; do
   name=$(basename "$file" .py)
@@ -110,14 +123,9 @@ for file in $timed; do
   if (( rc == 124 || rc == 130 || rc == 137 )); then not_run+=("$file"); else echo "$file" >> "$STATE/done"; fi
   (( rc && rc != 124 && rc != 130 && rc != 137 )) && bench_rc=$rc
   pack
+  [ "$file" = bench/bench_distill.py ] && profile
 done
-# where the time goes (host or kernels) in the goals' workloads, while time remains
-if [ "$stage" != tests ]; then
-  PYTHONPATH=. limited 150 python3 bench/profile_gpu.py cuda > "$LOGS/profile.txt" 2>&1
-  grep -E "wall .* launches" "$LOGS/profile.txt"
-  PYTHONPATH=. limited 60 python3 bench/loss_host_cost.py cuda > "$LOGS/loss_host_cost.txt" 2>&1
-  cat "$LOGS/loss_host_cost.txt"
-fi
+profile
 if (( ${#jsons[@]} )); then
   python3 bench/summarize.py "${jsons[@]}" > "$LOGS/table.txt"
   cat "$LOGS/table.txt"
