@@ -9,7 +9,9 @@
 - ``AdaLayerNormZero`` (DiT, SD3): LayerNorm * (1 + scale) + shift in one fused op.
 - ``BasicTransformerBlock`` with adaLN-Zero (DiT) or adaLN-single (PixArt): the whole block runs
   fused modulated norms, gated residuals and tanh-GELU (the attention processor takes the gate and
-  the residual), and ``fuse_epilogues`` moves them into FP8 linear layers after ``quantize_fp8``.
+  the residual), and ``fuse_epilogues`` moves them into FP8 linear layers after ``quantize_fp8``;
+  before FP8 q/k/v projections and an FP8 fc1, the norm writes their e4m3 input itself
+  (``modulated_layer_norm_fp8``: one quantization for q, k and v).
 
 Blocks are patched by changing the instance's class to a subclass that overrides ``forward``
 (weights, names and ``state_dict`` are untouched), so a patched model saves and loads as before.
@@ -28,6 +30,7 @@ from torch import Tensor, nn
 import fastgen_kernels as fk
 from fastgen_kernels.denoiser import Denoiser
 from fastgen_kernels.models.dit import DiT
+from fastgen_kernels.ops.fp8_linear import fp8_supported
 from fastgen_kernels.quantization import Fp8Linear
 from fastgen_kernels.schedules import VP
 
@@ -79,14 +82,22 @@ class FusedAttnProcessor:
 
     def __call__(self, attn, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
                  attention_mask: Tensor | None = None, temb: Tensor | None = None,
-                 gate: Tensor | None = None, residual: Tensor | None = None) -> Tensor:
+                 gate: Tensor | None = None, residual: Tensor | None = None, x_scale: Tensor | None = None,
+                 out_dtype: torch.dtype | None = None) -> Tensor:
+        """With ``x_scale``, hidden_states are e4m3 codes with these per-token scales (a patched
+        block's norm wrote them for FP8 projections) and the projections output ``out_dtype``."""
         B = hidden_states.shape[0]
         context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
         if attention_mask is not None:
             attention_mask = attn.prepare_attention_mask(attention_mask, context.shape[1], B)
             attention_mask = attention_mask.view(B, attn.heads, -1, attention_mask.shape[-1])
-        q = _heads(attn.to_q(hidden_states), attn.heads)
-        k, v = _heads(attn.to_k(context), attn.heads), _heads(attn.to_v(context), attn.heads)
+
+        def project(layer: nn.Module, h: Tensor) -> Tensor:
+            return layer(h) if x_scale is None or h is not hidden_states else layer(h, x_scale=x_scale,
+                                                                                  out_dtype=out_dtype)
+
+        q = _heads(project(attn.to_q, hidden_states), attn.heads)
+        k, v = _heads(project(attn.to_k, context), attn.heads), _heads(project(attn.to_v, context), attn.heads)
         if attn.norm_q is not None:
             q, k = attn.norm_q(q), attn.norm_k(k)
         out = _attend(attn, q, k, v, attention_mask).to(q.dtype)
@@ -121,6 +132,17 @@ class FusedJointAttnProcessor:
 
 def _layer_norm_parts(norm: nn.LayerNorm) -> tuple[Tensor | None, Tensor | None, float]:
     return norm.weight, norm.bias, norm.eps
+
+
+def _modulated(x: Tensor, shift: Tensor, scale: Tensor, norm: nn.LayerNorm, layers: tuple[nn.Module, ...]
+               ) -> tuple[Tensor, Tensor | None]:
+    """(h, None): the modulated LayerNorm of x; or, when every one of ``layers`` (what reads it) is
+    FP8 on a device with e4m3, (codes, scales): the norm written once as their per-token e4m3
+    input (no pass to write h and one per layer to quantize it)."""
+    shift, scale = shift.to(x.dtype), scale.to(x.dtype)
+    if all(isinstance(layer, Fp8Linear) for layer in layers) and fp8_supported(x.device):
+        return fk.modulated_layer_norm_fp8(x, shift, scale, *_layer_norm_parts(norm))
+    return fk.modulated_layer_norm(x, shift, scale, *_layer_norm_parts(norm)), None
 
 
 def _make_fused_norm_class(base: type) -> type:
@@ -190,15 +212,20 @@ def _make_fused_block_class(base: type) -> type:
                 mods = (self.scale_shift_table[None] + timestep.reshape(x.shape[0], 6, -1)).unbind(1)
                 shift1, scale1, gate1, shift2, scale2, gate2 = mods
                 norm1, norm_mlp = self.norm1, self.norm2
-            h = fk.modulated_layer_norm(x, shift1.to(x.dtype), scale1.to(x.dtype), *_layer_norm_parts(norm1))
-            x = self.attn1(h, attention_mask=attention_mask, gate=gate1.to(x.dtype), residual=x)
+            attn1 = self.attn1
+            h, h_scale = _modulated(x, shift1, scale1, norm1, (attn1.to_q, attn1.to_k, attn1.to_v))
+            x = attn1(h, attention_mask=attention_mask, gate=gate1.to(x.dtype), residual=x, x_scale=h_scale,
+                      out_dtype=x.dtype)
             if self.attn2 is not None:
                 h = self.norm2(x) if self.norm_type == "ada_norm_zero" else x
                 x = self.attn2(h, encoder_hidden_states=encoder_hidden_states, attention_mask=encoder_attention_mask,
                                residual=x)
-            h = fk.modulated_layer_norm(x, shift2.to(x.dtype), scale2.to(x.dtype), *_layer_norm_parts(norm_mlp))
             if self.fp8_epilogues:
-                return self.ff.net[-1](self.ff.net[0].proj(h), gate=gate2.to(x.dtype), residual=x)
+                fc1 = self.ff.net[0].proj
+                h, h_scale = _modulated(x, shift2, scale2, norm_mlp, (fc1,))
+                h = fc1(h) if h_scale is None else fc1(h, x_scale=h_scale, out_dtype=x.dtype)
+                return self.ff.net[-1](h, gate=gate2.to(x.dtype), residual=x)
+            h = fk.modulated_layer_norm(x, shift2.to(x.dtype), scale2.to(x.dtype), *_layer_norm_parts(norm_mlp))
             return fk.gated_residual(x, _feed_forward(self.ff, h), gate2)
 
     return FusedBasicTransformerBlock
