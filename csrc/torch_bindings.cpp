@@ -224,6 +224,45 @@ std::tuple<Tensor, Tensor> gated_residual_backward(const Tensor& grad_out, const
   return {dy, dgate};
 }
 
+// The gated residual with its autograd in C++: what fastgen_kernels/ops/gated_residual.py's
+// autograd.Function does where a backward will follow (no forward-mode AD), without Python around
+// its two kernels (a DiT block has two). y and gate are read in x's dtype; the backward runs in
+// the upstream gradient's dtype and returns each gradient in its input's dtype.
+class GatedResidual : public torch::autograd::Function<GatedResidual> {
+ public:
+  static Tensor forward(torch::autograd::AutogradContext* ctx, const Tensor& x, const Tensor& y,
+                        const Tensor& gate) {
+    ctx->save_for_backward({y, gate});
+    ctx->set_materialize_grads(false);
+    return gated_residual_forward(x.contiguous(), y.to(x.scalar_type()).contiguous(),
+                                  gate.to(x.scalar_type()).contiguous());
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const Tensor& grad = grads[0];
+    if (!grad.defined()) return {Tensor(), Tensor(), Tensor()};
+    const auto saved = ctx->get_saved_variables();
+    const Tensor &y = saved[0], &gate = saved[1];
+    Tensor dy, dgate;
+    if (at::GradMode::is_enabled()) {  // create_graph=True: differentiable ATen ops, as the Python backward
+      const Tensor gate_rows = (gate.dim() == 2 ? gate.unsqueeze(1) : gate).to(grad.scalar_type());
+      dy = grad * gate_rows;
+      dgate = grad * y.to(grad.scalar_type());
+      if (gate.dim() == 2) dgate = dgate.sum(1);
+    } else if (ctx->needs_input_grad(1) || ctx->needs_input_grad(2)) {
+      std::tie(dy, dgate) = gated_residual_backward(grad.contiguous(), y.to(grad.scalar_type()).contiguous(),
+                                                    gate.to(grad.scalar_type()).contiguous());
+    }
+    return {ctx->needs_input_grad(0) ? grad : Tensor(), ctx->needs_input_grad(1) ? dy.to(y.scalar_type()) : Tensor(),
+            ctx->needs_input_grad(2) ? dgate.to(gate.scalar_type()) : Tensor()};
+  }
+};
+
+Tensor gated_residual(const Tensor& x, const Tensor& y, const Tensor& gate) {
+  return GatedResidual::apply(x, y, gate);
+}
+
 // x: (B, L, H, Dh) heads whose vectors are contiguous; the B, L, H strides are free.
 void check_heads(const Tensor& x, const char* name) {
   TORCH_CHECK(x.dim() == 4, name, " must be (B, L, H, Dh), got ", x.sizes());
@@ -853,6 +892,7 @@ TORCH_LIBRARY(fastgen_C, m) {
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("gated_residual_forward(Tensor x, Tensor y, Tensor gate) -> Tensor");
   m.def("gated_residual_backward(Tensor grad_out, Tensor y, Tensor gate) -> (Tensor, Tensor)");
+  m.def("gated_residual(Tensor x, Tensor y, Tensor gate) -> Tensor");
   m.def("qk_norm_rope_forward(Tensor q, Tensor k, Tensor? q_weight, Tensor? k_weight, Tensor? cos, "
         "Tensor? sin, float eps, bool interleaved) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("qk_norm_rope_backward(Tensor grad_q, Tensor grad_k, Tensor q, Tensor k, "
@@ -917,13 +957,15 @@ void register_kernels(torch::Library& m) {
 }
 }  // namespace
 
-// The losses whose autograd is C++ (the Python ops' eager fast path): one kernel for every device,
-// which records its own autograd node, and also runs where autograd is off (inference mode).
+// The ops whose autograd is C++ (the Python ops' eager fast path: the losses, the gated residual):
+// one kernel for every device, which records its own autograd node, and also runs where autograd
+// is off (inference mode).
 TORCH_LIBRARY_IMPL(fastgen_C, CompositeImplicitAutograd, m) {
   m.impl("squared_residual_loss", &fastgen::squared_residual_loss);
   m.impl("vsd_loss", &fastgen::vsd_loss);
   m.impl("softplus_loss", &fastgen::softplus_loss);
   m.impl("scm_loss", &fastgen::scm_loss);
+  m.impl("gated_residual", &fastgen::gated_residual);
 }
 
 TORCH_LIBRARY_IMPL(fastgen_C, CPU, m) {

@@ -122,10 +122,47 @@ def test_narrower_y_and_gate_are_widened_and_y_kept_as_given(backend, per_token,
     assert tout.dtype == torch.float32 and torch.equal(tout, tout_wide)
 
 
-def test_a_second_derivative_raises_rather_than_coming_back_zero(generator):
-    """The backward op has no derivative of its own: differentiating a create_graph=True gradient
-    says so instead of treating the backward's kernels as constants."""
-    x, y, gate = (t.requires_grad_() for t in make_inputs((2, 3, 8), torch.float32, False, generator))
-    dy = torch.autograd.grad(fk.gated_residual(x, y, gate).sum(), y, create_graph=True)[0]
-    with pytest.raises(RuntimeError, match="no autograd formula"):
-        torch.autograd.grad(dy.sum(), gate)
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("per_token", [False, True], ids=["gate_BD", "gate_BLD"])
+def test_second_derivatives(backend, per_token, generator):
+    """A create_graph=True backward (a gradient penalty through a DiT) differentiates again, on the
+    C++ autograd path (cpu backend) and the Python one: gradgradcheck in fp64 and the oracle's
+    second derivative."""
+    if backend == "triton":
+        pytest.skip("fp64: the kernels' backends read float16, bfloat16 and float32")
+    inputs = [t.requires_grad_() for t in make_inputs((2, 3, 7), torch.float64, per_token, generator)]
+    with fk.use_backend(backend):
+        assert torch.autograd.gradgradcheck(fk.gated_residual, inputs)
+        dy = torch.autograd.grad(fk.gated_residual(*inputs).square().sum(), inputs[1], create_graph=True)[0]
+        second = torch.autograd.grad(dy.sum(), inputs)
+    expected = torch.autograd.grad(
+        torch.autograd.grad(oracle(*inputs).square().sum(), inputs[1], create_graph=True)[0].sum(), inputs)
+    for got, want in zip(second, expected):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+def test_cpp_autograd_path_equals_the_python_one(dtype, generator):
+    """Where a backward follows on the extension's backends, the op records its autograd in C++
+    (fastgen_C::gated_residual); the same kernels as the Python autograd.Function's, so the same
+    values and gradients, narrower y and gate included; forward-mode AD keeps the Python one."""
+    if not fk._extension.cpu_built():
+        pytest.skip("extension not built")
+    gr = fk.ops.OP_MODULES["gated_residual"]
+
+    x, y, gate = make_inputs((2, 5, 40), torch.float32, False, generator)
+    leaves = [x.to(dtype).requires_grad_(), y.bfloat16().requires_grad_(), gate.bfloat16().requires_grad_()]
+    out = fk.gated_residual(*leaves)
+    assert "CppNode<fastgen" in out.grad_fn.name()
+    g = torch.randn(out.shape, generator=generator).to(out.dtype)
+    python_out = gr._GatedResidualFunction.apply(*leaves)
+    assert torch.equal(out, python_out)
+    for got, want in zip(torch.autograd.grad(out, leaves, g), torch.autograd.grad(python_out, leaves, g)):
+        assert got.dtype == want.dtype and torch.equal(got, want)
+    with torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.make_dual(leaves[0].detach(), torch.ones_like(x).to(dtype))
+        assert forward_ad_tangent(fk.gated_residual(dual, *leaves[1:])) is not None
+
+
+def forward_ad_tangent(t):
+    return torch.autograd.forward_ad.unpack_dual(t).tangent

@@ -14,7 +14,10 @@ which is two more calls of the op itself: gated_residual(gated_residual(tx, ty, 
 Public API: :func:`gated_residual`, running the custom op ``fastgen::gated_residual`` (backward:
 ``fastgen::gated_residual_backward``) on the backend chosen per call. y and gate may come in a
 narrower dtype than x (autocast's bf16 outputs on an fp32 residual stream): they are widened for
-the kernel, and the backward keeps y in its own dtype (half the bytes of a widened copy).
+the kernel, and the backward keeps y in its own dtype (half the bytes of a widened copy). In plain
+eager mode, where a backward will follow and the cpu or cuda backend runs, the op records its
+autograd in C++ (``fastgen_C::gated_residual``, the same kernels: no Python between them). A
+create_graph=True backward differentiates again (the reference's ops instead of the kernels).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fastgen_kernels import _extension
 from fastgen_kernels.backends import OpDispatcher, carry_forced_backend
 from fastgen_kernels.ops import _checks, _eager_op
 
@@ -124,7 +128,10 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, grad_out):
     y, gate = ctx.saved_tensors
-    dy, dgate = _gated_residual_backward(grad_out, y.to(grad_out.dtype), gate.to(grad_out.dtype))
+    # a create_graph=True backward takes the reference's differentiable ops (second derivatives,
+    # e.g. a gradient penalty through a DiT); the kernels' outputs would differentiate as constants
+    backward = reference_backward if torch.is_grad_enabled() else _gated_residual_backward
+    dy, dgate = backward(grad_out, y.to(grad_out.dtype), gate.to(grad_out.dtype))
     needs = ctx.needs_input_grad
     return (grad_out if needs[0] else None, dy.to(y.dtype) if needs[1] else None,
             dgate.to(gate.dtype) if needs[2] else None)
@@ -162,6 +169,10 @@ class _GatedResidualFunction(_eager_op.Function):
         return tout
 
 
+# The extension's fastgen_C::gated_residual: the autograd.Function above (backward only) in C++,
+# without Python between the forward's kernel and the backward's (csrc/torch_bindings.cpp).
+_native = _extension.native_op("gated_residual")
+
 # --------------------------------------------------------------------------- public API
 
 
@@ -182,6 +193,9 @@ def gated_residual(x: Tensor, y: Tensor, gate: Tensor) -> Tensor:
         return torch.ops.fastgen.gated_residual(x, y.to(x.dtype), gate.to(x.dtype))
     if _eager_op.no_autograd((x, y, gate)):
         return forward_dispatcher(x, y.to(x.dtype), gate.to(x.dtype))
+    if (_native is not None and _eager_op.backward_will_follow((x, y, gate))
+            and forward_dispatcher.select(x, y, gate) in ("cpu", "cuda")):
+        return _native(x, y, gate)  # the same kernels, autograd in C++ (no forward-mode rule needed)
     return _GatedResidualFunction.apply(x, y, gate)
 
 
