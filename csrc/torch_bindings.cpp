@@ -263,6 +263,75 @@ Tensor gated_residual(const Tensor& x, const Tensor& y, const Tensor& gate) {
   return GatedResidual::apply(x, y, gate);
 }
 
+// F.linear(modulated_norm(x, ...), weight, bias) with its autograd in C++: what
+// fastgen_kernels/ops/modulated_norm.py's _ModulatedNormLinearFunction does (a DiT block's qkv
+// and fc1 where a backward follows), without Python around its kernels. It keeps x and the
+// statistics, not the norm's output: the weight gradient recomputes it. The linear layer runs in
+// the dtype autocast gives it (the upstream gradient's in the backward).
+class ModulatedNormLinear : public torch::autograd::Function<ModulatedNormLinear> {
+ public:
+  static Tensor forward(torch::autograd::AutogradContext* ctx, const Tensor& x, const Tensor& shift,
+                        const Tensor& scale, const optional<Tensor>& norm_weight, const optional<Tensor>& norm_bias,
+                        double eps, bool rms, const Tensor& weight, const optional<Tensor>& bias) {
+    const optional<Tensor> w = norm_weight ? optional<Tensor>(norm_weight->contiguous()) : std::nullopt;
+    const optional<Tensor> b = norm_bias ? optional<Tensor>(norm_bias->contiguous()) : std::nullopt;
+    auto [y, mean, rstd] = modulated_norm_forward(x.contiguous(), shift.contiguous(), scale.contiguous(), w, b, eps, rms);
+    ctx->save_for_backward({x, shift, scale, w.value_or(Tensor()), b.value_or(Tensor()), mean, rstd, weight});
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["rms"] = rms;
+    ctx->saved_data["bias_dtype"] = bias ? static_cast<int64_t>(bias->scalar_type()) : int64_t{-1};
+    ctx->set_materialize_grads(false);
+    return at::linear(y, weight, bias);
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    TORCH_CHECK(!at::GradMode::is_enabled(), "modulated_layer_norm_linear: the fused op has no second "
+                "derivative (create_graph=True)");
+    torch::autograd::variable_list out(9);
+    const Tensor& grad = grads[0];
+    if (!grad.defined()) return out;
+    const auto saved = ctx->get_saved_variables();
+    const Tensor &x = saved[0], &shift = saved[1], &scale = saved[2], &mean = saved[5], &rstd = saved[6],
+                 &weight = saved[7];
+    const optional<Tensor> w = saved[3].defined() ? optional<Tensor>(saved[3]) : std::nullopt;
+    const optional<Tensor> b = saved[4].defined() ? optional<Tensor>(saved[4]) : std::nullopt;
+    const bool rms = ctx->saved_data["rms"].toBool();
+    const int64_t bias_dtype = ctx->saved_data["bias_dtype"].toInt();
+    // needs_input_grad counts the tensor inputs given (absent optionals have no edge)
+    const int64_t weight_edge = 3 + w.has_value() + b.has_value();
+    bool needs_norm = false;
+    for (int64_t edge = 0; edge < weight_edge; ++edge) needs_norm = needs_norm || ctx->needs_input_grad(edge);
+    const Tensor rows = grad.reshape({-1, grad.size(-1)});
+    if (ctx->needs_input_grad(weight_edge)) {
+      const Tensor y = std::get<0>(modulated_norm_forward(x.contiguous(), shift.contiguous(), scale.contiguous(), w, b,
+                                                          ctx->saved_data["eps"].toDouble(), rms));
+      out[7] = rows.t().matmul(y.reshape({rows.size(0), -1}).to(rows.scalar_type())).to(weight.scalar_type());
+    }
+    if (bias_dtype >= 0 && ctx->needs_input_grad(weight_edge + 1)) {
+      out[8] = rows.sum(0).to(static_cast<at::ScalarType>(bias_dtype));
+    }
+    if (needs_norm) {
+      const Tensor dy = grad.matmul(weight.to(grad.scalar_type())).to(x.scalar_type()).contiguous();
+      auto [dx, dshift, dscale, dweight, dbias] = modulated_norm_backward(
+          dy, x.contiguous(), shift.contiguous(), scale.contiguous(), w, b, mean, rstd, rms);
+      const Tensor norm_grads[] = {dx, dshift, dscale, dweight, dbias};
+      const bool present[] = {true, true, true, w.has_value(), b.has_value()};
+      for (int64_t i = 0, edge = 0; i < 5; ++i) {
+        if (!present[i]) continue;
+        if (ctx->needs_input_grad(edge++)) out[i] = norm_grads[i];
+      }
+    }
+    return out;
+  }
+};
+
+Tensor modulated_norm_linear(const Tensor& x, const Tensor& shift, const Tensor& scale,
+                             const optional<Tensor>& norm_weight, const optional<Tensor>& norm_bias, double eps,
+                             bool rms, const Tensor& weight, const optional<Tensor>& bias) {
+  return ModulatedNormLinear::apply(x, shift, scale, norm_weight, norm_bias, eps, rms, weight, bias);
+}
+
 // x: (B, L, H, Dh) heads whose vectors are contiguous; the B, L, H strides are free.
 void check_heads(const Tensor& x, const char* name) {
   TORCH_CHECK(x.dim() == 4, name, " must be (B, L, H, Dh), got ", x.sizes());
@@ -893,6 +962,8 @@ TORCH_LIBRARY(fastgen_C, m) {
   m.def("gated_residual_forward(Tensor x, Tensor y, Tensor gate) -> Tensor");
   m.def("gated_residual_backward(Tensor grad_out, Tensor y, Tensor gate) -> (Tensor, Tensor)");
   m.def("gated_residual(Tensor x, Tensor y, Tensor gate) -> Tensor");
+  m.def("modulated_norm_linear(Tensor x, Tensor shift, Tensor scale, Tensor? norm_weight, Tensor? norm_bias, "
+        "float eps, bool rms, Tensor weight, Tensor? bias) -> Tensor");
   m.def("qk_norm_rope_forward(Tensor q, Tensor k, Tensor? q_weight, Tensor? k_weight, Tensor? cos, "
         "Tensor? sin, float eps, bool interleaved) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("qk_norm_rope_backward(Tensor grad_q, Tensor grad_k, Tensor q, Tensor k, "
@@ -957,7 +1028,8 @@ void register_kernels(torch::Library& m) {
 }
 }  // namespace
 
-// The ops whose autograd is C++ (the Python ops' eager fast path: the losses, the gated residual):
+// The ops whose autograd is C++ (the Python ops' eager fast path: the losses, the gated residual,
+// the modulated norm + linear layer):
 // one kernel for every device, which records its own autograd node, and also runs where autograd
 // is off (inference mode).
 TORCH_LIBRARY_IMPL(fastgen_C, CompositeImplicitAutograd, m) {
@@ -966,6 +1038,7 @@ TORCH_LIBRARY_IMPL(fastgen_C, CompositeImplicitAutograd, m) {
   m.impl("softplus_loss", &fastgen::softplus_loss);
   m.impl("scm_loss", &fastgen::scm_loss);
   m.impl("gated_residual", &fastgen::gated_residual);
+  m.impl("modulated_norm_linear", &fastgen::modulated_norm_linear);
 }
 
 TORCH_LIBRARY_IMPL(fastgen_C, CPU, m) {

@@ -110,6 +110,36 @@ def test_fp64_gradcheck(case, backend, generator):
         assert torch.autograd.gradcheck(fused, _leaves(args[:2] if case == "gelu_tanh_linear" else args[:4]))
 
 
+@pytest.mark.parametrize("affine", [True, False], ids=["norm_affine", "plain_norm"])
+@pytest.mark.parametrize("needs", ["all", "x", "weight", "modulation"])
+def test_norm_linear_cpp_autograd_equals_the_python_function(affine, needs, generator):
+    """On the extension's backends the op records its autograd in C++ (fastgen_C::modulated_norm_linear):
+    the same kernels as the Python autograd.Function, so the same values and gradients, with the
+    norm's affine or without (absent optional inputs shift the C++ node's input edges) and with
+    gradients for some inputs only."""
+    if not fk._extension.cpu_built():
+        pytest.skip("extension not built")
+    args, fused, _ = _norm_case(generator, torch.float32)
+    x, shift, scale, weight, bias, nw, nb = args if affine else (*args[:5], None, None)
+    wanted = {"all": "x shift scale weight bias nw nb", "x": "x", "weight": "weight bias",
+              "modulation": "shift scale"}[needs].split()
+    named = dict(x=x, shift=shift, scale=scale, weight=weight, bias=bias, nw=nw, nb=nb)
+    leaves = {k: (v.detach().clone().requires_grad_(k in wanted) if v is not None else None) for k, v in named.items()}
+    inputs = [leaves[k] for k in ("x", "shift", "scale", "weight", "bias", "nw", "nb")]
+    out = fused(*inputs)
+    assert "CppNode<fastgen" in out.grad_fn.name()
+    mn = fk.ops.OP_MODULES["modulated_norm"]
+    python_out = mn._ModulatedNormLinearFunction.apply(inputs[0], inputs[1], inputs[2], inputs[5], inputs[6], 1e-6,
+                                                       False, inputs[3], inputs[4])
+    assert torch.equal(out, python_out)
+    differentiable = [t for t in inputs if t is not None and t.requires_grad]
+    g = torch.randn(out.shape, generator=generator)
+    for got, want in zip(torch.autograd.grad(out, differentiable, g), torch.autograd.grad(python_out, differentiable, g)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="no second derivative"):
+        torch.autograd.grad(fused(*inputs).square().sum(), differentiable, create_graph=True)
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_keeps_less_for_the_backward(case, generator):
     """The composition keeps the activation's output as the linear layer's input; these do not."""

@@ -30,7 +30,9 @@ Public API: :func:`modulated_layer_norm`, :func:`modulated_rms_norm`. Both run t
 (cuda, triton, cpu, reference) per call; see :mod:`fastgen_kernels.backends`. And
 :func:`modulated_layer_norm_linear`, the norm followed by a linear layer (a DiT block's qkv or
 fc1) that keeps x and the statistics for the backward, not also y: the linear layer's weight
-gradient recomputes y (one pass over x) instead of holding a (B, L, D) activation per layer.
+gradient recomputes y (one pass over x) instead of holding a (B, L, D) activation per layer. In
+plain eager mode on the cpu and cuda backends it records its autograd in C++
+(``fastgen_C::modulated_norm_linear``, the same kernels without Python between them).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fastgen_kernels import _extension
 from fastgen_kernels.backends import OpDispatcher, carry_forced_backend, record_forced_backend, under_forced_backend
 from fastgen_kernels.ops import _checks, _eager_op
 from fastgen_kernels.ops.linear import linear, recomputed_input_backward
@@ -365,6 +368,11 @@ class _ModulatedNormLinearFunction(torch.autograd.Function):
         return (*norm_grads, None, None, dweight, dbias)
 
 
+# The extension's fastgen_C::modulated_norm_linear: the Function above in C++, without Python
+# between the forward's kernels and the backward's (csrc/torch_bindings.cpp).
+_native_norm_linear = _extension.native_op("modulated_norm_linear")
+
+
 def modulated_layer_norm_linear(
     x: Tensor, shift: Tensor, scale: Tensor, linear_weight: Tensor, linear_bias: Tensor | None = None,
     weight: Tensor | None = None, bias: Tensor | None = None, eps: float = 1e-6,
@@ -380,8 +388,10 @@ def modulated_layer_norm_linear(
     op = "modulated_layer_norm_linear"
     _check(op, x, shift, scale, weight, bias, eps)
     if _eager_op.backward_will_follow((x, shift, scale, weight, bias, linear_weight, linear_bias)):
-        return _ModulatedNormLinearFunction.apply(x, shift, scale, weight, bias, float(eps), False, linear_weight,
-                                                  linear_bias)
+        args = (x, shift, scale, weight, bias, float(eps), False, linear_weight, linear_bias)
+        if _native_norm_linear is not None and forward_dispatcher.select(*args[:7]) in ("cpu", "cuda"):
+            return _native_norm_linear(*args)  # the same kernels, autograd in C++
+        return _ModulatedNormLinearFunction.apply(*args)
     return linear(_apply(x, shift, scale, weight, bias, eps, False), linear_weight, linear_bias)
 
 
