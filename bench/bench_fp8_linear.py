@@ -65,13 +65,6 @@ def _bf16_layer(x, weight, bias, gate, residual, widening):
 # one graph per shape: 10 (tokens, layer) shapes here, beyond Dynamo's default of 8 recompilations
 torch._dynamo.config.recompile_limit = 64
 _compiled_bf16_layer = torch.compile(_bf16_layer, dynamic=False)
-_graphed_peers: dict = {}  # peer_key -> Graphed: captured once per shape
-
-
-def _graphed_peer(key, fn) -> Graphed:
-    if key not in _graphed_peers:
-        _graphed_peers[key] = Graphed(fn)
-    return _graphed_peers[key]
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
@@ -127,9 +120,8 @@ def test_fp8_linear(benchmark, device, tokens, layer, provider):
             benchmark.extra_info["variant"] = triton_fp8_linear.VARIANT_CHOICES.get(key, "tiled")
         if benchmark.disabled:  # --benchmark-disable (bench/gpu_check.sh's compile pass): no graphs
             return
-        peer_key = ("fp8_linear", tokens, layer)
-        run(benchmark, Graphed(fns[provider]), device, peer_key=peer_key,
-            peer_fn=_graphed_peer(peer_key, fns["scaled_mm_epilogue"]), flops=2 * tokens * N * K,
+        run(benchmark, Graphed(fns[provider]), device, peer_key=("fp8_linear", tokens, layer),
+            peer_fn=Graphed(fns["scaled_mm_epilogue"]), flops=2 * tokens * N * K,
             peer="scaled_mm + epilogue", op="fp8_linear", provider=provider, dtype=str(torch.float8_e4m3fn),
             mode="cuda_graph", shape=[tokens, N, K])
 

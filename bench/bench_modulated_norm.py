@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
-from conftest import ALL_PROVIDERS, pick_provider, rotating, run
+from conftest import ALL_PROVIDERS, Graphed, pick_provider, rotating, run
 
 import fastgen_kernels as fk
 
@@ -75,16 +75,18 @@ def test_modulated_layer_norm(benchmark, device, shape, dtype, mode, provider):
 
 
 def unfused_fp8(x, shift, scale):
-    """What FP8 inference did before the fused op: the norm in x's dtype, then per-token quantization."""
+    """What FP8 inference did before the fused op: the norm in x's dtype, then per-token
+    quantization (as fp8_linear calls it)."""
     y = fk.modulated_layer_norm(x, shift, scale)
-    return torch.ops.fastgen.quantize_fp8_rows(y.reshape(-1, y.shape[-1]))
+    return fk.ops.OP_MODULES["fp8_linear"]._quantize_rows(y.reshape(-1, y.shape[-1]))
 
 
 @pytest.mark.parametrize("shape", [(64, 256, 1152), (8, 1024, 1152)], ids=lambda s: "x".join(map(str, s)))
 def test_modulated_layer_norm_fp8(benchmark, device, shape):
     """The norm written as e4m3 codes + scales (the next FP8 layer's input) against the norm and
-    the quantizer as two kernels, bf16, inference (DiT-XL/2: batch 64 at 256 px, 8 at 512 px).
-    Bytes moved: x read, codes written (the unfused path also writes y and reads it back)."""
+    the quantizer as two kernels, bf16, inference (DiT-XL/2: batch 64 at 256 px, 8 at 512 px),
+    both timed as CUDA-graph replays (kernel time, as the sampler runs them). Bytes moved: x
+    read, codes written (the unfused path also writes y and reads it back)."""
     if device != "cuda" or not fk.ops.OP_MODULES["fp8_linear"].fp8_supported(torch.device(device)):
         pytest.skip("a GPU with e4m3 (sm_89+): on the CPU both paths are the reference")
     B, L, D = shape
@@ -92,12 +94,15 @@ def test_modulated_layer_norm_fp8(benchmark, device, shape):
                            *(torch.randn(B, D, device=device, dtype=torch.bfloat16) for _ in range(2)))
     next_inputs = rotating(make_inputs, device, 2 * B * L * D)
 
-    def step(fn):
-        with torch.no_grad():
-            fn(*next_inputs())
+    def graphed(fn):
+        def step():
+            with torch.no_grad():
+                fn(*next_inputs())
+        step()  # compile before the capture
+        return Graphed(step)
 
     benchmark.group = f"modulated_layer_norm_fp8 {device} {B}x{L}x{D}"
-    run(benchmark, lambda: step(fk.modulated_layer_norm_fp8), device, peer_key=("fp8", device, shape),
-        peer_fn=lambda: step(unfused_fp8), peer="norm + quantize_fp8_rows", bytes_moved=3 * B * L * D,
-        op="modulated_layer_norm_fp8", provider="fused", dtype=str(torch.bfloat16), mode="inference",
+    run(benchmark, graphed(fk.modulated_layer_norm_fp8), device, peer_key=("fp8", device, shape),
+        peer_fn=graphed(unfused_fp8), peer="norm + quantize_fp8_rows", bytes_moved=3 * B * L * D,
+        op="modulated_layer_norm_fp8", provider="fused", dtype=str(torch.bfloat16), mode="cuda_graph",
         shape=list(shape))

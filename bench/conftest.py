@@ -87,9 +87,15 @@ def rounds_for(fn, device: str) -> int:
 
 
 def peer_ms(key, fn, device: str) -> float:
-    """The peer's median, timed once per configuration in this process."""
+    """The peer's median time per call (per call of its graph for a :class:`Graphed` fn), timed
+    once per configuration in this process."""
     if key not in _peer_ms:
-        _peer_ms[key] = median_ms(fn, device, rounds_for(fn, device), iterations_for(fn, device))
+        def timed():
+            fn()
+            sync(device)
+
+        _peer_ms[key] = median_ms(timed, device, rounds_for(timed, device), iterations_for(timed, device)) / getattr(
+            fn, "calls", 1)
     return _peer_ms[key]
 
 
@@ -97,21 +103,34 @@ class Graphed:
     """fn() called ``calls`` times in one CUDA graph, replayed by calling this: timing it measures
     the kernels alone, without the host's per-call cost (as ``sample`` runs a network). ``calls``
     is chosen so that a replay takes about a millisecond (at most 64 calls); :func:`run` reports
-    times per call."""
+    times per call. Captured on first use: a peer whose time this process already has is never
+    captured (nor kept holding its inputs and memory pool)."""
 
     def __init__(self, fn) -> None:
+        self.fn = fn
+        self._calls = self._replay = None
+
+    def _capture(self) -> None:
+        if self._replay is not None:
+            return
         from fastgen_kernels.sampling import capture_cuda_graph
 
-        self.calls = max(1, min(64, round(1.0 / median_ms(fn, "cuda", rounds=5))))
+        self._calls = max(1, min(64, round(1.0 / median_ms(self.fn, "cuda", rounds=5))))
 
         def repeated():
-            for _ in range(self.calls):
-                fn()
+            for _ in range(self._calls):
+                self.fn()
 
-        self.replay = capture_cuda_graph(repeated)[0].replay
+        self._replay = capture_cuda_graph(repeated)[0].replay
+
+    @property
+    def calls(self) -> int:
+        self._capture()
+        return self._calls
 
     def __call__(self) -> None:
-        self.replay()
+        self._capture()
+        self._replay()
 
 
 def run(benchmark, fn, device: str, *, peer_key, peer_fn, bytes_moved: int | None = None,
@@ -133,7 +152,7 @@ def run(benchmark, fn, device: str, *, peer_key, peer_fn, bytes_moved: int | Non
         benchmark.has_error = True  # no statistics, which pytest-benchmark's JSON writer cannot take
         raise
     ours = benchmark.stats.stats.median * 1e3 / getattr(fn, "calls", 1)
-    peer_time = peer_ms(peer_key, lambda: (peer_fn(), sync(device)), device) / getattr(peer_fn, "calls", 1)
+    peer_time = peer_ms(peer_key, peer_fn, device)
     if bytes_moved is not None:
         info.update(bytes=bytes_moved, gbps=bytes_moved / ours / 1e6)
     if flops is not None:

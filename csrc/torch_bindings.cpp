@@ -8,6 +8,7 @@
 #include <Python.h>
 
 #include <ATen/ATen.h>
+#include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
@@ -286,8 +287,6 @@ class ModulatedNormLinear : public torch::autograd::Function<ModulatedNormLinear
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
-    TORCH_CHECK(!at::GradMode::is_enabled(), "modulated_layer_norm_linear: the fused op has no second "
-                "derivative (create_graph=True)");
     torch::autograd::variable_list out(9);
     const Tensor& grad = grads[0];
     if (!grad.defined()) return out;
@@ -300,6 +299,13 @@ class ModulatedNormLinear : public torch::autograd::Function<ModulatedNormLinear
     const int64_t bias_dtype = ctx->saved_data["bias_dtype"].toInt();
     // needs_input_grad counts the tensor inputs given (absent optionals have no edge)
     const int64_t weight_edge = 3 + w.has_value() + b.has_value();
+    if (bias_dtype >= 0 && ctx->needs_input_grad(weight_edge + 1)) {
+      out[8] = grad.reshape({-1, grad.size(-1)}).sum(0).to(static_cast<at::ScalarType>(bias_dtype));
+    }
+    if (at::GradMode::is_enabled()) {  // create_graph=True: gradients that differentiate again
+      composition_gradients(ctx, grad, x, shift, scale, w, b, weight, rms, weight_edge, out);
+      return out;
+    }
     bool needs_norm = false;
     for (int64_t edge = 0; edge < weight_edge; ++edge) needs_norm = needs_norm || ctx->needs_input_grad(edge);
     const Tensor rows = grad.reshape({-1, grad.size(-1)});
@@ -307,9 +313,6 @@ class ModulatedNormLinear : public torch::autograd::Function<ModulatedNormLinear
       const Tensor y = std::get<0>(modulated_norm_forward(x.contiguous(), shift.contiguous(), scale.contiguous(), w, b,
                                                           ctx->saved_data["eps"].toDouble(), rms));
       out[7] = rows.t().matmul(y.reshape({rows.size(0), -1}).to(rows.scalar_type())).to(weight.scalar_type());
-    }
-    if (bias_dtype >= 0 && ctx->needs_input_grad(weight_edge + 1)) {
-      out[8] = rows.sum(0).to(static_cast<at::ScalarType>(bias_dtype));
     }
     if (needs_norm) {
       const Tensor dy = grad.matmul(weight.to(grad.scalar_type())).to(x.scalar_type()).contiguous();
@@ -323,6 +326,41 @@ class ModulatedNormLinear : public torch::autograd::Function<ModulatedNormLinear
       }
     }
     return out;
+  }
+
+ private:
+  // The gradients of the composition as autograd of ATen's layer / RMS norm (the Python op's
+  // reference, fp32), for a create_graph=True backward (a gradient penalty through a DiT): the
+  // kernels' outputs would differentiate as constants. out[i] for the argument positions 0-4, 7.
+  static void composition_gradients(torch::autograd::AutogradContext* ctx, const Tensor& grad, const Tensor& x,
+                                    const Tensor& shift, const Tensor& scale, const optional<Tensor>& w,
+                                    const optional<Tensor>& b, const Tensor& weight, bool rms, int64_t weight_edge,
+                                    torch::autograd::variable_list& out) {
+    const auto ct = at::promote_types(x.scalar_type(), at::kFloat);
+    const int64_t dim = x.size(-1);
+    const optional<Tensor> wf = w ? optional<Tensor>(w->to(ct)) : std::nullopt;
+    const optional<Tensor> bf = b ? optional<Tensor>(b->to(ct)) : std::nullopt;
+    const Tensor n = rms ? at::rms_norm(x.to(ct), {dim}, wf, ctx->saved_data["eps"].toDouble())
+                         : at::layer_norm(x.to(ct), {dim}, wf, bf, ctx->saved_data["eps"].toDouble());
+    const auto rows = [&](const Tensor& m) { return (m.dim() == 2 ? m.unsqueeze(1) : m).to(ct); };
+    const Tensor y = (n * (1 + rows(scale)) + rows(shift)).to(x.scalar_type());
+    const Tensor result = at::linear(y.to(grad.scalar_type()), weight.to(grad.scalar_type()));
+    const Tensor inputs[] = {x, shift, scale, w.value_or(Tensor()), b.value_or(Tensor()), weight};
+    const int64_t slots[] = {0, 1, 2, 3, 4, 7};
+    std::vector<Tensor> wanted;
+    std::vector<int64_t> wanted_slots;
+    for (int64_t i = 0, edge = 0; i < 6; ++i) {
+      if (!inputs[i].defined()) continue;
+      const int64_t this_edge = i == 5 ? weight_edge : edge++;
+      if (ctx->needs_input_grad(this_edge)) {
+        wanted.push_back(inputs[i]);
+        wanted_slots.push_back(slots[i]);
+      }
+    }
+    if (wanted.empty()) return;
+    const auto gradients = torch::autograd::grad({result}, wanted, {grad}, /*retain_graph=*/true,
+                                                 /*create_graph=*/true);
+    for (size_t i = 0; i < wanted.size(); ++i) out[wanted_slots[i]] = gradients[i];
   }
 };
 

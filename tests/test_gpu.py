@@ -372,7 +372,8 @@ def test_modulated_norm_fp8_on_gpu(dtype, shape, generator):
         return torch.where(bits >= 128, 128 - bits, bits)
 
     steps = (ordinal(codes) - ordinal(ref_codes)).abs()
-    assert steps.max() <= 1 and steps.bool().float().mean() < 1e-3, steps.bool().float().mean()
+    flips = int(steps.bool().sum())
+    assert steps.max() <= 1 and flips <= max(1, steps.numel() // 1000), flips
     y64 = mn.oracle(*(t.double() for t in inputs), False).reshape(-1, shape[-1])
     assert snr_db(codes.double().reshape(-1, shape[-1]) * scales.double()[:, None], y64) >= 25.0
 

@@ -136,8 +136,19 @@ def test_norm_linear_cpp_autograd_equals_the_python_function(affine, needs, gene
     g = torch.randn(out.shape, generator=generator)
     for got, want in zip(torch.autograd.grad(out, differentiable, g), torch.autograd.grad(python_out, differentiable, g)):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
-    with pytest.raises(RuntimeError, match="no second derivative"):
-        torch.autograd.grad(fused(*inputs).square().sum(), differentiable, create_graph=True)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("affine", [True, False], ids=["norm_affine", "plain_norm"])
+def test_norm_linear_second_derivatives(backend, affine, generator):
+    """A create_graph=True backward (a gradient penalty through a DiT) differentiates again, on the
+    C++ autograd path (cpu backend) and the Python Function (reference): gradgradcheck in fp64."""
+    if backend == "cpu" and not fk._extension.cpu_built():
+        pytest.skip("extension not built")
+    args, fused, _ = _norm_case(generator, torch.float64, B=2, L=3, D=6, N=4)
+    inputs = _leaves(args if affine else args[:5])
+    with fk.use_backend(backend):
+        assert torch.autograd.gradgradcheck(fused, inputs)
 
 
 @pytest.mark.parametrize("case", CASES)

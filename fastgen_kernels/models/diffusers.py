@@ -10,8 +10,8 @@
 - ``BasicTransformerBlock`` with adaLN-Zero (DiT) or adaLN-single (PixArt): the whole block runs
   fused modulated norms, gated residuals and tanh-GELU (the attention processor takes the gate and
   the residual), and ``fuse_epilogues`` moves them into FP8 linear layers after ``quantize_fp8``;
-  before FP8 q/k/v projections and an FP8 fc1, the norm writes their e4m3 input itself
-  (``modulated_layer_norm_fp8``: one quantization for q, k and v).
+  before FP8 q/k/v projections (and, with the epilogues fused, fc1) the norm writes their e4m3
+  input itself (``modulated_layer_norm_fp8``: one quantization for q, k and v).
 
 Blocks are patched by changing the instance's class to a subclass that overrides ``forward``
 (weights, names and ``state_dict`` are untouched), so a patched model saves and loads as before.

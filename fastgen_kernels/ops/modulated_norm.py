@@ -32,7 +32,8 @@ Public API: :func:`modulated_layer_norm`, :func:`modulated_rms_norm`. Both run t
 fc1) that keeps x and the statistics for the backward, not also y: the linear layer's weight
 gradient recomputes y (one pass over x) instead of holding a (B, L, D) activation per layer. In
 plain eager mode on the cpu and cuda backends it records its autograd in C++
-(``fastgen_C::modulated_norm_linear``, the same kernels without Python between them).
+(``fastgen_C::modulated_norm_linear``, the same kernels without Python between them). A
+create_graph=True backward through it differentiates again (autograd of the reference's ops).
 """
 
 from __future__ import annotations
@@ -340,6 +341,20 @@ def modulated_rms_norm(
     return _apply(x, shift, scale, weight, None, eps, True)
 
 
+def _composition_gradients(grad_out, norm_inputs, weight, eps, rms, bias_dtype, needs) -> tuple:
+    """The gradients of F.linear(modulated norm, weight, bias) as autograd of the reference's ops,
+    for a create_graph=True backward (a gradient penalty through a DiT): the kernels' outputs would
+    differentiate as constants. The linear layer in grad_out's dtype, as the first-order backward."""
+    inputs = (*norm_inputs, weight)
+    wanted = [i for i, (t, need) in enumerate(zip(inputs, (*needs[:5], needs[7]))) if need and t is not None]
+    out = F.linear(reference_forward(*norm_inputs, eps, rms)[0].to(grad_out.dtype), weight.to(grad_out.dtype))
+    grads = [None] * 6
+    for i, g in zip(wanted, torch.autograd.grad(out, [inputs[i] for i in wanted], grad_out, create_graph=True)):
+        grads[i] = g
+    dbias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0).to(bias_dtype) if bias_dtype and needs[8] else None
+    return (*grads[:5], None, None, grads[5], dbias)
+
+
 class _ModulatedNormLinearFunction(torch.autograd.Function):
     """F.linear(modulated_norm(x, ...), weight, bias), saving x, the modulation, the statistics and
     the weight. The linear layer runs in the dtype autocast gives it (grad_out's in the backward)."""
@@ -358,6 +373,8 @@ class _ModulatedNormLinearFunction(torch.autograd.Function):
         x, shift, scale, norm_weight, norm_bias, mean, rstd, weight = ctx.saved_tensors
         needs = ctx.needs_input_grad
         norm_inputs = (x, shift, scale, norm_weight, norm_bias)
+        if torch.is_grad_enabled():  # create_graph=True: gradients that differentiate again
+            return _composition_gradients(grad_out, norm_inputs, weight, ctx.eps, ctx.rms, ctx.bias_dtype, needs)
         dy, dweight, dbias = recomputed_input_backward(
             grad_out, weight, ctx.bias_dtype, (any(needs[:5]), needs[7], needs[8]),
             lambda: forward_dispatcher(*norm_inputs, ctx.eps, ctx.rms)[0])
