@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from fastgen_kernels.ops.fp8_linear import ACTIVATIONS, fp8_linear, quantize_weight
+from fastgen_kernels.ops.fp8_linear import ACTIVATIONS, fp8_linear, fp8_supported, quantize_weight
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +72,12 @@ class Fp8Linear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, weight_scale={tuple(self.weight_scale.shape)}, "
                 f"activation={self.activation}")
+
+
+def reads_e4m3(layers: tuple[nn.Module, ...], device: torch.device) -> bool:
+    """Whether every one of ``layers`` is an :class:`Fp8Linear` that quantizes its input to e4m3 on
+    ``device``: then the op before them may write that input itself (``modulated_layer_norm_fp8``)."""
+    return all(isinstance(layer, Fp8Linear) for layer in layers) and fp8_supported(device)
 
 
 def default_filter(module: nn.Module, name: str) -> bool:

@@ -22,6 +22,24 @@ CPU_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 TRITON_INTERPRETER_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
+def count_fp8_quantizations(patch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Counts, from now on under ``patch``, the FP8 inputs written by the fused norm ("norm_fp8")
+    and by fp8_linear's own quantizer ("quantize"): the live counts."""
+    import fastgen_kernels as fk
+
+    calls = {"norm_fp8": 0, "quantize": 0}
+    targets = {"norm_fp8": (fk.ops.OP_MODULES["modulated_norm_fp8"], "_modulated_norm_fp8"),
+               "quantize": (fk.ops.OP_MODULES["fp8_linear"], "_quantize_rows")}
+    for name, (module, attribute) in targets.items():
+        original = getattr(module, attribute)
+
+        def counted(*args, name=name, original=original):
+            calls[name] += 1
+            return original(*args)
+        patch.setattr(module, attribute, counted)
+    return calls
+
+
 def cpu_backends() -> list:
     """Backends that run CPU tensors here, as pytest params (unavailable ones skip with why)."""
     params = []

@@ -9,6 +9,7 @@ from fastgen_kernels.schedules import VP
 
 diffusers = pytest.importorskip("diffusers")
 
+from conftest import count_fp8_quantizations  # noqa: E402
 from test_sampling import DATA_STD, GaussianDenoiser, marginal_std  # noqa: E402
 from tolerances import snr_db  # noqa: E402
 
@@ -150,17 +151,8 @@ def test_quantized_diffusers_dit_is_within_the_snr_floor():
     fp8 = run("dit", model, torch.bfloat16)
     fk.fuse_epilogues(model)
     assert all(block.fp8_epilogues for block in model.transformer_blocks)
-    calls = {"norm_fp8": 0, "quantize": 0}
-    counted = {"norm_fp8": (fk.ops.OP_MODULES["modulated_norm_fp8"], "_modulated_norm_fp8"),
-               "quantize": (fk.ops.OP_MODULES["fp8_linear"], "_quantize_rows")}
     with pytest.MonkeyPatch.context() as patch:
-        for name, (module, attribute) in counted.items():
-            original = getattr(module, attribute)
-
-            def count(*args, name=name, original=original):
-                calls[name] += 1
-                return original(*args)
-            patch.setattr(module, attribute, count)
+        calls = count_fp8_quantizations(patch)
         fused = run("dit", model, torch.bfloat16)
     # per block: the norms write q/k/v's and fc1's e4m3 input; the attention output and fc2's input
     # are quantized (q, k and v read one quantization, not three); and the two output layers'

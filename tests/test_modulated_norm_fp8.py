@@ -4,6 +4,7 @@ oracle (the scheme's accuracy), fp8_linear on its output, the DiT's FP8 path, op
 
 import pytest
 import torch
+from conftest import count_fp8_quantizations
 from test_modulated_norm import make_inputs, oracle
 from tolerances import assert_same_codes, snr_db
 
@@ -83,19 +84,11 @@ def test_the_fp8_dit_takes_the_fused_path(generator, monkeypatch):
 
     config = DiTConfig(input_size=4, patch_size=2, in_channels=2, hidden_size=32, depth=2, num_heads=2, num_classes=3)
     model = fk.quantize_fp8(DiT(config).bfloat16())
-    calls = {"fused": 0, "quantize": 0}
-    fp8 = fk.ops.OP_MODULES["fp8_linear"]
-    for name, module, attribute in [("fused", mnq, "_modulated_norm_fp8"), ("quantize", fp8, "_quantize_rows")]:
-        original = getattr(module, attribute)
-
-        def counted(*args, name=name, original=original):
-            calls[name] += 1
-            return original(*args)
-        monkeypatch.setattr(module, attribute, counted)
+    calls = count_fp8_quantizations(monkeypatch)
     x = torch.randn(2, 2, 4, 4, generator=generator).bfloat16()
     with torch.no_grad():
         model(x, torch.rand(2, generator=generator), torch.tensor([0, 1]))
-    assert calls == {"fused": 2 * config.depth + 1, "quantize": 2 * config.depth}
+    assert calls == {"norm_fp8": 2 * config.depth + 1, "quantize": 2 * config.depth}
 
 
 def test_opcheck(generator):

@@ -30,8 +30,7 @@ from torch import Tensor, nn
 import fastgen_kernels as fk
 from fastgen_kernels.denoiser import Denoiser
 from fastgen_kernels.models.dit import DiT
-from fastgen_kernels.ops.fp8_linear import fp8_supported
-from fastgen_kernels.quantization import Fp8Linear
+from fastgen_kernels.quantization import Fp8Linear, reads_e4m3
 from fastgen_kernels.schedules import VP
 
 log = logging.getLogger(__name__)
@@ -140,7 +139,7 @@ def _modulated(x: Tensor, shift: Tensor, scale: Tensor, norm: nn.LayerNorm, laye
     FP8 on a device with e4m3, (codes, scales): the norm written once as their per-token e4m3
     input (no pass to write h and one per layer to quantize it)."""
     shift, scale = shift.to(x.dtype), scale.to(x.dtype)
-    if all(isinstance(layer, Fp8Linear) for layer in layers) and fp8_supported(x.device):
+    if reads_e4m3(layers, x.device):
         return fk.modulated_layer_norm_fp8(x, shift, scale, *_layer_norm_parts(norm))
     return fk.modulated_layer_norm(x, shift, scale, *_layer_norm_parts(norm)), None
 
@@ -223,8 +222,7 @@ def _make_fused_block_class(base: type) -> type:
             if self.fp8_epilogues:
                 fc1 = self.ff.net[0].proj
                 h, h_scale = _modulated(x, shift2, scale2, norm_mlp, (fc1,))
-                h = fc1(h) if h_scale is None else fc1(h, x_scale=h_scale, out_dtype=x.dtype)
-                return self.ff.net[-1](h, gate=gate2.to(x.dtype), residual=x)
+                return self.ff.net[-1](fc1(h, x_scale=h_scale, out_dtype=x.dtype), gate=gate2.to(x.dtype), residual=x)
             h = fk.modulated_layer_norm(x, shift2.to(x.dtype), scale2.to(x.dtype), *_layer_norm_parts(norm_mlp))
             return fk.gated_residual(x, _feed_forward(self.ff, h), gate2)
 

@@ -27,8 +27,8 @@ from torch import Tensor, nn
 
 import fastgen_kernels as fk
 from fastgen_kernels.ops.constant_operands import add_constant, mul_constant
-from fastgen_kernels.ops.fp8_linear import fp8_supported
 from fastgen_kernels.ops.linear import linear
+from fastgen_kernels.quantization import Fp8Linear, reads_e4m3
 
 PRESETS = {  # name: (depth, hidden_size, num_heads)
     "S": (12, 384, 6),
@@ -148,7 +148,7 @@ def _norm_linear(x: Tensor, shift: Tensor, scale: Tensor, layer: nn.Module, fuse
     if fused and type(layer) is nn.Linear:
         return fk.modulated_layer_norm_linear(x, shift.to(x.dtype), scale.to(x.dtype), layer.weight, layer.bias,
                                               eps=1e-6)
-    if fused and type(layer) is fk.Fp8Linear and fp8_supported(x.device):
+    if fused and reads_e4m3((layer,), x.device):
         codes, x_scale = fk.modulated_layer_norm_fp8(x, shift.to(x.dtype), scale.to(x.dtype), eps=1e-6)
         return layer(codes, x_scale=x_scale, out_dtype=x.dtype)
     return layer(_modulated_ln(x, shift, scale, fused))
@@ -199,8 +199,6 @@ class DiTBlock(nn.Module):
     def fuse_fp8_epilogues(self) -> bool:
         """GELU into fc1's epilogue, gate and residual into proj's and fc2's, when all three are
         FP8 layers (see ``fastgen_kernels.fuse_epilogues``); True if done."""
-        from fastgen_kernels.quantization import Fp8Linear
-
         layers = (self.attn.proj, self.mlp.fc1, self.mlp.fc2)
         if self.fused_epilogues or not all(isinstance(layer, Fp8Linear) for layer in layers):
             return False
@@ -209,7 +207,8 @@ class DiTBlock(nn.Module):
         return True
 
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
-        shift1, scale1, gate1, shift2, scale2, gate2 = _modulation(self.adaLN_modulation, c, self.fused).chunk(6, dim=-1)
+        modulation = _modulation(self.adaLN_modulation, c, self.fused)
+        shift1, scale1, gate1, shift2, scale2, gate2 = modulation.chunk(6, dim=-1)
         a = self.attn.heads(_norm_linear(x, shift1, scale1, self.attn.qkv, self.fused), self.fused)
         if self.fused_epilogues:
             x = self.attn.proj(a, gate=gate1, residual=x)

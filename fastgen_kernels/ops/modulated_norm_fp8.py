@@ -46,8 +46,9 @@ def _triton_support(x: Tensor, *args: object) -> str | None:
     return _checks.gpu_kernel_support(x) or (None if fp8_supported(x.device) else "no e4m3 on this GPU (sm_89+)")
 
 
-forward_dispatcher = OpDispatcher("fastgen.modulated_norm_fp8", {"triton": _triton, "reference": reference_modulated_norm_fp8},
-                          {"triton": _triton_support})
+forward_dispatcher = OpDispatcher("fastgen.modulated_norm_fp8",
+                                  {"triton": _triton, "reference": reference_modulated_norm_fp8},
+                                  {"triton": _triton_support})
 
 
 @torch.library.custom_op("fastgen::modulated_norm_fp8", mutates_args=())
