@@ -13,8 +13,9 @@
 #   bash bench/gpu_check.sh bench   build; every GPU benchmark, attention and norms included (long)
 # The goal benchmarks, in order (GPU_CHECK_GOALS overrides the list): the ceilings, sampling
 # (issue 6), the sCM step (7), then bench/profile_gpu.py (host against kernel time of the sCM
-# step, a DiT-XL evaluation, a loss) and bench/loss_host_cost.py (each loss's fixed per-call cost
-# against eager's), then FP8 GEMM and DiT-XL (5), losses (4).
+# step, a DiT-XL evaluation, a loss), bench/loss_host_cost.py (each loss's fixed per-call cost
+# against eager's) and bench/host_cost.py (the fused ops', the sCM step's and sample's), then
+# FP8 GEMM and DiT-XL (5), losses (4).
 # Each file writes its own JSON, so a cut at the deadline loses only that file's unfinished
 # benchmarks. Everything stops by
 # GPU_CHECK_DEADLINE_S seconds after the start (default 550: inside the tool's 10-minute call);
@@ -108,6 +109,8 @@ profile() {
   grep -E "wall .* launches" "$LOGS/profile.txt"
   PYTHONPATH=. limited 60 python3 bench/loss_host_cost.py cuda > "$LOGS/loss_host_cost.txt" 2>&1
   cat "$LOGS/loss_host_cost.txt"
+  PYTHONPATH=. limited 90 python3 bench/host_cost.py cuda > "$LOGS/host_cost.txt" 2>&1
+  cat "$LOGS/host_cost.txt"
   pack
 }
 
