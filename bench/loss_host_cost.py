@@ -5,13 +5,12 @@ training sizes on a GPU.
 
     python bench/loss_host_cost.py [cpu|cuda]
 
-Prints the best of several rounds per call, ours against eager, and the ratio.
+Prints the best of many short rounds per call (host_cost.best_us), ours against eager, and the ratio.
 """
 
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -19,24 +18,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))  # bench_losses and its conftest
 
 import bench_losses  # noqa: E402
+from host_cost import best_us  # noqa: E402
 
-SHAPE, CALLS, ROUNDS = (64, 64), 500, 7
-
-
-def best_us(step, device: str) -> float:
-    for _ in range(50):
-        step()
-    best = float("inf")
-    for _ in range(ROUNDS):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(CALLS):
-            step()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, (time.perf_counter() - start) / CALLS * 1e6)
-    return best
+SHAPE, CALLS = (64, 64), 200
 
 
 def main(device: str) -> None:
@@ -44,7 +28,8 @@ def main(device: str) -> None:
         first = torch.randn(SHAPE, device=device, requires_grad=True)
         inputs = (first, *(torch.randn(SHAPE, device=device) for _ in range(num_inputs - 1)),
                   *per_sample(SHAPE[0], device))
-        ours, peer = (best_us(lambda fn=fn: torch.autograd.grad(fn(*inputs), first), device) for fn in (fused, eager))
+        ours, peer = (best_us(lambda fn=fn: torch.autograd.grad(fn(*inputs), first), device, CALLS)
+                      for fn in (fused, eager))
         print(f"{name:12s} fused {ours:7.1f} us   eager {peer:7.1f} us   {peer / ours:.2f}x eager")
 
 
