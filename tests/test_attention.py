@@ -63,18 +63,40 @@ def allowed_pairs(case: Case) -> torch.Tensor | None:
     return torch.tensor(rows, dtype=torch.bool)
 
 
+def probabilities(q, k, scale, allowed):
+    """P = softmax of the masked scores, (B, H, Lq, Lk) from heads-first q, k; 0 on rows that
+    see no key."""
+    s = q @ k.transpose(-1, -2) * scale
+    if allowed is None:
+        return torch.softmax(s, -1)
+    sees_a_key = allowed.any(-1, keepdim=True)
+    s = s.masked_fill(~allowed, float("-inf")).masked_fill(~sees_a_key, 0)
+    return torch.softmax(s, -1) * sees_a_key
+
+
 def oracle(q, k, v, scale, allowed):
     """Plain attention in the inputs' dtype (the fp64 oracle, and the low-precision peer).
     Queries that see no key output 0."""
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-    s = q @ k.transpose(-1, -2) * scale
-    if allowed is None:
-        p = torch.softmax(s, -1)
-    else:
-        sees_a_key = allowed.any(-1, keepdim=True)
-        s = s.masked_fill(~allowed, float("-inf")).masked_fill(~sees_a_key, 0)
-        p = torch.softmax(s, -1) * sees_a_key
-    return (p @ v).transpose(1, 2)
+    return (probabilities(q, k, scale, allowed) @ v).transpose(1, 2)
+
+
+def term_magnitudes(q, k, v, tq, tk, tv, grad_out, scale, allowed) -> dict[str, float]:
+    """The largest sum of |terms| behind each output, from fp64 inputs: the scale of its rounding
+    error. Gradients and tangents subtract a row mean (dS = P * (dP - delta), and P * (tS - mean)
+    in tO), which cancels when P is peaked: there the result can be several times smaller than
+    the terms whose rounding it keeps."""
+    q, k, v, tq, tk, tv, g = (t.transpose(1, 2) for t in (q, k, v, tq, tk, tv, grad_out))
+    p = probabilities(q, k, scale, allowed)
+    dp = g @ v.transpose(-1, -2)
+    ds = p * (dp.abs() + (p * dp).sum(-1, keepdim=True).abs())
+    ts = (tq @ k.transpose(-1, -2) + q @ tk.transpose(-1, -2)) * scale
+    ps = p * (ts.abs() + (p * ts).sum(-1, keepdim=True).abs())
+    return {"o": (p @ v.abs()).max().item(),
+            "to": (p @ tv.abs() + ps @ v.abs()).max().item(),
+            "dq": (ds @ k.abs()).max().item() * scale,
+            "dk": (ds.transpose(-1, -2) @ q.abs()).max().item() * scale,
+            "dv": (p.transpose(-1, -2) @ g.abs()).max().item()}
 
 
 def make_inputs(case: Case, dtype, generator, device="cpu"):
@@ -144,6 +166,7 @@ def check_case(backend, case: Case, dtype, generator, device="cpu", inputs=None)
     *_, peer_to = math_results(q, k, v, tq, tk, tv, grad_out, scale, allowed)
     exponent = (q.double().transpose(1, 2) @ k.double().transpose(1, 2).transpose(-1, -2)
                 * scale).abs().max().item()
+    magnitude = term_magnitudes(*wide, scale, allowed)
     # o, to and dq sum over keys; dk and dv over queries
     for what, actual, peer, expected, terms in [
         ("o", o, peer_o, o64, case.Lk), ("fused o", fused_o, peer_o, o64, case.Lk),
@@ -152,7 +175,8 @@ def check_case(backend, case: Case, dtype, generator, device="cpu", inputs=None)
         ("dk", grads[1], peer_grads[1], grads64[1], case.Lq),
         ("dv", grads[2], peer_grads[2], grads64[2], case.Lq),
     ]:
-        assert_within_peer(actual, peer, expected, dtype, terms, what, exponent)
+        assert_within_peer(actual, peer, expected, dtype, terms, what, exponent,
+                           magnitude[what.removeprefix("fused ")])
 
 
 @pytest.mark.parametrize("backend", cpu_backends())

@@ -33,10 +33,13 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
 
 
 def assert_within_peer(actual: torch.Tensor, peer: torch.Tensor, expected: torch.Tensor,
-                       dtype: torch.dtype, terms: int, what: str, exponent: float = 0.0) -> None:
+                       dtype: torch.dtype, terms: int, what: str, exponent: float = 0.0,
+                       magnitude: float | None = None) -> None:
     """The rule for attention and long reductions: a kernel's largest error against the fp64
     oracle ``expected`` may be twice that of ``peer`` (the same math done by PyTorch in ``dtype``)
-    plus rounding noise, in units of the largest |expected|:
+    plus rounding noise, in units of ``magnitude``: the largest sum of |terms| behind an output
+    (rounding errors scale with the terms, not with what is left after they cancel), by default
+    the largest |expected|:
 
     - a ``terms``-term sum in ``dtype`` rounds with a random-walk error of about sqrt(terms) ulps;
     - exp(x) of an fp32 argument of size ``exponent`` (attention's scores, which flash kernels
@@ -49,7 +52,7 @@ def assert_within_peer(actual: torch.Tensor, peer: torch.Tensor, expected: torch
         return (t.double() - expected.double()).abs().max().item()
 
     ulps = terms**0.5 * torch.finfo(dtype).eps + exponent * torch.finfo(torch.float32).eps
-    noise = ulps * expected.abs().max().item()
+    noise = ulps * (expected.abs().max().item() if magnitude is None else magnitude)
     bound = 2 * max_error(peer) + noise
     assert actual.dtype == dtype and actual.shape == expected.shape, what
     assert max_error(actual) <= bound, (
