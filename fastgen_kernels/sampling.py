@@ -338,10 +338,14 @@ def _graph_state(model: Denoiser) -> tuple:
             backends.forced_backend()[0])
 
 
-def capture_cuda_graph(fn: Callable[[], Any]) -> tuple[torch.cuda.CUDAGraph, Any]:
+def capture_cuda_graph(fn: Callable[[], Any], generators: Sequence[torch.Generator] = (), pool=None
+                       ) -> tuple[torch.cuda.CUDAGraph, Any]:
     """(graph, outputs): fn() captured in a CUDA graph on the current device after two warm-up
     calls on a side stream (autotuning, lazy initialization, allocator pools); graph.replay()
-    recomputes the outputs in place."""
+    recomputes the outputs in place. ``generators``: CUDA generators fn draws from besides the
+    default one; each replay draws from a generator's seed and offset at the time of replay.
+    ``pool``: another graph's memory pool (``graph.pool()``) to share, for graphs that never run
+    at the same time and whose outputs are consumed before another of them runs."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -349,7 +353,9 @@ def capture_cuda_graph(fn: Callable[[], Any]) -> tuple[torch.cuda.CUDAGraph, Any
             fn()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    for generator in generators:
+        graph.register_generator_state(generator)
+    with torch.cuda.graph(graph, pool=pool):
         outputs = fn()
     return graph, outputs
 

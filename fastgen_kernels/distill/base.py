@@ -19,7 +19,7 @@ resumed from a checkpoint draws what the uninterrupted run drew.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -49,7 +49,8 @@ class Batch:
     x0: (B, ...) clean data; cond: (B,) labels or None. The batch holds rows
     ``offset .. offset + B`` of a global batch of ``global_size`` rows (all processes and
     micro-batches); every draw is made for the global batch and sliced, so it does not depend on
-    how the global batch is split.
+    how the global batch is split. The draws come from ``generator`` (on x0's device) seeded with
+    ``seed``: a new one by default, a given one (reseeded here) where a CUDA graph reads it.
     """
 
     x0: Tensor
@@ -57,7 +58,7 @@ class Batch:
     seed: int = 0
     global_size: int | None = None
     offset: int = 0
-    _generator: torch.Generator = field(init=False, repr=False)
+    generator: torch.Generator | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         B = self.x0.shape[0]
@@ -67,7 +68,9 @@ class Batch:
                              f"{self.global_size}")
         if self.cond is not None and self.cond.shape[0] != B:
             raise ValueError(f"Batch: cond has {self.cond.shape[0]} rows for {B} samples")
-        self._generator = torch.Generator(self.x0.device).manual_seed(self.seed)
+        if self.generator is None:
+            self.generator = torch.Generator(self.x0.device)
+        self.generator.manual_seed(self.seed)
 
     def __len__(self) -> int:
         return self.x0.shape[0]
@@ -82,17 +85,17 @@ class Batch:
 
     def randn(self, *shape: int) -> Tensor:
         """Standard normal (B, *shape), fp32 (fp64 for fp64 data)."""
-        return self._rows(torch.randn((self.global_size, *shape), generator=self._generator,
+        return self._rows(torch.randn((self.global_size, *shape), generator=self.generator,
                                       device=self.x0.device, dtype=self.dtype))
 
     def rand(self, *shape: int) -> Tensor:
         """Uniform [0, 1) (B, *shape), fp32 (fp64 for fp64 data)."""
-        return self._rows(torch.rand((self.global_size, *shape), generator=self._generator,
+        return self._rows(torch.rand((self.global_size, *shape), generator=self.generator,
                                      device=self.x0.device, dtype=self.dtype))
 
     def randint(self, high: int) -> Tensor:
         """Uniform integers in [0, high), (B,)."""
-        return self._rows(torch.randint(high, (self.global_size,), generator=self._generator,
+        return self._rows(torch.randint(high, (self.global_size,), generator=self.generator,
                                         device=self.x0.device))
 
     def randn_like(self, x: Tensor) -> Tensor:
@@ -162,6 +165,28 @@ class Method(nn.Module):
 
     def training_step(self, batch: Batch, iteration: int) -> dict[str, Tensor]:
         raise NotImplementedError
+
+    def graph_key(self, iteration: int) -> Hashable | None:
+        """What of ``iteration`` training_step's work depends on besides the batch (a warm-up
+        factor, a curriculum stage, whose turn it is): steps with equal keys and equally shaped
+        batches run the same kernels with the same constants, so one CUDA graph replays them all
+        (:class:`~fastgen_kernels.distill.cuda_graph.GraphedStep`). None (the default): this
+        method's steps are not captured."""
+        return None
+
+
+def forward_backward(method: Method, batch: Batch, iteration: int, names: Sequence[str], scale: float = 1.0,
+                     autocast_dtype: torch.dtype | None = None, autocast_cache: bool = True) -> dict[str, Tensor]:
+    """``method.training_step(batch, iteration)`` under autocast to ``autocast_dtype`` (None: off)
+    and the backward of ``scale`` times the sum of its losses ``names``; its outputs, detached."""
+    with torch.autocast(batch.x0.device.type, dtype=autocast_dtype or torch.bfloat16,
+                        enabled=autocast_dtype is not None, cache_enabled=autocast_cache):
+        out = method.training_step(batch, iteration)
+    missing = [n for n in names if n not in out]
+    if missing:
+        raise RuntimeError(f"{type(method).__name__}.training_step returned no loss for {missing}")
+    (sum(out[n] for n in names) * scale).backward()
+    return {k: v.detach() for k, v in out.items()}
 
 
 # ----------------------------------------------------------------------------- building blocks

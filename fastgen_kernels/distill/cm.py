@@ -58,6 +58,9 @@ class CM(Method):
         sigma_r = (sigma_t * (1 - gap)).clamp_min(0)
         return schedule.t_from_edm_sigma(sigma_r).to(t.dtype), sigma_t, sigma_r
 
+    def graph_key(self, iteration: int) -> tuple:
+        return (iteration // self.config.stage_iterations,)  # the curriculum stage
+
     def training_step(self, batch: Batch, iteration: int) -> dict[str, Tensor]:
         model, cfg, x0 = self.student, self.config, batch.x0
         cond = drop_labels(model, batch, cfg.cond_dropout if cfg.mode == "ct" else 0.0)

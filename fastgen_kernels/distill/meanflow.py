@@ -58,6 +58,9 @@ class MeanFlow(Method):
         r = torch.where(batch.rand() < cfg.flow_matching_fraction, t, r)
         return t, r
 
+    def graph_key(self, iteration: int) -> tuple:
+        return ()  # every step alike
+
     def training_step(self, batch: Batch, iteration: int) -> dict[str, Tensor]:
         model, cfg, x0 = self.student, self.config, batch.x0
         cond = drop_labels(model, batch, cfg.cond_dropout if cfg.mode == "data" else 0.0)

@@ -50,6 +50,9 @@ class SCM(Method):
         if self.config.mode == "cd" and self.teacher is None:
             raise ValueError("SCM: mode='cd' distills a teacher; pass teacher=")
 
+    def graph_key(self, iteration: int) -> tuple:
+        return (ramp(iteration, self.config.warmup_iterations),)  # the tangent's warm-up factor
+
     def training_step(self, batch: Batch, iteration: int) -> dict[str, Tensor]:
         model, cfg, x0 = self.student, self.config, batch.x0
         schedule, sd = model.schedule, model.sigma_data

@@ -37,7 +37,8 @@ from fastgen_kernels.config import save_yaml, to_dict
 from fastgen_kernels.denoiser import Denoiser
 from fastgen_kernels.distill import checkpoint as ckpt
 from fastgen_kernels.distill import parallel
-from fastgen_kernels.distill.base import Batch, Method, batch_seed
+from fastgen_kernels.distill.base import Batch, Method, batch_seed, forward_backward
+from fastgen_kernels.distill.cuda_graph import GraphedStep
 from fastgen_kernels.distill.ema import EMA
 
 OPTIMIZERS = {"adamw": torch.optim.AdamW, "radam": torch.optim.RAdam}
@@ -72,6 +73,7 @@ class TrainerConfig:
     log_every: int = 10
     progress: bool | None = None          # a tqdm bar (default: when stderr is a terminal)
     parallel: Literal["none", "ddp", "fsdp"] = "none"
+    cuda_graph: bool = False              # replay each micro-batch's forward + backward from a CUDA graph
     wandb_project: str | None = None      # log to Weights & Biases too (if installed)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
 
@@ -127,6 +129,13 @@ class Trainer:
                                                    **({"decoupled_weight_decay": True} if opt.name == "radam" else {}))
                            for n in self.names}
         self.ema = EMA(method.network("student"), config.ema_decays) if config.ema_decays else None
+        self.autocast_dtype = torch.bfloat16 if config.precision == "bf16" else None
+        self.graphed = None
+        if config.cuda_graph:
+            if self.world > 1 or config.parallel != "none":  # gradient hooks a graph cannot hold
+                raise ValueError(f"Trainer: cuda_graph=True needs one process, got {self.world} with "
+                                 f"parallel={config.parallel!r}")
+            self.graphed = GraphedStep(self.method, self.autocast_dtype)
         self.out = Path(config.output_dir)
         self.config_record = to_dict(config if config_record is None else config_record)
         self.iteration = 0
@@ -170,17 +179,16 @@ class Trainer:
         metrics: dict[str, Tensor] = {}
         for micro in range(cfg.grad_accumulation):
             batch = self.batch(iteration, micro)
-            last = micro == cfg.grad_accumulation - 1
-            with parallel.no_gradient_sync(stepping, skip=not last), \
-                    torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-                out = self.method.training_step(batch, iteration)
-            missing = [n for n in names if n not in out]
-            if missing:
-                raise RuntimeError(f"{type(self.method).__name__}.training_step returned no loss for {missing}")
-            (sum(out[n] for n in names) / cfg.grad_accumulation).backward()
+            if self.graphed is not None:
+                out = self.graphed(batch, iteration, names, 1 / cfg.grad_accumulation)
+            else:
+                # the backward inside too: FSDP2 reduces gradients in it
+                with parallel.no_gradient_sync(stepping, skip=micro < cfg.grad_accumulation - 1):
+                    out = forward_backward(self.method, batch, iteration, names, 1 / cfg.grad_accumulation,
+                                           self.autocast_dtype)
             for key, value in out.items():
                 if key not in self.optimizers:
-                    metrics[key] = metrics.get(key, 0) + value.detach().float() / cfg.grad_accumulation
+                    metrics[key] = metrics.get(key, 0) + value.float() / cfg.grad_accumulation
         for name in names:
             if cfg.optimizer.clip_grad_norm is not None:
                 norm = torch.nn.utils.clip_grad_norm_(self.optimizers[name].param_groups[0]["params"],
