@@ -99,7 +99,7 @@ def sample(device: str) -> None:
     call = best_us(lambda: fk.sample(student, 1, batch_size=2, seed=0, progress=False, cuda_graph=False), device, 100)
     with torch.device("meta"):
         dit_xl = fk.Denoiser(DiT(DiTConfig.preset("XL/2")), "rf", "flow")
-    key = best_us(lambda: sampling._graph_state(dit_xl), "cpu", 50)
+    key = best_us(lambda: sampling.graph_state(dit_xl), "cpu", 50)
     print(f"{'sample, 1 step':28s} the call {call:8.1f} us   DiT-XL's CUDA-graph key {key:8.1f} us")
 
 

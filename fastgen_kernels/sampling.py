@@ -298,7 +298,7 @@ def sample(model: Denoiser, steps: int = 1, *, batch_size: int = 1, shape: Seque
         if use_graph:
             key = (batch, shape, dtype, tuple(times), solver, stochastic, guidance_scale, return_trajectory,
                    autocast_dtype, *[(t.shape, t.dtype) if t is not None else None for t in inputs[2:]],
-                   _graph_state(model))
+                   graph_state(model))
             x, trajectory = _replay(model, key, run, inputs)
         else:
             if progress is None:
@@ -316,7 +316,7 @@ def sample(model: Denoiser, steps: int = 1, *, batch_size: int = 1, shape: Seque
     return (x, trajectory) if return_trajectory else x
 
 
-def _graph_state(model: Denoiser) -> tuple:
+def graph_state(model: nn.Module) -> tuple:
     """What a captured graph holds on to besides its inputs: the modules, the tensors (addresses
     and dtypes) of their parameters and buffers, and the forced backend. A graph captured before
     model.to(...), quantize_fp8 or use_backend is not replayed after them; other changes of

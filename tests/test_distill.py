@@ -4,6 +4,7 @@ mixture of Gaussians where a 1-step student must put its samples on the modes.""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -260,6 +261,7 @@ def stand_in_graphs(monkeypatch, method) -> None:
     monkeypatch.setattr(cuda_graph, "GRAPH_DEVICE_TYPE", "cpu")
     monkeypatch.setattr(cuda_graph, "capture_cuda_graph",
                         replaying_capture([p for p in method.parameters() if p.requires_grad]))
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
 
 
 def test_graphed_steps_add_to_the_gradient_they_find(monkeypatch):
@@ -288,24 +290,28 @@ def test_graphed_steps_add_to_the_gradient_they_find(monkeypatch):
         torch.testing.assert_close(p.grad, grad, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("accumulation", [1, 2])
-def test_graphed_trainer_bookkeeping_follows_the_eager_run(accumulation, teacher, tmp_path, monkeypatch):
-    """GraphedStep's own work (phases seen, captured and replayed; the batch copied in and the
-    generator reseeded; gradients handed over or added) with a stand-in graph on the CPU: the same
-    losses and weights as the eager trainer, through sCM's warm-up (a new phase per iteration, never
-    captured) and after it (one graph). tests/test_gpu.py runs the real graph."""
+@pytest.mark.parametrize(("name", "accumulation", "graphs"), [("scm", 1, 1), ("scm", 2, 2), ("cm", 1, 2)])
+def test_graphed_trainer_bookkeeping_follows_the_eager_run(name, accumulation, graphs, teacher, tmp_path,
+                                                           monkeypatch):
+    """GraphedStep's own work (phases seen, captured, replayed and dropped; the batch copied in and
+    the generator reseeded; gradients handed over or added) with a stand-in graph on the CPU: the
+    same losses and weights as the eager trainer. sCM: a new phase per warm-up iteration (never
+    captured), then one, with a graph per micro-batch. CM: a new curriculum stage every 2
+    iterations, the last two stages' graphs kept. tests/test_gpu.py runs the real graph."""
+    make = {"scm": lambda: SCM(student_of(teacher), teacher, SCMConfig(warmup_iterations=3)),
+            "cm": lambda: CM(student_of(teacher), teacher, CMConfig(mode="cd", stage_iterations=2))}[name]
     runs = []
     for graphed in (False, True):
         torch.manual_seed(5)
-        method = SCM(student_of(teacher), teacher, SCMConfig(warmup_iterations=3))
+        method = make()
         if graphed:
             stand_in_graphs(monkeypatch, method)
         run = trainer(method, tmp_path / str(graphed), batch_size=32, grad_accumulation=accumulation,
                       cuda_graph=graphed)
         losses = [run.step(i)["loss"] for i in range(8)]
         runs.append((torch.stack(losses), [p.detach().clone() for p in method.student.parameters()]))
-        if graphed:  # a graph per micro-batch (its rows of the draws), past the warm-up only
-            assert len(run.graphed.graphs) == accumulation
+        if graphed:
+            assert len(run.graphed.graphs) == graphs and len(run.graphed.phases) <= 2
     torch.testing.assert_close(runs[1][0], runs[0][0], rtol=0, atol=0)
     for a, b in zip(runs[0][1], runs[1][1]):
         torch.testing.assert_close(b, a, rtol=0, atol=0)

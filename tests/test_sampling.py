@@ -398,21 +398,21 @@ def test_auto_autocast_is_bf16_for_full_precision_networks_on_gpus_only():
 
 
 def test_the_cuda_graph_key_follows_what_the_graph_holds():
-    """sample replays a captured graph only while its key (sampling._graph_state) is unchanged:
+    """sample replays a captured graph only while its key (sampling.graph_state) is unchanged:
     the same for an untouched model, another after a dtype cast (new tensors), quantize_fp8 (new
     modules and buffers) or under a forced backend."""
     from fastgen_kernels.models import DiT, DiTConfig
-    from fastgen_kernels.sampling import _graph_state
+    from fastgen_kernels.sampling import graph_state
 
     net = DiT(DiTConfig(input_size=4, patch_size=2, in_channels=4, hidden_size=32, depth=1, num_heads=2,
                         num_classes=3))
     model = fk.Denoiser(net, "rf", "flow", null_cond=3, shape=(4, 4, 4))
-    key = _graph_state(model)
-    assert _graph_state(model) == key
+    key = graph_state(model)
+    assert graph_state(model) == key
     with fk.use_backend("reference"):
-        assert _graph_state(model) != key
+        assert graph_state(model) != key
     model.to(torch.float64)
-    cast = _graph_state(model)
+    cast = graph_state(model)
     assert cast != key
     fk.quantize_fp8(model.net)
-    assert _graph_state(model) != cast
+    assert graph_state(model) != cast

@@ -2,11 +2,13 @@
 CUDA graph: the step's hundreds of kernel launches, and the Python between them (forward-mode AD
 and autograd included), cost one graph launch.
 
-A step is captured per *phase*: the batch's shapes and position in the global batch, the losses
-back-propagated, their scale, and ``Method.graph_key(iteration)`` (what of the iteration the step
-depends on: sCM's warm-up factor, CM's curriculum stage). A phase is captured the second time it
-is seen and replayed from the third on; the first time, and for methods whose ``graph_key`` is
-None, the step runs eagerly. So warm-up iterations, each its own phase, never pay for a capture.
+A step is captured per *phase* and micro-batch. The phase: the losses back-propagated, their scale,
+``Method.graph_key(iteration)`` (what of the iteration the step depends on: sCM's warm-up factor,
+CM's curriculum stage) and the networks' state (``sampling.graph_state``: the modules, their
+tensors' addresses, the forced backend). The micro-batch: its shapes and rows of the global
+batch. A step is captured the second time it is seen and replayed from the third on; the first
+time, and for methods whose ``graph_key`` is None, it runs eagerly. So warm-up iterations, each its
+own phase, never pay for a capture.
 
 Replays are the eager step: the batch's data are copied into the graph's input buffers, and its
 draws come from a generator the graph reads, reseeded with the batch's seed before each replay
@@ -15,13 +17,16 @@ what ``Batch(x0, cond, seed)`` draws eagerly. The gradients land in buffers the 
 parameter whose ``.grad`` is None gets the buffer itself (no copy); one that holds a gradient
 (gradient accumulation) gets the buffer added.
 
-Each micro-batch of an accumulated step is its own phase (its rows of the global batch's draws);
-all phases share one memory pool, which holds about one eager step's peak.
+Each micro-batch of an accumulated step has its own graph (its rows of the global batch's draws),
+with its own gradient buffers (the trained parameters' size each, held between steps, where an
+eager step frees its gradients). All graphs share one memory pool for the step's temporaries
+(about one eager step's peak). The graphs of the last two phases are kept: a curriculum's past
+stages are dropped.
 
 Limits: one process (DDP and FSDP synchronize gradients with hooks a graph cannot hold); the
-networks' parameters must stay where they are (``.to()``, ``load_state_dict`` into new tensors or
-a changed ``requires_grad`` need a new ``GraphedStep``); what a call returns is overwritten by the
-next call (the trainer consumes it at once).
+parameters trained are those that required gradients when the ``GraphedStep`` was made; other
+changes of behaviour than those the phase sees (``DiT.set_fused``, say) need a new one; what a
+call returns is overwritten by the next call (the trainer consumes it at once).
 """
 
 from __future__ import annotations
@@ -32,18 +37,21 @@ import torch
 from torch import Tensor
 
 from fastgen_kernels.distill.base import Batch, Method, forward_backward
-from fastgen_kernels.sampling import capture_cuda_graph
+from fastgen_kernels.sampling import capture_cuda_graph, graph_state
 
 
 GRAPH_DEVICE_TYPE = "cuda"  # where graphs are captured
+# Phases whose graphs and sightings are kept, the most recently used: a method alternating between
+# two phases has both captured; a curriculum's past stages are dropped with their memory.
+MAX_PHASES = 2
 
 
 class GraphedStep:
     """``step(batch, iteration, names, scale)``: runs ``method.training_step(batch, iteration)``
     under autocast to ``autocast_dtype`` (None: off) and back-propagates ``scale`` times the sum of
-    the losses ``names``, through a CUDA graph per phase (see the module docstring). Returns the
-    step's outputs (losses and metrics, detached). The method's networks and the batches must be
-    on one CUDA device."""
+    the losses ``names``, through a CUDA graph per phase and micro-batch (see the module
+    docstring). Returns the step's outputs (losses and metrics, detached). The method's networks
+    and the batches must be on one CUDA device."""
 
     def __init__(self, method: Method, autocast_dtype: torch.dtype | None = None) -> None:
         self.method, self.autocast_dtype = method, autocast_dtype
@@ -51,22 +59,42 @@ class GraphedStep:
         device = next(method.parameters()).device
         if device.type != GRAPH_DEVICE_TYPE:
             raise ValueError(f"GraphedStep: the method's networks must be on a CUDA device, got {device}")
-        self.seen: set[Hashable] = set()
-        self.graphs: dict[Hashable, _Captured] = {}
+        # phase -> {micro-batch: its graph, or None when seen once}, least recently used first
+        self.phases: dict[Hashable, dict[Hashable, _Captured | None]] = {}
+        self.captures = 0
+
+    @property
+    def graphs(self) -> list[_Captured]:
+        """The captured graphs held."""
+        return [g for graphs in self.phases.values() for g in graphs.values() if g is not None]
 
     def __call__(self, batch: Batch, iteration: int, names: Sequence[str], scale: float = 1.0) -> dict[str, Tensor]:
-        phase = self.method.graph_key(iteration)
-        if phase is None:
+        key = self.method.graph_key(iteration)
+        if key is None:
             return self._run(batch, iteration, names, scale)
-        key = (phase, tuple(names), scale, batch.x0.shape, batch.x0.dtype, batch.x0.device,
-               None if batch.cond is None else (batch.cond.shape, batch.cond.dtype), batch.global_size, batch.offset)
-        captured = self.graphs.get(key)
-        if captured is None:
-            if key not in self.seen:
-                self.seen.add(key)
-                return self._run(batch, iteration, names, scale)
-            captured = self.graphs[key] = self._capture(batch, iteration, names, scale)
-        return captured.replay(batch, self.params)
+        # graph_state: the modules, their tensors' addresses and the forced backend (0.2-0.3 ms
+        # for a DiT-XL student and teacher on the host)
+        phase = (key, tuple(names), scale, graph_state(self.method))
+        micro = (batch.x0.shape, batch.x0.dtype, batch.x0.device, batch.global_size, batch.offset,
+                 None if batch.cond is None else (batch.cond.shape, batch.cond.dtype))
+        graphs = self.phases.pop(phase, None)
+        if graphs is None:
+            graphs = {}
+            while len(self.phases) >= MAX_PHASES:
+                del self.phases[next(iter(self.phases))]
+        self.phases[phase] = graphs  # the most recently used last
+        if micro not in graphs:
+            graphs[micro] = None
+            return self._run(batch, iteration, names, scale)
+        with torch.cuda.device(batch.x0.device):
+            if graphs[micro] is None:
+                graphs[micro] = self._capture(batch, iteration, names, scale)
+            replaying = graphs[micro]
+            # what the replay may overwrite: its own gradient buffers, and those of graphs captured
+            # after it (in the shared pool they may lie where its temporaries were)
+            at_risk = {id(g) for captured in self.graphs if captured.order >= replaying.order
+                       for g in captured.grads if g is not None}
+            return replaying.replay(batch, self.params, at_risk)
 
     def _run(self, batch: Batch, iteration: int, names: Sequence[str], scale: float) -> dict[str, Tensor]:
         # autocast's weight cache off, as a captured step needs: eager and replayed steps cast alike
@@ -86,30 +114,36 @@ class GraphedStep:
             out = self._run(static, iteration, names, scale)
             return out, [p.grad for p in self.params]
 
-        # one memory pool for all phases: they run one after the other, and each hands its outputs
-        # over before the next runs
-        pool = next(iter(self.graphs.values())).graph.pool() if self.graphs else None
-        graph, (out, grads) = capture_cuda_graph(step, generators=(generator,), pool=pool)
-        for p, grad in zip(self.params, held):
-            p.grad = grad
-        return _Captured(graph, static, generator, out, grads)
+        # one memory pool for all graphs: they run one after the other, and each hands its
+        # outputs over before the next runs
+        pool = self.graphs[0].graph.pool() if self.graphs else None
+        try:
+            graph, (out, grads) = capture_cuda_graph(step, generators=(generator,), pool=pool)
+        finally:
+            for p, grad in zip(self.params, held):
+                p.grad = grad
+        self.captures += 1
+        return _Captured(graph, static, generator, out, grads, self.captures)
 
 
 class _Captured:
-    """A captured step: its graph, input batch, generator and output buffers."""
+    """A captured step: its graph, input batch, generator, output buffers and capture order."""
 
     def __init__(self, graph, static: Batch, generator: torch.Generator, out: dict[str, Tensor],
-                 grads: list[Tensor | None]) -> None:
+                 grads: list[Tensor | None], order: int) -> None:
         self.graph, self.static, self.generator, self.out, self.grads = graph, static, generator, out, grads
+        self.order = order
 
-    def replay(self, batch: Batch, params: list[Tensor]) -> dict[str, Tensor]:
+    def replay(self, batch: Batch, params: list[Tensor], at_risk: set[int]) -> dict[str, Tensor]:
+        """Copies the batch in, replays, and hands the gradients over (``at_risk``: the ids of the
+        gradient buffers this replay may overwrite)."""
         self.static.x0.copy_(batch.x0)
         if batch.cond is not None:
             self.static.cond.copy_(batch.cond)
         self.generator.manual_seed(batch.seed)
-        for p, buffer in zip(params, self.grads):
-            if p.grad is buffer and buffer is not None:  # the last replay's gradient, still held
-                p.grad = buffer.clone()
+        for p in params:
+            if p.grad is not None and id(p.grad) in at_risk:  # an earlier replay's gradient, still held
+                p.grad = p.grad.clone()
         self.graph.replay()
         for p, buffer in zip(params, self.grads):
             if buffer is not None:
