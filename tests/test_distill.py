@@ -210,8 +210,8 @@ def test_a_batch_given_a_generator_draws_what_a_new_one_draws():
 
 
 def test_graph_keys_say_which_steps_one_graph_replays(teacher):
-    """Equal keys: the same kernels with the same constants. sCM's warm-up factor and CM's
-    curriculum stage change the step; the GAN methods' steps are not captured."""
+    """Equal keys: the same kernels with the same constants. sCM's warm-up factor, CM's curriculum
+    stage and the GAN methods' turns change the step."""
     scm = SCM(student_of(teacher), teacher, SCMConfig(warmup_iterations=4))
     assert len({scm.graph_key(i) for i in range(5)}) == 5
     assert {scm.graph_key(i) for i in range(4, 50)} == {(1.0,)}
@@ -219,8 +219,10 @@ def test_graph_keys_say_which_steps_one_graph_replays(teacher):
     assert cm.graph_key(9) == cm.graph_key(0) != cm.graph_key(10)
     assert SFT(toy()).graph_key(0) == SFT(toy()).graph_key(99) == ()
     assert MeanFlow(toy("rf", "mean_flow")).graph_key(3) == ()
-    assert DMD2(student_of(teacher), teacher).graph_key(0) is None
-    assert LADD(student_of(teacher), teacher).graph_key(0) is None
+    dmd2 = DMD2(student_of(teacher), teacher, DMD2Config(student_every=3))
+    assert dmd2.graph_key(0) == dmd2.graph_key(3) == ("student",) != dmd2.graph_key(1) == dmd2.graph_key(2)
+    ladd = LADD(student_of(teacher), teacher)
+    assert ladd.graph_key(0) == ("student",) and ladd.graph_key(1) == ("discriminator",)
 
 
 def test_cuda_graph_needs_a_cuda_device(tmp_path):
@@ -290,16 +292,21 @@ def test_graphed_steps_add_to_the_gradient_they_find(monkeypatch):
         torch.testing.assert_close(p.grad, grad, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize(("name", "accumulation", "graphs"), [("scm", 1, 1), ("scm", 2, 2), ("cm", 1, 2)])
+@pytest.mark.parametrize(("name", "accumulation", "graphs"), [("scm", 1, 1), ("scm", 2, 2), ("cm", 1, 2),
+                                                            ("dmd2", 1, 2), ("f-distill", 2, 4)])
 def test_graphed_trainer_bookkeeping_follows_the_eager_run(name, accumulation, graphs, teacher, tmp_path,
                                                            monkeypatch):
     """GraphedStep's own work (phases seen, captured, replayed and dropped; the batch copied in and
     the generator reseeded; gradients handed over or added) with a stand-in graph on the CPU: the
     same losses and weights as the eager trainer. sCM: a new phase per warm-up iteration (never
     captured), then one, with a graph per micro-batch. CM: a new curriculum stage every 2
-    iterations, the last two stages' graphs kept. tests/test_gpu.py runs the real graph."""
+    iterations, the last two stages' graphs kept. DMD2 and f-Distill (GAN head, R1): the student's
+    and the critics' turns alternate, two phases. tests/test_gpu.py runs the real graph."""
     make = {"scm": lambda: SCM(student_of(teacher), teacher, SCMConfig(warmup_iterations=3)),
-            "cm": lambda: CM(student_of(teacher), teacher, CMConfig(mode="cd", stage_iterations=2))}[name]
+            "cm": lambda: CM(student_of(teacher), teacher, CMConfig(mode="cd", stage_iterations=2)),
+            "dmd2": lambda: DMD2(student_of(teacher), teacher, DMD2Config(student_every=2, student_steps=2)),
+            "f-distill": lambda: FDistill(student_of(teacher), teacher,
+                                          FDistillConfig(student_every=2, r1_weight=0.1))}[name]
     runs = []
     for graphed in (False, True):
         torch.manual_seed(5)
@@ -308,8 +315,8 @@ def test_graphed_trainer_bookkeeping_follows_the_eager_run(name, accumulation, g
             stand_in_graphs(monkeypatch, method)
         run = trainer(method, tmp_path / str(graphed), batch_size=32, grad_accumulation=accumulation,
                       cuda_graph=graphed)
-        losses = [run.step(i)["loss"] for i in range(8)]
-        runs.append((torch.stack(losses), [p.detach().clone() for p in method.student.parameters()]))
+        metrics = [run.step(i) for i in range(8)]  # losses and gradient norms
+        runs.append((metrics, [p.detach().clone() for p in method.parameters()]))
         if graphed:
             assert len(run.graphed.graphs) == graphs and len(run.graphed.phases) <= 2
     torch.testing.assert_close(runs[1][0], runs[0][0], rtol=0, atol=0)

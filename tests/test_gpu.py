@@ -435,7 +435,8 @@ def test_sample_cuda_graph_matches_eager(steps):
 
 
 @pytest.mark.parametrize(("name", "autocast_dtype"), [("scm-cd", None), ("scm-cd", torch.bfloat16),
-                                                      ("meanflow-data", None), ("cm-cd", None), ("sft", None)])
+                                                      ("meanflow-data", None), ("cm-cd", None), ("sft", None),
+                                                      ("dmd2-gan", torch.bfloat16)])
 def test_graphed_training_step_replays_the_eager_step(name, autocast_dtype):
     """Each replay equals the eager step on that batch and seed (outputs and gradients); one graph
     serves every batch of the phase; a gradient already held is added to."""

@@ -265,7 +265,8 @@ def generate(model: Denoiser, batch: Batch, cond: Tensor | None, times: Sequence
     z = batch.randn_like(x0)
     if len(times) == 1:
         return model.x0(schedule.add_noise(torch.zeros_like(x0), z, times[0]), times[0], cond)
-    table = torch.tensor(times, device=x0.device, dtype=batch.dtype)
+    # fills, not a copy from the host, which a CUDA graph cannot capture
+    table = torch.stack([torch.full((), t, device=x0.device, dtype=batch.dtype) for t in times])
     t = table[batch.randint(len(times))]
     start = torch.where(per_sample(t, x0) == times[0], torch.zeros_like(x0), x0)
     return model.x0(schedule.add_noise(start, z, t), t, cond)

@@ -76,6 +76,9 @@ class DMD2(Method, Adversarial):
             return ("student",)
         return self.optimizer_names[1:]
 
+    def graph_key(self, iteration: int) -> tuple[str, ...]:
+        return self.optimizers_at(iteration)  # whose turn it is
+
     def sample_weight(self, logits: Tensor) -> Tensor | None:
         """f-Distill's h per sample (None: DMD2's uniform weight)."""
         return None
@@ -142,7 +145,7 @@ class FDistill(DMD2):
         cfg = self.config
         r = logits.float().exp().clamp(cfg.ratio_min, cfg.ratio_max)
         h = {"kl": r, "js": 1 - 1 / (1 + r), "reverse_kl": torch.ones_like(r)}[cfg.divergence]
-        total = torch.stack([h.sum(), torch.tensor(float(h.numel()), device=h.device)])
+        total = torch.stack([h.sum(), h.new_full((), h.numel())])  # a fill, no host copy (CUDA graphs)
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(total)
         return h / (total[0] / total[1])

@@ -48,6 +48,9 @@ class LADD(Method, Adversarial):
     def optimizers_at(self, iteration: int) -> tuple[str, ...]:
         return ("student",) if iteration % self.config.student_every == 0 else ("discriminator",)
 
+    def graph_key(self, iteration: int) -> tuple[str, ...]:
+        return self.optimizers_at(iteration)  # whose turn it is
+
     def training_step(self, batch: Batch, iteration: int) -> dict[str, Tensor]:
         cond, schedule = batch.cond, self.teacher.schedule
         student_turn = "student" in self.optimizers_at(iteration)
