@@ -292,6 +292,46 @@ def test_graphed_steps_add_to_the_gradient_they_find(monkeypatch):
         torch.testing.assert_close(p.grad, grad, rtol=1e-6, atol=1e-7)
 
 
+def test_a_later_micro_batch_graph_adds_to_the_first_ones_gradients(monkeypatch):
+    """Two micro-batches of one phase: the second's graph adds to the first's gradient buffers in
+    place (one set per phase); replayed on its own, with no gradient or another one held, it
+    starts from zero and hands over or adds what it computed."""
+    from fastgen_kernels.distill.base import forward_backward
+    from fastgen_kernels.distill.cuda_graph import GraphedStep
+
+    torch.manual_seed(0)
+    method = SFT(toy())
+    x, labels = torch.randn(16, 2), torch.arange(16) % 4
+    halves = [lambda: Batch(x[:8], labels[:8], 5, 16, 0), lambda: Batch(x[8:], labels[8:], 5, 16, 8)]
+    forward_backward(method, halves[0](), 0, ("student",))
+    params = [p for p in method.parameters() if p.grad is not None]  # those the loss reaches
+    grads = []
+    for half in halves:
+        method.zero_grad(set_to_none=True)
+        forward_backward(method, half(), 0, ("student",))
+        grads.append([p.grad.clone() for p in params])
+    method.zero_grad(set_to_none=True)
+    stand_in_graphs(monkeypatch, method)
+    graphed = GraphedStep(method)
+    for _ in range(3):  # eager, captured, replayed
+        method.zero_grad(set_to_none=True)
+        for half in halves:
+            graphed(half(), 0, ("student",))
+        for p, first, second in zip(params, *grads):
+            torch.testing.assert_close(p.grad, first + second, rtol=1e-6, atol=1e-7)
+    first_graph, second_graph = graphed.graphs
+    assert second_graph.accumulates and second_graph.grads is first_graph.grads
+    method.zero_grad(set_to_none=True)
+    graphed(halves[1](), 0, ("student",))
+    for p, second in zip(params, grads[1]):
+        torch.testing.assert_close(p.grad, second, rtol=1e-6, atol=1e-7)
+    for p in method.parameters():
+        p.grad = torch.ones_like(p)
+    graphed(halves[1](), 0, ("student",))
+    for p, second in zip(params, grads[1]):
+        torch.testing.assert_close(p.grad, 1 + second, rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize(("name", "accumulation", "graphs"), [("scm", 1, 1), ("scm", 2, 2), ("cm", 1, 2),
                                                             ("dmd2", 1, 2), ("f-distill", 2, 4)])
 def test_graphed_trainer_bookkeeping_follows_the_eager_run(name, accumulation, graphs, teacher, tmp_path,

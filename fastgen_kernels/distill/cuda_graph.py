@@ -17,11 +17,11 @@ what ``Batch(x0, cond, seed)`` draws eagerly. The gradients land in buffers the 
 parameter whose ``.grad`` is None gets the buffer itself (no copy); one that holds a gradient
 (gradient accumulation) gets the buffer added.
 
-Each micro-batch of an accumulated step has its own graph (its rows of the global batch's draws),
-with its own gradient buffers (the trained parameters' size each, held between steps, where an
-eager step frees its gradients). All graphs share one memory pool for the step's temporaries
-(about one eager step's peak). The graphs of the last two phases are kept: a curriculum's past
-stages are dropped.
+Each micro-batch of an accumulated step has its own graph (its rows of the global batch's draws).
+A phase's first captured graph writes the gradient buffers; the others add to them in place, so a
+phase holds one set (the trained parameters' size, kept between steps where an eager step frees
+its gradients). All graphs share one memory pool for the step's temporaries (about one eager
+step's peak). The graphs of the last two phases are kept: a curriculum's past stages are dropped.
 
 Limits: one process (DDP and FSDP synchronize gradients with hooks a graph cannot hold); the
 parameters trained are those that required gradients when the ``GraphedStep`` was made; other
@@ -88,11 +88,15 @@ class GraphedStep:
             return self._run(batch, iteration, names, scale)
         with torch.cuda.device(batch.x0.device):
             if graphs[micro] is None:
-                graphs[micro] = self._capture(batch, iteration, names, scale)
+                # the phase's first graph writes the gradient buffers; its other micro-batches'
+                # graphs add to them
+                first = next((g for g in graphs.values() if g is not None and not g.accumulates), None)
+                graphs[micro] = self._capture(batch, iteration, names, scale, first)
             replaying = graphs[micro]
-            # what the replay may overwrite: its own gradient buffers, and those of graphs captured
-            # after it (in the shared pool they may lie where its temporaries were)
+            # what the replay may overwrite: the buffers it writes, and those of graphs captured after
+            # it (in the shared pool they may lie where its temporaries were)
             at_risk = {id(g) for captured in self.graphs if captured.order >= replaying.order
+                       and not (captured.accumulates and captured.grads is replaying.grads)
                        for g in captured.grads if g is not None}
             return replaying.replay(batch, self.params, at_risk)
 
@@ -100,17 +104,22 @@ class GraphedStep:
         # autocast's weight cache off, as a captured step needs: eager and replayed steps cast alike
         return forward_backward(self.method, batch, iteration, names, scale, self.autocast_dtype, autocast_cache=False)
 
-    def _capture(self, batch: Batch, iteration: int, names: Sequence[str], scale: float) -> _Captured:
+    def _capture(self, batch: Batch, iteration: int, names: Sequence[str], scale: float,
+                 first: _Captured | None) -> _Captured:
+        """A graph of the step on ``batch``: writing fresh gradient buffers, or with ``first`` (the
+        phase's graph that does), adding to ``first``'s buffers, which the capture then holds as
+        the parameters' gradients (autograd adds to an existing gradient in place)."""
         generator = torch.Generator(batch.x0.device)
         static = Batch(batch.x0.clone(), None if batch.cond is None else batch.cond.clone(), batch.seed,
                        batch.global_size, batch.offset, generator=generator)
         held = [p.grad for p in self.params]
+        start = [None] * len(self.params) if first is None else first.grads
+        # the warm-up calls add to first's buffers too: keep what they hold
+        kept = [None if b is None else b.clone() for b in start]
 
         def step():
-            # every warm-up call and the capture start from no gradient: the captured backward
-            # writes fresh buffers instead of adding to a gradient of the moment
-            for p in self.params:
-                p.grad = None
+            for p, grad in zip(self.params, start):
+                p.grad = grad
             out = self._run(static, iteration, names, scale)
             return out, [p.grad for p in self.params]
 
@@ -122,17 +131,27 @@ class GraphedStep:
         finally:
             for p, grad in zip(self.params, held):
                 p.grad = grad
+            for buffer, value in zip(start, kept):
+                if buffer is not None:
+                    buffer.copy_(value)
+        if first is not None:
+            if any(g is not b for g, b in zip(grads, first.grads)):
+                raise RuntimeError("GraphedStep: the captured backward did not add to the first micro-batch's "
+                                   "gradient buffers in place")
+            grads = first.grads
         self.captures += 1
-        return _Captured(graph, static, generator, out, grads, self.captures)
+        return _Captured(graph, static, generator, out, grads, self.captures, accumulates=first is not None)
 
 
 class _Captured:
-    """A captured step: its graph, input batch, generator, output buffers and capture order."""
+    """A captured step: its graph, input batch, generator, output and gradient buffers, capture
+    order, and whether it adds to its gradient buffers (a phase's later micro-batches) or writes
+    them."""
 
     def __init__(self, graph, static: Batch, generator: torch.Generator, out: dict[str, Tensor],
-                 grads: list[Tensor | None], order: int) -> None:
+                 grads: list[Tensor | None], order: int, accumulates: bool) -> None:
         self.graph, self.static, self.generator, self.out, self.grads = graph, static, generator, out, grads
-        self.order = order
+        self.order, self.accumulates = order, accumulates
 
     def replay(self, batch: Batch, params: list[Tensor], at_risk: set[int]) -> dict[str, Tensor]:
         """Copies the batch in, replays, and hands the gradients over (``at_risk``: the ids of the
@@ -144,9 +163,13 @@ class _Captured:
         for p in params:
             if p.grad is not None and id(p.grad) in at_risk:  # an earlier replay's gradient, still held
                 p.grad = p.grad.clone()
+        if self.accumulates:  # buffers that are not the gradient they will add to start from zero
+            stale = [b for p, b in zip(params, self.grads) if b is not None and p.grad is not b]
+            if stale:
+                torch._foreach_zero_(stale)
         self.graph.replay()
         for p, buffer in zip(params, self.grads):
-            if buffer is not None:
+            if buffer is not None and p.grad is not buffer:
                 if p.grad is None:
                     p.grad = buffer
                 else:
