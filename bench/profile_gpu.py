@@ -12,6 +12,8 @@ fused against eager, fp32, 64x4x64x64).
 For each side: the wall time of one call after warm-up, the summed time of the device's kernels
 (on the CPU, of the ops' own CPU time), the number of kernels launched (ops run, on the CPU), and
 the costliest kernels. A wall time well above the kernel time means the host bounds the call.
+For the sCM step (``DETAILED``) also the ops by input shapes and dtypes and by the Python lines
+that issued them (the three innermost frames), costliest first: where its kernel time goes.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import fastgen_kernels as fk
 sys.path.insert(0, str(Path(__file__).parent))  # the bench modules and their conftest
 
 WARMUP, PROFILED = 3, 3
+DETAILED = {"scm_step"}  # workloads whose ops are also listed by shapes and by source line
 
 
 def scm_step(device: str):
@@ -90,7 +93,7 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def report(name: str, fn, device: str) -> None:
+def report(name: str, fn, device: str, detailed: bool = False) -> None:
     for _ in range(WARMUP):
         fn()
     sync(device)
@@ -100,7 +103,9 @@ def report(name: str, fn, device: str) -> None:
     sync(device)
     wall_ms = (time.perf_counter() - start) * 1e3 / PROFILED
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-    with profile(activities=activities) as prof:
+    # verbose: Python frames recorded on every op, for the by-source table
+    config = torch._C._profiler._ExperimentalConfig(verbose=True) if detailed else None
+    with profile(activities=activities, record_shapes=detailed, with_stack=detailed, experimental_config=config) as prof:
         for _ in range(PROFILED):
             fn()
         sync(device)
@@ -117,13 +122,37 @@ def report(name: str, fn, device: str) -> None:
     print(f"{name}: wall {wall_ms:.2f} ms, kernels {kernel_ms:.2f} ms ({kernel_ms / wall_ms:.0%} of the wall "
           f"time), {launches:.0f} launches per call")
     print(averages.table(sort_by=sort_by, row_limit=6, max_name_column_width=60))
+    if detailed:
+        print(prof.key_averages(group_by_input_shape=True).table(
+            sort_by=sort_by, row_limit=30, max_name_column_width=40, max_shapes_column_width=90))
+        by_source(prof, device)
+
+
+def by_source(prof, device: str, rows: int = 30) -> None:
+    """The ops' own time (their kernels' on a GPU) summed by op and by the innermost line of this
+    project that issued them, costliest first, per call of the workload."""
+    totals: dict[tuple[str, str], list[float]] = {}
+    for event in prof.events():
+        if not event.name.startswith(("aten::", "fastgen")):
+            continue
+        spent = event.self_device_time_total if device == "cuda" else event.self_cpu_time_total
+        if spent <= 0:
+            continue
+        ours = [frame for frame in event.stack if "fastgen_kernels/" in frame or "/bench/" in frame]
+        source = ours[0].split("fastgen_kernels/")[-1] if ours else "(no Python frame: autograd's backward)"
+        entry = totals.setdefault((event.name, source), [0.0, 0])
+        entry[0] += spent
+        entry[1] += 1
+    print(f"{'ms per call':>12} {'ops':>6}  op  <-  source")
+    for (name, source), (spent, count) in sorted(totals.items(), key=lambda kv: -kv[1][0])[:rows]:
+        print(f"{spent / 1e3 / PROFILED:12.2f} {count / PROFILED:6.0f}  {name}  <-  {source}")
 
 
 def main(device: str, names: list[str]) -> None:
     for name in names or list(WORKLOADS):
         ours, peer = WORKLOADS[name](device)
-        report(f"{name} ours", ours, device)
-        report(f"{name} peer", peer, device)
+        report(f"{name} ours", ours, device, name in DETAILED)
+        report(f"{name} peer", peer, device, name in DETAILED)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from fastgen_kernels.backends import OpDispatcher, carry_forced_backend, record_forced_backend, under_forced_backend
 from fastgen_kernels.ops import _checks, _eager_op
-from fastgen_kernels.ops.linear import input_tangents_only, recomputed_input_backward
+from fastgen_kernels.ops.linear import input_tangent, input_tangents_only, recomputed_input_backward
 
 # --------------------------------------------------------------------------- reference
 
@@ -182,12 +182,14 @@ class _GeluTanhInputTangentLinear(_eager_op.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
+        ctx.set_materialize_grads(False)  # no zero tangents of the weight and bias (their size, twice)
         ctx.save_for_forward(inputs[0], inputs[1])
+        ctx.output_like = (output.shape, output.dtype, output.device)
 
     @staticmethod
     def jvp(ctx, tx, _tweight, _tbias):
         x, weight = ctx.saved_tensors
-        return F.linear(backward_dispatcher(tx, x), weight)
+        return input_tangent(None if tx is None else backward_dispatcher(tx, x), weight, ctx.output_like)
 
 
 def gelu_tanh_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:

@@ -62,12 +62,24 @@ class _InputTangentLinear(Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
+        ctx.set_materialize_grads(False)  # no zero tangents of the weight and bias (their size, twice)
         ctx.save_for_forward(inputs[1])
+        ctx.output_like = (output.shape, output.dtype, output.device)
 
     @staticmethod
     def jvp(ctx, tx, _tweight, _tbias):
         (weight,) = ctx.saved_tensors
-        return F.linear(tx, weight)
+        return input_tangent(tx, weight, ctx.output_like)
+
+
+def input_tangent(tx: Tensor | None, weight: Tensor, output_like: tuple) -> Tensor:
+    """tx W^T, a linear layer's tangent along its input; zeros shaped as the output, given as
+    ``output_like`` = (shape, dtype, device), for an input without a tangent (a Function whose
+    ``set_materialize_grads(False)`` spares the zero tangents of the weight gets None there)."""
+    if tx is None:
+        shape, dtype, device = output_like
+        return torch.zeros(shape, dtype=dtype, device=device)
+    return F.linear(tx, weight)
 
 
 def input_tangents_only() -> bool:
