@@ -12,8 +12,9 @@ fused against eager, fp32, 64x4x64x64).
 For each side: the wall time of one call after warm-up, the summed time of the device's kernels
 (on the CPU, of the ops' own CPU time), the number of kernels launched (ops run, on the CPU), and
 the costliest kernels. A wall time well above the kernel time means the host bounds the call.
-For the sCM step (``DETAILED``) also the ops by input shapes and dtypes and by the Python lines
-that issued them (the three innermost frames), costliest first: where its kernel time goes.
+For the sCM step (``DETAILED``) also the ops by input shapes and dtypes and by the line of this
+project that issued them (the innermost frame under fastgen_kernels/ or bench/), costliest
+first: where its kernel time goes.
 """
 
 from __future__ import annotations
