@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 from conftest import CPU_DTYPES, cpu_isas, extension_backends
 from tolerances import assert_close
 
@@ -98,9 +99,29 @@ def test_opcheck(backend, generator):
 
 
 def test_gpu_tensors_take_the_reference_path():
-    """No CUDA or Triton kernel by design: a CUDA tensor is the reference's (one ATen pass)."""
+    """No CUDA or Triton kernel by design: a CUDA tensor is the reference's, one ATen op each way
+    in the network's dtypes (an fp32 formula there once cost the H200's sCM step about 100 ms)."""
     reason, by_design = gelu_module.forward_dispatcher.reason("cuda", (torch.zeros(1),), automatic=True)
     assert by_design and "no cuda implementation" in reason
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor):  # the ops that make tensors (not promote_types)
+                self.names.append(func.overloadpacket.__name__)
+            return out
+
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        x, grad = torch.randn(4, 8, dtype=dtype), torch.randn(4, 8, dtype=dtype)
+        with Ops() as forward:
+            gelu_module.reference_forward(x)
+        with Ops() as backward:
+            gelu_module.reference_backward(grad, x)
+        assert forward.names == ["gelu"] and backward.names == ["gelu_backward"], (forward.names, backward.names)
 
 
 def test_bad_input():
