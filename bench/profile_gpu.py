@@ -106,7 +106,8 @@ def report(name: str, fn, device: str, detailed: bool = False) -> None:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     # verbose: Python frames recorded on every op, for the by-source table
     config = torch._C._profiler._ExperimentalConfig(verbose=True) if detailed else None
-    with profile(activities=activities, record_shapes=detailed, with_stack=detailed, experimental_config=config) as prof:
+    with profile(activities=activities, record_shapes=detailed, with_stack=detailed,
+                 experimental_config=config) as prof:
         for _ in range(PROFILED):
             fn()
         sync(device)

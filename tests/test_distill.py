@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib
 import json
 import math
 from pathlib import Path
@@ -16,7 +17,7 @@ import torch
 import fastgen_kernels as fk
 from fastgen_kernels.distill import (CM, DMD2, LADD, SCM, SFT, Batch, CMConfig, DMD2Config, FDistill,
                                      FDistillConfig, LADDConfig, MeanFlow, MeanFlowConfig, SCMConfig, SFTConfig)
-from fastgen_kernels.distill.base import jvp, noised, teacher_x0
+from fastgen_kernels.distill.base import forward_and_jvp, forward_backward, jvp, noised, teacher_x0
 from fastgen_kernels.distill.trainer import OptimizerConfig, Trainer, TrainerConfig
 from toy import ToyNet, mixture, near_modes
 
@@ -270,7 +271,6 @@ def test_graphed_steps_add_to_the_gradient_they_find(monkeypatch):
     """Three steps of one phase: eager, then (gradients cleared) captured + replayed, which hands
     over its gradient buffer as .grad, then replayed again without clearing: the last replay must
     not overwrite the gradient it finds. Their gradients sum like eager steps'."""
-    from fastgen_kernels.distill.base import forward_backward
     from fastgen_kernels.distill.cuda_graph import GraphedStep
 
     torch.manual_seed(0)
@@ -296,7 +296,6 @@ def test_a_later_micro_batch_graph_adds_to_the_first_ones_gradients(monkeypatch)
     """Two micro-batches of one phase: the second's graph adds to the first's gradient buffers in
     place (one set per phase); replayed on its own, with no gradient or another one held, it
     starts from zero and hands over or adds what it computed."""
-    from fastgen_kernels.distill.base import forward_backward
     from fastgen_kernels.distill.cuda_graph import GraphedStep
 
     torch.manual_seed(0)
@@ -546,3 +545,87 @@ def test_each_step_of_a_dit_runs_under_bf16_autocast(name):
         differentiable = [v for v in metrics.values() if v.requires_grad]
         assert differentiable and all(math.isfinite(v.item()) for v in metrics.values()), metrics
         torch.autograd.backward(differentiable)
+
+
+# --------------------------------------------------------------------------- one pass for the JVP and the forward
+
+
+@pytest.mark.parametrize("backend", [None, "reference"])
+@pytest.mark.parametrize("name", ["scm-cd", "meanflow-data"])
+def test_one_pass_step_equals_the_two_pass_step(name, backend, monkeypatch):
+    """sCM and MeanFlow take their exact JVP and the forward their loss differentiates from one
+    pass (forward_and_jvp); through DDP or FSDP2 they run the two apart. Both give the same loss
+    and gradients (the fused DiT, its cpu kernels or the reference)."""
+    method = _dit_methods()[name]()
+    module = importlib.import_module(type(method).__module__)
+    params = [p for p in method.parameters() if p.requires_grad]
+    x0, cond = torch.randn(4, 4, 8, 8), torch.arange(4)
+    runs = []
+    for two_pass in (False, True):
+        monkeypatch.setattr(module, "data_parallel", lambda model, two_pass=two_pass: two_pass)
+        for p in params:
+            p.grad = None
+        with fk.use_backend(backend):
+            out = forward_backward(method, Batch(x0, cond, seed=3), 10**6, ("student",))
+        runs.append((out, [p.grad for p in params]))
+    (one, one_grads), (two, two_grads) = runs
+    torch.testing.assert_close(one["student"], two["student"], rtol=1e-6, atol=0)
+    assert any(g.abs().max() > 0 for g in one_grads)
+    for a, b in zip(one_grads, two_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def _saved_bytes(fn) -> int:
+    """Bytes of the distinct storages autograd saves for the backward while fn() runs."""
+    storages = {}
+
+    def pack(tensor):
+        storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        fn()
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("name", ["scm-cd", "meanflow-data"])
+def test_one_pass_keeps_the_forwards_activations_and_no_tangents_history(name):
+    """forward_and_jvp's tangent equals jvp's and has no history; the pass saves about what the
+    forward alone saves (a few (B, D)-sized tensors more, for the tangents of the embeddings'
+    PyTorch ops: 1.2-1.4x at this tiny width), where tangents with a backward history doubled it."""
+    model = _dit_methods()[name]().student
+    x, v = torch.randn(2, 4, 4, 8, 8).unbind(0)
+    t, cond = torch.rand(4) + 0.3, torch.arange(4)
+    extra = {"return_logvar": True} if name.startswith("scm") else {"r": 0.5 * t}
+
+    def fn(a, s):
+        return model.raw(a, s, cond, **extra)
+
+    out, tangent = forward_and_jvp(fn, (x, t), (v, torch.ones_like(t)))
+    primal = out[0] if isinstance(out, tuple) else out
+    assert primal.grad_fn is not None and not tangent.requires_grad
+    expected = jvp(lambda a, s: (lambda o: o[0] if isinstance(o, tuple) else o)(fn(a, s)), (x, t),
+                   (v, torch.ones_like(t)))
+    torch.testing.assert_close(tangent, expected, rtol=1e-5, atol=1e-7)
+    ratio = _saved_bytes(lambda: forward_and_jvp(fn, (x, t), (v, torch.ones_like(t)))) / _saved_bytes(lambda: fn(x, t))
+    assert ratio < 1.5, ratio
+
+
+def test_one_pass_frees_each_tangent_after_its_last_use():
+    """The pass saves activations for the backward without their tangents (a saved dual tensor
+    keeps its tangent until the dual level closes): a block's output tangent is gone once the next
+    blocks have run, before the pass ends."""
+    import weakref
+
+    from fastgen_kernels.models import DiT, DiTConfig
+
+    config = DiTConfig(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=3, num_heads=2, num_classes=10)
+    model = fk.Denoiser(DiT(config), "trig", "trig_F", sigma_data=0.5, null_cond=10, shape=(4, 8, 8))
+    tangents, alive_at_the_end = [], []
+    model.net.blocks[0].register_forward_hook(
+        lambda module, args, out: tangents.append(weakref.ref(torch.autograd.forward_ad.unpack_dual(out).tangent)))
+    model.net.final_layer.register_forward_pre_hook(lambda module, args: alive_at_the_end.append(tangents[0]() is not None))
+    x, v = torch.randn(2, 4, 4, 8, 8).unbind(0)
+    t, cond = torch.rand(4) + 0.3, torch.arange(4)
+    forward_and_jvp(lambda a, s: model.raw(a, s, cond), (x, t), (v, torch.ones_like(t)))
+    assert alive_at_the_end == [False]

@@ -283,6 +283,20 @@ def unwrapped(model: Denoiser) -> Denoiser:
     return view
 
 
+def data_parallel(model: Denoiser) -> bool:
+    """Whether the model's network is wrapped by DDP or sharded by FSDP2 (``distill.parallel``):
+    their hooks have no forward-mode rules, so a JVP runs apart from the forward with gradients
+    (through :func:`unwrapped`) instead of in its pass (:func:`forward_and_jvp`)."""
+    net = model.net
+    if getattr(net, "module", None) is not None:
+        return True
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(net, FSDPModule)
+
+
 def jvp(fn: Callable[..., Tensor], primals: tuple[Tensor, ...], tangents: tuple[Tensor, ...],
         method: str = "exact", step: float = 1e-3) -> Tensor:
     """The directional derivative of fn at ``primals`` along ``tangents``, with no gradients.
@@ -307,6 +321,24 @@ def jvp(fn: Callable[..., Tensor], primals: tuple[Tensor, ...], tangents: tuple[
         plus = fn(*(p + step * v for p, v in zip(primals, tangents)))
         minus = fn(*(p - step * v for p, v in zip(primals, tangents)))
         return ((plus.double() - minus.double()) / (2 * step)).to(plus.dtype)
+
+
+def forward_and_jvp(fn: Callable[..., Any], primals: tuple[Tensor, ...], tangents: tuple[Tensor, ...]
+                    ) -> tuple[Any, Tensor]:
+    """(fn(*primals), the directional derivative of its output's first tensor along ``tangents``)
+    from one forward-mode pass with grad mode as it is: the output keeps its autograd history
+    (the forward a loss differentiates), the tangent has none (it enters the loss as a constant).
+    The exact method of :func:`jvp` and the forward in one: inside parameters_without_tangents the
+    fused ops' tangent rules run without backward-mode AD and their linear layers' tangents take
+    one GEMM (``fastgen_kernels.ops.linear``), so the pass costs the JVP's and holds the forward's
+    activations. ``fn`` returns a tensor or a tuple of tensors, returned alike."""
+    with parameters_without_tangents(), forward_ad.dual_level():
+        out = fn(*(forward_ad.make_dual(p, v) for p, v in zip(primals, tangents)))
+        unpacked = [forward_ad.unpack_dual(o) for o in (out if isinstance(out, tuple) else (out,))]
+    primals_out = tuple(u.primal for u in unpacked)
+    tangent = unpacked[0].tangent
+    tangent = torch.zeros_like(primals_out[0]) if tangent is None else tangent.detach()
+    return (primals_out if isinstance(out, tuple) else primals_out[0]), tangent
 
 
 def ramp(iteration: int, iterations: int) -> float:

@@ -10,7 +10,8 @@ t = atan(sigma / sigma_data), ln sigma ~ N(-1.0, 1.4^2); x_t = cos t x0 + sin t 
 
 and :func:`fastgen_kernels.losses.scm_loss` builds the tangent g (warm-up factor w on the JVP
 terms), normalizes it and applies the adaptive weighting. The JVP is exact (forward-mode AD through
-the network and the fused attention) or, as the baseline, a central finite difference.
+the network and the fused attention; with the forward the loss differentiates in the same pass,
+``distill.base.forward_and_jvp``) or, as the baseline, a central finite difference.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ import torch
 from torch import Tensor
 
 from fastgen_kernels import losses
-from fastgen_kernels.distill.base import Batch, Method, drop_labels, jvp, noised, ramp, teacher_x0, unwrapped
+from fastgen_kernels.distill.base import (Batch, Method, data_parallel, drop_labels, forward_and_jvp, jvp, noised,
+                                         ramp, teacher_x0, unwrapped)
 from fastgen_kernels.schedules import per_sample
 
 
@@ -66,10 +68,14 @@ class SCM(Method):
             else:
                 x0_teacher = teacher_x0(self.teacher, schedule, x_t, t, cond, cfg.guidance_scale)
                 dxt_dt = schedule.velocity(x0_teacher, x_t, t)
+        tangents = ((cos * sin * dxt_dt).to(x_t.dtype), torch.cos(t) * torch.sin(t))
         inner = unwrapped(model)
-        J = jvp(lambda x, s: inner.raw(x, s, cond), (x_t, t),
-                ((cos * sin * dxt_dt).to(x_t.dtype), torch.cos(t) * torch.sin(t)), cfg.jvp, cfg.fd_step)
-        F, logvar = model.raw(x_t, t, cond, return_logvar=True)
+        if cfg.jvp == "exact" and not data_parallel(model):  # one pass: F with its history, J without
+            (F, logvar), J = forward_and_jvp(lambda x, s: model.raw(x, s, cond, return_logvar=True), (x_t, t),
+                                             tangents)
+        else:  # the JVP apart (finite differences, or DDP's inner network)
+            J = jvp(lambda x, s: inner.raw(x, s, cond), (x_t, t), tangents, cfg.jvp, cfg.fd_step)
+            F, logvar = model.raw(x_t, t, cond, return_logvar=True)
         # theta- = sg(theta): F_minus is this forward's output, detached
         loss = losses.scm_loss(F, F.detach(), dxt_dt, J, x_t, t, logvar, sd, ramp(iteration, cfg.warmup_iterations),
                                cfg.tangent_c)

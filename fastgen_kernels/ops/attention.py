@@ -46,9 +46,11 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd import forward_ad
 
 from fastgen_kernels.backends import OpDispatcher, carry_forced_backend, forced_backend
 from fastgen_kernels.ops import _checks, _eager_op
+from fastgen_kernels.ops.linear import input_tangents_only, saved_for_backward, tangent_rule
 
 # Widest head the Triton kernels take: q, tq and two fp32 accumulators of that width per query
 # row must fit in registers and shared memory (triton_ops/attention.py `blocks`).
@@ -350,12 +352,13 @@ attention_tangent_op.register_fake(reference_tangent)
 _attention = _eager_op.EagerOp(torch.ops.fastgen.attention, forward_dispatcher)
 _attention_backward = _eager_op.EagerOp(torch.ops.fastgen.attention_backward, backward_dispatcher)
 _attention_tangent = _eager_op.EagerOp(torch.ops.fastgen.attention_tangent, tangent_dispatcher)
+_attention_jvp = _eager_op.EagerOp(torch.ops.fastgen.attention_jvp, jvp_dispatcher)
 
 
 def _setup_context(ctx, inputs, output) -> None:
     q, k, v, scale, causal_chunk = inputs
     o, lse = output
-    ctx.save_for_backward(q, k, v, o, lse)
+    ctx.save_for_backward(*saved_for_backward(q, k, v, o, lse))
     ctx.scale, ctx.causal_chunk = scale, causal_chunk
 
 
@@ -390,6 +393,7 @@ class _AttentionFunction(_eager_op.Function):
     backward = staticmethod(_backward)
 
     @staticmethod
+    @tangent_rule
     def jvp(ctx, tq, tk, tv, _tscale, _tchunk):
         q, k, v, o, lse = ctx.saved_tensors
         to = _attention_tangent(q, k, v, o, lse, tq, tk, tv, ctx.scale, ctx.causal_chunk)
@@ -447,18 +451,58 @@ def _options(op: str, q: Tensor, scale: object, causal: object, chunk_size: obje
 
 
 def sdpa_runs_it(q: Tensor, k: Tensor, causal_chunk: int) -> bool:
-    """Whether :func:`attention` hands this call to PyTorch's SDPA: on CUDA tensors, not compiling
-    (the custom op, as before), with the backend chosen automatically, outside forward-mode AD
-    (SDPA's GPU kernels have no forward-mode rule; ours has), and with a mask SDPA has (none, or
-    token-causal with Lq = Lk: its causal mask is top-left aligned). There its flash and cuDNN
-    kernels measured 2.7-2.9x faster than our Triton forward and 2.7-3.2x faster in the backward
-    at DiT-XL shapes (B = 32, L = 256 and 1024, 16 heads of 72) on an H200
-    (bench/results/2026-11-27_NVIDIA_H200_table.txt); the JVP and block-causal masks stay ours."""
+    """Whether :func:`attention` hands this call to PyTorch's SDPA: where SDPA can take it
+    (:func:`sdpa_takes`) outside forward-mode AD (SDPA's GPU kernels have no forward-mode rule;
+    ours has). There its flash and cuDNN kernels measured 2.7-2.9x faster than our Triton forward
+    and 2.7-3.2x faster in the backward at DiT-XL shapes (B = 32, L = 256 and 1024, 16 heads of
+    72) on an H200 (bench/results/2026-11-27_NVIDIA_H200_table.txt); the JVP and block-causal
+    masks stay ours."""
+    return sdpa_takes(q, k, causal_chunk) and torch.autograd.forward_ad._current_level < 0
+
+
+def sdpa_takes(q: Tensor, k: Tensor, causal_chunk: int) -> bool:
+    """Whether SDPA can run this call as the op: CUDA tensors, not compiling (the custom op, as
+    before), no functorch transform, the backend chosen automatically, and a mask SDPA has
+    (none, or token-causal with Lq = Lk: its causal mask is top-left aligned)."""
     return (q.device.type == "cuda" and not torch.compiler.is_compiling() and causal_chunk in (0, 1)
             and (causal_chunk == 0 or q.shape[1] == k.shape[1])
-            and torch.autograd.forward_ad._current_level < 0
             and not torch._C._are_functorch_transforms_active()
             and forced_backend()[0] is None)
+
+
+def _sdpa_with_tangent(q: Tensor, k: Tensor, v: Tensor, scale: float, causal_chunk: int) -> Tensor:
+    """Dual q, k, v (forward-mode AD inside ops.linear.parameters_without_tangents, a backward to
+    follow): SDPA's output, differentiated by SDPA's backward, carrying our kernel's tangent
+    (computed with the primal it recomputes, no backward history). The pass that gives sCM and
+    MeanFlow their JVP and their loss's forward at once pays SDPA's forward and backward plus our
+    JVP kernel, as the separate passes did (our forward and tangent kernels, SDPA's forward and
+    backward), not our slower forward and backward kernels."""
+    (qp, tq), (kp, tk), (vp, tv) = (forward_ad.unpack_dual(t) for t in (q, k, v))
+    out = _SdpaOnDetached.apply(qp, kp, vp, scale, causal_chunk)
+    if tq is None and tk is None and tv is None:
+        return out
+    with torch.no_grad():
+        _, tangent = _attention_jvp(qp, kp, vp, tq, tk, tv, scale, causal_chunk)
+    return forward_ad.make_dual(out, tangent)
+
+
+class _SdpaOnDetached(torch.autograd.Function):
+    """:func:`sdpa` differentiated by SDPA's backward through a graph built on detached q, k and
+    v: SDPA saving the primal views themselves would keep their dual bases, and so the qkv
+    projection's tangent, alive until the dual level closes (ops.linear.saved_for_backward)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale, causal_chunk):
+        ctx.leaves = [t.detach().requires_grad_(need) for t, need in zip((q, k, v), ctx.needs_input_grad)]
+        with torch.enable_grad():
+            ctx.out = sdpa(*ctx.leaves, scale, causal_chunk)
+        return ctx.out.detach()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        wanted = [leaf for leaf in ctx.leaves if leaf.requires_grad]
+        grads = iter(torch.autograd.grad(ctx.out, wanted, grad_out))
+        return (*(next(grads) if leaf.requires_grad else None for leaf in ctx.leaves), None, None)
 
 
 def sdpa(q: Tensor, k: Tensor, v: Tensor, scale: float, causal_chunk: int) -> Tensor:
@@ -486,6 +530,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None,
     scale, causal_chunk = _options("attention", q, scale, causal, chunk_size)
     if sdpa_runs_it(q, k, causal_chunk):
         return sdpa(q, k, v, scale, causal_chunk)
+    if (input_tangents_only() and sdpa_takes(q, k, causal_chunk) and _eager_op.records_grad((q, k, v))
+            and _eager_op.plain_eager((q, k, v))):
+        return _sdpa_with_tangent(q, k, v, scale, causal_chunk)
     if torch.compiler.is_compiling():  # Dynamo cannot trace an autograd.Function with a jvp
         return torch.ops.fastgen.attention(q, k, v, scale, causal_chunk)[0]
     if _eager_op.no_autograd((q, k, v)):

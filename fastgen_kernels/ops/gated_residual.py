@@ -28,6 +28,7 @@ from torch import Tensor
 from fastgen_kernels import _extension
 from fastgen_kernels.backends import OpDispatcher, carry_forced_backend
 from fastgen_kernels.ops import _checks, _eager_op
+from fastgen_kernels.ops.linear import saved_for_backward, tangent_rule
 
 # --------------------------------------------------------------------------- reference
 
@@ -123,7 +124,7 @@ _gated_residual_backward = _eager_op.EagerOp(torch.ops.fastgen.gated_residual_ba
 
 def _setup_context(ctx, inputs, output) -> None:
     _, y, gate = inputs
-    ctx.save_for_backward(y, gate)
+    ctx.save_for_backward(*saved_for_backward(y, gate))
 
 
 def _backward(ctx, grad_out):
@@ -158,6 +159,7 @@ class _GatedResidualFunction(_eager_op.Function):
     backward = staticmethod(_backward)
 
     @staticmethod
+    @tangent_rule
     def jvp(ctx, tx, ty, tgate):
         y, gate = ctx.saved_tensors
         dtype = ctx.out_dtype

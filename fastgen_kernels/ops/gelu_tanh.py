@@ -34,7 +34,8 @@ from torch import Tensor
 
 from fastgen_kernels.backends import OpDispatcher, carry_forced_backend, record_forced_backend, under_forced_backend
 from fastgen_kernels.ops import _checks, _eager_op
-from fastgen_kernels.ops.linear import input_tangent, input_tangents_only, recomputed_input_backward
+from fastgen_kernels.ops.linear import (input_tangent, input_tangents_only, recomputed_input_backward,
+                                        saved_for_backward, tangent_rule)
 
 # --------------------------------------------------------------------------- reference
 
@@ -96,7 +97,7 @@ _gelu_tanh_backward = _eager_op.EagerOp(torch.ops.fastgen.gelu_tanh_backward, ba
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    ctx.save_for_backward(inputs[0])
+    ctx.save_for_backward(*saved_for_backward(inputs[0]))
 
 
 def _backward(ctx, grad_out):
@@ -123,6 +124,7 @@ class _GeluTanhFunction(_eager_op.Function):
     backward = staticmethod(_backward)
 
     @staticmethod
+    @tangent_rule
     def jvp(ctx, tx):
         (x,) = ctx.saved_tensors
         return _gelu_tanh_backward(tx, x)
@@ -147,18 +149,28 @@ def gelu_tanh(x: Tensor) -> Tensor:
 
 class _GeluTanhLinearFunction(torch.autograd.Function):
     """F.linear(gelu_tanh(x), weight, bias), saving x and weight. The linear layer runs in the
-    dtype autocast gives it (grad_out's dtype in the backward), as F.linear alone would."""
+    dtype autocast gives it (grad_out's dtype in the backward), as F.linear alone would. Its
+    forward-mode rule is along x alone (see fastgen_kernels.ops.linear): F.linear(tx *
+    gelu_tanh'(x), weight), one GEMM; one Function for both, as the GELU's Function followed by
+    ops.linear's kept every layer's activations alive through a torch.func.jvp pass (twice the
+    memory, measured)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias):
-        ctx.save_for_backward(x, weight)
+        ctx.set_materialize_grads(False)  # no zero tangents of the weight and bias (their size, twice)
+        ctx.save_for_backward(*saved_for_backward(x, weight))
+        ctx.save_for_forward(x, weight)
         ctx.bias_dtype = None if bias is None else bias.dtype
         record_forced_backend(ctx)
-        return F.linear(forward_dispatcher(x), weight, bias)
+        out = F.linear(forward_dispatcher(x), weight, bias)
+        ctx.output_like = (out.shape, out.dtype, out.device)
+        return out
 
     @staticmethod
     @under_forced_backend
     def backward(ctx, grad_out):
+        if grad_out is None:  # no gradient reached the output (gradients are not materialized)
+            return None, None, None
         x, weight = ctx.saved_tensors
         needs = ctx.needs_input_grad
         dy, dweight, dbias = recomputed_input_backward(grad_out, weight, ctx.bias_dtype, needs,
@@ -166,24 +178,8 @@ class _GeluTanhLinearFunction(torch.autograd.Function):
         dx = _gelu_tanh_backward(dy.to(x.dtype), x) if needs[0] else None
         return dx, dweight, dbias
 
-
-class _GeluTanhInputTangentLinear(_eager_op.Function):
-    """F.linear(gelu_tanh(x), weight, bias) in forward-mode AD along x alone (see
-    fastgen_kernels.ops.linear): tangent F.linear(tx * gelu_tanh'(x), weight), one GEMM. One
-    Function for both: the GELU's Function followed by ops.linear's kept every layer's
-    activations alive through a torch.func.jvp pass (twice the memory, measured)."""
-
     @staticmethod
-    def forward(x, weight, bias):
-        return F.linear(forward_dispatcher(x), weight, bias)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.set_materialize_grads(False)  # no zero tangents of the weight and bias (their size, twice)
-        ctx.save_for_forward(inputs[0], inputs[1])
-        ctx.output_like = (output.shape, output.dtype, output.device)
-
-    @staticmethod
+    @tangent_rule
     def jvp(ctx, tx, _tweight, _tbias):
         x, weight = ctx.saved_tensors
         return input_tangent(None if tx is None else backward_dispatcher(tx, x), weight, ctx.output_like)
@@ -194,12 +190,12 @@ def gelu_tanh_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> T
 
     x: (..., K) float16/bfloat16/float32/float64; weight (N, K), bias (N,) as for ``F.linear``;
     autocast applies to the linear layer as usual. Differentiable in x, weight and bias. Under
-    forward-mode AD, torch.compile or other transforms it is the plain composition.
+    forward-mode AD inside ``ops.linear.parameters_without_tangents`` its tangent is along x alone
+    (one GEMM); under other forward-mode AD, torch.compile or other transforms it is the plain
+    composition.
     """
     x = _checks.tensor("gelu_tanh_linear", "x", x)
-    if input_tangents_only():
-        return _GeluTanhInputTangentLinear.apply(x, weight, bias)
-    if _eager_op.backward_will_follow((x, weight, bias)):
+    if input_tangents_only() or _eager_op.backward_will_follow((x, weight, bias)):
         return _GeluTanhLinearFunction.apply(x, weight, bias)
     return F.linear(gelu_tanh(x), weight, bias)
 

@@ -1,4 +1,5 @@
-r"""Linear layers under forward-mode AD when the parameters carry no tangents.
+r"""Linear layers under forward-mode AD when the parameters carry no tangents, and the contract of
+that context for every fused op's forward-mode rule.
 
 PyTorch's forward-mode rule for a linear layer, y = x W^T + b, is ty = tx W^T + x tW^T + tb,
 and both torch.func.jvp and torch.autograd.forward_ad evaluate the middle GEMM even when W has
@@ -7,13 +8,21 @@ distillation methods differentiate networks along their inputs only (sCM, MeanFl
 (x_t, t)), so inside :func:`parameters_without_tangents` the fused networks' linear layers
 (:func:`linear`) take the rule ty = tx W^T, one GEMM on top of the forward's. Elsewhere, and
 outside forward-mode AD, :func:`linear` is ``F.linear``.
+
+Those methods also stop the tangent's gradient (it enters their losses as a constant). So inside
+the context the fused ops' forward-mode rules (:func:`tangent_rule`) compute tangents with
+backward-mode AD off: a pass with grad mode on gives the primal with its autograd history and the
+tangent without any, holding no activations for a backward through the tangent. One pass then
+serves both the JVP and the forward the loss differentiates (``distill.base.forward_and_jvp``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -28,12 +37,38 @@ _PARAMETERS_WITHOUT_TANGENTS: contextvars.ContextVar[bool] = contextvars.Context
 @contextlib.contextmanager
 def parameters_without_tangents() -> Iterator[None]:
     """Inside: forward-mode AD through :func:`linear` treats weights and biases as constants (their
-    tangents are ignored, so they must be zero: differentiation along the inputs only)."""
+    tangents are ignored, so they must be zero: differentiation along the inputs only), and the
+    fused ops' tangents carry no backward history (see the module doc)."""
     token = _PARAMETERS_WITHOUT_TANGENTS.set(True)
     try:
         yield
     finally:
         _PARAMETERS_WITHOUT_TANGENTS.reset(token)
+
+
+def tangent_rule(jvp: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorates an autograd.Function's ``jvp``: inside :func:`parameters_without_tangents` it
+    runs with grad mode off (PyTorch calls it with grad mode as the forward had it, so the
+    tangents of a pass with gradients would record a backward graph and hold its activations)."""
+    @functools.wraps(jvp)
+    def rule(ctx, *tangents):
+        if _PARAMETERS_WITHOUT_TANGENTS.get():
+            with torch.no_grad():
+                return jvp(ctx, *tangents)
+        return jvp(ctx, *tangents)
+
+    return rule
+
+
+def saved_for_backward(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
+    """What a Function saves for its backward: under forward-mode AD inside
+    :func:`parameters_without_tangents` (a pass that also differentiates the primal) the tensors
+    detached, as a saved dual tensor, or a view of one, keeps its tangent alive until the dual
+    level closes: the pass's peak would hold every saved activation's tangent too. Elsewhere as
+    given (a create_graph=True backward differentiates through them; none runs in that pass)."""
+    if not input_tangents_only():
+        return tensors
+    return tuple(None if t is None else t.detach() for t in tensors)
 
 
 def recomputed_input_backward(grad_out: Tensor, weight: Tensor, bias_dtype: torch.dtype | None,
@@ -53,8 +88,9 @@ def recomputed_input_backward(grad_out: Tensor, weight: Tensor, bias_dtype: torc
 
 
 class _InputTangentLinear(Function):
-    """F.linear whose forward-mode rule is tx W^T alone; used where grad mode is off, so it has
-    no backward (and holds no activations for one)."""
+    """F.linear whose forward-mode rule is tx W^T alone (:func:`tangent_rule`); its backward is
+    the layer's, for a pass that also differentiates the primal (x and the weight are kept only
+    then)."""
 
     @staticmethod
     def forward(x, weight, bias):
@@ -62,11 +98,25 @@ class _InputTangentLinear(Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
+        x, weight, bias = inputs
         ctx.set_materialize_grads(False)  # no zero tangents of the weight and bias (their size, twice)
-        ctx.save_for_forward(inputs[1])
+        ctx.save_for_forward(weight)
         ctx.output_like = (output.shape, output.dtype, output.device)
+        if any(ctx.needs_input_grad):
+            ctx.save_for_backward(*saved_for_backward(x, weight))
+            ctx.x_dtype, ctx.bias_dtype = x.dtype, None if bias is None else bias.dtype
 
     @staticmethod
+    def backward(ctx, grad_out):
+        if grad_out is None:  # no gradient reached the output (gradients are not materialized)
+            return None, None, None
+        x, weight = ctx.saved_tensors
+        dx, dweight, dbias = recomputed_input_backward(grad_out, weight, ctx.bias_dtype, ctx.needs_input_grad,
+                                                       lambda: x)
+        return None if dx is None else dx.to(ctx.x_dtype), dweight, dbias
+
+    @staticmethod
+    @tangent_rule
     def jvp(ctx, tx, _tweight, _tbias):
         (weight,) = ctx.saved_tensors
         return input_tangent(tx, weight, ctx.output_like)
@@ -84,12 +134,11 @@ def input_tangent(tx: Tensor | None, weight: Tensor, output_like: tuple) -> Tens
 
 def input_tangents_only() -> bool:
     """Whether a forward-mode rule may ignore parameter tangents here: inside
-    :func:`parameters_without_tangents`, forward-mode AD active, grad mode off (no backward will
-    follow, so the rule's autograd.Function needs none), not compiling."""
+    :func:`parameters_without_tangents`, forward-mode AD active, not compiling."""
     if torch.compiler.is_compiling():  # Dynamo traces no ContextVar; compiled code has its own rules
         return False
     forward_mode = torch.autograd.forward_ad._current_level >= 0 or torch._C._are_functorch_transforms_active()
-    return _PARAMETERS_WITHOUT_TANGENTS.get() and forward_mode and not torch.is_grad_enabled()
+    return _PARAMETERS_WITHOUT_TANGENTS.get() and forward_mode
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:

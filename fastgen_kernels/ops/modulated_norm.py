@@ -45,7 +45,8 @@ from torch import Tensor
 from fastgen_kernels import _extension
 from fastgen_kernels.backends import OpDispatcher, carry_forced_backend, record_forced_backend, under_forced_backend
 from fastgen_kernels.ops import _checks, _eager_op
-from fastgen_kernels.ops.linear import linear, recomputed_input_backward
+from fastgen_kernels.ops.linear import (input_tangent, input_tangents_only, linear, recomputed_input_backward,
+                                        saved_for_backward, tangent_rule)
 
 # --------------------------------------------------------------------------- reference
 
@@ -252,7 +253,7 @@ _modulated_norm_backward = _eager_op.EagerOp(torch.ops.fastgen.modulated_norm_ba
 def _setup_context(ctx, inputs, output) -> None:
     x, shift, scale, weight, bias, eps, rms = inputs
     _, mean, rstd = output
-    ctx.save_for_backward(x, shift, scale, weight, bias, mean, rstd)
+    ctx.save_for_backward(*saved_for_backward(x, shift, scale, weight, bias, mean, rstd))
     ctx.rms = rms
 
 
@@ -289,11 +290,16 @@ class _ModulatedNormFunction(_eager_op.Function):
     backward = staticmethod(_backward)
 
     @staticmethod
+    @tangent_rule
     def jvp(ctx, tx, tshift, tscale, tweight, tbias, _teps, _trms):
         x, scale, weight, bias, mean, rstd = ctx.saved_tensors
-        args = (x, scale, weight, bias, mean, rstd, ctx.rms, tx, tshift, tscale, tweight, tbias)
-        # the kernels take plain tensors: under functorch transforms the formula runs
-        return jvp_dispatcher(*args) if _eager_op.plain_eager(args) else _reference_jvp(*args), None, None
+        return _tangent(x, scale, weight, bias, mean, rstd, ctx.rms, tx, tshift, tscale, tweight, tbias), None, None
+
+
+def _tangent(*args) -> Tensor:
+    """The norm's tangent (jvp_dispatcher's arguments) in x's dtype: the kernels take plain
+    tensors, under functorch transforms the formula runs."""
+    return jvp_dispatcher(*args) if _eager_op.plain_eager(args) else _reference_jvp(*args)
 
 
 # --------------------------------------------------------------------------- public API
@@ -357,19 +363,37 @@ def _composition_gradients(grad_out, norm_inputs, weight, eps, rms, bias_dtype, 
 
 class _ModulatedNormLinearFunction(torch.autograd.Function):
     """F.linear(modulated_norm(x, ...), weight, bias), saving x, the modulation, the statistics and
-    the weight. The linear layer runs in the dtype autocast gives it (grad_out's in the backward)."""
+    the weight. The linear layer runs in the dtype autocast gives it (grad_out's in the backward).
+    Its forward-mode rule, where the parameters carry no tangents (fastgen_kernels.ops.linear):
+    F.linear(the norm's tangent, weight), one GEMM."""
 
     @staticmethod
     def forward(ctx, x, shift, scale, norm_weight, norm_bias, eps, rms, weight, bias):
         y, mean, rstd = forward_dispatcher(x, shift, scale, norm_weight, norm_bias, eps, rms)
-        ctx.save_for_backward(x, shift, scale, norm_weight, norm_bias, mean, rstd, weight)
+        ctx.set_materialize_grads(False)  # no zero tangents of the parameters
+        ctx.save_for_backward(*saved_for_backward(x, shift, scale, norm_weight, norm_bias, mean, rstd, weight))
+        ctx.save_for_forward(x, scale, norm_weight, norm_bias, mean, rstd, weight)
         ctx.eps, ctx.rms, ctx.bias_dtype = eps, rms, None if bias is None else bias.dtype
         record_forced_backend(ctx)
-        return F.linear(y, weight, bias)
+        out = F.linear(y, weight, bias)
+        ctx.output_like = (out.shape, out.dtype, out.device)
+        return out
+
+    @staticmethod
+    @tangent_rule
+    def jvp(ctx, tx, tshift, tscale, tnorm_weight, tnorm_bias, _teps, _trms, _tweight, _tbias):
+        x, scale, norm_weight, norm_bias, mean, rstd, weight = ctx.saved_tensors
+        if tx is None and tshift is None and tscale is None and tnorm_weight is None and tnorm_bias is None:
+            return input_tangent(None, weight, ctx.output_like)
+        ty = _tangent(x, scale, norm_weight, norm_bias, mean, rstd, ctx.rms, tx, tshift, tscale, tnorm_weight,
+                      tnorm_bias)
+        return input_tangent(ty, weight, ctx.output_like)
 
     @staticmethod
     @under_forced_backend
     def backward(ctx, grad_out):
+        if grad_out is None:  # no gradient reached the output (gradients are not materialized)
+            return (None,) * 9
         x, shift, scale, norm_weight, norm_bias, mean, rstd, weight = ctx.saved_tensors
         needs = ctx.needs_input_grad
         norm_inputs = (x, shift, scale, norm_weight, norm_bias)
@@ -400,12 +424,16 @@ def modulated_layer_norm_linear(
 
     Arguments as :func:`modulated_layer_norm`, plus the linear layer's (N, D) weight and (N,)
     bias; autocast applies to the linear layer as usual. Differentiable in every tensor. Under
-    forward-mode AD, torch.compile or other transforms it is the plain composition.
+    forward-mode AD inside ``ops.linear.parameters_without_tangents`` its tangent is the norm's
+    through the layer's weight (one GEMM); under other forward-mode AD, torch.compile or other
+    transforms it is the plain composition.
     """
     op = "modulated_layer_norm_linear"
     _check(op, x, shift, scale, weight, bias, eps)
+    args = (x, shift, scale, weight, bias, float(eps), False, linear_weight, linear_bias)
+    if input_tangents_only():  # forward-mode AD along the inputs: the Function's one-GEMM rule
+        return _ModulatedNormLinearFunction.apply(*args)
     if _eager_op.backward_will_follow((x, shift, scale, weight, bias, linear_weight, linear_bias)):
-        args = (x, shift, scale, weight, bias, float(eps), False, linear_weight, linear_bias)
         if _native_norm_linear is not None and forward_dispatcher.select(*args[:7]) in ("cpu", "cuda"):
             return _native_norm_linear(*args)  # the same kernels, autograd in C++
         return _ModulatedNormLinearFunction.apply(*args)

@@ -44,6 +44,7 @@ from torch import Tensor
 
 from fastgen_kernels.backends import OpDispatcher, carry_forced_backend
 from fastgen_kernels.ops import _checks, _eager_op
+from fastgen_kernels.ops.linear import saved_for_backward, tangent_rule
 
 # Widest head the CUDA and Triton kernels take (a head vector lives in one warp's registers:
 # at most 8 elements per lane; csrc/cuda/launch.h kMaxHeadDim).
@@ -255,7 +256,7 @@ _qk_norm_rope_backward = _eager_op.EagerOp(torch.ops.fastgen.qk_norm_rope_backwa
 def _setup_context(ctx, inputs, output) -> None:
     q, k, q_weight, k_weight, cos, sin, _, interleaved = inputs
     _, _, q_rstd, k_rstd = output
-    ctx.save_for_backward(q, k, q_weight, k_weight, cos, sin, q_rstd, k_rstd)
+    ctx.save_for_backward(*saved_for_backward(q, k, q_weight, k_weight, cos, sin, q_rstd, k_rstd))
     ctx.interleaved = interleaved
 
 
@@ -292,6 +293,7 @@ class _QkNormRopeFunction(_eager_op.Function):
     backward = staticmethod(_backward)
 
     @staticmethod
+    @tangent_rule
     def jvp(ctx, tq, tk, tq_weight, tk_weight, _tcos, _tsin, _teps, _tinterleaved):
         # cos and sin are constants (torch.func.jvp hands them zero tangents)
         q, k, q_weight, k_weight, cos, sin, q_rstd, k_rstd = ctx.saved_tensors
