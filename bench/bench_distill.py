@@ -7,7 +7,8 @@ log-variance, ``scm_loss`` and the backward into the student (the optimizer upda
 in both, is left out).
 
 - ours (``fused_exact_jvp``): the DiT's fused ops (modulated norm, attention, gated residual) and
-  the exact JVP by forward-mode AD through them (the attention's JVP kernel included);
+  the exact JVP by forward-mode AD through them (the attention's JVP kernel included), in the
+  same pass as the student's forward with gradients (``distill.base.forward_and_jvp``);
 - ours, graphed (``fused_exact_jvp_graphed``, CUDA): the same step replayed from a CUDA graph
   (``distill.cuda_graph.GraphedStep``, the trainer's ``cuda_graph=True``); its memory is that of
   the call that captures it (the graph's pool holds the step's peak from then on);
