@@ -431,6 +431,38 @@ def test_sample_cuda_graph_matches_eager(steps):
                                rtol=1e-3, atol=1e-3)
 
 
+# --------------------------------------------------------------------------- the one-pass JVP
+
+
+@pytest.mark.parametrize("autocast_dtype", [None, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", ["scm-cd", "meanflow-data"])
+def test_one_pass_step_equals_the_two_pass_step_on_gpu(name, autocast_dtype, monkeypatch):
+    """sCM's and MeanFlow's one pass (forward_and_jvp: SDPA's output and backward, our JVP
+    kernel's tangent) against the JVP as a pass of its own (our forward and tangent kernels, then
+    SDPA's forward with gradients): the same loss and gradients, within the kernels' rounding."""
+    import importlib
+
+    import test_distill as td
+
+    from fastgen_kernels.distill.base import Batch, forward_backward
+
+    method = td._dit_methods()[name]().cuda()
+    module = importlib.import_module(type(method).__module__)
+    params = [p for p in method.parameters() if p.requires_grad]
+    x0, cond = torch.randn(4, 4, 8, 8, device="cuda"), torch.arange(4, device="cuda")
+    runs = []
+    for two_pass in (False, True):
+        monkeypatch.setattr(module, "data_parallel", lambda model, two_pass=two_pass: two_pass)
+        for p in params:
+            p.grad = None
+        out = forward_backward(method, Batch(x0, cond, seed=3), 10**6, ("student",), 1.0, autocast_dtype)
+        runs.append((out["student"], torch.cat([p.grad.flatten() for p in params])))
+    (loss, grads), (two_loss, two_grads) = runs
+    tolerance = 1e-4 if autocast_dtype is None else 2e-2
+    assert torch.isfinite(loss) and abs(loss - two_loss) <= tolerance * abs(two_loss), (loss, two_loss)
+    assert (grads - two_grads).norm() <= tolerance * two_grads.norm()
+
+
 # --------------------------------------------------------------------------- training step in a CUDA graph
 
 
