@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import importlib
 import json
 import math
 from pathlib import Path
@@ -17,6 +16,7 @@ import torch
 import fastgen_kernels as fk
 from fastgen_kernels.distill import (CM, DMD2, LADD, SCM, SFT, Batch, CMConfig, DMD2Config, FDistill,
                                      FDistillConfig, LADDConfig, MeanFlow, MeanFlowConfig, SCMConfig, SFTConfig)
+from fastgen_kernels.distill import base
 from fastgen_kernels.distill.base import forward_and_jvp, forward_backward, jvp, noised, teacher_x0
 from fastgen_kernels.distill.trainer import OptimizerConfig, Trainer, TrainerConfig
 from toy import ToyNet, mixture, near_modes
@@ -554,15 +554,14 @@ def test_each_step_of_a_dit_runs_under_bf16_autocast(name):
 @pytest.mark.parametrize("name", ["scm-cd", "meanflow-data"])
 def test_one_pass_step_equals_the_two_pass_step(name, backend, monkeypatch):
     """sCM and MeanFlow take their exact JVP and the forward their loss differentiates from one
-    pass (forward_and_jvp); through DDP or FSDP2 they run the two apart. Both give the same loss
-    and gradients (the fused DiT, its cpu kernels or the reference)."""
+    pass (base.output_and_jvp -> forward_and_jvp); through DDP or FSDP2 they run the two apart.
+    Both give the same loss and gradients (the fused DiT, its cpu kernels or the reference)."""
     method = _dit_methods()[name]()
-    module = importlib.import_module(type(method).__module__)
     params = [p for p in method.parameters() if p.requires_grad]
     x0, cond = torch.randn(4, 4, 8, 8), torch.arange(4)
     runs = []
     for two_pass in (False, True):
-        monkeypatch.setattr(module, "data_parallel", lambda model, two_pass=two_pass: two_pass)
+        monkeypatch.setattr(base, "data_parallel", lambda model, two_pass=two_pass: two_pass)
         for p in params:
             p.grad = None
         with fk.use_backend(backend):
@@ -624,7 +623,8 @@ def test_one_pass_frees_each_tangent_after_its_last_use():
     tangents, alive_at_the_end = [], []
     model.net.blocks[0].register_forward_hook(
         lambda module, args, out: tangents.append(weakref.ref(torch.autograd.forward_ad.unpack_dual(out).tangent)))
-    model.net.final_layer.register_forward_pre_hook(lambda module, args: alive_at_the_end.append(tangents[0]() is not None))
+    model.net.final_layer.register_forward_pre_hook(
+        lambda module, args: alive_at_the_end.append(tangents[0]() is not None))
     x, v = torch.randn(2, 4, 4, 8, 8).unbind(0)
     t, cond = torch.rand(4) + 0.3, torch.arange(4)
     forward_and_jvp(lambda a, s: model.raw(a, s, cond), (x, t), (v, torch.ones_like(t)))

@@ -440,19 +440,17 @@ def test_one_pass_step_equals_the_two_pass_step_on_gpu(name, autocast_dtype, mon
     """sCM's and MeanFlow's one pass (forward_and_jvp: SDPA's output and backward, our JVP
     kernel's tangent) against the JVP as a pass of its own (our forward and tangent kernels, then
     SDPA's forward with gradients): the same loss and gradients, within the kernels' rounding."""
-    import importlib
-
     import test_distill as td
 
+    from fastgen_kernels.distill import base
     from fastgen_kernels.distill.base import Batch, forward_backward
 
     method = td._dit_methods()[name]().cuda()
-    module = importlib.import_module(type(method).__module__)
     params = [p for p in method.parameters() if p.requires_grad]
     x0, cond = torch.randn(4, 4, 8, 8, device="cuda"), torch.arange(4, device="cuda")
     runs = []
     for two_pass in (False, True):
-        monkeypatch.setattr(module, "data_parallel", lambda model, two_pass=two_pass: two_pass)
+        monkeypatch.setattr(base, "data_parallel", lambda model, two_pass=two_pass: two_pass)
         for p in params:
             p.grad = None
         out = forward_backward(method, Batch(x0, cond, seed=3), 10**6, ("student",), 1.0, autocast_dtype)

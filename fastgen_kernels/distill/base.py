@@ -341,6 +341,23 @@ def forward_and_jvp(fn: Callable[..., Any], primals: tuple[Tensor, ...], tangent
     return (primals_out if isinstance(out, tuple) else primals_out[0]), tangent
 
 
+def output_and_jvp(model: Denoiser, fn: Callable[..., Any], primals: tuple[Tensor, ...],
+                   tangents: tuple[Tensor, ...], method: str = "exact", step: float = 1e-3) -> tuple[Any, Tensor]:
+    """(fn(model, *primals) with gradients, the JVP of its output's first tensor along
+    ``tangents``), as sCM and MeanFlow need them: from one pass (:func:`forward_and_jvp`) for the
+    exact method, or the JVP apart (:func:`jvp`, through :func:`unwrapped`) for finite
+    differences and networks under DDP or FSDP2 (:func:`data_parallel`)."""
+    if method == "exact" and not data_parallel(model):
+        return forward_and_jvp(lambda *p: fn(model, *p), primals, tangents)
+    inner = unwrapped(model)
+    J = jvp(lambda *p: _first(fn(inner, *p)), primals, tangents, method, step)
+    return fn(model, *primals), J
+
+
+def _first(out: Tensor | tuple[Tensor, ...]) -> Tensor:
+    return out[0] if isinstance(out, tuple) else out
+
+
 def ramp(iteration: int, iterations: int) -> float:
     """min(1, iteration / iterations) (1 when iterations is 0): a linear warm-up factor."""
     return 1.0 if iterations <= 0 else min(1.0, iteration / iterations)

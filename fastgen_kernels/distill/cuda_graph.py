@@ -2,13 +2,13 @@
 CUDA graph: the step's hundreds of kernel launches, and the Python between them (forward-mode AD
 and autograd included), cost one graph launch.
 
-A step is captured per *phase* and micro-batch. The phase: the losses back-propagated, their scale,
-``Method.graph_key(iteration)`` (what of the iteration the step depends on: sCM's warm-up factor,
-CM's curriculum stage, whose turn it is in DMD2 and LADD) and the networks' state (``sampling.graph_state``: the modules, their
-tensors' addresses, the forced backend). The micro-batch: its shapes and rows of the global
-batch. A step is captured the second time it is seen and replayed from the third on; the first
-time, and for methods whose ``graph_key`` is None, it runs eagerly. So warm-up iterations, each its
-own phase, never pay for a capture.
+A step is captured per *phase* and micro-batch. The phase: the losses back-propagated, their
+scale, ``Method.graph_key(iteration)`` (what of the iteration the step depends on: sCM's warm-up
+factor, CM's curriculum stage, whose turn it is in DMD2 and LADD) and the networks' state
+(``sampling.graph_state``: the modules, their tensors' addresses, the forced backend). The
+micro-batch: its shapes and rows of the global batch. A step is captured the second time it is
+seen and replayed from the third on; the first time, and for methods whose ``graph_key`` is None,
+it runs eagerly. So warm-up iterations, each its own phase, never pay for a capture.
 
 Replays are the eager step: the batch's data are copied into the graph's input buffers, and its
 draws come from a generator the graph reads, reseeded with the batch's seed before each replay

@@ -21,8 +21,7 @@ import torch
 from torch import Tensor
 
 from fastgen_kernels import losses
-from fastgen_kernels.distill.base import (Batch, Method, data_parallel, drop_labels, forward_and_jvp, jvp, teacher_x0,
-                                         unwrapped)
+from fastgen_kernels.distill.base import Batch, Method, drop_labels, output_and_jvp, teacher_x0
 
 
 @dataclass(frozen=True)
@@ -74,12 +73,7 @@ class MeanFlow(Method):
             with torch.no_grad():
                 v = model.schedule.velocity(teacher_x0(self.teacher, model.schedule, x_t, t, cond,
                                                        cfg.guidance_scale), x_t, t)
-        tangents = (v, torch.ones_like(t))
-        inner = unwrapped(model)
-        if cfg.jvp == "exact" and not data_parallel(model):  # one pass: u with its history, J without
-            u, J = forward_and_jvp(lambda x, s: model.raw(x, s, cond, r), (x_t, t), tangents)
-        else:  # the JVP apart (finite differences, or DDP's inner network)
-            J = jvp(lambda x, s: inner.raw(x, s, cond, r), (x_t, t), tangents, cfg.jvp, cfg.fd_step)
-            u = model.raw(x_t, t, cond, r)
+        u, J = output_and_jvp(model, lambda m, x, s: m.raw(x, s, cond, r), (x_t, t), (v, torch.ones_like(t)),
+                              cfg.jvp, cfg.fd_step)
         loss = losses.meanflow_loss(u, v, J, t, r, cfg.p, cfg.c)
         return {"student": loss, "loss": loss.detach()}

@@ -11,7 +11,7 @@ t = atan(sigma / sigma_data), ln sigma ~ N(-1.0, 1.4^2); x_t = cos t x0 + sin t 
 and :func:`fastgen_kernels.losses.scm_loss` builds the tangent g (warm-up factor w on the JVP
 terms), normalizes it and applies the adaptive weighting. The JVP is exact (forward-mode AD through
 the network and the fused attention; with the forward the loss differentiates in the same pass,
-``distill.base.forward_and_jvp``) or, as the baseline, a central finite difference.
+``distill.base.output_and_jvp``) or, as the baseline, a central finite difference.
 """
 
 from __future__ import annotations
@@ -23,8 +23,7 @@ import torch
 from torch import Tensor
 
 from fastgen_kernels import losses
-from fastgen_kernels.distill.base import (Batch, Method, data_parallel, drop_labels, forward_and_jvp, jvp, noised,
-                                         ramp, teacher_x0, unwrapped)
+from fastgen_kernels.distill.base import Batch, Method, drop_labels, noised, output_and_jvp, ramp, teacher_x0
 from fastgen_kernels.schedules import per_sample
 
 
@@ -68,14 +67,9 @@ class SCM(Method):
             else:
                 x0_teacher = teacher_x0(self.teacher, schedule, x_t, t, cond, cfg.guidance_scale)
                 dxt_dt = schedule.velocity(x0_teacher, x_t, t)
-        tangents = ((cos * sin * dxt_dt).to(x_t.dtype), torch.cos(t) * torch.sin(t))
-        inner = unwrapped(model)
-        if cfg.jvp == "exact" and not data_parallel(model):  # one pass: F with its history, J without
-            (F, logvar), J = forward_and_jvp(lambda x, s: model.raw(x, s, cond, return_logvar=True), (x_t, t),
-                                             tangents)
-        else:  # the JVP apart (finite differences, or DDP's inner network)
-            J = jvp(lambda x, s: inner.raw(x, s, cond), (x_t, t), tangents, cfg.jvp, cfg.fd_step)
-            F, logvar = model.raw(x_t, t, cond, return_logvar=True)
+        (F, logvar), J = output_and_jvp(model, lambda m, x, s: m.raw(x, s, cond, return_logvar=True), (x_t, t),
+                                        ((cos * sin * dxt_dt).to(x_t.dtype), torch.cos(t) * torch.sin(t)),
+                                        cfg.jvp, cfg.fd_step)
         # theta- = sg(theta): F_minus is this forward's output, detached
         loss = losses.scm_loss(F, F.detach(), dxt_dt, J, x_t, t, logvar, sd, ramp(iteration, cfg.warmup_iterations),
                                cfg.tangent_c)
