@@ -30,12 +30,14 @@ void modulated_norm_backward(const at::Tensor& grad_out, const at::Tensor& x, bo
                              const at::Tensor& rstd, bool rms, RowChunks chunks, at::Tensor& dx,
                              at::Tensor& dshift, at::Tensor& dscale, at::Tensor& partials);
 
-// out = x + gate * y
-void gated_residual_forward(const at::Tensor& x, const at::Tensor& y, const at::Tensor& gate,
-                            at::Tensor& out);
+// out = x + gate * y (+ gate2 * y2 when y2 is given). y, gate, y2, gate2 have one dtype: x's, or
+// float16/bfloat16 with float32 x.
+void gated_residual_forward(const at::Tensor& x, const at::Tensor& y, const at::Tensor& gate, const at::Tensor* y2,
+                            const at::Tensor* gate2, at::Tensor& out);
 
 // dy = grad_out * gate; dgate = grad_out * y, written per row when the gate is per token, else
-// summed per chunk into partials (1, num_chunks, D).
+// summed per chunk into partials (1, num_chunks, D). y, gate, dy, dgate have one dtype: grad_out's,
+// or float16/bfloat16 with float32 grad_out.
 void gated_residual_backward(const at::Tensor& grad_out, const at::Tensor& y,
                              const at::Tensor& gate, RowChunks chunks, at::Tensor& dy,
                              at::Tensor& dgate, at::Tensor& partials);

@@ -169,49 +169,79 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> modulated_norm_backward(
   return {dx, dshift, dscale, dweight, dbias};
 }
 
-Tensor gated_residual_forward(const Tensor& x, const Tensor& y, const Tensor& gate) {
+// The dtype the gated residual's kernels read its operands (y, gate, ...) in, next to x (or the
+// upstream gradient) of dtype `dtype`: the operands' own when they share one that the kernels take
+// with it (`dtype`, or float16/bfloat16 with float32: autocast's outputs on an fp32 residual
+// stream, read without widened copies), else `dtype` itself (the operands are converted).
+at::ScalarType gated_operand_dtype(at::ScalarType dtype, std::initializer_list<const Tensor*> operands) {
+  const at::ScalarType first = (*operands.begin())->scalar_type();
+  for (const Tensor* t : operands) {
+    if (t->scalar_type() != first) return dtype;
+  }
+  const bool narrower = dtype == at::kFloat && (first == at::kHalf || first == at::kBFloat16);
+  return first == dtype || narrower ? first : dtype;
+}
+
+// An operand of the gated residual: like x in shape and device (a gate: (B, D) or (B, L, D)),
+// contiguous in `dtype`.
+Tensor gated_operand(const Tensor& t, const Tensor& x, at::ScalarType dtype, bool is_gate, const char* name) {
+  TORCH_CHECK(t.device() == x.device(), name, " must be on x's device");
+  if (is_gate) {
+    const bool ok = (t.dim() == 2 && t.size(0) == x.size(0) && t.size(1) == x.size(2)) ||
+                    (t.dim() == 3 && t.sizes() == x.sizes());
+    TORCH_CHECK(ok, name, " must be (B, D) or (B, L, D) with x ", x.sizes(), ", got ", t.sizes());
+  } else {
+    TORCH_CHECK(t.sizes() == x.sizes(), name, " must match x ", x.sizes(), ", got ", t.sizes());
+  }
+  return t.to(dtype).contiguous();
+}
+
+Tensor gated_residual_forward(const Tensor& x, const Tensor& y, const Tensor& gate, const optional<Tensor>& y2,
+                              const optional<Tensor>& gate2) {
   check_activation(x, "x");
-  check_activation(y, "y");
-  TORCH_CHECK(y.sizes() == x.sizes() && y.scalar_type() == x.scalar_type() && y.device() == x.device(),
-              "y must match x");
-  check_modulation(gate, x, "gate");
+  TORCH_CHECK(y2.has_value() == gate2.has_value(), "y2 and gate2 come together");
+  const auto dtype = y2 ? gated_operand_dtype(x.scalar_type(), {&y, &gate, &*y2, &*gate2})
+                        : gated_operand_dtype(x.scalar_type(), {&y, &gate});
+  const Tensor y_in = gated_operand(y, x, dtype, false, "y"), gate_in = gated_operand(gate, x, dtype, true, "gate");
+  const Tensor y2_in = y2 ? gated_operand(*y2, x, dtype, false, "y2") : Tensor();
+  const Tensor gate2_in = gate2 ? gated_operand(*gate2, x, dtype, true, "gate2") : Tensor();
   Tensor out = at::empty_like(x);
   if (x.is_cuda()) {
 #ifdef FASTGEN_WITH_CUDA
     const c10::cuda::CUDAGuard guard(x.device());
-    cuda::GatedResidualForwardArgs args{cuda_dtype(x), x.const_data_ptr(), y.const_data_ptr(),
-        gate.const_data_ptr(), out.mutable_data_ptr(), x.size(0) * x.size(1), x.size(1), x.size(2),
-        gate.dim() == 3};
+    cuda::GatedResidualForwardArgs args{cuda_dtype(x), cuda_dtype(y_in), x.const_data_ptr(), y_in.const_data_ptr(),
+        gate_in.const_data_ptr(), y2 ? y2_in.const_data_ptr() : nullptr, y2 ? gate2_in.const_data_ptr() : nullptr,
+        out.mutable_data_ptr(), x.size(0) * x.size(1), x.size(1), x.size(2), gate_in.dim() == 3,
+        y2 && gate2_in.dim() == 3};
     check_launch(cuda::launch_gated_residual_forward(args, c10::cuda::getCurrentCUDAStream()),
                  "gated_residual_forward");
 #endif
   } else {
-    cpu::gated_residual_forward(x, y, gate, out);
+    cpu::gated_residual_forward(x, y_in, gate_in, y2 ? &y2_in : nullptr, y2 ? &gate2_in : nullptr, out);
   }
   return out;
 }
 
+// (dy, dgate) in y's and gate's dtypes.
 std::tuple<Tensor, Tensor> gated_residual_backward(const Tensor& grad_out, const Tensor& y,
                                                    const Tensor& gate) {
-  check_activation(y, "y");
   check_activation(grad_out, "grad_out");
-  TORCH_CHECK(grad_out.sizes() == y.sizes() && grad_out.scalar_type() == y.scalar_type() &&
-                  grad_out.device() == y.device(),
-              "grad_out must match y");
-  check_modulation(gate, y, "gate");
+  const auto dtype = gated_operand_dtype(grad_out.scalar_type(), {&y, &gate});
+  const Tensor y_in = gated_operand(y, grad_out, dtype, false, "y");
+  const Tensor gate_in = gated_operand(gate, grad_out, dtype, true, "gate");
   const int64_t batch = y.size(0), tokens = y.size(1), dim = y.size(2);
   const bool per_token = gate.dim() == 3;
   const RowChunks chunks = row_chunks(batch, tokens);
-  Tensor dy = at::empty_like(y);
-  Tensor dgate_full = per_token ? at::empty_like(y) : Tensor();
+  Tensor dy = at::empty_like(y_in);
+  Tensor dgate_full = per_token ? at::empty_like(y_in) : Tensor();
   Tensor partials = per_token ? Tensor()
                               : at::empty({1, batch * chunks.chunks_per_batch, dim},
-                                          y.options().dtype(stat_dtype(y)));
+                                          y.options().dtype(stat_dtype(grad_out)));
   if (y.is_cuda()) {
 #ifdef FASTGEN_WITH_CUDA
     const c10::cuda::CUDAGuard guard(y.device());
-    cuda::GatedResidualBackwardArgs args{cuda_dtype(y), grad_out.const_data_ptr(), y.const_data_ptr(),
-        gate.const_data_ptr(), dy.mutable_data_ptr(),
+    cuda::GatedResidualBackwardArgs args{cuda_dtype(grad_out), cuda_dtype(y_in), grad_out.const_data_ptr(),
+        y_in.const_data_ptr(), gate_in.const_data_ptr(), dy.mutable_data_ptr(),
         per_token ? dgate_full.mutable_data_ptr() : nullptr,
         per_token ? nullptr : partials.mutable_data_ptr<float>(), batch * tokens, tokens, dim,
         chunks.rows_per_chunk, chunks.chunks_per_batch, per_token};
@@ -219,24 +249,24 @@ std::tuple<Tensor, Tensor> gated_residual_backward(const Tensor& grad_out, const
                  "gated_residual_backward");
 #endif
   } else {
-    cpu::gated_residual_backward(grad_out, y, gate, chunks, dy, dgate_full, partials);
+    cpu::gated_residual_backward(grad_out, y_in, gate_in, chunks, dy, dgate_full, partials);
   }
-  Tensor dgate = per_token ? dgate_full : reduce_chunks(partials[0], batch, chunks, true, y.scalar_type());
-  return {dy, dgate};
+  Tensor dgate = per_token ? dgate_full : reduce_chunks(partials[0], batch, chunks, true, dtype);
+  return {dy.to(y.scalar_type()), dgate.to(gate.scalar_type())};
 }
 
 // The gated residual with its autograd in C++: what fastgen_kernels/ops/gated_residual.py's
 // autograd.Function does where a backward will follow (no forward-mode AD), without Python around
-// its two kernels (a DiT block has two). y and gate are read in x's dtype; the backward runs in
-// the upstream gradient's dtype and returns each gradient in its input's dtype.
+// its two kernels (a DiT block has two). The kernels read y and gate as given (or converted to x's
+// dtype, see gated_operand_dtype); the backward runs in the upstream gradient's dtype and returns
+// each gradient in its input's dtype.
 class GatedResidual : public torch::autograd::Function<GatedResidual> {
  public:
   static Tensor forward(torch::autograd::AutogradContext* ctx, const Tensor& x, const Tensor& y,
                         const Tensor& gate) {
     ctx->save_for_backward({y, gate});
     ctx->set_materialize_grads(false);
-    return gated_residual_forward(x.contiguous(), y.to(x.scalar_type()).contiguous(),
-                                  gate.to(x.scalar_type()).contiguous());
+    return gated_residual_forward(x.contiguous(), y, gate, std::nullopt, std::nullopt);
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
@@ -248,15 +278,14 @@ class GatedResidual : public torch::autograd::Function<GatedResidual> {
     Tensor dy, dgate;
     if (at::GradMode::is_enabled()) {  // create_graph=True: differentiable ATen ops, as the Python backward
       const Tensor gate_rows = (gate.dim() == 2 ? gate.unsqueeze(1) : gate).to(grad.scalar_type());
-      dy = grad * gate_rows;
+      dy = (grad * gate_rows).to(y.scalar_type());
       dgate = grad * y.to(grad.scalar_type());
-      if (gate.dim() == 2) dgate = dgate.sum(1);
+      dgate = (gate.dim() == 2 ? dgate.sum(1) : dgate).to(gate.scalar_type());
     } else if (ctx->needs_input_grad(1) || ctx->needs_input_grad(2)) {
-      std::tie(dy, dgate) = gated_residual_backward(grad.contiguous(), y.to(grad.scalar_type()).contiguous(),
-                                                    gate.to(grad.scalar_type()).contiguous());
+      std::tie(dy, dgate) = gated_residual_backward(grad.contiguous(), y, gate);
     }
-    return {ctx->needs_input_grad(0) ? grad : Tensor(), ctx->needs_input_grad(1) ? dy.to(y.scalar_type()) : Tensor(),
-            ctx->needs_input_grad(2) ? dgate.to(gate.scalar_type()) : Tensor()};
+    return {ctx->needs_input_grad(0) ? grad : Tensor(), ctx->needs_input_grad(1) ? dy : Tensor(),
+            ctx->needs_input_grad(2) ? dgate : Tensor()};
   }
 };
 
@@ -997,7 +1026,7 @@ TORCH_LIBRARY(fastgen_C, m) {
   m.def("modulated_norm_backward(Tensor grad_out, Tensor x, Tensor shift, Tensor scale, "
         "Tensor? weight, Tensor? bias, Tensor mean, Tensor rstd, bool rms) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
-  m.def("gated_residual_forward(Tensor x, Tensor y, Tensor gate) -> Tensor");
+  m.def("gated_residual_forward(Tensor x, Tensor y, Tensor gate, Tensor? y2=None, Tensor? gate2=None) -> Tensor");
   m.def("gated_residual_backward(Tensor grad_out, Tensor y, Tensor gate) -> (Tensor, Tensor)");
   m.def("gated_residual(Tensor x, Tensor y, Tensor gate) -> Tensor");
   m.def("modulated_norm_linear(Tensor x, Tensor shift, Tensor scale, Tensor? norm_weight, Tensor? norm_bias, "

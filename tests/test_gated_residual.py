@@ -3,10 +3,13 @@ bad input."""
 
 import pytest
 import torch
-from conftest import CPU_DTYPES, cpu_backends
+import torch.autograd.forward_ad as fwAD
+from conftest import CPU_DTYPES, cpu_backends, extension_backends
 from tolerances import assert_close
 
 import fastgen_kernels as fk
+from fastgen_kernels.backends import interpreting_triton
+from fastgen_kernels.ops.linear import parameters_without_tangents
 
 SHAPES = [(2, 5, 72), (1, 1, 1000), (2, 1, 1152), (1, 9, 1152)]
 
@@ -77,6 +80,25 @@ def test_opcheck(backend, per_token, generator):
                               (torch.randn_like(x), y, gate))
         torch.library.opcheck(torch.ops.fastgen.gated_residual.default,
                               (x.requires_grad_(), y.requires_grad_(), gate.requires_grad_()))
+        # the tangent's form: a second term, bf16 operands on an fp32 x
+        narrow = [t.detach().bfloat16().requires_grad_() for t in (y, gate, y * 2, gate / 2)]
+        torch.library.opcheck(torch.ops.fastgen.gated_residual.default, (x, *narrow))
+        torch.library.opcheck(torch.ops.fastgen.gated_residual_backward.default,
+                              (torch.randn_like(x), *(t.detach() for t in narrow[:2])))
+
+
+@pytest.mark.parametrize("backend", extension_backends())
+def test_second_term_gradcheck(backend, generator):
+    """The op's optional second term (what the tangent rule calls): values and gradients of all
+    five inputs in fp64, one gate per batch and one per token."""
+    x, y, gate = make_inputs((2, 3, 7), torch.float64, False, generator)
+    _, y2, gate2 = make_inputs((2, 3, 7), torch.float64, True, generator)
+    inputs = [t.requires_grad_() for t in (x, y, gate, y2, gate2)]
+    with fk.use_backend(backend):
+        out = torch.ops.fastgen.gated_residual(*inputs)
+        assert torch.autograd.gradcheck(torch.ops.fastgen.gated_residual, inputs)
+    expected = oracle(x, y, gate) + oracle(torch.zeros_like(x), y2, gate2)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
 
 
 def test_bad_input_names_the_argument():
@@ -111,7 +133,8 @@ def test_narrower_y_and_gate_are_widened_and_y_kept_as_given(backend, per_token,
         expected = fk.gated_residual(*wide)
     assert out.dtype == torch.float32 and torch.equal(out, expected)
     for got, want, leaf in zip(torch.autograd.grad(out, leaves, g), torch.autograd.grad(expected, wide, g), leaves):
-        assert got.dtype == leaf.dtype and torch.equal(got, want.to(leaf.dtype))
+        assert got.dtype == leaf.dtype
+        assert_rounded_from(got, want, backend)
     assert not any(t.dtype == torch.float32 and t.shape == x.shape for t in saved)
     tangents = tuple(torch.randn(t.shape, generator=generator).to(t.dtype) for t in leaves)
     primals = tuple(t.detach() for t in leaves)
@@ -120,6 +143,51 @@ def test_narrower_y_and_gate_are_widened_and_y_kept_as_given(backend, per_token,
         _, tout_wide = torch.func.jvp(fk.gated_residual, tuple(t.float() for t in primals),
                                       tuple(t.float() for t in tangents))
     assert tout.dtype == torch.float32 and torch.equal(tout, tout_wide)
+
+
+@pytest.mark.parametrize("backend", cpu_backends()[:2])  # the kernels: cpu, triton
+@pytest.mark.parametrize("per_token", [False, True], ids=["gate_BD", "gate_BLD"])
+def test_one_pass_step_reads_narrow_operands_without_copies(backend, per_token, generator):
+    check_one_pass_step(backend, per_token, generator, "cpu")
+
+
+def check_one_pass_step(backend, per_token, generator, device):
+    """The sCM step's case (forward-mode AD with gradients, inside parameters_without_tangents):
+    fp32 x, bf16 y and gate, each with a tangent. The kernels read y, gate and their tangents as
+    they are (no (B, L, D) conversion anywhere: forward, tangent, backward), the tangent
+    tx + gate ty + tgate y is one kernel call, and all match the fp64 oracle."""
+    shape = (2, 5, 72)
+    x, y, gate = make_inputs(shape, torch.float32, per_token, generator)
+    leaves = [t.to(device).requires_grad_() for t in (x, y.bfloat16(), gate.bfloat16())]
+    tangents = [torch.randn(t.shape, generator=generator).to(device, t.dtype) for t in leaves]
+    g = torch.randn(shape, generator=generator).to(device)
+    with (torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof,
+          fk.use_backend(backend), parameters_without_tangents(), fwAD.dual_level()):
+        out = fk.gated_residual(*(fwAD.make_dual(t, tt) for t, tt in zip(leaves, tangents)))
+        tout = fwAD.unpack_dual(out).tangent
+        grads = torch.autograd.grad(out, leaves, g)
+    conversions = [e for e in prof.events() if e.name in ("aten::copy_", "aten::_to_copy")
+                   and e.input_shapes and tuple(e.input_shapes[0]) == shape]
+    assert not conversions, [e.name for e in conversions]
+    if backend in ("cpu", "cuda"):
+        assert [e.name for e in prof.events()].count("fastgen_C::gated_residual_forward") == 2  # primal, tangent
+    wide = [t.detach().double() for t in leaves]
+    _, tout64 = torch.func.jvp(oracle, tuple(wide), tuple(t.double() for t in tangents))
+    assert tout.dtype == torch.float32 and tout.grad_fn is None
+    assert_close(tout, tout64, torch.float32, "tangent")
+    grads64 = torch.autograd.grad(oracle(*(t.requires_grad_() for t in wide)), wide, g.double())
+    for name, got, want, leaf in zip(["dx", "dy", "dgate"], grads, grads64, leaves):
+        assert got.dtype == leaf.dtype
+        assert_close(got, want, got.dtype, name)
+
+
+def assert_rounded_from(got, want, backend):
+    """got is want (fp32) rounded to got's dtype: exactly, except where Triton's interpreter
+    narrows, which truncates (round toward zero) where a GPU rounds to nearest even."""
+    if backend == "triton" and interpreting_triton():
+        torch.testing.assert_close(got.float(), want, rtol=torch.finfo(got.dtype).eps, atol=0)
+    else:
+        assert torch.equal(got, want.to(got.dtype))
 
 
 @pytest.mark.parametrize("backend", cpu_backends())

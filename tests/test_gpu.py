@@ -72,6 +72,14 @@ def test_gated_residual_on_gpu(backend, dtype, shape, per_token, generator):
 
 
 @pytest.mark.parametrize("backend", gpu_backends())
+@pytest.mark.parametrize("per_token", [False, True], ids=["gate_BD", "gate_BLD"])
+def test_gated_residual_one_pass_step_on_gpu(backend, per_token, generator):
+    """bf16 operands on an fp32 stream read as they are (the mixed-dtype kernels), the tangent in
+    one call."""
+    gr.check_one_pass_step(backend, per_token, generator, "cuda")
+
+
+@pytest.mark.parametrize("backend", gpu_backends())
 def test_misaligned_and_non_contiguous_inputs(backend, generator):
     """Tensors that start one element past a 16-byte boundary take the scalar path."""
     B, L, D = 2, 3, 1152

@@ -65,6 +65,29 @@ cudaError_t dispatch_dtype_vec(DType dtype, int64_t dim, std::initializer_list<c
   });
 }
 
+// Calls f(TypeTag<T>{}, TypeTag<U>{}, IntTag<VEC>{}) for the element type T of `dtype` and U of
+// `operand`, the combinations the mixed-dtype kernels are built for: U == T, or T fp32 with U fp16
+// or bf16. VEC is as in dispatch_dtype_vec for T, the wider type (U's vectors are then at most as
+// wide, so as aligned).
+template <typename F>
+cudaError_t dispatch_dtype_operand_vec(DType dtype, DType operand, int64_t dim,
+                                       std::initializer_list<const void*> ptrs, F&& f) {
+  if (operand == dtype) {
+    return dispatch_dtype_vec(dtype, dim, ptrs,
+                              [&](auto type_tag, auto vec_tag) { return f(type_tag, type_tag, vec_tag); });
+  }
+  if (dtype != DType::kFloat32) return cudaErrorInvalidValue;
+  const bool vectorized = all_aligned16(ptrs) && dim % kVec16<float> == 0;
+  return dispatch_dtype(operand, [&](auto operand_tag) {
+    if constexpr (std::is_same_v<typename decltype(operand_tag)::type, float>) {
+      return cudaErrorInvalidValue;  // operand == dtype, handled above
+    } else {
+      if (vectorized) return f(TypeTag<float>{}, operand_tag, IntTag<kVec16<float>>{});
+      return f(TypeTag<float>{}, operand_tag, IntTag<1>{});
+    }
+  });
+}
+
 // Calls f(std::true_type{}) or f(std::false_type{}): a runtime flag as a template parameter.
 template <typename F>
 cudaError_t dispatch_bool(bool value, F&& f) {

@@ -1,5 +1,7 @@
-// Gated residual (adaLN-Zero): out = x + gate * y, and its VJP dy = g * gate, dgate = g * y.
-// Math: fastgen_kernels/ops/gated_residual.py. Launch API and conventions: launch.h.
+// Gated residual (adaLN-Zero): out = x + gate * y (+ gate2 * y2, the JVP's second term), and its
+// VJP dy = g * gate, dgate = g * y. Math: fastgen_kernels/ops/gated_residual.py. Launch API and
+// conventions: launch.h. x, out and grad_out are T; y, gate (y2, gate2, dy, dgate) are U, T or
+// narrower (dispatch_dtype_operand_vec): autocast's bf16 operands are read as they are.
 #include <algorithm>
 
 #include "cuda/common.cuh"
@@ -11,39 +13,52 @@ namespace {
 
 constexpr int kForwardThreads = 256;
 
-// Elementwise, grid-stride over 16-byte vectors. dim % VEC == 0, so a vector stays in one row.
-template <typename T, int VEC>
+// Offset of the modulation element for activation element i of `row`: per token, or per batch.
+__device__ __forceinline__ int64_t modulation_index(int64_t i, int64_t row, int64_t tokens, int64_t dim,
+                                                    bool per_token) {
+  return per_token ? i : (row / tokens) * dim + (i - row * dim);
+}
+
+// Elementwise, grid-stride over vectors of VEC elements. dim % VEC == 0, so a vector stays in one row.
+template <typename T, typename U, int VEC, bool SECOND>
 __global__ void __launch_bounds__(kForwardThreads) gated_residual_forward_kernel(
-    const T* __restrict__ x,     // (rows, dim)
-    const T* __restrict__ y,     // (rows, dim)
-    const T* __restrict__ gate,  // (rows, dim) if gate_per_token else (B, dim)
-    T* __restrict__ out,         // (rows, dim)
-    int64_t num_vecs,            // rows * dim / VEC
-    int64_t tokens, int64_t dim, bool gate_per_token) {
+    const T* __restrict__ x,      // (rows, dim)
+    const U* __restrict__ y,      // (rows, dim)
+    const U* __restrict__ gate,   // (rows, dim) if gate_per_token else (B, dim)
+    const U* __restrict__ y2,     // (rows, dim) when SECOND
+    const U* __restrict__ gate2,  // like gate (gate2_per_token) when SECOND
+    T* __restrict__ out,          // (rows, dim)
+    int64_t num_vecs,             // rows * dim / VEC
+    int64_t tokens, int64_t dim, bool gate_per_token, bool gate2_per_token) {
   const int64_t stride = int64_t{gridDim.x} * blockDim.x;
   for (int64_t v = int64_t{blockIdx.x} * blockDim.x + threadIdx.x; v < num_vecs; v += stride) {
     const int64_t i = v * VEC;
     const int64_t row = i / dim;
-    const int64_t gate_i = gate_per_token ? i : (row / tokens) * dim + (i - row * dim);
     float xv[VEC], yv[VEC], gv[VEC];
     load_vec(x + i, xv);
     load_vec(y + i, yv);
-    load_vec(gate + gate_i, gv);
+    load_vec(gate + modulation_index(i, row, tokens, dim, gate_per_token), gv);
 #pragma unroll
     for (int j = 0; j < VEC; ++j) xv[j] += gv[j] * yv[j];
+    if constexpr (SECOND) {
+      load_vec(y2 + i, yv);
+      load_vec(gate2 + modulation_index(i, row, tokens, dim, gate2_per_token), gv);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) xv[j] += gv[j] * yv[j];
+    }
     store_vec(out + i, xv);
   }
 }
 
 // One block per chunk of rows (see launch.h); thread t owns the column vectors t, t + blockDim.x,
 // ... and walks the chunk's rows for each, so a per-batch dgate sums in registers, no atomics.
-template <typename T, int VEC>
+template <typename T, typename U, int VEC>
 __global__ void __launch_bounds__(kMaxThreads) gated_residual_backward_kernel(
     const T* __restrict__ grad_out,  // (rows, dim)
-    const T* __restrict__ y,         // (rows, dim)
-    const T* __restrict__ gate,      // (rows, dim) if gate_per_token else (B, dim)
-    T* __restrict__ dy,              // (rows, dim)
-    T* __restrict__ dgate,           // (rows, dim) if gate_per_token else nullptr
+    const U* __restrict__ y,         // (rows, dim)
+    const U* __restrict__ gate,      // (rows, dim) if gate_per_token else (B, dim)
+    U* __restrict__ dy,              // (rows, dim)
+    U* __restrict__ dgate,           // (rows, dim) if gate_per_token else nullptr
     float* __restrict__ partials,    // (gridDim.x, dim) if !gate_per_token else nullptr
     int64_t tokens, int64_t dim, int64_t rows_per_chunk, int64_t chunks_per_batch,
     bool gate_per_token) {
@@ -78,23 +93,27 @@ __global__ void __launch_bounds__(kMaxThreads) gated_residual_backward_kernel(
 
 cudaError_t launch_gated_residual_forward(const GatedResidualForwardArgs& args,
                                           cudaStream_t stream) {
-  if (!valid_rows(args.rows, args.tokens, args.dim)) return cudaErrorInvalidValue;
+  if (!valid_rows(args.rows, args.tokens, args.dim) || (args.y2 == nullptr) != (args.gate2 == nullptr)) {
+    return cudaErrorInvalidValue;
+  }
   // A grid-stride loop needs no more blocks than the GPU holds at once.
   int64_t max_blocks = 0;
   if (const cudaError_t err = resident_blocks(kForwardThreads, max_blocks); err != cudaSuccess) return err;
-  return dispatch_dtype_vec(
-      args.dtype, args.dim, {args.x, args.y, args.gate, args.out},
-      [&](auto type_tag, auto vec_tag) {
+  return dispatch_dtype_operand_vec(
+      args.dtype, args.operand_dtype, args.dim, {args.x, args.y, args.gate, args.y2, args.gate2, args.out},
+      [&](auto type_tag, auto operand_tag, auto vec_tag) {
         using T = typename decltype(type_tag)::type;
+        using U = typename decltype(operand_tag)::type;
         constexpr int VEC = decltype(vec_tag)::value;
         const int64_t num_vecs = args.rows * args.dim / VEC;
-        const int64_t blocks = std::min(ceil_div(num_vecs, kForwardThreads), max_blocks);
-        gated_residual_forward_kernel<T, VEC>
-            <<<static_cast<unsigned>(blocks), kForwardThreads, 0, stream>>>(
-                static_cast<const T*>(args.x), static_cast<const T*>(args.y),
-                static_cast<const T*>(args.gate), static_cast<T*>(args.out), num_vecs,
-                args.tokens, args.dim, args.gate_per_token);
-        return cudaGetLastError();
+        const auto blocks = static_cast<unsigned>(std::min(ceil_div(num_vecs, kForwardThreads), max_blocks));
+        return dispatch_bool(args.y2 != nullptr, [&](auto second) {
+          gated_residual_forward_kernel<T, U, VEC, decltype(second)::value><<<blocks, kForwardThreads, 0, stream>>>(
+              static_cast<const T*>(args.x), static_cast<const U*>(args.y), static_cast<const U*>(args.gate),
+              static_cast<const U*>(args.y2), static_cast<const U*>(args.gate2), static_cast<T*>(args.out),
+              num_vecs, args.tokens, args.dim, args.gate_per_token, args.gate2_per_token);
+          return cudaGetLastError();
+        });
       });
 }
 
@@ -105,19 +124,21 @@ cudaError_t launch_gated_residual_backward(const GatedResidualBackwardArgs& args
     return cudaErrorInvalidValue;
   }
   const auto num_chunks = static_cast<unsigned>(args.rows / args.tokens * args.chunks_per_batch);
-  return dispatch_dtype_vec(
-      args.dtype, args.dim, {args.grad_out, args.y, args.gate, args.dy, args.dgate, args.partials},
-      [&](auto type_tag, auto vec_tag) {
+  return dispatch_dtype_operand_vec(
+      args.dtype, args.operand_dtype, args.dim,
+      {args.grad_out, args.y, args.gate, args.dy, args.dgate, args.partials},
+      [&](auto type_tag, auto operand_tag, auto vec_tag) {
         using T = typename decltype(type_tag)::type;
+        using U = typename decltype(operand_tag)::type;
         constexpr int VEC = decltype(vec_tag)::value;
         // One thread per column vector, up to kMaxThreads; wider rows loop.
         const int64_t threads =
             std::min<int64_t>(ceil_div(args.dim / VEC, kWarpSize) * kWarpSize, kMaxThreads);
-        gated_residual_backward_kernel<T, VEC>
+        gated_residual_backward_kernel<T, U, VEC>
             <<<num_chunks, static_cast<unsigned>(threads), 0, stream>>>(
-                static_cast<const T*>(args.grad_out), static_cast<const T*>(args.y),
-                static_cast<const T*>(args.gate), static_cast<T*>(args.dy),
-                static_cast<T*>(args.dgate), args.partials, args.tokens, args.dim,
+                static_cast<const T*>(args.grad_out), static_cast<const U*>(args.y),
+                static_cast<const U*>(args.gate), static_cast<U*>(args.dy),
+                static_cast<U*>(args.dgate), args.partials, args.tokens, args.dim,
                 args.rows_per_chunk, args.chunks_per_batch, args.gate_per_token);
         return cudaGetLastError();
       });

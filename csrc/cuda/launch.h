@@ -69,20 +69,27 @@ struct ModulatedNormBackwardArgs {
 
 cudaError_t launch_modulated_norm_backward(const ModulatedNormBackwardArgs& args, cudaStream_t stream);
 
+// The gated residual's operands (y, gate and the second term's) may be narrower than x, all of
+// one operand_dtype: operand_dtype == dtype, or dtype fp32 with fp16/bf16 operands (autocast's
+// outputs on an fp32 residual stream), read as they are instead of from widened copies.
 struct GatedResidualForwardArgs {
-  DType dtype;
-  const void* x;     // (rows, dim)
-  const void* y;     // (rows, dim)
-  const void* gate;  // (rows, dim) if gate_per_token else (B, dim)
-  void* out;         // (rows, dim), written: x + gate * y
+  DType dtype;          // x and out
+  DType operand_dtype;  // y, gate, y2, gate2
+  const void* x;        // (rows, dim)
+  const void* y;        // (rows, dim)
+  const void* gate;     // (rows, dim) if gate_per_token else (B, dim)
+  const void* y2;       // (rows, dim) or nullptr: a second term
+  const void* gate2;    // like gate (its own gate2_per_token), nullptr exactly when y2 is
+  void* out;            // (rows, dim), written: x + gate * y (+ gate2 * y2)
   int64_t rows, tokens, dim;
-  bool gate_per_token;
+  bool gate_per_token, gate2_per_token;
 };
 
 cudaError_t launch_gated_residual_forward(const GatedResidualForwardArgs& args, cudaStream_t stream);
 
 struct GatedResidualBackwardArgs {
-  DType dtype;
+  DType dtype;           // grad_out
+  DType operand_dtype;   // y, gate, dy, dgate (as in the forward)
   const void* grad_out;  // (rows, dim)
   const void* y;         // (rows, dim)
   const void* gate;      // (rows, dim) if gate_per_token else (B, dim)

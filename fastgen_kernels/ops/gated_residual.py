@@ -9,12 +9,13 @@ VJP (upstream g; the gate's gradient is summed over L for a (B, D) gate)::
     dx = g        dy = g * gate        dgate = g * y
 
 JVP with tangents (tx, ty, tgate)::   tout = tx + gate * ty + tgate * y
-which is two more calls of the op itself: gated_residual(gated_residual(tx, ty, gate), y, tgate).
+which is one more call of the op with its optional second term: op(tx, ty, gate, y, tgate).
 
 Public API: :func:`gated_residual`, running the custom op ``fastgen::gated_residual`` (backward:
 ``fastgen::gated_residual_backward``) on the backend chosen per call. y and gate may come in a
-narrower dtype than x (autocast's bf16 outputs on an fp32 residual stream): they are widened for
-the kernel, and the backward keeps y in its own dtype (half the bytes of a widened copy). In plain
+narrower dtype than x (autocast's bf16 outputs on an fp32 residual stream): the kernels read them
+as they are (no widened copies), the backward keeps y as given and writes dy and dgate in their
+inputs' dtypes. In plain
 eager mode, where a backward will follow and the cpu or cuda backend runs, the op records its
 autograd in C++ (``fastgen_C::gated_residual``, the same kernels: no Python between them). A
 create_graph=True backward differentiates again (the reference's ops instead of the kernels).
@@ -38,14 +39,19 @@ def _per_row(gate: Tensor, dtype: torch.dtype) -> Tensor:
     return gate.unsqueeze(1) if gate.dim() == 2 else gate
 
 
-def reference_forward(x: Tensor, y: Tensor, gate: Tensor) -> Tensor:
+def reference_forward(x: Tensor, y: Tensor, gate: Tensor, y2: Tensor | None = None,
+                      gate2: Tensor | None = None) -> Tensor:
+    """x + gate * y (+ gate2 * y2) in fp32 (fp64 for fp64 input), in x's dtype."""
     ct = torch.promote_types(x.dtype, torch.float32)
-    return (x.to(ct) + _per_row(gate, ct) * y.to(ct)).to(x.dtype).contiguous()
+    out = x.to(ct) + _per_row(gate, ct) * y.to(ct)
+    if y2 is not None:
+        out = out + _per_row(gate2, ct) * y2.to(ct)
+    return out.to(x.dtype).contiguous()
 
 
 def reference_backward(grad_out: Tensor, y: Tensor, gate: Tensor) -> tuple[Tensor, Tensor]:
-    """(dy, dgate)."""
-    ct = torch.promote_types(y.dtype, torch.float32)
+    """(dy, dgate) in y's and gate's dtypes."""
+    ct = torch.promote_types(torch.promote_types(grad_out.dtype, y.dtype), torch.float32)
     g = grad_out.to(ct)
     dy = g * _per_row(gate, ct)
     dgate = g * y.to(ct)
@@ -57,13 +63,12 @@ def reference_backward(grad_out: Tensor, y: Tensor, gate: Tensor) -> tuple[Tenso
 # --------------------------------------------------------------------------- backends
 
 
-def _extension_forward(x, y, gate):
-    return torch.ops.fastgen_C.gated_residual_forward(x.contiguous(), y.contiguous(), gate.contiguous())
+def _extension_forward(x, y, gate, y2=None, gate2=None):
+    return torch.ops.fastgen_C.gated_residual_forward(x.contiguous(), y, gate, y2, gate2)
 
 
 def _extension_backward(grad_out, y, gate):
-    return tuple(torch.ops.fastgen_C.gated_residual_backward(
-        grad_out.contiguous(), y.contiguous(), gate.contiguous()))
+    return tuple(torch.ops.fastgen_C.gated_residual_backward(grad_out.contiguous(), y, gate))
 
 
 def _triton_forward(*args):
@@ -101,14 +106,15 @@ backward_dispatcher = OpDispatcher(
 
 
 @torch.library.custom_op("fastgen::gated_residual", mutates_args=())
-def gated_residual_op(x: Tensor, y: Tensor, gate: Tensor) -> Tensor:
-    """x + gate * y."""
-    return forward_dispatcher(x, y, gate)
+def gated_residual_op(x: Tensor, y: Tensor, gate: Tensor, y2: Tensor | None = None,
+                      gate2: Tensor | None = None) -> Tensor:
+    """x + gate * y (+ gate2 * y2), in x's dtype."""
+    return forward_dispatcher(x, y, gate, y2, gate2)
 
 
 @torch.library.custom_op("fastgen::gated_residual_backward", mutates_args=())
 def gated_residual_backward(grad_out: Tensor, y: Tensor, gate: Tensor) -> tuple[Tensor, Tensor]:
-    """(dy, dgate) of x + gate * y; dx is grad_out itself."""
+    """(dy, dgate) of x + gate * y in y's and gate's dtypes; dx is grad_out itself."""
     return backward_dispatcher(grad_out, y, gate)
 
 
@@ -123,19 +129,23 @@ _gated_residual_backward = _eager_op.EagerOp(torch.ops.fastgen.gated_residual_ba
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    _, y, gate = inputs
-    ctx.save_for_backward(*saved_for_backward(y, gate))
+    _, *operands = inputs
+    ctx.save_for_backward(*saved_for_backward(*operands))
 
 
 def _backward(ctx, grad_out):
-    y, gate = ctx.saved_tensors
+    y, gate, y2, gate2 = ctx.saved_tensors
     # a create_graph=True backward takes the reference's differentiable ops (second derivatives,
     # e.g. a gradient penalty through a DiT); the kernels' outputs would differentiate as constants
     backward = reference_backward if torch.is_grad_enabled() else _gated_residual_backward
-    dy, dgate = backward(grad_out, y.to(grad_out.dtype), gate.to(grad_out.dtype))
     needs = ctx.needs_input_grad
-    return (grad_out if needs[0] else None, dy.to(y.dtype) if needs[1] else None,
-            dgate.to(gate.dtype) if needs[2] else None)
+    grads = [grad_out if needs[0] else None, None, None, None, None]
+    for term, (operand, operand_gate) in enumerate(((y, gate), (y2, gate2))):
+        if operand is not None and (needs[1 + 2 * term] or needs[2 + 2 * term]):
+            dy, dgate = backward(grad_out, operand, operand_gate)
+            grads[1 + 2 * term] = dy if needs[1 + 2 * term] else None
+            grads[2 + 2 * term] = dgate if needs[2 + 2 * term] else None
+    return tuple(grads)
 
 
 _setup_context, _backward = carry_forced_backend(_setup_context, _backward)
@@ -143,32 +153,35 @@ gated_residual_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 class _GatedResidualFunction(_eager_op.Function):
-    """The custom op plus a forward-mode rule (custom ops have none)."""
+    """The custom op plus a forward-mode rule (custom ops have none): the tangent
+    tx + gate * ty + tgate * y in one call of the op."""
 
     @staticmethod
     def forward(x, y, gate):
-        return _gated_residual(x, y.to(x.dtype), gate.to(x.dtype))
+        return _gated_residual(x, y, gate, None, None)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        _setup_context(ctx, inputs, output)
+        _setup_context(ctx, (*inputs, None, None), output)
         _, y, gate = inputs
         ctx.save_for_forward(y, gate)
-        ctx.out_dtype = output.dtype
+        ctx.out_like = (output.shape, output.dtype, output.device)
 
-    backward = staticmethod(_backward)
+    @staticmethod
+    def backward(ctx, grad_out):
+        return _backward(ctx, grad_out)[:3]
 
     @staticmethod
     @tangent_rule
     def jvp(ctx, tx, ty, tgate):
         y, gate = ctx.saved_tensors
-        dtype = ctx.out_dtype
-        tout = torch.zeros(y.shape, dtype=dtype, device=y.device) if tx is None else tx.to(dtype)
-        if ty is not None:
-            tout = _gated_residual(tout, ty.to(dtype), gate.to(dtype))
-        if tgate is not None:
-            tout = _gated_residual(tout, y.to(dtype), tgate.to(dtype))
-        return tout
+        shape, dtype, device = ctx.out_like
+        tx = torch.zeros(shape, dtype=dtype, device=device) if tx is None else tx.to(dtype)
+        terms = [(t, g) for t, g in ((ty, gate), (y, tgate)) if g is not None and t is not None]
+        if not terms:
+            return tx
+        (first, first_gate), *second = terms
+        return _gated_residual(tx, first, first_gate, *(second[0] if second else (None, None)))
 
 
 # The extension's fastgen_C::gated_residual: the autograd.Function above (backward only) in C++,
@@ -183,18 +196,18 @@ def gated_residual(x: Tensor, y: Tensor, gate: Tensor) -> Tensor:
 
     x, y: (B, L, D); gate: (B, D) broadcast over L, or (B, L, D); on one device. y and gate may
     have another floating dtype than x (e.g. bf16 autocast outputs on an fp32 residual stream):
-    they are read widened to x's dtype, and the backward keeps y as given. Output in x's dtype
-    (fp32 arithmetic); gradients in each input's dtype. Differentiable in x, y and gate, forward
-    mode included.
+    they are read as they are, and the backward keeps y as given. Output in x's dtype (fp32
+    arithmetic); gradients in each input's dtype. Differentiable in x, y and gate, forward mode
+    included.
     """
     op = "gated_residual"
     x = _checks.activation(op, x)
     _checks.like_x(op, "y", y, x, [tuple(x.shape)], any_float=True)
     _checks.modulation(op, "gate", gate, x, any_float=True)
     if torch.compiler.is_compiling():  # Dynamo cannot trace an autograd.Function with a jvp
-        return torch.ops.fastgen.gated_residual(x, y.to(x.dtype), gate.to(x.dtype))
+        return torch.ops.fastgen.gated_residual(x, y, gate)
     if _eager_op.no_autograd((x, y, gate)):
-        return forward_dispatcher(x, y.to(x.dtype), gate.to(x.dtype))
+        return forward_dispatcher(x, y, gate, None, None)
     if (_native is not None and _eager_op.backward_will_follow((x, y, gate))
             and forward_dispatcher.select(x, y, gate) in ("cpu", "cuda")):
         return _native(x, y, gate)  # the same kernels, autograd in C++ (no forward-mode rule needed)
