@@ -17,7 +17,8 @@ namespace fastgen {
 namespace cpu {
 
 // out = ((x - mean) * rstd * weight + bias) * (1 + scale) + shift; rms: mean = 0, no bias.
-// weight, bias: nullptr when absent; mean is not written when rms.
+// weight, bias: nullptr when absent; mean is not written when rms. out has x's dtype, or float16 /
+// bfloat16 with float32 x.
 void modulated_norm_forward(const at::Tensor& x, const at::Tensor& shift, const at::Tensor& scale,
                             const at::Tensor* weight, const at::Tensor* bias, double eps, bool rms,
                             at::Tensor& out, at::Tensor& mean, at::Tensor& rstd);

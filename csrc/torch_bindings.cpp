@@ -89,23 +89,30 @@ void check_launch(cudaError_t error, const char* kernel) {
 }
 #endif
 
+// out_dtype: y's, x's by default; float16 or bfloat16 with float32 x (the dtype of the linear layer
+// that reads y under autocast: no cast after the norm).
 std::tuple<Tensor, Tensor, Tensor> modulated_norm_forward(
     const Tensor& x, const Tensor& shift, const Tensor& scale, const optional<Tensor>& weight,
-    const optional<Tensor>& bias, double eps, bool rms) {
+    const optional<Tensor>& bias, double eps, bool rms, optional<at::ScalarType> out_dtype) {
   check_activation(x, "x");
   check_modulation(shift, x, "shift");
   check_modulation(scale, x, "scale");
   const Tensor* w = check_param(weight, x, "weight");
   const Tensor* b = check_param(bias, x, "bias");
   TORCH_CHECK(!(rms && b), "RMSNorm takes no bias");
-  Tensor out = at::empty_like(x);
+  const at::ScalarType y_dtype = out_dtype.value_or(x.scalar_type());
+  TORCH_CHECK(y_dtype == x.scalar_type() ||
+                  (x.scalar_type() == at::kFloat && (y_dtype == at::kHalf || y_dtype == at::kBFloat16)),
+              "out_dtype must be x's dtype, or float16/bfloat16 with float32 x; got ", y_dtype, " with ",
+              x.scalar_type());
+  Tensor out = at::empty_like(x, x.options().dtype(y_dtype));
   const auto stats = x.options().dtype(stat_dtype(x));
   Tensor mean = rms ? at::empty({0}, stats) : at::empty({x.size(0), x.size(1)}, stats);
   Tensor rstd = at::empty({x.size(0), x.size(1)}, stats);
   if (x.is_cuda()) {
 #ifdef FASTGEN_WITH_CUDA
     const c10::cuda::CUDAGuard guard(x.device());
-    cuda::ModulatedNormForwardArgs args{cuda_dtype(x), x.const_data_ptr(), shift.const_data_ptr(),
+    cuda::ModulatedNormForwardArgs args{cuda_dtype(x), cuda_dtype(out), x.const_data_ptr(), shift.const_data_ptr(),
         scale.const_data_ptr(), data_or_null(w), data_or_null(b), out.mutable_data_ptr(),
         rms ? nullptr : mean.mutable_data_ptr<float>(), rstd.mutable_data_ptr<float>(), x.size(0) * x.size(1),
         x.size(1), x.size(2), shift.dim() == 3, scale.dim() == 3, rms, static_cast<float>(eps)};
@@ -296,18 +303,23 @@ Tensor gated_residual(const Tensor& x, const Tensor& y, const Tensor& gate) {
 // F.linear(modulated_norm(x, ...), weight, bias) with its autograd in C++: what
 // fastgen_kernels/ops/modulated_norm.py's _ModulatedNormLinearFunction does (a DiT block's qkv
 // and fc1 where a backward follows), without Python around its kernels. It keeps x and the
-// statistics, not the norm's output: the weight gradient recomputes it. The linear layer runs in
-// the dtype autocast gives it (the upstream gradient's in the backward).
+// statistics, not the norm's output: the weight gradient recomputes it. The norm writes its output
+// in norm_out_dtype (x's by default; the Python caller passes the layer's autocast dtype where the
+// kernels can write it, so no cast follows), the linear layer runs in the dtype autocast gives it
+// (the upstream gradient's in the backward).
 class ModulatedNormLinear : public torch::autograd::Function<ModulatedNormLinear> {
  public:
   static Tensor forward(torch::autograd::AutogradContext* ctx, const Tensor& x, const Tensor& shift,
                         const Tensor& scale, const optional<Tensor>& norm_weight, const optional<Tensor>& norm_bias,
-                        double eps, bool rms, const Tensor& weight, const optional<Tensor>& bias) {
+                        double eps, bool rms, const Tensor& weight, const optional<Tensor>& bias,
+                        optional<at::ScalarType> norm_out_dtype) {
     const optional<Tensor> w = norm_weight ? optional<Tensor>(norm_weight->contiguous()) : std::nullopt;
     const optional<Tensor> b = norm_bias ? optional<Tensor>(norm_bias->contiguous()) : std::nullopt;
-    auto [y, mean, rstd] = modulated_norm_forward(x.contiguous(), shift.contiguous(), scale.contiguous(), w, b, eps, rms);
+    auto [y, mean, rstd] = modulated_norm_forward(x.contiguous(), shift.contiguous(), scale.contiguous(), w, b, eps,
+                                                  rms, norm_out_dtype);
     ctx->save_for_backward({x, shift, scale, w.value_or(Tensor()), b.value_or(Tensor()), mean, rstd, weight});
     ctx->saved_data["eps"] = eps;
+    ctx->saved_data["y_dtype"] = static_cast<int64_t>(y.scalar_type());
     ctx->saved_data["rms"] = rms;
     ctx->saved_data["bias_dtype"] = bias ? static_cast<int64_t>(bias->scalar_type()) : int64_t{-1};
     ctx->set_materialize_grads(false);
@@ -316,7 +328,7 @@ class ModulatedNormLinear : public torch::autograd::Function<ModulatedNormLinear
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
-    torch::autograd::variable_list out(9);
+    torch::autograd::variable_list out(10);
     const Tensor& grad = grads[0];
     if (!grad.defined()) return out;
     const auto saved = ctx->get_saved_variables();
@@ -339,8 +351,9 @@ class ModulatedNormLinear : public torch::autograd::Function<ModulatedNormLinear
     for (int64_t edge = 0; edge < weight_edge; ++edge) needs_norm = needs_norm || ctx->needs_input_grad(edge);
     const Tensor rows = grad.reshape({-1, grad.size(-1)});
     if (ctx->needs_input_grad(weight_edge)) {
+      const auto y_dtype = static_cast<at::ScalarType>(ctx->saved_data["y_dtype"].toInt());
       const Tensor y = std::get<0>(modulated_norm_forward(x.contiguous(), shift.contiguous(), scale.contiguous(), w, b,
-                                                          ctx->saved_data["eps"].toDouble(), rms));
+                                                          ctx->saved_data["eps"].toDouble(), rms, y_dtype));
       out[7] = rows.t().matmul(y.reshape({rows.size(0), -1}).to(rows.scalar_type())).to(weight.scalar_type());
     }
     if (needs_norm) {
@@ -395,8 +408,9 @@ class ModulatedNormLinear : public torch::autograd::Function<ModulatedNormLinear
 
 Tensor modulated_norm_linear(const Tensor& x, const Tensor& shift, const Tensor& scale,
                              const optional<Tensor>& norm_weight, const optional<Tensor>& norm_bias, double eps,
-                             bool rms, const Tensor& weight, const optional<Tensor>& bias) {
-  return ModulatedNormLinear::apply(x, shift, scale, norm_weight, norm_bias, eps, rms, weight, bias);
+                             bool rms, const Tensor& weight, const optional<Tensor>& bias,
+                             optional<at::ScalarType> norm_out_dtype) {
+  return ModulatedNormLinear::apply(x, shift, scale, norm_weight, norm_bias, eps, rms, weight, bias, norm_out_dtype);
 }
 
 // x: (B, L, H, Dh) heads whose vectors are contiguous; the B, L, H strides are free.
@@ -1022,7 +1036,7 @@ Tensor gelu_tanh_backward(const Tensor& grad_out, const Tensor& x) {
 
 TORCH_LIBRARY(fastgen_C, m) {
   m.def("modulated_norm_forward(Tensor x, Tensor shift, Tensor scale, Tensor? weight, Tensor? bias, "
-        "float eps, bool rms) -> (Tensor, Tensor, Tensor)");
+        "float eps, bool rms, ScalarType? out_dtype=None) -> (Tensor, Tensor, Tensor)");
   m.def("modulated_norm_backward(Tensor grad_out, Tensor x, Tensor shift, Tensor scale, "
         "Tensor? weight, Tensor? bias, Tensor mean, Tensor rstd, bool rms) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
@@ -1030,7 +1044,7 @@ TORCH_LIBRARY(fastgen_C, m) {
   m.def("gated_residual_backward(Tensor grad_out, Tensor y, Tensor gate) -> (Tensor, Tensor)");
   m.def("gated_residual(Tensor x, Tensor y, Tensor gate) -> Tensor");
   m.def("modulated_norm_linear(Tensor x, Tensor shift, Tensor scale, Tensor? norm_weight, Tensor? norm_bias, "
-        "float eps, bool rms, Tensor weight, Tensor? bias) -> Tensor");
+        "float eps, bool rms, Tensor weight, Tensor? bias, ScalarType? norm_out_dtype=None) -> Tensor");
   m.def("qk_norm_rope_forward(Tensor q, Tensor k, Tensor? q_weight, Tensor? k_weight, Tensor? cos, "
         "Tensor? sin, float eps, bool interleaved) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("qk_norm_rope_backward(Tensor grad_q, Tensor grad_k, Tensor q, Tensor k, "

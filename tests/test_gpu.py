@@ -80,6 +80,29 @@ def test_gated_residual_one_pass_step_on_gpu(backend, per_token, generator):
 
 
 @pytest.mark.parametrize("backend", gpu_backends())
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", [(2, 5, 72), (2, 3, 1152), (1, 2, 1000)], ids=str)
+@pytest.mark.parametrize("variant", ["layer_affine", "rms_weight"])
+def test_norm_writes_a_narrower_output_on_gpu(backend, out_dtype, shape, variant, generator):
+    """The norm of fp32 x written in the reading layer's autocast dtype (mixed-dtype kernels):
+    the reference's fp32 value rounded once, and its tangent likewise (Triton's JVP kernel)."""
+    x, shift, scale, weight, bias, rms = to_cuda(mn.make_inputs(shape, torch.float32, variant, False, generator))
+    module = fk.ops.OP_MODULES["modulated_norm"]
+    with fk.use_backend(backend):
+        y, mean, rstd = module.forward_dispatcher(x, shift, scale, weight, bias, 1e-6, rms, out_dtype)
+    expected, _, _ = module.reference_forward(x, shift, scale, weight, bias, 1e-6, rms)
+    assert y.dtype == out_dtype
+    ulp = torch.finfo(out_dtype).eps
+    torch.testing.assert_close(y.float(), expected, rtol=ulp, atol=ulp * 1e-3)
+    if backend == "triton":
+        tx = torch.randn(shape, generator=generator).cuda()
+        args = (x, scale, weight, bias, mean, rstd, rms, tx, None, None, None, None)
+        ty = module.jvp_dispatcher(*args, out_dtype)
+        assert ty.dtype == out_dtype
+        torch.testing.assert_close(ty.float(), module.reference_jvp(*args), rtol=ulp, atol=ulp * 1e-3)
+
+
+@pytest.mark.parametrize("backend", gpu_backends())
 def test_misaligned_and_non_contiguous_inputs(backend, generator):
     """Tensors that start one element past a 16-byte boundary take the scalar path."""
     B, L, D = 2, 3, 1152

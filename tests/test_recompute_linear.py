@@ -6,10 +6,12 @@ torch.compile (where they are the composition), the DiT using them, bad input.""
 
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
-from conftest import extension_backends
+from conftest import cpu_backends, extension_backends
 
 import fastgen_kernels as fk
+from fastgen_kernels.backends import interpreting_triton
 
 
 def _gelu_case(generator, dtype, B=2, L=7, K=40, N=24):
@@ -97,6 +99,53 @@ def test_bf16_autocast_matches_the_composition(case, generator):
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
     for got, expected in zip(grads, ref_grads):
         assert got.dtype == expected.dtype
+        torch.testing.assert_close(got, expected, rtol=2e-2, atol=1e-2 * expected.abs().max().item())
+
+
+def narrowed_activations(prof, shape) -> list[str]:
+    """The conversions of an fp32 (B, L, D) tensor (a norm's output or tangent) that a profile
+    recorded: what a linear layer under autocast would cast."""
+    return [e.name for e in prof.events() if e.name == "aten::_to_copy" and e.input_shapes
+            and tuple(e.input_shapes[0]) == shape and e.input_dtypes[0] == "float"]
+
+
+@pytest.mark.parametrize("path", ["backward", "one_pass", "no_grad"])
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_norm_writes_the_layers_autocast_dtype(path, backend, generator):
+    """Under bf16 autocast on an fp32 residual stream the norm writes its output (forward, the
+    backward's recomputation, the one-pass step's tangent) in bf16 itself: no cast of an fp32
+    (B, L, D) activation follows (kernels), and the values are the composition's, whose
+    layer casts (exactly, except where Triton's interpreter truncates instead of rounding)."""
+    from fastgen_kernels.ops.linear import parameters_without_tangents
+
+    args, fused, composition = _norm_case(generator, torch.float32)
+    tangents = [torch.randn(a.shape, generator=generator) for a in args[:3]] + [None] * 4
+    results = []
+    for fn in (fused, composition):
+        leaves = _leaves(args) if path != "no_grad" else args
+        with (torch.profiler.profile(record_shapes=True) as prof, fk.use_backend(backend),
+              torch.autocast("cpu", dtype=torch.bfloat16)):
+            if path == "one_pass":
+                with parameters_without_tangents(), fwAD.dual_level():
+                    out = fn(*(a if t is None else fwAD.make_dual(a, t) for a, t in zip(leaves, tangents)))
+                    out, tangent = fwAD.unpack_dual(out)
+            else:
+                with torch.set_grad_enabled(path == "backward"):
+                    out, tangent = fn(*leaves), None
+            grads = torch.autograd.grad(out.float().square().sum(), leaves) if path != "no_grad" else ()
+        results.append((out, tangent, grads, narrowed_activations(prof, tuple(args[0].shape))))
+    (out, tangent, grads, narrowed), (ref, ref_tangent, ref_grads, ref_narrowed) = results
+    assert ref_narrowed  # the composition's layer casts the norm's fp32 output
+    # (the cpu backend's tangent is the reference formula, which computes in fp32 and narrows once)
+    if backend == "triton" or (backend == "cpu" and path != "one_pass"):
+        assert not narrowed
+    assert out.dtype == torch.bfloat16
+    exact = not (backend == "triton" and interpreting_triton())
+    torch.testing.assert_close(out, ref, rtol=0 if exact else 2e-2, atol=0 if exact else 2e-2)
+    if tangent is not None:
+        assert tangent.dtype == torch.bfloat16
+        torch.testing.assert_close(tangent.float(), ref_tangent.float(), rtol=2e-2, atol=2e-2)
+    for got, expected in zip(grads, ref_grads):
         torch.testing.assert_close(got, expected, rtol=2e-2, atol=1e-2 * expected.abs().max().item())
 
 

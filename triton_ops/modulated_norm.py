@@ -277,10 +277,11 @@ def _launch_forward(x: Tensor, shift: Tensor, scale: Tensor, weight: Tensor | No
 
 def forward(
     x: Tensor, shift: Tensor, scale: Tensor, weight: Tensor | None, bias: Tensor | None,
-    eps: float, rms: bool,
+    eps: float, rms: bool, out_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(y, mean, rstd) as the reference: y (B, L, D) in x's dtype, mean/rstd (B, L) fp32."""
-    y = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+    """(y, mean, rstd) as the reference: y (B, L, D) in out_dtype (x's by default), mean/rstd
+    (B, L) fp32."""
+    y = torch.empty(x.shape, device=x.device, dtype=out_dtype or x.dtype)
     return y, *_launch_forward(x, shift, scale, weight, bias, eps, rms, y, None)
 
 
@@ -298,14 +299,15 @@ def forward_fp8(
 def jvp(
     x: Tensor, scale: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, rstd: Tensor,
     rms: bool, tx: Tensor | None, tshift: Tensor | None, tscale: Tensor | None, tweight: Tensor | None,
-    tbias: Tensor | None,
+    tbias: Tensor | None, out_dtype: torch.dtype | None = None,
 ) -> Tensor:
-    """The tangent of y (B, L, D) in x's dtype, as the reference's (None tangents are zero)."""
+    """The tangent of y (B, L, D) in out_dtype (x's by default), as the reference's (None tangents
+    are zero)."""
     x, scale = x.contiguous(), scale.contiguous()
     weight, bias, tx, tshift, tscale, tweight, tbias = map(_contiguous, (weight, bias, tx, tshift, tscale,
                                                                          tweight, tbias))
     batch, tokens, D = x.shape
-    ty = torch.empty_like(x)
+    ty = torch.empty_like(x, dtype=out_dtype or x.dtype)
     block, warps = launch_config(D)
     _jvp_kernel[(batch * tokens,)](
         x, scale, weight, bias, mean, rstd, tx, tshift, tscale, tweight, tbias, ty, D,

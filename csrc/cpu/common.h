@@ -46,3 +46,28 @@ inline int64_t chunk_grain(int64_t dim, int64_t rows_per_chunk) {
 // Runs `...` with scalar_t bound to x's dtype: float16, bfloat16, float32 or float64.
 #define FASTGEN_DISPATCH_FLOATING(dtype, name, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, name, __VA_ARGS__)
+
+namespace fastgen {
+namespace cpu {
+
+// Runs f(T{}, U{}) for the element type T of `dtype` and U of `other`, a narrower input or output
+// beside it (autocast's bf16 next to an fp32 residual stream): U == T, or float32 T with float16 or
+// bfloat16 U; other pairs raise, naming `name`.
+template <typename F>
+void dispatch_dtype_pair(at::ScalarType dtype, at::ScalarType other, const char* name, F&& f) {
+  if (other == dtype) {
+    FASTGEN_DISPATCH_FLOATING(dtype, "dispatch_dtype_pair", [&] { f(scalar_t{}, scalar_t{}); });
+    return;
+  }
+  TORCH_CHECK(dtype == at::kFloat && (other == at::kHalf || other == at::kBFloat16), name,
+              ": the narrower dtype must be float16 or bfloat16 beside float32, or the same; got ", other, " with ",
+              dtype);
+  if (other == at::kHalf) {
+    f(float{}, at::Half{});
+  } else {
+    f(float{}, at::BFloat16{});
+  }
+}
+
+}  // namespace cpu
+}  // namespace fastgen

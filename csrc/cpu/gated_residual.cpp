@@ -85,34 +85,18 @@ void backward_impl(const at::Tensor& grad_out, const at::Tensor& y, const at::Te
   });
 }
 
-// Runs f(T{}, U{}) for x's dtype T and the operands' dtype U (see the file comment).
-template <typename F>
-void dispatch_operand(at::ScalarType dtype, at::ScalarType operand, const char* name, F&& f) {
-  if (operand == dtype) {
-    FASTGEN_DISPATCH_FLOATING(dtype, "gated_residual", [&] { f(scalar_t{}, scalar_t{}); });
-    return;
-  }
-  TORCH_CHECK(dtype == at::kFloat && (operand == at::kHalf || operand == at::kBFloat16), name,
-              ": operands must have x's dtype, or float16/bfloat16 with float32 x; got ", operand, " with ", dtype);
-  if (operand == at::kHalf) {
-    f(float{}, at::Half{});
-  } else {
-    f(float{}, at::BFloat16{});
-  }
-}
-
 }  // namespace
 
 void gated_residual_forward(const at::Tensor& x, const at::Tensor& y, const at::Tensor& gate, const at::Tensor* y2,
                             const at::Tensor* gate2, at::Tensor& out) {
-  dispatch_operand(x.scalar_type(), y.scalar_type(), "gated_residual_forward", [&](auto t, auto u) {
+  dispatch_dtype_pair(x.scalar_type(), y.scalar_type(), "gated_residual_forward", [&](auto t, auto u) {
     forward_impl<decltype(t), decltype(u)>(x, y, gate, y2, gate2, out);
   });
 }
 
 void gated_residual_backward(const at::Tensor& grad_out, const at::Tensor& y, const at::Tensor& gate,
                              RowChunks chunks, at::Tensor& dy, at::Tensor& dgate, at::Tensor& partials) {
-  dispatch_operand(grad_out.scalar_type(), y.scalar_type(), "gated_residual_backward", [&](auto t, auto u) {
+  dispatch_dtype_pair(grad_out.scalar_type(), y.scalar_type(), "gated_residual_backward", [&](auto t, auto u) {
     backward_impl<decltype(t), decltype(u)>(grad_out, y, gate, chunks, dy, dgate, partials);
   });
 }

@@ -33,20 +33,22 @@ inline void row_stats(const T* x, A* buf, int64_t dim, A eps, bool rms, A& mean,
   rstd = A(1) / std::sqrt(sq / static_cast<A>(dim) + eps);
 }
 
-// y = (xhat * w + b) * (1 + scale) + shift; HAS_W / HAS_B compile the affine terms away.
-template <bool HAS_W, bool HAS_B, typename T, typename A>
+// y = (xhat * w + b) * (1 + scale) + shift, written as O; HAS_W / HAS_B compile the affine terms
+// away.
+template <bool HAS_W, bool HAS_B, typename T, typename O, typename A>
 inline void write_row(const A* buf, A mean, A rstd, const T* w, const T* b, const T* shift,
-                      const T* scale, T* y, int64_t dim) {
+                      const T* scale, O* y, int64_t dim) {
 #pragma omp simd
   for (int64_t c = 0; c < dim; ++c) {
     A n = (buf[c] - mean) * rstd;
     if constexpr (HAS_W) n *= static_cast<A>(w[c]);
     if constexpr (HAS_B) n += static_cast<A>(b[c]);
-    y[c] = static_cast<T>(n * (A(1) + static_cast<A>(scale[c])) + static_cast<A>(shift[c]));
+    y[c] = static_cast<O>(n * (A(1) + static_cast<A>(scale[c])) + static_cast<A>(shift[c]));
   }
 }
 
-template <typename T, bool HAS_W, bool HAS_B>
+// out is O: T, or narrower (the dtype of the linear layer that reads it, autocast's).
+template <typename T, typename O, bool HAS_W, bool HAS_B>
 void forward_impl(const at::Tensor& x, const at::Tensor& shift, const at::Tensor& scale,
                   const T* w, const T* b, double eps, bool rms, at::Tensor& out, at::Tensor& mean,
                   at::Tensor& rstd) {
@@ -56,7 +58,7 @@ void forward_impl(const at::Tensor& x, const at::Tensor& shift, const at::Tensor
   const T* xp = x.const_data_ptr<T>();
   const T* shp = shift.const_data_ptr<T>();
   const T* scp = scale.const_data_ptr<T>();
-  T* yp = out.mutable_data_ptr<T>();
+  O* yp = out.mutable_data_ptr<O>();
   A* meanp = rms ? nullptr : mean.mutable_data_ptr<A>();
   A* rstdp = rstd.mutable_data_ptr<A>();
   at::parallel_for(0, rows, row_grain(dim), [&](int64_t begin, int64_t end) {
@@ -163,11 +165,11 @@ const T* data_or_null(const at::Tensor* t) {
 void modulated_norm_forward(const at::Tensor& x, const at::Tensor& shift, const at::Tensor& scale,
                             const at::Tensor* weight, const at::Tensor* bias, double eps, bool rms,
                             at::Tensor& out, at::Tensor& mean, at::Tensor& rstd) {
-  FASTGEN_DISPATCH_FLOATING(x.scalar_type(), "modulated_norm_forward", [&] {
+  dispatch_dtype_pair(x.scalar_type(), out.scalar_type(), "modulated_norm_forward", [&](auto t, auto o) {
+    using T = decltype(t);
     with_affine(weight, bias, [&](auto has_w, auto has_b) {
-      forward_impl<scalar_t, decltype(has_w)::value, decltype(has_b)::value>(
-          x, shift, scale, data_or_null<scalar_t>(weight), data_or_null<scalar_t>(bias), eps, rms,
-          out, mean, rstd);
+      forward_impl<T, decltype(o), decltype(has_w)::value, decltype(has_b)::value>(
+          x, shift, scale, data_or_null<T>(weight), data_or_null<T>(bias), eps, rms, out, mean, rstd);
     });
   });
 }

@@ -66,9 +66,9 @@ cudaError_t dispatch_dtype_vec(DType dtype, int64_t dim, std::initializer_list<c
 }
 
 // Calls f(TypeTag<T>{}, TypeTag<U>{}, IntTag<VEC>{}) for the element type T of `dtype` and U of
-// `operand`, the combinations the mixed-dtype kernels are built for: U == T, or T fp32 with U fp16
-// or bf16. VEC is as in dispatch_dtype_vec for T, the wider type (U's vectors are then at most as
-// wide, so as aligned).
+// `operand` (a narrower input or output next to T's), the combinations the mixed-dtype kernels are
+// built for: U == T, or T fp32 with U fp16 or bf16. VEC is as in dispatch_dtype_vec for T, the
+// wider type (U's vectors are then at most as wide, so as aligned).
 template <typename F>
 cudaError_t dispatch_dtype_operand_vec(DType dtype, DType operand, int64_t dim,
                                        std::initializer_list<const void*> ptrs, F&& f) {

@@ -33,6 +33,7 @@ constexpr int64_t kMaxDim = 8192;
 
 struct ModulatedNormForwardArgs {
   DType dtype;
+  DType out_dtype;     // dtype, or fp16/bf16 with fp32 dtype (the reading layer's autocast dtype)
   const void* x;       // (rows, dim)
   const void* shift;   // (rows, dim) if shift_per_token else (B, dim)
   const void* scale;   // (rows, dim) if scale_per_token else (B, dim)

@@ -45,15 +45,16 @@ __device__ __forceinline__ int owned_col(int i) {
   return (threadIdx.x + i * blockDim.x) * VEC;
 }
 
-// One block per row.
-template <typename T, int VEC, int VPT>
+// One block per row. out is O: T, or narrower (dispatch_dtype_operand_vec), the dtype of the linear
+// layer that reads it (autocast's), so that no cast follows.
+template <typename T, typename O, int VEC, int VPT>
 __global__ void __launch_bounds__(kMaxThreads) modulated_norm_forward_kernel(
     const T* __restrict__ x,       // (rows, dim)
     const T* __restrict__ shift,   // (rows, dim) if shift_per_token else (B, dim)
     const T* __restrict__ scale,   // (rows, dim) if scale_per_token else (B, dim)
     const T* __restrict__ weight,  // (dim,) or nullptr
     const T* __restrict__ bias,    // (dim,) or nullptr
-    T* __restrict__ out,           // (rows, dim)
+    O* __restrict__ out,           // (rows, dim)
     float* __restrict__ mean,      // (rows,); nullptr when rms
     float* __restrict__ rstd,      // (rows,)
     int64_t tokens, int dim, bool shift_per_token, bool scale_per_token, bool rms, float eps) {
@@ -252,19 +253,20 @@ cudaError_t launch_modulated_norm_forward(const ModulatedNormForwardArgs& args,
       args.rows > INT32_MAX) {
     return cudaErrorInvalidValue;
   }
-  return dispatch_dtype_vec(
-      args.dtype, args.dim, {args.x, args.shift, args.scale, args.weight, args.bias, args.out},
-      [&](auto type_tag, auto vec_tag) {
+  return dispatch_dtype_operand_vec(
+      args.dtype, args.out_dtype, args.dim, {args.x, args.shift, args.scale, args.weight, args.bias, args.out},
+      [&](auto type_tag, auto out_tag, auto vec_tag) {
         using T = typename decltype(type_tag)::type;
+        using O = typename decltype(out_tag)::type;
         constexpr int VEC = decltype(vec_tag)::value;
         const RowTiling tiling = row_tiling(args.dim / VEC);
         return dispatch_vpt<VEC>(tiling.vpt, [&](auto vpt_tag) {
           constexpr int VPT = decltype(vpt_tag)::value;
-          modulated_norm_forward_kernel<T, VEC, VPT>
+          modulated_norm_forward_kernel<T, O, VEC, VPT>
               <<<static_cast<unsigned>(args.rows), tiling.threads, 0, stream>>>(
                   static_cast<const T*>(args.x), static_cast<const T*>(args.shift),
                   static_cast<const T*>(args.scale), static_cast<const T*>(args.weight),
-                  static_cast<const T*>(args.bias), static_cast<T*>(args.out), args.mean,
+                  static_cast<const T*>(args.bias), static_cast<O*>(args.out), args.mean,
                   args.rstd, args.tokens, static_cast<int>(args.dim), args.shift_per_token,
                   args.scale_per_token, args.rms, args.eps);
           return cudaGetLastError();

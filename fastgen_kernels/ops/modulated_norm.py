@@ -90,14 +90,14 @@ def _reduce_like(full: Tensor, like: Tensor) -> Tensor:
 
 def reference_forward(
     x: Tensor, shift: Tensor, scale: Tensor, weight: Tensor | None, bias: Tensor | None,
-    eps: float, rms: bool,
+    eps: float, rms: bool, out_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Plain PyTorch in fp32 (fp64 for fp64 input). Returns (y, mean, rstd); mean and rstd are
-    (B, L) in the compute dtype, mean is empty for RMSNorm."""
+    """Plain PyTorch in fp32 (fp64 for fp64 input). Returns (y, mean, rstd): y in out_dtype (x's
+    by default); mean and rstd (B, L) in the compute dtype, mean empty for RMSNorm."""
     ct = _compute_dtype(x)
     xhat, mean, rstd = _normalize(x.to(ct), eps, rms)
     y = _affine(xhat, weight, bias) * (1 + _per_row(scale, ct)) + _per_row(shift, ct)
-    return y.to(x.dtype).contiguous(), mean, rstd
+    return y.to(out_dtype or x.dtype).contiguous(), mean, rstd
 
 
 def reference_backward(
@@ -159,9 +159,9 @@ def _contiguous(*tensors: Tensor | None) -> list[Tensor | None]:
     return [None if t is None else t.contiguous() for t in tensors]
 
 
-def _extension_forward(x, shift, scale, weight, bias, eps, rms):
+def _extension_forward(x, shift, scale, weight, bias, eps, rms, out_dtype=None):
     return tuple(torch.ops.fastgen_C.modulated_norm_forward(
-        *_contiguous(x, shift, scale, weight, bias), eps, rms))
+        *_contiguous(x, shift, scale, weight, bias), eps, rms, out_dtype))
 
 
 def _extension_backward(grad_out, x, shift, scale, weight, bias, mean, rstd, rms):
@@ -187,8 +187,10 @@ def _triton_jvp(*args):
     return modulated_norm.jvp(*args)
 
 
-def _reference_jvp(x, *args) -> Tensor:
-    return reference_jvp(x, *args).to(x.dtype)
+def _reference_jvp(x, scale, weight, bias, mean, rstd, rms, tx, tshift, tscale, tweight, tbias,
+                   out_dtype=None) -> Tensor:
+    return reference_jvp(x, scale, weight, bias, mean, rstd, rms, tx, tshift, tscale, tweight,
+                         tbias).to(out_dtype or x.dtype)
 
 
 _SUPPORTS = {
@@ -211,8 +213,9 @@ backward_dispatcher = OpDispatcher(
     device_of=lambda grad_out, *args: grad_out.device,
 )
 # The forward-mode rule's tangent (x, scale, weight, bias, mean, rstd, rms, tx, tshift, tscale,
-# tweight, tbias) -> ty in x's dtype: one Triton pass on a GPU instead of the formula's dozen
-# PyTorch ops, which the cpu backend runs (no cuda kernel: a forced cuda backend says so).
+# tweight, tbias[, out_dtype]) -> ty in out_dtype (x's by default): one Triton pass on a GPU
+# instead of the formula's dozen PyTorch ops, which the cpu backend runs (no cuda kernel: a forced
+# cuda backend says so).
 jvp_dispatcher = OpDispatcher(
     "fastgen.modulated_norm_jvp", {"triton": _triton_jvp, "cpu": _reference_jvp, "reference": _reference_jvp},
     _SUPPORTS)
@@ -297,7 +300,7 @@ class _ModulatedNormFunction(_eager_op.Function):
 
 
 def _tangent(*args) -> Tensor:
-    """The norm's tangent (jvp_dispatcher's arguments) in x's dtype: the kernels take plain
+    """The norm's tangent (jvp_dispatcher's arguments): the kernels take plain
     tensors, under functorch transforms the formula runs."""
     return jvp_dispatcher(*args) if _eager_op.plain_eager(args) else _reference_jvp(*args)
 
@@ -361,15 +364,28 @@ def _composition_gradients(grad_out, norm_inputs, weight, eps, rms, bias_dtype, 
     return (*grads[:5], None, None, grads[5], dbias)
 
 
+def norm_output_dtype(x: Tensor) -> torch.dtype:
+    """The dtype in which a norm of x writes its output for a linear layer: the one the layer
+    computes in (autocast's for x's device where it is on) when the kernels can write it (x's
+    dtype, or float16/bfloat16 for float32 x), so that no cast follows; else x's (the layer casts)."""
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        if dtype == x.dtype or (x.dtype == torch.float32 and dtype in (torch.float16, torch.bfloat16)):
+            return dtype
+    return x.dtype
+
+
 class _ModulatedNormLinearFunction(torch.autograd.Function):
     """F.linear(modulated_norm(x, ...), weight, bias), saving x, the modulation, the statistics and
-    the weight. The linear layer runs in the dtype autocast gives it (grad_out's in the backward).
-    Its forward-mode rule, where the parameters carry no tangents (fastgen_kernels.ops.linear):
-    F.linear(the norm's tangent, weight), one GEMM."""
+    the weight. The norm writes its output, and its tangent, in the dtype the linear layer runs in
+    (autocast's: :func:`norm_output_dtype`; grad_out's in the backward). Its forward-mode rule,
+    where the parameters carry no tangents (fastgen_kernels.ops.linear): F.linear(the norm's
+    tangent, weight), one GEMM."""
 
     @staticmethod
     def forward(ctx, x, shift, scale, norm_weight, norm_bias, eps, rms, weight, bias):
-        y, mean, rstd = forward_dispatcher(x, shift, scale, norm_weight, norm_bias, eps, rms)
+        ctx.y_dtype = norm_output_dtype(x)
+        y, mean, rstd = forward_dispatcher(x, shift, scale, norm_weight, norm_bias, eps, rms, ctx.y_dtype)
         ctx.set_materialize_grads(False)  # no zero tangents of the parameters
         ctx.save_for_backward(*saved_for_backward(x, shift, scale, norm_weight, norm_bias, mean, rstd, weight))
         ctx.save_for_forward(x, scale, norm_weight, norm_bias, mean, rstd, weight)
@@ -386,7 +402,7 @@ class _ModulatedNormLinearFunction(torch.autograd.Function):
         if tx is None and tshift is None and tscale is None and tnorm_weight is None and tnorm_bias is None:
             return input_tangent(None, weight, ctx.output_like)
         ty = _tangent(x, scale, norm_weight, norm_bias, mean, rstd, ctx.rms, tx, tshift, tscale, tnorm_weight,
-                      tnorm_bias)
+                      tnorm_bias, ctx.y_dtype)
         return input_tangent(ty, weight, ctx.output_like)
 
     @staticmethod
@@ -401,7 +417,7 @@ class _ModulatedNormLinearFunction(torch.autograd.Function):
             return _composition_gradients(grad_out, norm_inputs, weight, ctx.eps, ctx.rms, ctx.bias_dtype, needs)
         dy, dweight, dbias = recomputed_input_backward(
             grad_out, weight, ctx.bias_dtype, (any(needs[:5]), needs[7], needs[8]),
-            lambda: forward_dispatcher(*norm_inputs, ctx.eps, ctx.rms)[0])
+            lambda: forward_dispatcher(*norm_inputs, ctx.eps, ctx.rms, ctx.y_dtype)[0])
         norm_grads = (None,) * 5
         if dy is not None:
             grads = _modulated_norm_backward(dy.to(x.dtype), *norm_inputs, mean, rstd, ctx.rms)
@@ -433,10 +449,13 @@ def modulated_layer_norm_linear(
     args = (x, shift, scale, weight, bias, float(eps), False, linear_weight, linear_bias)
     if input_tangents_only():  # forward-mode AD along the inputs: the Function's one-GEMM rule
         return _ModulatedNormLinearFunction.apply(*args)
-    if _eager_op.backward_will_follow((x, shift, scale, weight, bias, linear_weight, linear_bias)):
+    tensors = (x, shift, scale, weight, bias, linear_weight, linear_bias)
+    if _eager_op.backward_will_follow(tensors):
         if _native_norm_linear is not None and forward_dispatcher.select(*args[:7]) in ("cpu", "cuda"):
-            return _native_norm_linear(*args)  # the same kernels, autograd in C++
+            return _native_norm_linear(*args, norm_output_dtype(x))  # the same kernels, autograd in C++
         return _ModulatedNormLinearFunction.apply(*args)
+    if _eager_op.no_autograd(tensors):  # inference: the norm writes the layer's dtype
+        return F.linear(forward_dispatcher(*args[:7], norm_output_dtype(x))[0], linear_weight, linear_bias)
     return linear(_apply(x, shift, scale, weight, bias, eps, False), linear_weight, linear_bias)
 
 
