@@ -67,7 +67,8 @@ def specialization(kernel: JITFunction, bound: dict) -> tuple[dict, dict, dict]:
 def record_all_launches() -> None:
     """Calls every Triton launcher: each op's forward and backward on its example arguments in
     fp32 and bf16, the modulated norm's JVP, and attention at split head dims (72 = 64 + 16, 96 = 64 + 32, in bf16 and fp32)
-    and the widest one, causal or not, JVP included."""
+    and the widest one, causal or not, JVP included (all three modes: O computed, O and lse given,
+    O given)."""
     for name, module in fk.ops.OP_MODULES.items():
         if name == "fp8_linear":  # autotuned: every configuration, below
             continue
@@ -104,6 +105,9 @@ def record_all_launches() -> None:
             triton_attention.backward(q, q, q, q, o, lse, 0.1, chunk)
             triton_attention.jvp(q, q, q, q, q, q, 0.1, chunk)
             triton_attention.jvp(q, q, q, q, None, q, 0.1, chunk, saved=(o, lse))
+            # SDPA's output in its heads-first memory, without its log-sum-exp (the one-pass step)
+            heads_first_o = o.transpose(1, 2).contiguous().transpose(1, 2)
+            triton_attention.jvp(q, q, q, q, q, None, 0.1, chunk, saved=(heads_first_o, None))
 
 
 def record_fp8_linear_launches() -> None:

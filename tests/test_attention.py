@@ -270,6 +270,28 @@ def test_lse_and_queries_that_see_no_key(backend, generator):
     assert all(torch.isfinite(g).all() for g in grads) and torch.all(grads[0][:, :15] == 0)
 
 
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("case", [CASES[0], CASES[4], CASES[8], CASES[9]], ids=case_id)
+def test_tangent_of_an_output_computed_elsewhere(backend, case, generator):
+    """The tangent given O alone (lse None: SDPA's output in the one-pass step, whose log-sum-exp
+    SDPA does not return), O in SDPA's heads-first memory: the normalizer is recomputed online
+    (the Triton kernel's GIVEN_O mode), rows that see no key get 0, and tO is the oracle's."""
+    q, k, v, tq, tk, _ = make_inputs(case, torch.float32, generator)  # no tv: its term needs no normalizer
+    scale = 1 / math.sqrt(case.Dh)
+    wide = [t.double() for t in (q, k, v, tq, tk, torch.zeros_like(q if case.Lq == case.Lk else k))]
+    o64, _, to64 = math_results(*wide, torch.zeros_like(wide[0]), scale, allowed_pairs(case))
+    o = o64.float().transpose(1, 2).contiguous().transpose(1, 2)  # (B, L, H, Dh) over (B, H, L, Dh)
+    with fk.use_backend(backend):
+        to = att.tangent_dispatcher(q, k, v, o, None, tq, tk, None, scale, case.chunk)
+        lse = att.forward_dispatcher(q, k, v, scale, case.chunk)[1]
+        with_lse = att.tangent_dispatcher(q, k, v, o, lse, tq, tk, None, scale, case.chunk)
+    assert to.dtype == q.dtype and to.shape == q.shape
+    torch.testing.assert_close(to.double(), to64, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(to, with_lse, rtol=1e-4, atol=1e-5)
+    if case.chunk and case.Lq > case.Lk:  # the first queries see no key
+        assert torch.all(to[:, :case.Lq - case.Lk] == 0)
+
+
 class _OpLog(TorchDispatchMode):
     def __init__(self):
         super().__init__()
@@ -307,6 +329,8 @@ def test_opcheck(backend, generator):
                                   (q, k, v, tq, None, tv, 0.2, chunk))
             torch.library.opcheck(torch.ops.fastgen.attention_tangent.default,
                                   (q, k, v, o, lse, tq, tk, None, 0.2, chunk))
+            torch.library.opcheck(torch.ops.fastgen.attention_tangent.default,  # O computed elsewhere
+                                  (q, k, v, o, None, tq, tk, None, 0.2, chunk))
 
 
 @pytest.mark.slow

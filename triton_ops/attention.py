@@ -243,14 +243,15 @@ def _jvp_block(
     acc_o, acc_o_hi, acc_t, acc_t_hi, r_i, l_i, m_i, q, q_hi, tq, tq_hi, k_base, v_base, tk_base,
     tv_base, start_n, positions, lse2, Lk, stride_kl, stride_vl, stride_tkl, stride_tvl, cols,
     cols_hi, head_dim, qk_scale, scale, chunk,
-    MASKED: tl.constexpr, CAUSAL: tl.constexpr, SAVED: tl.constexpr, HAS_TQ: tl.constexpr,
-    HAS_TK: tl.constexpr, HAS_TV: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
-    PRECISION: tl.constexpr,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, SAVED: tl.constexpr, GIVEN_O: tl.constexpr,
+    HAS_TQ: tl.constexpr, HAS_TK: tl.constexpr, HAS_TV: tl.constexpr, SPLIT: tl.constexpr,
+    BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """One key block of the JVP. With p the (unnormalized) probabilities and
     dS = (tq k^T + q tk^T) * scale, adds p @ tv + (p * dS) @ v to acc_t, rowsum(p * dS) to r_i and,
-    unless SAVED, p @ v to acc_o, all rescaled online as in the forward. SAVED: the forward's
-    log-sum-exp is known, p is already normalized and nothing needs rescaling."""
+    unless O is given (SAVED, GIVEN_O), p @ v to acc_o, all rescaled online as in the forward.
+    SAVED: the forward's log-sum-exp is known, p is already normalized and nothing needs
+    rescaling."""
     keys = start_n + tl.arange(0, BLOCK_N)
     k_t, k_t_hi = _load_pair(k_base, keys, Lk, stride_kl, cols, cols_hi, head_dim, SPLIT, True)
     v, v_hi = _load_pair(v_base, keys, Lk, stride_vl, cols, cols_hi, head_dim, SPLIT, False)
@@ -269,8 +270,9 @@ def _jvp_block(
         p = tl.math.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         m_i = m_new
-        acc_o, acc_o_hi = _rescale(acc_o, acc_o_hi, alpha, SPLIT)
-        acc_o, acc_o_hi = _dot_into_d(p, v, v_hi, acc_o, acc_o_hi, SPLIT, PRECISION)
+        if not GIVEN_O:
+            acc_o, acc_o_hi = _rescale(acc_o, acc_o_hi, alpha, SPLIT)
+            acc_o, acc_o_hi = _dot_into_d(p, v, v_hi, acc_o, acc_o_hi, SPLIT, PRECISION)
         acc_t, acc_t_hi = _rescale(acc_t, acc_t_hi, alpha, SPLIT)
         r_i = r_i * alpha
     if HAS_TQ or HAS_TK:
@@ -295,20 +297,20 @@ def _jvp_block(
 def _jvp_kernel(
     Q, K, V,  # (B, Lq, H, Dh), (B, Lk, H, Dh), (B, Lk, H, Dh); unit last stride
     TQ, TK, TV,  # tangents, shaped as their primals (unused when the HAS_ flag is off)
-    O,  # (B, Lq, H, Dh) contiguous: output, or the forward's output when SAVED
+    O,  # (B, Lq, H, Dh): output, or the forward's output when SAVED or GIVEN_O; unit last stride
     LSE,  # (B, H, Lq) fp32: the forward's log-sum-exp when SAVED, else unused
-    TO,  # (B, Lq, H, Dh) contiguous output: the tangent of O
+    TO,  # (B, Lq, H, Dh) output: the tangent of O; unit last stride
     stride_qb, stride_ql, stride_qh, stride_kb, stride_kl, stride_kh,
     stride_vb, stride_vl, stride_vh, stride_tqb, stride_tql, stride_tqh,
     stride_tkb, stride_tkl, stride_tkh, stride_tvb, stride_tvl, stride_tvh,
-    stride_ob, stride_ol, stride_oh,  # of O and TO
+    stride_ob, stride_ol, stride_oh, stride_tob, stride_tol, stride_toh,
     H, Lq, Lk, head_dim,
     qk_scale,  # scale * log2(e)
     scale,
     chunk,
-    CAUSAL: tl.constexpr, SAVED: tl.constexpr, HAS_TQ: tl.constexpr, HAS_TK: tl.constexpr,
-    HAS_TV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_HI: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr,
+    CAUSAL: tl.constexpr, SAVED: tl.constexpr, GIVEN_O: tl.constexpr, HAS_TQ: tl.constexpr,
+    HAS_TK: tl.constexpr, HAS_TV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_HI: tl.constexpr, SPLIT: tl.constexpr, PRECISION: tl.constexpr,
 ):
     bh, rows, positions, full_end, end = _query_block(Lq, Lk, chunk, CAUSAL, BLOCK_M, BLOCK_N)
     cols, cols_hi = _head_columns(BLOCK_D, BLOCK_HI)
@@ -337,27 +339,31 @@ def _jvp_kernel(
             acc_o, acc_o_hi, acc_t, acc_t_hi, r_i, l_i, m_i, q, q_hi, tq, tq_hi, k_base, v_base,
             tk_base, tv_base, start_n, positions, lse2, Lk, stride_kl, stride_vl, stride_tkl,
             stride_tvl, cols, cols_hi, head_dim, qk_scale, scale, chunk, False, CAUSAL, SAVED,
-            HAS_TQ, HAS_TK, HAS_TV, SPLIT, BLOCK_N, PRECISION)
+            GIVEN_O, HAS_TQ, HAS_TK, HAS_TV, SPLIT, BLOCK_N, PRECISION)
     for start_n in range(full_end, end, BLOCK_N):
         acc_o, acc_o_hi, acc_t, acc_t_hi, r_i, l_i, m_i = _jvp_block(
             acc_o, acc_o_hi, acc_t, acc_t_hi, r_i, l_i, m_i, q, q_hi, tq, tq_hi, k_base, v_base,
             tk_base, tv_base, start_n, positions, lse2, Lk, stride_kl, stride_vl, stride_tkl,
             stride_tvl, cols, cols_hi, head_dim, qk_scale, scale, chunk, True, CAUSAL, SAVED,
-            HAS_TQ, HAS_TK, HAS_TV, SPLIT, BLOCK_N, PRECISION)
-    out_offset = _head_offset(bh, H, stride_ob, stride_oh)
-    if SAVED:  # p was normalized: tO = acc_t - r * O
-        o, o_hi = _load_pair(O + out_offset, rows, Lq, stride_ol, cols, cols_hi, head_dim, SPLIT,
-                             False)
-        to, to_hi = acc_t - r_i[:, None] * o.to(tl.float32), acc_t_hi
+            GIVEN_O, HAS_TQ, HAS_TK, HAS_TV, SPLIT, BLOCK_N, PRECISION)
+    o_base = O + _head_offset(bh, H, stride_ob, stride_oh)
+    to_base = TO + _head_offset(bh, H, stride_tob, stride_toh)
+    if SAVED or GIVEN_O:  # tO = (acc_t - r * O) / l, with l = 1 for SAVED (p was normalized)
+        o, o_hi = _load_pair(o_base, rows, Lq, stride_ol, cols, cols_hi, head_dim, SPLIT, False)
+        inv_l = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
+        if GIVEN_O:  # rows that see no key: l = 0 and tO = 0
+            inv_l = 1.0 / tl.where(l_i > 0, l_i, 1.0)
+        to = (acc_t - r_i[:, None] * o.to(tl.float32)) * inv_l[:, None]
+        to_hi = acc_t_hi
         if SPLIT:
-            to_hi = acc_t_hi - r_i[:, None] * o_hi.to(tl.float32)
+            to_hi = (acc_t_hi - r_i[:, None] * o_hi.to(tl.float32)) * inv_l[:, None]
     else:  # normalize by l (rows that see no key: l = 0, o = tO = 0)
         inv_l = 1.0 / tl.where(l_i > 0, l_i, 1.0)
         o, o_hi = acc_o * inv_l[:, None], acc_o_hi * inv_l[:, None]
         to = (acc_t - r_i[:, None] * o) * inv_l[:, None]
         to_hi = (acc_t_hi - r_i[:, None] * o_hi) * inv_l[:, None]
-        _store_pair(O + out_offset, rows, Lq, stride_ol, cols, cols_hi, head_dim, o, o_hi, SPLIT)
-    _store_pair(TO + out_offset, rows, Lq, stride_ol, cols, cols_hi, head_dim, to, to_hi, SPLIT)
+        _store_pair(o_base, rows, Lq, stride_ol, cols, cols_hi, head_dim, o, o_hi, SPLIT)
+    _store_pair(to_base, rows, Lq, stride_tol, cols, cols_hi, head_dim, to, to_hi, SPLIT)
 
 
 # --------------------------------------------------------------------------- backward
@@ -548,9 +554,9 @@ def blocks(width: int, itemsize: int, interpreting: bool, kernel: str
     of the kernels as tests/compile_triton_for_hopper.py builds them): the largest tiles that
     compile without register spills, within shared memory. bf16/fp16 at widths <= 128: the
     forward takes FlashAttention-2's 128 x 64 (128 x 32 at widths <= 64); the backward 64 x 32
-    (64 x 64 for split heads); the JVP, which holds two (BLOCK_M, Dh) fp32 accumulators and q
-    and tq, 128 x 32 (spill-free at DiT's 72 = 64 + 16 with the saved log-sum-exp; otherwise it
-    spills 16 to 320 bytes a thread, most at 128 columns online). fp32 operands and widths over
+    (64 x 64 for split heads); the JVP, which holds q, tq and one or two (BLOCK_M, Dh) fp32
+    accumulators, 128 x 32 (spill-free at DiT's 72 = 64 + 16 when O is given, with its
+    log-sum-exp or without: 243-245 registers; computing O too it spills 48-320 bytes a thread). fp32 operands and widths over
     128 take smaller tiles. To be tuned on hardware. The interpreter gets 16 x 16 tiles: it costs
     per tile element and small tiles still cross every boundary case."""
     if interpreting:
@@ -607,25 +613,24 @@ def forward(q: Tensor, k: Tensor, v: Tensor, scale: float, causal_chunk: int
 
 def jvp(q: Tensor, k: Tensor, v: Tensor, tq: Tensor | None, tk: Tensor | None,
         tv: Tensor | None, scale: float, causal_chunk: int,
-        saved: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+        saved: tuple[Tensor, Tensor | None] | None = None) -> tuple[Tensor, Tensor]:
     """(o, to) in one pass over the keys; tangents that are None are zero. With
     ``saved = (o, lse)`` from the forward, o is not recomputed (the o returned is that one) and
-    the probabilities need no online rescaling."""
+    the probabilities need no online rescaling; with ``saved = (o, None)`` (an output computed
+    elsewhere, e.g. by SDPA) o is not recomputed either, and the softmax's normalizer is, online."""
     q, k, v = (_unit_last_stride(t) for t in (q, k, v))
     # an absent tangent is never read: its primal stands in for the pointer and strides
     tangents = [like if t is None else _unit_last_stride(t) for t, like in zip((tq, tk, tv), (q, k, v))]
     B, Lq, H, Dh = q.shape
-    if saved is None:
-        o, lse = torch.empty(B, Lq, H, Dh, device=q.device, dtype=q.dtype), None
-    else:
-        o, lse = saved[0].contiguous(), saved[1]
+    o, lse = (torch.empty(B, Lq, H, Dh, device=q.device, dtype=q.dtype), None) if saved is None else saved
+    o = _unit_last_stride(o)
     to = torch.empty(B, Lq, H, Dh, device=q.device, dtype=q.dtype)
     config = _config(q, "jvp")
     _jvp_kernel[(triton.cdiv(Lq, config["BLOCK_M"]), B * H)](
         q, k, v, *tangents, o, lse, to, *_strides(q), *_strides(k), *_strides(v),
-        *(s for t in tangents for s in _strides(t)), *_strides(to), *_sizes(q, k, scale), scale,
-        max(causal_chunk, 1), SAVED=saved is not None, HAS_TQ=tq is not None,
-        HAS_TK=tk is not None, HAS_TV=tv is not None, **_mask(causal_chunk), **config)
+        *(s for t in tangents for s in _strides(t)), *_strides(o), *_strides(to), *_sizes(q, k, scale), scale,
+        max(causal_chunk, 1), SAVED=lse is not None, GIVEN_O=saved is not None and lse is None,
+        HAS_TQ=tq is not None, HAS_TK=tk is not None, HAS_TV=tv is not None, **_mask(causal_chunk), **config)
     return o, to
 
 

@@ -162,7 +162,11 @@ def _tangent(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, tq: Tensor
 
 
 def reference_tangent(q, k, v, o, lse, tq, tk, tv, scale: float, causal_chunk: int) -> Tensor:
-    """tO (B, Lq, H, Dh) in q's dtype given the forward's O and lse; None tangents are zero."""
+    """tO (B, Lq, H, Dh) in q's dtype given the forward's O and lse (None: an O computed
+    elsewhere, e.g. by SDPA, whose lse is recomputed); None tangents are zero."""
+    if lse is None:
+        ct = _compute_dtype(q)
+        lse = reference_forward(q.to(ct), k.to(ct), v.to(ct), scale, causal_chunk)[1]
     to = _tangent(q, k, v, o, lse, tq, tk, tv, scale, causal_chunk, max(q.shape[1], 1))
     return _tokens_first(to, q.dtype)
 
@@ -224,6 +228,8 @@ def _blocked_tangent(q, k, v, o, lse, tq, tk, tv, scale: float, causal_chunk: in
 
 
 def _cpu_tangent(q, k, v, o, lse, tq, tk, tv, scale: float, causal_chunk: int) -> Tensor:
+    if lse is None:  # an O computed elsewhere
+        lse = _cpu_forward(q, k, v, scale, causal_chunk)[1]
     return _blocked_tangent(q, k, v, o, lse, tq, tk, tv, scale, causal_chunk, CPU_JVP_BLOCK_BYTES)
 
 
@@ -262,7 +268,10 @@ def _triton_jvp(q, k, v, tq, tk, tv, scale, causal_chunk):
 
 def _triton_tangent(q, k, v, o, lse, tq, tk, tv, scale, causal_chunk):
     if _fp32_on_gpu(q):  # see GPU_FP32_JVP_BLOCK_BYTES
+        if lse is None:
+            lse = _triton_forward(q, k, v, scale, causal_chunk)[1]
         return _blocked_tangent(q, k, v, o, lse, tq, tk, tv, scale, causal_chunk, GPU_FP32_JVP_BLOCK_BYTES)
+    # lse None: the kernel recomputes the softmax's normalizer online, not O
     return _triton().jvp(q, k, v, tq, tk, tv, scale, causal_chunk, saved=(o, lse))[1]
 
 
@@ -333,10 +342,11 @@ def attention_jvp_op(q: Tensor, k: Tensor, v: Tensor, tq: Tensor | None, tk: Ten
 
 
 @torch.library.custom_op("fastgen::attention_tangent", mutates_args=())
-def attention_tangent_op(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
+def attention_tangent_op(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor | None,
                          tq: Tensor | None, tk: Tensor | None, tv: Tensor | None, scale: float,
                          causal_chunk: int) -> Tensor:
-    """tO given the forward's O and lse; a None tangent is zero."""
+    """tO given the forward's O and lse (None: O alone, computed elsewhere); a None tangent is
+    zero."""
     return tangent_dispatcher(q, k, v, o, lse, tq, tk, tv, scale, causal_chunk)
 
 
@@ -472,17 +482,19 @@ def sdpa_takes(q: Tensor, k: Tensor, causal_chunk: int) -> bool:
 
 def _sdpa_with_tangent(q: Tensor, k: Tensor, v: Tensor, scale: float, causal_chunk: int) -> Tensor:
     """Dual q, k, v (forward-mode AD inside ops.linear.parameters_without_tangents, a backward to
-    follow): SDPA's output, differentiated by SDPA's backward, carrying our kernel's tangent
-    (computed with the primal it recomputes, no backward history). The pass that gives sCM and
-    MeanFlow their JVP and their loss's forward at once pays SDPA's forward and backward plus our
-    JVP kernel, as the separate passes did (our forward and tangent kernels, SDPA's forward and
-    backward), not our slower forward and backward kernels."""
+    follow): SDPA's output, differentiated by SDPA's backward, carrying our kernel's tangent of
+    that output (no backward history): tO = (P (dS v + tv) - rowsum(P dS) O), with SDPA's O and
+    the softmax's normalizer recomputed online (SDPA does not return its log-sum-exp), not O
+    itself: one GEMM of the six fewer, and an accumulator fewer (at DiT's head dim 72 the kernel
+    that also computes O spills registers on sm_90; this one does not). The pass that gives sCM
+    and MeanFlow their JVP and their loss's forward at once pays SDPA's forward and backward plus
+    this tangent kernel, not our slower forward and backward kernels."""
     (qp, tq), (kp, tk), (vp, tv) = (forward_ad.unpack_dual(t) for t in (q, k, v))
     out = _SdpaOnDetached.apply(qp, kp, vp, scale, causal_chunk)
     if tq is None and tk is None and tv is None:
         return out
     with torch.no_grad():
-        _, tangent = _attention_jvp(qp, kp, vp, tq, tk, tv, scale, causal_chunk)
+        tangent = tangent_dispatcher(qp, kp, vp, out, None, tq, tk, tv, scale, causal_chunk)
     return forward_ad.make_dual(out, tangent)
 
 
