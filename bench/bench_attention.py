@@ -13,7 +13,8 @@ dP, dQ, dK); JVP 12 (S, tq k^T, q tk^T, P v, P tv, (P * dS) v).
 
 Peers: forward and backward against SDPA with PyTorch's own backend choice (each SDPA backend also
 runs as its own row: flash, efficient, cudnn, math); the JVP against our own forward, whose 1.6x is
-the goal (the finite-difference route costs two forwards). On a GPU the JVP rows also record the
+the goal (the finite-difference route costs two forwards). ``sdpa_<ours>_tangent`` is the one-pass
+sCM step's way: SDPA's output, and our tangent kernel given it. On a GPU the JVP rows also record the
 peak memory above the inputs (``extra_mb``): linear in L for ours, quadratic for math attention.
 """
 
@@ -64,6 +65,14 @@ def finite_difference_jvp(q, k, v, tq, tk, tv):
     return o, (sdpa(q + h * tq, k + h * tk, v + h * tv) - o) / h
 
 
+def sdpa_output_our_tangent(q, k, v, tq, tk, tv):
+    """(O, tO) as the one-pass sCM step makes them: O from SDPA, tO from our kernel given that O
+    (its softmax normalizer recomputed online, not O)."""
+    o = sdpa(q, k, v)
+    scale = 1 / math.sqrt(q.shape[-1])
+    return o, fk.ops.OP_MODULES["attention"].tangent_dispatcher(q, k, v, o, None, tq, tk, tv, scale, 0)
+
+
 def ours_backend(device: str) -> str | None:
     if device == "cuda":
         return "triton" if backends.triton_installed() else None
@@ -79,6 +88,8 @@ def providers(device: str, mode: str) -> dict:
             out[ours] = (lambda q, k, v, *t: fk.attention_jvp(q, k, v, *t), ours)
             out[f"{ours}_func_jvp"] = (
                 lambda q, k, v, *t: torch.func.jvp(fk.attention, (q, k, v), tuple(t)), ours)
+            if device == "cuda":  # the one-pass step's path (on the CPU that step runs no SDPA)
+                out[f"sdpa_{ours}_tangent"] = (sdpa_output_our_tangent, ours)
         out["math_func_jvp"] = (
             lambda q, k, v, *t: torch.func.jvp(math_attention, (q, k, v), tuple(t)), None)
         out["fd_sdpa"] = (finite_difference_jvp, None)
@@ -99,7 +110,7 @@ def _with_sdpa_backend(backend, q, k, v):
 
 
 ALL_PROVIDERS = ["triton", "cpu", "sdpa", *SDPA_BACKENDS, "triton_func_jvp", "cpu_func_jvp",
-                 "math_func_jvp", "fd_sdpa"]
+                 "sdpa_triton_tangent", "math_func_jvp", "fd_sdpa"]
 SHAPES = GPU_SHAPES | CPU_SHAPES
 
 
