@@ -25,6 +25,7 @@ void modulated_norm_forward(const at::Tensor& x, const at::Tensor& shift, const 
 
 // Writes dx; dshift / dscale (B, L, D) when shift / scale are per token (else they are undefined);
 // partials[slot] for each reduced gradient (weight, bias, per-batch shift, per-batch scale).
+// grad_out has x's dtype, or float16/bfloat16 with float32 x; the gradients have x's.
 void modulated_norm_backward(const at::Tensor& grad_out, const at::Tensor& x, bool shift_per_token,
                              const at::Tensor& scale, const at::Tensor* weight,
                              const at::Tensor* bias, const at::Tensor& mean,

@@ -59,6 +59,13 @@ at::ScalarType stat_dtype(const Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// Whether kernels over `wide` tensors also read or write a `narrow` one beside them (the pairs
+// the mixed-dtype kernels are built for): the same dtype, or float16/bfloat16 beside float32
+// (autocast's activations beside an fp32 residual stream).
+bool kernel_dtype_pair(at::ScalarType wide, at::ScalarType narrow) {
+  return narrow == wide || (wide == at::kFloat && (narrow == at::kHalf || narrow == at::kBFloat16));
+}
+
 // Sums a (num_chunks, D) slot of partial sums over the chunks of each batch -> (B, D), or over
 // all chunks -> (D,).
 Tensor reduce_chunks(const Tensor& slot, int64_t batch, RowChunks chunks, bool per_batch,
@@ -101,8 +108,7 @@ std::tuple<Tensor, Tensor, Tensor> modulated_norm_forward(
   const Tensor* b = check_param(bias, x, "bias");
   TORCH_CHECK(!(rms && b), "RMSNorm takes no bias");
   const at::ScalarType y_dtype = out_dtype.value_or(x.scalar_type());
-  TORCH_CHECK(y_dtype == x.scalar_type() ||
-                  (x.scalar_type() == at::kFloat && (y_dtype == at::kHalf || y_dtype == at::kBFloat16)),
+  TORCH_CHECK(kernel_dtype_pair(x.scalar_type(), y_dtype),
               "out_dtype must be x's dtype, or float16/bfloat16 with float32 x; got ", y_dtype, " with ",
               x.scalar_type());
   Tensor out = at::empty_like(x, x.options().dtype(y_dtype));
@@ -131,8 +137,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> modulated_norm_backward(
     const Tensor& rstd, bool rms) {
   check_activation(x, "x");
   check_activation(grad_out, "grad_out");
-  TORCH_CHECK(grad_out.sizes() == x.sizes() && grad_out.scalar_type() == x.scalar_type(),
-              "grad_out must match x");
+  TORCH_CHECK(grad_out.sizes() == x.sizes() && kernel_dtype_pair(x.scalar_type(), grad_out.scalar_type()),
+              "grad_out must have x's shape and dtype (or float16/bfloat16 with float32 x)");
   check_modulation(shift, x, "shift");
   check_modulation(scale, x, "scale");
   const Tensor* w = check_param(weight, x, "weight");
@@ -154,7 +160,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> modulated_norm_backward(
   if (x.is_cuda()) {
 #ifdef FASTGEN_WITH_CUDA
     const c10::cuda::CUDAGuard guard(x.device());
-    cuda::ModulatedNormBackwardArgs args{cuda_dtype(x), grad_out.const_data_ptr(), x.const_data_ptr(),
+    cuda::ModulatedNormBackwardArgs args{cuda_dtype(x), cuda_dtype(grad_out), grad_out.const_data_ptr(),
+        x.const_data_ptr(),
         scale.const_data_ptr(), data_or_null(w), data_or_null(b),
         rms ? nullptr : mean.const_data_ptr<float>(), rstd.const_data_ptr<float>(),
         dx.mutable_data_ptr(), shift_per_token ? dshift_full.mutable_data_ptr() : nullptr,
@@ -185,8 +192,7 @@ at::ScalarType gated_operand_dtype(at::ScalarType dtype, std::initializer_list<c
   for (const Tensor* t : operands) {
     if (t->scalar_type() != first) return dtype;
   }
-  const bool narrower = dtype == at::kFloat && (first == at::kHalf || first == at::kBFloat16);
-  return first == dtype || narrower ? first : dtype;
+  return kernel_dtype_pair(dtype, first) ? first : dtype;
 }
 
 // An operand of the gated residual: like x in shape and device (a gate: (B, D) or (B, L, D)),
@@ -357,9 +363,11 @@ class ModulatedNormLinear : public torch::autograd::Function<ModulatedNormLinear
       out[7] = rows.t().matmul(y.reshape({rows.size(0), -1}).to(rows.scalar_type())).to(weight.scalar_type());
     }
     if (needs_norm) {
-      const Tensor dy = grad.matmul(weight.to(grad.scalar_type())).to(x.scalar_type()).contiguous();
+      // the layer's input gradient as it comes (bf16 under autocast): the norm's kernels read it
+      Tensor dy = grad.matmul(weight.to(grad.scalar_type()));
+      if (!kernel_dtype_pair(x.scalar_type(), dy.scalar_type())) dy = dy.to(x.scalar_type());
       auto [dx, dshift, dscale, dweight, dbias] = modulated_norm_backward(
-          dy, x.contiguous(), shift.contiguous(), scale.contiguous(), w, b, mean, rstd, rms);
+          dy.contiguous(), x.contiguous(), shift.contiguous(), scale.contiguous(), w, b, mean, rstd, rms);
       const Tensor norm_grads[] = {dx, dshift, dscale, dweight, dbias};
       const bool present[] = {true, true, true, w.has_value(), b.has_value()};
       for (int64_t i = 0, edge = 0; i < 5; ++i) {

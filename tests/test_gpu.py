@@ -103,6 +103,13 @@ def test_norm_writes_a_narrower_output_on_gpu(backend, out_dtype, shape, variant
 
 
 @pytest.mark.parametrize("backend", gpu_backends())
+@pytest.mark.parametrize("variant", ["layer_affine", "rms_weight"])
+@pytest.mark.parametrize("per_token", [False, True], ids=["mod_BD", "mod_BLD"])
+def test_norm_backward_reads_a_narrower_gradient_on_gpu(backend, variant, per_token, generator):
+    mn.check_narrower_gradient(backend, variant, per_token, generator, "cuda")
+
+
+@pytest.mark.parametrize("backend", gpu_backends())
 def test_misaligned_and_non_contiguous_inputs(backend, generator):
     """Tensors that start one element past a 16-byte boundary take the scalar path."""
     B, L, D = 2, 3, 1152

@@ -184,6 +184,28 @@ def test_bad_input_names_the_argument():
         fk.modulated_layer_norm(x, mod.to("meta"), mod)
 
 
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("variant", ["layer_affine", "rms_weight"])
+@pytest.mark.parametrize("per_token", [False, True], ids=["mod_BD", "mod_BLD"])
+def test_backward_reads_a_narrower_gradient(backend, variant, per_token, generator):
+    check_narrower_gradient(backend, variant, per_token, generator, "cpu")
+
+
+def check_narrower_gradient(backend, variant, per_token, generator, device):
+    """fp32 x with a bf16 upstream gradient (a linear layer's input gradient under autocast):
+    the kernels read it as it is, with the results of its (exact) fp32 widening, in x's dtype."""
+    x, shift, scale, weight, bias, rms = (t if not isinstance(t, torch.Tensor) else t.to(device) for t in
+                                          make_inputs((2, 5, 72), torch.float32, variant, per_token, generator))
+    _, mean, rstd = mn.reference_forward(x, shift, scale, weight, bias, 1e-6, rms)
+    grad = torch.randn(x.shape, generator=generator).to(device, torch.bfloat16)
+    with fk.use_backend(backend):
+        narrow = mn.backward_dispatcher(grad, x, shift, scale, weight, bias, mean, rstd, rms)
+        wide = mn.backward_dispatcher(grad.float(), x, shift, scale, weight, bias, mean, rstd, rms)
+    for got, want in zip(narrow, wide):
+        assert got.dtype == want.dtype == torch.float32
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
 def test_statistics_match_oracle(generator):
     """mean and rstd, saved for the backward, are those of LayerNorm in fp32."""
     x, shift, scale, *_ = make_inputs((2, 3, 72), torch.bfloat16, "layer", False, generator)

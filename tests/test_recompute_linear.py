@@ -102,20 +102,22 @@ def test_bf16_autocast_matches_the_composition(case, generator):
         torch.testing.assert_close(got, expected, rtol=2e-2, atol=1e-2 * expected.abs().max().item())
 
 
-def narrowed_activations(prof, shape) -> list[str]:
-    """The conversions of an fp32 (B, L, D) tensor (a norm's output or tangent) that a profile
-    recorded: what a linear layer under autocast would cast."""
-    return [e.name for e in prof.events() if e.name == "aten::_to_copy" and e.input_shapes
-            and tuple(e.input_shapes[0]) == shape and e.input_dtypes[0] == "float"]
+def activation_conversions(prof, shape) -> list[str]:
+    """The dtypes of the (B, L, D) tensors that a profile recorded converted: a norm's fp32 output
+    or tangent that a linear layer under autocast casts, the layer's bf16 input gradient widened
+    for the norm's backward."""
+    return [e.input_dtypes[0] for e in prof.events() if e.name == "aten::_to_copy" and e.input_shapes
+            and tuple(e.input_shapes[0]) == shape]
 
 
 @pytest.mark.parametrize("path", ["backward", "one_pass", "no_grad"])
 @pytest.mark.parametrize("backend", cpu_backends())
 def test_norm_writes_the_layers_autocast_dtype(path, backend, generator):
     """Under bf16 autocast on an fp32 residual stream the norm writes its output (forward, the
-    backward's recomputation, the one-pass step's tangent) in bf16 itself: no cast of an fp32
-    (B, L, D) activation follows (kernels), and the values are the composition's, whose
-    layer casts (exactly, except where Triton's interpreter truncates instead of rounding)."""
+    backward's recomputation, the one-pass step's tangent) in bf16 itself and its backward reads
+    the layer's bf16 input gradient: no (B, L, D) activation is converted (kernels), and the
+    values are the composition's, whose layer casts (exactly, except where Triton's interpreter
+    truncates instead of rounding)."""
     from fastgen_kernels.ops.linear import parameters_without_tangents
 
     args, fused, composition = _norm_case(generator, torch.float32)
@@ -133,12 +135,14 @@ def test_norm_writes_the_layers_autocast_dtype(path, backend, generator):
                 with torch.set_grad_enabled(path == "backward"):
                     out, tangent = fn(*leaves), None
             grads = torch.autograd.grad(out.float().square().sum(), leaves) if path != "no_grad" else ()
-        results.append((out, tangent, grads, narrowed_activations(prof, tuple(args[0].shape))))
-    (out, tangent, grads, narrowed), (ref, ref_tangent, ref_grads, ref_narrowed) = results
-    assert ref_narrowed  # the composition's layer casts the norm's fp32 output
+        results.append((out, tangent, grads, activation_conversions(prof, tuple(args[0].shape))))
+    (out, tangent, grads, converted), (ref, ref_tangent, ref_grads, ref_converted) = results
+    assert "float" in ref_converted  # the composition's layer casts the norm's fp32 output
+    if path == "backward":
+        assert "c10::BFloat16" in ref_converted  # and widens its input gradient for the norm
     # (the cpu backend's tangent is the reference formula, which computes in fp32 and narrows once)
     if backend == "triton" or (backend == "cpu" and path != "one_pass"):
-        assert not narrowed
+        assert not converted, converted
     assert out.dtype == torch.bfloat16
     exact = not (backend == "triton" and interpreting_triton())
     torch.testing.assert_close(out, ref, rtol=0 if exact else 2e-2, atol=0 if exact else 2e-2)

@@ -75,7 +75,8 @@ void forward_impl(const at::Tensor& x, const at::Tensor& shift, const at::Tensor
   });
 }
 
-template <typename T, bool HAS_W, bool HAS_B>
+// grad_out is G: T, or narrower (the gradient of a linear layer's input under autocast).
+template <typename T, typename G, bool HAS_W, bool HAS_B>
 void backward_impl(const at::Tensor& grad_out, const at::Tensor& x, bool shift_per_token,
                    const at::Tensor& scale, const T* w, const T* b, const at::Tensor& mean,
                    const at::Tensor& rstd, bool rms, RowChunks chunks, at::Tensor& dx,
@@ -84,7 +85,7 @@ void backward_impl(const at::Tensor& grad_out, const at::Tensor& x, bool shift_p
   const int64_t batch = x.size(0), tokens = x.size(1), dim = x.size(2);
   const int64_t num_chunks = batch * chunks.chunks_per_batch;
   const bool scale_per_token = scale.dim() == 3;
-  const T* gp = grad_out.const_data_ptr<T>();
+  const G* gp = grad_out.const_data_ptr<G>();
   const T* xp = x.const_data_ptr<T>();
   const T* scp = scale.const_data_ptr<T>();
   const A* meanp = rms ? nullptr : mean.const_data_ptr<A>();
@@ -110,7 +111,7 @@ void backward_impl(const at::Tensor& grad_out, const at::Tensor& x, bool shift_p
       int64_t first, last;
       chunk_rows(chunk, tokens, chunks, first, last);
       for (int64_t r = first; r < last; ++r) {
-        const T* g = gp + r * dim;
+        const G* g = gp + r * dim;
         const T* xr = xp + r * dim;
         const T* sc = mod_row(scp, r, tokens, scale_per_token, dim);
         const A mu = meanp ? meanp[r] : A(0), rs = rstdp[r];
@@ -179,11 +180,12 @@ void modulated_norm_backward(const at::Tensor& grad_out, const at::Tensor& x, bo
                              const at::Tensor* bias, const at::Tensor& mean,
                              const at::Tensor& rstd, bool rms, RowChunks chunks, at::Tensor& dx,
                              at::Tensor& dshift, at::Tensor& dscale, at::Tensor& partials) {
-  FASTGEN_DISPATCH_FLOATING(x.scalar_type(), "modulated_norm_backward", [&] {
+  dispatch_dtype_pair(x.scalar_type(), grad_out.scalar_type(), "modulated_norm_backward", [&](auto t, auto g) {
+    using T = decltype(t);
     with_affine(weight, bias, [&](auto has_w, auto has_b) {
-      backward_impl<scalar_t, decltype(has_w)::value, decltype(has_b)::value>(
-          grad_out, x, shift_per_token, scale, data_or_null<scalar_t>(weight),
-          data_or_null<scalar_t>(bias), mean, rstd, rms, chunks, dx, dshift, dscale, partials);
+      backward_impl<T, decltype(g), decltype(has_w)::value, decltype(has_b)::value>(
+          grad_out, x, shift_per_token, scale, data_or_null<T>(weight), data_or_null<T>(bias), mean, rstd, rms,
+          chunks, dx, dshift, dscale, partials);
     });
   });
 }

@@ -51,7 +51,8 @@ struct ModulatedNormForwardArgs {
 cudaError_t launch_modulated_norm_forward(const ModulatedNormForwardArgs& args, cudaStream_t stream);
 
 struct ModulatedNormBackwardArgs {
-  DType dtype;
+  DType dtype;           // x, scale, weight, bias, dx, dshift, dscale
+  DType grad_dtype;      // grad_out: dtype, or fp16/bf16 with fp32 dtype (a linear layer's under autocast)
   const void* grad_out;  // (rows, dim)
   const void* x;         // (rows, dim)
   const void* scale;     // (rows, dim) if scale_per_token else (B, dim)

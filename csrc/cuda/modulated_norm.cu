@@ -127,9 +127,10 @@ __global__ void __launch_bounds__(kMaxThreads) modulated_norm_forward_kernel(
 // of dweight, dbias and a per-batch dshift / dscale need, and writes those once at the end. The
 // modulation layouts are template parameters so that each variant keeps only the sums it needs:
 // 8 values per thread at 1024 threads leave 64 registers, which a third sum would overflow.
-template <typename T, int VEC, int VPT, bool kShiftPerToken, bool kScalePerToken>
+// grad_out is G: T, or narrower (the gradient of a linear layer's input under autocast).
+template <typename T, typename G, int VEC, int VPT, bool kShiftPerToken, bool kScalePerToken>
 __global__ void __launch_bounds__(kMaxThreads) modulated_norm_backward_kernel(
-    const T* __restrict__ grad_out,  // (rows, dim)
+    const G* __restrict__ grad_out,  // (rows, dim)
     const T* __restrict__ x,         // (rows, dim)
     const T* __restrict__ scale,     // (rows, dim) if kScalePerToken else (B, dim)
     const T* __restrict__ weight,    // (dim,) or nullptr
@@ -281,21 +282,22 @@ cudaError_t launch_modulated_norm_backward(const ModulatedNormBackwardArgs& args
     return cudaErrorInvalidValue;
   }
   const auto num_chunks = static_cast<unsigned>(args.rows / args.tokens * args.chunks_per_batch);
-  return dispatch_dtype_vec(
-      args.dtype, args.dim,
+  return dispatch_dtype_operand_vec(
+      args.dtype, args.grad_dtype, args.dim,
       {args.grad_out, args.x, args.scale, args.weight, args.bias, args.dx, args.dshift,
        args.dscale, args.partials},
-      [&](auto type_tag, auto vec_tag) {
+      [&](auto type_tag, auto grad_tag, auto vec_tag) {
         using T = typename decltype(type_tag)::type;
+        using G = typename decltype(grad_tag)::type;
         constexpr int VEC = decltype(vec_tag)::value;
         const RowTiling tiling = row_tiling(args.dim / VEC);
         return dispatch_vpt<VEC>(tiling.vpt, [&](auto vpt_tag) {
           return dispatch_bool(args.shift_per_token, [&](auto shift_tag) {
             return dispatch_bool(args.scale_per_token, [&](auto scale_tag) {
-              modulated_norm_backward_kernel<T, VEC, decltype(vpt_tag)::value,
+              modulated_norm_backward_kernel<T, G, VEC, decltype(vpt_tag)::value,
                                              decltype(shift_tag)::value, decltype(scale_tag)::value>
                   <<<num_chunks, tiling.threads, 0, stream>>>(
-                      static_cast<const T*>(args.grad_out), static_cast<const T*>(args.x),
+                      static_cast<const G*>(args.grad_out), static_cast<const T*>(args.x),
                       static_cast<const T*>(args.scale), static_cast<const T*>(args.weight),
                       static_cast<const T*>(args.bias), args.mean, args.rstd,
                       static_cast<T*>(args.dx), static_cast<T*>(args.dshift),

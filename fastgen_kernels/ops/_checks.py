@@ -10,6 +10,13 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # what GPU kerne
 MAX_KERNEL_D = 8192
 
 
+def kernel_dtype_pair(wide: torch.dtype, narrow: torch.dtype) -> bool:
+    """Whether kernels over ``wide`` tensors also read or write a ``narrow`` one beside them (the
+    mixed-dtype pairs, as csrc/torch_bindings.cpp's kernel_dtype_pair): the same dtype, or
+    float16/bfloat16 beside float32 (autocast's activations beside an fp32 residual stream)."""
+    return narrow == wide or (wide == torch.float32 and narrow in (torch.float16, torch.bfloat16))
+
+
 def tensor(op: str, name: str, value: object) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(value).__name__}")

@@ -370,7 +370,7 @@ def norm_output_dtype(x: Tensor) -> torch.dtype:
     dtype, or float16/bfloat16 for float32 x), so that no cast follows; else x's (the layer casts)."""
     if torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
-        if dtype == x.dtype or (x.dtype == torch.float32 and dtype in (torch.float16, torch.bfloat16)):
+        if _checks.kernel_dtype_pair(x.dtype, dtype):
             return dtype
     return x.dtype
 
@@ -419,8 +419,9 @@ class _ModulatedNormLinearFunction(torch.autograd.Function):
             grad_out, weight, ctx.bias_dtype, (any(needs[:5]), needs[7], needs[8]),
             lambda: forward_dispatcher(*norm_inputs, ctx.eps, ctx.rms, ctx.y_dtype)[0])
         norm_grads = (None,) * 5
-        if dy is not None:
-            grads = _modulated_norm_backward(dy.to(x.dtype), *norm_inputs, mean, rstd, ctx.rms)
+        if dy is not None:  # read as it comes (autocast's bf16) where the kernels can
+            dy = dy if _checks.kernel_dtype_pair(x.dtype, dy.dtype) else dy.to(x.dtype)
+            grads = _modulated_norm_backward(dy, *norm_inputs, mean, rstd, ctx.rms)
             norm_grads = tuple(g if need and t is not None else None for g, need, t in zip(grads, needs, norm_inputs))
         return (*norm_grads, None, None, dweight, dbias)
 
