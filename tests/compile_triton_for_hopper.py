@@ -116,7 +116,8 @@ def record_fp8_linear_launches() -> None:
     per-batch gate, residual), plus the bf16 operands of GPUs without FP8 in their own tiles
     (tiled only: TMA needs Hopper, which has FP8)."""
     x = torch.randn(256, 1152, dtype=torch.bfloat16)
-    triton_fp8_linear.quantize_rows(x)
+    for K in (1152, 4608, 12288):  # several rows a program; one; two passes
+        triton_fp8_linear.quantize_rows(torch.randn(64, K, dtype=torch.bfloat16))
     codes = torch.empty(256, 1152, dtype=torch.float8_e4m3fn)
     scale, bias, gate = torch.ones(256), torch.ones(1152), torch.ones(2, 1152, dtype=torch.bfloat16)
     out = torch.empty(256, 1152, dtype=torch.bfloat16)

@@ -36,8 +36,9 @@ def _dequantized(x, weight, weight_scale):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
-def test_quantize_rows(backend, dtype, generator):
-    x = torch.randn(37, 100, generator=generator).to(dtype) * torch.logspace(-3, 3, 37).to(dtype)[:, None]
+@pytest.mark.parametrize("K", [100, 24, 7], ids=lambda k: f"K{k}")  # the interpreter's tile is 64 elements:
+def test_quantize_rows(backend, dtype, K, generator):  # two passes; two rows a program; eight (37 = 4 * 8 + 5)
+    x = torch.randn(37, K, generator=generator).to(dtype) * torch.logspace(-3, 3, 37).to(dtype)[:, None]
     x[5] = 0  # an all-zero row: zero codes, finite scale
     with fk.use_backend(backend):
         codes, scale = torch.ops.fastgen.quantize_fp8_rows(x)

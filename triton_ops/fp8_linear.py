@@ -1,8 +1,8 @@
 """Triton kernels of the FP8 linear layer (math: fastgen_kernels/ops/fp8_linear.py).
 
-- ``quantize_rows``: per-token (row) dynamic scaling of activations to e4m3, one program per row,
-  two passes over the row (its absolute maximum, then the scaled cast; the second pass finds the
-  row in L1/L2).
+- ``quantize_rows``: per-token (row) dynamic scaling of activations to e4m3: rows held in
+  registers, several per program, between their absolute maximum and the scaled cast (one read of
+  x); rows too long for registers take two passes (the second finds the row in L1/L2).
 - ``linear``: out = epilogue(x @ w^T) in one kernel, two variants of its main loop:
   - tiled: a program per (BLOCK_M, BLOCK_N) output tile; tiles of x (BLOCK_M, BLOCK_K) and of
     w^T (BLOCK_K, BLOCK_N) are loaded through pointers (cp.async, pipelined over num_stages K
@@ -59,24 +59,38 @@ def _quantize_rows_kernel(
     X,  # (M, K) bf16/fp16/fp32, rows stride_x apart
     XQ,  # (M, K) float8_e4m3fn output, contiguous
     SCALE,  # (M,) fp32 output: the dequantization scale amax / 448 of each row
+    M,
     K,
     stride_x,
     E4M3: tl.constexpr,  # 448.0
     MIN_ABS: tl.constexpr,  # MIN_AMAX
-    BLOCK_K: tl.constexpr,
+    ROWS: tl.constexpr,  # rows per program
+    BLOCK_K: tl.constexpr,  # K's next power of two when ONE_PASS, else a chunk of a row
+    ONE_PASS: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < M
     cols = tl.arange(0, BLOCK_K)
-    amax = tl.zeros([BLOCK_K], dtype=tl.float32)
-    for start in range(0, K, BLOCK_K):
-        x = tl.load(X + row * stride_x + start + cols, mask=start + cols < K, other=0.0)
-        amax = tl.maximum(amax, tl.abs(x.to(tl.float32)))
-    inverse, scale = e4m3_scales(tl.max(amax, 0), E4M3, MIN_ABS)
-    tl.store(SCALE + row, scale)
-    for start in range(0, K, BLOCK_K):
-        mask = start + cols < K
-        x = tl.load(X + row * stride_x + start + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(XQ + row * K + start + cols, e4m3_codes(x, inverse, E4M3).to(XQ.dtype.element_ty), mask=mask)
+    if ONE_PASS:  # the rows stay in registers between their maximum and their cast
+        mask = row_ok[:, None] & (cols[None, :] < K)
+        x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        inverse, scale = e4m3_scales(tl.max(tl.abs(x), 1), E4M3, MIN_ABS)
+        tl.store(SCALE + rows, scale, mask=row_ok)
+        codes = e4m3_codes(x, inverse[:, None], E4M3)
+        tl.store(XQ + rows[:, None] * K + cols[None, :], codes.to(XQ.dtype.element_ty), mask=mask)
+    else:  # rows too long for registers (ROWS = 1): a second pass finds the row in L1/L2
+        amax = tl.zeros([ROWS, BLOCK_K], dtype=tl.float32)
+        for start in range(0, K, BLOCK_K):
+            mask = row_ok[:, None] & (start + cols[None, :] < K)
+            x = tl.load(X + rows[:, None] * stride_x + start + cols[None, :], mask=mask, other=0.0)
+            amax = tl.maximum(amax, tl.abs(x.to(tl.float32)))
+        inverse, scale = e4m3_scales(tl.max(amax, 1), E4M3, MIN_ABS)
+        tl.store(SCALE + rows, scale, mask=row_ok)
+        for start in range(0, K, BLOCK_K):
+            mask = row_ok[:, None] & (start + cols[None, :] < K)
+            x = tl.load(X + rows[:, None] * stride_x + start + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            codes = e4m3_codes(x, inverse[:, None], E4M3)
+            tl.store(XQ + rows[:, None] * K + start + cols[None, :], codes.to(XQ.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -251,16 +265,27 @@ _INTERPRETER_PROGRAMS = 3
 VARIANT_CHOICES: dict[tuple, str] = {}
 
 
+# Rows up to this many elements are held in registers (a program's tile: 8 warps, 32 fp32 each a
+# thread); the tile of shorter rows is filled with several of them.
+_QUANTIZE_TILE = 8192
+
+
 def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
-    """x (M, K) -> (codes (M, K) float8_e4m3fn, scale (M,) fp32) with x ~ codes * scale[:, None]."""
+    """x (M, K) -> (codes (M, K) float8_e4m3fn, scale (M,) fp32) with x ~ codes * scale[:, None].
+    One read of x where a row fits a program's registers (K <= 8192: DiT's 1152 and 4608, Flux's
+    3072), several rows a program, so that each moves a few KB at once."""
     if x.stride(-1) != 1:
         x = x.contiguous()
     M, K = x.shape
     codes = torch.empty(M, K, device=x.device, dtype=torch.float8_e4m3fn)
     scale = torch.empty(M, device=x.device, dtype=torch.float32)
-    block = min(triton.next_power_of_2(K), 32 if interpreting_triton() else 2048)
-    _quantize_rows_kernel[(M,)](x, codes, scale, K, x.stride(0), E4M3=E4M3_MAX, MIN_ABS=MIN_AMAX,
-                                BLOCK_K=block, num_warps=4 if block <= 1024 else 8)
+    tile = 64 if interpreting_triton() else _QUANTIZE_TILE
+    one_pass = triton.next_power_of_2(K) <= tile
+    block = triton.next_power_of_2(K) if one_pass else tile
+    rows = max(1, min(tile // block, triton.next_power_of_2(M)))
+    _quantize_rows_kernel[(triton.cdiv(M, rows),)](
+        x, codes, scale, M, K, x.stride(0), E4M3=E4M3_MAX, MIN_ABS=MIN_AMAX, ROWS=rows, BLOCK_K=block,
+        ONE_PASS=one_pass, num_warps=4 if rows * block <= 2048 else 8)
     return codes, scale
 
 
