@@ -4,6 +4,8 @@
 // A row lives in registers: thread t of a block owns the 16-byte vectors t, t + blockDim.x, ...
 // (VPT of them, coalesced) of each row it processes, so the statistics take two passes over
 // registers and x is read once.
+#include <algorithm>
+
 #include "cuda/common.cuh"
 #include "cuda/launch.h"
 
@@ -11,30 +13,43 @@ namespace fastgen {
 namespace cuda {
 namespace {
 
-// The most vectors per thread a row of kMaxDim elements needs at kMaxThreads threads; larger VPT
-// is never instantiated (16-bit vectors never need more than one per thread).
+// The most vectors per thread a row of kMaxDim elements needs at kMaxThreads threads: the
+// backward's largest VPT (16-bit vectors never need more than one per thread there).
 template <int VEC>
 constexpr int kMaxVpt = static_cast<int>(ceil_div(kMaxDim, int64_t{VEC} * kMaxThreads));
+
+// The forward's largest VPT: up to 16 elements a thread (more spill at the 64 registers that
+// __launch_bounds__(kMaxThreads) leaves, on sm_90), or what a row of kMaxDim needs.
+template <int VEC>
+constexpr int kMaxForwardVpt = std::max(std::min(16 / VEC, 8), kMaxVpt<VEC>);
+
+// Threads per row the forward aims for. One block per row is latency-bound: the bytes in flight on
+// an SM are its resident rows times their size, so a row spread over all the threads it could have
+// (e.g. 288 for DiT's 1152 fp32 columns) leaves 7 rows resident, too few to cover the memory's
+// latency; at most 128 threads holding several vectors each leave about 17 (and issue several
+// independent loads a thread, and reduce over fewer warps).
+constexpr int64_t kForwardThreadsPerRow = 128;
 
 struct RowTiling {
   int vpt;      // vectors per thread
   int threads;  // a multiple of the warp size, at most kMaxThreads
 };
 
-// The smallest VPT in {1, 2, 4, 8} that splits a row of `num_vecs` vectors over at most
-// kMaxThreads threads: the widest block, so the fewest registers per thread.
-inline RowTiling row_tiling(int64_t num_vecs) {
+// The smallest VPT in {1, 2, 4, 8} that splits a row of `num_vecs` vectors over at most `target`
+// threads without passing max_vpt, then over at most kMaxThreads in any case.
+inline RowTiling row_tiling(int64_t num_vecs, int max_vpt, int64_t target) {
   int vpt = 1;
+  while (vpt < max_vpt && ceil_div(num_vecs, vpt) > target) vpt *= 2;
   while (ceil_div(num_vecs, vpt) > kMaxThreads) vpt *= 2;
   const int threads = static_cast<int>(ceil_div(ceil_div(num_vecs, vpt), kWarpSize)) * kWarpSize;
   return {vpt, threads};
 }
 
-// Calls f(IntTag<VPT>{}) with VPT = vpt, instantiating only VPT <= kMaxVpt<VEC>.
-template <int VEC, int VPT = 1, typename F>
+// Calls f(IntTag<VPT>{}) with VPT = vpt, instantiating only VPT <= MAX_VPT.
+template <int MAX_VPT, int VPT = 1, typename F>
 cudaError_t dispatch_vpt(int vpt, F&& f) {
-  if constexpr (VPT < kMaxVpt<VEC>) {
-    if (vpt > VPT) return dispatch_vpt<VEC, 2 * VPT>(vpt, f);
+  if constexpr (VPT < MAX_VPT) {
+    if (vpt > VPT) return dispatch_vpt<MAX_VPT, 2 * VPT>(vpt, f);
   }
   return f(IntTag<VPT>{});
 }
@@ -260,8 +275,8 @@ cudaError_t launch_modulated_norm_forward(const ModulatedNormForwardArgs& args,
         using T = typename decltype(type_tag)::type;
         using O = typename decltype(out_tag)::type;
         constexpr int VEC = decltype(vec_tag)::value;
-        const RowTiling tiling = row_tiling(args.dim / VEC);
-        return dispatch_vpt<VEC>(tiling.vpt, [&](auto vpt_tag) {
+        const RowTiling tiling = row_tiling(args.dim / VEC, kMaxForwardVpt<VEC>, kForwardThreadsPerRow);
+        return dispatch_vpt<kMaxForwardVpt<VEC>>(tiling.vpt, [&](auto vpt_tag) {
           constexpr int VPT = decltype(vpt_tag)::value;
           modulated_norm_forward_kernel<T, O, VEC, VPT>
               <<<static_cast<unsigned>(args.rows), tiling.threads, 0, stream>>>(
@@ -290,8 +305,9 @@ cudaError_t launch_modulated_norm_backward(const ModulatedNormBackwardArgs& args
         using T = typename decltype(type_tag)::type;
         using G = typename decltype(grad_tag)::type;
         constexpr int VEC = decltype(vec_tag)::value;
-        const RowTiling tiling = row_tiling(args.dim / VEC);
-        return dispatch_vpt<VEC>(tiling.vpt, [&](auto vpt_tag) {
+        // the widest block (the fewest registers a thread: it holds five sums per vector)
+        const RowTiling tiling = row_tiling(args.dim / VEC, kMaxVpt<VEC>, kMaxThreads);
+        return dispatch_vpt<kMaxVpt<VEC>>(tiling.vpt, [&](auto vpt_tag) {
           return dispatch_bool(args.shift_per_token, [&](auto shift_tag) {
             return dispatch_bool(args.scale_per_token, [&](auto scale_tag) {
               modulated_norm_backward_kernel<T, G, VEC, decltype(vpt_tag)::value,
