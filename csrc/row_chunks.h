@@ -16,11 +16,11 @@ struct RowChunks {
   int64_t chunks_per_batch;
 };
 
-inline RowChunks row_chunks(int64_t batch, int64_t tokens) {
-  // About 256 chunks in all: enough to fill a GPU's SMs or a CPU's threads, few enough that the
-  // partial sums (num_chunks x D floats per reduced tensor) stay small next to the activations.
-  constexpr int64_t kTargetChunks = 256;
-  const int64_t per_batch = std::clamp<int64_t>((kTargetChunks + batch - 1) / batch, 1, std::max<int64_t>(tokens, 1));
+// About `target` chunks in all: enough to fill a CPU's threads (256, the default) or to keep
+// several blocks resident on each of a GPU's SMs (device_row_chunks), few enough that the partial
+// sums (num_chunks x D floats per reduced tensor) stay small next to the activations.
+inline RowChunks row_chunks(int64_t batch, int64_t tokens, int64_t target = 256) {
+  const int64_t per_batch = std::clamp<int64_t>((target + batch - 1) / batch, 1, std::max<int64_t>(tokens, 1));
   const int64_t rows_per_chunk = (tokens + per_batch - 1) / per_batch;
   return {rows_per_chunk, rows_per_chunk == 0 ? 1 : (tokens + rows_per_chunk - 1) / rows_per_chunk};
 }

@@ -66,6 +66,20 @@ bool kernel_dtype_pair(at::ScalarType wide, at::ScalarType narrow) {
   return narrow == wide || (wide == at::kFloat && (narrow == at::kHalf || narrow == at::kBFloat16));
 }
 
+// The backward kernels' row chunks for tensors on x's device. On a GPU about eight per SM: a
+// block walks its chunk's rows one after another, so the rows in flight are the blocks resident
+// at once, and the default 256 chunks left about two per SM of an H100/H200 (a latency-bound
+// kernel). On the CPU row_chunks' default.
+RowChunks device_row_chunks(const Tensor& x, int64_t batch, int64_t tokens) {
+#ifdef FASTGEN_WITH_CUDA
+  int sms = 0;
+  if (x.is_cuda() && cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, x.device().index()) == cudaSuccess) {
+    return row_chunks(batch, tokens, 8 * int64_t{sms});
+  }
+#endif
+  return row_chunks(batch, tokens);
+}
+
 // Sums a (num_chunks, D) slot of partial sums over the chunks of each batch -> (B, D), or over
 // all chunks -> (D,).
 Tensor reduce_chunks(const Tensor& slot, int64_t batch, RowChunks chunks, bool per_batch,
@@ -150,7 +164,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> modulated_norm_backward(
   TORCH_CHECK(rms || (mean.scalar_type() == rstd.scalar_type() && mean.is_contiguous()),
               "mean must be the forward's statistics");
   const bool shift_per_token = shift.dim() == 3, scale_per_token = scale.dim() == 3;
-  const RowChunks chunks = row_chunks(batch, tokens);
+  const RowChunks chunks = device_row_chunks(x, batch, tokens);
   const int64_t num_chunks = batch * chunks.chunks_per_batch;
   Tensor dx = at::empty_like(x);
   // Per-token modulation gradients are written by the kernel; per-batch ones come from partials.
@@ -244,7 +258,7 @@ std::tuple<Tensor, Tensor> gated_residual_backward(const Tensor& grad_out, const
   const Tensor gate_in = gated_operand(gate, grad_out, dtype, true, "gate");
   const int64_t batch = y.size(0), tokens = y.size(1), dim = y.size(2);
   const bool per_token = gate.dim() == 3;
-  const RowChunks chunks = row_chunks(batch, tokens);
+  const RowChunks chunks = device_row_chunks(y, batch, tokens);
   Tensor dy = at::empty_like(y_in);
   Tensor dgate_full = per_token ? at::empty_like(y_in) : Tensor();
   Tensor partials = per_token ? Tensor()
@@ -490,7 +504,7 @@ std::tuple<Tensor, Tensor> norm_rope_backward(const Tensor& grad_out, const Tens
   TORCH_CHECK(rstd.numel() == rows && rstd.scalar_type() == stat_dtype(x) && rstd.is_contiguous() &&
                   rstd.device() == x.device(),
               "rstd must be the forward's statistics");
-  const RowChunks chunks = row_chunks(1, rows);
+  const RowChunks chunks = device_row_chunks(x, 1, rows);
   Tensor dx = at::empty(x.sizes(), x.options());
   if (rows == 0 || dim == 0) {
     return {dx, w ? at::zeros({dim}, x.options()) : at::empty({0}, x.options())};
