@@ -181,12 +181,6 @@ def _gelu_linear(h: Tensor, mlp: Mlp, fused: bool) -> Tensor:
     return mlp.fc2(fk.gelu_tanh(h))
 
 
-def _for_norms(modulation: Tensor, x: Tensor, fused: bool) -> Tensor:
-    """The modulation as the fused norms take their shifts and scales: in x's dtype, converted in
-    one op rather than one per chunk (its tangent and its gradient likewise)."""
-    return modulation.to(x.dtype) if fused else modulation
-
-
 def _gated_residual(x: Tensor, y: Tensor, gate: Tensor, fused: bool) -> Tensor:
     return fk.gated_residual(x, y, gate) if fused else x + gate[:, None] * y
 
@@ -214,8 +208,7 @@ class DiTBlock(nn.Module):
 
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
         modulation = _modulation(self.adaLN_modulation, c, self.fused)
-        _, _, gate1, _, _, gate2 = modulation.chunk(6, dim=-1)  # the gated residuals read autocast's dtype
-        shift1, scale1, _, shift2, scale2, _ = _for_norms(modulation, x, self.fused).chunk(6, dim=-1)
+        shift1, scale1, gate1, shift2, scale2, gate2 = modulation.chunk(6, dim=-1)
         a = self.attn.heads(_norm_linear(x, shift1, scale1, self.attn.qkv, self.fused), self.fused)
         if self.fused_epilogues:
             x = self.attn.proj(a, gate=gate1, residual=x)
@@ -234,7 +227,7 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(D, p * p * config.in_channels)
 
     def forward(self, x: Tensor, c: Tensor, fused: bool) -> Tensor:
-        shift, scale = _for_norms(_modulation(self.adaLN_modulation, c, fused), x, fused).chunk(2, dim=-1)
+        shift, scale = _modulation(self.adaLN_modulation, c, fused).chunk(2, dim=-1)
         return _norm_linear(x, shift, scale, self.linear, fused)
 
 
