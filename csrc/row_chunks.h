@@ -17,8 +17,9 @@ struct RowChunks {
 };
 
 // About `target` chunks in all: enough to fill a CPU's threads (256, the default) or to keep
-// several blocks resident on each of a GPU's SMs (device_row_chunks), few enough that the partial
-// sums (num_chunks x D floats per reduced tensor) stay small next to the activations.
+// several blocks resident on each of a GPU's SMs (device_row_chunks: about 1000 on an H100/H200),
+// few enough that the partial sums (num_chunks x D floats per reduced tensor: 4.7 MB at 1024
+// chunks of DiT's 1152 columns) stay small next to the activations they reduce.
 inline RowChunks row_chunks(int64_t batch, int64_t tokens, int64_t target = 256) {
   const int64_t per_batch = std::clamp<int64_t>((target + batch - 1) / batch, 1, std::max<int64_t>(tokens, 1));
   const int64_t rows_per_chunk = (tokens + per_batch - 1) / per_batch;

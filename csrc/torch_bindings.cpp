@@ -200,13 +200,22 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> modulated_norm_backward(
 // The dtype the gated residual's kernels read its operands (y, gate, ...) in, next to x (or the
 // upstream gradient) of dtype `dtype`: the operands' own when they share one that the kernels take
 // with it (`dtype`, or float16/bfloat16 with float32: autocast's outputs on an fp32 residual
-// stream, read without widened copies), else `dtype` itself (the operands are converted).
-at::ScalarType gated_operand_dtype(at::ScalarType dtype, std::initializer_list<const Tensor*> operands) {
+// stream, read without widened copies); nullopt when they do not.
+optional<at::ScalarType> gated_operand_dtype(at::ScalarType dtype, std::initializer_list<const Tensor*> operands) {
   const at::ScalarType first = (*operands.begin())->scalar_type();
   for (const Tensor* t : operands) {
-    if (t->scalar_type() != first) return dtype;
+    if (t->scalar_type() != first) return std::nullopt;
   }
-  return kernel_dtype_pair(dtype, first) ? first : dtype;
+  return kernel_dtype_pair(dtype, first) ? optional<at::ScalarType>(first) : std::nullopt;
+}
+
+// Where the kernels take no pair of these dtypes (e.g. fp16 x with bf16 y): everything widened to
+// one dtype, the arithmetic's (fp32, fp64 for fp64 inputs), so each input is read at its own
+// precision and the result rounded once, as the Triton and reference backends do.
+at::ScalarType gated_wide_dtype(std::initializer_list<const Tensor*> tensors) {
+  at::ScalarType wide = at::kFloat;
+  for (const Tensor* t : tensors) wide = at::promote_types(wide, t->scalar_type());
+  return wide;
 }
 
 // An operand of the gated residual: like x in shape and device (a gate: (B, D) or (B, L, D)),
@@ -227,8 +236,15 @@ Tensor gated_residual_forward(const Tensor& x, const Tensor& y, const Tensor& ga
                               const optional<Tensor>& gate2) {
   check_activation(x, "x");
   TORCH_CHECK(y2.has_value() == gate2.has_value(), "y2 and gate2 come together");
-  const auto dtype = y2 ? gated_operand_dtype(x.scalar_type(), {&y, &gate, &*y2, &*gate2})
-                        : gated_operand_dtype(x.scalar_type(), {&y, &gate});
+  const auto paired = y2 ? gated_operand_dtype(x.scalar_type(), {&y, &gate, &*y2, &*gate2})
+                         : gated_operand_dtype(x.scalar_type(), {&y, &gate});
+  if (!paired) {
+    const auto wide = y2 ? gated_wide_dtype({&x, &y, &gate, &*y2, &*gate2}) : gated_wide_dtype({&x, &y, &gate});
+    const auto widened = [&](const optional<Tensor>& t) { return t ? optional<Tensor>(t->to(wide)) : std::nullopt; };
+    return gated_residual_forward(x.to(wide).contiguous(), y.to(wide), gate.to(wide), widened(y2), widened(gate2))
+        .to(x.scalar_type());
+  }
+  const at::ScalarType dtype = *paired;
   const Tensor y_in = gated_operand(y, x, dtype, false, "y"), gate_in = gated_operand(gate, x, dtype, true, "gate");
   const Tensor y2_in = y2 ? gated_operand(*y2, x, dtype, false, "y2") : Tensor();
   const Tensor gate2_in = gate2 ? gated_operand(*gate2, x, dtype, true, "gate2") : Tensor();
@@ -253,7 +269,13 @@ Tensor gated_residual_forward(const Tensor& x, const Tensor& y, const Tensor& ga
 std::tuple<Tensor, Tensor> gated_residual_backward(const Tensor& grad_out, const Tensor& y,
                                                    const Tensor& gate) {
   check_activation(grad_out, "grad_out");
-  const auto dtype = gated_operand_dtype(grad_out.scalar_type(), {&y, &gate});
+  const auto paired = gated_operand_dtype(grad_out.scalar_type(), {&y, &gate});
+  if (!paired) {
+    const auto wide = gated_wide_dtype({&grad_out, &y, &gate});
+    auto [dy, dgate] = gated_residual_backward(grad_out.to(wide).contiguous(), y.to(wide), gate.to(wide));
+    return {dy.to(y.scalar_type()), dgate.to(gate.scalar_type())};
+  }
+  const at::ScalarType dtype = *paired;
   const Tensor y_in = gated_operand(y, grad_out, dtype, false, "y");
   const Tensor gate_in = gated_operand(gate, grad_out, dtype, true, "gate");
   const int64_t batch = y.size(0), tokens = y.size(1), dim = y.size(2);
@@ -284,9 +306,9 @@ std::tuple<Tensor, Tensor> gated_residual_backward(const Tensor& grad_out, const
 
 // The gated residual with its autograd in C++: what fastgen_kernels/ops/gated_residual.py's
 // autograd.Function does where a backward will follow (no forward-mode AD), without Python around
-// its two kernels (a DiT block has two). The kernels read y and gate as given (or converted to x's
-// dtype, see gated_operand_dtype); the backward runs in the upstream gradient's dtype and returns
-// each gradient in its input's dtype.
+// its two kernels (a DiT block has two). The kernels read y and gate as given (see
+// gated_operand_dtype for the pairs of dtypes they take, gated_wide_dtype for the others); the
+// backward returns each gradient in its input's dtype.
 class GatedResidual : public torch::autograd::Function<GatedResidual> {
  public:
   static Tensor forward(torch::autograd::AutogradContext* ctx, const Tensor& x, const Tensor& y,

@@ -276,15 +276,15 @@ def test_tangent_of_an_output_computed_elsewhere(backend, case, generator):
     """The tangent given O alone (lse None: SDPA's output in the one-pass step, whose log-sum-exp
     SDPA does not return), O in SDPA's heads-first memory: the normalizer is recomputed online
     (the Triton kernel's GIVEN_O mode), rows that see no key get 0, and tO is the oracle's."""
-    q, k, v, tq, tk, _ = make_inputs(case, torch.float32, generator)  # no tv: its term needs no normalizer
+    q, k, v, tq, tk, tv = make_inputs(case, torch.float32, generator)
     scale = 1 / math.sqrt(case.Dh)
-    wide = [t.double() for t in (q, k, v, tq, tk, torch.zeros_like(q if case.Lq == case.Lk else k))]
+    wide = [t.double() for t in (q, k, v, tq, tk, tv)]
     o64, _, to64 = math_results(*wide, torch.zeros_like(wide[0]), scale, allowed_pairs(case))
     o = o64.float().transpose(1, 2).contiguous().transpose(1, 2)  # (B, L, H, Dh) over (B, H, L, Dh)
     with fk.use_backend(backend):
-        to = att.tangent_dispatcher(q, k, v, o, None, tq, tk, None, scale, case.chunk)
+        to = att.tangent_dispatcher(q, k, v, o, None, tq, tk, tv, scale, case.chunk)
         lse = att.forward_dispatcher(q, k, v, scale, case.chunk)[1]
-        with_lse = att.tangent_dispatcher(q, k, v, o, lse, tq, tk, None, scale, case.chunk)
+        with_lse = att.tangent_dispatcher(q, k, v, o, lse, tq, tk, tv, scale, case.chunk)
     assert to.dtype == q.dtype and to.shape == q.shape
     torch.testing.assert_close(to.double(), to64, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(to, with_lse, rtol=1e-4, atol=1e-5)

@@ -101,8 +101,29 @@ def test_second_term_gradcheck(backend, generator):
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_operands_of_mixed_precisions_are_read_as_given(backend):
+    """fp16 x with bf16 y (no pair of dtypes the kernels take): computed in fp32 from each input
+    as given, as every backend does (the cpu and cuda ones by widening all to fp32), not y
+    narrowed to x's fp16 first (7e4 overflows fp16; 0.5 * 7e4 does not)."""
+    x = torch.zeros(1, 2, 8, dtype=torch.float16)
+    y, gate = torch.full((1, 2, 8), 7e4, dtype=torch.bfloat16), torch.full((1, 8), 0.5, dtype=torch.bfloat16)
+    with fk.use_backend(backend):
+        out = fk.gated_residual(x.requires_grad_(), y.requires_grad_(), gate.requires_grad_())
+        grads = torch.autograd.grad(out, (x, y, gate), torch.ones_like(out))
+    torch.testing.assert_close(out, (0.5 * y.float()).half())
+    assert [g.dtype for g in grads] == [torch.float16, torch.bfloat16, torch.bfloat16]
+    torch.testing.assert_close(grads[2].float(), torch.full((1, 8), 2 * 7e4).bfloat16().float())
+
+
 def test_bad_input_names_the_argument():
     x = torch.randn(2, 3, 8)
+    with pytest.raises(ValueError, match="gated_residual: y2 and gate2 come together, got only y2"):
+        torch.ops.fastgen.gated_residual(x, x, x[:, 0], x, None)
+    with pytest.raises(ValueError, match=r"gated_residual: y2 must have shape \(2, 3, 8\)"):
+        torch.ops.fastgen.gated_residual(x, x, x[:, 0], x[:, :2], x[:, 0])
+    with pytest.raises(ValueError, match="gated_residual: gate2 must have shape"):
+        torch.ops.fastgen.gated_residual(x, x, x[:, 0], x, x[0])
     with pytest.raises(ValueError, match=r"y must have shape \(2, 3, 8\)"):
         fk.gated_residual(x, x[:, :2], torch.randn(2, 8))
     with pytest.raises(ValueError, match="gate must have shape"):
@@ -117,10 +138,10 @@ def test_bad_input_names_the_argument():
 
 @pytest.mark.parametrize("backend", cpu_backends())
 @pytest.mark.parametrize("per_token", [False, True], ids=["gate_BD", "gate_BLD"])
-def test_narrower_y_and_gate_are_widened_and_y_kept_as_given(backend, per_token, generator):
-    """Autocast's case, bf16 y and gate on an fp32 residual stream: the op on the widened inputs,
-    gradients in each input's dtype, forward mode too, and a backward that holds y itself rather
-    than a widened copy (what the DiT's step saves per block)."""
+def test_narrower_y_and_gate_are_read_as_given_and_y_kept(backend, per_token, generator):
+    """Autocast's case, bf16 y and gate on an fp32 residual stream: the op's values on the widened
+    inputs, gradients in each input's dtype, forward mode too, and a backward that holds y itself
+    rather than a widened copy (what the DiT's step saves per block)."""
     x, y, gate = make_inputs((2, 5, 72), torch.float32, per_token, generator)
     leaves = [x.requires_grad_(), y.bfloat16().requires_grad_(), gate.bfloat16().requires_grad_()]
     saved = []

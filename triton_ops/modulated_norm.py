@@ -59,7 +59,7 @@ def _forward_kernel(
     SCALE,  # (rows // scale_div, D)
     W,  # (D,) or unused
     B,  # (D,) or unused
-    Y,  # (rows, D) output in x's dtype, or its e4m3 codes when QUANTIZE
+    Y,  # (rows, D) output in its own dtype (x's, or the reading layer's), or e4m3 codes when QUANTIZE
     Y_SCALE,  # (rows,) fp32 output when QUANTIZE: y's dequantization scale per row; else unused
     MEAN,  # (rows,) fp32 output, unused when RMS
     RSTD,  # (rows,) fp32 output

@@ -6,7 +6,8 @@
 // - Tensors are contiguous. x-like tensors are (rows, dim) with rows = B * tokens.
 // - A modulation tensor (shift, scale, gate) is per token, (rows, dim), or per batch, (B, dim),
 //   broadcast over the `tokens` rows of each batch.
-// - Reads are 16-byte vectors when dim and every pointer allow it, scalar otherwise.
+// - Reads are 16-byte vectors when dim and every pointer allow it, scalar otherwise (fp16/bf16
+//   operands beside fp32 ones move as 8-byte vectors of as many elements).
 // - Arithmetic in fp32; statistics (mean, rstd) are fp32 arrays of length rows.
 // - Backward reductions over rows are deterministic: the `tokens` rows of each batch are cut into
 //   `chunks_per_batch` chunks of `rows_per_chunk` rows (the last may be shorter); one thread block

@@ -26,7 +26,7 @@ constexpr int kMaxForwardVpt = std::max(std::min(16 / VEC, 8), kMaxVpt<VEC>);
 // Threads per row the forward aims for. One block per row is latency-bound: the bytes in flight on
 // an SM are its resident rows times their size, so a row spread over all the threads it could have
 // (e.g. 288 for DiT's 1152 fp32 columns) leaves 7 rows resident, too few to cover the memory's
-// latency; at most 128 threads holding several vectors each leave about 17 (and issue several
+// latency; at most 128 threads holding several vectors each leave about 14 (and issue several
 // independent loads a thread, and reduce over fewer warps).
 constexpr int64_t kForwardThreadsPerRow = 128;
 

@@ -15,7 +15,7 @@ Public API: :func:`gated_residual`, running the custom op ``fastgen::gated_resid
 ``fastgen::gated_residual_backward``) on the backend chosen per call. y and gate may come in a
 narrower dtype than x (autocast's bf16 outputs on an fp32 residual stream): the kernels read them
 as they are (no widened copies), the backward keeps y as given and writes dy and dgate in their
-inputs' dtypes. In plain
+inputs' dtypes (other mixes of dtypes are computed in fp32 from each input as given). In plain
 eager mode, where a backward will follow and the cpu or cuda backend runs, the op records its
 autograd in C++ (``fastgen_C::gated_residual``, the same kernels: no Python between them). A
 create_graph=True backward differentiates again (the reference's ops instead of the kernels).
@@ -109,7 +109,18 @@ backward_dispatcher = OpDispatcher(
 def gated_residual_op(x: Tensor, y: Tensor, gate: Tensor, y2: Tensor | None = None,
                       gate2: Tensor | None = None) -> Tensor:
     """x + gate * y (+ gate2 * y2), in x's dtype."""
+    _check_second_term(x, y2, gate2)
     return forward_dispatcher(x, y, gate, y2, gate2)
+
+
+def _check_second_term(x: Tensor, y2: Tensor | None, gate2: Tensor | None) -> None:
+    """The op's optional second term (the tangent rule's): both or neither, shaped as y and gate."""
+    op = "gated_residual"
+    if (y2 is None) != (gate2 is None):
+        raise ValueError(f"{op}: y2 and gate2 come together, got only {'y2' if gate2 is None else 'gate2'}")
+    if y2 is not None:
+        _checks.like_x(op, "y2", y2, x, [tuple(x.shape)], any_float=True)
+        _checks.modulation(op, "gate2", gate2, x, any_float=True)
 
 
 @torch.library.custom_op("fastgen::gated_residual_backward", mutates_args=())
