@@ -34,9 +34,10 @@ Public API: :func:`attention` (differentiable in q, k, v, forward mode included)
 ``fastgen::attention_tangent`` (tO given the forward's O and lse, the jvp rule of
 ``torch.func.jvp`` and forward-mode AD; or given O alone, SDPA's in the one-pass step).
 Backends: triton (GPU; the interpreter in tests), cpu (PyTorch's fused CPU flash kernel for
-forward and backward; the JVP formula above, in blocks of queries), reference (plain PyTorch in fp32, materializing S). On CUDA tensors with no backend
-forced, :func:`attention` outside forward-mode AD is PyTorch's SDPA where it has the mask
-(:func:`sdpa_runs_it`): faster than our Triton forward and backward on Hopper.
+forward and backward; the JVP formula above, in blocks of queries), reference (plain PyTorch in
+fp32, materializing S). On CUDA tensors with no backend forced, :func:`attention` outside
+forward-mode AD is PyTorch's SDPA where it has the mask (:func:`sdpa_runs_it`): faster than our
+Triton forward and backward on Hopper.
 """
 
 from __future__ import annotations
