@@ -23,12 +23,13 @@ constexpr int kMaxVpt = static_cast<int>(ceil_div(kMaxDim, int64_t{VEC} * kMaxTh
 template <int VEC>
 constexpr int kMaxForwardVpt = std::max(std::min(16 / VEC, 8), kMaxVpt<VEC>);
 
-// Threads per row the forward aims for. One block per row is latency-bound: the bytes in flight on
-// an SM are its resident rows times their size, so a row spread over all the threads it could have
-// (e.g. 288 for DiT's 1152 fp32 columns) leaves 7 rows resident, too few to cover the memory's
-// latency; at most 128 threads holding several vectors each leave about 14 (and issue several
-// independent loads a thread, and reduce over fewer warps).
-constexpr int64_t kForwardThreadsPerRow = 128;
+// Threads per row the kernels aim for. A block working on one row at a time is latency-bound: the
+// bytes in flight on an SM are its resident blocks' rows, so a row spread over all the threads it
+// could have (e.g. 288 for DiT's 1152 fp32 columns) leaves 7 forward blocks resident (3 backward
+// ones, by registers), too few to cover the memory's latency; at most 128 threads holding several
+// vectors each leave about 14 (6), issue several independent loads a thread and reduce over
+// fewer warps.
+constexpr int64_t kThreadsPerRow = 128;
 
 struct RowTiling {
   int vpt;      // vectors per thread
@@ -275,7 +276,7 @@ cudaError_t launch_modulated_norm_forward(const ModulatedNormForwardArgs& args,
         using T = typename decltype(type_tag)::type;
         using O = typename decltype(out_tag)::type;
         constexpr int VEC = decltype(vec_tag)::value;
-        const RowTiling tiling = row_tiling(args.dim / VEC, kMaxForwardVpt<VEC>, kForwardThreadsPerRow);
+        const RowTiling tiling = row_tiling(args.dim / VEC, kMaxForwardVpt<VEC>, kThreadsPerRow);
         return dispatch_vpt<kMaxForwardVpt<VEC>>(tiling.vpt, [&](auto vpt_tag) {
           constexpr int VPT = decltype(vpt_tag)::value;
           modulated_norm_forward_kernel<T, O, VEC, VPT>
@@ -305,8 +306,8 @@ cudaError_t launch_modulated_norm_backward(const ModulatedNormBackwardArgs& args
         using T = typename decltype(type_tag)::type;
         using G = typename decltype(grad_tag)::type;
         constexpr int VEC = decltype(vec_tag)::value;
-        // the widest block (the fewest registers a thread: it holds five sums per vector)
-        const RowTiling tiling = row_tiling(args.dim / VEC, kMaxVpt<VEC>, kMaxThreads);
+        // at most kMaxVpt vectors a thread (two at fp32, one at 16 bits): it holds five sums a vector
+        const RowTiling tiling = row_tiling(args.dim / VEC, kMaxVpt<VEC>, kThreadsPerRow);
         return dispatch_vpt<kMaxVpt<VEC>>(tiling.vpt, [&](auto vpt_tag) {
           return dispatch_bool(args.shift_per_token, [&](auto shift_tag) {
             return dispatch_bool(args.scale_per_token, [&](auto scale_tag) {
