@@ -6,7 +6,8 @@ forward+backward also reads grad_out and x and writes dx; the JVP (forward-mode 
 and scale, no grad) also reads tx and writes ty. The (B, D) modulation is negligible. The JVP's
 peer is PyTorch's forward-mode AD through the eager composition; its tangent is our Triton kernel
 on the triton backend and the PyTorch formula on the others (torch.compile does not trace dual
-tensors: no compile row).
+tensors: no compile row). ``test_modulated_layer_norm_graphed`` (GPU) times the same calls as
+CUDA-graph replays: the kernels' own time.
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ def fused(x, shift, scale):
     return fk.modulated_layer_norm(x, shift, scale)
 
 
+BYTES_PER_ELEMENT = {"forward": 2, "forward_backward": 5, "jvp": 4}
+
+
 @pytest.mark.parametrize("provider", ALL_PROVIDERS)
 @pytest.mark.parametrize("mode", ["forward", "forward_backward", "jvp"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -43,6 +47,44 @@ def test_modulated_layer_norm(benchmark, device, shape, dtype, mode, provider):
     if mode == "jvp" and provider == "compile":
         pytest.skip("torch.compile does not trace forward-mode AD")
     fn, backend = pick_provider(provider, device, eager, _compiled, fused)
+    step, n, itemsize = stepper(device, shape, dtype, mode)
+    B, L, D = shape
+    benchmark.group = f"modulated_layer_norm {device} {dtype} {mode} {B}x{L}x{D}"
+    run(benchmark, lambda: step(fn, backend), device,
+        peer_key=(device, shape, dtype, mode), peer_fn=lambda: step(eager, None),
+        bytes_moved=BYTES_PER_ELEMENT[mode] * n * itemsize,
+        op="modulated_layer_norm", provider=provider, dtype=str(dtype), mode=mode, shape=list(shape))
+
+
+@pytest.mark.parametrize("provider", ["eager", "compile", "cuda", "triton"])
+@pytest.mark.parametrize("mode", ["forward", "forward_backward", "jvp"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_modulated_layer_norm_graphed(benchmark, device, shape, dtype, mode, provider):
+    """The same calls replayed from a CUDA graph (``conftest.Graphed``, mode ``<mode>_graph``): the
+    kernels' time, whose GB/s against the copy bandwidth says how far these row kernels are from
+    the memory's rate (one call at a time these sizes are bound by the host)."""
+    if device != "cuda":
+        pytest.skip("CUDA graphs need a GPU")
+    if mode == "jvp" and provider == "compile":
+        pytest.skip("torch.compile does not trace forward-mode AD")
+    fn, backend = pick_provider(provider, device, eager, _compiled, fused)
+    step, n, itemsize = stepper(device, shape, dtype, mode)
+    B, L, D = shape
+
+    def graphed(fn, backend):
+        step(fn, backend)  # compile before the capture
+        return Graphed(lambda: step(fn, backend))
+
+    benchmark.group = f"modulated_layer_norm {device} {dtype} {mode}_graph {B}x{L}x{D}"
+    run(benchmark, graphed(fn, backend), device, peer_key=(device, shape, dtype, mode, "graphed"),
+        peer_fn=graphed(eager, None), bytes_moved=BYTES_PER_ELEMENT[mode] * n * itemsize,
+        op="modulated_layer_norm", provider=provider, dtype=str(dtype), mode=f"{mode}_graph", shape=list(shape))
+
+
+def stepper(device: str, shape: tuple, dtype: torch.dtype, mode: str):
+    """(step(fn, backend): one call of ``mode`` on the next of the rotating input sets, under
+    ``backend``; the elements of x; their item size)."""
     B, L, D = shape
     itemsize = torch.empty(0, dtype=dtype).element_size()
     n = B * L * D
@@ -67,11 +109,7 @@ def test_modulated_layer_norm(benchmark, device, shape, dtype, mode, provider):
             if mode == "forward_backward":
                 torch.autograd.grad(y, (x, shift, scale), grad)
 
-    benchmark.group = f"modulated_layer_norm {device} {dtype} {mode} {B}x{L}x{D}"
-    run(benchmark, lambda: step(fn, backend), device,
-        peer_key=(device, shape, dtype, mode), peer_fn=lambda: step(eager, None),
-        bytes_moved={"forward": 2, "forward_backward": 5, "jvp": 4}[mode] * n * itemsize,
-        op="modulated_layer_norm", provider=provider, dtype=str(dtype), mode=mode, shape=list(shape))
+    return step, n, itemsize
 
 
 def unfused_fp8(x, shift, scale):
