@@ -1,7 +1,7 @@
 """Several processes: ``torchrun --nproc_per_node=N`` with DDP or FSDP2.
 
 ``init()`` joins the process group torchrun describes in the environment (nccl on GPUs, gloo on
-CPUs) and says which device this rank uses. Networks are wrapped per trainable network of a
+CPUs), to be destroyed at the process's exit, and says which device this rank uses. Networks are wrapped per trainable network of a
 method: DDP (``find_unused_parameters``, since a method may leave part of a network out of a step,
 e.g. a flow map's r-embedding; buffers are constants and are not broadcast), or FSDP2
 (``fully_shard`` on every block of ``net.blocks``, then on the network). State goes through
@@ -11,6 +11,7 @@ FSDP2 modules alike, so checkpoints do not depend on the number of processes.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import inspect
 import os
@@ -36,12 +37,20 @@ def init(device: str | None = None) -> tuple[int, int, torch.device]:
         return 0, 1, torch.device(device_type, 0) if device_type == "cuda" else torch.device(device_type)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+        # destroyed at exit, before the interpreter tears down: a group left to its destructor then
+        # can abort the process ("terminate called without an active exception": gloo's threads)
+        atexit.register(_destroy_process_group)
     rank, world = dist.get_rank(), dist.get_world_size()
     if device_type == "cuda":
         local = int(os.environ.get("LOCAL_RANK", 0))
         torch.cuda.set_device(local)
         return rank, world, torch.device("cuda", local)
     return rank, world, torch.device(device_type)
+
+
+def _destroy_process_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def world_size() -> int:
