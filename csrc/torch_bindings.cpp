@@ -68,8 +68,8 @@ bool kernel_dtype_pair(at::ScalarType wide, at::ScalarType narrow) {
 
 // The backward kernels' row chunks for tensors on x's device. On a GPU about eight per SM: a
 // block walks its chunk's rows one after another, so the rows in flight are the blocks resident
-// at once, and the default 256 chunks left about two per SM of an H100/H200 (a latency-bound
-// kernel). On the CPU row_chunks' default.
+// at once, and the default 256 chunks left about two per SM of an H100/H200, too few to cover the
+// memory's latency (occupancy arithmetic, to be measured). On the CPU row_chunks' default.
 RowChunks device_row_chunks(const Tensor& x, int64_t batch, int64_t tokens) {
 #ifdef FASTGEN_WITH_CUDA
   int sms = 0;

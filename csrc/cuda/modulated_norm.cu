@@ -23,12 +23,12 @@ constexpr int kMaxVpt = static_cast<int>(ceil_div(kMaxDim, int64_t{VEC} * kMaxTh
 template <int VEC>
 constexpr int kMaxForwardVpt = std::max(std::min(16 / VEC, 8), kMaxVpt<VEC>);
 
-// Threads per row the kernels aim for. A block working on one row at a time is latency-bound: the
-// bytes in flight on an SM are its resident blocks' rows, so a row spread over all the threads it
-// could have (e.g. 288 for DiT's 1152 fp32 columns) leaves 7 forward blocks resident (3 backward
-// ones, by registers), too few to cover the memory's latency; at most 128 threads holding several
+// Threads per row the kernels aim for. Blocks that work on one row at a time cover the memory's
+// latency only with enough of them resident: the bytes in flight on an SM are their rows. A row
+// spread over all the threads it could have (e.g. 288 for DiT's 1152 fp32 columns) leaves 7
+// forward blocks resident (3 backward ones, by registers); at most 128 threads holding several
 // vectors each leave about 14 (6), issue several independent loads a thread and reduce over
-// fewer warps.
+// fewer warps. (Occupancy arithmetic; to be measured: bench/bench_modulated_norm.py's graphed rows.)
 constexpr int64_t kThreadsPerRow = 128;
 
 struct RowTiling {
