@@ -144,11 +144,16 @@ def test_norm_writes_the_layers_autocast_dtype(path, backend, generator):
     if backend == "triton" or (backend == "cpu" and path != "one_pass"):
         assert not converted, converted
     assert out.dtype == torch.bfloat16
+    # exact, but where Triton's interpreter truncates the norm's output to bf16 (a GPU rounds): an
+    # ulp of it before a GEMM over D, errors on the scale of the output's largest entries
     exact = not (backend == "triton" and interpreting_triton())
-    torch.testing.assert_close(out, ref, rtol=0 if exact else 2e-2, atol=0 if exact else 2e-2)
+    atol = 0 if exact else 1e-2 * ref.float().abs().max().item()
+    torch.testing.assert_close(out, ref, rtol=0 if exact else 2e-2, atol=atol)
     if tangent is not None:
         assert tangent.dtype == torch.bfloat16
-        torch.testing.assert_close(tangent.float(), ref_tangent.float(), rtol=2e-2, atol=2e-2)
+        # bf16 rounding of the norm's tangent (the interpreter's truncation too), before a GEMM
+        scale = ref_tangent.float().abs().max().item()
+        torch.testing.assert_close(tangent.float(), ref_tangent.float(), rtol=2e-2, atol=1e-2 * scale)
     for got, expected in zip(grads, ref_grads):
         torch.testing.assert_close(got, expected, rtol=2e-2, atol=1e-2 * expected.abs().max().item())
 
