@@ -252,8 +252,13 @@ def test_bad_input(generator):
         args = dict(x=x, weight=wq, weight_scale=ws) | override
         with pytest.raises(error, match=message.replace("(", r"\(").replace(")", r"\)")), torch.no_grad():
             fk.ops.fp8_linear(args.pop("x"), args.pop("weight"), args.pop("weight_scale"), **args)
-    with pytest.raises(RuntimeError, match="inference only"):
+    with pytest.raises(RuntimeError, match="inference only, it has no backward"):
         fk.ops.fp8_linear(x.clone().requires_grad_(), wq, ws)
+    # forward-mode AD would take the output as a constant: a zero tangent, silently
+    with pytest.raises(RuntimeError, match="inference only, it has no forward-mode derivative"):
+        torch.func.jvp(lambda v: fk.ops.fp8_linear(v, wq, ws), (x,), (torch.ones_like(x),))
+    with torch.autograd.forward_ad.dual_level(), pytest.raises(RuntimeError, match="no forward-mode derivative"):
+        fk.ops.fp8_linear(torch.autograd.forward_ad.make_dual(x, torch.ones_like(x)), wq, ws)
 
 
 def test_epilogue_combinations_compile_away(generator):

@@ -354,12 +354,28 @@ def test_a_diverged_sample_stays_nan(case, backend, generator):
     assert loss[0].isnan() and loss[1].isfinite()
 
 
+@pytest.mark.parametrize("custom_op_path", [False, True], ids=["eager", "custom_op"])
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("case", list(CASES))
+def test_second_derivative_raises(case, backend, custom_op_path, generator, monkeypatch):
+    """A create_graph=True backward would need the derivative of the kernels' saved factors,
+    which they do not have: it raises on every path (the native C++ autograd, the Python one, the
+    custom op) instead of returning a gradient that differentiates as if they were constants (a
+    VSD gradient's own derivative came back silently wrong that way)."""
+    spec = CASES[case]
+    inputs = spec.make_inputs((2, 3, 5), torch.float32, generator)
+    first = inputs[spec.differentiable[0]].requires_grad_()
+    if custom_op_path:
+        monkeypatch.setattr(_eager_op, "plain_eager", lambda args: False)
+    with fk.use_backend(backend), pytest.raises(RuntimeError, match="no second derivative"):
+        (grad,) = torch.autograd.grad(spec.fn(**inputs, **spec.kwargs), first, create_graph=True)
+        torch.autograd.grad((grad * first).sum(), first)
+
+
 @pytest.mark.parametrize("backend", cpu_backends())
 @pytest.mark.parametrize("case, wrt", [("denoising", "weight"), ("scm", "logvar")])
 def test_second_derivative_through_per_sample_gradients_raises(case, wrt, backend, generator):
-    """d/dx of the gradient with respect to a weight (or sCM's log-variance) would need the
-    derivative of the kernels' saved factors, which they do not have: it raises on every path
-    instead of coming back as zero."""
+    """The same through the gradient of a weight (or sCM's log-variance)."""
     spec = CASES[case]
     inputs = spec.make_inputs((2, 3, 5), torch.float32, generator)
     first = inputs[spec.differentiable[0]].requires_grad_()
@@ -367,6 +383,23 @@ def test_second_derivative_through_per_sample_gradients_raises(case, wrt, backen
     with fk.use_backend(backend), pytest.raises(RuntimeError, match="no second derivative"):
         (grad,) = torch.autograd.grad(spec.fn(**inputs, **spec.kwargs), other, create_graph=True)
         torch.autograd.grad(grad.sum(), first)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_forward_mode_raises(case, generator):
+    """The losses have no forward-mode rule: torch.func.jvp (which would take the custom op's
+    result as a constant, a zero tangent) and a dual input both raise."""
+    spec = CASES[case]
+    inputs = spec.make_inputs((2, 3, 5), torch.float32, generator)
+    name = spec.differentiable[0]
+
+    def loss_of(value):
+        return spec.fn(**(inputs | {name: value}), **spec.kwargs)
+
+    with pytest.raises(RuntimeError, match="forward-mode"):
+        torch.func.jvp(loss_of, (inputs[name],), (torch.ones_like(inputs[name]),))
+    with pytest.raises(RuntimeError, match="forward-mode|jvp is not implemented"), torch.autograd.forward_ad.dual_level():
+        loss_of(torch.autograd.forward_ad.make_dual(inputs[name], torch.ones_like(inputs[name])))
 
 
 def test_native_loss_under_compiled_autograd(generator):

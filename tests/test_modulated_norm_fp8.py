@@ -104,5 +104,7 @@ def test_bad_input(generator):
         fk.modulated_layer_norm_fp8(x.int(), shift, scale)
     with pytest.raises(ValueError, match="eps must be a positive number"):
         fk.modulated_layer_norm_fp8(x, shift, scale, eps=0.0)
+    with pytest.raises(RuntimeError, match="no forward-mode derivative"):
+        torch.func.jvp(lambda v: fk.modulated_layer_norm_fp8(v, shift, scale), (x,), (torch.ones_like(x),))
     with pytest.raises(RuntimeError, match="inference only"):
         fk.modulated_layer_norm_fp8(x.requires_grad_(), shift, scale)

@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch._C._functorch import TransformType
+from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 
 _PLAIN_TYPES = (Tensor, torch.nn.Parameter)
 
@@ -38,10 +40,36 @@ def plain_eager(args: tuple) -> bool:
             and all(type(a) in _PLAIN_TYPES for a in args if isinstance(a, Tensor)))
 
 
+def functorch_jvp_active() -> bool:
+    """True inside torch.func.jvp (or jacfwd, hessian), at any depth of nested transforms."""
+    return torch._C._are_functorch_transforms_active() and any(
+        interpreter.key() == TransformType.Jvp for interpreter in retrieve_all_functorch_interpreters())
+
+
+def carries_tangent(args: tuple) -> bool:
+    """True when forward-mode AD would want a tangent of the call: inside torch.func.jvp, or a
+    tensor argument is dual (``torch.autograd.forward_ad``)."""
+    if functorch_jvp_active():
+        return True
+    return torch.autograd.forward_ad._current_level >= 0 and any(
+        isinstance(a, Tensor) and torch.autograd.forward_ad.unpack_dual(a).tangent is not None for a in args)
+
+
 def records_grad(args: tuple) -> bool:
     """True when backward-mode autograd records the call: grad mode is on and a tensor argument
     requires grad."""
     return torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args)
+
+
+def check_inference_only(op: str, args: tuple) -> None:
+    """Raises where autograd of either mode would see a call of inference-only op ``op`` (one
+    without a derivative, whose result would otherwise come back as a constant)."""
+    if records_grad(args):
+        raise RuntimeError(f"{op}: inference only, it has no backward; call it under torch.no_grad() "
+                           "or torch.inference_mode()")
+    if carries_tangent(args):
+        raise RuntimeError(f"{op}: inference only, it has no forward-mode derivative (an input's tangent "
+                           "would be dropped)")
 
 
 def no_autograd(args: tuple) -> bool:
@@ -100,6 +128,10 @@ class EagerOp:
                 "forward": staticmethod(function_forward), "backward": staticmethod(backward)})
 
     def __call__(self, *args):
+        if self.function is not None and functorch_jvp_active():
+            # torch.func.jvp would take the custom op's outputs as constants (a zero tangent)
+            raise RuntimeError(f"{self.op.__name__}: the fused op has no forward-mode derivative "
+                               "(torch.func.jvp / jacfwd)")
         if not plain_eager(args) or (self.function is None and records_grad(args)):
             # an op without autograd where autograd would record it (a backward with
             # create_graph=True): the custom op, which says it has no derivative

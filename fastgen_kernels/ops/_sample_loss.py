@@ -50,12 +50,12 @@ def setup_loss_context(ctx, saved: Tensor) -> None:
     ctx.mark_non_differentiable(saved)
 
 
-def check_first_order(op: str, needs_per_sample_gradient: bool) -> None:
-    """In a loss op's backward: the gradient of a weight or of sCM's log-variance is
-    grad * saved factor, and the factors come from the kernels without a derivative of their
-    own, so a create_graph=True backward that makes one raises instead of returning a gradient
-    that would differentiate as if the factors were constants."""
-    if needs_per_sample_gradient and torch.is_grad_enabled():
+def check_first_order(op: str) -> None:
+    """In a loss op's backward: the gradients are grad * saved factor * (inputs), and the factors
+    come from the kernels without a derivative of their own, so a create_graph=True backward raises
+    instead of returning gradients that would differentiate as if the factors were constants (as
+    the native C++ autograd does, ``loss_gradient_flows``)."""
+    if torch.is_grad_enabled():
         raise RuntimeError(f"{op}: the fused loss has no second derivative (create_graph=True)")
 
 

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from fastgen_kernels.backends import OpDispatcher
 from fastgen_kernels.ops import _checks
-from fastgen_kernels.ops._eager_op import EagerOp, records_grad
+from fastgen_kernels.ops._eager_op import EagerOp, check_inference_only
 
 E4M3_MAX = 448.0  # the largest finite float8_e4m3fn
 MIN_AMAX = 1e-12  # an all-zero row gets this absolute maximum: finite scales, zero codes
@@ -226,9 +226,7 @@ def fp8_linear(x: Tensor, weight: Tensor, weight_scale: Tensor, *, bias: Tensor 
         if tuple(residual.shape) != out_shape:
             raise ValueError(f"{op}: residual must have the output's shape {out_shape}, got {tuple(residual.shape)}")
         residual = residual.reshape(M, N)
-    if records_grad((x, bias, gate, residual)):
-        raise RuntimeError(f"{op}: inference only, it has no backward; call it under torch.no_grad() "
-                           "or torch.inference_mode()")
+    check_inference_only(op, (x, bias, gate, residual))
 
     x2d = x.reshape(M, K)
     if not quantized and fp8_supported(x.device):

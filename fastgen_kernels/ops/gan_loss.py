@@ -131,6 +131,7 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, grad, _grad_saved):
     x, saved = ctx.saved_tensors
+    sl.check_first_order("gan_loss")
     dx = None
     if ctx.needs_input_grad[0]:
         dx = softplus_loss_backward_eager(x, ctx.negative, saved[:, 0], grad)

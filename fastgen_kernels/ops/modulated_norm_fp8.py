@@ -22,7 +22,7 @@ from torch import Tensor
 
 from fastgen_kernels.backends import OpDispatcher
 from fastgen_kernels.ops import _checks
-from fastgen_kernels.ops._eager_op import EagerOp, records_grad
+from fastgen_kernels.ops._eager_op import EagerOp, check_inference_only
 from fastgen_kernels.ops.fp8_linear import fp8_supported, reference_quantize_rows
 from fastgen_kernels.ops.modulated_norm import _check, reference_forward
 
@@ -73,9 +73,7 @@ def modulated_layer_norm_fp8(x: Tensor, shift: Tensor, scale: Tensor, weight: Te
     x_scale=scales)``. Arguments as :func:`modulated_layer_norm`. Inference only."""
     op = "modulated_layer_norm_fp8"
     _check(op, x, shift, scale, weight, bias, eps)
-    if records_grad((x, shift, scale, weight, bias)):
-        raise RuntimeError(f"{op}: inference only, it has no backward; call it under torch.no_grad() "
-                           "or torch.inference_mode()")
+    check_inference_only(op, (x, shift, scale, weight, bias))
     return _modulated_norm_fp8(x, shift, scale, weight, bias, float(eps), False)
 
 

@@ -151,7 +151,7 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, grad, _grad_saved):
     *inputs, saved = ctx.saved_tensors
-    sl.check_first_order("scm_loss", ctx.needs_input_grad[6])
+    sl.check_first_order("scm_loss")
     dF = dlogvar = None
     if ctx.needs_input_grad[0]:
         dF = scm_loss_backward_eager(*inputs, saved[:, 2:], saved[:, 0], grad)

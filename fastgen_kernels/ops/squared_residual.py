@@ -153,7 +153,7 @@ def _setup_context(ctx, inputs, output) -> None:
 def _backward(ctx, grad, _grad_saved):
     a, b, c, k, saved = ctx.saved_tensors
     needs_a, needs_b, _, _, needs_weight = ctx.needs_input_grad[:5]
-    sl.check_first_order("squared_residual_loss", needs_weight)
+    sl.check_first_order("squared_residual_loss")
     da = db = dweight = None
     if needs_a or needs_b:
         da, db = squared_residual_backward_eager(a, b, c, k, saved[:, 0], grad, needs_b)

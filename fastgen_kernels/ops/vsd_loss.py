@@ -111,6 +111,7 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, grad, _grad_saved):
     teacher, fake, saved = ctx.saved_tensors
+    sl.check_first_order("vsd_loss")
     dx = None
     if ctx.needs_input_grad[0]:
         dx = vsd_loss_backward_eager(fake, teacher, saved[:, 0], grad)
