@@ -463,9 +463,18 @@ def test_resume_continues_the_same_trajectory(tmp_path):
         assert torch.equal(a, b)
     lines = (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["iteration"] for line in lines] == list(range(12))
-    for folder in ("student", "student_ema0.9", "student_ema0.99"):
-        loaded = fk.Denoiser.from_pretrained(tmp_path / "split" / folder, net=ToyNet())
-        assert loaded.schedule.name == "trig" and loaded.distilled
+    exported = {}
+    for run in ("full", "split"):
+        for folder in ("student", "student_ema0.9", "student_ema0.99"):
+            loaded = fk.Denoiser.from_pretrained(tmp_path / run / folder, net=ToyNet())
+            assert loaded.schedule.name == "trig" and loaded.distilled
+            exported[run, folder] = loaded.net.state_dict()
+    for folder in ("student", "student_ema0.9", "student_ema0.99"):  # the EMA, too, continues
+        for a, b in zip(exported["full", folder].values(), exported["split", folder].values()):
+            assert torch.equal(a, b)
+    for folder in ("student_ema0.9", "student_ema0.99"):  # the averages, not the last weights
+        assert any(not torch.equal(a, b) for a, b in zip(exported["split", folder].values(),
+                                                          exported["split", "student"].values()))
 
 
 KILLED_RUN = r"""

@@ -278,7 +278,9 @@ class Trainer:
         states = {}
         for k, decay in enumerate(self.ema.decays if self.ema else ()):
             with self.ema.applied(k):
-                states[f"ema{k}"] = parallel.model_state(student)
+                # copies: for parameters already on the CPU the state's tensors are the parameters
+                # themselves, which get their training values back when the block exits
+                states[f"ema{k}"] = {name: value.clone() for name, value in parallel.model_state(student).items()}
         return states
 
     def save(self, iteration: int) -> None:
