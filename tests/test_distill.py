@@ -477,6 +477,40 @@ def test_resume_continues_the_same_trajectory(tmp_path):
                                                           exported["split", "student"].values()))
 
 
+def test_a_fresh_run_replaces_the_earlier_runs_checkpoints(tmp_path):
+    """resume=False: the earlier run's checkpoints go (a later resume would load them, and pruning
+    would delete the new run's own); resuming a checkpoint beyond the iterations asked for raises."""
+    _run(tmp_path, 8, resume=False)
+    with pytest.warns(UserWarning, match="deleted 2 checkpoints of an earlier run"):
+        _run(tmp_path, 4, resume=False)
+    assert [p.name for p in sorted((tmp_path / "checkpoints").iterdir())] == ["checkpoint-00000004.safetensors"]
+    _run(tmp_path, 8, resume=False)
+    with pytest.raises(ValueError, match="at iteration 8, beyond trainer.iterations 4"):
+        _run(tmp_path, 4, resume=True)
+
+
+@pytest.mark.parametrize("override, message", [
+    (dict(iterations=-1), "trainer.iterations must be >= 0"),
+    (dict(batch_size=0), "trainer.batch_size must be >= 1"),
+    (dict(grad_accumulation=0), "trainer.grad_accumulation must be >= 1"),
+    (dict(log_every=0), "trainer.log_every must be >= 1"),
+    (dict(checkpoint_every=0), "trainer.checkpoint_every must be >= 1"),
+    (dict(keep_checkpoints=0), "trainer.keep_checkpoints must be >= 1"),
+    (dict(optimizer=dict(lr=0.0)), "optimizer.lr must be > 0"),
+    (dict(optimizer=dict(learning_rates={"fake_score": -1.0})), "optimizer.learning_rates.fake_score must be > 0"),
+    (dict(optimizer=dict(min_lr_ratio=1.5)), r"optimizer.min_lr_ratio must be in \[0, 1\]"),
+    (dict(optimizer=dict(warmup_iterations=-2)), "optimizer.warmup_iterations must be >= 0"),
+    (dict(optimizer=dict(clip_grad_norm=0.0)), "optimizer.clip_grad_norm must be > 0 or None"),
+    (dict(optimizer=dict(betas=(0.9, 1.0))), r"optimizer.betas must be in \[0, 1\)"),
+])
+def test_bad_trainer_settings_raise_before_training(override, message):
+    """Each would otherwise fail mid-run (a division by zero at the first log, a pruning error
+    after the first checkpoint) or train nonsense."""
+    optimizer = override.pop("optimizer", None)
+    with pytest.raises(ValueError, match=message):
+        TrainerConfig(**override, **({"optimizer": OptimizerConfig(**optimizer)} if optimizer else {}))
+
+
 KILLED_RUN = r"""
 import sys, time
 sys.path.insert(0, {tests!r})

@@ -188,10 +188,18 @@ def prune_checkpoints(directory: str | os.PathLike, keep: int) -> list[Path]:
         raise TypeError(f"prune_checkpoints: keep must be an int, got {type(keep).__name__}")
     if keep < 1:  # 0 would delete the checkpoint a trainer has just written
         raise ValueError(f"prune_checkpoints: keep must be >= 1, got {keep}")
-    stale = _checkpoints(directory)[:-keep]
-    for p in stale:
+    return _delete(_checkpoints(directory)[:-keep])
+
+
+def delete_checkpoints(directory: str | os.PathLike) -> list[Path]:
+    """Delete every checkpoint in ``directory``; return the deleted."""
+    return _delete(_checkpoints(directory))
+
+
+def _delete(paths: list[Path]) -> list[Path]:
+    for p in paths:
         p.unlink()
-    return stale
+    return paths
 
 
 def _check_keys(function: str, name: str, value: object, keys: set[str], why: str = "") -> None:

@@ -57,6 +57,21 @@ class OptimizerConfig:
     min_lr_ratio: float = 0.0
     clip_grad_norm: float | None = 1.0
 
+    def __post_init__(self) -> None:
+        _check_at_least("optimizer", self, ("warmup_iterations", 0))
+        for name, value in (("lr", self.lr), ("eps", self.eps),
+                            *((f"learning_rates.{k}", v) for k, v in self.learning_rates.items())):
+            if not value > 0:
+                raise ValueError(f"optimizer.{name} must be > 0, got {value}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"optimizer.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.weight_decay < 0:
+            raise ValueError(f"optimizer.weight_decay must be >= 0, got {self.weight_decay}")
+        if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
+            raise ValueError(f"optimizer.clip_grad_norm must be > 0 or None (no clipping), got {self.clip_grad_norm}")
+        if not all(0 <= beta < 1 for beta in self.betas):
+            raise ValueError(f"optimizer.betas must be in [0, 1), got {self.betas}")
+
 
 @dataclass(frozen=True)
 class TrainerConfig:
@@ -76,6 +91,18 @@ class TrainerConfig:
     cuda_graph: bool = False              # replay each micro-batch's forward + backward from a CUDA graph
     wandb_project: str | None = None      # log to Weights & Biases too (if installed)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+
+    def __post_init__(self) -> None:
+        # checked here, not where a value is first used: some of them only after a checkpoint
+        _check_at_least("trainer", self, ("iterations", 0), ("batch_size", 1), ("grad_accumulation", 1),
+                        ("checkpoint_every", 1), ("keep_checkpoints", 1), ("log_every", 1))
+
+
+def _check_at_least(prefix: str, config: Any, *fields: tuple[str, int]) -> None:
+    for name, low in fields:
+        value = getattr(config, name)
+        if value < low:
+            raise ValueError(f"{prefix}.{name} must be >= {low}, got {value}")
 
 
 def learning_rate_factor(config: OptimizerConfig, iteration: int, iterations: int) -> float:
@@ -209,7 +236,7 @@ class Trainer:
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
             save_yaml(self.config_record, self.out / "config.yaml")
-        start = self.resume() if cfg.resume else 0
+        start = self.resume() if cfg.resume else self._start_fresh()
         log = self._open_log(start)
         self._start_wandb()
         show = cfg.progress if cfg.progress is not None else sys.stderr.isatty()
@@ -306,12 +333,32 @@ class Trainer:
         if parallel.world_size() > 1:
             torch.distributed.barrier()
 
+    def _start_fresh(self) -> int:
+        """resume=False: this run replaces an earlier one in its output folder, its checkpoints too
+        (left there, a later resume would load them, and pruning would delete this run's)."""
+        if self.rank == 0:
+            stale = ckpt.delete_checkpoints(self.out / "checkpoints")
+            if stale:
+                warnings.warn(f"resume=False: deleted {len(stale)} checkpoints of an earlier run in "
+                              f"{self.out / 'checkpoints'}", stacklevel=2)
+        if parallel.world_size() > 1:
+            torch.distributed.barrier()
+        return 0
+
     def resume(self) -> int:
         """Loads the newest checkpoint in the output folder, if any; the iteration to start at."""
         path = ckpt.latest_checkpoint(self.out / "checkpoints")
         if path is None:
             return 0
         groups, meta = ckpt.load_checkpoint(path)
+        if meta["iteration"] > self.config.iterations:
+            raise ValueError(f"resume: {path} is at iteration {meta['iteration']}, beyond trainer.iterations "
+                             f"{self.config.iterations}; raise iterations, or start over with trainer.resume=false")
+        missing = [name for name in self.names if f"model.{name}" not in groups]
+        if missing:
+            raise ValueError(f"resume: {path} holds no {', '.join(missing)} (networks "
+                             f"{sorted(g[6:] for g in groups if g.startswith('model.'))}): another method's run? "
+                             "Use another output_dir, or start over with trainer.resume=false")
         student = self.method.network("student")
         if self.ema is not None:
             if list(self.ema.decays) != meta["ema_decays"]:
