@@ -16,7 +16,9 @@ checkpoints.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import platform
+from collections.abc import Iterator
 
 import torch
 
@@ -69,16 +71,34 @@ def info() -> str:
     return "\n".join(lines)
 
 
+class UsageError(Exception):
+    """What the user gave (a config, an override, a folder) is wrong: printed without a traceback."""
+
+
+@contextlib.contextmanager
+def _user_input() -> Iterator[None]:
+    """Errors raised inside the block come from the command line's arguments: UsageError."""
+    try:
+        yield
+    except (ValueError, TypeError, OSError) as error:
+        raise UsageError(str(error)) from error
+
+
 def _train(args: argparse.Namespace) -> int:
     from fastgen_kernels import config as configs
-    from fastgen_kernels.distill.run import RunConfig, run
+    from fastgen_kernels.distill import METHODS
+    from fastgen_kernels.distill.run import RunConfig, prepare
 
-    config = configs.load(RunConfig, args.config, args.overrides)
-    if (config.method == "sft") != (args.command == "train"):
-        raise SystemExit(f"fastgen-kernels {args.command}: method {config.method!r} belongs to "
-                         f"`fastgen-kernels {'train' if config.method == 'sft' else 'distill'}`")
-    out = run(config)
-    print(f"saved to {out}")
+    with _user_input():
+        config = configs.load(RunConfig, args.config, args.overrides)
+        if config.method not in METHODS:
+            raise ValueError(f"method must be one of {sorted(METHODS)}, got {config.method!r}")
+        if (config.method == "sft") != (args.command == "train"):
+            raise ValueError(f"method {config.method!r} belongs to "
+                             f"`fastgen-kernels {'train' if config.method == 'sft' else 'distill'}`")
+        trainer = prepare(config)
+    trainer.train()
+    print(f"saved to {config.trainer.output_dir}")
     return 0
 
 
@@ -89,9 +109,13 @@ def _sample(args: argparse.Namespace) -> int:
     from fastgen_kernels.images import save_grid
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = Denoiser.from_pretrained(args.model, device=device)
+    with _user_input():
+        model = Denoiser.from_pretrained(args.model, device=device)
     cond = None
     if args.label is not None:
+        if model.null_cond is None or not 0 <= args.label < int(model.null_cond):
+            classes = "an unconditional model" if model.null_cond is None else f"classes 0-{int(model.null_cond) - 1}"
+            raise UsageError(f"--label {args.label}: the model has {classes}")
         cond = torch.full((args.batch_size,), args.label, device=device, dtype=torch.long)
     elif model.null_cond is not None:  # class-conditional: cycle through the classes
         cond = torch.arange(args.batch_size, device=device) % int(model.null_cond)
@@ -144,17 +168,24 @@ def main(argv: list[str] | None = None) -> int:
     from fastgen_kernels.demo import add_arguments
 
     add_arguments(command)
-    args = parser.parse_args(argv)
-    if args.command == "info":
-        print(info())
-    elif args.command in ("train", "distill"):
-        return _train(args)
-    elif args.command == "sample":
-        return _sample(args)
-    elif args.command == "bench":
-        return _bench(args)
-    elif args.command == "demo":
-        from fastgen_kernels.demo import demo
+    # overrides may come before and after --config
+    args, extra = parser.parse_known_args(argv)
+    if extra and (args.command not in ("train", "distill") or any(a.startswith("-") for a in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        if args.command == "info":
+            print(info())
+        elif args.command in ("train", "distill"):
+            args.overrides += extra
+            return _train(args)
+        elif args.command == "sample":
+            return _sample(args)
+        elif args.command == "bench":
+            return _bench(args)
+        elif args.command == "demo":
+            from fastgen_kernels.demo import demo
 
-        return demo(args)
+            return demo(args)
+    except UsageError as error:
+        parser.exit(2, f"fastgen-kernels {args.command}: error: {error}\n")
     return 0

@@ -156,11 +156,12 @@ def _join(prefix: str, key: Any) -> str:
     return f"{prefix}.{key}" if prefix else str(key)
 
 
-def from_dict(cls: type[T], data: Mapping[str, Any]) -> T:
-    """An instance of the dataclass ``cls`` from plain data, type-checked (see the module doc)."""
+def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
+    """An instance of the dataclass ``cls`` from plain data, type-checked (see the module doc);
+    errors name keys under the dotted ``prefix`` (where ``data`` sits in a larger config)."""
     if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
         raise TypeError(f"from_dict: cls must be a dataclass type, got {cls!r}")
-    return _build(cls, data, "")
+    return _build(cls, data, prefix)
 
 
 def _plain(value: Any) -> Any:

@@ -45,8 +45,8 @@ def test_train_distill_and_sample_from_the_command_line(tmp_path):
               "device": "cpu"}
     (tmp_path / "teacher.yaml").write_text(yaml.safe_dump(config))
     teacher = tmp_path / "teacher"
-    assert cli.main(["train", "--config", str(tmp_path / "teacher.yaml"), "trainer.iterations=3",
-                     f"trainer.output_dir={teacher}", "trainer.optimizer.lr=1e-3"]) == 0
+    assert cli.main(["train", "trainer.iterations=3", "--config", str(tmp_path / "teacher.yaml"),
+                     f"trainer.output_dir={teacher}", "trainer.optimizer.lr=1e-3"]) == 0   # before and after
     resolved = yaml.safe_load((teacher / "config.yaml").read_text())
     assert resolved["trainer"]["iterations"] == 3 and resolved["trainer"]["optimizer"]["lr"] == 1e-3
     assert (teacher / "checkpoints" / "checkpoint-00000003.safetensors").exists()
@@ -59,6 +59,9 @@ def test_train_distill_and_sample_from_the_command_line(tmp_path):
                      "trainer.progress=false", f"trainer.output_dir={student}", "device=cpu",
                      "method_options.student_every=2"]) == 0
     assert fk.Denoiser.from_pretrained(student / "student").distilled
+    resolved = yaml.safe_load((student / "config.yaml").read_text())   # as built and run
+    assert resolved["method_options"]["student_every"] == 2 and "guidance_scale" in resolved["method_options"]
+    assert resolved["student"]["net"]["hidden_size"] == 32 and resolved["student"]["null_cond"] == 3
     assert cli.main(["sample", "--model", str(student / "student"), "--steps", "1", "--batch-size", "6",
                      "--out", str(tmp_path / "s.npz"), "--grid", str(tmp_path / "s.png")]) == 0
     saved = np.load(tmp_path / "s.npz")
@@ -66,8 +69,25 @@ def test_train_distill_and_sample_from_the_command_line(tmp_path):
     assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_train_and_distill_refuse_each_others_methods(tmp_path):
-    with pytest.raises(SystemExit, match="distill"):
-        cli.main(["train", "method=dmd2"])
-    with pytest.raises(ValueError, match="method"):
-        cli.main(["distill", "method=nonsense"])
+@pytest.mark.parametrize("argv, message", [
+    (["train", "method=dmd2"], "method 'dmd2' belongs to `fastgen-kernels distill`"),
+    (["train", "method=nonsense"], "method must be one of"),
+    (["distill", "method=nonsense"], "method must be one of"),
+    (["train", "trainer.iteratons=3"], "unknown key 'trainer.iteratons'"),
+    (["train", "trainer.iterations=abc"], "trainer.iterations: expected int"),
+    (["train", "trainer.log_every=0"], "trainer.log_every must be >= 1"),
+    (["distill", "method=dmd2", "method_options.foo=1"], "unknown key 'method_options.foo'"),
+    (["train", "--config", "no-such.yaml"], "No such file"),
+    (["sample", "--model", "no-such-folder"], "No such file"),
+    (["sample", "--model", "{teacher}", "--label", "10"], "--label 10: the model has classes 0-9"),
+])
+def test_bad_arguments_exit_with_a_message(argv, message, capsys):
+    """A wrong config, override or folder: exit status 2 and one line naming it, no traceback."""
+    from pathlib import Path
+
+    teacher = str(Path(cli.__file__).parent / "assets" / "digits_teacher")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([a.format(teacher=teacher) for a in argv])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err

@@ -20,7 +20,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from fastgen_kernels.config import from_dict
+from fastgen_kernels.config import from_dict, to_dict
 from fastgen_kernels.denoiser import Denoiser
 from fastgen_kernels.distill import METHODS
 from fastgen_kernels.distill.trainer import Trainer, TrainerConfig
@@ -40,7 +40,7 @@ class StudentConfig:
     net_overrides: dict[str, Any] = field(default_factory=dict)  # on the teacher's net config
     schedule: str | None = None     # default: the teacher's (from scratch: "edm")
     prediction: str | None = None   # default: the teacher's (from scratch: "x0")
-    sigma_data: float = 0.5         # from scratch
+    sigma_data: float | None = None  # default: the teacher's (from scratch: 0.5)
     preconditioning: str | None = None
     time_scale: float = 1.0
     null_cond: int | None = None    # default: net.num_classes when class-conditional
@@ -88,6 +88,9 @@ def build_student(config: StudentConfig, teacher: Denoiser | None, data_shape: t
         missing, unexpected = net.load_state_dict(teacher.net.state_dict(), strict=False)
         if unexpected:
             raise ValueError(f"student.net_overrides drop teacher weights: {unexpected}")
+        if config.sigma_data not in (None, teacher.sigma_data):
+            raise ValueError(f"student.sigma_data: a student made from the teacher keeps its sigma_data "
+                             f"{teacher.sigma_data}, got {config.sigma_data}")
         schedule, prediction = teacher.schedule, teacher.prediction
         preconditioning, time_scale = teacher.preconditioning, teacher.time_scale
         null_cond, shape = teacher.null_cond, teacher.shape
@@ -99,22 +102,41 @@ def build_student(config: StudentConfig, teacher: Denoiser | None, data_shape: t
         if null_cond is None and net.config.num_classes:
             null_cond = net.config.num_classes
     return Denoiser(net, schedule if config.schedule is None else config.schedule,
-                    prediction if config.prediction is None else config.prediction, config.sigma_data,
+                    prediction if config.prediction is None else config.prediction,
+                    0.5 if config.sigma_data is None else config.sigma_data,
                     preconditioning=preconditioning, time_scale=time_scale, distilled=distilled,
                     null_cond=null_cond, shape=config.shape or shape)
 
 
 def run(config: RunConfig) -> Path:
     """Trains as configured; returns the output folder."""
+    prepare(config).train()
+    return Path(config.trainer.output_dir)
+
+
+def prepare(config: RunConfig) -> Trainer:
+    """The trainer of the run ``config`` describes, with its data, teacher and student loaded and
+    built (what a bad config fails at, before any training)."""
     if config.method not in METHODS:
         raise ValueError(f"method must be one of {sorted(METHODS)}, got {config.method!r}")
     method_cls = METHODS[config.method]
-    options = from_dict(method_cls.Config, config.method_options)
+    options = from_dict(method_cls.Config, config.method_options, "method_options")
     x, labels = load_data(config.data)
     teacher = Denoiser.from_pretrained(config.teacher) if config.teacher else None
     if method_cls.needs_teacher and teacher is None:
         raise ValueError(f"method {config.method!r} distills a teacher: set teacher=<folder>")
     student = build_student(config.student, teacher, tuple(x.shape[1:]), distilled=config.method != "sft")
     method = method_cls(student, teacher, options)
-    Trainer(method, (x, labels), config.trainer, device=config.device, config_record=config).train()
-    return Path(config.trainer.output_dir)
+    return Trainer(method, (x, labels), config.trainer, device=config.device,
+                   config_record=resolved(config, options, student))
+
+
+def resolved(config: RunConfig, options: Any, student: Denoiser) -> RunConfig:
+    """``config`` with what the run worked out filled in, for config.yaml: every method option
+    (defaults included) and the student as built (a student made from the teacher has the teacher's
+    network, schedule and conditioning, not the from-scratch defaults)."""
+    built = dataclasses.replace(config.student, net=student.net.config, schedule=student.schedule.name,
+                                prediction=student.prediction, sigma_data=student.sigma_data,
+                                preconditioning=student.preconditioning, time_scale=student.time_scale,
+                                null_cond=student.null_cond, shape=student.shape)
+    return dataclasses.replace(config, method_options=to_dict(options), student=built)
