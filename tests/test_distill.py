@@ -511,6 +511,15 @@ def test_bad_trainer_settings_raise_before_training(override, message):
         TrainerConfig(**override, **({"optimizer": OptimizerConfig(**optimizer)} if optimizer else {}))
 
 
+def test_accumulating_a_batch_normalized_loss_warns(tmp_path):
+    """f-Distill normalizes h by its micro-batch mean: accumulation only approximates the big step."""
+    torch.manual_seed(0)
+    teacher = toy().eval()
+    config = TrainerConfig(iterations=1, batch_size=32, grad_accumulation=2, output_dir=str(tmp_path), progress=False)
+    with pytest.warns(UserWarning, match="FDistill normalizes its loss by a statistic of each micro-batch of 16"):
+        Trainer(FDistill(student_of(teacher), teacher), DATA, config)
+
+
 KILLED_RUN = r"""
 import sys, time
 sys.path.insert(0, {tests!r})

@@ -122,6 +122,9 @@ class Method(nn.Module):
     Config: ClassVar[type] = type(None)
     optimizer_names: tuple[str, ...] = ("student",)
     needs_teacher: ClassVar[bool] = False
+    # True where a loss is normalized by a statistic of the (micro-)batch it sees: then gradient
+    # accumulation over micro-batches is close to, not equal to, one step on the whole batch
+    batch_statistics: ClassVar[bool] = False
 
     def __init__(self, student: Denoiser, teacher: Denoiser | None = None, config: Any = None) -> None:
         super().__init__()

@@ -136,6 +136,7 @@ class FDistill(DMD2):
     discriminator (its logits estimate the density ratio), whatever ``gan_weight``."""
 
     Config = FDistillConfig
+    batch_statistics = True   # h is normalized by its mean over the micro-batch (all processes')
 
     @property
     def adversarial(self) -> bool:

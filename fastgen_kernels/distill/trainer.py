@@ -2,7 +2,9 @@
 
 Per iteration: the method says which optimizers step (``optimizers_at``); the global batch is split
 into ``grad_accumulation`` micro-batches and each into one slice per process; each micro-batch's
-losses are back-propagated (gradients synchronized across processes on the last one only), the
+losses are back-propagated (gradients synchronized across processes on the last one only: the same
+gradient as the whole batch's, except for a method whose loss is normalized per micro-batch,
+``Method.batch_statistics``, of which the trainer warns), the
 gradients of each stepping optimizer clipped to ``clip_grad_norm`` and the optimizers stepped, with
 the learning rate of a linear warm-up followed by a constant, cosine or linear decay. The student's
 EMAs (several decay rates, one fused pass) follow each student step.
@@ -139,6 +141,10 @@ class Trainer:
             raise ValueError(f"Trainer: batch_size {config.batch_size} must be a multiple of grad_accumulation "
                              f"({config.grad_accumulation}) x processes ({self.world})")
         self.micro_global, self.micro_local = per_step, per_step // self.world
+        if config.grad_accumulation > 1 and method.batch_statistics:
+            warnings.warn(f"Trainer: {type(method).__name__} normalizes its loss by a statistic of each "
+                          f"micro-batch of {per_step}, so grad_accumulation={config.grad_accumulation} "
+                          "approximates, not equals, a step on the whole batch", stacklevel=2)
         self.x, self.labels = x, labels
         self._orders: dict[int, Tensor] = {}
         self.method = method.to(self.device)
