@@ -21,6 +21,8 @@ log = logging.getLogger(__name__)
 
 # a Linear whose qualified name has a part containing one of these stays in high precision
 SKIPPED_NAME_PARTS = ("embed", "norm", "adaln", "modulation")
+# and so does one named this: diffusers DiT's final adaLN modulation, proj_out_1(SiLU(cond))
+SKIPPED_NAMES = ("proj_out_1",)
 
 
 class Fp8Linear(nn.Module):
@@ -64,7 +66,11 @@ class Fp8Linear(nn.Module):
     def forward(self, x: Tensor, gate: Tensor | None = None, residual: Tensor | None = None,
                 x_scale: Tensor | None = None, out_dtype: torch.dtype | None = None) -> Tensor:
         """x (..., in_features), or its e4m3 codes with ``x_scale`` (e.g. from
-        ``modulated_layer_norm_fp8``); the rest as :func:`~fastgen_kernels.ops.fp8_linear`."""
+        ``modulated_layer_norm_fp8``); the rest as :func:`~fastgen_kernels.ops.fp8_linear`. Under
+        autocast the output is in autocast's dtype, as nn.Linear's (with a residual, the residual's:
+        the residual stream keeps its precision)."""
+        if out_dtype is None and torch.is_autocast_enabled(x.device.type):
+            out_dtype = torch.get_autocast_dtype(x.device.type) if residual is None else residual.dtype
         return fp8_linear(x, self.weight, self.weight_scale, bias=self.bias, activation=self.activation,
                           gate=gate, residual=residual, x_scale=x_scale, out_dtype=out_dtype)
 
@@ -82,7 +88,8 @@ def reads_e4m3(layers: tuple[nn.Module, ...], device: torch.device) -> bool:
 
 def default_filter(module: nn.Module, name: str) -> bool:
     """Quantize every Linear but those of norms, embeddings and adaLN modulation (by name)."""
-    return not any(skip in part for part in name.lower().split(".") for skip in SKIPPED_NAME_PARTS)
+    parts = name.lower().split(".")
+    return parts[-1] not in SKIPPED_NAMES and not any(skip in part for part in parts for skip in SKIPPED_NAME_PARTS)
 
 
 def quantize_fp8(model: nn.Module, filter_fn: Callable[[nn.Module, str], bool] | None = None,

@@ -148,6 +148,7 @@ def test_quantized_diffusers_dit_is_within_the_snr_floor():
     fk.quantize_fp8(model)
     assert isinstance(model.transformer_blocks[0].ff.net[0].proj, fk.Fp8Linear)
     assert not isinstance(model.transformer_blocks[0].norm1.linear, fk.Fp8Linear)   # adaLN kept
+    assert not isinstance(model.proj_out_1, fk.Fp8Linear)   # the final adaLN modulation too
     fp8 = run("dit", model, torch.bfloat16)
     fk.fuse_epilogues(model)
     assert all(block.fp8_epilogues for block in model.transformer_blocks)
@@ -155,12 +156,56 @@ def test_quantized_diffusers_dit_is_within_the_snr_floor():
         calls = count_fp8_quantizations(patch)
         fused = run("dit", model, torch.bfloat16)
     # per block: the norms write q/k/v's and fc1's e4m3 input; the attention output and fc2's input
-    # are quantized (q, k and v read one quantization, not three); and the two output layers'
+    # are quantized (q, k and v read one quantization, not three); and the output layer's
     blocks = len(model.transformer_blocks)
-    assert calls == {"norm_fp8": 2 * blocks, "quantize": 2 * blocks + 2}, calls
+    assert calls == {"norm_fp8": 2 * blocks, "quantize": 2 * blocks + 1}, calls
     assert snr_db(bf16, reference) > 30
     assert snr_db(fp8, reference) >= 20 and snr_db(fused, reference) >= 20, (snr_db(fp8, reference),
                                                                              snr_db(fused, reference))
+
+
+def test_fused_epilogues_with_cross_attention_kwargs():
+    """Blocks given cross_attention_kwargs run diffusers' own forward, which applies the GELU and
+    adds the gated residuals itself: the FP8 layers' epilogues stand aside there (GELU was applied
+    twice)."""
+    model = tiny_dit(torch.float32)
+    accelerate(model)
+    fk.quantize_fp8(model)
+    fk.fuse_epilogues(model)
+    gen = torch.Generator().manual_seed(1)
+    x, t, y = torch.randn(2, 4, 8, 8, generator=gen), torch.tensor([10.0, 700.0]), torch.tensor([1, 3])
+    with torch.no_grad():
+        fused = model(x, timestep=t, class_labels=y).sample
+        own = model(x, timestep=t, class_labels=y, cross_attention_kwargs={"scale": 1.0}).sample
+    torch.testing.assert_close(own, fused, rtol=1e-5, atol=1e-5)
+    assert model.transformer_blocks[0].ff.net[0].proj.activation == "gelu_tanh"   # restored
+
+
+def test_quantized_accelerated_pixart_samples_under_autocast():
+    """The caption projection, an FP8 layer, writes autocast's dtype as nn.Linear does: the
+    cross-attention's keys and values then match its bf16 queries."""
+    model = tiny_pixart(torch.float32)
+    fk.quantize_fp8(model)
+    accelerate(model)
+    x = fk.sample(fk.from_diffusers(model, "rf"), 2, batch_size=2, cond=torch.randn(2, 5, 24), seed=0,
+                  autocast=torch.bfloat16)
+    assert x.shape == (2, 4, 8, 8) and x.isfinite().all()
+
+
+def test_pixart_with_size_conditions_gets_the_pipelines():
+    """PixArt-alpha at 1024 px (use_additional_conditions) is conditioned on the image's size and
+    aspect ratio: from_diffusers gives them as diffusers' pipeline does (latents x 8)."""
+    model = randomized(diffusers.PixArtTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=24, in_channels=4, out_channels=8, num_layers=1, sample_size=8,
+        patch_size=2, cross_attention_dim=48, caption_channels=24, norm_num_groups=32,
+        use_additional_conditions=True), torch.float32, std=0.05)
+    gen = torch.Generator().manual_seed(1)
+    x, t, context = torch.randn(2, 4, 8, 12, generator=gen), torch.tensor([10.0, 500.0]), torch.randn(2, 5, 24)
+    conditions = {"resolution": torch.tensor([[64.0, 96.0]]).repeat(2, 1),
+                  "aspect_ratio": torch.tensor([[8 / 12]]).repeat(2, 1)}
+    with torch.no_grad():
+        expected = model(x, timestep=t, encoder_hidden_states=context, added_cond_kwargs=conditions).sample[:, :4]
+        assert torch.equal(fk.from_diffusers(model, "vp").net(x, t, context), expected)
 
 
 # --- diffusers schedulers driving the loop, on Gaussian data --------------------------------------

@@ -154,6 +154,22 @@ def test_save_and_load_a_student_that_samples_without_arguments(tmp_path):
     torch.testing.assert_close(DiT(TINY).load(tmp_path / "dit.safetensors").state_dict(), net.state_dict())
 
 
+def test_fp8_dit_with_every_linear_quantized_and_a_logvar_head():
+    """The time embedding's and the log-variance head's inputs are made in the FP8 layers' bias
+    dtype, not their e4m3 weights' (which an input cannot be quantized from)."""
+    config = DiTConfig(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=4,
+                       num_classes=5, logvar_head=True)
+    model = random_dit(config, dtype=torch.float32)
+    x, t, y = inputs(model, batch=3, dtype=torch.float32)
+    with torch.no_grad():
+        expected, expected_logvar = model(x, t, y, return_logvar=True)
+        fk.quantize_fp8(model, filter_fn=lambda module, name: True)
+        assert isinstance(model.t_embedder.mlp[0], fk.Fp8Linear) and isinstance(model.logvar_linear, fk.Fp8Linear)
+        out, logvar = model(x, t, y, return_logvar=True)
+    assert snr_db(out, expected) >= 20
+    assert snr_db(logvar, expected_logvar) >= 15   # one number a sample, from e4m3 frequencies
+
+
 def test_fp8_dit_with_fused_epilogues_is_within_the_snr_floor():
     """quantize_fp8 + fuse_epilogues on the reference DiT (CPU: the reference FP8 path) against the
     bf16 network: output SNR >= 20 dB; the fused epilogue equals the unfused FP8 network."""

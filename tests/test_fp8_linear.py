@@ -325,6 +325,18 @@ def test_quantize_fp8_model_snr_and_safetensors_round_trip(generator, tmp_path):
         assert torch.equal(fresh.block(x, t), out)
 
 
+def test_fp8_layer_output_follows_autocast(generator):
+    """Under autocast an Fp8Linear writes autocast's dtype, as nn.Linear does; with a residual, the
+    residual's (the residual stream keeps its precision)."""
+    layer = fk.quantize_fp8(torch.nn.Sequential(torch.nn.Linear(32, 48)), filter_fn=lambda module, name: True)[0]
+    x, residual = torch.randn(4, 32, generator=generator), torch.randn(4, 48, generator=generator)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer(x).dtype == torch.bfloat16
+        assert layer(x, residual=residual).dtype == torch.float32
+    with torch.no_grad():
+        assert layer(x).dtype == torch.float32
+
+
 def test_dtype_casts_of_a_quantized_model_keep_the_fp8_weights(generator):
     """model.bfloat16() / .to(dtype) cast the bias only: the e4m3 codes and fp32 scales stay."""
     model = torch.nn.Sequential(torch.nn.Linear(32, 48))

@@ -19,9 +19,11 @@ Blocks are patched by changing the instance's class to a subclass that overrides
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import logging
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -196,12 +198,28 @@ def _make_fused_block_class(base: type) -> type:
             self.attn1.processor.fp8_epilogue = self.fp8_epilogues = True
             return True
 
+        @contextlib.contextmanager
+        def _unfused_epilogues(self) -> Iterator[None]:
+            """diffusers' own forward applies the GELU and adds the gated residuals itself: inside
+            the block the FP8 layers' epilogues do neither."""
+            if not self.fp8_epilogues:
+                yield
+                return
+            proj, processor = self.ff.net[0].proj, self.attn1.processor
+            proj.activation, processor.fp8_epilogue = None, False
+            try:
+                yield
+            finally:
+                proj.activation, processor.fp8_epilogue = "gelu_tanh", True
+
         def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None,
                     encoder_attention_mask=None, timestep=None, cross_attention_kwargs=None,
                     class_labels=None, added_cond_kwargs=None):
             if cross_attention_kwargs:   # GLIGEN and the like: diffusers' own path
-                return super().forward(hidden_states, attention_mask, encoder_hidden_states, encoder_attention_mask,
-                                       timestep, cross_attention_kwargs, class_labels, added_cond_kwargs)
+                with self._unfused_epilogues():
+                    return super().forward(hidden_states, attention_mask, encoder_hidden_states,
+                                           encoder_attention_mask, timestep, cross_attention_kwargs, class_labels,
+                                           added_cond_kwargs)
             x = hidden_states
             if self.norm_type == "ada_norm_zero":
                 emb = self.norm1.emb(timestep, class_labels, hidden_dtype=x.dtype)
@@ -334,9 +352,20 @@ class DiffusersNet(nn.Module):
     def forward(self, x: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:
         dtype = next(self.transformer.parameters()).dtype
         kwargs = {"class_labels": cond} if self.class_conditional else {
-            "encoder_hidden_states": cond, "added_cond_kwargs": {"resolution": None, "aspect_ratio": None}}
+            "encoder_hidden_states": cond, "added_cond_kwargs": self._size_conditions(x, dtype)}
         out = self.transformer(x.to(dtype), timestep=t, return_dict=False, **kwargs)[0]
         return out[:, : x.shape[1]] if out.shape[1] == 2 * x.shape[1] else out
+
+
+    def _size_conditions(self, x: Tensor, dtype: torch.dtype) -> dict[str, Tensor | None]:
+        """PixArt's micro-conditions: none, or (PixArt-alpha at 1024 px, ``use_additional_conditions``)
+        the image's size in pixels and its aspect ratio per sample, as diffusers' pipeline gives them
+        (latents times its VAE's factor, 8)."""
+        if not getattr(self.transformer, "use_additional_conditions", False):
+            return {"resolution": None, "aspect_ratio": None}
+        B, (H, W) = x.shape[0], x.shape[-2:]
+        return {"resolution": torch.tensor([[H * 8.0, W * 8.0]], device=x.device, dtype=dtype).expand(B, 2),
+                "aspect_ratio": torch.tensor([[H / W]], device=x.device, dtype=dtype).expand(B, 1)}
 
 
 def scheduler_family(scheduler) -> str:

@@ -96,8 +96,16 @@ class TimestepEmbedder(nn.Module):
 
     def forward(self, t: Tensor, fused: bool = False) -> Tensor:
         first, act, second = self.mlp
-        h = act(_linear(first, timestep_frequencies(t, self.frequency_dim).to(first.weight.dtype), fused))
+        h = act(_linear(first, timestep_frequencies(t, self.frequency_dim).to(_input_dtype(first)), fused))
         return _linear(second, h, fused)
+
+
+def _input_dtype(layer: nn.Module) -> torch.dtype:
+    """The dtype to give a linear layer's input: its weight's, or for an FP8 layer (e4m3 weight,
+    the input quantized inside) its bias's, fp32 without one."""
+    if isinstance(layer, Fp8Linear):
+        return torch.float32 if layer.bias is None else layer.bias.dtype
+    return layer.weight.dtype
 
 
 class Attention(nn.Module):
@@ -329,7 +337,7 @@ class DiT(nn.Module):
         if return_logvar:
             if self.logvar_linear is None:
                 raise ValueError("DiT: return_logvar needs config.logvar_head=True")
-            frequencies = timestep_frequencies(t, self.t_embedder.frequency_dim).to(self.logvar_linear.weight.dtype)
+            frequencies = timestep_frequencies(t, self.t_embedder.frequency_dim).to(_input_dtype(self.logvar_linear))
             return out, self.logvar_linear(frequencies).reshape(B)
         return out
 
