@@ -396,7 +396,7 @@ class ModulatedNormLinear : public torch::autograd::Function<ModulatedNormLinear
       const auto y_dtype = static_cast<at::ScalarType>(ctx->saved_data["y_dtype"].toInt());
       const Tensor y = std::get<0>(modulated_norm_forward(x.contiguous(), shift.contiguous(), scale.contiguous(), w, b,
                                                           ctx->saved_data["eps"].toDouble(), rms, y_dtype));
-      out[7] = rows.t().matmul(y.reshape({rows.size(0), -1}).to(rows.scalar_type())).to(weight.scalar_type());
+      out[7] = rows.t().matmul(y.reshape({-1, y.size(-1)}).to(rows.scalar_type())).to(weight.scalar_type());
     }
     if (needs_norm) {
       // the layer's input gradient as it comes (bf16 under autocast): the norm's kernels read it
@@ -426,8 +426,14 @@ class ModulatedNormLinear : public torch::autograd::Function<ModulatedNormLinear
     const int64_t dim = x.size(-1);
     const optional<Tensor> wf = w ? optional<Tensor>(w->to(ct)) : std::nullopt;
     const optional<Tensor> bf = b ? optional<Tensor>(b->to(ct)) : std::nullopt;
-    const Tensor n = rms ? at::rms_norm(x.to(ct), {dim}, wf, ctx->saved_data["eps"].toDouble())
-                         : at::layer_norm(x.to(ct), {dim}, wf, bf, ctx->saved_data["eps"].toDouble());
+    // the affine part written out, as the reference does: ATen's layer_norm with a bias and no
+    // weight has a double backward that drops the bias gradient's dependence on its upstream
+    // gradient, and rms_norm takes no bias
+    const double eps = ctx->saved_data["eps"].toDouble();
+    Tensor n = rms ? at::rms_norm(x.to(ct), {dim}, std::nullopt, eps)
+                   : at::layer_norm(x.to(ct), {dim}, std::nullopt, std::nullopt, eps);
+    if (wf) n = n * *wf;
+    if (bf) n = n + *bf;
     const auto rows = [&](const Tensor& m) { return (m.dim() == 2 ? m.unsqueeze(1) : m).to(ct); };
     const Tensor y = (n * (1 + rows(scale)) + rows(shift)).to(x.scalar_type());
     const Tensor result = at::linear(y.to(grad.scalar_type()), weight.to(grad.scalar_type()));

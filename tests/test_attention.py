@@ -390,6 +390,26 @@ def test_forced_triton_on_unsupported_input_says_why():
         fk.attention(wide, wide, wide)
 
 
+def test_no_keys_or_no_queries():
+    """Lk = 0: O = 0 (as SDPA) and zero gradients (PyTorch's CPU flash kernel, which the cpu
+    backend calls, divides by zero there and killed the process: the reference takes it); Lq = 0:
+    empty O and tO."""
+    q, empty = torch.randn(1, 3, 2, 4), torch.randn(1, 0, 2, 4)
+    leaves = [t.clone().requires_grad_() for t in (q, empty, empty)]
+    out = fk.attention(*leaves)
+    out.sum().backward()
+    o, to = fk.attention_jvp(empty, q, q, torch.ones_like(empty), None, None)
+    assert torch.equal(out, torch.zeros_like(q)) and torch.equal(leaves[0].grad, torch.zeros_like(q))
+    assert leaves[1].grad.shape == empty.shape and o.shape == to.shape == empty.shape
+
+
+def test_triton_declines_outputs_beyond_32_bit_offsets():
+    """Heads-first q (a transposed view) has a small token stride, but O, dq and the tangents the
+    kernels write are contiguous: 2^31 elements in one of their batch entries is declined too."""
+    q = torch.empty(1, 32, 2**20, 64, device="meta").transpose(1, 2)  # (1, 2^20, 32, 64), stride(1) = 64
+    assert "2^31" in att.forward_dispatcher.supports["triton"](q, q[:, :8], q[:, :8], 0.1, 0)
+
+
 def test_triton_declines_batch_entries_beyond_32_bit_offsets():
     q = torch.empty(1, 8, 2, 64, device="meta")
     long_k = torch.empty(1, 2**24, 2, 64, device="meta")  # 2^31 elements in one batch entry

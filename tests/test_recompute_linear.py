@@ -197,16 +197,35 @@ def test_norm_linear_cpp_autograd_equals_the_python_function(affine, needs, gene
 
 
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
-@pytest.mark.parametrize("affine", [True, False], ids=["norm_affine", "plain_norm"])
-def test_norm_linear_second_derivatives(backend, affine, generator):
+@pytest.mark.parametrize("norm_weight, norm_bias", [(True, True), (True, False), (False, True), (False, False)],
+                         ids=["norm_affine", "norm_weight", "norm_bias", "plain_norm"])
+def test_norm_linear_second_derivatives(backend, norm_weight, norm_bias, generator):
     """A create_graph=True backward (a gradient penalty through a DiT) differentiates again, on the
-    C++ autograd path (cpu backend) and the Python Function (reference): gradgradcheck in fp64."""
+    C++ autograd path (cpu backend) and the Python Function (reference): gradgradcheck in fp64,
+    with each of the norm's own affine parameters or none (a bias without a weight came out
+    wrong through ATen's layer_norm)."""
     if backend == "cpu" and not fk._extension.cpu_built():
         pytest.skip("extension not built")
     args, fused, _ = _norm_case(generator, torch.float64, B=2, L=3, D=6, N=4)
-    inputs = _leaves(args if affine else args[:5])
+    inputs = _leaves(args[:5] + tuple(a for a, kept in zip(args[5:], (norm_weight, norm_bias)) if kept))
+
+    def function(x, shift, scale, weight, bias, *affine):
+        affine = iter(affine)
+        return fused(x, shift, scale, weight, bias, next(affine) if norm_weight else None,
+                     next(affine) if norm_bias else None)
+
     with fk.use_backend(backend):
-        assert torch.autograd.gradgradcheck(fused, inputs)
+        assert torch.autograd.gradgradcheck(function, inputs)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_zero_tokens(case, generator):
+    """No tokens: an empty output, and gradients as the composition's (the weight's zero, the
+    bias's zero); the recomputed input's reshape read the row count from an empty tensor."""
+    args, fused, composition = CASES[case](generator, torch.float32, B=2, L=0)
+    (out, grads), (expected, expected_grads) = (_value_and_grads(fn, _leaves(args)) for fn in (fused, composition))
+    for a, b in zip((out, *grads), (expected, *expected_grads), strict=True):
+        assert a.shape == b.shape and torch.equal(a, b)
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -159,7 +159,7 @@ def _tangent(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, tq: Tensor
         if tvf is not None:
             to = to + p @ tvf
         blocks.append(to)
-    return torch.cat(blocks, 2)
+    return torch.cat(blocks, 2) if blocks else torch.zeros_like(of)  # Lq = 0: no blocks
 
 
 def reference_tangent(q, k, v, o, lse, tq, tk, tv, scale: float, causal_chunk: int) -> Tensor:
@@ -223,7 +223,7 @@ def _blocked_tangent(q, k, v, o, lse, tq, tk, tv, scale: float, causal_chunk: in
     score temporaries take about ``block_bytes``."""
     B, _, H, _ = q.shape
     row_bytes = B * H * k.shape[1] * torch.promote_types(q.dtype, torch.float32).itemsize
-    query_block = max(1, block_bytes // row_bytes)
+    query_block = max(1, block_bytes // max(1, row_bytes))
     to = _tangent(q, k, v, o, lse, tq, tk, tv, scale, causal_chunk, query_block)
     return _tokens_first(to, q.dtype)
 
@@ -282,15 +282,20 @@ def _triton_support(q: Tensor, *args: object) -> str | None:
         return f"{q.dtype} input (kernels read float16, bfloat16 and float32)"
     if q.shape[-1] > MAX_TRITON_HEAD_DIM:
         return f"head dim {q.shape[-1]} exceeds the kernels' limit of {MAX_TRITON_HEAD_DIM}"
-    # offsets within one batch entry are 32-bit in the kernels (64-bit ones cost registers)
-    if any(t.shape[1] * t.stride(1) >= 2**31 for t in args[:2] + (q,) if isinstance(t, Tensor)):
+    # offsets within one batch entry are 32-bit in the kernels (64-bit ones cost registers), in
+    # the inputs as strided and in the outputs (O, dq, ...), which are contiguous
+    if any(max(t.shape[1] * t.stride(1), t[0].numel()) >= 2**31 for t in args[:2] + (q,) if isinstance(t, Tensor)):
         return "a batch entry of more than 2^31 elements (the kernels' offsets are 32-bit)"
     if q.shape[0] * q.shape[2] > 65535:  # the launch grid's second axis, CUDA's limit
         return f"batch x heads = {q.shape[0] * q.shape[2]} exceeds the kernels' grid limit of 65535"
-    return _checks.nonempty(q)
+    return _cpu_support(q, *args)
 
 
 def _cpu_support(q: Tensor, *args: object) -> str | None:
+    """Empty queries or keys go to the reference (the kernels, PyTorch's CPU flash kernel among
+    them, assume some: with no keys it divides by zero)."""
+    if any(isinstance(t, Tensor) and t.dim() == 4 and t.shape[1] == 0 for t in args[:2]):
+        return "no keys (Lk = 0)"
     return _checks.nonempty(q)
 
 

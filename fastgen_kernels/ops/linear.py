@@ -82,7 +82,7 @@ def recomputed_input_backward(grad_out: Tensor, weight: Tensor, bias_dtype: torc
     dy = grad_out @ weight.to(grad_out.dtype) if needs[0] else None
     dweight = None
     if needs[1]:
-        dweight = (rows.T @ recompute_input().reshape(rows.shape[0], -1).to(rows.dtype)).to(weight.dtype)
+        dweight = (rows.T @ recompute_input().reshape(-1, weight.shape[1]).to(rows.dtype)).to(weight.dtype)
     dbias = rows.sum(0).to(bias_dtype) if bias_dtype is not None and needs[2] else None
     return dy, dweight, dbias
 
