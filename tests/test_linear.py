@@ -81,3 +81,25 @@ def test_jvp_through_the_fused_dit_costs_two_forwards_of_gemms(generator):
     torch.testing.assert_close(ours, expected, rtol=1e-10, atol=1e-10)
     # 2.06 here (the small adaLN and embedding layers keep PyTorch's rule); 3.0 under PyTorch's
     assert tangent.get_total_flops() <= 2.1 * forward.get_total_flops()
+
+
+def test_activation_linear_ops_under_torch_func_inside_the_context(generator):
+    """gelu_tanh_linear and modulated_layer_norm_linear under torch.func.jvp and torch.func.grad
+    inside parameters_without_tangents (their own Functions, written as forward(ctx, ...), are not
+    for torch.func: there they run as the activation's Function and linear)."""
+    import fastgen_kernels as fk
+
+    x, weight, _ = _layer(generator)
+    weight = weight.detach()
+    tx = torch.randn(x.shape, generator=generator, dtype=x.dtype)
+    shift, scale = (torch.randn(x.shape[0], x.shape[-1], generator=generator, dtype=x.dtype) for _ in range(2))
+    cases = [(lambda a: fk.gelu_tanh_linear(a, weight), lambda a: F.linear(F.gelu(a, approximate="tanh"), weight)),
+             (lambda a: fk.modulated_layer_norm_linear(a, shift, scale, weight),
+              lambda a: F.linear(F.layer_norm(a, a.shape[-1:], eps=1e-6) * (1 + scale[:, None]) + shift[:, None],
+                                 weight))]
+    for fused, plain in cases:
+        with parameters_without_tangents():
+            got = (*torch.func.jvp(fused, (x,), (tx,)), torch.func.grad(lambda a: fused(a).square().sum())(x))
+        want = (*torch.func.jvp(plain, (x,), (tx,)), torch.func.grad(lambda a: plain(a).square().sum())(x))
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)

@@ -55,6 +55,26 @@ def carries_tangent(args: tuple) -> bool:
         isinstance(a, Tensor) and torch.autograd.forward_ad.unpack_dual(a).tangent is not None for a in args)
 
 
+def composition_gradients(reference: Callable[..., Any], inputs: tuple, needs: tuple,
+                          grad_outputs: tuple[Tensor | None, ...]) -> list[Tensor | None]:
+    """For a backward that records a graph (create_graph=True, torch.func.grad): the gradients of
+    ``reference(*inputs)`` (plain PyTorch ops; its first outputs against ``grad_outputs``, None
+    for none) by autograd, so that they differentiate again: the kernels' gradients would
+    differentiate as constants. One entry per input, None where ``needs`` says no or the input is
+    not a tensor."""
+    out = reference(*inputs)
+    pairs = [(o, g) for o, g in zip(out if isinstance(out, tuple) else (out,), grad_outputs)
+             if g is not None and o.requires_grad]
+    wanted = [i for i, (t, need) in enumerate(zip(inputs, needs)) if need and isinstance(t, Tensor)]
+    grads: list[Tensor | None] = [None] * len(inputs)
+    if wanted and pairs:
+        got = torch.autograd.grad([o for o, _ in pairs], [inputs[i] for i in wanted], [g for _, g in pairs],
+                                  create_graph=True, allow_unused=True)
+        for i, g in zip(wanted, got):
+            grads[i] = torch.zeros_like(inputs[i]) if g is None else g
+    return grads
+
+
 def records_grad(args: tuple) -> bool:
     """True when backward-mode autograd records the call: grad mode is on and a tensor argument
     requires grad."""

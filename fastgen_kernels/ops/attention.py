@@ -380,8 +380,11 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, grad_out, _grad_lse):
     q, k, v, o, lse = ctx.saved_tensors
-    dq, dk, dv = _attention_backward(grad_out, q, k, v, o, lse, ctx.scale, ctx.causal_chunk)
     needs = ctx.needs_input_grad
+    if torch.is_grad_enabled():  # create_graph=True or torch.func.grad: gradients that differentiate again
+        inputs = (q, k, v, ctx.scale, ctx.causal_chunk)
+        return (*_eager_op.composition_gradients(reference_forward, inputs, needs[:3], (grad_out,))[:3], None, None)
+    dq, dk, dv = _attention_backward(grad_out, q, k, v, o, lse, ctx.scale, ctx.causal_chunk)
     return (dq if needs[0] else None, dk if needs[1] else None, dv if needs[2] else None,
             None, None)
 

@@ -34,8 +34,8 @@ from torch import Tensor
 
 from fastgen_kernels.backends import OpDispatcher, carry_forced_backend, record_forced_backend, under_forced_backend
 from fastgen_kernels.ops import _checks, _eager_op
-from fastgen_kernels.ops.linear import (input_tangent, input_tangents_only, recomputed_input_backward,
-                                        saved_for_backward, tangent_rule)
+from fastgen_kernels.ops.linear import (input_tangent, input_tangents_only_outside_transforms, linear,
+                                        recomputed_input_backward, saved_for_backward, tangent_rule)
 
 # --------------------------------------------------------------------------- reference
 
@@ -102,6 +102,8 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, grad_out):
     (x,) = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph=True or torch.func.grad: gradients that differentiate again
+        return _eager_op.composition_gradients(reference_forward, (x,), (True,), (grad_out,))[0]
     return _gelu_tanh_backward(grad_out, x)
 
 
@@ -195,9 +197,9 @@ def gelu_tanh_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> T
     composition.
     """
     x = _checks.tensor("gelu_tanh_linear", "x", x)
-    if input_tangents_only() or _eager_op.backward_will_follow((x, weight, bias)):
+    if input_tangents_only_outside_transforms() or _eager_op.backward_will_follow((x, weight, bias)):
         return _GeluTanhLinearFunction.apply(x, weight, bias)
-    return F.linear(gelu_tanh(x), weight, bias)
+    return linear(gelu_tanh(x), weight, bias)
 
 
 def example_args(device: torch.device, dtype: torch.dtype) -> tuple:

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastgen_kernels.ops._eager_op import Function
+from fastgen_kernels.ops._eager_op import Function, functorch_jvp_active
 
 _PARAMETERS_WITHOUT_TANGENTS: contextvars.ContextVar[bool] = contextvars.ContextVar(
     "fastgen_parameters_without_tangents", default=False)
@@ -137,8 +137,16 @@ def input_tangents_only() -> bool:
     :func:`parameters_without_tangents`, forward-mode AD active, not compiling."""
     if torch.compiler.is_compiling():  # Dynamo traces no ContextVar; compiled code has its own rules
         return False
-    forward_mode = torch.autograd.forward_ad._current_level >= 0 or torch._C._are_functorch_transforms_active()
+    forward_mode = torch.autograd.forward_ad._current_level >= 0 or functorch_jvp_active()
     return _PARAMETERS_WITHOUT_TANGENTS.get() and forward_mode
+
+
+def input_tangents_only_outside_transforms() -> bool:
+    """:func:`input_tangents_only` for the Functions written as ``forward(ctx, ...)``, which the
+    torch.func transforms do not take (they need a separate ``setup_context``): the activation +
+    linear ops. Under torch.func they run as the activation's Function and :func:`linear`, whose
+    tangent is the same one GEMM."""
+    return input_tangents_only() and not torch._C._are_functorch_transforms_active()
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:

@@ -45,8 +45,8 @@ from torch import Tensor
 from fastgen_kernels import _extension
 from fastgen_kernels.backends import OpDispatcher, carry_forced_backend, record_forced_backend, under_forced_backend
 from fastgen_kernels.ops import _checks, _eager_op
-from fastgen_kernels.ops.linear import (input_tangent, input_tangents_only, linear, recomputed_input_backward,
-                                        saved_for_backward, tangent_rule)
+from fastgen_kernels.ops.linear import (input_tangent, input_tangents_only_outside_transforms, linear,
+                                        recomputed_input_backward, saved_for_backward, tangent_rule)
 
 # --------------------------------------------------------------------------- reference
 
@@ -257,14 +257,17 @@ def _setup_context(ctx, inputs, output) -> None:
     x, shift, scale, weight, bias, eps, rms = inputs
     _, mean, rstd = output
     ctx.save_for_backward(*saved_for_backward(x, shift, scale, weight, bias, mean, rstd))
-    ctx.rms = rms
+    ctx.eps, ctx.rms = eps, rms
 
 
 def _backward(ctx, grad_out, _grad_mean, _grad_rstd):
     x, shift, scale, weight, bias, mean, rstd = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    if torch.is_grad_enabled():  # create_graph=True or torch.func.grad: gradients that differentiate again
+        inputs = (x, shift, scale, weight, bias, ctx.eps, ctx.rms)
+        return (*_eager_op.composition_gradients(reference_forward, inputs, needs[:5], (grad_out,))[:5], None, None)
     dx, dshift, dscale, dweight, dbias = _modulated_norm_backward(
         grad_out, x, shift, scale, weight, bias, mean, rstd, ctx.rms)
-    needs = ctx.needs_input_grad
     return (dx if needs[0] else None, dshift if needs[1] else None, dscale if needs[2] else None,
             dweight if weight is not None and needs[3] else None,
             dbias if bias is not None and needs[4] else None, None, None)
@@ -448,7 +451,7 @@ def modulated_layer_norm_linear(
     op = "modulated_layer_norm_linear"
     _check(op, x, shift, scale, weight, bias, eps)
     args = (x, shift, scale, weight, bias, float(eps), False, linear_weight, linear_bias)
-    if input_tangents_only():  # forward-mode AD along the inputs: the Function's one-GEMM rule
+    if input_tangents_only_outside_transforms():  # forward-mode AD along the inputs: the one-GEMM rule
         return _ModulatedNormLinearFunction.apply(*args)
     tensors = (x, shift, scale, weight, bias, linear_weight, linear_bias)
     if _eager_op.backward_will_follow(tensors):

@@ -254,17 +254,21 @@ _qk_norm_rope_backward = _eager_op.EagerOp(torch.ops.fastgen.qk_norm_rope_backwa
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, q_weight, k_weight, cos, sin, _, interleaved = inputs
+    q, k, q_weight, k_weight, cos, sin, eps, interleaved = inputs
     _, _, q_rstd, k_rstd = output
     ctx.save_for_backward(*saved_for_backward(q, k, q_weight, k_weight, cos, sin, q_rstd, k_rstd))
-    ctx.interleaved = interleaved
+    ctx.eps, ctx.interleaved = eps, interleaved
 
 
 def _backward(ctx, grad_q, grad_k, _grad_q_rstd, _grad_k_rstd):
     q, k, q_weight, k_weight, cos, sin, q_rstd, k_rstd = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    if torch.is_grad_enabled():  # create_graph=True or torch.func.grad: gradients that differentiate again
+        inputs = (q, k, q_weight, k_weight, cos, sin, ctx.eps, ctx.interleaved)
+        return (*_eager_op.composition_gradients(reference_forward, inputs, needs[:4], (grad_q, grad_k))[:4],
+                None, None, None, None)
     dq, dk, dq_weight, dk_weight = _qk_norm_rope_backward(
         grad_q, grad_k, q, k, q_weight, k_weight, cos, sin, q_rstd, k_rstd, ctx.interleaved)
-    needs = ctx.needs_input_grad
     return (dq if needs[0] else None, dk if needs[1] else None,
             dq_weight if q_weight is not None and needs[2] else None,
             dk_weight if k_weight is not None and needs[3] else None, None, None, None, None)
