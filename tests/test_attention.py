@@ -390,6 +390,28 @@ def test_forced_triton_on_unsupported_input_says_why():
         fk.attention(wide, wide, wide)
 
 
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_autocast_leaves_the_op_in_its_inputs_dtype(backend, generator):
+    """fp32 inputs under bf16 autocast: the output, tangent and gradients are those without it (the
+    reference's matmuls, which the cpu backend's tangent and backward use too, ran in bf16)."""
+    q, k, v = (torch.randn(1, 8, 2, 16, generator=generator) for _ in range(3))
+    tq, grad = torch.randn_like(q), torch.randn_like(q)
+
+    def run():
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = fk.attention(*leaves)
+        out.backward(grad)
+        return (out, *fk.attention_jvp(q, k, v, tq, None, None), *(leaf.grad for leaf in leaves))
+
+    with fk.use_backend(backend):
+        expected = run()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = run()
+    for a, b in zip(got, expected, strict=True):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
 def test_no_keys_or_no_queries():
     """Lk = 0: O = 0 (as SDPA) and zero gradients (PyTorch's CPU flash kernel, which the cpu
     backend calls, divides by zero there and killed the process: the reference takes it); Lq = 0:

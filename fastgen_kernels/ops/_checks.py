@@ -1,8 +1,16 @@
-"""Argument checks shared by the ops: clear errors that name the argument, before any launch."""
+"""Argument checks shared by the ops (clear errors that name the argument, before any launch) and
+their dtype rules."""
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from typing import Any, TypeVar
+
 import torch
+from torch import Tensor
+
+T = TypeVar("T")
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # what GPU kernels read
@@ -188,3 +196,15 @@ def loss_kernel_support(x: torch.Tensor, *args: object) -> str | None:
     if x.dtype not in KERNEL_DTYPES:
         return f"{x.dtype} input (kernels read float16, bfloat16 and float32)"
     return nonempty(x)
+
+
+def without_autocast(reference: Callable[..., T]) -> Callable[..., T]:
+    """A reference computation (its own compute dtype, the first argument's device) with autocast
+    off for that device: autocast would run its matmuls in bf16 and differ from the kernels."""
+    @functools.wraps(reference)
+    def run(first: Tensor, *args: Any, **kwargs: Any) -> T:
+        if not torch.amp.is_autocast_available(first.device.type):
+            return reference(first, *args, **kwargs)
+        with torch.autocast(first.device.type, enabled=False):
+            return reference(first, *args, **kwargs)
+    return run

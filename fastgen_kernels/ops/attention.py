@@ -105,6 +105,7 @@ def _tokens_first(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t.transpose(1, 2).to(dtype).contiguous()
 
 
+@_checks.without_autocast
 def reference_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, causal_chunk: int
                       ) -> tuple[Tensor, Tensor]:
     """(O, lse): O (B, Lq, H, Dh) in q's dtype, lse (B, H, Lq) in fp32 (fp64 for fp64 input)."""
@@ -119,6 +120,7 @@ def reference_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, causal_chun
     return _tokens_first(p @ vf, q.dtype), lse
 
 
+@_checks.without_autocast
 def reference_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
                        scale: float, causal_chunk: int) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv), each (like its input) contiguous in its input's dtype."""
@@ -133,6 +135,7 @@ def reference_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Ten
             _tokens_first(p.transpose(-1, -2) @ gf, v.dtype))
 
 
+@_checks.without_autocast
 def _tangent(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, tq: Tensor | None,
              tk: Tensor | None, tv: Tensor | None, scale: float, causal_chunk: int,
              query_block: int) -> Tensor:

@@ -73,6 +73,7 @@ def epilogue(acc: Tensor, x_scale: Tensor | None, weight_scale: Tensor, bias: Te
     return y.to(out_dtype)
 
 
+@_checks.without_autocast
 def reference_linear(x: Tensor, x_scale: Tensor | None, weight: Tensor, weight_scale: Tensor,
                      bias: Tensor | None, activation: str | None, gate: Tensor | None, gate_rows: int,
                      residual: Tensor | None, out_dtype: torch.dtype) -> Tensor:
