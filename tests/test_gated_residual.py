@@ -255,3 +255,17 @@ def test_cpp_autograd_path_equals_the_python_one(dtype, generator):
 
 def forward_ad_tangent(t):
     return torch.autograd.forward_ad.unpack_dual(t).tangent
+
+
+def test_gpu_kernels_decline_fp64_operands():
+    """fp32 x beside an fp64 y or gate is computed in fp64, which the CUDA and Triton kernels do not
+    read: automatic choice passes it on (the CUDA binding raised) instead of taking it."""
+    import importlib
+
+    gr = importlib.import_module("fastgen_kernels.ops.gated_residual")
+
+    x, y, gate = torch.zeros(2, 3, 8), torch.zeros(2, 3, 8, dtype=torch.float64), torch.zeros(2, 8)
+    for backend in ("cuda", "triton"):
+        assert "float64 operand" in gr.forward_dispatcher.supports[backend](x, y, gate)
+        assert "float64 operand" in gr.backward_dispatcher.supports[backend](x, x, gate.double())
+        assert gr.forward_dispatcher.supports[backend](x, y.float(), gate.bfloat16()) is None

@@ -78,6 +78,15 @@ def gpu_kernel_support(x: torch.Tensor, *args: object) -> str | None:
     return nonempty(x)
 
 
+def gpu_kernel_operands_support(x: torch.Tensor, *args: object) -> str | None:
+    """:func:`gpu_kernel_support`, and every tensor operand in a dtype the kernels read (an fp64
+    operand beside fp32 x would be computed in fp64, which they do not)."""
+    wide = next((a.dtype for a in args if isinstance(a, torch.Tensor) and a.dtype not in KERNEL_DTYPES), None)
+    if wide is not None:
+        return f"a {wide} operand (kernels read float16, bfloat16 and float32)"
+    return gpu_kernel_support(x)
+
+
 def nonempty(x: torch.Tensor, *args: object) -> str | None:
     return "empty input" if x.numel() == 0 else None
 

@@ -84,8 +84,8 @@ def _triton_backward(*args):
 
 
 _SUPPORTS = {
-    "cuda": _checks.gpu_kernel_support,
-    "triton": _checks.gpu_kernel_support,
+    "cuda": _checks.gpu_kernel_operands_support,
+    "triton": _checks.gpu_kernel_operands_support,
     "cpu": _checks.nonempty,
 }
 
