@@ -296,6 +296,17 @@ def test_scm_logvar_gradient(generator):
 
 
 @pytest.mark.parametrize("backend", cpu_backends())
+def test_gan_loss_keeps_the_digits_of_confident_logits(backend):
+    """softplus(-z) for a confident logit z is about e^-z, far below fp32's epsilon next to 1:
+    computed as log(1 + e^-z) it came out 0 (Triton) from z = 17 on."""
+    logits = torch.tensor([[17.0], [20.0], [40.0], [10.0], [-3.0], [1e-3]])
+    with fk.use_backend(backend):
+        loss = losses.gan_loss(logits, reduction="none")
+    expected = torch.nn.functional.softplus(-logits.double()).reshape(-1)
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
 def test_gan_discriminator_with_different_real_and_fake_shapes(backend, generator):
     """mean reduction: each term is the mean over its own logits (real batch and patch grid may
     differ from fake's)."""

@@ -32,8 +32,11 @@ def _sums_kernel(
         z = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
         if NEGATIVE:
             z = -z
-        # softplus(z) = max(z, 0) + log(1 + e^-|z|): no overflow
-        softplus = tl.maximum(z, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(z)))
+        # softplus(z) = max(z, 0) + log1p(e^-|z|): no overflow. log1p(u) as log(w) u / (w - 1) with
+        # w = 1 + u (Goldberg's): log(1 + u) alone loses u's digits below fp32's epsilon (0 for u < 6e-8)
+        u = tl.exp(-tl.abs(z))
+        w = 1.0 + u
+        softplus = tl.maximum(z, 0.0) + tl.where(w == 1.0, u, tl.log(w) * (u / tl.where(w == 1.0, 1.0, w - 1.0)))
         acc += tl.where(mask, softplus, 0.0)
     tl.store(PARTIALS + program, tl.sum(acc, axis=0))
 
