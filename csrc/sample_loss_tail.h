@@ -109,7 +109,8 @@ FASTGEN_HOST_DEVICE inline T loss_tail(const LossTailArgs& args, const T* sums, 
       S = S < 0 ? T(0) : S;
       T sigma = p0 * tan(t);
       sigma = sigma < T(1e-6) ? T(1e-6) : sigma;  // METHODS.md: no zero denominators
-      const T k = exp(-logvar) / (D * sigma);
+      // t at pi/2, or past it once rounded (tan < 0): 1 / sigma -> 0; a NaN t stays NaN
+      const T k = cos(t) <= T(0) ? T(0) : exp(-logvar) / (D * sigma);
       T p[4];
       scm_coefficients(t, p0, p1, p);
       saved[0] = 2 * red * k;

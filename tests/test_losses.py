@@ -296,6 +296,22 @@ def test_scm_logvar_gradient(generator):
 
 
 @pytest.mark.parametrize("backend", cpu_backends())
+def test_scm_at_the_end_of_the_time_range(backend, generator):
+    """At t = pi/2 (in fp32 a little past it, where tan t < 0) the prior weight 1 / sigma is 0, its
+    limit: the loss is the log-variance alone and F gets no gradient (the clamp for small sigma
+    gave a weight of 1e6 there)."""
+    spec = CASES["scm"]
+    inputs = spec.make_inputs((2, 3, 5), torch.float32, generator)
+    inputs["t"] = torch.full((2,), math.pi / 2, dtype=torch.float32)
+    F_ = inputs["F"].requires_grad_()
+    with fk.use_backend(backend):
+        loss = losses.scm_loss(**inputs, reduction="none", **spec.kwargs)
+        (dF,) = torch.autograd.grad(loss.sum(), F_)
+    torch.testing.assert_close(loss, inputs["logvar"].float(), rtol=0, atol=0)
+    assert torch.equal(dF, torch.zeros_like(dF))
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
 def test_gan_loss_keeps_the_digits_of_confident_logits(backend):
     """softplus(-z) for a confident logit z is about e^-z, far below fp32's epsilon next to 1:
     computed as log(1 + e^-z) it came out 0 (Triton) from z = 17 on."""

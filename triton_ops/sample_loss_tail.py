@@ -76,7 +76,7 @@ def _tail_kernel(
         cos_t, sin_t = tl.cos(t), tl.sin(t)
         sigma = p0 * sin_t / cos_t
         sigma = tl.where(sigma < 1e-6, 1e-6, sigma)  # METHODS.md: no zero denominators
-        k = tl.exp(-u) / (D * sigma)
+        k = tl.where(cos_t <= 0.0, 0.0, tl.exp(-u) / (D * sigma))  # t at pi/2 (rounded past it): 1 / sigma -> 0
         loss = S * k + u
         tl.store(SAVED + b * NSAVED, 2.0 * red * k, mask=mask)
         tl.store(SAVED + b * NSAVED + 1, red * (1.0 - S * k), mask=mask)

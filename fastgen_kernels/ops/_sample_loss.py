@@ -110,6 +110,7 @@ def reference_tail(sums: Tensor, weight: Tensor | None, t: Tensor | None, logvar
         n = 1 / (torch.sqrt(sums[:, 0] / D) + c)
         S = (sums[:, 2] - 2 * sums[:, 1] * n + sums[:, 0] * n * n).clamp_min(0)
         k = torch.exp(-u) / (D * (sigma_data * torch.tan(t)).clamp_min(1e-6))  # no zero denominators
+        k = torch.where(torch.cos(t) <= 0, 0.0, k)  # t at pi/2 (or past it, rounded): 1 / sigma -> 0
         loss = S * k + u
         saved = [2 * red * k, red * (1 - S * k), *(n[:, None] * scm_coefficients(t, sigma_data, warmup)).unbind(1)]
     return (loss.sum() / sums.shape[0] if mean else loss), torch.stack(saved, 1)
