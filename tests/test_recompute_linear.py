@@ -291,3 +291,14 @@ def test_bad_input(generator):
         fk.modulated_layer_norm_linear(x, torch.randn(3, 8), mod, w)
     with pytest.raises(ValueError, match="modulated_layer_norm_linear: eps"):
         fk.modulated_layer_norm_linear(x, mod, mod, w, eps=0)
+    with pytest.raises(ValueError, match="modulated_layer_norm_linear: eps"):
+        fk.modulated_layer_norm_linear(x, mod, mod, w, eps=float("inf"))
+    # the layer's own arguments, before any kernel runs
+    with pytest.raises(ValueError, match=r"gelu_tanh_linear: weight must have shape \(N, 8\), got \(4, 7\)"):
+        fk.gelu_tanh_linear(x, torch.randn(4, 7))
+    with pytest.raises(ValueError, match=r"gelu_tanh_linear: bias must have shape \(4,\)"):
+        fk.gelu_tanh_linear(x, w, torch.randn(5))
+    with pytest.raises(TypeError, match="modulated_layer_norm_linear: linear_weight must be float16"):
+        fk.modulated_layer_norm_linear(x, mod, mod, w.int())
+    with pytest.raises(ValueError, match=r"modulated_layer_norm_linear: linear_bias must have shape \(4,\)"):
+        fk.modulated_layer_norm_linear(x, mod, mod, w, torch.randn(3))

@@ -69,6 +69,18 @@ def per_channel(op: str, name: str, value: object, x: torch.Tensor) -> None:
         like_x(op, name, value, x, [(x.shape[-1],)])
 
 
+def linear_layer(op: str, names: tuple[str, str], weight: object, bias: object, x: torch.Tensor) -> None:
+    """A linear layer after an activation of x, its arguments called ``names``: weight (N, D) with
+    D = x.shape[-1], bias None or (N,), floating, on x's device (any floating dtype: autocast's or
+    F.linear's rules apply)."""
+    weight = tensor(op, names[0], weight)
+    if weight.dim() != 2 or weight.shape[1] != x.shape[-1]:
+        raise ValueError(f"{op}: {names[0]} must have shape (N, {x.shape[-1]}), got {tuple(weight.shape)}")
+    like_x(op, names[0], weight, x, [tuple(weight.shape)], any_float=True)
+    if bias is not None:
+        like_x(op, names[1], bias, x, [(weight.shape[0],)], any_float=True)
+
+
 def gpu_kernel_support(x: torch.Tensor, *args: object) -> str | None:
     """Why the CUDA / Triton row kernels cannot take x (dtype, size), or None."""
     if x.dtype not in KERNEL_DTYPES:
@@ -182,7 +194,8 @@ def reduction(op: str, value: object) -> str:
 
 
 def positive(op: str, name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+    """A finite number > 0 (an infinite eps or constant would make the op's result 0 or NaN)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
         raise ValueError(f"{op}: {name} must be a positive number, got {value!r}")
     return float(value)
 

@@ -197,6 +197,7 @@ def gelu_tanh_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> T
     composition.
     """
     x = _checks.tensor("gelu_tanh_linear", "x", x)
+    _checks.linear_layer("gelu_tanh_linear", ("weight", "bias"), weight, bias, x)
     if input_tangents_only_outside_transforms() or _eager_op.backward_will_follow((x, weight, bias)):
         return _GeluTanhLinearFunction.apply(x, weight, bias)
     return linear(gelu_tanh(x), weight, bias)

@@ -317,8 +317,7 @@ def _check(op: str, x, shift, scale, weight, bias, eps) -> None:
     _checks.modulation(op, "scale", scale, x)
     _checks.per_channel(op, "weight", weight, x)
     _checks.per_channel(op, "bias", bias, x)
-    if not isinstance(eps, (int, float)) or not eps > 0:
-        raise ValueError(f"{op}: eps must be a positive number, got {eps!r}")
+    _checks.positive(op, "eps", eps)
 
 
 def _apply(x, shift, scale, weight, bias, eps, rms) -> Tensor:
@@ -450,6 +449,7 @@ def modulated_layer_norm_linear(
     """
     op = "modulated_layer_norm_linear"
     _check(op, x, shift, scale, weight, bias, eps)
+    _checks.linear_layer(op, ("linear_weight", "linear_bias"), linear_weight, linear_bias, x)
     args = (x, shift, scale, weight, bias, float(eps), False, linear_weight, linear_bias)
     if input_tangents_only_outside_transforms():  # forward-mode AD along the inputs: the one-GEMM rule
         return _ModulatedNormLinearFunction.apply(*args)

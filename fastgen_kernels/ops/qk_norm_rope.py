@@ -319,8 +319,7 @@ def _check(q, k, q_weight, k_weight, cos, sin, eps, interleaved) -> None:
     _checks.like(_OP, "q_weight", q_weight, "q", q, [(Dh,)], optional=True)
     _checks.like(_OP, "k_weight", k_weight, "q", q, [(Dh,)], optional=True)
     _checks.rotary_tables(_OP, cos, sin, q, k)
-    if not isinstance(eps, (int, float)) or not eps > 0:
-        raise ValueError(f"{_OP}: eps must be a positive number, got {eps!r}")
+    _checks.positive(_OP, "eps", eps)
     if not isinstance(interleaved, bool):
         raise TypeError(f"{_OP}: interleaved must be a bool, got {type(interleaved).__name__}")
 
