@@ -63,6 +63,10 @@ class Denoiser(nn.Module):
             raise ValueError(f"Denoiser: preconditioning must be None or 'edm', got {preconditioning!r}")
         self.net = net
         self.schedule = get_schedule(schedule, sigma_data)
+        try:
+            self.schedule.check_prediction(prediction)
+        except ValueError as error:
+            raise ValueError(f"Denoiser: {error}") from None
         self.prediction = prediction
         self.preconditioning = preconditioning
         if preconditioning == "edm" and not (isinstance(self.schedule, EDM) and prediction == "x0"):

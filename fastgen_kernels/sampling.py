@@ -279,7 +279,9 @@ def sample(model: Denoiser, steps: int = 1, *, batch_size: int = 1, shape: Seque
                   if renoise else None)
 
     autocast_dtype = _autocast_dtype(autocast, device, model)
-    use_graph = device.type == "cuda" if cuda_graph == "auto" else bool(cuda_graph)
+    if cuda_graph not in ("auto", True, False):
+        raise ValueError(f"sample: cuda_graph must be 'auto', True or False, got {cuda_graph!r}")
+    use_graph = device.type == "cuda" if cuda_graph == "auto" else cuda_graph
     if use_graph and device.type != "cuda":
         raise ValueError("sample: cuda_graph=True needs a model on a CUDA device")
     nvtx = device.type == "cuda"
@@ -294,7 +296,8 @@ def sample(model: Denoiser, steps: int = 1, *, batch_size: int = 1, shape: Seque
         return x, trajectory
 
     with torch.no_grad():
-        inputs = (noise.to(device=device, dtype=dtype), step_noise, cond, neg_cond)
+        inputs = (noise.to(device=device, dtype=dtype), step_noise,
+                  *(None if c is None else c.to(device) for c in (cond, neg_cond)))  # the model's device
         if use_graph:
             key = (batch, shape, dtype, tuple(times), solver, stochastic, guidance_scale, return_trajectory,
                    autocast_dtype, *[(t.shape, t.dtype) if t is not None else None for t in inputs[2:]],

@@ -186,6 +186,15 @@ class Schedule:
         t = self.t_from_edm_sigma((normal.double() * p_std + p_mean).exp())
         return t.clamp(self.t_min, self.t_max).to(normal.dtype)
 
+    def check_prediction(self, prediction: str) -> None:
+        """Raises ValueError unless a network predicting ``prediction`` works on this schedule."""
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
+        if prediction == "v":
+            self._need_variance_preserving(prediction)
+        if prediction == "trig_F":
+            self._need_trig(prediction)
+
     def _need_variance_preserving(self, prediction: str) -> None:
         if self.name != "vp":
             raise ValueError(f"prediction {prediction!r} needs alpha^2 + sigma^2 = 1 (the vp schedule), "

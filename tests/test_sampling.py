@@ -176,6 +176,11 @@ def test_denoiser_bad_arguments():
         fk.Denoiser(nn.Identity(), "edm", "score")
     with pytest.raises(ValueError, match="preconditioning='edm' needs"):
         fk.Denoiser(nn.Identity(), "rf", "flow", preconditioning="edm")
+    # predictions their schedule cannot convert: at construction, not at the first sampling step
+    with pytest.raises(ValueError, match="Denoiser: prediction 'v' needs alpha"):
+        fk.Denoiser(nn.Identity(), "edm", "v")
+    with pytest.raises(ValueError, match="Denoiser: prediction 'trig_F' needs the trig schedule"):
+        fk.Denoiser(nn.Identity(), "rf", "trig_F")
 
 
 # --- teacher solvers ------------------------------------------------------------------------------
@@ -352,6 +357,7 @@ def test_bad_inputs():
         (dict(batch_size=0), ValueError, "batch_size"),
         (dict(noise=torch.zeros(3, dtype=torch.long)), ValueError, "noise must be"),
         (dict(cuda_graph=True), ValueError, "CUDA device"),
+        (dict(cuda_graph="false"), ValueError, "cuda_graph must be 'auto', True or False"),
     ]
     for kwargs, error, match in cases:
         with pytest.raises(error, match=match):
