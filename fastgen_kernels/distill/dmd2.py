@@ -35,7 +35,7 @@ class DMD2Config:
     student_times: tuple[float, ...] = ()     # default: the student's consistency times
     guidance_scale: float = 1.0               # the teacher's classifier-free guidance
     student_every: int = 5                    # the student steps once per this many iterations
-    critic_time_range: tuple[float, float] = ()  # fake score / VSD times: () the schedule's training
+    critic_time_range: tuple[float, float] | tuple[()] = ()  # fake score / VSD times: () the schedule's training
                                               # distribution; (lo, hi) uniform in [lo, hi] * t_max
     gan_weight: float = 0.0                   # > 0: the GAN branch on teacher features
     gan_layers: tuple[str, ...] = ()          # default: the middle and last of teacher.net.blocks

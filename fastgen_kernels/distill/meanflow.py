@@ -54,7 +54,8 @@ class MeanFlow(Method):
     def times(self, batch: Batch) -> tuple[Tensor, Tensor]:
         cfg, schedule = self.config, self.student.schedule
         a, b = (torch.sigmoid(batch.randn() * cfg.time_std + cfg.time_mean) for _ in range(2))
-        t, r = torch.maximum(a, b).clamp(max=schedule.t_max), torch.minimum(a, b)
+        t = torch.maximum(a, b).clamp(max=schedule.t_max)
+        r = torch.minimum(torch.minimum(a, b), t)  # r <= t, t clamped included
         r = torch.where(batch.rand() < cfg.flow_matching_fraction, t, r)
         return t, r
 

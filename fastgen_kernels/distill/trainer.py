@@ -241,8 +241,9 @@ class Trainer:
         cfg = self.config
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
-            save_yaml(self.config_record, self.out / "config.yaml")
         start = self.resume() if cfg.resume else self._start_fresh()
+        if self.rank == 0:  # after resume's checks: a refused run leaves the folder's config as it was
+            save_yaml(self.config_record, self.out / "config.yaml")
         log = self._open_log(start)
         self._start_wandb()
         show = cfg.progress if cfg.progress is not None else sys.stderr.isatty()
