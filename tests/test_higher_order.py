@@ -18,7 +18,8 @@ def _randn(generator, *shape):
 def _cases(generator):
     """name: (op, plain PyTorch of it, inputs)."""
     x = _randn(generator, 2, 3, 8)
-    shift, scale, weight, bias = _randn(generator, 2, 8), _randn(generator, 2, 8), _randn(generator, 8), _randn(generator, 8)
+    shift, scale = _randn(generator, 2, 8), _randn(generator, 2, 8)
+    weight, bias = _randn(generator, 8), _randn(generator, 8)
     q, k, v = _randn(generator, 1, 4, 2, 6), _randn(generator, 1, 5, 2, 6), _randn(generator, 1, 5, 2, 6)
 
     def plain_norm(x, shift, scale, weight, bias):
