@@ -425,7 +425,8 @@ def test_forward_mode_raises(case, generator):
 
     with pytest.raises(RuntimeError, match="forward-mode"):
         torch.func.jvp(loss_of, (inputs[name],), (torch.ones_like(inputs[name]),))
-    with pytest.raises(RuntimeError, match="forward-mode|jvp is not implemented"), torch.autograd.forward_ad.dual_level():
+    dual_level = torch.autograd.forward_ad.dual_level()
+    with pytest.raises(RuntimeError, match="forward-mode|jvp is not implemented"), dual_level:
         loss_of(torch.autograd.forward_ad.make_dual(inputs[name], torch.ones_like(inputs[name])))
 
 
