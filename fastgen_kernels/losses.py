@@ -4,8 +4,9 @@ elementwise pass backward each, on the cuda, triton, cpu or reference backend ch
 Inputs are (B, ...) tensors of any rank, float16/bfloat16/float32 (float64 on cpu and reference),
 accumulated in fp32; per-sample scalars are (B,) tensors. Each loss returns the batch mean
 (``reduction="mean"``) or the per-sample (B,) vector (``reduction="none"``), in fp32 (fp64 for
-fp64 input). Stop-gradients of the methods are built in: targets, teacher outputs and JVPs never
-get a gradient.
+fp64 input). Stop-gradients of the methods are built in: teacher outputs, consistency and
+MeanFlow targets and JVPs never get a gradient (the denoising loss's target does, where it
+requires one).
 
 - :func:`vsd_loss`: DMD2's distribution matching (VSD), with f-Distill's per-sample weight;
 - :func:`consistency_loss`: consistency models (CT/CD, ECT), pseudo-Huber or L2;

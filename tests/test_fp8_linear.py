@@ -325,6 +325,13 @@ def test_quantize_fp8_model_snr_and_safetensors_round_trip(generator, tmp_path):
         assert torch.equal(fresh.block(x, t), out)
 
 
+def test_no_tokens_give_an_empty_output():
+    """As nn.Linear: (0, K) -> (0, N), (B, 0, K) -> (B, 0, N)."""
+    layer = fk.quantize_fp8(torch.nn.Sequential(torch.nn.Linear(16, 8)), filter_fn=lambda module, name: True)[0]
+    with torch.no_grad():
+        assert layer(torch.randn(0, 16)).shape == (0, 8) and layer(torch.randn(2, 0, 16)).shape == (2, 0, 8)
+
+
 def test_fp8_layer_output_follows_autocast(generator):
     """Under autocast an Fp8Linear writes autocast's dtype, as nn.Linear does; with a residual, the
     residual's (the residual stream keeps its precision)."""

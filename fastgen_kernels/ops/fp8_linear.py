@@ -181,8 +181,8 @@ def fp8_linear(x: Tensor, weight: Tensor, weight_scale: Tensor, *, bias: Tensor 
     quantized = x.dtype == torch.float8_e4m3fn
     if not quantized and x.dtype not in ACTIVATION_INPUT_DTYPES:
         raise TypeError(f"{op}: x must be float16, bfloat16, float32 or float8_e4m3fn, got {x.dtype}")
-    if x.dim() < 1 or x.numel() == 0:
-        raise ValueError(f"{op}: x must be a non-empty (..., K) tensor, got {tuple(x.shape)}")
+    if x.dim() < 1 or x.shape[-1] == 0:
+        raise ValueError(f"{op}: x must be a (..., K) tensor with K >= 1, got {tuple(x.shape)}")
     if not isinstance(weight, Tensor) or weight.dtype != torch.float8_e4m3fn:
         got = weight.dtype if isinstance(weight, Tensor) else type(weight).__name__
         raise TypeError(f"{op}: weight must be a torch.float8_e4m3fn tensor (quantize_fp8 makes one), got {got}")
@@ -228,6 +228,8 @@ def fp8_linear(x: Tensor, weight: Tensor, weight_scale: Tensor, *, bias: Tensor 
             raise ValueError(f"{op}: residual must have the output's shape {out_shape}, got {tuple(residual.shape)}")
         residual = residual.reshape(M, N)
     check_inference_only(op, (x, bias, gate, residual))
+    if M == 0:  # no tokens: as nn.Linear, an empty output
+        return torch.empty(out_shape, device=x.device, dtype=out_dtype)
 
     x2d = x.reshape(M, K)
     if not quantized and fp8_supported(x.device):
