@@ -204,9 +204,25 @@ class Denoiser(nn.Module):
             net_cls = getattr(importlib.import_module(module_name), class_name)
             build = getattr(net_cls, "from_config", net_cls)
             net = build(config["net"]["config"])
-        net.load_state_dict(load_file(str(directory / WEIGHTS_NAME), device=str(device or "cpu")))
+        state = load_file(str(directory / WEIGHTS_NAME), device=str(device or "cpu"))
+        _quantize_like(net, state)
+        net.load_state_dict(state)
         if device is not None:
             net = net.to(device)
         return cls(net, config["schedule"], config["prediction"], preconditioning=config["preconditioning"],
                    time_scale=config["time_scale"], time_shift=config.get("time_shift", 0.0), distilled=config["distilled"],
                    null_cond=config["null_cond"], shape=config["shape"])
+
+
+def _quantize_like(net: nn.Module, state: dict[str, Tensor]) -> None:
+    """The layers that ``state`` holds as FP8 (e4m3 weight + weight_scale) made FP8 in ``net``, per
+    channel or per tensor as saved, so that a quantized model's save loads into its rebuilt network
+    (``fuse_epilogues`` is not saved: call it again)."""
+    quantized = {name.removesuffix(".weight_scale"): value.numel() > 1 for name, value in state.items()
+                 if name.endswith(".weight_scale")}
+    if not quantized:
+        return
+    from fastgen_kernels.quantization import quantize_fp8
+
+    for per_channel in {*quantized.values()}:
+        quantize_fp8(net, lambda module, name: quantized.get(name) == per_channel, per_channel=per_channel)

@@ -170,6 +170,21 @@ def test_fp8_dit_with_every_linear_quantized_and_a_logvar_head():
     assert snr_db(logvar, expected_logvar) >= 15   # one number a sample, from e4m3 frequencies
 
 
+@pytest.mark.parametrize("per_channel", [True, False], ids=["per_channel", "per_tensor"])
+def test_a_quantized_denoiser_saves_and_loads(per_channel, tmp_path):
+    """save_pretrained of a quantized model -> from_pretrained rebuilds the network and makes the
+    layers the save holds in e4m3 FP8 again (per channel or per tensor as saved): the same samples."""
+    torch.manual_seed(0)
+    config = DiTConfig(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=1, num_heads=2, num_classes=3)
+    model = fk.Denoiser(DiT(config), "rf", "flow", null_cond=3, shape=(4, 8, 8), distilled=True)
+    fk.quantize_fp8(model.net, per_channel=per_channel)
+    model.save_pretrained(tmp_path)
+    loaded = fk.Denoiser.from_pretrained(tmp_path)
+    assert isinstance(loaded.net.blocks[0].mlp.fc1, fk.Fp8Linear)
+    assert not isinstance(loaded.net.blocks[0].adaLN_modulation[-1], fk.Fp8Linear)
+    assert torch.equal(fk.sample(loaded, 1, batch_size=2, seed=0), fk.sample(model, 1, batch_size=2, seed=0))
+
+
 def test_fp8_dit_with_fused_epilogues_is_within_the_snr_floor():
     """quantize_fp8 + fuse_epilogues on the reference DiT (CPU: the reference FP8 path) against the
     bf16 network: output SNR >= 20 dB; the fused epilogue equals the unfused FP8 network."""
