@@ -460,6 +460,8 @@ def sample_with_scheduler(model: Denoiser, scheduler, steps: int, *, batch: int,
                 x_in, t = x, float(timestep)
             else:   # flow matching and EDM: the noise level is the time
                 x_in, t = x, float(scheduler.sigmas[i])
+                if family == "edm":  # the Denoiser preconditions x itself; the call tells the scheduler so
+                    scheduler.scale_model_input(x, timestep)
             x0 = guided.x0(x_in, t)
             if family == "edm":   # the scheduler applies EDM's output preconditioning itself
                 _, _, c_skip, c_out = model.schedule.precondition(torch.tensor(t, dtype=torch.float64))
