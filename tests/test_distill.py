@@ -511,6 +511,20 @@ def test_bad_trainer_settings_raise_before_training(override, message):
         TrainerConfig(**override, **({"optimizer": OptimizerConfig(**optimizer)} if optimizer else {}))
 
 
+def test_each_optimizers_learning_rate_is_logged(tmp_path):
+    """The logged lr is the student's; an optimizer given its own (DMD2's fake score) gets its own
+    lr_<name> entry."""
+    torch.manual_seed(0)
+    teacher = toy().eval()
+    optimizer = OptimizerConfig(lr=1e-3, learning_rates={"fake_score": 3e-3}, warmup_iterations=2)
+    config = TrainerConfig(iterations=2, batch_size=16, output_dir=str(tmp_path), progress=False, log_every=1,
+                           optimizer=optimizer)
+    records = Trainer(DMD2(student_of(teacher), teacher), DATA, config).train()
+    logged = [(r["lr"], r["lr_fake_score"]) for r in records]
+    assert logged == [pytest.approx((5e-4, 1.5e-3)), pytest.approx((1e-3, 3e-3))]
+    assert "lr_discriminator" not in records[0]
+
+
 def test_accumulating_a_batch_normalized_loss_warns(tmp_path):
     """f-Distill normalizes h by its micro-batch mean: accumulation only approximates the big step."""
     torch.manual_seed(0)

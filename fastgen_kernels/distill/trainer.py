@@ -259,8 +259,12 @@ class Trainer:
             metrics = self.step(iteration)
             done = iteration + 1
             if done % cfg.log_every == 0 or done == cfg.iterations:
-                record = {"iteration": iteration, **parallel.all_reduce_mean(metrics),
-                          "lr": self.base_lr["student"] * learning_rate_factor(cfg.optimizer, iteration, cfg.iterations),
+                factor = learning_rate_factor(cfg.optimizer, iteration, cfg.iterations)
+                # the student's learning rate, and that of each optimizer given another one
+                rates = {"lr": self.base_lr["student"] * factor,
+                         **{f"lr_{name}": lr * factor for name, lr in self.base_lr.items()
+                            if name != "student" and lr != self.base_lr["student"]}}
+                record = {"iteration": iteration, **parallel.all_reduce_mean(metrics), **rates,
                           "seconds": round(time.perf_counter() - tic, 3)}
                 records.append(record)
                 if log is not None:
