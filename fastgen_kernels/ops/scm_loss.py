@@ -13,8 +13,10 @@ sample, with c_t = cos t, s_t = sin t, sigma_d = sigma_data and warm-up factor w
     loss_b = S / (D sigma_edm e^u) + u,   sigma_edm = sigma_d tan t
 
 One fused pass reads the five inputs once and sums g^2, d g and d^2 with d = F - F_minus, which give
-n and S = sum d^2 - 2 sum d g / n + sum g^2 / n^2 (exact; when F_minus is F's own value, as in
-training, d = 0 and S = sum g^2 / n^2); the tail (csrc/sample_loss_tail.h) makes loss_b, the
+n and S = sum d^2 - 2 sum d g / n + sum g^2 / n^2 (exact algebra; when F_minus is F's own value,
+as in training, d = 0 and S = sum g^2 / n^2; where d is close to g / n the expansion cancels and S
+loses digits, which only the loss's value and u's gradient see: dF is made from d and g directly);
+the tail (csrc/sample_loss_tail.h) makes loss_b, the
 batch mean and the backward's factors. The VJP, upstream gradient g of the result (red = 1 / B for
 the mean), is one more pass for F and a (B,) product for u::
 
