@@ -38,7 +38,7 @@ enum class LossTail : int64_t {
   kSoftplus = 2,
   // sCM (sum g^2, sum d g, sum d^2) with t and logvar u; params (sigma_data, warmup, c):
   // n = 1 / (sqrt(sum g^2 / D) + c), S = max(sum d^2 - 2 n sum d g + n^2 sum g^2, 0),
-  // k = e^-u / (D max(sigma_data tan t, 1e-6)), loss_b = S k + u.
+  // k = e^-u / (D max(sigma_data tan t, 1e-6)) (0 where cos t <= 0: t at pi/2), loss_b = S k + u.
   // saved: (2 red k, red (1 - S k), n p) with p the tangent's coefficients (scm_coefficients).
   kScm = 3,
 };

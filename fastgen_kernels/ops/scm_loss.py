@@ -11,6 +11,7 @@ sample, with c_t = cos t, s_t = sin t, sigma_d = sigma_data and warm-up factor w
     n = ||g||_2 / sqrt(D) + c                          (tangent normalization, c = 0.1)
     S = sum_D (F - F_minus - g / n)^2                  (the residual of F - sg(F) - g)
     loss_b = S / (D sigma_edm e^u) + u,   sigma_edm = sigma_d tan t
+    (sigma_edm clamped at 1e-6 below; at t = pi/2, in fp32 rounded past it, 1 / sigma_edm = 0)
 
 One fused pass reads the five inputs once and sums g^2, d g and d^2 with d = F - F_minus, which give
 n and S = sum d^2 - 2 sum d g / n + sum g^2 / n^2 (exact algebra; when F_minus is F's own value,
