@@ -76,7 +76,8 @@ def linear_layer(op: str, names: tuple[str, str], weight: object, bias: object, 
     weight = tensor(op, names[0], weight)
     if weight.dim() != 2 or weight.shape[1] != x.shape[-1]:
         raise ValueError(f"{op}: {names[0]} must have shape (N, {x.shape[-1]}), got {tuple(weight.shape)}")
-    like_x(op, names[0], weight, x, [tuple(weight.shape)], any_float=True)
+    if weight.device != x.device:
+        raise ValueError(f"{op}: {names[0]} must be on x's device {x.device}, got {weight.device}")
     if bias is not None:
         like_x(op, names[1], bias, x, [(weight.shape[0],)], any_float=True)
 

@@ -287,7 +287,8 @@ def _triton_support(q: Tensor, *args: object) -> str | None:
         return f"head dim {q.shape[-1]} exceeds the kernels' limit of {MAX_TRITON_HEAD_DIM}"
     # offsets within one batch entry are 32-bit in the kernels (64-bit ones cost registers), in
     # the inputs as strided and in the outputs (O, dq, ...), which are contiguous
-    if any(max(t.shape[1] * t.stride(1), t[0].numel()) >= 2**31 for t in args[:2] + (q,) if isinstance(t, Tensor)):
+    operands = [t for t in (*args[:2], q) if isinstance(t, Tensor)]
+    if any(max(t.shape[1] * t.stride(1), t[0].numel()) >= 2**31 for t in operands):
         return "a batch entry of more than 2^31 elements (the kernels' offsets are 32-bit)"
     if q.shape[0] * q.shape[2] > 65535:  # the launch grid's second axis, CUDA's limit
         return f"batch x heads = {q.shape[0] * q.shape[2]} exceeds the kernels' grid limit of 65535"

@@ -356,12 +356,11 @@ def _composition_gradients(grad_out, norm_inputs, weight, eps, rms, bias_dtype, 
     """The gradients of F.linear(modulated norm, weight, bias) as autograd of the reference's ops,
     for a create_graph=True backward (a gradient penalty through a DiT): the kernels' outputs would
     differentiate as constants. The linear layer in grad_out's dtype, as the first-order backward."""
-    inputs = (*norm_inputs, weight)
-    wanted = [i for i, (t, need) in enumerate(zip(inputs, (*needs[:5], needs[7]))) if need and t is not None]
-    out = F.linear(reference_forward(*norm_inputs, eps, rms)[0].to(grad_out.dtype), weight.to(grad_out.dtype))
-    grads = [None] * 6
-    for i, g in zip(wanted, torch.autograd.grad(out, [inputs[i] for i in wanted], grad_out, create_graph=True)):
-        grads[i] = g
+    def composition(x, shift, scale, norm_weight, norm_bias, weight):
+        y = reference_forward(x, shift, scale, norm_weight, norm_bias, eps, rms)[0]
+        return F.linear(y.to(grad_out.dtype), weight.to(grad_out.dtype))
+
+    grads = _eager_op.composition_gradients(composition, (*norm_inputs, weight), (*needs[:5], needs[7]), (grad_out,))
     dbias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0).to(bias_dtype) if bias_dtype and needs[8] else None
     return (*grads[:5], None, None, grads[5], dbias)
 
