@@ -557,8 +557,8 @@ def blocks(width: int, itemsize: int, interpreting: bool, kernel: str
     (64 x 64 for split heads); the JVP, which holds q, tq and one or two (BLOCK_M, Dh) fp32
     accumulators, 128 x 32 (spill-free at DiT's 72 = 64 + 16 when O is given, with its
     log-sum-exp or without: 243-245 registers; computing O too it spills 48-320 bytes a thread).
-    fp32 operands and widths over 128 take smaller tiles. To be tuned on hardware. The interpreter gets 16 x 16 tiles: it costs
-    per tile element and small tiles still cross every boundary case."""
+    fp32 operands and widths over 128 take smaller tiles. To be tuned on hardware. The interpreter
+    gets 16 x 16 tiles: it costs per tile element and small tiles still cross every boundary case."""
     if interpreting:
         return 16, 16, 1, 1
     warps = 4 if width <= 64 else 8

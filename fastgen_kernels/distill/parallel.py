@@ -2,8 +2,9 @@
 
 ``init()`` joins the process group torchrun describes in the environment (nccl on GPUs, gloo on
 CPUs), to be destroyed at the process's exit, and says which device this rank uses. Networks are
-wrapped per trainable network of a method: DDP (``find_unused_parameters``, since a method may leave part of a network out of a step,
-e.g. a flow map's r-embedding; buffers are constants and are not broadcast), or FSDP2
+wrapped per trainable network of a method: DDP (``find_unused_parameters``, since a method may
+leave part of a network out of a step, e.g. a flow map's r-embedding; buffers are constants and
+are not broadcast), or FSDP2
 (``fully_shard`` on every block of ``net.blocks``, then on the network). State goes through
 ``torch.distributed.checkpoint.state_dict``, which gives full (unsharded) tensors for plain, DDP and
 FSDP2 modules alike, so checkpoints do not depend on the number of processes.

@@ -313,12 +313,14 @@ class Trainer:
 
     def _ema_states(self) -> dict[str, dict[str, Tensor]]:
         student = self.method.network("student")
+        # the state of parameters on the CPU is the parameters themselves, which get their training
+        # values back when the block exits: copied there (elsewhere the CPU offload copies them)
+        on_cpu = next(student.parameters()).device.type == "cpu"
         states = {}
         for k, decay in enumerate(self.ema.decays if self.ema else ()):
             with self.ema.applied(k):
-                # copies: for parameters already on the CPU the state's tensors are the parameters
-                # themselves, which get their training values back when the block exits
-                states[f"ema{k}"] = {name: value.clone() for name, value in parallel.model_state(student).items()}
+                state = parallel.model_state(student)
+                states[f"ema{k}"] = {name: value.clone() for name, value in state.items()} if on_cpu else state
         return states
 
     def save(self, iteration: int) -> None:
