@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from fastgen_kernels.ops.constant_operands import add_constant, mul_constant
-from fastgen_kernels.schedules import EDM, PREDICTIONS, Schedule, get_schedule, per_sample
+from fastgen_kernels.schedules import EDM, Schedule, get_schedule, per_sample
 
 CONFIG_NAME = "fastgen.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -57,8 +57,6 @@ class Denoiser(nn.Module):
         super().__init__()
         if not isinstance(net, nn.Module):
             raise TypeError(f"Denoiser: net must be an nn.Module, got {type(net).__name__}")
-        if prediction not in PREDICTIONS:
-            raise ValueError(f"Denoiser: prediction must be one of {PREDICTIONS}, got {prediction!r}")
         if preconditioning not in (None, "edm"):
             raise ValueError(f"Denoiser: preconditioning must be None or 'edm', got {preconditioning!r}")
         self.net = net
