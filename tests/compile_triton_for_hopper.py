@@ -111,9 +111,9 @@ def record_all_launches() -> None:
 
 
 def record_fp8_linear_launches() -> None:
-    """The quantizer, and the FP8 GEMM in each autotuning configuration of both variants (tiled,
-    persistent TMA) with the two DiT epilogues (fc1: bias + GELU; out-projection / fc2: bias,
-    per-batch gate, residual), plus the bf16 operands of GPUs without FP8 in their own tiles
+    """The quantizer, and the FP8 GEMM in each autotuning configuration of its variants (tiled,
+    persistent TMA, persistent TMA with the TMA store) with the two DiT epilogues (fc1: bias +
+    GELU; out-projection / fc2: bias, per-batch gate, residual), plus the bf16 operands of GPUs without FP8 in their own tiles
     (tiled only: TMA needs Hopper, which has FP8)."""
     x = torch.randn(256, 1152, dtype=torch.bfloat16)
     for K in (1152, 4608, 12288):  # several rows a program; one; two passes
@@ -124,14 +124,20 @@ def record_fp8_linear_launches() -> None:
     epilogues = [dict(HAS_BIAS=True, ACTIVATION=1, HAS_GATE=False, HAS_RESIDUAL=False),
                  dict(HAS_BIAS=True, ACTIVATION=0, HAS_GATE=True, HAS_RESIDUAL=True)]
     cases = [(config, operands, x_scale, epilogue)
-             for config in triton_fp8_linear._TILED_CONFIGS + triton_fp8_linear._TMA_CONFIGS
+             for config in (triton_fp8_linear._TILED_CONFIGS + triton_fp8_linear._TMA_CONFIGS
+                            + triton_fp8_linear._TMA_STORE_CONFIGS)
              for operands, x_scale, epilogue in [(codes, scale, epilogues[0]), (codes, scale, epilogues[1])]]
     cases += [(config, x, None, epilogues[1]) for config in triton_fp8_linear._WIDE_OPERAND_CONFIGS]
     for config, operands, x_scale, epilogue in cases:
-        descriptors = (None, None)
+        descriptors = [None] * 4
         if config.kwargs["TMA"]:
-            descriptors = tuple(TensorDescriptor.from_tensor(operands, [1, 1]) for _ in range(2))
-            config.pre_hook(dict(X_DESC=descriptors[0], W_DESC=descriptors[1], **config.kwargs))
+            descriptors[:2] = (TensorDescriptor.from_tensor(operands, [1, 1]) for _ in range(2))
+        if config.kwargs["TMA_STORE"]:
+            residual = TensorDescriptor.from_tensor(out, [1, 1]) if epilogue["HAS_RESIDUAL"] else None
+            descriptors[2:] = (residual, TensorDescriptor.from_tensor(out, [1, 1]))
+        if config.kwargs["TMA"]:
+            config.pre_hook(dict(zip(("X_DESC", "W_DESC", "RESIDUAL_DESC", "OUT_DESC"), descriptors),
+                                 **config.kwargs))
         triton_fp8_linear._linear_kernel[(1,)](
             operands, x_scale, operands, scale[:1152], bias, gate, out, out, *descriptors,
             256, 1152, 1152, 128, HAS_X_SCALE=x_scale is not None, PER_CHANNEL=True, IEEE=False,

@@ -168,14 +168,18 @@ def test_linear_shapes(M, N, K, generator):
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("M,N,K", [(1, 16, 16), (33, 17, 128), (70, 96, 48)])
-@pytest.mark.parametrize("variant", ["tiled", "persistent_tma"])
+@pytest.mark.parametrize("M,N,K", [(1, 16, 16), (33, 17, 128), (70, 96, 48), (45, 40, 32)])
+@pytest.mark.parametrize("variant", ["tiled", "persistent_tma", "persistent_tma_store"])
 def test_linear_kernel_variants(variant, M, N, K, generator):
-    """Both GEMM variants on the same codes and on fp32 operands (IEEE dot), every epilogue
-    option on: the tiled kernel, and the persistent one whose 3 programs walk all the tiles with
-    TMA tile loads (zero-filled past the edges), against the fp64 epilogue of the same product."""
+    """The GEMM variants on the same codes and on fp32 operands (IEEE dot), every epilogue option
+    on: the tiled kernel, and the persistent ones whose 3 programs walk all the tiles with TMA
+    tile loads (zero-filled past the edges), one of them also reading the residual and writing
+    the output in half tiles by TMA (clipped at the edges; N = 40: a last tile whose right half
+    lies wholly outside), against the fp64 epilogue of the same product."""
     from fastgen_kernels.triton_ops import fp8_linear as triton_fp8_linear
 
+    if variant == "persistent_tma_store" and N * 4 % 16:
+        pytest.skip("the TMA store needs 16-byte aligned rows (test_linear_kernel_variant_errors)")
     x = torch.randn(1, M, K, generator=generator)
     weight_q, weight_scale = fp8.quantize_weight(torch.randn(N, K, generator=generator))
     kwargs = _epilogue_args((True, "gelu_tanh", "token", True), x, N, torch.float32, generator)
@@ -196,6 +200,11 @@ def test_linear_kernel_variant_errors(generator):
     args = (codes, scale, weight_q, weight_scale, None, None, None, 1, None, torch.float32)
     with pytest.raises(ValueError, match="16-byte aligned rows"):  # K = 24 one-byte codes
         triton_fp8_linear.linear(*args, variant="persistent_tma")
+    codes, scale = fp8.reference_quantize_rows(torch.randn(4, 32, generator=generator))
+    weight_q, weight_scale = fp8.quantize_weight(torch.randn(6, 32, generator=generator))
+    with pytest.raises(ValueError, match="persistent_tma_store.*aligned output"):  # N = 6 bf16 outputs
+        triton_fp8_linear.linear(codes, scale, weight_q, weight_scale, None, None, None, 1, None, torch.bfloat16,
+                                 variant="persistent_tma_store")
     with pytest.raises(ValueError, match="variant must be one of"):
         triton_fp8_linear.linear(*args, variant="split_k")
     # "auto" off the GPU: the tiled kernel

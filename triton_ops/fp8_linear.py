@@ -3,19 +3,24 @@
 - ``quantize_rows``: per-token (row) dynamic scaling of activations to e4m3: rows held in
   registers, several per program, between their absolute maximum and the scaled cast (one read of
   x); rows too long for registers take two passes (the second finds the row in L1/L2).
-- ``linear``: out = epilogue(x @ w^T) in one kernel, two variants of its main loop:
+- ``linear``: out = epilogue(x @ w^T) in one kernel, in three variants:
   - tiled: a program per (BLOCK_M, BLOCK_N) output tile; tiles of x (BLOCK_M, BLOCK_K) and of
     w^T (BLOCK_K, BLOCK_N) are loaded through pointers (cp.async, pipelined over num_stages K
     slices) and go to ``tl.dot`` (wgmma on Hopper; e4m3 x e4m3 -> fp32 tensor-core FMA);
   - persistent_tma (Hopper): a program per SM walks the output tiles, and the TMA unit copies
     the x and w tiles into shared memory from host-built descriptors (no address arithmetic or
     masks in the loop; the tile and K loops are flattened so that the next tile's loads overlap
-    this tile's epilogue).
-  Both scale, bias, activate, gate and add the residual to the (BLOCK_M, BLOCK_N) fp32
+    this tile's epilogue);
+  - persistent_tma_store (Hopper): the same main loop, and an epilogue in two (BLOCK_M,
+    BLOCK_N / 2) halves whose residual the TMA unit reads and whose result it writes from shared
+    memory (asynchronously: the store drains while the next tile's loads are issued), where the
+    output's and the residual's rows are 16-byte aligned.
+  All scale, bias, activate, gate and add the residual to the (BLOCK_M, BLOCK_N) fp32
   accumulator and round once to the output dtype. Tiles are numbered in groups of GROUP_M row
   tiles so that the column tiles of w they share stay in L2. w is read K-major ((N, K)
   row-major, nn.Linear's layout), which is what FP8 wgmma requires of its B operand. Each variant
-  is autotuned per (M, N, K); "auto" then times the two once per shape and keeps the faster.
+  is autotuned per (M, N, K); "auto" then times those that can run once per shape and keeps the
+  fastest.
   The tiled kernel also multiplies bf16/fp16 operands (GPUs without FP8, in tiles of their own)
   and fp32 ones in IEEE precision (the interpreter's exact check of the indexing and epilogue).
 """
@@ -147,10 +152,11 @@ def _accumulate_tma(X_DESC, W_DESC, first_row, first_col, K, IEEE: tl.constexpr,
 
 
 @triton.jit
-def _store_epilogue(acc, rows, cols, M, N, X_SCALE, W_SCALE, BIAS, GATE, RESIDUAL, OUT, gate_rows,
-                    HAS_X_SCALE: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
-                    ACTIVATION: tl.constexpr, HAS_GATE: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
-    """OUT[rows, cols] = residual + gate * act(acc * s_x * s_w + bias), fp32 until the one rounding."""
+def _epilogue_values(acc, rows, cols, M, N, X_SCALE, W_SCALE, BIAS, GATE, gate_rows,
+                     HAS_X_SCALE: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     ACTIVATION: tl.constexpr, HAS_GATE: tl.constexpr):
+    """gate * act(acc * s_x * s_w + bias) of the output's [rows, cols] in fp32 (the residual is
+    added by the store)."""
     row_ok = rows < M
     col_ok = cols < N
     y = acc
@@ -169,14 +175,57 @@ def _store_epilogue(acc, rows, cols, M, N, X_SCALE, W_SCALE, BIAS, GATE, RESIDUA
         y = 0.5 * y * (1.0 + tl.math.erf(y * 0.7071067811865476))
     elif ACTIVATION == 3:
         y = y * tl.sigmoid(y)
-    mask = row_ok[:, None] & col_ok[None, :]
-    offsets = rows.to(tl.int64)[:, None] * N + cols[None, :]
     if HAS_GATE:
         gate_offsets = (rows // gate_rows).to(tl.int64)[:, None] * N + cols[None, :]
-        y = y * tl.load(GATE + gate_offsets, mask=mask, other=0.0).to(tl.float32)
+        y = y * tl.load(GATE + gate_offsets, mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+    return y
+
+
+@triton.jit
+def _store_epilogue(acc, rows, cols, M, N, X_SCALE, W_SCALE, BIAS, GATE, RESIDUAL, OUT, gate_rows,
+                    HAS_X_SCALE: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    ACTIVATION: tl.constexpr, HAS_GATE: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
+    """OUT[rows, cols] = residual + gate * act(acc * s_x * s_w + bias), fp32 until the one rounding."""
+    y = _epilogue_values(acc, rows, cols, M, N, X_SCALE, W_SCALE, BIAS, GATE, gate_rows,
+                         HAS_X_SCALE, PER_CHANNEL, HAS_BIAS, ACTIVATION, HAS_GATE)
+    mask = (rows < M)[:, None] & (cols < N)[None, :]
+    offsets = rows.to(tl.int64)[:, None] * N + cols[None, :]
     if HAS_RESIDUAL:
         y += tl.load(RESIDUAL + offsets, mask=mask, other=0.0).to(tl.float32)
     tl.store(OUT + offsets, y.to(OUT.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _store_half_tma(acc, first_row, first_col, M, N, X_SCALE, W_SCALE, BIAS, GATE, gate_rows,
+                    RESIDUAL_DESC, OUT_DESC, HAS_X_SCALE: tl.constexpr, PER_CHANNEL: tl.constexpr,
+                    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_GATE: tl.constexpr,
+                    HAS_RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr, HALF_N: tl.constexpr):
+    """The epilogue of the (BLOCK_M, HALF_N) block at (first_row, first_col), its residual read and
+    its result written by the TMA unit (which zero-fills and clips past the output's edges)."""
+    rows = first_row + tl.arange(0, BLOCK_M)
+    cols = first_col + tl.arange(0, HALF_N)
+    y = _epilogue_values(acc, rows, cols, M, N, X_SCALE, W_SCALE, BIAS, GATE, gate_rows,
+                         HAS_X_SCALE, PER_CHANNEL, HAS_BIAS, ACTIVATION, HAS_GATE)
+    if HAS_RESIDUAL:
+        y += RESIDUAL_DESC.load([first_row, first_col]).to(tl.float32)
+    OUT_DESC.store([first_row, first_col], y.to(OUT_DESC.dtype))
+
+
+@triton.jit
+def _store_epilogue_tma(acc, first_row, first_col, M, N, X_SCALE, W_SCALE, BIAS, GATE, gate_rows,
+                        RESIDUAL_DESC, OUT_DESC, HAS_X_SCALE: tl.constexpr, PER_CHANNEL: tl.constexpr,
+                        HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_GATE: tl.constexpr,
+                        HAS_RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The tile's epilogue in two (BLOCK_M, BLOCK_N / 2) halves through shared memory and TMA: half
+    the registers and staging memory of the whole tile at a time (an fp32 residual tile beside the
+    accumulator would spill), and the TMA store drains while the next tile's loads are issued."""
+    left, right = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+    _store_half_tma(left, first_row, first_col, M, N, X_SCALE, W_SCALE, BIAS, GATE, gate_rows, RESIDUAL_DESC,
+                    OUT_DESC, HAS_X_SCALE, PER_CHANNEL, HAS_BIAS, ACTIVATION, HAS_GATE, HAS_RESIDUAL,
+                    BLOCK_M, BLOCK_N // 2)
+    _store_half_tma(right, first_row, first_col + BLOCK_N // 2, M, N, X_SCALE, W_SCALE, BIAS, GATE, gate_rows,
+                    RESIDUAL_DESC, OUT_DESC, HAS_X_SCALE, PER_CHANNEL, HAS_BIAS, ACTIVATION, HAS_GATE,
+                    HAS_RESIDUAL, BLOCK_M, BLOCK_N // 2)
 
 
 @triton.jit
@@ -191,6 +240,8 @@ def _linear_kernel(
     OUT,  # (M, N) output, contiguous
     X_DESC,  # when TMA: TMA descriptors of x's (BLOCK_M, BLOCK_K) tiles
     W_DESC,  #           and of w's (BLOCK_N, BLOCK_K) tiles; None otherwise
+    RESIDUAL_DESC,  # when TMA_STORE: TMA descriptors of the residual's (when HAS_RESIDUAL)
+    OUT_DESC,  #                    and the output's (BLOCK_M, BLOCK_N / 2) blocks; None otherwise
     M,
     N,
     K,
@@ -203,6 +254,7 @@ def _linear_kernel(
     HAS_RESIDUAL: tl.constexpr,
     IEEE: tl.constexpr,  # fp32 operands: multiply in IEEE fp32, not TF32
     TMA: tl.constexpr,  # the persistent TMA variant (else the tiled one)
+    TMA_STORE: tl.constexpr,  # TMA too: the epilogue reads the residual and writes in half tiles by TMA
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -216,10 +268,15 @@ def _linear_kernel(
             pid_m, pid_n = _tile_position(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
             acc = _accumulate_tma(X_DESC, W_DESC, pid_m * BLOCK_M, pid_n * BLOCK_N, K, IEEE,
                                   BLOCK_M, BLOCK_N, BLOCK_K)
-            rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-            cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-            _store_epilogue(acc, rows, cols, M, N, X_SCALE, W_SCALE, BIAS, GATE, RESIDUAL, OUT, gate_rows,
-                            HAS_X_SCALE, PER_CHANNEL, HAS_BIAS, ACTIVATION, HAS_GATE, HAS_RESIDUAL)
+            if TMA_STORE:
+                _store_epilogue_tma(acc, pid_m * BLOCK_M, pid_n * BLOCK_N, M, N, X_SCALE, W_SCALE, BIAS, GATE,
+                                    gate_rows, RESIDUAL_DESC, OUT_DESC, HAS_X_SCALE, PER_CHANNEL, HAS_BIAS,
+                                    ACTIVATION, HAS_GATE, HAS_RESIDUAL, BLOCK_M, BLOCK_N)
+            else:
+                rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+                cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+                _store_epilogue(acc, rows, cols, M, N, X_SCALE, W_SCALE, BIAS, GATE, RESIDUAL, OUT, gate_rows,
+                                HAS_X_SCALE, PER_CHANNEL, HAS_BIAS, ACTIVATION, HAS_GATE, HAS_RESIDUAL)
     else:
         pid_m, pid_n = _tile_position(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -229,39 +286,46 @@ def _linear_kernel(
                         HAS_X_SCALE, PER_CHANNEL, HAS_BIAS, ACTIVATION, HAS_GATE, HAS_RESIDUAL)
 
 
-VARIANTS = ("tiled", "persistent_tma")
+VARIANTS = ("tiled", "persistent_tma", "persistent_tma_store")
 
 
 def _set_descriptor_blocks(nargs: dict) -> None:
-    """Config pre-hook of the TMA variant: its descriptors copy tiles of the config's shape."""
+    """Config pre-hook of the TMA variants: their descriptors copy blocks of the config's shape."""
     nargs["X_DESC"].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_K"]]
     nargs["W_DESC"].block_shape = [nargs["BLOCK_N"], nargs["BLOCK_K"]]
+    for name in ("RESIDUAL_DESC", "OUT_DESC"):
+        if nargs[name] is not None:
+            nargs[name].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_N"] // 2]
 
 
-def _configs(tiles: list[tuple[int, int, int, int, int]], tma: bool) -> list[triton.Config]:
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "TMA": tma},
+def _configs(tiles: list[tuple[int, int, int, int, int]], tma: bool, tma_store: bool = False) -> list[triton.Config]:
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "TMA": tma,
+                           "TMA_STORE": tma_store},
                           num_stages=stages, num_warps=warps, pre_hook=_set_descriptor_blocks if tma else None)
             for bm, bn, bk, stages, warps in tiles]
 
 
 # Hopper (H100/H200) FP8 tiles: 128-wide wgmma, 3-4 stages of 128-deep K slices fit in 228 KB of
 # shared memory. Tuned per (M, N, K); the DiT and Flux shapes are multiples of 128. The persistent
-# TMA variant gets the large tiles only: it pays off where the tiled kernel is bound by issuing
+# TMA variants get the large tiles only: they pay off where the tiled kernel is bound by issuing
 # loads, not by the number of tiles. GPUs without FP8 multiply 2-byte operands: the same tiles
 # with K slices half as deep, the same bytes per stage (A100: 164 KB of shared memory).
 _FP8_TILES = [(128, 256, 128, 3, 8), (256, 128, 128, 3, 8), (128, 128, 128, 4, 8),
               (128, 128, 64, 4, 4), (64, 128, 128, 4, 4), (128, 64, 128, 4, 4)]
 _TILED_CONFIGS = _configs(_FP8_TILES, tma=False)
 _TMA_CONFIGS = _configs(_FP8_TILES[:3], tma=True)
+_TMA_STORE_CONFIGS = _configs(_FP8_TILES[:3], tma=True, tma_store=True)
 _WIDE_OPERAND_CONFIGS = _configs([(bm, bn, bk // 2, stages, warps) for bm, bn, bk, stages, warps in _FP8_TILES],
                                  tma=False)
 _TUNED_KERNELS = {name: triton.autotune(configs, key=["M", "N", "K"])(_linear_kernel) for name, configs in
-                  [("tiled", _TILED_CONFIGS), ("persistent_tma", _TMA_CONFIGS), ("wide", _WIDE_OPERAND_CONFIGS)]}
+                  [("tiled", _TILED_CONFIGS), ("persistent_tma", _TMA_CONFIGS),
+                   ("persistent_tma_store", _TMA_STORE_CONFIGS), ("wide", _WIDE_OPERAND_CONFIGS)]}
 # Small tiles under the interpreter: several tiles in each direction and ragged edges at test sizes,
 # and fewer persistent programs than tiles, so that each walks several.
 _INTERPRETER_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 2}
 _INTERPRETER_PROGRAMS = 3
-# The variant "auto" measured fastest, per (device, M, N, K, operand dtype, output dtype).
+# The variant "auto" measured fastest, per (device, M, N, K, operand dtype, output dtype, whether
+# the TMA store can write this output) (:func:`variant_key`).
 VARIANT_CHOICES: dict[tuple, str] = {}
 
 
@@ -290,7 +354,7 @@ def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _tma_unsupported(x: Tensor, weight: Tensor) -> str | None:
-    """Why the TMA variant cannot run on these operands (None when it can)."""
+    """Why the TMA variants cannot run on these operands (None when they can)."""
     if TensorDescriptor is None:
         return "this Triton has no host-side tensor descriptors (triton.tools.tensor_descriptor)"
     if x.is_cuda and torch.cuda.get_device_capability(x.device) < (9, 0):
@@ -299,9 +363,27 @@ def _tma_unsupported(x: Tensor, weight: Tensor) -> str | None:
         return "TMA needs a CUDA device"
     if x.is_cuda and x.element_size() != 1:
         return "the TMA variant's tiles are sized for e4m3 operands"
-    if (x.shape[1] * x.element_size()) % 16 or x.data_ptr() % 16 or weight.data_ptr() % 16:
+    if not all(_tma_aligned(t) for t in (x, weight)):
         return "TMA needs 16-byte aligned rows (K * itemsize a multiple of 16) and 16-byte aligned data"
     return None
+
+
+def _tma_aligned(t: Tensor) -> bool:
+    """Whether the TMA unit can copy blocks of this contiguous matrix: 16-byte aligned data and rows."""
+    return t.data_ptr() % 16 == 0 and (t.shape[1] * t.element_size()) % 16 == 0
+
+
+def _tma_store_unsupported(out: Tensor, residual: Tensor | None) -> str | None:
+    """Why the TMA store cannot write this output or read this residual (None when it can)."""
+    if not all(_tma_aligned(t) for t in (out, residual) if t is not None):
+        return ("the TMA store needs 16-byte aligned output and residual rows (N * itemsize a multiple of "
+                "16) and data")
+    return None
+
+
+def variant_key(x: Tensor, N: int, out_dtype: torch.dtype, tma_store: bool) -> tuple:
+    """The key of :data:`VARIANT_CHOICES` for x (M, K) times an (N, K) weight."""
+    return (x.device, *x.shape, N, x.dtype, out_dtype, tma_store)
 
 
 @functools.cache
@@ -310,32 +392,38 @@ def _multiprocessors(device: torch.device) -> int:
 
 
 def _launch(variant: str, args: tuple, flags: dict, M: int, N: int) -> None:
-    x, w = args[0], args[2]
-    if variant == "persistent_tma":
-        blocks = _INTERPRETER_BLOCKS if interpreting_triton() else _TMA_CONFIGS[0].kwargs
-        descriptors = (TensorDescriptor.from_tensor(x, [blocks["BLOCK_M"], blocks["BLOCK_K"]]),
-                       TensorDescriptor.from_tensor(w, [blocks["BLOCK_N"], blocks["BLOCK_K"]]))
+    x, w, residual, out = args[0], args[2], args[6], args[7]
+    tma, tma_store = variant != "tiled", variant == "persistent_tma_store"
+    # block shapes are the config's (its pre-hook sets them); these stand in until then
+    blocks = _INTERPRETER_BLOCKS if interpreting_triton() else _TMA_CONFIGS[0].kwargs
+    descriptors = [None] * 4
+    if tma:
+        descriptors[:2] = (TensorDescriptor.from_tensor(x, [blocks["BLOCK_M"], blocks["BLOCK_K"]]),
+                           TensorDescriptor.from_tensor(w, [blocks["BLOCK_N"], blocks["BLOCK_K"]]))
+    if tma_store:
+        descriptors[2:] = (None if residual is None else
+                           TensorDescriptor.from_tensor(residual, [blocks["BLOCK_M"], blocks["BLOCK_N"] // 2]),
+                           TensorDescriptor.from_tensor(out, [blocks["BLOCK_M"], blocks["BLOCK_N"] // 2]))
+    programs = None
+    if tma:
         programs = _INTERPRETER_PROGRAMS if interpreting_triton() else _multiprocessors(x.device)
-    else:
-        descriptors, programs = (None, None), None
-    args = args[:8] + descriptors + args[8:]
+    args = args[:8] + tuple(descriptors) + args[8:]
 
     def grid(meta):
         tiles = triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])
         return (tiles if programs is None else min(tiles, programs),)
 
     if interpreting_triton():
-        _linear_kernel[grid(_INTERPRETER_BLOCKS)](*args, **flags, **_INTERPRETER_BLOCKS,
-                                                  TMA=variant == "persistent_tma")
+        _linear_kernel[grid(_INTERPRETER_BLOCKS)](*args, **flags, **_INTERPRETER_BLOCKS, TMA=tma, TMA_STORE=tma_store)
     else:
         wide = variant == "tiled" and x.element_size() > 1
         _TUNED_KERNELS["wide" if wide else variant][grid](*args, **flags)
 
 
-def _fastest_variant(args: tuple, flags: dict, M: int, N: int) -> str:
-    """Each variant autotuned, then timed once more against the other: the faster wins."""
+def _fastest_variant(variants: tuple[str, ...], args: tuple, flags: dict, M: int, N: int) -> str:
+    """Each variant autotuned, then timed once more against the others: the fastest wins."""
     times = {}
-    for variant in VARIANTS:
+    for variant in variants:
         _launch(variant, args, flags, M, N)  # autotunes
         times[variant] = triton.testing.do_bench(lambda: _launch(variant, args, flags, M, N))
     return min(times, key=times.get)
@@ -346,8 +434,10 @@ def linear(x: Tensor, x_scale: Tensor | None, weight: Tensor, weight_scale: Tens
            out_dtype: torch.dtype, variant: str = "auto") -> Tensor:
     """epilogue(x @ weight^T) as (M, N) in out_dtype; x (M, K) and weight (N, K) of one dtype.
 
-    variant: "tiled", "persistent_tma" or "auto": the persistent TMA variant where the GPU and the
-    operands allow it and it measured faster for this shape (once per shape), else the tiled one.
+    variant: "tiled", "persistent_tma" (TMA loads x and w), "persistent_tma_store" (TMA also
+    reads the residual and writes the output, in half tiles) or "auto": of those the GPU and the
+    operands allow, the one that measured fastest for this shape (once per shape); the tiled one
+    off a GPU.
     """
     if variant not in (*VARIANTS, "auto"):
         raise ValueError(f"fp8_linear: variant must be one of {VARIANTS} or 'auto', got {variant!r}")
@@ -362,15 +452,18 @@ def linear(x: Tensor, x_scale: Tensor | None, weight: Tensor, weight_scale: Tens
     args = (x, *(None if t is None else t.contiguous() for t in (x_scale, weight, weight_scale, bias, gate, residual)),
             out, M, N, K, gate_rows)
     tma_problem = _tma_unsupported(x, args[2])
-    if variant == "persistent_tma" and tma_problem:
-        raise ValueError(f"fp8_linear: variant 'persistent_tma' cannot run here: {tma_problem}")
+    problems = {"tiled": None, "persistent_tma": tma_problem,
+                "persistent_tma_store": tma_problem or _tma_store_unsupported(out, args[6])}
+    if variant != "auto" and problems[variant]:
+        raise ValueError(f"fp8_linear: variant {variant!r} cannot run here: {problems[variant]}")
     if variant == "auto":
-        if tma_problem or x.device.type != "cuda":
-            variant = "tiled"
+        runnable = tuple(v for v in VARIANTS if not problems[v]) if x.device.type == "cuda" else ("tiled",)
+        if len(runnable) == 1:
+            variant = runnable[0]
         else:
-            key = (x.device, M, N, K, x.dtype, out_dtype)
+            key = variant_key(x, N, out_dtype, "persistent_tma_store" in runnable)
             if key not in VARIANT_CHOICES and not torch.cuda.is_current_stream_capturing():
-                VARIANT_CHOICES[key] = _fastest_variant(args, flags, M, N)
+                VARIANT_CHOICES[key] = _fastest_variant(runnable, args, flags, M, N)
             variant = VARIANT_CHOICES.get(key, "tiled")
     _launch(variant, args, flags, M, N)
     return out
