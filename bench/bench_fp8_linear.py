@@ -8,8 +8,8 @@ place in a DiT block: widening layers (N > K, MLP fc1) bias + GELU(tanh); the ot
 out-projection, fc2) bias + adaLN-Zero gate (B = 4, per batch) + residual. FLOPs: 2 M N K; the
 peer (``speedup_vs_peer``) is _scaled_mm + the separate epilogue ops, and ``_scaled_mm alone``
 (pre-quantized x, no epilogue) is the FP8 ceiling the fused kernel's TFLOP/s is compared with.
-The two ``fused_prequantized_<variant>`` rows force each GEMM variant (tiled; persistent TMA, on
-Hopper); the op's own rows record in ``variant`` which one it measured faster and took. Every
+The three ``fused_prequantized_<variant>`` rows force each GEMM variant (tiled; on Hopper
+persistent TMA, and persistent TMA with the TMA-store epilogue); the op's own rows record in ``variant`` which one it measured faster and took. Every
 provider is timed as replays of a CUDA graph of its calls (``conftest.Graphed``, mode
 ``cuda_graph``): the kernels' time, which is what the goals compare and what a graphed sampling
 loop sees; one call at a time the host's launch cost of a Python op would be timed as well (a
@@ -38,7 +38,8 @@ from fastgen_kernels.models import DiT, DiTConfig
 
 TOKENS = [8192, 32768]
 LAYERS = [(1152, 1152), (4608, 1152), (1152, 4608), (3072, 3072), (12288, 3072)]  # (N, K)
-FORCED_VARIANTS = {"fused_prequantized_tiled": "tiled", "fused_prequantized_persistent_tma": "persistent_tma"}
+FORCED_VARIANTS = {"fused_prequantized_tiled": "tiled", "fused_prequantized_persistent_tma": "persistent_tma",
+                   "fused_prequantized_persistent_tma_store": "persistent_tma_store"}
 PROVIDERS = ["fused", "fused_prequantized", *FORCED_VARIANTS, "scaled_mm_epilogue", "scaled_mm", "bf16_epilogue",
              "compile"]
 BATCH = 4
@@ -108,7 +109,7 @@ def test_fp8_linear(benchmark, device, tokens, layer, provider):
         "bf16_epilogue": lambda: _bf16_layer(x, w_bf16, bias, gate, residual, widening),
         "compile": lambda: _compiled_bf16_layer(x, w_bf16, bias, gate, residual, widening),
     }
-    if provider.endswith("persistent_tma") and torch.cuda.get_device_capability() < (9, 0):
+    if "persistent_tma" in provider and torch.cuda.get_device_capability() < (9, 0):
         pytest.skip("TMA needs Hopper (sm_90+)")
     benchmark.group = f"fp8_linear {'fc1+gelu' if widening else 'gate+residual'} M={tokens} N={N} K={K}"
     with torch.no_grad(), fk.use_backend("triton"):
@@ -116,7 +117,8 @@ def test_fp8_linear(benchmark, device, tokens, layer, provider):
         if provider in FORCED_VARIANTS:
             benchmark.extra_info["variant"] = FORCED_VARIANTS[provider]
         elif provider.startswith("fused"):
-            key = (codes.device, tokens, N, K, codes.dtype, torch.bfloat16)
+            rows = None if "residual" not in epilogue else residual.view(tokens, N)
+            key = triton_fp8_linear.variant_key(codes, N, torch.bfloat16, rows)
             benchmark.extra_info["variant"] = triton_fp8_linear.VARIANT_CHOICES.get(key, "tiled")
         if benchmark.disabled:  # --benchmark-disable (bench/gpu_check.sh's compile pass): no graphs
             return

@@ -5,7 +5,8 @@ compiler rejects (a non-constexpr global, an unsupported layout) and says nothin
 memory. This script records the launches the op launchers make on small CPU tensors (the launch
 itself is replaced by the recording), turns each into a signature, compiles it with Triton's
 compiler and ptxas for sm_90, and fails when a kernel does not compile or needs more shared
-memory than a Hopper block gets. Run without TRITON_INTERPRET (tests/test_build.py does):
+memory than a Hopper block gets. Each kernel's line also gives its registers a thread and its
+stack (registers spilled to local memory). Run without TRITON_INTERPRET (tests/test_build.py does):
 
     python tests/compile_triton_for_hopper.py
 """
@@ -13,7 +14,11 @@ memory than a Hopper block gets. Run without TRITON_INTERPRET (tests/test_build.
 from __future__ import annotations
 
 import os
+import re
+import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import torch
 import triton
@@ -144,6 +149,21 @@ def record_fp8_linear_launches() -> None:
             **epilogue, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
+def resource_usage(cubin: bytes) -> str:
+    """' registers=R stack=S' of the kernel in a cubin, by the cuobjdump Triton ships (empty
+    without it): a stack above zero is registers spilled to local memory, which costs a GPU
+    memory round trip per use."""
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not tool.exists():
+        return ""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
+        file.write(cubin)
+        file.flush()
+        usage = subprocess.run([str(tool), "-res-usage", file.name], capture_output=True, text=True).stdout
+    found = re.search(r"REG:(\d+) STACK:(\d+)", usage)
+    return f" registers={found[1]} stack={found[2]}" if found else ""
+
+
 def main() -> int:
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         sys.exit("run without TRITON_INTERPRET: the interpreter does not compile")
@@ -167,7 +187,7 @@ def main() -> int:
             continue
         shared = compiled.metadata.shared
         status = "ok" if shared <= triton_attention.SHARED_MEMORY_BYTES else "TOO MUCH SHARED MEMORY"
-        print(f"{status}: {name} shared={shared}")
+        print(f"{status}: {name} shared={shared}{resource_usage(compiled.asm['cubin'])}")
         if status != "ok":
             failures.append(f"{name}: {shared} bytes of shared memory")
     print(f"{len(seen)} kernel variants compiled for sm_90, {len(failures)} failed")

@@ -416,12 +416,12 @@ def test_modulated_norm_fp8_on_gpu(dtype, shape, generator):
     assert snr_db(codes.double().reshape(-1, shape[-1]) * scales.double()[:, None], y64) >= 25.0
 
 
-@pytest.mark.parametrize("variant", ["tiled", "persistent_tma"])
+@pytest.mark.parametrize("variant", ["tiled", "persistent_tma", "persistent_tma_store"])
 @pytest.mark.parametrize("M,N,K", [(8192, 4608, 1152), (300, 1152, 4608), (37, 48, 80)])
 def test_fp8_linear_kernel_variants_on_gpu(variant, M, N, K, generator):
     """Each GEMM variant forced (the op's "auto" picks one), fc1's and fc2's epilogues, against
     the fp64 epilogue of the same e4m3 codes; and "auto" equal to the variant it chose."""
-    if torch.cuda.get_device_capability() < ((9, 0) if variant == "persistent_tma" else (8, 9)):
+    if torch.cuda.get_device_capability() < ((8, 9) if variant == "tiled" else (9, 0)):
         pytest.skip(f"the {variant} FP8 GEMM needs a newer GPU")
     from fastgen_kernels.triton_ops import fp8_linear as triton_fp8_linear
 
@@ -440,7 +440,8 @@ def test_fp8_linear_kernel_variants_on_gpu(variant, M, N, K, generator):
         assert_close_to_fast_accumulation(out.view(1, M, N), exact, codes, x_scale, weight_q, weight_scale,
                                           kwargs, x)
         auto = triton_fp8_linear.linear(*args)
-        chosen = triton_fp8_linear.VARIANT_CHOICES.get((codes.device, M, N, K, codes.dtype, torch.bfloat16), "tiled")
+        key = triton_fp8_linear.variant_key(codes, N, torch.bfloat16, args[8])
+        chosen = triton_fp8_linear.VARIANT_CHOICES.get(key, "tiled")
         assert torch.equal(auto, triton_fp8_linear.linear(*args, variant=chosen))
 
 

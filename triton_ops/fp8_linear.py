@@ -373,17 +373,18 @@ def _tma_aligned(t: Tensor) -> bool:
     return t.data_ptr() % 16 == 0 and (t.shape[1] * t.element_size()) % 16 == 0
 
 
-def _tma_store_unsupported(out: Tensor, residual: Tensor | None) -> str | None:
-    """Why the TMA store cannot write this output or read this residual (None when it can)."""
-    if not all(_tma_aligned(t) for t in (out, residual) if t is not None):
+def _tma_store_unsupported(N: int, out_dtype: torch.dtype, residual: Tensor | None) -> str | None:
+    """Why the TMA store cannot write an (M, N) output of out_dtype (allocated here, so aligned) or
+    read this residual (None when it can)."""
+    if (N * out_dtype.itemsize) % 16 or (residual is not None and not _tma_aligned(residual)):
         return ("the TMA store needs 16-byte aligned output and residual rows (N * itemsize a multiple of "
                 "16) and data")
     return None
 
 
-def variant_key(x: Tensor, N: int, out_dtype: torch.dtype, tma_store: bool) -> tuple:
-    """The key of :data:`VARIANT_CHOICES` for x (M, K) times an (N, K) weight."""
-    return (x.device, *x.shape, N, x.dtype, out_dtype, tma_store)
+def variant_key(x: Tensor, N: int, out_dtype: torch.dtype, residual: Tensor | None) -> tuple:
+    """The key of :data:`VARIANT_CHOICES` for x (M, K) times an (N, K) weight, with this residual."""
+    return (x.device, *x.shape, N, x.dtype, out_dtype, _tma_store_unsupported(N, out_dtype, residual) is None)
 
 
 @functools.cache
@@ -453,7 +454,7 @@ def linear(x: Tensor, x_scale: Tensor | None, weight: Tensor, weight_scale: Tens
             out, M, N, K, gate_rows)
     tma_problem = _tma_unsupported(x, args[2])
     problems = {"tiled": None, "persistent_tma": tma_problem,
-                "persistent_tma_store": tma_problem or _tma_store_unsupported(out, args[6])}
+                "persistent_tma_store": tma_problem or _tma_store_unsupported(N, out_dtype, args[6])}
     if variant != "auto" and problems[variant]:
         raise ValueError(f"fp8_linear: variant {variant!r} cannot run here: {problems[variant]}")
     if variant == "auto":
@@ -461,7 +462,7 @@ def linear(x: Tensor, x_scale: Tensor | None, weight: Tensor, weight_scale: Tens
         if len(runnable) == 1:
             variant = runnable[0]
         else:
-            key = variant_key(x, N, out_dtype, "persistent_tma_store" in runnable)
+            key = variant_key(x, N, out_dtype, args[6])
             if key not in VARIANT_CHOICES and not torch.cuda.is_current_stream_capturing():
                 VARIANT_CHOICES[key] = _fastest_variant(runnable, args, flags, M, N)
             variant = VARIANT_CHOICES.get(key, "tiled")
