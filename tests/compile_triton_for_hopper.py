@@ -112,7 +112,7 @@ def record_all_launches() -> None:
             triton_attention.jvp(q, q, q, q, None, q, 0.1, chunk, saved=(o, lse))
             # SDPA's output in its heads-first memory, without its log-sum-exp (the one-pass step)
             heads_first_o = o.transpose(1, 2).contiguous().transpose(1, 2)
-            triton_attention.jvp(q, q, q, q, q, None, 0.1, chunk, saved=(heads_first_o, None))
+            triton_attention.jvp(q, q, q, q, q, q, 0.1, chunk, saved=(heads_first_o, None))
 
 
 def record_fp8_linear_launches() -> None:
