@@ -9,10 +9,10 @@ out-projection, fc2) bias + adaLN-Zero gate (B = 4, per batch) + residual. FLOPs
 peer (``speedup_vs_peer``) is _scaled_mm + the separate epilogue ops, and ``_scaled_mm alone``
 (pre-quantized x, no epilogue) is the FP8 ceiling the fused kernel's TFLOP/s is compared with.
 The three ``fused_prequantized_<variant>`` rows force each GEMM variant (tiled; on Hopper
-persistent TMA, and persistent TMA with the TMA-store epilogue); the op's own rows record in ``variant`` which one it measured faster and took. Every
-provider is timed as replays of a CUDA graph of its calls (``conftest.Graphed``, mode
-``cuda_graph``): the kernels' time, which is what the goals compare and what a graphed sampling
-loop sees; one call at a time the host's launch cost of a Python op would be timed as well (a
+persistent TMA, and persistent TMA with the TMA-store epilogue); the op's own rows record in
+``variant`` which one it measured fastest and took. Every provider is timed as replays of a CUDA
+graph of its calls (``conftest.Graphed``, mode ``cuda_graph``): the kernels' time, which is what
+the goals compare and what a graphed sampling loop sees; one call at a time the host's launch cost of a Python op would be timed as well (a
 small GEMM takes 20-50 us on an H100/H200).
 
 ``test_dit_xl_forward``: the reference DiT-XL/2 (256px, 32x32x4 latents; batch 32 and 128, so

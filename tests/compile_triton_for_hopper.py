@@ -118,8 +118,8 @@ def record_all_launches() -> None:
 def record_fp8_linear_launches() -> None:
     """The quantizer, and the FP8 GEMM in each autotuning configuration of its variants (tiled,
     persistent TMA, persistent TMA with the TMA store) with the two DiT epilogues (fc1: bias +
-    GELU; out-projection / fc2: bias, per-batch gate, residual), plus the bf16 operands of GPUs without FP8 in their own tiles
-    (tiled only: TMA needs Hopper, which has FP8)."""
+    GELU; out-projection / fc2: bias, per-batch gate, residual), plus the bf16 operands of GPUs
+    without FP8 in their own tiles (tiled only: TMA needs Hopper, which has FP8)."""
     x = torch.randn(256, 1152, dtype=torch.bfloat16)
     for K in (1152, 4608, 12288):  # several rows a program; one; two passes
         triton_fp8_linear.quantize_rows(torch.randn(64, K, dtype=torch.bfloat16))
