@@ -12,8 +12,8 @@ The three ``fused_prequantized_<variant>`` rows force each GEMM variant (tiled; 
 persistent TMA, and persistent TMA with the TMA-store epilogue); the op's own rows record in
 ``variant`` which one it measured fastest and took. Every provider is timed as replays of a CUDA
 graph of its calls (``conftest.Graphed``, mode ``cuda_graph``): the kernels' time, which is what
-the goals compare and what a graphed sampling loop sees; one call at a time the host's launch cost of a Python op would be timed as well (a
-small GEMM takes 20-50 us on an H100/H200).
+the goals compare and what a graphed sampling loop sees; one call at a time the host's launch
+cost of a Python op would be timed as well (a small GEMM takes 20-50 us on an H100/H200).
 
 ``test_dit_xl_forward``: the reference DiT-XL/2 (256px, 32x32x4 latents; batch 32 and 128, so
 M = 8192 and 32768 tokens) end to end, quantized (``quantize_fp8`` + ``fuse_epilogues``) against the
