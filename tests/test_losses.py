@@ -333,6 +333,25 @@ def test_gan_discriminator_with_different_real_and_fake_shapes(backend, generato
     torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
 
 
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_gan_discriminator_with_fp64_real_logits_keeps_fp64(backend, generator):
+    """fp32 fake and fp64 real logits: the loss and the real logits' gradient in fp64 (the real
+    term was rounded to fp32)."""
+    if backend == "triton":
+        pytest.skip("the Triton kernels read fp16, bf16 and fp32")
+    fake = randn((4, 6), torch.float32, generator, 3).requires_grad_()
+    real = (randn((4, 6), torch.float64, generator, 3) + 1e-9).requires_grad_()
+    with fk.use_backend(backend):
+        loss = losses.gan_loss(fake, real, mode="discriminator")
+    dfake, dreal = torch.autograd.grad(loss, (fake, real))
+    assert loss.dtype == torch.float64 and dreal.dtype == torch.float64 and dfake.dtype == torch.float32
+    fake64, real64 = fake.detach().double().requires_grad_(), real.detach().requires_grad_()
+    expected = torch.nn.functional.softplus(fake64).mean() + torch.nn.functional.softplus(-real64).mean()
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=0)  # fp32's rounding of the fake term only
+    torch.testing.assert_close(dreal, torch.autograd.grad(expected, real64)[0], rtol=1e-12, atol=0)
+
+
 NATIVE_CASES = ["vsd", "denoising", "consistency", "meanflow", "scm", "gan_generator"]
 
 

@@ -162,7 +162,8 @@ def gan_loss(logits_fake: Tensor, logits_real: Tensor | None = None, mode: str =
     mean softplus(logits_fake) + mean softplus(-logits_real). logits: (B, ...) floating tensors on
     one device (fake and real may differ in shape and dtype; "none" needs one B). Returns the batch
     mean (``reduction="mean"``: each term is the mean over its own elements) or the (B,) vector of
-    per-sample means (``"none"``), in fp32 (fp64 for fp64 input); differentiable in both logits.
+    per-sample means (``"none"``), in fp32 (fp64 where either logits tensor is fp64);
+    differentiable in both logits.
     """
     op = "gan_loss"
     if mode not in MODES:
@@ -183,8 +184,8 @@ def gan_loss(logits_fake: Tensor, logits_real: Tensor | None = None, mode: str =
     if reduction == "none" and logits_real.shape[0] != logits_fake.shape[0]:
         raise ValueError(f"{op}: reduction='none' needs one batch size, got logits_fake with "
                          f"B = {logits_fake.shape[0]} and logits_real with B = {logits_real.shape[0]}")
-    fake, real = _mean_softplus(logits_fake, False, reduction), _mean_softplus(logits_real, True, reduction)
-    return fake + real.to(fake.dtype)
+    # the terms' statistics dtypes promote: fp64 when either logits tensor is fp64
+    return _mean_softplus(logits_fake, False, reduction) + _mean_softplus(logits_real, True, reduction)
 
 
 def example_args(device: torch.device, dtype: torch.dtype) -> tuple:
