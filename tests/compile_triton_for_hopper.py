@@ -38,6 +38,9 @@ from fastgen_kernels.triton_ops import sample_loss_tail as triton_sample_loss_ta
 from fastgen_kernels.triton_ops import squared_residual as triton_squared_residual
 
 HOPPER = GPUTarget("cuda", 90, 32)
+# an H100/H200 SM: 228 KB of shared memory (at most 227 KB a block, 1 KB reserved a block), 64K
+# 32-bit registers
+HOPPER_SM_SHARED_BYTES, HOPPER_RESERVED_SHARED_BYTES, HOPPER_SM_REGISTERS = 228 * 1024, 1024, 65536
 launches: list[tuple[JITFunction, dict, dict]] = []
 
 
@@ -149,19 +152,31 @@ def record_fp8_linear_launches() -> None:
             **epilogue, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
-def resource_usage(cubin: bytes) -> str:
-    """' registers=R stack=S' of the kernel in a cubin, by the cuobjdump Triton ships (empty
-    without it): a stack above zero is registers spilled to local memory, which costs a GPU
-    memory round trip per use."""
+def resource_usage(cubin: bytes) -> tuple[int, int] | None:
+    """(registers a thread, stack bytes a thread) of the kernel in a cubin, by the cuobjdump Triton
+    ships (None without it): a stack above zero is registers spilled to local memory, which costs
+    a memory round trip per use."""
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     if not tool.exists():
-        return ""
+        return None
     with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
         file.write(cubin)
         file.flush()
         usage = subprocess.run([str(tool), "-res-usage", file.name], capture_output=True, text=True).stdout
     found = re.search(r"REG:(\d+) STACK:(\d+)", usage)
-    return f" registers={found[1]} stack={found[2]}" if found else ""
+    return (int(found[1]), int(found[2])) if found else None
+
+
+def fit_problem(shared: int, usage: tuple[int, int] | None, warps: int, per_sm: int) -> str | None:
+    """Why ``per_sm`` programs of a kernel cannot share a Hopper SM (None when they can): each
+    needs its shared memory plus the 1 KB the driver reserves a block, and its registers."""
+    limit = (triton_attention.SHARED_MEMORY_BYTES if per_sm == 1
+             else HOPPER_SM_SHARED_BYTES // per_sm - HOPPER_RESERVED_SHARED_BYTES)
+    if shared > limit:
+        return f"too much shared memory: {shared} bytes, {limit} for {per_sm} program(s) an SM"
+    if usage is not None and per_sm * usage[0] * warps * 32 > HOPPER_SM_REGISTERS:
+        return f"too many registers: {usage[0]} a thread for {per_sm} programs of {warps} warps an SM"
+    return None
 
 
 def main() -> int:
@@ -186,10 +201,12 @@ def main() -> int:
             failures.append(f"{name}: {str(error).splitlines()[-1] if str(error) else error!r}")
             continue
         shared = compiled.metadata.shared
-        status = "ok" if shared <= triton_attention.SHARED_MEMORY_BYTES else "TOO MUCH SHARED MEMORY"
-        print(f"{status}: {name} shared={shared}{resource_usage(compiled.asm['cubin'])}")
-        if status != "ok":
-            failures.append(f"{name}: {shared} bytes of shared memory")
+        usage = resource_usage(compiled.asm["cubin"])
+        problem = fit_problem(shared, usage, options.get("num_warps", 4), constexprs.get("PROGRAMS_PER_SM", 1))
+        usage_text = "" if usage is None else f" registers={usage[0]} stack={usage[1]}"
+        print(f"{'ok' if problem is None else problem.upper()}: {name} shared={shared}{usage_text}")
+        if problem is not None:
+            failures.append(f"{name}: {problem}")
     print(f"{len(seen)} kernel variants compiled for sm_90, {len(failures)} failed")
     for failure in failures:
         print("FAILED:", failure)

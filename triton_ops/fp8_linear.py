@@ -14,7 +14,8 @@
   - persistent_tma_store (Hopper): the same main loop, and an epilogue in two (BLOCK_M,
     BLOCK_N / 2) halves whose residual the TMA unit reads and whose result it writes from shared
     memory (asynchronously: the store drains while the next tile's loads are issued), where the
-    output's and the residual's rows are 16-byte aligned.
+    output's and the residual's rows are 16-byte aligned; some of its tiles run two programs an
+    SM (one's epilogue overlapping the other's main loop).
   All scale, bias, activate, gate and add the residual to the (BLOCK_M, BLOCK_N) fp32
   accumulator and round once to the output dtype. Tiles are numbered in groups of GROUP_M row
   tiles so that the column tiles of w they share stay in L2. w is read K-major ((N, K)
@@ -259,6 +260,7 @@ def _linear_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    PROGRAMS_PER_SM: tl.constexpr = 1,  # TMA: programs launched per SM (the launcher's grid reads it)
 ):
     if TMA:
         # persistent: a program per SM walks the tiles; flattening the tile and K loops into one
@@ -298,11 +300,12 @@ def _set_descriptor_blocks(nargs: dict) -> None:
             nargs[name].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_N"] // 2]
 
 
-def _configs(tiles: list[tuple[int, int, int, int, int]], tma: bool, tma_store: bool = False) -> list[triton.Config]:
+def _configs(tiles: list[tuple[int, ...]], tma: bool, tma_store: bool = False) -> list[triton.Config]:
+    """Configs of (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps[, programs per SM]) tiles."""
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "TMA": tma,
-                           "TMA_STORE": tma_store},
+                           "TMA_STORE": tma_store, "PROGRAMS_PER_SM": per_sm},
                           num_stages=stages, num_warps=warps, pre_hook=_set_descriptor_blocks if tma else None)
-            for bm, bn, bk, stages, warps in tiles]
+            for bm, bn, bk, stages, warps, per_sm in (tile + (1,) * (6 - len(tile)) for tile in tiles)]
 
 
 # Hopper (H100/H200) FP8 tiles: 128-wide wgmma, 3-4 stages of 128-deep K slices fit in 228 KB of
@@ -314,7 +317,12 @@ _FP8_TILES = [(128, 256, 128, 3, 8), (256, 128, 128, 3, 8), (128, 128, 128, 4, 8
               (128, 128, 64, 4, 4), (64, 128, 128, 4, 4), (128, 64, 128, 4, 4)]
 _TILED_CONFIGS = _configs(_FP8_TILES, tma=False)
 _TMA_CONFIGS = _configs(_FP8_TILES[:3], tma=True)
-_TMA_STORE_CONFIGS = _configs(_FP8_TILES[:3], tma=True, tma_store=True)
+# With the TMA epilogue, also one warpgroup's tiles small enough in shared memory (82-98 KB) and
+# registers (at most 238 a thread, no spill) for two programs to share an SM: while one runs its
+# epilogue the other's wgmma keep the tensor cores busy, the overlap a K of 1152 (9 K slices a
+# tile) leaves the single program without.
+_TMA_STORE_CONFIGS = _configs(_FP8_TILES[:3] + [(128, 128, 128, 2, 4, 2), (128, 64, 128, 3, 4, 2)], tma=True,
+                              tma_store=True)
 _WIDE_OPERAND_CONFIGS = _configs([(bm, bn, bk // 2, stages, warps) for bm, bn, bk, stages, warps in _FP8_TILES],
                                  tma=False)
 _TUNED_KERNELS = {name: triton.autotune(configs, key=["M", "N", "K"])(_linear_kernel) for name, configs in
@@ -412,7 +420,7 @@ def _launch(variant: str, args: tuple, flags: dict, M: int, N: int) -> None:
 
     def grid(meta):
         tiles = triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])
-        return (tiles if programs is None else min(tiles, programs),)
+        return (tiles if programs is None else min(tiles, programs * meta.get("PROGRAMS_PER_SM", 1)),)
 
     if interpreting_triton():
         _linear_kernel[grid(_INTERPRETER_BLOCKS)](*args, **flags, **_INTERPRETER_BLOCKS, TMA=tma, TMA_STORE=tma_store)
