@@ -174,7 +174,8 @@ def fit_problem(shared: int, usage: tuple[int, int] | None, warps: int, per_sm: 
              else HOPPER_SM_SHARED_BYTES // per_sm - HOPPER_RESERVED_SHARED_BYTES)
     if shared > limit:
         return f"too much shared memory: {shared} bytes, {limit} for {per_sm} program(s) an SM"
-    if usage is not None and per_sm * usage[0] * warps * 32 > HOPPER_SM_REGISTERS:
+    # registers are allocated a warp at a time, in multiples of 8 a thread
+    if usage is not None and per_sm * -(-usage[0] // 8) * 8 * warps * 32 > HOPPER_SM_REGISTERS:
         return f"too many registers: {usage[0]} a thread for {per_sm} programs of {warps} warps an SM"
     return None
 
