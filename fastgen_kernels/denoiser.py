@@ -169,7 +169,9 @@ class Denoiser(nn.Module):
         if dataclasses.is_dataclass(net_config):
             net_config = dataclasses.asdict(net_config)
         if isinstance(net_config, dict):
-            cls = type(net)
+            # FSDP2 shards in place by swapping in a subclass it makes (FSDP<Name>): the network's
+            # own class is the first one of its lineage that is not torch.distributed's
+            cls = next(c for c in type(net).__mro__ if not c.__module__.startswith("torch.distributed"))
             config["net"] = {"class": f"{cls.__module__}.{cls.__qualname__}", "config": net_config}
         return config
 

@@ -489,6 +489,35 @@ def test_a_fresh_run_replaces_the_earlier_runs_checkpoints(tmp_path):
         _run(tmp_path, 4, resume=True)
 
 
+def test_resuming_another_methods_checkpoint_raises(tmp_path):
+    """A DMD2 run's checkpoint holds the student (and more): CM on the same folder must not take
+    it up (only fewer networks were caught before), nor the other way round."""
+    _run(tmp_path, 4, resume=False)
+    teacher = toy().eval()
+    config = TrainerConfig(iterations=8, batch_size=32, output_dir=str(tmp_path), progress=False)
+    with pytest.raises(ValueError, match=r"a checkpoint of DMD2 .* not of CM"):
+        Trainer(CM(student_of(teacher), teacher, CMConfig(mode="cd")), DATA, config).train()
+
+
+def test_torchrun_processes_without_a_parallel_mode_raise(monkeypatch):
+    """Launched as several processes with parallel='none', each would train its own copy."""
+    from fastgen_kernels.distill import parallel
+
+    monkeypatch.setattr(parallel, "init", lambda device=None: (0, 2, torch.device("cpu")))
+    teacher = toy().eval()
+    with pytest.raises(ValueError, match="launched as 2 processes .* set trainer.parallel to 'ddp' or 'fsdp'"):
+        Trainer(SFT(student_of(teacher)), DATA, TrainerConfig(batch_size=32, progress=False))
+
+
+def test_scm_needs_a_logvar_head():
+    from fastgen_kernels.models import DiT, DiTConfig
+
+    net = DiT(DiTConfig(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=1, num_heads=2))
+    student = fk.Denoiser(net, "trig", "trig_F", sigma_data=0.5, distilled=True)
+    with pytest.raises(ValueError, match="needs a log-variance head .* student.net_overrides.logvar_head=true"):
+        SCM(student, None, SCMConfig(mode="ct"))
+
+
 @pytest.mark.parametrize("override, message", [
     (dict(iterations=-1), "trainer.iterations must be >= 0"),
     (dict(batch_size=0), "trainer.batch_size must be >= 1"),
@@ -695,3 +724,27 @@ def test_one_pass_frees_each_tangent_after_its_last_use():
     t, cond = torch.rand(4) + 0.3, torch.arange(4)
     forward_and_jvp(lambda a, s: model.raw(a, s, cond), (x, t), (v, torch.ones_like(t)))
     assert alive_at_the_end == [False]
+
+
+def test_prepare_builds_the_same_networks_from_the_same_seed(tmp_path):
+    """The command line's runs repeat (and every torchrun process starts from the same weights):
+    a student from scratch is initialized from trainer.seed, and the caller's generator is left
+    alone."""
+    from fastgen_kernels.distill.run import DataConfig, RunConfig, StudentConfig, prepare
+    from fastgen_kernels.models import DiTConfig
+
+    torch.save({"x": torch.randn(16, 1, 8, 8)}, tmp_path / "data.pt")
+    net = DiTConfig(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=1, num_heads=2, num_classes=0)
+
+    def student_weights(seed):
+        config = RunConfig(data=DataConfig(source=str(tmp_path / "data.pt")), student=StudentConfig(net=net),
+                           trainer=TrainerConfig(seed=seed, output_dir=str(tmp_path / "out"), progress=False))
+        torch.manual_seed(seed + 100)  # a caller's own draws do not change the weights
+        before = torch.random.get_rng_state()
+        weights = [p.detach().clone() for p in prepare(config).method.student.parameters()]
+        assert torch.equal(torch.random.get_rng_state(), before)
+        return weights
+
+    first, again, other = student_weights(0), student_weights(0), student_weights(1)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert any(not torch.equal(a, b) for a, b in zip(first, other))

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import fastgen_kernels as fk
+
 RUN = r"""
 import json, sys
 sys.path.insert(0, {tests!r})
@@ -74,3 +76,25 @@ def test_two_processes_match_one(method, tmp_path):
         assert state.keys() == single_state.keys()
         for key in state:
             torch.testing.assert_close(state[key], single_state[key], rtol=1e-4, atol=1e-5, msg=f"{parallel} {key}")
+
+
+def test_fsdp_sharded_network_exports_its_own_class(single_rank_process_group, tmp_path):
+    """FSDP2 swaps in a class of its own (FSDPDiT); the export names the network's, so that
+    from_pretrained (and `fastgen-kernels sample`) load a student trained with trainer.parallel=fsdp."""
+    from torch.distributed.fsdp import fully_shard
+
+    from fastgen_kernels.models import DiT, DiTConfig
+
+    net = DiT(DiTConfig(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=2, num_heads=2,
+                        num_classes=3))
+    model = fk.Denoiser(net, "trig", "trig_F", sigma_data=0.5, distilled=True, null_cond=3, shape=(1, 8, 8))
+    expected = {k: v.clone() for k, v in net.state_dict().items()}
+    for block in net.blocks:
+        fully_shard(block, mesh=single_rank_process_group)
+    fully_shard(net, mesh=single_rank_process_group)
+    assert type(net).__name__ == "FSDPDiT"
+    assert model.config()["net"]["class"] == "fastgen_kernels.models.dit.DiT"
+    model.save_pretrained(tmp_path / "student", state_dict=expected)
+    loaded = fk.Denoiser.from_pretrained(tmp_path / "student")
+    assert type(loaded.net) is DiT
+    assert all(torch.equal(v, expected[k]) for k, v in loaded.net.state_dict().items())

@@ -125,8 +125,12 @@ def prepare(config: RunConfig) -> Trainer:
     teacher = Denoiser.from_pretrained(config.teacher) if config.teacher else None
     if method_cls.needs_teacher and teacher is None:
         raise ValueError(f"method {config.method!r} distills a teacher: set teacher=<folder>")
-    student = build_student(config.student, teacher, tuple(x.shape[1:]), distilled=config.method != "sft")
-    method = method_cls(student, teacher, options)
+    # the networks a run creates (a student from scratch, new heads, a discriminator) start from
+    # trainer.seed: runs repeat, and every process of a torchrun starts from the same weights
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.trainer.seed)
+        student = build_student(config.student, teacher, tuple(x.shape[1:]), distilled=config.method != "sft")
+        method = method_cls(student, teacher, options)
     return Trainer(method, (x, labels), config.trainer, device=config.device,
                    config_record=resolved(config, options, student))
 

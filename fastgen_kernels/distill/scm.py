@@ -50,6 +50,9 @@ class SCM(Method):
                              f"got {student.schedule.name!r} / {student.prediction!r}")
         if self.config.mode == "cd" and self.teacher is None:
             raise ValueError("SCM: mode='cd' distills a teacher; pass teacher=")
+        if getattr(getattr(student.net, "config", None), "logvar_head", True) is False:
+            raise ValueError("SCM: the student's network needs a log-variance head for the adaptive weighting "
+                             "(DiT: logvar_head=True; command line: student.net_overrides.logvar_head=true)")
 
     def graph_key(self, iteration: int) -> tuple:
         return (ramp(iteration, self.config.warmup_iterations),)  # the tangent's warm-up factor

@@ -136,6 +136,9 @@ class Trainer:
         if labels is not None and labels.shape != (x.shape[0],):
             raise ValueError(f"Trainer: data[1] must be ({x.shape[0]},) labels, got {tuple(labels.shape)}")
         self.rank, self.world, self.device = parallel.init(None if device is None else torch.device(device).type)
+        if self.world > 1 and config.parallel == "none":  # each process would train its own copy
+            raise ValueError(f"Trainer: launched as {self.world} processes (torchrun) with parallel='none': "
+                             "set trainer.parallel to 'ddp' or 'fsdp'")
         per_step = config.batch_size // config.grad_accumulation
         if config.batch_size % (config.grad_accumulation * self.world):
             raise ValueError(f"Trainer: batch_size {config.batch_size} must be a multiple of grad_accumulation "
@@ -327,7 +330,8 @@ class Trainer:
         """Writes checkpoints/checkpoint-<iteration>.safetensors (every process takes part in
         gathering sharded state; process 0 writes)."""
         groups: dict[str, dict[str, Tensor]] = {}
-        meta: dict[str, Any] = {"iteration": iteration, "config": self.config_record,
+        meta: dict[str, Any] = {"iteration": iteration, "method": type(self.method).__name__,
+                                "config": self.config_record,
                                 "ema_decays": list(self.ema.decays) if self.ema else [], "optimizers": {}}
         optimizer_states = {}
         for name in self.names:
@@ -367,11 +371,11 @@ class Trainer:
         if meta["iteration"] > self.config.iterations:
             raise ValueError(f"resume: {path} is at iteration {meta['iteration']}, beyond trainer.iterations "
                              f"{self.config.iterations}; raise iterations, or start over with trainer.resume=false")
-        missing = [name for name in self.names if f"model.{name}" not in groups]
-        if missing:
-            raise ValueError(f"resume: {path} holds no {', '.join(missing)} (networks "
-                             f"{sorted(g[6:] for g in groups if g.startswith('model.'))}): another method's run? "
-                             "Use another output_dir, or start over with trainer.resume=false")
+        method, held = type(self.method).__name__, sorted(g[6:] for g in groups if g.startswith("model."))
+        if meta.get("method", method) != method or held != sorted(self.names):
+            raise ValueError(f"resume: {path} is a checkpoint of {meta.get('method', 'another method')} (networks "
+                             f"{held}), not of {method} (networks {sorted(self.names)}): use another output_dir, "
+                             "or start over with trainer.resume=false")
         student = self.method.network("student")
         if self.ema is not None:
             if list(self.ema.decays) != meta["ema_decays"]:
