@@ -352,6 +352,33 @@ def test_gan_discriminator_with_fp64_real_logits_keeps_fp64(backend, generator):
     torch.testing.assert_close(dreal, torch.autograd.grad(expected, real64)[0], rtol=1e-12, atol=0)
 
 
+
+@pytest.mark.parametrize("backend", extension_backends())
+def test_batch_mean_of_a_large_batch(backend):
+    """The C++ tail summed the batch in fp32, index order: past 2^24 samples adding a sample's
+    1.0 changed nothing (the mean of 2^25 ones came out 0.5)."""
+    batch = 1 << 25
+    with fk.use_backend(backend):
+        denoising = losses.denoising_loss(torch.ones(batch, 1), torch.zeros(batch, 1))
+        gan = losses.gan_loss(torch.zeros(batch))
+    assert denoising.item() == 1.0
+    assert gan.item() == pytest.approx(math.log(2), rel=1e-5)  # softplus(0) rounded to fp32
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_batch_mean_walks_the_batch_in_blocks(backend, generator):
+    """More samples than the Triton tail's block (16 under the interpreter): every block counts,
+    the last one ragged; per sample too."""
+    pred, target = randn((45, 3, 5), torch.float32, generator, 1), randn((45, 3, 5), torch.float32, generator, 1)
+    weight = uniform(45, generator, 0.5, 1.5)
+    expected = (weight.double() * (pred.double() - target.double()).square().mean((1, 2)))
+    with fk.use_backend(backend):
+        mean = losses.denoising_loss(pred, target, weight)
+        each = losses.denoising_loss(pred, target, weight, reduction="none")
+    torch.testing.assert_close(mean.double(), expected.mean(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(each.double(), expected, rtol=1e-6, atol=0)
+
+
 NATIVE_CASES = ["vsd", "denoising", "consistency", "meanflow", "scm", "gan_generator"]
 
 

@@ -1,7 +1,8 @@
 """Triton side of the per-sample losses' tails (formulas: csrc/sample_loss_tail.h, kinds and
-widths: fastgen_kernels/ops/_sample_loss.py): one program over the whole batch, which first adds
-each sample's partial sums in chunk order (what the reductions leave, triton_ops/sample_reduce.py)
-and last sums the batch for "mean" (one tl.sum over a fixed block: deterministic)."""
+widths: fastgen_kernels/ops/_sample_loss.py): one program walks the batch a block of samples at a
+time, first adding each sample's partial sums in chunk order (what the reductions leave,
+triton_ops/sample_reduce.py); for "mean" each lane of the block sums its samples in order and one
+tl.sum adds the lanes (deterministic)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from fastgen_kernels.backends import interpreting_triton
 from fastgen_kernels.ops import _sample_loss as sl
 
 
@@ -32,62 +34,71 @@ def _tail_kernel(
     MEAN: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    b = tl.arange(0, BLOCK)
-    mask = b < batch
-    s0 = tl.zeros([BLOCK], tl.float32)
-    s1 = tl.zeros([BLOCK], tl.float32)
-    s2 = tl.zeros([BLOCK], tl.float32)
-    for k in range(0, chunks):
-        row = PARTIALS + (b * chunks + k) * NSUMS
-        s0 += tl.load(row, mask=mask, other=0.0)
-        if NSUMS > 1:
-            s1 += tl.load(row + 1, mask=mask, other=0.0)
-        if NSUMS > 2:
-            s2 += tl.load(row + 2, mask=mask, other=0.0)
-    w = tl.full([BLOCK], 1.0, tl.float32)
-    if HAS_WEIGHT:
-        w = tl.load(WEIGHT + b, mask=mask, other=1.0)
-    if KIND == 0:  # squared residual: (scale, huber, power, offset)
-        m = s0
-        dm = tl.full([BLOCK], 1.0, tl.float32)
-        if p1 > 0:
-            root = tl.sqrt(s0 + p1 * p1)
-            m = s0 / (root + p1)
-            dm = 1.0 / (2.0 * root)
-        adaptive = tl.full([BLOCK], 1.0, tl.float32)
-        if p2 != 0:
-            adaptive = tl.exp(-p2 * tl.log(m + p3))
-        loss = w * p0 * adaptive * m
-        tl.store(SAVED + b * NSAVED, 2.0 * red * w * p0 * adaptive * dm, mask=mask)
-        tl.store(SAVED + b * NSAVED + 1, red * p0 * adaptive * m, mask=mask)
-    elif KIND == 1:  # VSD: (eps,)
-        c = 1.0 / (s0 / D + p0) * w
-        loss = 0.5 * c * c * s1 / D
-        tl.store(SAVED + b * NSAVED, red * c / D, mask=mask)
-    elif KIND == 2:  # softplus
-        loss = s0 / D
-        tl.store(SAVED + b * NSAVED, tl.full([BLOCK], 1.0, tl.float32) * (red / D), mask=mask)
-    else:  # sCM: (sigma_data, warmup, c)
-        t = tl.load(T + b, mask=mask, other=0.0)
-        u = tl.load(LOGVAR + b, mask=mask, other=0.0)
-        n = 1.0 / (tl.sqrt(s0 / D) + p2)
-        S = s2 - 2.0 * s1 * n + s0 * n * n
-        S = tl.where(S < 0.0, 0.0, S)  # keeps a NaN (a diverged sample) a NaN, as clamp_min does
-        cos_t, sin_t = tl.cos(t), tl.sin(t)
-        sigma = p0 * sin_t / cos_t
-        sigma = tl.where(sigma < 1e-6, 1e-6, sigma)  # METHODS.md: no zero denominators
-        k = tl.where(cos_t <= 0.0, 0.0, tl.exp(-u) / (D * sigma))  # t at pi/2 (rounded past it): 1 / sigma -> 0
-        loss = S * k + u
-        tl.store(SAVED + b * NSAVED, 2.0 * red * k, mask=mask)
-        tl.store(SAVED + b * NSAVED + 1, red * (1.0 - S * k), mask=mask)
-        tl.store(SAVED + b * NSAVED + 2, n * (-cos_t * cos_t * p0), mask=mask)
-        tl.store(SAVED + b * NSAVED + 3, n * (cos_t * cos_t), mask=mask)
-        tl.store(SAVED + b * NSAVED + 4, n * (-p1 * p0), mask=mask)
-        tl.store(SAVED + b * NSAVED + 5, n * (-p1 * cos_t * sin_t), mask=mask)
+    total = tl.zeros([BLOCK], tl.float32)  # lane j: samples j, j + BLOCK, ... in order
+    for first in range(0, batch, BLOCK):
+        b = first + tl.arange(0, BLOCK)
+        mask = b < batch
+        s0 = tl.zeros([BLOCK], tl.float32)
+        s1 = tl.zeros([BLOCK], tl.float32)
+        s2 = tl.zeros([BLOCK], tl.float32)
+        for k in range(0, chunks):
+            row = PARTIALS + (b.to(tl.int64) * chunks + k) * NSUMS
+            s0 += tl.load(row, mask=mask, other=0.0)
+            if NSUMS > 1:
+                s1 += tl.load(row + 1, mask=mask, other=0.0)
+            if NSUMS > 2:
+                s2 += tl.load(row + 2, mask=mask, other=0.0)
+        w = tl.full([BLOCK], 1.0, tl.float32)
+        if HAS_WEIGHT:
+            w = tl.load(WEIGHT + b, mask=mask, other=1.0)
+        if KIND == 0:  # squared residual: (scale, huber, power, offset)
+            m = s0
+            dm = tl.full([BLOCK], 1.0, tl.float32)
+            if p1 > 0:
+                root = tl.sqrt(s0 + p1 * p1)
+                m = s0 / (root + p1)
+                dm = 1.0 / (2.0 * root)
+            adaptive = tl.full([BLOCK], 1.0, tl.float32)
+            if p2 != 0:
+                adaptive = tl.exp(-p2 * tl.log(m + p3))
+            loss = w * p0 * adaptive * m
+            tl.store(SAVED + b * NSAVED, 2.0 * red * w * p0 * adaptive * dm, mask=mask)
+            tl.store(SAVED + b * NSAVED + 1, red * p0 * adaptive * m, mask=mask)
+        elif KIND == 1:  # VSD: (eps,)
+            c = 1.0 / (s0 / D + p0) * w
+            loss = 0.5 * c * c * s1 / D
+            tl.store(SAVED + b * NSAVED, red * c / D, mask=mask)
+        elif KIND == 2:  # softplus
+            loss = s0 / D
+            tl.store(SAVED + b * NSAVED, tl.full([BLOCK], 1.0, tl.float32) * (red / D), mask=mask)
+        else:  # sCM: (sigma_data, warmup, c)
+            t = tl.load(T + b, mask=mask, other=0.0)
+            u = tl.load(LOGVAR + b, mask=mask, other=0.0)
+            n = 1.0 / (tl.sqrt(s0 / D) + p2)
+            S = s2 - 2.0 * s1 * n + s0 * n * n
+            S = tl.where(S < 0.0, 0.0, S)  # keeps a NaN (a diverged sample) a NaN, as clamp_min does
+            cos_t, sin_t = tl.cos(t), tl.sin(t)
+            sigma = p0 * sin_t / cos_t
+            sigma = tl.where(sigma < 1e-6, 1e-6, sigma)  # METHODS.md: no zero denominators
+            k = tl.where(cos_t <= 0.0, 0.0, tl.exp(-u) / (D * sigma))  # t at pi/2 (rounded past it): 1 / sigma -> 0
+            loss = S * k + u
+            tl.store(SAVED + b * NSAVED, 2.0 * red * k, mask=mask)
+            tl.store(SAVED + b * NSAVED + 1, red * (1.0 - S * k), mask=mask)
+            tl.store(SAVED + b * NSAVED + 2, n * (-cos_t * cos_t * p0), mask=mask)
+            tl.store(SAVED + b * NSAVED + 3, n * (cos_t * cos_t), mask=mask)
+            tl.store(SAVED + b * NSAVED + 4, n * (-p1 * p0), mask=mask)
+            tl.store(SAVED + b * NSAVED + 5, n * (-p1 * cos_t * sin_t), mask=mask)
+        if MEAN:
+            total += tl.where(mask, loss, 0.0)
+        else:
+            tl.store(LOSS + b, loss, mask=mask)
     if MEAN:
-        tl.store(LOSS, tl.sum(tl.where(mask, loss, 0.0), axis=0) * red)
-    else:
-        tl.store(LOSS + b, loss, mask=mask)
+        tl.store(LOSS, tl.sum(total, axis=0) * red)
+
+
+# samples a step of the tail's walk: a block of any batch size would not compile (Triton's
+# largest tensor is 2^20 elements) or would spill (the interpreter: 16, to walk at test sizes)
+_BLOCK = 1024
 
 
 def tail(partials: Tensor, weight: Tensor | None, t: Tensor | None, logvar: Tensor | None, kind: int,
@@ -102,5 +113,6 @@ def tail(partials: Tensor, weight: Tensor | None, t: Tensor | None, logvar: Tens
     _tail_kernel[(1,)](partials.contiguous(), weight, t, logvar, loss, saved, batch, chunks, float(numel),
                        1.0 / batch if mean else 1.0, p0, p1, p2, p3,
                        KIND=kind, NSUMS=nsums, NSAVED=nsaved, HAS_WEIGHT=weight is not None, MEAN=mean,
-                       BLOCK=max(16, triton.next_power_of_2(batch)), num_warps=4)
+                       BLOCK=min(16 if interpreting_triton() else _BLOCK, max(16, triton.next_power_of_2(batch))),
+                       num_warps=4)
     return loss, saved

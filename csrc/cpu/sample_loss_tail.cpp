@@ -1,6 +1,6 @@
 // The per-sample tails of the fused losses on the CPU (formulas: sample_loss_tail.h): one serial
 // pass over the batch, which is tiny next to the reduction before it, summing the batch in index
-// order for "mean".
+// order for "mean" (in fp64).
 #include "cpu/common.h"
 #include "ops.h"
 
@@ -18,7 +18,7 @@ void sample_loss_tail(const LossTailArgs& args, const at::Tensor& sums, const at
     const scalar_t* u = logvar ? logvar->const_data_ptr<scalar_t>() : nullptr;
     scalar_t* out = loss.mutable_data_ptr<scalar_t>();
     scalar_t* kept = saved.mutable_data_ptr<scalar_t>();
-    scalar_t total = 0;
+    double total = 0;  // fp32 would stop counting at 2^24 equal terms (a batch mean of large B)
     for (int64_t b = 0; b < batch; ++b) {
       const scalar_t value = loss_tail<scalar_t>(args, s + b * width, w ? w[b] : scalar_t(1), tt ? tt[b] : scalar_t(0),
                                                  u ? u[b] : scalar_t(0), kept + b * saved_width);
@@ -28,7 +28,7 @@ void sample_loss_tail(const LossTailArgs& args, const at::Tensor& sums, const at
         out[b] = value;
       }
     }
-    if (mean) out[0] = total / static_cast<scalar_t>(batch);
+    if (mean) out[0] = static_cast<scalar_t>(total / static_cast<double>(batch));
   });
 }
 

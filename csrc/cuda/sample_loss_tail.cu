@@ -13,7 +13,7 @@ constexpr int kTailThreads = 256;
 __global__ void __launch_bounds__(kTailThreads) sample_loss_tail_kernel(SampleLossTailArgs args) {
   const int sums_width = tail_sums(args.tail.kind);
   const int saved_width = tail_saved(args.tail.kind);
-  float total = 0.f;
+  double total = 0.0;  // each thread's share of a large batch, past what fp32 counts exactly
   for (int64_t b = threadIdx.x; b < args.batch; b += blockDim.x) {
     float sums[3] = {};  // at most 3 sums per sample (sCM)
     for (int64_t k = 0; k < args.chunks_per_sample; ++k) {
@@ -30,8 +30,8 @@ __global__ void __launch_bounds__(kTailThreads) sample_loss_tail_kernel(SampleLo
     }
   }
   if (args.mean) {
-    total = block_reduce_sum(total);
-    if (threadIdx.x == 0) args.loss[0] = total / static_cast<float>(args.batch);
+    const float block_total = block_reduce_sum(static_cast<float>(total));
+    if (threadIdx.x == 0) args.loss[0] = block_total / static_cast<float>(args.batch);
   }
 }
 
