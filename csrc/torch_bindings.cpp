@@ -359,7 +359,10 @@ class ModulatedNormLinear : public torch::autograd::Function<ModulatedNormLinear
     const optional<Tensor> b = norm_bias ? optional<Tensor>(norm_bias->contiguous()) : std::nullopt;
     auto [y, mean, rstd] = modulated_norm_forward(x.contiguous(), shift.contiguous(), scale.contiguous(), w, b, eps,
                                                   rms, norm_out_dtype);
-    ctx->save_for_backward({x, shift, scale, w.value_or(Tensor()), b.value_or(Tensor()), mean, rstd, weight});
+    // the norm's weight and bias as given: a create_graph=True backward differentiates with respect
+    // to them, and a contiguous copy would be a tensor off the graph
+    ctx->save_for_backward({x, shift, scale, norm_weight.value_or(Tensor()), norm_bias.value_or(Tensor()), mean,
+                            rstd, weight});
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["y_dtype"] = static_cast<int64_t>(y.scalar_type());
     ctx->saved_data["rms"] = rms;
@@ -376,8 +379,8 @@ class ModulatedNormLinear : public torch::autograd::Function<ModulatedNormLinear
     const auto saved = ctx->get_saved_variables();
     const Tensor &x = saved[0], &shift = saved[1], &scale = saved[2], &mean = saved[5], &rstd = saved[6],
                  &weight = saved[7];
-    const optional<Tensor> w = saved[3].defined() ? optional<Tensor>(saved[3]) : std::nullopt;
-    const optional<Tensor> b = saved[4].defined() ? optional<Tensor>(saved[4]) : std::nullopt;
+    const optional<Tensor> w = saved[3].defined() ? optional<Tensor>(saved[3].contiguous()) : std::nullopt;
+    const optional<Tensor> b = saved[4].defined() ? optional<Tensor>(saved[4].contiguous()) : std::nullopt;
     const bool rms = ctx->saved_data["rms"].toBool();
     const int64_t bias_dtype = ctx->saved_data["bias_dtype"].toInt();
     // needs_input_grad counts the tensor inputs given (absent optionals have no edge)
@@ -386,7 +389,9 @@ class ModulatedNormLinear : public torch::autograd::Function<ModulatedNormLinear
       out[8] = grad.reshape({-1, grad.size(-1)}).sum(0).to(static_cast<at::ScalarType>(bias_dtype));
     }
     if (at::GradMode::is_enabled()) {  // create_graph=True: gradients that differentiate again
-      composition_gradients(ctx, grad, x, shift, scale, w, b, weight, rms, weight_edge, out);
+      const optional<Tensor> given_w = saved[3].defined() ? optional<Tensor>(saved[3]) : std::nullopt;
+      const optional<Tensor> given_b = saved[4].defined() ? optional<Tensor>(saved[4]) : std::nullopt;
+      composition_gradients(ctx, grad, x, shift, scale, given_w, given_b, weight, rms, weight_edge, out);
       return out;
     }
     bool needs_norm = false;

@@ -218,6 +218,37 @@ def test_norm_linear_second_derivatives(backend, norm_weight, norm_bias, generat
         assert torch.autograd.gradgradcheck(function, inputs)
 
 
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_norm_linear_second_derivatives_with_strided_norm_affine(backend, generator):
+    """A norm weight and bias that are strided views: the C++ node differentiated its contiguous
+    copies, tensors off the graph, and the second backward failed."""
+    if backend == "cpu" and not fk._extension.cpu_built():
+        pytest.skip("extension not built")
+    args, fused, _ = _norm_case(generator, torch.float64, B=2, L=3, D=6, N=4)
+    leaves = _leaves(args[:5] + tuple(torch.stack([a, a], -1) for a in args[5:]))
+
+    def function(x, shift, scale, weight, bias, norm_weight_pairs, norm_bias_pairs):
+        return fused(x, shift, scale, weight, bias, norm_weight_pairs[:, 0], norm_bias_pairs[:, 1])
+
+    with fk.use_backend(backend):
+        assert torch.autograd.gradgradcheck(function, leaves)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_gelu_linear_second_derivatives(backend, generator):
+    """A create_graph=True backward through the GELU + linear op (a gradient penalty through a
+    DiT's MLP) differentiates again (it raised: the backward kernel has no derivative), the weight
+    gradient's dependence on x included."""
+    args, fused, composition = _gelu_case(generator, torch.float64, B=2, L=3, K=5, N=4)
+    with fk.use_backend(backend):
+        assert torch.autograd.gradgradcheck(fused, _leaves(args))
+        (x, weight, bias), (x2, weight2, bias2) = _leaves(args), _leaves(args)
+        dweight = torch.autograd.grad(fused(x, weight, bias).square().sum(), weight, create_graph=True)[0]
+        expected = torch.autograd.grad(composition(x2, weight2, bias2).square().sum(), weight2, create_graph=True)[0]
+        mixed = torch.autograd.grad(dweight.square().sum(), x)[0]
+    torch.testing.assert_close(mixed, torch.autograd.grad(expected.square().sum(), x2)[0], rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_zero_tokens(case, generator):
     """No tokens: an empty output, and gradients as the composition's (the weight's zero, the
