@@ -35,6 +35,9 @@ using std::optional;
 
 void check_activation(const Tensor& x, const char* name) {
   TORCH_CHECK(x.dim() == 3, name, " must be (B, L, D), got ", x.sizes());
+  // the row kernels size their work by B and D (an integer division by zero); the Python ops
+  // give empty inputs to the reference
+  TORCH_CHECK(x.numel() > 0, name, " must not be empty, got ", x.sizes());
   TORCH_CHECK(x.is_contiguous(), name, " must be contiguous");
 }
 

@@ -269,3 +269,17 @@ def test_gpu_kernels_decline_fp64_operands():
         assert "float64 operand" in gr.forward_dispatcher.supports[backend](x, y, gate)
         assert "float64 operand" in gr.backward_dispatcher.supports[backend](x, x, gate.double())
         assert gr.forward_dispatcher.supports[backend](x, y.float(), gate.bfloat16()) is None
+
+
+def test_native_ops_refuse_empty_rows():
+    """The extension's row ops called directly with no elements raise (their work sizing divided
+    by zero: SIGFPE); the public ops give empty inputs to the reference."""
+    if not fk._extension.cpu_built():
+        pytest.skip("extension not built")
+    empty, mod = torch.randn(2, 3, 0), torch.randn(2, 0)
+    with pytest.raises(RuntimeError, match="x must not be empty"):
+        torch.ops.fastgen_C.gated_residual_forward(empty, empty, mod, None, None)
+    with pytest.raises(RuntimeError, match="x must not be empty"):
+        torch.ops.fastgen_C.modulated_norm_forward(empty, mod, mod, None, None, 1e-6, False)
+    with pytest.raises(RuntimeError, match="grad_out must not be empty"):
+        torch.ops.fastgen_C.gated_residual_backward(torch.randn(0, 3, 4), torch.randn(0, 3, 4), torch.randn(0, 4))

@@ -540,8 +540,9 @@ def test_bad_options_name_the_argument():
         losses.consistency_loss(x, x, c=-1.0)
     with pytest.raises(ValueError, match="r is required"):
         losses.meanflow_loss(x, x, x, t, None)
-    with pytest.raises(ValueError, match="p must be a non-negative number"):
-        losses.meanflow_loss(x, x, x, t, t, p=-1)
+    for p in (-1, float("inf")):  # p = inf gave an infinite loss
+        with pytest.raises(ValueError, match="p must be a finite non-negative number"):
+            losses.meanflow_loss(x, x, x, t, t, p=p)
     with pytest.raises(ValueError, match="logvar is required"):
         losses.scm_loss(x, x, x, x, x, t, None)
     with pytest.raises(ValueError, match=r"warmup must be a number in \[0.0, 1.0\]"):

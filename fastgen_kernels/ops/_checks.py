@@ -202,8 +202,9 @@ def positive(op: str, name: str, value: object) -> float:
 
 
 def non_negative(op: str, name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-        raise ValueError(f"{op}: {name} must be a non-negative number, got {value!r}")
+    """A finite number >= 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+        raise ValueError(f"{op}: {name} must be a finite non-negative number, got {value!r}")
     return float(value)
 
 
