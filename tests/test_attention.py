@@ -352,6 +352,22 @@ def test_compile_fullgraph_forward_and_backward(generator):
         torch.testing.assert_close(grad.double(), grad64, rtol=1e-5, atol=1e-5)
 
 
+def test_compile_default_scale_with_a_symbolic_head_dim(generator):
+    """The default scale 1 / sqrt(Dh) traces when Dh is symbolic (a second head dim makes it so):
+    its finiteness check failed on the symbolic float."""
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda q: fk.attention(q, q, q), fullgraph=True)
+    for head_dim in (8, 16):
+        q = torch.randn(1, 4, 2, head_dim, generator=generator)
+        torch.testing.assert_close(compiled(q), fk.attention(q, q, q), rtol=1e-6, atol=1e-6)
+
+
+def test_zero_head_dim_gives_an_empty_output():
+    """Dh = 0 (the default scale divided by zero): an empty output, as SDPA's."""
+    q = torch.randn(1, 3, 2, 0)
+    assert fk.attention(q, q, q).shape == (1, 3, 2, 0)
+
+
 def test_bad_input_names_the_argument():
     q = torch.randn(2, 5, 3, 8)
     kv = torch.randn(2, 7, 3, 8)

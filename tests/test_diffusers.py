@@ -291,3 +291,21 @@ def test_scheduler_on_another_schedule_is_refused():
     model = fk.Denoiser(GaussianDenoiser("edm", "x0"), "edm", "x0", shape=(2,))
     with pytest.raises(ValueError, match="walks the rf schedule"):
         fk.sample(model, 4, scheduler=diffusers.FlowMatchEulerDiscreteScheduler())
+
+
+def test_rms_qk_norm_under_autocast():
+    """diffusers' RMSNorm with an fp32 weight returns fp32 q and k beside autocast's bf16 v: the
+    patched processor gives attention one dtype, as SDPA does (it raised)."""
+    import copy
+
+    from diffusers.models.attention_processor import Attention
+
+    torch.manual_seed(0)
+    attn = Attention(query_dim=32, heads=2, dim_head=16, qk_norm="rms_norm", eps=1e-6)
+    fused = copy.deepcopy(attn)
+    accelerate(fused)
+    x = torch.randn(2, 10, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected, out = attn(x), fused(x)
+    assert out.dtype == expected.dtype
+    torch.testing.assert_close(out.float(), expected.float(), rtol=2e-2, atol=2e-2)

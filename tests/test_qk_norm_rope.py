@@ -4,6 +4,7 @@ forward-mode AD (oracle and finite differences), gradcheck, strided heads, opche
 
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from conftest import CPU_DTYPES, cpu_backends
 from tolerances import assert_close
@@ -336,3 +337,19 @@ def test_bad_input_names_the_argument():
     with pytest.raises(TypeError, match="interleaved must be a bool"):
         fk.qk_norm_rope(q, q, w, w, cos, cos, interleaved="yes")
 
+
+
+def test_rotary_tables_with_a_tangent_raise(generator):
+    """Tangents of cos and sin were dropped in silence (backward mode refuses tables that require
+    grad); a table captured inside torch.func.jvp, or a plain one beside dual q and k, is fine."""
+    q, k = (torch.randn(1, 4, 2, 8, generator=generator, dtype=torch.float64) for _ in range(2))
+    cos, sin = (torch.randn(4, 8, generator=generator, dtype=torch.float64) for _ in range(2))
+    with pytest.raises(ValueError, match="cos must not carry a forward-mode tangent"):
+        torch.func.jvp(lambda c: fk.qk_norm_rope(q, k, None, None, cos=c, sin=sin)[0], (cos,), (torch.ones_like(cos),))
+    with fwAD.dual_level():
+        with pytest.raises(ValueError, match="sin must not carry a forward-mode tangent"):
+            fk.qk_norm_rope(q, k, None, None, cos=cos, sin=fwAD.make_dual(sin, torch.ones_like(sin)))
+        out = fk.qk_norm_rope(fwAD.make_dual(q, torch.ones_like(q)), k, None, None, cos=cos, sin=sin)[0]
+        assert fwAD.unpack_dual(out).tangent is not None
+    _, tangent = torch.func.jvp(lambda a: fk.qk_norm_rope(a, k, None, None, cos=cos, sin=sin)[0], (q,), (torch.ones_like(q),))
+    assert tangent.abs().max() > 0

@@ -68,6 +68,10 @@ def _attend(attn: nn.Module, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | Non
     """(B, L, H, Dh) -> (B, L, H * Dh): fused attention, or SDPA when there is a mask."""
     B, L = q.shape[:2]
     if mask is None:
+        if not q.dtype == k.dtype == v.dtype:  # an fp32 qk-norm weight beside autocast's bf16 v
+            dtype = (torch.get_autocast_dtype(q.device.type) if torch.is_autocast_enabled(q.device.type)
+                     else torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype))
+            q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)  # what SDPA does with them
         return fk.attention(q, k, v, scale=attn.scale).reshape(B, L, -1)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                          attn_mask=mask, scale=attn.scale)
