@@ -382,8 +382,11 @@ class ModulatedNormLinear : public torch::autograd::Function<ModulatedNormLinear
     const auto saved = ctx->get_saved_variables();
     const Tensor &x = saved[0], &shift = saved[1], &scale = saved[2], &mean = saved[5], &rstd = saved[6],
                  &weight = saved[7];
-    const optional<Tensor> w = saved[3].defined() ? optional<Tensor>(saved[3].contiguous()) : std::nullopt;
-    const optional<Tensor> b = saved[4].defined() ? optional<Tensor>(saved[4].contiguous()) : std::nullopt;
+    // the norm's weight and bias as given (create_graph differentiates them), contiguous for the kernels
+    const optional<Tensor> given_w = saved[3].defined() ? optional<Tensor>(saved[3]) : std::nullopt;
+    const optional<Tensor> given_b = saved[4].defined() ? optional<Tensor>(saved[4]) : std::nullopt;
+    const optional<Tensor> w = given_w ? optional<Tensor>(given_w->contiguous()) : std::nullopt;
+    const optional<Tensor> b = given_b ? optional<Tensor>(given_b->contiguous()) : std::nullopt;
     const bool rms = ctx->saved_data["rms"].toBool();
     const int64_t bias_dtype = ctx->saved_data["bias_dtype"].toInt();
     // needs_input_grad counts the tensor inputs given (absent optionals have no edge)
@@ -392,8 +395,6 @@ class ModulatedNormLinear : public torch::autograd::Function<ModulatedNormLinear
       out[8] = grad.reshape({-1, grad.size(-1)}).sum(0).to(static_cast<at::ScalarType>(bias_dtype));
     }
     if (at::GradMode::is_enabled()) {  // create_graph=True: gradients that differentiate again
-      const optional<Tensor> given_w = saved[3].defined() ? optional<Tensor>(saved[3]) : std::nullopt;
-      const optional<Tensor> given_b = saved[4].defined() ? optional<Tensor>(saved[4]) : std::nullopt;
       composition_gradients(ctx, grad, x, shift, scale, given_w, given_b, weight, rms, weight_edge, out);
       return out;
     }

@@ -34,8 +34,8 @@ from torch import Tensor
 
 from fastgen_kernels.backends import OpDispatcher, carry_forced_backend, record_forced_backend, under_forced_backend
 from fastgen_kernels.ops import _checks, _eager_op
-from fastgen_kernels.ops.linear import (input_tangent, input_tangents_only_outside_transforms, linear,
-                                        recomputed_input_backward, saved_for_backward, tangent_rule)
+from fastgen_kernels.ops.linear import (composed_layer_gradients, input_tangent, input_tangents_only_outside_transforms,
+                                        linear, recomputed_input_backward, saved_for_backward, tangent_rule)
 
 # --------------------------------------------------------------------------- reference
 
@@ -176,7 +176,7 @@ class _GeluTanhLinearFunction(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         needs = ctx.needs_input_grad
         if torch.is_grad_enabled():  # create_graph=True or torch.func.grad: gradients that differentiate again
-            return _composition_gradients(grad_out, x, weight, ctx.bias_dtype, needs)
+            return composed_layer_gradients(grad_out, reference_forward, (x,), weight, ctx.bias_dtype, needs)
         dy, dweight, dbias = recomputed_input_backward(grad_out, weight, ctx.bias_dtype, needs,
                                                        lambda: forward_dispatcher(x))
         dx = _gelu_tanh_backward(dy.to(x.dtype), x) if needs[0] else None
@@ -187,18 +187,6 @@ class _GeluTanhLinearFunction(torch.autograd.Function):
     def jvp(ctx, tx, _tweight, _tbias):
         x, weight = ctx.saved_tensors
         return input_tangent(None if tx is None else backward_dispatcher(tx, x), weight, ctx.output_like)
-
-
-def _composition_gradients(grad_out: Tensor, x: Tensor, weight: Tensor, bias_dtype, needs) -> tuple:
-    """The gradients of F.linear(gelu_tanh(x), weight, bias) as autograd of the reference's ops,
-    for a backward that records a graph (a gradient penalty through a DiT): the kernels' would
-    differentiate as constants. The linear layer in grad_out's dtype, as the first-order backward."""
-    def composition(x, weight):
-        return F.linear(reference_forward(x).to(grad_out.dtype), weight.to(grad_out.dtype))
-
-    dx, dweight = _eager_op.composition_gradients(composition, (x, weight), needs[:2], (grad_out,))
-    dbias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0).to(bias_dtype) if bias_dtype and needs[2] else None
-    return dx, dweight, dbias
 
 
 def gelu_tanh_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastgen_kernels.ops._eager_op import Function, functorch_jvp_active
+from fastgen_kernels.ops._eager_op import Function, composition_gradients, functorch_jvp_active
 
 _PARAMETERS_WITHOUT_TANGENTS: contextvars.ContextVar[bool] = contextvars.ContextVar(
     "fastgen_parameters_without_tangents", default=False)
@@ -85,6 +85,21 @@ def recomputed_input_backward(grad_out: Tensor, weight: Tensor, bias_dtype: torc
         dweight = (rows.T @ recompute_input().reshape(-1, weight.shape[1]).to(rows.dtype)).to(weight.dtype)
     dbias = rows.sum(0).to(bias_dtype) if bias_dtype is not None and needs[2] else None
     return dy, dweight, dbias
+
+
+def composed_layer_gradients(grad_out: Tensor, reference: Callable[..., Tensor], inputs: tuple, weight: Tensor,
+                             bias_dtype: torch.dtype | None, needs: tuple[bool, ...]) -> tuple:
+    """For a backward that records a graph (create_graph=True, a gradient penalty through a DiT):
+    the gradients of F.linear(reference(*inputs), weight, bias) by autograd of plain PyTorch ops
+    (the kernels' would differentiate as constants), the layer in grad_out's dtype as in the
+    first-order backward: one per input, then the weight's and the bias's. ``needs``: one per
+    input, the weight and the bias (bias_dtype None: no bias)."""
+    def composition(*args):
+        return F.linear(reference(*args[:-1]).to(grad_out.dtype), args[-1].to(grad_out.dtype))
+
+    grads = composition_gradients(composition, (*inputs, weight), needs[:-1], (grad_out,))
+    rows = grad_out.reshape(-1, grad_out.shape[-1])
+    return (*grads, rows.sum(0).to(bias_dtype) if bias_dtype is not None and needs[-1] else None)
 
 
 class _InputTangentLinear(Function):

@@ -45,8 +45,8 @@ from torch import Tensor
 from fastgen_kernels import _extension
 from fastgen_kernels.backends import OpDispatcher, carry_forced_backend, record_forced_backend, under_forced_backend
 from fastgen_kernels.ops import _checks, _eager_op
-from fastgen_kernels.ops.linear import (input_tangent, input_tangents_only_outside_transforms, linear,
-                                        recomputed_input_backward, saved_for_backward, tangent_rule)
+from fastgen_kernels.ops.linear import (composed_layer_gradients, input_tangent, input_tangents_only_outside_transforms,
+                                        linear, recomputed_input_backward, saved_for_backward, tangent_rule)
 
 # --------------------------------------------------------------------------- reference
 
@@ -352,19 +352,6 @@ def modulated_rms_norm(
     return _apply(x, shift, scale, weight, None, eps, True)
 
 
-def _composition_gradients(grad_out, norm_inputs, weight, eps, rms, bias_dtype, needs) -> tuple:
-    """The gradients of F.linear(modulated norm, weight, bias) as autograd of the reference's ops,
-    for a create_graph=True backward (a gradient penalty through a DiT): the kernels' outputs would
-    differentiate as constants. The linear layer in grad_out's dtype, as the first-order backward."""
-    def composition(x, shift, scale, norm_weight, norm_bias, weight):
-        y = reference_forward(x, shift, scale, norm_weight, norm_bias, eps, rms)[0]
-        return F.linear(y.to(grad_out.dtype), weight.to(grad_out.dtype))
-
-    grads = _eager_op.composition_gradients(composition, (*norm_inputs, weight), (*needs[:5], needs[7]), (grad_out,))
-    dbias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0).to(bias_dtype) if bias_dtype and needs[8] else None
-    return (*grads[:5], None, None, grads[5], dbias)
-
-
 def norm_output_dtype(x: Tensor) -> torch.dtype:
     """The dtype in which a norm of x writes its output for a linear layer: the one the layer
     computes in (autocast's for x's device where it is on) when the kernels can write it (x's
@@ -415,7 +402,9 @@ class _ModulatedNormLinearFunction(torch.autograd.Function):
         needs = ctx.needs_input_grad
         norm_inputs = (x, shift, scale, norm_weight, norm_bias)
         if torch.is_grad_enabled():  # create_graph=True: gradients that differentiate again
-            return _composition_gradients(grad_out, norm_inputs, weight, ctx.eps, ctx.rms, ctx.bias_dtype, needs)
+            grads = composed_layer_gradients(grad_out, lambda *t: reference_forward(*t, ctx.eps, ctx.rms)[0],
+                                             norm_inputs, weight, ctx.bias_dtype, (*needs[:5], *needs[7:9]))
+            return (*grads[:5], None, None, *grads[5:])
         dy, dweight, dbias = recomputed_input_backward(
             grad_out, weight, ctx.bias_dtype, (any(needs[:5]), needs[7], needs[8]),
             lambda: forward_dispatcher(*norm_inputs, ctx.eps, ctx.rms, ctx.y_dtype)[0])
