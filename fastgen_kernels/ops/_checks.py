@@ -10,6 +10,8 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor
 
+from fastgen_kernels.ops._eager_op import has_own_tangent
+
 T = TypeVar("T")
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -128,16 +130,6 @@ def like(op: str, name: str, value: object, ref_name: str, ref: torch.Tensor,
         raise ValueError(f"{op}: {name} must have shape {expected}, got {tuple(value.shape)}")
 
 
-def _has_own_tangent(t: Tensor) -> bool:
-    """Whether t itself carries a forward-mode tangent: a dual tensor, or an input of
-    torch.func.jvp (a tensor captured from outside it carries none)."""
-    if torch.autograd.forward_ad._current_level >= 0 and torch.autograd.forward_ad.unpack_dual(t).tangent is not None:
-        return True
-    from fastgen_kernels.ops._eager_op import functorch_jvp_active
-
-    return functorch_jvp_active() and torch._C._functorch.is_functorch_wrapped_tensor(t)
-
-
 def rotary_tables(op: str, cos: object, sin: object, q: torch.Tensor, k: torch.Tensor) -> None:
     """cos, sin: both None, or constant (L, Dh) float tables (any float dtype) on q's device for
     q (B, L, H, Dh) and k (B, L, H, Dh) of one length L and an even head dim Dh."""
@@ -151,7 +143,7 @@ def rotary_tables(op: str, cos: object, sin: object, q: torch.Tensor, k: torch.T
             raise ValueError(f"{op}: {name} must be on q's device {q.device}, got {value.device}")
         if value.requires_grad:
             raise ValueError(f"{op}: {name} must not require grad (rotary tables are constants)")
-        if _has_own_tangent(value):
+        if has_own_tangent(value):
             raise ValueError(f"{op}: {name} must not carry a forward-mode tangent (rotary tables are constants)")
     L, Dh = q.shape[1], q.shape[-1]
     if k.shape[1] != L:

@@ -55,6 +55,15 @@ def carries_tangent(args: tuple) -> bool:
         isinstance(a, Tensor) and torch.autograd.forward_ad.unpack_dual(a).tangent is not None for a in args)
 
 
+def has_own_tangent(t: Tensor) -> bool:
+    """Whether t itself carries a forward-mode tangent (unlike :func:`carries_tangent`, which asks
+    about a call): a dual tensor, or an input of torch.func.jvp (a tensor captured from outside it
+    carries none)."""
+    if torch.autograd.forward_ad._current_level >= 0 and torch.autograd.forward_ad.unpack_dual(t).tangent is not None:
+        return True
+    return functorch_jvp_active() and torch._C._functorch.is_functorch_wrapped_tensor(t)
+
+
 def composition_gradients(reference: Callable[..., Any], inputs: tuple, needs: tuple,
                           grad_outputs: tuple[Tensor | None, ...]) -> list[Tensor | None]:
     """For a backward that records a graph (create_graph=True, torch.func.grad): the gradients of
