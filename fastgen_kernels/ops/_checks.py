@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor
 
-from fastgen_kernels.ops._eager_op import has_own_tangent
+from fastgen_kernels.ops._eager_op import has_own_tangent, runs_as_composition
 
 T = TypeVar("T")
 
@@ -143,7 +143,7 @@ def rotary_tables(op: str, cos: object, sin: object, q: torch.Tensor, k: torch.T
             raise ValueError(f"{op}: {name} must be on q's device {q.device}, got {value.device}")
         if value.requires_grad:
             raise ValueError(f"{op}: {name} must not require grad (rotary tables are constants)")
-        if has_own_tangent(value):
+        if not runs_as_composition() and has_own_tangent(value):  # (the composition takes it)
             raise ValueError(f"{op}: {name} must not carry a forward-mode tangent (rotary tables are constants)")
     L, Dh = q.shape[1], q.shape[-1]
     if k.shape[1] != L:

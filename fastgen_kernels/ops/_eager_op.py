@@ -40,10 +40,32 @@ def plain_eager(args: tuple) -> bool:
             and all(type(a) in _PLAIN_TYPES for a in args if isinstance(a, Tensor)))
 
 
+def transforms_active(*kinds: TransformType) -> bool:
+    """True inside a torch.func transform of one of ``kinds`` (jvp, grad, vmap, ...), at any depth of
+    nested transforms."""
+    return torch._C._are_functorch_transforms_active() and any(
+        interpreter.key() in kinds for interpreter in retrieve_all_functorch_interpreters())
+
+
 def functorch_jvp_active() -> bool:
     """True inside torch.func.jvp (or jacfwd, hessian), at any depth of nested transforms."""
-    return torch._C._are_functorch_transforms_active() and any(
-        interpreter.key() == TransformType.Jvp for interpreter in retrieve_all_functorch_interpreters())
+    return transforms_active(TransformType.Jvp)
+
+
+def runs_as_composition() -> bool:
+    """True where the activation ops must run as their reference composition (plain PyTorch ops,
+    which every transform handles and Inductor fuses), not their kernels:
+
+    - traced by torch.compile inside a torch.func transform or with a forward-mode dual level open:
+      compiled, an op is its custom op, which has no forward-mode rule (its tangent would be zero)
+      and whose registered autograd torch.func cannot take (PyTorch raises), and Dynamo traces no
+      autograd.Function with a ``jvp``;
+    - under torch.func.vmap, compiled or not: the autograd.Functions that carry the forward-mode
+      rules have no batching rule.
+    """
+    if torch.compiler.is_compiling():
+        return torch.autograd.forward_ad._current_level >= 0 or torch._C._are_functorch_transforms_active()
+    return transforms_active(TransformType.Vmap)
 
 
 def carries_tangent(args: tuple) -> bool:
@@ -157,10 +179,8 @@ class EagerOp:
                 "forward": staticmethod(function_forward), "backward": staticmethod(backward)})
 
     def __call__(self, *args):
-        if self.function is not None and functorch_jvp_active():
-            # torch.func.jvp would take the custom op's outputs as constants (a zero tangent)
-            raise RuntimeError(f"{self.op.__name__}: the fused op has no forward-mode derivative "
-                               "(torch.func.jvp / jacfwd)")
+        if self.function is not None:
+            self._check_derivatives(args)
         if not plain_eager(args) or (self.function is None and records_grad(args)):
             # an op without autograd where autograd would record it (a backward with
             # create_graph=True): the custom op, which says it has no derivative
@@ -169,3 +189,14 @@ class EagerOp:
             return self.native(*args)
         return self.forward(*args) if self.function is None else self.function.apply(*args)
 
+    def _check_derivatives(self, args: tuple) -> None:
+        """An op with a backward has that backward alone: forward-mode AD (a dual input,
+        torch.func.jvp) and torch.func's differentiating transforms raise naming the op, where
+        PyTorch's errors name none (and a compiled jvp would give a zero tangent). Compiled inside
+        a transform the check is untraceable: Dynamo breaks the graph and the call runs eagerly."""
+        if carries_tangent(args):
+            raise RuntimeError(f"{self.op.__name__}: the fused op has no forward-mode derivative "
+                               "(torch.func.jvp / jacfwd, a dual input)")
+        if transforms_active(TransformType.Grad):
+            raise RuntimeError(f"{self.op.__name__}: torch.func.grad / vjp / jacrev cannot differentiate "
+                               "the fused op (a custom op's autograd); use backward() or torch.autograd.grad")

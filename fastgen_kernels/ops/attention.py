@@ -558,6 +558,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None,
     if (input_tangents_only() and sdpa_takes(q, k, causal_chunk) and _eager_op.records_grad((q, k, v))
             and _eager_op.plain_eager((q, k, v))):
         return _sdpa_with_tangent(q, k, v, scale, causal_chunk)
+    if _eager_op.runs_as_composition():
+        return reference_forward(q, k, v, scale, causal_chunk)[0]
     if torch.compiler.is_compiling():  # Dynamo cannot trace an autograd.Function with a jvp
         return torch.ops.fastgen.attention(q, k, v, scale, causal_chunk)[0]
     if _eager_op.no_autograd((q, k, v)):

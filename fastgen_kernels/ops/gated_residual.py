@@ -215,6 +215,8 @@ def gated_residual(x: Tensor, y: Tensor, gate: Tensor) -> Tensor:
     x = _checks.activation(op, x)
     _checks.like_x(op, "y", y, x, [tuple(x.shape)], any_float=True)
     _checks.modulation(op, "gate", gate, x, any_float=True)
+    if _eager_op.runs_as_composition():
+        return reference_forward(x, y, gate)
     if torch.compiler.is_compiling():  # Dynamo cannot trace an autograd.Function with a jvp
         return torch.ops.fastgen.gated_residual(x, y, gate)
     if _eager_op.no_autograd((x, y, gate)):

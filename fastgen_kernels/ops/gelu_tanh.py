@@ -142,6 +142,8 @@ def gelu_tanh(x: Tensor) -> Tensor:
     dtype. Differentiable, forward mode (torch.func.jvp) included.
     """
     x = _checks.tensor("gelu_tanh", "x", x)
+    if _eager_op.runs_as_composition():
+        return reference_forward(x)
     if torch.compiler.is_compiling():  # Dynamo cannot trace an autograd.Function with a jvp
         return torch.ops.fastgen.gelu_tanh(x)
     if _eager_op.no_autograd((x,)):

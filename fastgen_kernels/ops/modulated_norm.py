@@ -321,6 +321,8 @@ def _check(op: str, x, shift, scale, weight, bias, eps) -> None:
 
 
 def _apply(x, shift, scale, weight, bias, eps, rms) -> Tensor:
+    if _eager_op.runs_as_composition():
+        return reference_forward(x, shift, scale, weight, bias, eps, rms)[0]
     if torch.compiler.is_compiling():  # Dynamo cannot trace an autograd.Function with a jvp
         return torch.ops.fastgen.modulated_norm(x, shift, scale, weight, bias, eps, rms)[0]
     if _eager_op.no_autograd((x, shift, scale, weight, bias)):
