@@ -205,6 +205,14 @@ def test_linear_kernel_variant_errors(generator):
     with pytest.raises(ValueError, match="persistent_tma_store.*aligned output"):  # N = 6 bf16 outputs
         triton_fp8_linear.linear(codes, scale, weight_q, weight_scale, None, None, None, 1, None, torch.bfloat16,
                                  variant="persistent_tma_store")
+    # one row of a wider matrix: torch calls it contiguous, but its row stride (33 fp32) is what TMA reads
+    codes, scale = fp8.reference_quantize_rows(torch.randn(1, 32, generator=generator))
+    weight_q, weight_scale = fp8.quantize_weight(torch.randn(32, 32, generator=generator))
+    residual = torch.randn(1, 33, generator=generator)[:, :32]
+    assert residual.is_contiguous() and residual.stride(0) == 33
+    with pytest.raises(ValueError, match="persistent_tma_store.*aligned output and residual rows"):
+        triton_fp8_linear.linear(codes, scale, weight_q, weight_scale, None, None, None, 1, residual, torch.float32,
+                                 variant="persistent_tma_store")
     with pytest.raises(ValueError, match="variant must be one of"):
         triton_fp8_linear.linear(*args, variant="split_k")
     # "auto" off the GPU: the tiled kernel
@@ -334,11 +342,17 @@ def test_quantize_fp8_model_snr_and_safetensors_round_trip(generator, tmp_path):
         assert torch.equal(fresh.block(x, t), out)
 
 
-def test_no_tokens_give_an_empty_output():
-    """As nn.Linear: (0, K) -> (0, N), (B, 0, K) -> (B, 0, N)."""
+def test_no_tokens_or_features_give_an_empty_output():
+    """As nn.Linear: (0, K) -> (0, N), (B, 0, K) -> (B, 0, N), and N = 0 -> (M, 0) (on a GPU the TMA
+    variants' descriptors refuse an empty matrix)."""
     layer = fk.quantize_fp8(torch.nn.Sequential(torch.nn.Linear(16, 8)), filter_fn=lambda module, name: True)[0]
     with torch.no_grad():
         assert layer(torch.randn(0, 16)).shape == (0, 8) and layer(torch.randn(2, 0, 16)).shape == (2, 0, 8)
+    weight = torch.empty(0, 16, dtype=torch.float8_e4m3fn)
+    for backend in BACKENDS:
+        with fk.use_backend(backend), torch.no_grad():
+            out = fk.ops.fp8_linear(torch.randn(3, 16), weight, torch.ones(()), residual=torch.randn(3, 0))
+        assert out.shape == (3, 0)
 
 
 def test_fp8_layer_output_follows_autocast(generator):

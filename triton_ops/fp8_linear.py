@@ -323,6 +323,13 @@ _TMA_CONFIGS = _configs(_FP8_TILES[:3], tma=True)
 # tile) leaves the single program without.
 _TMA_STORE_CONFIGS = _configs(_FP8_TILES[:3] + [(128, 128, 128, 2, 4, 2), (128, 64, 128, 3, 4, 2)], tma=True,
                               tma_store=True)
+# Per TMA variant, its smallest tile's e4m3 main-loop stages, (BLOCK_M + BLOCK_N) * BLOCK_K bytes
+# each: a GPU whose blocks get less shared memory can run none of its tiles (the autotuner would
+# find every one out of resources and launch one anyway). 131 KB and 64 KB: sm_120's 99 KB GPUs
+# (also >= sm_90) run the store variant's small tiles at most.
+_TMA_MIN_SHARED_MEMORY = {
+    variant: min(c.num_stages * (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"]) * c.kwargs["BLOCK_K"] for c in configs)
+    for variant, configs in (("persistent_tma", _TMA_CONFIGS), ("persistent_tma_store", _TMA_STORE_CONFIGS))}
 _WIDE_OPERAND_CONFIGS = _configs([(bm, bn, bk // 2, stages, warps) for bm, bn, bk, stages, warps in _FP8_TILES],
                                  tma=False)
 _TUNED_KERNELS = {name: triton.autotune(configs, key=["M", "N", "K"])(_linear_kernel) for name, configs in
@@ -361,8 +368,8 @@ def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
     return codes, scale
 
 
-def _tma_unsupported(x: Tensor, weight: Tensor) -> str | None:
-    """Why the TMA variants cannot run on these operands (None when they can)."""
+def _tma_unsupported(variant: str, x: Tensor, weight: Tensor) -> str | None:
+    """Why TMA variant ``variant`` cannot run on these operands (None when it can)."""
     if TensorDescriptor is None:
         return "this Triton has no host-side tensor descriptors (triton.tools.tensor_descriptor)"
     if x.is_cuda and torch.cuda.get_device_capability(x.device) < (9, 0):
@@ -371,14 +378,19 @@ def _tma_unsupported(x: Tensor, weight: Tensor) -> str | None:
         return "TMA needs a CUDA device"
     if x.is_cuda and x.element_size() != 1:
         return "the TMA variant's tiles are sized for e4m3 operands"
+    if x.is_cuda and _max_shared_memory(x.device) < _TMA_MIN_SHARED_MEMORY[variant]:
+        return (f"its tiles need {_TMA_MIN_SHARED_MEMORY[variant] // 1024} KB of shared memory a block or "
+                f"more, this GPU has {_max_shared_memory(x.device) // 1024} KB")
     if not all(_tma_aligned(t) for t in (x, weight)):
         return "TMA needs 16-byte aligned rows (K * itemsize a multiple of 16) and 16-byte aligned data"
     return None
 
 
 def _tma_aligned(t: Tensor) -> bool:
-    """Whether the TMA unit can copy blocks of this contiguous matrix: 16-byte aligned data and rows."""
-    return t.data_ptr() % 16 == 0 and (t.shape[1] * t.element_size()) % 16 == 0
+    """Whether the TMA unit can copy blocks of this matrix: unit column stride, 16-byte aligned
+    data and row stride (torch calls a one-row view of a wider matrix contiguous: its row stride
+    is what the descriptor gets)."""
+    return t.stride(1) == 1 and t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0
 
 
 def _tma_store_unsupported(N: int, out_dtype: torch.dtype, residual: Tensor | None) -> str | None:
@@ -398,6 +410,14 @@ def variant_key(x: Tensor, N: int, out_dtype: torch.dtype, residual: Tensor | No
 @functools.cache
 def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+@functools.cache
+def _max_shared_memory(device: torch.device) -> int:
+    """Bytes of shared memory a block may have on this GPU (opted in): what Triton checks a
+    compiled kernel against (227 KB on Hopper, 99 KB on sm_120 GPUs, which are also >= sm_90)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
 
 
 def _launch(variant: str, args: tuple, flags: dict, M: int, N: int) -> None:
@@ -430,10 +450,14 @@ def _launch(variant: str, args: tuple, flags: dict, M: int, N: int) -> None:
 
 
 def _fastest_variant(variants: tuple[str, ...], args: tuple, flags: dict, M: int, N: int) -> str:
-    """Each variant autotuned, then timed once more against the others: the fastest wins."""
+    """Each variant autotuned, then timed once more against the others: the fastest wins. A
+    variant none of whose tiles fit this GPU (the autotuner launches one anyway) drops out."""
     times = {}
     for variant in variants:
-        _launch(variant, args, flags, M, N)  # autotunes
+        try:
+            _launch(variant, args, flags, M, N)  # autotunes
+        except triton.runtime.errors.OutOfResources:
+            continue
         times[variant] = triton.testing.do_bench(lambda: _launch(variant, args, flags, M, N))
     return min(times, key=times.get)
 
@@ -460,9 +484,9 @@ def linear(x: Tensor, x_scale: Tensor | None, weight: Tensor, weight_scale: Tens
                  IEEE=x.dtype == torch.float32)
     args = (x, *(None if t is None else t.contiguous() for t in (x_scale, weight, weight_scale, bias, gate, residual)),
             out, M, N, K, gate_rows)
-    tma_problem = _tma_unsupported(x, args[2])
-    problems = {"tiled": None, "persistent_tma": tma_problem,
-                "persistent_tma_store": tma_problem or _tma_store_unsupported(N, out_dtype, args[6])}
+    problems = {"tiled": None, "persistent_tma": _tma_unsupported("persistent_tma", x, args[2]),
+                "persistent_tma_store": (_tma_unsupported("persistent_tma_store", x, args[2])
+                                         or _tma_store_unsupported(N, out_dtype, args[6]))}
     if variant != "auto" and problems[variant]:
         raise ValueError(f"fp8_linear: variant {variant!r} cannot run here: {problems[variant]}")
     if variant == "auto":

@@ -228,7 +228,7 @@ def fp8_linear(x: Tensor, weight: Tensor, weight_scale: Tensor, *, bias: Tensor 
             raise ValueError(f"{op}: residual must have the output's shape {out_shape}, got {tuple(residual.shape)}")
         residual = residual.reshape(M, N)
     check_inference_only(op, (x, bias, gate, residual))
-    if M == 0:  # no tokens: as nn.Linear, an empty output
+    if M == 0 or N == 0:  # no tokens or no output features: as nn.Linear, an empty output
         return torch.empty(out_shape, device=x.device, dtype=out_dtype)
 
     x2d = x.reshape(M, K)
