@@ -54,6 +54,28 @@ def test_quantize_rows(backend, dtype, K, generator):  # two passes; two rows a 
     assert snr_db(ref_codes.float() * scale[:, None], x.float()) >= 25.0
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("K", [24, 100], ids=lambda k: f"K{k}")  # one pass, two passes (interpreter tiles)
+def test_quantize_rows_keeps_nan(backend, K, generator):
+    """A row holding a NaN (one or several positions, with an inf elsewhere) gets NaN codes and a
+    NaN scale, as the reference: the GPU's max and min drop NaN, which gave finite codes (-448)
+    and a finite scale, so a NaN activation came out of an FP8 layer as finite numbers. (The
+    interpreter casts NaN to a finite e4m3 code, hardware to NaN: codes checked in test_gpu.py.)"""
+    x = torch.randn(6, K, generator=generator)
+    x[1, 3] = float("nan")
+    x[4, 0], x[4, K - 1], x[4, 5] = float("nan"), float("nan"), float("inf")
+    with fk.use_backend(backend):
+        codes, scale = torch.ops.fastgen.quantize_fp8_rows(x)
+    assert scale[[1, 4]].isnan().all()
+    assert backend == "triton" or codes[[1, 4]].float().isnan().all()
+    clean = [0, 2, 3, 5]
+    assert torch.isfinite(scale[clean]).all() and not codes[clean].float().isnan().any()
+    weight, weight_scale = fp8.quantize_weight(torch.randn(8, K, generator=generator))
+    with fk.use_backend(backend), torch.no_grad():
+        out = fk.ops.fp8_linear(x, weight, weight_scale, out_dtype=torch.float32)
+    assert out[[1, 4]].isnan().all() and torch.isfinite(out[clean]).all()
+
+
 def test_quantize_rows_non_contiguous(generator):
     x = torch.randn(64, 30, generator=generator).T  # rows 64 apart... as a (30, 64) view
     with fk.use_backend("triton"):

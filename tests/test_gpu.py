@@ -390,6 +390,23 @@ def test_fp8_linear_on_gpu(M, N, K, epilogue, generator):
         assert snr_db(out, fl._expected(gemm, None, torch.ones(1, device="cuda"), kwargs, x)) >= 40.0
 
 
+@pytest.mark.parametrize("K", [1152, 16384])  # one pass, two passes
+def test_fp8_quantizers_keep_nan_on_gpu(K):
+    """A NaN in a row gives NaN codes (the hardware cast keeps it) and a NaN scale, in the row
+    quantizer and the FP8 modulated norm (the GPU's max and min drop NaN)."""
+    x = torch.randn(4, K, device="cuda", dtype=torch.bfloat16)
+    x[2, 7] = float("nan")
+    with fk.use_backend("triton"):
+        results = [torch.ops.fastgen.quantize_fp8_rows(x)]
+        if K <= 8192:  # the Triton norm's widest row
+            modulation = torch.zeros(1, K, device="cuda")
+            norm_codes, norm_scale = fk.modulated_layer_norm_fp8(x[None], modulation, modulation)
+            results.append((norm_codes[0], norm_scale))
+    for c, s in results:
+        assert s[2].isnan() and c[2].float().isnan().all()
+        assert torch.isfinite(s[[0, 1, 3]]).all() and not c[[0, 1, 3]].float().isnan().any()
+
+
 @pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [(64, 256, 1152), (2, 77, 1000), (1, 5, 37)], ids=str)
 def test_modulated_norm_fp8_on_gpu(dtype, shape, generator):

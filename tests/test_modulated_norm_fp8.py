@@ -91,6 +91,21 @@ def test_the_fp8_dit_takes_the_fused_path(generator, monkeypatch):
     assert calls == {"norm_fp8": 2 * config.depth + 1, "quantize": 2 * config.depth}
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_row_gives_nan_codes_and_scale(backend, generator):
+    """A NaN in x makes its row's y, codes and scale NaN, as the reference (the GPU's max and min
+    drop NaN: finite codes came out; the interpreter casts NaN to a finite code, test_gpu.py checks
+    the hardware's)."""
+    x, shift, scale = torch.randn(2, 3, 40, generator=generator), torch.randn(2, 40), torch.randn(2, 40)
+    x[0, 1, 7] = float("nan")
+    with fk.use_backend(backend):
+        codes, scales = fk.modulated_layer_norm_fp8(x, shift, scale)
+    assert scales[1].isnan()  # scales: one per row of (B * L, D)
+    assert backend == "triton" or codes[0, 1].float().isnan().all()
+    scales[1] = 0
+    assert torch.isfinite(scales).all()
+
+
 def test_opcheck(generator):
     inputs = layer_norm_inputs((2, 3, 16), torch.float32, True, True, generator)
     torch.library.opcheck(torch.ops.fastgen.modulated_norm_fp8, (*inputs, 1e-6, False))

@@ -50,14 +50,26 @@ def e4m3_scales(amax, E4M3: tl.constexpr, MIN_ABS: tl.constexpr):
     """(inverse, scale) of a row whose largest magnitude is amax (at least MIN_ABS): its codes are
     x * inverse, and x ~ codes * scale. Correctly rounded divisions, so that scales and codes equal
     the reference's bit for bit."""
-    amax = tl.maximum(amax, MIN_ABS)
+    amax = tl.maximum(amax, MIN_ABS, propagate_nan=tl.PropagateNan.ALL)
     return tl.math.div_rn(E4M3, amax), tl.math.div_rn(amax, E4M3)
 
 
 @triton.jit
 def e4m3_codes(x, inverse, E4M3: tl.constexpr):
-    """x * inverse within [-448, 448] (its rounding may pass 448 by an ulp), for the cast to e4m3."""
-    return tl.minimum(tl.maximum(x * inverse, -E4M3), E4M3)
+    """x * inverse within [-448, 448] (its rounding may pass 448 by an ulp), for the cast to e4m3;
+    NaN stays NaN (e4m3fn has one)."""
+    nan = tl.PropagateNan.ALL
+    return tl.minimum(tl.maximum(x * inverse, -E4M3, propagate_nan=nan), E4M3, propagate_nan=nan)
+
+
+@triton.jit
+def max_abs(x, axis: tl.constexpr):
+    """The largest |x| along axis, NaN where that slice holds a NaN (tl.max drops NaN, as the GPU's
+    fmax does; the reference's amax keeps it, and a NaN activation then gives NaN outputs, not
+    finite ones)."""
+    a = tl.abs(x)
+    has_nan = tl.max((a != a).to(tl.int32), axis) > 0
+    return tl.where(has_nan, float("nan"), tl.max(a, axis))
 
 
 @triton.jit
@@ -80,7 +92,7 @@ def _quantize_rows_kernel(
     if ONE_PASS:  # the rows stay in registers between their maximum and their cast
         mask = row_ok[:, None] & (cols[None, :] < K)
         x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        inverse, scale = e4m3_scales(tl.max(tl.abs(x), 1), E4M3, MIN_ABS)
+        inverse, scale = e4m3_scales(max_abs(x, 1), E4M3, MIN_ABS)
         tl.store(SCALE + rows, scale, mask=row_ok)
         codes = e4m3_codes(x, inverse[:, None], E4M3)
         tl.store(XQ + rows[:, None] * K + cols[None, :], codes.to(XQ.dtype.element_ty), mask=mask)
@@ -89,8 +101,8 @@ def _quantize_rows_kernel(
         for start in range(0, K, BLOCK_K):
             mask = row_ok[:, None] & (start + cols[None, :] < K)
             x = tl.load(X + rows[:, None] * stride_x + start + cols[None, :], mask=mask, other=0.0)
-            amax = tl.maximum(amax, tl.abs(x.to(tl.float32)))
-        inverse, scale = e4m3_scales(tl.max(amax, 1), E4M3, MIN_ABS)
+            amax = tl.maximum(amax, tl.abs(x.to(tl.float32)), propagate_nan=tl.PropagateNan.ALL)
+        inverse, scale = e4m3_scales(max_abs(amax, 1), E4M3, MIN_ABS)
         tl.store(SCALE + rows, scale, mask=row_ok)
         for start in range(0, K, BLOCK_K):
             mask = row_ok[:, None] & (start + cols[None, :] < K)

@@ -22,7 +22,7 @@ import triton.language as tl
 from torch import Tensor
 
 from fastgen_kernels.ops.fp8_linear import E4M3_MAX, MIN_AMAX
-from fastgen_kernels.triton_ops.fp8_linear import e4m3_codes, e4m3_scales
+from fastgen_kernels.triton_ops.fp8_linear import e4m3_codes, e4m3_scales, max_abs
 
 MAX_D = 8192
 _E4M3 = tl.constexpr(E4M3_MAX)
@@ -94,7 +94,7 @@ def _forward_kernel(
     scale = tl.load(SCALE + (row // scale_div) * D + cols, mask=mask, other=0.0).to(tl.float32)
     y = n * (1.0 + scale) + shift
     if QUANTIZE:  # from y in fp32: no rounding to x's dtype before the codes
-        inverse, y_scale = e4m3_scales(tl.max(tl.where(mask, tl.abs(y), 0.0), axis=0), _E4M3, _MIN_AMAX)
+        inverse, y_scale = e4m3_scales(max_abs(tl.where(mask, y, 0.0), 0), _E4M3, _MIN_AMAX)
         tl.store(Y_SCALE + row, y_scale)
         y = e4m3_codes(y, inverse, _E4M3)
     tl.store(Y + row * D + cols, y.to(Y.dtype.element_ty), mask=mask)
