@@ -20,8 +20,8 @@
   accumulator and round once to the output dtype. Tiles are numbered in groups of GROUP_M row
   tiles so that the column tiles of w they share stay in L2. w is read K-major ((N, K)
   row-major, nn.Linear's layout), which is what FP8 wgmma requires of its B operand. Each variant
-  is autotuned per (M, N, K); "auto" then times those that can run once per shape and keeps the
-  fastest.
+  is autotuned per (M, N, K) and epilogue (activation, gate, residual); "auto" then times those
+  that can run once per shape and keeps the fastest.
   The tiled kernel also multiplies bf16/fp16 operands (GPUs without FP8, in tiles of their own)
   and fp32 ones in IEEE precision (the interpreter's exact check of the indexing and epilogue).
 """
@@ -321,7 +321,7 @@ def _configs(tiles: list[tuple[int, ...]], tma: bool, tma_store: bool = False) -
 
 
 # Hopper (H100/H200) FP8 tiles: 128-wide wgmma, 3-4 stages of 128-deep K slices fit in 228 KB of
-# shared memory. Tuned per (M, N, K); the DiT and Flux shapes are multiples of 128. The persistent
+# shared memory. Tuned per shape (_TUNING_KEY); the DiT and Flux shapes are multiples of 128. The persistent
 # TMA variants get the large tiles only: they pay off where the tiled kernel is bound by issuing
 # loads, not by the number of tiles. GPUs without FP8 multiply 2-byte operands: the same tiles
 # with K slices half as deep, the same bytes per stage (A100: 164 KB of shared memory).
@@ -344,7 +344,10 @@ _TMA_MIN_SHARED_MEMORY = {
     for variant, configs in (("persistent_tma", _TMA_CONFIGS), ("persistent_tma_store", _TMA_STORE_CONFIGS))}
 _WIDE_OPERAND_CONFIGS = _configs([(bm, bn, bk // 2, stages, warps) for bm, bn, bk, stages, warps in _FP8_TILES],
                                  tma=False)
-_TUNED_KERNELS = {name: triton.autotune(configs, key=["M", "N", "K"])(_linear_kernel) for name, configs in
+# Tuned per shape and per epilogue: an activation, a gate or a residual changes the epilogue's
+# registers and bytes, and so the best tile
+_TUNING_KEY = ["M", "N", "K", "ACTIVATION", "HAS_GATE", "HAS_RESIDUAL"]
+_TUNED_KERNELS = {name: triton.autotune(configs, key=_TUNING_KEY)(_linear_kernel) for name, configs in
                   [("tiled", _TILED_CONFIGS), ("persistent_tma", _TMA_CONFIGS),
                    ("persistent_tma_store", _TMA_STORE_CONFIGS), ("wide", _WIDE_OPERAND_CONFIGS)]}
 # Small tiles under the interpreter: several tiles in each direction and ragged edges at test sizes,
