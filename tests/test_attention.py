@@ -456,6 +456,15 @@ def test_triton_declines_batch_entries_beyond_32_bit_offsets():
     assert att.backward_dispatcher.supports["triton"](q, q, long_k, long_k, q, None, 0.1, 0)
 
 
+def test_triton_declines_tangents_beyond_32_bit_offsets():
+    """A tangent with rows wider than q's (a view of a packed qkv tangent) strided past 2^31 in one
+    batch entry: the JVP and tangent kernels read it with 32-bit offsets too."""
+    q = torch.empty(1, 8, 2, 64, device="meta")
+    wide = torch.empty_strided((1, 8, 2, 64), (2**32, 2**28, 64, 1), device="meta")
+    assert "2^31" in att.jvp_dispatcher.supports["triton"](q, q, q, wide, None, None, 0.1, 0)
+    assert att.jvp_dispatcher.supports["triton"](q, q, q, q, None, None, 0.1, 0) is None
+
+
 def test_triton_declines_more_programs_than_the_grid_axis_holds():
     q = torch.empty(4097, 8, 16, 64, device="meta")  # 65552 (batch, head) programs per query tile
     assert "65535" in att.forward_dispatcher.supports["triton"](q, q, q, 0.1, 0)

@@ -286,8 +286,9 @@ def _triton_support(q: Tensor, *args: object) -> str | None:
     if q.shape[-1] > MAX_TRITON_HEAD_DIM:
         return f"head dim {q.shape[-1]} exceeds the kernels' limit of {MAX_TRITON_HEAD_DIM}"
     # offsets within one batch entry are 32-bit in the kernels (64-bit ones cost registers), in
-    # the inputs as strided and in the outputs (O, dq, ...), which are contiguous
-    operands = [t for t in (*args[:2], q) if isinstance(t, Tensor)]
+    # the (B, L, H, Dh) operands as strided (k, v, a given O, the tangents: a view of a packed qkv
+    # tangent has rows wider than q's) and in the outputs (O, dq, ...), which are contiguous
+    operands = [t for t in (q, *args) if isinstance(t, Tensor) and t.dim() == 4]
     if any(max(t.shape[1] * t.stride(1), t[0].numel()) >= 2**31 for t in operands):
         return "a batch entry of more than 2^31 elements (the kernels' offsets are 32-bit)"
     if q.shape[0] * q.shape[2] > 65535:  # the launch grid's second axis, CUDA's limit
