@@ -88,14 +88,45 @@ def _nvtx_range(name: str, on: bool):
         return torch.cuda.nvtx.range(name)
 
 
+# A condition: one tensor (class labels, embeddings), or a tuple of tensors the network takes
+# together (PixArt's text embeddings and their attention mask), each with the batch first
+Cond = Tensor | tuple[Tensor, ...]
+
+
+def _cond_parts(cond: Cond | None) -> list[Tensor]:
+    return [] if cond is None else [cond] if isinstance(cond, Tensor) else list(cond)
+
+
+def _cond_like(cond: Cond | None, parts: Sequence[Tensor]) -> Cond | None:
+    """``parts`` (as :func:`_cond_parts` gives them) in the form of ``cond``."""
+    return None if cond is None else parts[0] if isinstance(cond, Tensor) else tuple(parts)
+
+
+def _check_cond(name: str, cond: Cond | None, batch: int, like: Cond | None = None) -> None:
+    """cond: None, a tensor with batch ``batch``, or a tuple of them; shaped as ``like`` if given."""
+    if cond is None:
+        return
+    parts = _cond_parts(cond)
+    if not isinstance(cond, (Tensor, tuple)) or not parts or any(
+            not isinstance(c, Tensor) or c.dim() == 0 or c.shape[0] != batch for c in parts):
+        got = [tuple(c.shape) if isinstance(c, Tensor) else type(c).__name__ for c in parts] \
+            if isinstance(cond, tuple) else tuple(cond.shape) if isinstance(cond, Tensor) else type(cond).__name__
+        raise ValueError(f"sample: {name} must be a tensor with batch {batch} or a tuple of them, got {got}")
+    if like is not None and (type(cond) is not type(like) or [c.shape for c in parts] != [
+            c.shape for c in _cond_parts(like)]):
+        raise ValueError(f"sample: {name} must be shaped like cond "
+                         f"{[tuple(c.shape) for c in _cond_parts(like)]}, got {[tuple(c.shape) for c in parts]}")
+
+
 class _Guided:
     """D(x, t) with classifier-free guidance in one batched call; also the flow-map step."""
 
-    def __init__(self, model: Denoiser, cond: Tensor | None, neg_cond: Tensor | None, scale: float,
+    def __init__(self, model: Denoiser, cond: Cond | None, neg_cond: Cond | None, scale: float,
                  autocast: torch.dtype | None) -> None:
         self.model, self.scale, self.autocast = model, scale, autocast
         self.guided = scale != 1.0
-        self.cond = torch.cat([neg_cond, cond]) if self.guided else cond
+        self.cond = _cond_like(cond, [torch.cat(pair) for pair in zip(_cond_parts(neg_cond), _cond_parts(cond))]
+                               ) if self.guided else cond
 
     def _call(self, fn: Callable[..., Tensor], x: Tensor, *times: float) -> Tensor:
         """fn(x, *times, cond) on [x, x] with [neg_cond, cond] when guided, then mixed."""
@@ -185,8 +216,8 @@ def _model_device_and_dtype(model: Denoiser) -> tuple[torch.device, torch.dtype]
 
 
 def sample(model: Denoiser, steps: int = 1, *, batch_size: int = 1, shape: Sequence[int] | None = None,
-           noise: Tensor | None = None, cond: Tensor | None = None, guidance_scale: float = 1.0,
-           neg_cond: Tensor | None = None, timesteps: Sequence[float] | Tensor | None = None,
+           noise: Tensor | None = None, cond: Cond | None = None, guidance_scale: float = 1.0,
+           neg_cond: Cond | None = None, timesteps: Sequence[float] | Tensor | None = None,
            solver: str = "auto", stochastic: bool = True, seed: int | None = None,
            generator: torch.Generator | None = None, cuda_graph: bool | str = "auto",
            progress: bool | None = None, return_trajectory: bool = False, scheduler=None,
@@ -197,9 +228,13 @@ def sample(model: Denoiser, steps: int = 1, *, batch_size: int = 1, shape: Seque
         steps: network steps (a Heun step costs two evaluations); ignored when ``timesteps`` is given.
         shape: per-sample shape (C, H, W); defaults to ``model.shape``; not needed with ``noise``.
         noise: the starting noise (B, *shape), standard normal; drawn from ``seed``/``generator`` if None.
-        cond: conditioning with batch B (class labels, embeddings), passed to the network.
+        cond: conditioning with batch B (class labels, embeddings), passed to the network; or a
+            tuple of such tensors the network takes together, e.g. ``(text_embeddings, mask)``
+            for a diffusers PixArt model (its ``encoder_attention_mask``: 1 for tokens, 0 for
+            padding).
         guidance_scale: classifier-free guidance weight w (1: none); ``neg_cond`` is the
-            unconditional input (default: ``model.null_cond`` broadcast like ``cond``).
+            unconditional input, shaped like ``cond`` (default for a tensor cond: ``model.null_cond``
+            broadcast like it).
         timesteps: explicit times t_0 > ... > 0 (ending at 0) in the model's schedule.
         solver: "auto" | "consistency" | "meanflow" | "euler" | "heun" | "dpm++2m".
         stochastic: for consistency steps, re-noise with fresh noise (sde) or the implied noise (ode).
@@ -235,18 +270,19 @@ def sample(model: Denoiser, steps: int = 1, *, batch_size: int = 1, shape: Seque
         if not isinstance(noise, Tensor) or not noise.is_floating_point() or noise.dim() < 2:
             raise ValueError("sample: noise must be a floating (B, ...) tensor")
         batch, shape = noise.shape[0], tuple(noise.shape[1:])
-    if cond is not None and (not isinstance(cond, Tensor) or cond.shape[0] != batch):
-        got = tuple(cond.shape) if isinstance(cond, Tensor) else type(cond).__name__
-        raise ValueError(f"sample: cond must be a tensor with batch {batch}, got {got}")
+    _check_cond("cond", cond, batch)
     guidance_scale = float(guidance_scale)
     if guidance_scale != 1.0:
         if cond is None:
             raise ValueError("sample: guidance_scale != 1 needs cond")
         if neg_cond is None:
+            if not isinstance(cond, Tensor):
+                raise ValueError("sample: guidance with a tuple cond needs neg_cond (e.g. the empty prompt's "
+                                 "embeddings and mask)")
             neg_cond = model.unconditional(cond, "sample")
-        if neg_cond.shape != cond.shape:
-            raise ValueError(f"sample: neg_cond must be shaped like cond {tuple(cond.shape)}, "
-                             f"got {tuple(neg_cond.shape)}")
+        _check_cond("neg_cond", neg_cond, batch, like=cond)
+    # on the model's device, as the noise
+    cond, neg_cond = (_cond_like(c, [part.to(device) for part in _cond_parts(c)]) for c in (cond, neg_cond))
     if scheduler is not None:
         from fastgen_kernels.models.diffusers import sample_with_scheduler
 
@@ -286,7 +322,11 @@ def sample(model: Denoiser, steps: int = 1, *, batch_size: int = 1, shape: Seque
         raise ValueError("sample: cuda_graph=True needs a model on a CUDA device")
     nvtx = device.type == "cuda"
 
-    def run(z: Tensor, eps: Tensor | None, c: Tensor | None, nc: Tensor | None, bar=None):
+    cond_parts, neg_parts = _cond_parts(cond), _cond_parts(neg_cond)
+
+    def run(z: Tensor, eps: Tensor | None, *parts: Tensor, bar=None):
+        c = _cond_like(cond, parts[:len(cond_parts)])
+        nc = _cond_like(neg_cond, parts[len(cond_parts):])
         guided = _Guided(model, c, nc, guidance_scale, autocast_dtype)
         trajectory = [] if return_trajectory else None
         x = z * start_scale
@@ -296,11 +336,10 @@ def sample(model: Denoiser, steps: int = 1, *, batch_size: int = 1, shape: Seque
         return x, trajectory
 
     with torch.no_grad():
-        inputs = (noise.to(device=device, dtype=dtype), step_noise,
-                  *(None if c is None else c.to(device) for c in (cond, neg_cond)))  # the model's device
+        inputs = (noise.to(device=device, dtype=dtype), step_noise, *cond_parts, *neg_parts)
         if use_graph:
             key = (batch, shape, dtype, tuple(times), solver, stochastic, guidance_scale, return_trajectory,
-                   autocast_dtype, *[(t.shape, t.dtype) if t is not None else None for t in inputs[2:]],
+                   autocast_dtype, type(cond), len(cond_parts), *[(t.shape, t.dtype) for t in inputs[2:]],
                    graph_state(model))
             x, trajectory = _replay(model, key, run, inputs)
         else:

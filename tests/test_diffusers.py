@@ -208,6 +208,40 @@ def test_pixart_with_size_conditions_gets_the_pipelines():
         assert torch.equal(fk.from_diffusers(model, "vp").net(x, t, context), expected)
 
 
+@pytest.mark.parametrize("accelerated", [False, True], ids=["diffusers", "accelerated"])
+def test_pixart_prompt_mask(accelerated):
+    """cond = (embeddings, mask): the mask is PixArt's encoder_attention_mask, as diffusers'
+    pipeline passes it, so padded tokens are not attended: the samples do not depend on the
+    embeddings there (they did: the mask was not passed), with guidance too; guidance with a tuple
+    cond needs neg_cond, and a badly shaped part is refused naming it."""
+    model = tiny_pixart()
+    if accelerated:
+        accelerate(model)
+    denoiser = fk.from_diffusers(model, "rf")
+    gen = torch.Generator().manual_seed(2)
+    embeddings, negative = (torch.randn(2, 6, 24, generator=gen, dtype=torch.float64) for _ in range(2))
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 0]])
+    x, t = torch.randn(2, 4, 8, 8, generator=gen, dtype=torch.float64), torch.tensor([10.0, 700.0], dtype=torch.float64)
+    with torch.no_grad():
+        expected = model(x, timestep=t, encoder_hidden_states=embeddings, encoder_attention_mask=mask,
+                         added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample[:, :4]
+        torch.testing.assert_close(denoiser.net(x, t, (embeddings, mask)), expected, rtol=1e-10, atol=1e-12)
+    padding_changed = torch.where(mask[..., None].bool(), embeddings, 5.0)
+    for options in ({}, {"guidance_scale": 3.0, "neg_cond": (negative, torch.ones_like(mask))}):
+        samples = [fk.sample(denoiser, 2, batch_size=2, cond=(e, mask), seed=0, **options)
+                   for e in (embeddings, padding_changed)]
+        torch.testing.assert_close(samples[0], samples[1], rtol=1e-10, atol=1e-12)
+    unmasked = [fk.sample(denoiser, 2, batch_size=2, cond=e, seed=0) for e in (embeddings, padding_changed)]
+    assert not torch.allclose(unmasked[0], unmasked[1])  # without the mask the padding counts
+    with pytest.raises(ValueError, match="tuple cond needs neg_cond"):
+        fk.sample(denoiser, 1, batch_size=2, cond=(embeddings, mask), guidance_scale=2.0)
+    with pytest.raises(ValueError, match="neg_cond must be shaped like cond"):
+        fk.sample(denoiser, 1, batch_size=2, cond=(embeddings, mask), guidance_scale=2.0,
+                  neg_cond=(negative, mask[:, :5]))
+    with pytest.raises(ValueError, match="cond must be a tensor with batch 2 or a tuple of them"):
+        fk.sample(denoiser, 1, batch_size=2, cond=(embeddings, mask[:1]))
+
+
 # --- diffusers schedulers driving the loop, on Gaussian data --------------------------------------
 
 def vp_gaussian_model(scheduler, ode_map=False):

@@ -344,8 +344,10 @@ def accelerate(module: nn.Module) -> AccelerateReport:
 
 class DiffusersNet(nn.Module):
     """A diffusers transformer as a ``net(x_t, t_in, cond)``: cond is the class labels of a DiT
-    model and the text embeddings (``encoder_hidden_states``) of a PixArt model. The learned-sigma
-    half of a DiT's output (8 channels for 4) is dropped."""
+    model; for a PixArt model the text embeddings (``encoder_hidden_states``), or the pair
+    (embeddings, mask) with the mask its ``encoder_attention_mask`` (B, L): 1 for tokens, 0 for
+    padding, which diffusers' pipeline passes (without it the padding is attended). The
+    learned-sigma half of a DiT's output (8 channels for 4) is dropped."""
 
     def __init__(self, transformer: nn.Module) -> None:
         super().__init__()
@@ -353,10 +355,19 @@ class DiffusersNet(nn.Module):
         self.class_conditional = "class_labels" in inspect.signature(transformer.forward).parameters \
             and "encoder_hidden_states" not in inspect.signature(transformer.forward).parameters
 
-    def forward(self, x: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, cond: Tensor | tuple[Tensor, Tensor] | None = None) -> Tensor:
         dtype = next(self.transformer.parameters()).dtype
-        kwargs = {"class_labels": cond} if self.class_conditional else {
-            "encoder_hidden_states": cond, "added_cond_kwargs": self._size_conditions(x, dtype)}
+        if isinstance(cond, tuple) and (self.class_conditional or len(cond) != 2):
+            raise ValueError(f"{type(self.transformer).__name__}: cond must be "
+                             f"{'class labels' if self.class_conditional else 'embeddings or (embeddings, mask)'}, "
+                             f"got a tuple of {len(cond)}")
+        if self.class_conditional:
+            kwargs = {"class_labels": cond}
+        else:
+            embeddings, mask = cond if isinstance(cond, tuple) else (cond, None)
+            kwargs = {"encoder_hidden_states": embeddings, "added_cond_kwargs": self._size_conditions(x, dtype)}
+            if mask is not None:
+                kwargs["encoder_attention_mask"] = mask
         out = self.transformer(x.to(dtype), timestep=t, return_dict=False, **kwargs)[0]
         return out[:, : x.shape[1]] if out.shape[1] == 2 * x.shape[1] else out
 
