@@ -487,6 +487,26 @@ def test_sample_cuda_graph_matches_eager(steps):
                                rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_sample_cuda_graph_with_a_tuple_cond():
+    """A PixArt cond (embeddings, mask) through the captured loop: the graph holds each part, and
+    new values of both replay the eager loop's result."""
+    pytest.importorskip("diffusers")
+    import test_diffusers as td
+
+    model = fk.from_diffusers(td.tiny_pixart(torch.float32).cuda(), "rf")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for padding in (3, 1):
+        embeddings = torch.randn(2, 6, 24, device="cuda", generator=gen)
+        mask = (torch.arange(6, device="cuda") < 6 - padding).long().expand(2, 6)
+        kwargs = dict(batch_size=2, cond=(embeddings, mask), guidance_scale=2.0,
+                      neg_cond=(torch.zeros_like(embeddings), torch.ones_like(mask)), seed=1)
+        graphed = fk.sample(model, 2, cuda_graph=True, **kwargs)
+        torch.testing.assert_close(graphed, fk.sample(model, 2, cuda_graph=False, **kwargs), rtol=1e-3, atol=1e-3)
+    assert len(model._graphs) == 1
+
+
 # --------------------------------------------------------------------------- the one-pass JVP
 
 
