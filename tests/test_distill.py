@@ -127,6 +127,26 @@ def test_exact_jvp_matches_finite_differences():
         jvp(fn, (x, t), (v, t), "forward")
 
 
+def test_finite_difference_runs_outside_autocast():
+    """Under the training step's bf16 autocast the finite difference evaluates in fp32: a
+    difference of bf16 outputs at h = 1e-3 is rounding noise (relative error above 1 on a small
+    DiT); "finite_difference_autocast" keeps autocast (the benchmarks' cost peer)."""
+    torch.manual_seed(0)
+    net = fk.Denoiser(ToyNet(), "trig", "trig_F")
+    x, v = torch.randn(2, 64, 2).unbind(0)
+    t = torch.rand(64) + 0.2
+
+    def fn(a, s):
+        return net.raw(a, s)
+
+    exact = jvp(fn, (x, t), (v, torch.ones_like(t)))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fd = jvp(fn, (x, t), (v, torch.ones_like(t)), "finite_difference")
+        noisy = jvp(fn, (x, t), (v, torch.ones_like(t)), "finite_difference_autocast")
+    error = lambda J: ((J - exact).norm() / exact.norm()).item()
+    assert error(fd) < 1e-2 and error(noisy) > 0.1
+
+
 # --------------------------------------------------------------------------- each method's step
 
 def _methods(teacher):
@@ -178,6 +198,25 @@ def test_two_time_scales_and_optimizer_sets(teacher):
     assert DMD2(student_of(teacher), teacher).optimizer_names == ("student", "fake_score")
     assert FDistill(student_of(teacher), teacher).optimizer_names[-1] == "discriminator"
     assert LADD(student_of(teacher), teacher).optimizers_at(1) == ("discriminator",)
+
+
+@pytest.mark.parametrize("name", ["dmd2", "ladd"])
+def test_discriminator_sees_real_and_fake_at_the_same_times(name, teacher):
+    """The critic step noises the data at the fakes' own times: drawn apart (the real ones from
+    the teacher's training distribution while DMD2's critic_time_range drew the fakes'), the
+    noise level alone told them apart. R1's perturbed real points too."""
+    method = (DMD2(student_of(teacher), teacher, DMD2Config(gan_weight=0.1, r1_weight=0.1,
+                                                           critic_time_range=(0.02, 0.3)))
+              if name == "dmd2" else LADD(student_of(teacher), teacher, LADDConfig(r1_weight=0.1)))
+    seen = []
+    logits = method.logits
+    method.logits = lambda schedule, x_t, t, cond: seen.append((schedule, t)) or logits(schedule, x_t, t, cond)
+    step = method.critic_step if name == "dmd2" else method.training_step
+    step(Batch(torch.randn(16, 2), seed=3), *(() if name == "dmd2" else (1,)))
+    assert len(seen) == 3  # fake, real, perturbed real
+    assert all(s is seen[0][0] and torch.equal(t, seen[0][1]) for s, t in seen)
+    if name == "dmd2":
+        assert seen[0][1].max() <= 0.3 * teacher.schedule.t_max
 
 
 def test_bad_configurations_are_refused(teacher):

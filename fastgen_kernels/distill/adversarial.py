@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from fastgen_kernels import losses
 from fastgen_kernels.denoiser import Denoiser
-from fastgen_kernels.distill.base import Batch, at_teacher_point, noised
+from fastgen_kernels.distill.base import Batch, at_teacher_point
 from fastgen_kernels.schedules import Schedule
 
 
@@ -108,15 +108,17 @@ class Adversarial:
 
     def discriminator_loss(self, batch: Batch, schedule: Schedule, fake_t: Tensor, t: Tensor,
                            cond: Tensor | None, r1_weight: float, r1_noise: float) -> tuple[Tensor, Tensor]:
-        """(the discriminator's loss (+ R1), its softplus part) on a fake point and the batch's
-        data noised at its own time."""
-        t_real, _, real_t = noised(self.teacher, batch, batch.x0)
+        """(the discriminator's loss (+ R1), its softplus part) on a fake point (x_t, t) of
+        ``schedule`` and the batch's data noised at the same times: drawn apart (from the
+        teacher's training distribution while DMD2's critic_time_range drew the fakes'), the two
+        noise levels alone told real from fake."""
+        real_t = schedule.add_noise(batch.x0, batch.randn_like(batch.x0), t)
         logits_fake = self.logits(schedule, fake_t.detach(), t, cond)
-        logits_real = self.logits(self.teacher.schedule, real_t, t_real, batch.cond)
+        logits_real = self.logits(schedule, real_t, t, batch.cond)
         loss = losses.gan_loss(logits_fake, logits_real, mode="discriminator")
         perturbed = real_t + r1_noise * batch.randn_like(real_t)
         if r1_weight <= 0:
             return loss, loss.detach()
-        logits_perturbed = self.logits(self.teacher.schedule, perturbed, t_real, batch.cond)
+        logits_perturbed = self.logits(schedule, perturbed, t, batch.cond)
         r1 = (logits_real - logits_perturbed).square().mean()
         return loss + r1_weight * r1, loss.detach()

@@ -18,6 +18,7 @@ resumed from a checkpoint draws what the uninterrupted run drew.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
@@ -33,7 +34,7 @@ from fastgen_kernels.denoiser import Denoiser
 from fastgen_kernels.ops.linear import parameters_without_tangents
 from fastgen_kernels.schedules import Schedule, per_sample
 
-JVP_METHODS = ("exact", "finite_difference")
+JVP_METHODS = ("exact", "finite_difference", "finite_difference_autocast")
 
 
 def batch_seed(seed: int, iteration: int) -> int:
@@ -310,8 +311,12 @@ def jvp(fn: Callable[..., Tensor], primals: tuple[Tensor, ...], tangents: tuple[
     ``torch.func.jvp``: the same values, but functorch wraps every autograd.Function call in a
     new class and the custom op, 2.5x the host time of the pass (a DiT of 28 blocks on the CPU).
     ``finite_difference``: (fn(p + h v) - fn(p - h v)) / 2h, combined in fp64, h = ``step`` (two
-    evaluations; the baseline the exact JVP replaces). The callers take fn(primals) from their
-    own forward pass with gradients, so neither method returns it.
+    evaluations; the baseline the exact JVP replaces), with autocast off: evaluated in bf16, the
+    difference at h = 1e-3 is rounding noise (the tangent's relative error was above 1 on a small
+    DiT, against 5e-4 in fp32). ``finite_difference_autocast``: the same under the caller's
+    autocast, cheaper and that inaccurate: for cost comparisons only (bench_distill's peer, as the
+    H200 measured it). The callers take fn(primals) from their own forward pass with gradients, so
+    no method returns it.
     """
     if method not in JVP_METHODS:
         raise ValueError(f"jvp: method must be one of {JVP_METHODS}, got {method!r}")
@@ -321,8 +326,10 @@ def jvp(fn: Callable[..., Tensor], primals: tuple[Tensor, ...], tangents: tuple[
                 out = fn(*(forward_ad.make_dual(p, v) for p, v in zip(primals, tangents)))
                 tangent = forward_ad.unpack_dual(out).tangent
                 return torch.zeros_like(out) if tangent is None else tangent
-        plus = fn(*(p + step * v for p, v in zip(primals, tangents)))
-        minus = fn(*(p - step * v for p, v in zip(primals, tangents)))
+        autocast_off = torch.autocast(primals[0].device.type, enabled=False)
+        with contextlib.nullcontext() if method == "finite_difference_autocast" else autocast_off:
+            plus = fn(*(p + step * v for p, v in zip(primals, tangents)))
+            minus = fn(*(p - step * v for p, v in zip(primals, tangents)))
         return ((plus.double() - minus.double()) / (2 * step)).to(plus.dtype)
 
 

@@ -33,7 +33,7 @@ class MeanFlowConfig:
     p: float = 1.0                           # adaptive weight power (0.75 on small data)
     c: float = 1e-3
     guidance_scale: float = 1.0              # distillation: the teacher's guidance
-    jvp: Literal["exact", "finite_difference"] = "exact"
+    jvp: Literal["exact", "finite_difference", "finite_difference_autocast"] = "exact"  # distill.base.jvp
     fd_step: float = 1e-3
     cond_dropout: float = 0.1                # from data only
 
