@@ -58,8 +58,8 @@ def e4m3_scales(amax, E4M3: tl.constexpr, MIN_ABS: tl.constexpr):
 def e4m3_codes(x, inverse, E4M3: tl.constexpr):
     """x * inverse within [-448, 448] (its rounding may pass 448 by an ulp), for the cast to e4m3;
     NaN stays NaN (e4m3fn has one)."""
-    nan = tl.PropagateNan.ALL
-    return tl.minimum(tl.maximum(x * inverse, -E4M3, propagate_nan=nan), E4M3, propagate_nan=nan)
+    return tl.minimum(tl.maximum(x * inverse, -E4M3, propagate_nan=tl.PropagateNan.ALL), E4M3,
+                      propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit
