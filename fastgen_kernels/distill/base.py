@@ -310,8 +310,10 @@ def jvp(fn: Callable[..., Tensor], primals: tuple[Tensor, ...], tangents: tuple[
     their tangent in one GEMM, ``fastgen_kernels.ops.linear``). Dual tensors rather than
     ``torch.func.jvp``: the same values, but functorch wraps every autograd.Function call in a
     new class and the custom op, 2.5x the host time of the pass (a DiT of 28 blocks on the CPU).
-    ``finite_difference``: (fn(p + h v) - fn(p - h v)) / 2h, combined in fp64, h = ``step`` (two
-    evaluations; the baseline the exact JVP replaces), with autocast off: evaluated in bf16, the
+    ``finite_difference``: (fn(p + h v) - fn(p - h v)) / 2h, combined in fp64, with a step
+    relative to the point, per sample b over all the (B, ...) primals: h_b = ``step`` |p_b| / |v_b|
+    (METHODS.md; ``step`` itself where either is zero). Two evaluations, the baseline the exact
+    JVP replaces, with autocast off: evaluated in bf16, the
     difference at h = 1e-3 is rounding noise (the tangent's relative error was above 1 on a small
     DiT, against 5e-4 in fp32). ``finite_difference_autocast``: the same under the caller's
     autocast, cheaper and that inaccurate: for cost comparisons only (bench_distill's peer, as the
@@ -326,11 +328,18 @@ def jvp(fn: Callable[..., Tensor], primals: tuple[Tensor, ...], tangents: tuple[
                 out = fn(*(forward_ad.make_dual(p, v) for p, v in zip(primals, tangents)))
                 tangent = forward_ad.unpack_dual(out).tangent
                 return torch.zeros_like(out) if tangent is None else tangent
+        p_norm, v_norm = (torch.sqrt(sum(t.reshape(t.shape[0], -1).double().square().sum(1) for t in ts))
+                          for ts in (primals, tangents))
+        h = torch.where((p_norm > 0) & (v_norm > 0), step * p_norm / v_norm, step)
+
+        def per_sample(t: Tensor) -> Tensor:
+            return h.view(-1, *[1] * (t.dim() - 1))
+
         autocast_off = torch.autocast(primals[0].device.type, enabled=False)
         with contextlib.nullcontext() if method == "finite_difference_autocast" else autocast_off:
-            plus = fn(*(p + step * v for p, v in zip(primals, tangents)))
-            minus = fn(*(p - step * v for p, v in zip(primals, tangents)))
-        return ((plus.double() - minus.double()) / (2 * step)).to(plus.dtype)
+            plus = fn(*(p + (per_sample(p) * v).to(p.dtype) for p, v in zip(primals, tangents)))
+            minus = fn(*(p - (per_sample(p) * v).to(p.dtype) for p, v in zip(primals, tangents)))
+        return ((plus.double() - minus.double()) / (2 * per_sample(plus))).to(plus.dtype)
 
 
 def forward_and_jvp(fn: Callable[..., Any], primals: tuple[Tensor, ...], tangents: tuple[Tensor, ...]
