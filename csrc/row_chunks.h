@@ -9,8 +9,10 @@
 namespace fastgen {
 
 // How the backward kernels cut the L rows of each of the B batches into chunks; one chunk's partial
-// sums come from one thread (CPU) or thread block (CUDA). Depends only on the shape, never on the
-// thread count, so results are bit-identical run to run.
+// sums come from one thread (CPU) or thread block (CUDA). Depends on the shape and on `target`,
+// never on the thread count: results are bit-identical run to run on one device. The CPU's target
+// is fixed; a GPU's follows its SM count (device_row_chunks), so reduced gradients (dweight, a
+// per-sample dshift, ...) differ in their last bits between GPU models and from the CPU's.
 struct RowChunks {
   int64_t rows_per_chunk;
   int64_t chunks_per_batch;

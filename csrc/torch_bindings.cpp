@@ -156,15 +156,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> modulated_norm_backward(
   check_activation(grad_out, "grad_out");
   TORCH_CHECK(grad_out.sizes() == x.sizes() && kernel_dtype_pair(x.scalar_type(), grad_out.scalar_type()),
               "grad_out must have x's shape and dtype (or float16/bfloat16 with float32 x)");
+  TORCH_CHECK(grad_out.device() == x.device(), "grad_out must be on x's device");
   check_modulation(shift, x, "shift");
   check_modulation(scale, x, "scale");
   const Tensor* w = check_param(weight, x, "weight");
   const Tensor* b = check_param(bias, x, "bias");
   const int64_t batch = x.size(0), tokens = x.size(1), dim = x.size(2);
   TORCH_CHECK(rstd.numel() == batch * tokens && rstd.scalar_type() == stat_dtype(x) &&
-                  rstd.is_contiguous() && (rms || mean.sizes() == rstd.sizes()),
+                  rstd.is_contiguous() && rstd.device() == x.device() && (rms || mean.sizes() == rstd.sizes()),
               "mean and rstd must be the forward's statistics");
-  TORCH_CHECK(rms || (mean.scalar_type() == rstd.scalar_type() && mean.is_contiguous()),
+  TORCH_CHECK(rms || (mean.scalar_type() == rstd.scalar_type() && mean.is_contiguous() &&
+                      mean.device() == x.device()),
               "mean must be the forward's statistics");
   const bool shift_per_token = shift.dim() == 3, scale_per_token = scale.dim() == 3;
   const RowChunks chunks = device_row_chunks(x, batch, tokens);

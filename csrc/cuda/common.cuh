@@ -175,7 +175,8 @@ __device__ __forceinline__ void store_vec(T* p, const float (&in)[N]) {
 }
 
 // Butterfly sum: every lane ends with the same, bitwise identical total.
-__device__ __forceinline__ float warp_reduce_sum(float v) {
+template <typename T>  // float, or double where a sum must keep more digits (the losses' batch mean)
+__device__ __forceinline__ T warp_reduce_sum(T v) {
 #pragma unroll
   for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
     v += __shfl_xor_sync(0xffffffffu, v, offset);
@@ -185,9 +186,9 @@ __device__ __forceinline__ float warp_reduce_sum(float v) {
 
 // Sums each of v[0..N) over the thread block; every thread gets the totals. blockDim.x must be a
 // multiple of 32. The order of the additions depends only on blockDim.x: deterministic.
-template <int N>
-__device__ __forceinline__ void block_reduce_sum(float (&v)[N]) {
-  __shared__ float warp_sums[N][kWarpSize];
+template <typename T, int N>
+__device__ __forceinline__ void block_reduce_sum(T (&v)[N]) {
+  __shared__ T warp_sums[N][kWarpSize];
   const int lane = threadIdx.x % kWarpSize;
   const int warp = threadIdx.x / kWarpSize;
   const int num_warps = blockDim.x / kWarpSize;
@@ -199,12 +200,13 @@ __device__ __forceinline__ void block_reduce_sum(float (&v)[N]) {
   __syncthreads();
   // Each warp adds up the per-warp sums itself, which saves a broadcast through shared memory.
 #pragma unroll
-  for (int k = 0; k < N; ++k) v[k] = warp_reduce_sum(lane < num_warps ? warp_sums[k][lane] : 0.f);
+  for (int k = 0; k < N; ++k) v[k] = warp_reduce_sum(lane < num_warps ? warp_sums[k][lane] : T(0));
   __syncthreads();  // the next call may overwrite warp_sums
 }
 
-__device__ __forceinline__ float block_reduce_sum(float v) {
-  float sums[1] = {v};
+template <typename T>
+__device__ __forceinline__ T block_reduce_sum(T v) {
+  T sums[1] = {v};
   block_reduce_sum(sums);
   return sums[0];
 }

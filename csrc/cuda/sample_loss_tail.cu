@@ -29,9 +29,9 @@ __global__ void __launch_bounds__(kTailThreads) sample_loss_tail_kernel(SampleLo
       args.loss[b] = value;
     }
   }
-  if (args.mean) {
-    const float block_total = block_reduce_sum(static_cast<float>(total));
-    if (threadIdx.x == 0) args.loss[0] = block_total / static_cast<float>(args.batch);
+  if (args.mean) {  // in fp64 to the end, as the CPU tail
+    const double block_total = block_reduce_sum(total);
+    if (threadIdx.x == 0) args.loss[0] = static_cast<float>(block_total / static_cast<double>(args.batch));
   }
 }
 
