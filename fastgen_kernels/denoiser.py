@@ -22,6 +22,7 @@ import dataclasses
 import importlib
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -32,6 +33,26 @@ from fastgen_kernels.schedules import EDM, Schedule, get_schedule, per_sample
 
 CONFIG_NAME = "fastgen.json"
 WEIGHTS_NAME = "model.safetensors"
+
+
+# A condition: one tensor (class labels, embeddings), or a tuple of tensors the network takes
+# together (PixArt's text embeddings and their attention mask), each with the batch first
+Cond = Tensor | tuple[Tensor, ...]
+
+
+def cond_parts(cond: Cond | None) -> list[Tensor]:
+    return [] if cond is None else [cond] if isinstance(cond, Tensor) else list(cond)
+
+
+def cond_like(cond: Cond | None, parts: Sequence[Tensor]) -> Cond | None:
+    """``parts`` (as :func:`cond_parts` gives them) in the form of ``cond``."""
+    return None if cond is None else parts[0] if isinstance(cond, Tensor) else tuple(parts)
+
+
+def concat_conds(first: Cond, second: Cond) -> Cond:
+    """The batch of ``first`` followed by ``second`` (of one form), part by part: guidance's
+    unconditional and conditional halves."""
+    return cond_like(second, [torch.cat(pair) for pair in zip(cond_parts(first), cond_parts(second))])
 
 
 class Denoiser(nn.Module):
@@ -128,22 +149,26 @@ class Denoiser(nn.Module):
             return (c_skip * x_t + c_out * out).to(x_t.dtype)
         return self.schedule.to_x0(self.prediction, out, x_t, t)
 
-    def guided_x0(self, x_t: Tensor, t: float | Tensor, cond: Tensor | None, guidance_scale: float = 1.0,
-                  neg_cond: Tensor | None = None) -> Tensor:
+    def guided_x0(self, x_t: Tensor, t: float | Tensor, cond: Cond | None, guidance_scale: float = 1.0,
+                  neg_cond: Cond | None = None) -> Tensor:
         """Classifier-free guidance x0_u + w (x0_c - x0_u) in one call on 2B samples (w = 1: the
-        conditional x0 alone); ``neg_cond`` defaults to ``null_cond`` broadcast like ``cond``."""
+        conditional x0 alone); ``neg_cond`` defaults to ``null_cond`` broadcast like a tensor
+        ``cond`` (a tuple cond needs its own)."""
         if guidance_scale == 1.0:
             return self.x0(x_t, t, cond)
         if cond is None:
             raise ValueError("Denoiser.guided_x0: guidance needs cond")
         neg_cond = self.unconditional(cond, "Denoiser.guided_x0") if neg_cond is None else neg_cond
         tb = self._times(t, x_t)
-        out = self.x0(torch.cat([x_t, x_t]), torch.cat([tb, tb]), torch.cat([neg_cond, cond]))
+        out = self.x0(torch.cat([x_t, x_t]), torch.cat([tb, tb]), concat_conds(neg_cond, cond))
         uncond, conditional = out.chunk(2)
         return uncond + guidance_scale * (conditional - uncond)
 
-    def unconditional(self, cond: Tensor, caller: str) -> Tensor:
+    def unconditional(self, cond: Cond, caller: str) -> Tensor:
         """``null_cond`` broadcast like ``cond`` (the default negative condition of guidance)."""
+        if not isinstance(cond, Tensor):
+            raise ValueError(f"{caller}: guidance with a tuple cond needs neg_cond (e.g. the empty prompt's "
+                             "embeddings and mask)")
         if self.null_cond is None:
             raise ValueError(f"{caller}: guidance needs neg_cond (the model has no null_cond)")
         return torch.full_like(cond, self.null_cond)

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from fastgen_kernels import backends
-from fastgen_kernels.denoiser import Denoiser
+from fastgen_kernels.denoiser import Cond, Denoiser, concat_conds, cond_like, cond_parts
 from fastgen_kernels.schedules import per_sample
 
 SOLVERS = ("auto", "consistency", "meanflow", "euler", "heun", "dpm++2m")
@@ -88,34 +88,20 @@ def _nvtx_range(name: str, on: bool):
         return torch.cuda.nvtx.range(name)
 
 
-# A condition: one tensor (class labels, embeddings), or a tuple of tensors the network takes
-# together (PixArt's text embeddings and their attention mask), each with the batch first
-Cond = Tensor | tuple[Tensor, ...]
-
-
-def _cond_parts(cond: Cond | None) -> list[Tensor]:
-    return [] if cond is None else [cond] if isinstance(cond, Tensor) else list(cond)
-
-
-def _cond_like(cond: Cond | None, parts: Sequence[Tensor]) -> Cond | None:
-    """``parts`` (as :func:`_cond_parts` gives them) in the form of ``cond``."""
-    return None if cond is None else parts[0] if isinstance(cond, Tensor) else tuple(parts)
-
-
 def _check_cond(name: str, cond: Cond | None, batch: int, like: Cond | None = None) -> None:
     """cond: None, a tensor with batch ``batch``, or a tuple of them; shaped as ``like`` if given."""
     if cond is None:
         return
-    parts = _cond_parts(cond)
+    parts = cond_parts(cond)
     if not isinstance(cond, (Tensor, tuple)) or not parts or any(
             not isinstance(c, Tensor) or c.dim() == 0 or c.shape[0] != batch for c in parts):
         got = [tuple(c.shape) if isinstance(c, Tensor) else type(c).__name__ for c in parts] \
             if isinstance(cond, tuple) else tuple(cond.shape) if isinstance(cond, Tensor) else type(cond).__name__
         raise ValueError(f"sample: {name} must be a tensor with batch {batch} or a tuple of them, got {got}")
     if like is not None and (type(cond) is not type(like) or [c.shape for c in parts] != [
-            c.shape for c in _cond_parts(like)]):
+            c.shape for c in cond_parts(like)]):
         raise ValueError(f"sample: {name} must be shaped like cond "
-                         f"{[tuple(c.shape) for c in _cond_parts(like)]}, got {[tuple(c.shape) for c in parts]}")
+                         f"{[tuple(c.shape) for c in cond_parts(like)]}, got {[tuple(c.shape) for c in parts]}")
 
 
 class _Guided:
@@ -125,8 +111,7 @@ class _Guided:
                  autocast: torch.dtype | None) -> None:
         self.model, self.scale, self.autocast = model, scale, autocast
         self.guided = scale != 1.0
-        self.cond = _cond_like(cond, [torch.cat(pair) for pair in zip(_cond_parts(neg_cond), _cond_parts(cond))]
-                               ) if self.guided else cond
+        self.cond = concat_conds(neg_cond, cond) if self.guided else cond
 
     def _call(self, fn: Callable[..., Tensor], x: Tensor, *times: float) -> Tensor:
         """fn(x, *times, cond) on [x, x] with [neg_cond, cond] when guided, then mixed."""
@@ -276,13 +261,10 @@ def sample(model: Denoiser, steps: int = 1, *, batch_size: int = 1, shape: Seque
         if cond is None:
             raise ValueError("sample: guidance_scale != 1 needs cond")
         if neg_cond is None:
-            if not isinstance(cond, Tensor):
-                raise ValueError("sample: guidance with a tuple cond needs neg_cond (e.g. the empty prompt's "
-                                 "embeddings and mask)")
             neg_cond = model.unconditional(cond, "sample")
         _check_cond("neg_cond", neg_cond, batch, like=cond)
     # on the model's device, as the noise
-    cond, neg_cond = (_cond_like(c, [part.to(device) for part in _cond_parts(c)]) for c in (cond, neg_cond))
+    cond, neg_cond = (cond_like(c, [part.to(device) for part in cond_parts(c)]) for c in (cond, neg_cond))
     if scheduler is not None:
         from fastgen_kernels.models.diffusers import sample_with_scheduler
 
@@ -322,11 +304,11 @@ def sample(model: Denoiser, steps: int = 1, *, batch_size: int = 1, shape: Seque
         raise ValueError("sample: cuda_graph=True needs a model on a CUDA device")
     nvtx = device.type == "cuda"
 
-    cond_parts, neg_parts = _cond_parts(cond), _cond_parts(neg_cond)
+    given_parts, negative_parts = cond_parts(cond), cond_parts(neg_cond)
 
     def run(z: Tensor, eps: Tensor | None, *parts: Tensor, bar=None):
-        c = _cond_like(cond, parts[:len(cond_parts)])
-        nc = _cond_like(neg_cond, parts[len(cond_parts):])
+        c = cond_like(cond, parts[:len(given_parts)])
+        nc = cond_like(neg_cond, parts[len(given_parts):])
         guided = _Guided(model, c, nc, guidance_scale, autocast_dtype)
         trajectory = [] if return_trajectory else None
         x = z * start_scale
@@ -336,10 +318,10 @@ def sample(model: Denoiser, steps: int = 1, *, batch_size: int = 1, shape: Seque
         return x, trajectory
 
     with torch.no_grad():
-        inputs = (noise.to(device=device, dtype=dtype), step_noise, *cond_parts, *neg_parts)
+        inputs = (noise.to(device=device, dtype=dtype), step_noise, *given_parts, *negative_parts)
         if use_graph:
             key = (batch, shape, dtype, tuple(times), solver, stochastic, guidance_scale, return_trajectory,
-                   autocast_dtype, type(cond), len(cond_parts), *[(t.shape, t.dtype) for t in inputs[2:]],
+                   autocast_dtype, type(cond), len(given_parts), *[(t.shape, t.dtype) for t in inputs[2:]],
                    graph_state(model))
             x, trajectory = _replay(model, key, run, inputs)
         else:

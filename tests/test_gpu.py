@@ -491,11 +491,15 @@ def test_sample_cuda_graph_matches_eager(steps):
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 def test_sample_cuda_graph_with_a_tuple_cond():
     """A PixArt cond (embeddings, mask) through the captured loop: the graph holds each part, and
-    new values of both replay the eager loop's result."""
-    pytest.importorskip("diffusers")
+    new values of both replay the eager loop's result. PixArt-alpha's size conditions are made
+    on the device inside the capture (a tensor copied from the host could not be)."""
+    diffusers = pytest.importorskip("diffusers")
     import test_diffusers as td
 
-    model = fk.from_diffusers(td.tiny_pixart(torch.float32).cuda(), "rf")
+    model = fk.from_diffusers(td.randomized(diffusers.PixArtTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8, num_layers=2, sample_size=8,
+        patch_size=2, cross_attention_dim=32, caption_channels=24, norm_num_groups=32,
+        use_additional_conditions=True), torch.float32).cuda(), "rf")
     gen = torch.Generator(device="cuda").manual_seed(0)
     for padding in (3, 1):
         embeddings = torch.randn(2, 6, 24, device="cuda", generator=gen)

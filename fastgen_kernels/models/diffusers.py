@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import inspect
 import logging
 from collections.abc import Iterator
@@ -210,16 +211,23 @@ def _make_fused_block_class(base: type) -> type:
                 yield
                 return
             proj, processor = self.ff.net[0].proj, self.attn1.processor
-            proj.activation, processor.fp8_epilogue = None, False
+            fused_processor = isinstance(processor, FusedAttnProcessor)
+            proj.activation = None
+            if fused_processor:
+                processor.fp8_epilogue = False
             try:
                 yield
             finally:
-                proj.activation, processor.fp8_epilogue = "gelu_tanh", True
+                proj.activation = "gelu_tanh"
+                if fused_processor:
+                    processor.fp8_epilogue = True
 
         def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None,
                     encoder_attention_mask=None, timestep=None, cross_attention_kwargs=None,
                     class_labels=None, added_cond_kwargs=None):
-            if cross_attention_kwargs:   # GLIGEN and the like: diffusers' own path
+            # GLIGEN and the like, or attention processors set after accelerate() (set_attn_processor,
+            # fuse_qkv_projections, xformers: they drop the gate and residual ours add): diffusers' path
+            if cross_attention_kwargs or not _block_attention_fused(self):
                 with self._unfused_epilogues():
                     return super().forward(hidden_states, attention_mask, encoder_hidden_states,
                                            encoder_attention_mask, timestep, cross_attention_kwargs, class_labels,
@@ -230,9 +238,12 @@ def _make_fused_block_class(base: type) -> type:
                 shift1, scale1, gate1, shift2, scale2, gate2 = self.norm1.linear(self.norm1.silu(emb)).chunk(6, dim=1)
                 norm1, norm_mlp = self.norm1.norm, self.norm3
             else:   # ada_norm_single: a learned table plus the projected timestep embedding
-                mods = (self.scale_shift_table[None] + timestep.reshape(x.shape[0], 6, -1)).unbind(1)
-                shift1, scale1, gate1, shift2, scale2, gate2 = mods
+                mods = self.scale_shift_table[None] + timestep.reshape(x.shape[0], 6, -1)
+                shift1, scale1, gate1, shift2, scale2, gate2 = mods.unbind(1)
                 norm1, norm_mlp = self.norm1, self.norm2
+                # diffusers' gate * out + x promotes the residual stream to the fp32 table's dtype under
+                # autocast (bf16 patches): kept in bf16 here it lost 8-11 dB over 8-16 blocks
+                x = x.to(torch.promote_types(x.dtype, mods.dtype))
             attn1 = self.attn1
             h, h_scale = _modulated(x, shift1, scale1, norm1, (attn1.to_q, attn1.to_k, attn1.to_v))
             x = attn1(h, attention_mask=attention_mask, gate=gate1.to(x.dtype), residual=x, x_scale=h_scale,
@@ -274,6 +285,10 @@ class AccelerateReport:
         return "\n".join(lines)
 
 
+def _block_attention_fused(block: nn.Module) -> bool:
+    return all(attn is None or isinstance(attn.processor, FusedAttnProcessor) for attn in (block.attn1, block.attn2))
+
+
 def _block_skip_reason(block: nn.Module) -> str | None:
     if block.norm_type not in ("ada_norm_zero", "ada_norm_single"):
         return f"norm_type {block.norm_type!r} is not adaLN-Zero / adaLN-single"
@@ -283,9 +298,8 @@ def _block_skip_reason(block: nn.Module) -> str | None:
              block.norm3 if block.norm_type == "ada_norm_zero" else block.norm2]
     if not all(type(n) is nn.LayerNorm for n in norms):
         return "its norms are not plain LayerNorms"
-    for attn in (block.attn1, block.attn2):
-        if attn is not None and not isinstance(attn.processor, FusedAttnProcessor):
-            return "its attention was not patched"
+    if not _block_attention_fused(block):
+        return "its attention was not patched"
     return None
 
 
@@ -365,6 +379,8 @@ class DiffusersNet(nn.Module):
             kwargs = {"class_labels": cond}
         else:
             embeddings, mask = cond if isinstance(cond, tuple) else (cond, None)
+            if embeddings is not None and embeddings.is_floating_point():  # as x: a bf16/fp16 model's own dtype
+                embeddings = embeddings.to(dtype)
             kwargs = {"encoder_hidden_states": embeddings, "added_cond_kwargs": self._size_conditions(x, dtype)}
             if mask is not None:
                 kwargs["encoder_attention_mask"] = mask
@@ -379,14 +395,18 @@ class DiffusersNet(nn.Module):
         if not getattr(self.transformer, "use_additional_conditions", False):
             return {"resolution": None, "aspect_ratio": None}
         B, (H, W) = x.shape[0], x.shape[-2:]
-        return {"resolution": torch.tensor([[H * 8.0, W * 8.0]], device=x.device, dtype=dtype).expand(B, 2),
-                "aspect_ratio": torch.tensor([[H / W]], device=x.device, dtype=dtype).expand(B, 1)}
+        # filled on the device (a copy from the host could not be captured in sample()'s CUDA graph)
+        full = functools.partial(torch.full, device=x.device, dtype=dtype)
+        return {"resolution": torch.cat([full((B, 1), H * 8.0), full((B, 1), W * 8.0)], 1),
+                "aspect_ratio": full((B, 1), H / W)}
 
 
 def scheduler_family(scheduler) -> str:
     """Which of our schedules a diffusers scheduler walks: rf, edm, trig or vp."""
     name = type(scheduler).__name__
-    if name.startswith("FlowMatch"):
+    config = scheduler.config
+    # flow sigmas in a DDPM-family solver (DPM-Solver, UniPC with use_flow_sigmas: SANA, Wan) walk rf
+    if name.startswith("FlowMatch") or config.get("use_flow_sigmas") or config.get("prediction_type") == "flow_prediction":
         return "rf"
     if name.startswith("EDM"):
         return "edm"
@@ -400,6 +420,18 @@ def scheduler_family(scheduler) -> str:
 _PREDICTION_TYPES = {"epsilon": "eps", "v_prediction": "v", "sample": "x0", "flow_prediction": "flow"}
 
 
+def check_scheduler(scheduler) -> None:
+    """Refuses the scheduler settings whose network convention the Denoiser does not model: EDM's
+    v-prediction (its output scaling is negated) and continuous timesteps (0.25 log sigma, not a
+    step index)."""
+    config, name = scheduler.config, type(scheduler).__name__
+    if scheduler_family(scheduler) == "edm" and config.get("prediction_type") == "v_prediction":
+        raise ValueError(f"{name} with prediction_type='v_prediction' is not supported (EDM's epsilon "
+                         "preconditioning is)")
+    if config.get("timestep_type") == "continuous":
+        raise ValueError(f"{name} with timestep_type='continuous' is not supported (discrete steps are)")
+
+
 def from_diffusers(transformer: nn.Module, scheduler_or_schedule, *, shape: tuple[int, ...] | None = None,
                    null_cond: int | float | None = None, distilled: bool = False) -> Denoiser:
     """A :class:`Denoiser` over a diffusers transformer, with the schedule, prediction type and
@@ -408,6 +440,10 @@ def from_diffusers(transformer: nn.Module, scheduler_or_schedule, *, shape: tupl
     transformer's (in_channels, sample_size, sample_size); a class-conditional DiT's null class is
     its ``num_embeds_ada_norm``."""
     config = getattr(transformer, "config", {})
+    if "pooled_projections" in inspect.signature(transformer.forward).parameters:
+        raise ValueError(f"from_diffusers: {type(transformer).__name__} needs pooled text projections, which "
+                         "the Denoiser's cond does not carry; DiT and PixArt transformers are supported "
+                         "(accelerate() speeds up the others inside their diffusers pipelines)")
     if shape is None and "sample_size" in config and "in_channels" in config:
         shape = (config["in_channels"], config["sample_size"], config["sample_size"])
     net = DiffusersNet(transformer)
@@ -417,10 +453,13 @@ def from_diffusers(transformer: nn.Module, scheduler_or_schedule, *, shape: tupl
     if isinstance(scheduler_or_schedule, str):
         name = scheduler_or_schedule
         prediction = {"edm": "x0", "rf": "flow", "vp": "eps", "trig": "trig_F"}[name]
+        # vp: diffusers' step k has noise level alphas_cumprod[k], at t = (k + 1) / N in our table
         return Denoiser(net, name, prediction, time_scale=1000.0 if name in ("rf", "vp") else 1.0,
+                        time_shift=-1.0 if name == "vp" else 0.0,
                         preconditioning="edm" if name == "edm" else None, **options)
     scheduler = scheduler_or_schedule
     family, sc = scheduler_family(scheduler), scheduler.config
+    check_scheduler(scheduler)
     if family == "vp":
         steps = sc.num_train_timesteps
         prediction = _PREDICTION_TYPES[sc.prediction_type]
@@ -447,6 +486,7 @@ def sample_with_scheduler(model: Denoiser, scheduler, steps: int, *, batch: int,
     from fastgen_kernels.sampling import _Guided, _model_device_and_dtype
 
     family = scheduler_family(scheduler)
+    check_scheduler(scheduler)
     if model.schedule.name != family:
         raise ValueError(f"sample: scheduler {type(scheduler).__name__} walks the {family} schedule, "
                          f"the model is on {model.schedule.name}")
