@@ -268,6 +268,14 @@ def sample(model: Denoiser, steps: int = 1, *, batch_size: int = 1, shape: Seque
     if scheduler is not None:
         from fastgen_kernels.models.diffusers import sample_with_scheduler
 
+        # the scheduler picks the times and makes the steps, without a CUDA graph or a bar
+        given = {"timesteps": timesteps is not None, "solver": solver != "auto", "cuda_graph": cuda_graph is True,
+                 "progress": progress is True}
+        ignored = [option for option, is_given in given.items() if is_given]
+        if ignored:
+            raise ValueError(f"sample: {ignored[0]} does not apply with a scheduler (it picks the times and makes "
+                             "the steps, eagerly)")
+
         return sample_with_scheduler(model, scheduler, steps, batch=batch, shape=shape, noise=noise, cond=cond,
                                      guidance_scale=guidance_scale, neg_cond=neg_cond, seed=seed,
                                      generator=generator, return_trajectory=return_trajectory,

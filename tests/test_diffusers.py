@@ -330,6 +330,10 @@ def test_scheduler_conventions():
             timestep_type="continuous", prediction_type="v_prediction"))
     with pytest.raises(ValueError, match="pooled"):
         fk.from_diffusers(tiny_sd3(), "rf")
+    for option in ({"timesteps": [0.9, 0.0]}, {"solver": "heun"}, {"cuda_graph": True}):
+        with pytest.raises(ValueError, match=f"{next(iter(option))} does not apply with a scheduler"):
+            fk.sample(fk.from_diffusers(net, "vp", shape=(1, 2, 2)), 2, scheduler=diffusers.DDIMScheduler(),
+                      cond=torch.tensor([0]), **option)
 
 
 # --- diffusers schedulers driving the loop, on Gaussian data --------------------------------------
