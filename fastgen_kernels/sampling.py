@@ -47,8 +47,9 @@ STUDENT_TIMES = {
 def default_timesteps(model: Denoiser, steps: int, solver: str) -> list[float]:
     """The times a solver visits when none are given."""
     schedule = model.schedule
-    if solver == "meanflow":  # a flow map jumps from pure noise at t = 1
-        return torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64).tolist()
+    if solver == "meanflow":  # a flow map jumps from pure noise: rf's t = 1, another schedule's t_max
+        start = 1.0 if schedule.name == "rf" else schedule.t_max
+        return torch.linspace(start, 0.0, steps + 1, dtype=torch.float64).tolist()
     if solver == "consistency":
         table = STUDENT_TIMES.get(schedule.name, {})
         if steps in table and (schedule.name != "trig" or schedule.sigma_data == 0.5):
@@ -162,8 +163,10 @@ def _solve(guided: _Guided, x: Tensor, noise: Tensor | None, times: list[float],
                     if t_next == 0:
                         x = x0
                     else:
-                        lam, lam_next = (schedule.alpha(tb) / schedule.sigma(tb)).log(), \
-                            (schedule.alpha(nb) / schedule.sigma(nb)).log()
+                        # alpha >= 0: trig's t_max = pi/2 rounded to fp32 lies past it (cos < 0: a NaN log);
+                        # alpha = 0 gives lam = -inf and h = inf, a step to x0, as rf's t = 1 does
+                        lam, lam_next = (schedule.alpha(tb).clamp_min(0) / schedule.sigma(tb)).log(), \
+                            (schedule.alpha(nb).clamp_min(0) / schedule.sigma(nb)).log()
                         h = lam_next - lam
                         d = x0
                         if x0_prev is not None:

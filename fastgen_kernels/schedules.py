@@ -269,8 +269,9 @@ class RectifiedFlow(Schedule):
 @dataclass(frozen=True)
 class VP(Schedule):
     """DDPM's variance-preserving schedule on continuous t in [0, 1): abar(t) is the cumulative
-    product of (1 - beta) over the table, log-linearly interpolated at t * len(betas) (so the
-    diffusers timestep k sits at t = k / len(betas), with abar(0) = 1)."""
+    product of (1 - beta) over the table, log-linearly interpolated at t * len(betas), with
+    abar(0) = 1: diffusers' alphas_cumprod[k] (timestep k) sits at t = (k + 1) / len(betas), so a
+    diffusers network takes t * len(betas) - 1 (``Denoiser(time_shift=-1)``, from_diffusers)."""
 
     name: str = field(init=False, default="vp")
     t_max: float = 0.999

@@ -219,6 +219,27 @@ def test_discriminator_sees_real_and_fake_at_the_same_times(name, teacher):
         assert seen[0][1].max() <= 0.3 * teacher.schedule.t_max
 
 
+def test_student_from_the_teacher_keeps_its_time_input():
+    """A student made from a diffusers-style teacher (time_scale 1000, time_shift -1) keeps both:
+    it dropped the shift, one diffusers step late, and 3e-3 off the teacher at initialisation."""
+    from fastgen_kernels.distill.run import StudentConfig, build_student, resolved, RunConfig
+    from fastgen_kernels.models import DiT, DiTConfig
+
+    torch.manual_seed(0)
+    net = DiT(DiTConfig(input_size=4, patch_size=2, in_channels=4, hidden_size=32, depth=1, num_heads=2,
+                        num_classes=3))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    teacher = fk.Denoiser(net, "vp", "eps", time_scale=1000.0, time_shift=-1.0, null_cond=3, shape=(4, 4, 4))
+    student = build_student(StudentConfig(init="teacher"), teacher, (4, 4, 4), distilled=True)
+    assert (student.time_scale, student.time_shift) == (1000.0, -1.0)
+    x, t, c = torch.randn(2, 4, 4, 4), torch.tensor([0.3, 0.05]), torch.tensor([0, 1])
+    with torch.no_grad():
+        assert torch.equal(student.x0(x, t, c), teacher.x0(x, t, c))
+    assert resolved(RunConfig(student=StudentConfig(init="teacher")), SFTConfig(), student).student.time_shift == -1.0
+
+
 def test_bad_configurations_are_refused(teacher):
     with pytest.raises(ValueError, match="teacher"):
         DMD2(toy())

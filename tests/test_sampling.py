@@ -185,6 +185,29 @@ def test_denoiser_bad_arguments():
 
 # --- teacher solvers ------------------------------------------------------------------------------
 
+def test_dpm_solver_from_trig_t_max_in_fp32():
+    """DPM-Solver++(2M) from trig's t = pi/2 in fp32, where cos(fp32(pi/2)) < 0: all NaN before (a
+    log of a negative alpha / sigma); now alpha = 0 there, as rf's at t = 1, and the 16-step error
+    against the exact ODE is fp64's."""
+    errors = {}
+    for dtype in (torch.float32, torch.float64):
+        model = fk.Denoiser(GaussianDenoiser("trig", "trig_F").to(dtype), "trig", "trig_F")
+        z = torch.randn(4, 1, dtype=dtype, generator=torch.Generator().manual_seed(0))
+        times = model.schedule.grid(16, t_max=math.pi / 2).tolist()
+        x = fk.sample(model, noise=z, solver="dpm++2m", timesteps=times)
+        errors[dtype] = (x.double() - ode_solution(model, times, z.double())).abs().max().item()
+    assert errors[torch.float32] < 0.05 and abs(errors[torch.float32] - errors[torch.float64]) < 1e-3, errors
+
+
+def test_meanflow_default_times_start_at_the_schedules_noise():
+    """A flow map's default jump starts at pure noise on its schedule: rf's t = 1, else t_max (edm
+    started at noise level 1, not 80, and trig at 1 rad)."""
+    for schedule in ("rf", "edm", "trig"):
+        model = fk.Denoiser(nn.Identity(), schedule, "mean_flow")
+        start = default_timesteps(model, 2, "meanflow")[0]
+        assert start == (1.0 if schedule == "rf" else model.schedule.t_max)
+
+
 def solver_errors(schedule, prediction, solver, steps_list):
     model = fk.Denoiser(GaussianDenoiser(schedule, prediction), schedule, prediction)
     z = torch.ones(1, 1, dtype=torch.float64)

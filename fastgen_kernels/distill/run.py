@@ -42,7 +42,8 @@ class StudentConfig:
     prediction: str | None = None   # default: the teacher's (from scratch: "x0")
     sigma_data: float | None = None  # default: the teacher's (from scratch: 0.5)
     preconditioning: str | None = None
-    time_scale: float = 1.0
+    time_scale: float = 1.0         # from scratch; one made from the teacher keeps the teacher's
+    time_shift: float = 0.0         # (the network's time input is t * time_scale + time_shift)
     null_cond: int | None = None    # default: net.num_classes when class-conditional
     shape: tuple[int, ...] | None = None   # default: the data's
 
@@ -92,19 +93,20 @@ def build_student(config: StudentConfig, teacher: Denoiser | None, data_shape: t
             raise ValueError(f"student.sigma_data: a student made from the teacher keeps its sigma_data "
                              f"{teacher.sigma_data}, got {config.sigma_data}")
         schedule, prediction = teacher.schedule, teacher.prediction
-        preconditioning, time_scale = teacher.preconditioning, teacher.time_scale
+        preconditioning, time_scale, time_shift = teacher.preconditioning, teacher.time_scale, teacher.time_shift
         null_cond, shape = teacher.null_cond, teacher.shape
     else:
         net = DiT(dataclasses.replace(config.net, **config.net_overrides))
         schedule, prediction = config.schedule or "edm", config.prediction or "x0"
-        preconditioning, time_scale = config.preconditioning, config.time_scale
+        preconditioning, time_scale, time_shift = config.preconditioning, config.time_scale, config.time_shift
         null_cond, shape = config.null_cond, data_shape
         if null_cond is None and net.config.num_classes:
             null_cond = net.config.num_classes
     return Denoiser(net, schedule if config.schedule is None else config.schedule,
                     prediction if config.prediction is None else config.prediction,
                     0.5 if config.sigma_data is None else config.sigma_data,
-                    preconditioning=preconditioning, time_scale=time_scale, distilled=distilled,
+                    preconditioning=preconditioning, time_scale=time_scale, time_shift=time_shift,
+                    distilled=distilled,
                     null_cond=null_cond, shape=config.shape or shape)
 
 
@@ -142,5 +144,5 @@ def resolved(config: RunConfig, options: Any, student: Denoiser) -> RunConfig:
     built = dataclasses.replace(config.student, net=student.net.config, schedule=student.schedule.name,
                                 prediction=student.prediction, sigma_data=student.sigma_data,
                                 preconditioning=student.preconditioning, time_scale=student.time_scale,
-                                null_cond=student.null_cond, shape=student.shape)
+                                time_shift=student.time_shift, null_cond=student.null_cond, shape=student.shape)
     return dataclasses.replace(config, method_options=to_dict(options), student=built)
