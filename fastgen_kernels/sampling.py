@@ -99,7 +99,7 @@ def _check_cond(name: str, cond: Cond | None, batch: int, like: Cond | None = No
         got = [tuple(c.shape) if isinstance(c, Tensor) else type(c).__name__ for c in parts] \
             if isinstance(cond, tuple) else tuple(cond.shape) if isinstance(cond, Tensor) else type(cond).__name__
         raise ValueError(f"sample: {name} must be a tensor with batch {batch} or a tuple of them, got {got}")
-    if like is not None and (type(cond) is not type(like) or [c.shape for c in parts] != [
+    if like is not None and (isinstance(cond, Tensor) != isinstance(like, Tensor) or [c.shape for c in parts] != [
             c.shape for c in cond_parts(like)]):
         raise ValueError(f"sample: {name} must be shaped like cond "
                          f"{[tuple(c.shape) for c in cond_parts(like)]}, got {[tuple(c.shape) for c in parts]}")
@@ -273,7 +273,7 @@ def sample(model: Denoiser, steps: int = 1, *, batch_size: int = 1, shape: Seque
 
         # the scheduler picks the times and makes the steps, without a CUDA graph or a bar
         given = {"timesteps": timesteps is not None, "solver": solver != "auto", "cuda_graph": cuda_graph is True,
-                 "progress": progress is True}
+                 "progress": progress is True, "stochastic": stochastic is False}
         ignored = [option for option, is_given in given.items() if is_given]
         if ignored:
             raise ValueError(f"sample: {ignored[0]} does not apply with a scheduler (it picks the times and makes "

@@ -107,6 +107,22 @@ def test_accelerated_pixart_keeps_diffusers_fp32_residual_stream_under_autocast(
     assert snr_db(fused, exact) >= snr_db(plain, exact) - 1.0
 
 
+def test_fp8_pixart_mlp_hidden_activation_in_autocast_dtype():
+    """With the residual stream in fp32 under bf16 autocast, the MLP's wide hidden activation stays
+    bf16 (as diffusers' feed-forward; it followed the stream into fp32: twice the bytes)."""
+    model = tiny_pixart(torch.float32)
+    fk.accelerate(model)
+    fk.quantize_fp8(model, filter_fn=lambda module, name: True)
+    fk.fuse_epilogues(model)
+    block, seen = model.transformer_blocks[0], {}
+    assert block.fp8_epilogues
+    for name, module in (("hidden", block.ff.net[0].proj), ("block", block)):
+        module.register_forward_hook(lambda module, inputs, out, name=name: seen.update({name: out.dtype}))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        run("pixart", model, torch.float32)
+    assert seen == {"hidden": torch.bfloat16, "block": torch.float32}
+
+
 @pytest.mark.parametrize("kind", list(MODELS))
 def test_accelerated_fp32_model_under_bf16_autocast(kind):
     """Under autocast the attention and feed-forward outputs are bf16 and the residual stream fp32:
@@ -273,7 +289,7 @@ def test_pixart_prompt_mask(accelerated):
 
 def test_half_precision_pixart_takes_fp32_embeddings_and_guidance_takes_tuple_conds():
     """A bf16 PixArt samples from fp32 text embeddings (cast as x is; a dtype error before), and
-    Denoiser.guided_x0 (DMD2's, CD's teacher) takes (embeddings, mask) conds as sample() does."""
+    Denoiser.guided_x0 takes (embeddings, mask) conds as sample() does."""
     denoiser = fk.from_diffusers(tiny_pixart(torch.bfloat16), "rf")
     embeddings, mask = torch.randn(2, 6, 24), torch.ones(2, 6, dtype=torch.long)
     x = fk.sample(denoiser, 1, batch_size=2, cond=(embeddings, mask), seed=0)
@@ -330,7 +346,7 @@ def test_scheduler_conventions():
             timestep_type="continuous", prediction_type="v_prediction"))
     with pytest.raises(ValueError, match="pooled"):
         fk.from_diffusers(tiny_sd3(), "rf")
-    for option in ({"timesteps": [0.9, 0.0]}, {"solver": "heun"}, {"cuda_graph": True}):
+    for option in ({"timesteps": [0.9, 0.0]}, {"solver": "heun"}, {"cuda_graph": True}, {"stochastic": False}):
         with pytest.raises(ValueError, match=f"{next(iter(option))} does not apply with a scheduler"):
             fk.sample(fk.from_diffusers(net, "vp", shape=(1, 2, 2)), 2, scheduler=diffusers.DDIMScheduler(),
                       cond=torch.tensor([0]), **option)

@@ -66,6 +66,8 @@ def test_batch_draws_do_not_depend_on_how_the_batch_is_split():
         Batch(x, global_size=4)
     with pytest.raises(ValueError, match="cond"):
         Batch(x, torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="no tuple conditions"):
+        Batch(x, (torch.zeros(8, 3), torch.ones(8, 3)))
 
 
 @pytest.mark.parametrize("name, p_mean, p_std", [("edm", -1.2, 1.2), ("trig", -1.0, 1.4), ("rf", 0.0, 1.0)])

@@ -199,6 +199,16 @@ def test_dpm_solver_from_trig_t_max_in_fp32():
     assert errors[torch.float32] < 0.05 and abs(errors[torch.float32] - errors[torch.float64]) < 1e-3, errors
 
 
+def test_neg_cond_may_be_a_parameter():
+    """neg_cond shaped like cond but of a Tensor subclass (a learned null embedding, nn.Parameter)
+    is taken (the form check compared exact types: 'must be shaped like cond [(8,)], got [(8,)]')."""
+    model = fk.Denoiser(GaussianDenoiser("edm", "x0"), "edm", "x0")
+    cond = torch.zeros(8, dtype=torch.float64)
+    x = fk.sample(model, 2, batch_size=8, shape=(1,), cond=cond, guidance_scale=2.0,
+                  neg_cond=nn.Parameter(torch.ones(8, dtype=torch.float64)), seed=0)
+    assert x.shape == (8, 1)
+
+
 def test_meanflow_default_times_start_at_the_schedules_noise():
     """A flow map's default jump starts at pure noise on its schedule: rf's t = 1, else t_max (edm
     started at noise level 1, not 80, and trig at 1 rad)."""

@@ -141,3 +141,42 @@ def test_compiled_losses_under_differentiating_transforms_raise(generator):
     for call in calls.values():
         with pytest.raises(RuntimeError, match="squared_residual_loss: .*(torch.func.grad|forward-mode)"):
             torch.compile(call)(x, tangent)
+
+
+def test_losses_inside_func_grad_that_nothing_differentiates():
+    """A loss logged under torch.no_grad (or of detached tensors) inside torch.func.grad is a
+    metric: it runs (the transform check raised on it)."""
+    target = torch.randn(2, 3, dtype=torch.float64)
+
+    def objective(x):
+        with torch.no_grad():
+            metric = fk.losses.denoising_loss(x, target)
+        return (x * x).sum() + 0 * metric
+
+    x = torch.randn(2, 3, dtype=torch.float64)
+    torch.testing.assert_close(torch.func.grad(objective)(x), 2 * x)
+
+
+def test_compiled_function_runs_plainly_after_vmap():
+    """torch.func.vmap of a compiled function using a fused op, then a plain call of it: Dynamo had
+    compiled an inner frame apart and reached the autograd.Function's apply (it raised)."""
+    torch._dynamo.reset()
+    g = torch.compile(lambda a: fk.gelu_tanh(a) + 1)
+    x = torch.randn(3, 4, requires_grad=True)
+    torch.testing.assert_close(torch.func.vmap(g)(x), F.gelu(x, approximate="tanh") + 1)
+    torch.testing.assert_close(g(x[0]), F.gelu(x[0], approximate="tanh") + 1)
+
+
+def test_rotary_tables_stay_constants_under_vmap_of_jvp(generator):
+    """Under vmap(jvp) (the reference composition) a tangent given to cos is not differentiated, as
+    the tables are constants (eagerly such a tangent raises)."""
+    q = _randn(generator, 2, 1, 4, 2, 8)
+    angles = _randn(generator, 4, 8)
+    cos, sin = angles.cos(), angles.sin()
+
+    def rotated(q, cos):
+        return fk.qk_norm_rope(q, q, None, None, cos, sin)[0]
+
+    _, tangent = torch.func.vmap(lambda q: torch.func.jvp(rotated, (q, cos), (torch.zeros_like(q), cos)))(q)
+    assert torch.equal(tangent, torch.zeros_like(tangent))
+

@@ -67,6 +67,9 @@ class Batch:
         if self.offset < 0 or self.offset + B > self.global_size:
             raise ValueError(f"Batch: rows {self.offset}..{self.offset + B} do not fit in a global batch of "
                              f"{self.global_size}")
+        if self.cond is not None and not isinstance(self.cond, Tensor):
+            raise ValueError(f"Batch: cond must be a tensor of labels (distillation takes no tuple conditions), "
+                             f"got {type(self.cond).__name__}")
         if self.cond is not None and self.cond.shape[0] != B:
             raise ValueError(f"Batch: cond has {self.cond.shape[0]} rows for {B} samples")
         if self.generator is None:

@@ -255,7 +255,12 @@ def _make_fused_block_class(base: type) -> type:
             if self.fp8_epilogues:
                 fc1 = self.ff.net[0].proj
                 h, h_scale = _modulated(x, shift2, scale2, norm_mlp, (fc1,))
-                return self.ff.net[-1](fc1(h, x_scale=h_scale, out_dtype=x.dtype), gate=gate2.to(x.dtype), residual=x)
+                # the MLP's wide hidden activation in the layer's compute dtype (autocast's, as diffusers'
+                # feed-forward), whatever the residual stream's
+                device = x.device.type
+                hidden_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+                return self.ff.net[-1](fc1(h, x_scale=h_scale, out_dtype=hidden_dtype), gate=gate2.to(x.dtype),
+                                       residual=x)
             h = fk.modulated_layer_norm(x, shift2.to(x.dtype), scale2.to(x.dtype), *_layer_norm_parts(norm_mlp))
             return fk.gated_residual(x, _feed_forward(self.ff, h), gate2)
 

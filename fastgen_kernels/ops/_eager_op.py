@@ -144,7 +144,8 @@ class Function(torch.autograd.Function):
     as a small kernel runs on a GPU. Callers pass every argument of forward positionally."""
 
     @classmethod
-    def apply(cls, *args):
+    @torch._dynamo.disable  # compiled code calls the custom ops; a frame Dynamo compiles apart after
+    def apply(cls, *args):  # skipping its caller under torch.func.vmap could reach this (it raised)
         if torch._C._are_functorch_transforms_active():
             return super().apply(*args)
         return super(torch.autograd.Function, cls).apply(*args)
@@ -197,6 +198,6 @@ class EagerOp:
         if carries_tangent(args):
             raise RuntimeError(f"{self.op.__name__}: the fused op has no forward-mode derivative "
                                "(torch.func.jvp / jacfwd, a dual input)")
-        if transforms_active(TransformType.Grad):
+        if transforms_active(TransformType.Grad) and records_grad(args):  # (not a metric under no_grad)
             raise RuntimeError(f"{self.op.__name__}: torch.func.grad / vjp / jacrev cannot differentiate "
                                "the fused op (a custom op's autograd); use backward() or torch.autograd.grad")

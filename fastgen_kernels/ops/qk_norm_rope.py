@@ -341,8 +341,9 @@ def qk_norm_rope(
     Differentiable in q, k and the weights, forward mode (torch.func.jvp) included.
     """
     _check(q, k, q_weight, k_weight, cos, sin, eps, interleaved)
-    if _eager_op.runs_as_composition():
-        out = reference_forward(q, k, q_weight, k_weight, cos, sin, eps, interleaved)
+    if _eager_op.runs_as_composition():  # the rotary tables stay constants there too
+        out = reference_forward(q, k, q_weight, k_weight, *(None if t is None else t.detach() for t in (cos, sin)),
+                                eps, interleaved)
     elif torch.compiler.is_compiling():  # Dynamo cannot trace an autograd.Function with a jvp
         out = torch.ops.fastgen.qk_norm_rope(q, k, q_weight, k_weight, cos, sin, eps, interleaved)
     elif _eager_op.no_autograd((q, k, q_weight, k_weight)):
