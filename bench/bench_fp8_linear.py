@@ -118,7 +118,8 @@ def test_fp8_linear(benchmark, device, tokens, layer, provider):
             benchmark.extra_info["variant"] = FORCED_VARIANTS[provider]
         elif provider.startswith("fused"):
             rows = None if "residual" not in epilogue else residual.view(tokens, N)
-            key = triton_fp8_linear.variant_key(codes, N, torch.bfloat16, rows)
+            key = triton_fp8_linear.variant_key(codes, N, torch.bfloat16, epilogue.get("activation"),
+                                                "gate" in epilogue, rows)
             benchmark.extra_info["variant"] = triton_fp8_linear.VARIANT_CHOICES.get(key, "tiled")
         if benchmark.disabled:  # --benchmark-disable (bench/gpu_check.sh's compile pass): no graphs
             return

@@ -457,7 +457,7 @@ def test_fp8_linear_kernel_variants_on_gpu(variant, M, N, K, generator):
         assert_close_to_fast_accumulation(out.view(1, M, N), exact, codes, x_scale, weight_q, weight_scale,
                                           kwargs, x)
         auto = triton_fp8_linear.linear(*args)
-        key = triton_fp8_linear.variant_key(codes, N, torch.bfloat16, args[8])
+        key = triton_fp8_linear.variant_key(codes, N, torch.bfloat16, args[5], args[6] is not None, args[8])
         chosen = triton_fp8_linear.VARIANT_CHOICES.get(key, "tiled")
         assert torch.equal(auto, triton_fp8_linear.linear(*args, variant=chosen))
 

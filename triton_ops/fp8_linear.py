@@ -354,8 +354,8 @@ _TUNED_KERNELS = {name: triton.autotune(configs, key=_TUNING_KEY)(_linear_kernel
 # and fewer persistent programs than tiles, so that each walks several.
 _INTERPRETER_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 2}
 _INTERPRETER_PROGRAMS = 3
-# The variant "auto" measured fastest, per (device, M, N, K, operand dtype, output dtype, whether
-# the TMA store can write this output) (:func:`variant_key`).
+# The variant "auto" measured fastest, per (device, M, N, K, operand dtype, output dtype, epilogue,
+# whether the TMA store can write this output) (:func:`variant_key`).
 VARIANT_CHOICES: dict[tuple, str] = {}
 
 
@@ -417,9 +417,12 @@ def _tma_store_unsupported(N: int, out_dtype: torch.dtype, residual: Tensor | No
     return None
 
 
-def variant_key(x: Tensor, N: int, out_dtype: torch.dtype, residual: Tensor | None) -> tuple:
-    """The key of :data:`VARIANT_CHOICES` for x (M, K) times an (N, K) weight, with this residual."""
-    return (x.device, *x.shape, N, x.dtype, out_dtype, _tma_store_unsupported(N, out_dtype, residual) is None)
+def variant_key(x: Tensor, N: int, out_dtype: torch.dtype, activation: str | None, has_gate: bool,
+                residual: Tensor | None) -> tuple:
+    """The key of :data:`VARIANT_CHOICES` for x (M, K) times an (N, K) weight with this epilogue:
+    per epilogue, as the tiles are tuned (an activation, a gate or a residual changes the best)."""
+    return (x.device, *x.shape, N, x.dtype, out_dtype, activation, has_gate, residual is not None,
+            _tma_store_unsupported(N, out_dtype, residual) is None)
 
 
 @functools.cache
@@ -484,7 +487,7 @@ def linear(x: Tensor, x_scale: Tensor | None, weight: Tensor, weight_scale: Tens
 
     variant: "tiled", "persistent_tma" (TMA loads x and w), "persistent_tma_store" (TMA also
     reads the residual and writes the output, in half tiles) or "auto": of those the GPU and the
-    operands allow, the one that measured fastest for this shape (once per shape); the tiled one
+    operands allow, the one that measured fastest for this shape and epilogue (once each); the tiled one
     off a GPU.
     """
     if variant not in (*VARIANTS, "auto"):
@@ -509,7 +512,7 @@ def linear(x: Tensor, x_scale: Tensor | None, weight: Tensor, weight_scale: Tens
         if len(runnable) == 1:
             variant = runnable[0]
         else:
-            key = variant_key(x, N, out_dtype, args[6])
+            key = variant_key(x, N, out_dtype, activation, gate is not None, args[6])
             if key not in VARIANT_CHOICES and not torch.cuda.is_current_stream_capturing():
                 VARIANT_CHOICES[key] = _fastest_variant(runnable, args, flags, M, N)
             variant = VARIANT_CHOICES.get(key, "tiled")
