@@ -289,7 +289,14 @@ def test_cuda_tensors_and_rng(tmp_path, generator):
 
 def test_rng_bad_inputs():
     tensors, meta = ckpt.rng_state()
-    with pytest.raises(ValueError, match=r"tensors must have the keys .* CUDA devices this process"):
+    with pytest.raises(ValueError, match=r"tensors must have the key 'torch'"):
+        ckpt.set_rng_state({**tensors, "mps.0": tensors["torch"]}, meta)
+    # saved on more GPUs than this process sees (a GPU run resumed on the CPU): the rest restored
+    expected = torch.rand(3)
+    ckpt.set_rng_state(tensors, meta)
+    torch.rand(5)
+    with pytest.warns(UserWarning, match=r"CUDA devices \[99\] saved"):
         ckpt.set_rng_state({**tensors, "cuda.99": tensors["torch"]}, meta)
+    assert torch.equal(torch.rand(3), expected)
     with pytest.raises(ValueError, match=r"meta must have the keys \['numpy', 'python'\]"):
         ckpt.set_rng_state(tensors, {"python": meta["python"]})

@@ -242,6 +242,37 @@ def test_student_from_the_teacher_keeps_its_time_input():
     assert resolved(RunConfig(student=StudentConfig(init="teacher")), SFTConfig(), student).student.time_shift == -1.0
 
 
+def test_logged_metrics_cover_the_student_iterations(teacher, tmp_path):
+    """Each logged metric is its mean over the window's iterations that reported it: with
+    log_every a multiple of student_every the student's metrics were never logged (the line held
+    the last iteration's alone, a critic step); a truncated last line of metrics.jsonl (a killed
+    process) does not stop a resume."""
+    method = DMD2(student_of(teacher), teacher, DMD2Config(student_every=2))
+    run = trainer(method, tmp_path, iterations=8, log_every=4, checkpoint_every=4)
+    records = run.train()
+    assert [r["iteration"] for r in records] == [3, 7]
+    assert all("vsd" in r and "fake_score_loss" in r and "grad_norm/student" in r for r in records)
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    (tmp_path / "metrics.jsonl").write_text(lines[0] + "\n" + lines[1][:10])
+    run._open_log(8).close()
+    assert (tmp_path / "metrics.jsonl").read_text().splitlines() == lines[:1]
+
+
+def test_trainer_keeps_the_requested_gpu(teacher, tmp_path, monkeypatch):
+    """device="cuda:1" reaches parallel.init whole, which outside torchrun keeps its index (the
+    trainer passed the type alone: cuda:0)."""
+    from fastgen_kernels.distill import parallel
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert parallel.init("cuda:1")[2] == torch.device("cuda", 1)
+    seen = []
+    init = parallel.init
+    monkeypatch.setattr(parallel, "init", lambda device: seen.append(device) or init("cpu"))
+    Trainer(SFT(toy()), DATA, TrainerConfig(output_dir=str(tmp_path), progress=False, resume=False),
+            device="cuda:1")
+    assert seen == ["cuda:1"]
+
+
 def test_bad_configurations_are_refused(teacher):
     with pytest.raises(ValueError, match="teacher"):
         DMD2(toy())
@@ -259,6 +290,14 @@ def test_bad_configurations_are_refused(teacher):
         LADD(toy(), teacher, LADDConfig(student_every=1))
     with pytest.raises(ValueError, match="critic_time_range"):
         DMD2(student_of(teacher), teacher, DMD2Config(critic_time_range=(0.5, 0.2)))
+    with pytest.raises(ValueError, match="student_every must be >= 2"):  # the fake score would never step
+        DMD2(student_of(teacher), teacher, DMD2Config(student_every=1))
+    from fastgen_kernels.distill.run import StudentConfig, build_student
+    from fastgen_kernels.models import DiTConfig
+
+    net = DiTConfig(input_size=4, patch_size=2, in_channels=4, hidden_size=32, depth=1, num_heads=2)
+    with pytest.raises(TypeError, match="student.net_overrides.qk_norm: expected bool"):  # trained, then
+        build_student(StudentConfig(net=net, net_overrides={"qk_norm": 1}), None, (4, 4, 4), False)  # yaml failed
 
 
 def test_a_batch_given_a_generator_draws_what_a_new_one_draws():
@@ -686,7 +725,7 @@ def _dit_methods():
     return {"sft": lambda: SFT(denoiser()), "cm-cd": lambda: CM(student_of(teacher), teacher, CMConfig(mode="cd")),
             "scm-cd": lambda: SCM(denoiser(logvar_head=True), teacher, SCMConfig()),
             "meanflow-data": lambda: MeanFlow(denoiser("rf", "mean_flow", second_time=True)),
-            "dmd2-gan": lambda: DMD2(student_of(teacher), teacher, DMD2Config(student_every=1, gan_weight=0.1)),
+            "dmd2-gan": lambda: DMD2(student_of(teacher), teacher, DMD2Config(student_every=2, gan_weight=0.1)),
             "ladd": lambda: LADD(student_of(teacher), teacher, LADDConfig())}
 
 

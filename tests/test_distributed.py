@@ -98,3 +98,4 @@ def test_fsdp_sharded_network_exports_its_own_class(single_rank_process_group, t
     loaded = fk.Denoiser.from_pretrained(tmp_path / "student")
     assert type(loaded.net) is DiT
     assert all(torch.equal(v, expected[k]) for k, v in loaded.net.state_dict().items())
+

@@ -31,6 +31,7 @@ import os
 import random
 import re
 import uuid
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -307,18 +308,23 @@ def rng_state() -> tuple[dict[str, Tensor], dict]:
 
 
 def set_rng_state(tensors: Mapping[str, Tensor], meta: Mapping[str, Any]) -> None:
-    """Restore the RNG states captured by :func:`rng_state`.
-
-    The number of CUDA devices must be the one at capture (0 without CUDA): a resumed run draws
-    the same numbers only on the same devices.
+    """Restore the RNG states captured by :func:`rng_state`: the CPU's, Python's, NumPy's, and
+    each CUDA device's that this process also sees. A run resumed on another number of GPUs (or
+    on the CPU) restores what it can, with a warning: the trainer's draws come from each batch's
+    own generator, so only code drawing from the global generators would notice.
     """
-    devices = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    expected = {"torch"} | {f"cuda.{i}" for i in range(devices)}
-    _check_keys("set_rng_state", "tensors", tensors, expected,
-                f" for the {devices} CUDA devices this process sees")
+    if not isinstance(tensors, Mapping) or "torch" not in tensors or any(
+            key != "torch" and not re.fullmatch(r"cuda\.\d+", key) for key in tensors):
+        raise ValueError(f"set_rng_state: tensors must have the key 'torch' and 'cuda.<i>' ones, got "
+                         f"{sorted(tensors, key=str) if isinstance(tensors, Mapping) else type(tensors).__name__}")
     _check_keys("set_rng_state", "meta", meta, {"python", "numpy"})
+    devices = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    saved = {int(key.split(".")[1]) for key in tensors if key != "torch"}
+    if saved != set(range(devices)):
+        warnings.warn(f"set_rng_state: RNG states of CUDA devices {sorted(saved)} saved, this process sees "
+                      f"{devices}: those of devices {sorted(saved & set(range(devices)))} restored", stacklevel=2)
     torch.set_rng_state(tensors["torch"].cpu())
-    for i in range(devices):
+    for i in sorted(saved & set(range(devices))):
         torch.cuda.set_rng_state(tensors[f"cuda.{i}"].cpu(), i)
     version, internal, gauss_next = meta["python"]
     random.setstate((version, tuple(internal), gauss_next))

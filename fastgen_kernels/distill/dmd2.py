@@ -54,8 +54,8 @@ class DMD2(Method, Adversarial):
     def __init__(self, student, teacher=None, config=None) -> None:
         super().__init__(student, teacher, config)
         cfg = self.config
-        if cfg.student_every < 1 or cfg.student_steps < 1:
-            raise ValueError(f"{type(self).__name__}: student_every and student_steps must be >= 1, got "
+        if cfg.student_every < 2 or cfg.student_steps < 1:  # (every iteration a student's: no critic step)
+            raise ValueError(f"{type(self).__name__}: student_every must be >= 2 and student_steps >= 1, got "
                              f"{cfg.student_every} and {cfg.student_steps}")
         if cfg.critic_time_range and not 0 <= cfg.critic_time_range[0] < cfg.critic_time_range[1] <= 1:
             raise ValueError(f"{type(self).__name__}: critic_time_range must be (lo, hi) with 0 <= lo < hi <= 1, "

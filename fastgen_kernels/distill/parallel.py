@@ -30,12 +30,16 @@ def launched() -> bool:
     return "WORLD_SIZE" in os.environ and "RANK" in os.environ
 
 
-def init(device: str | None = None) -> tuple[int, int, torch.device]:
+def init(device: str | torch.device | None = None) -> tuple[int, int, torch.device]:
     """(rank, world size, device) of this process; joins torchrun's process group if launched
-    and not yet joined. device: "cpu", "cuda" or None (cuda when available)."""
-    device_type = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    and not yet joined. device: "cpu", "cuda", "cuda:<i>" (one process: that GPU; under torchrun
+    each process takes its LOCAL_RANK's) or None (cuda when available)."""
+    requested = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device_type = requested.type
     if not launched():
-        return 0, 1, torch.device(device_type, 0) if device_type == "cuda" else torch.device(device_type)
+        if device_type == "cuda":
+            return 0, 1, torch.device("cuda", 0 if requested.index is None else requested.index)
+        return 0, 1, requested
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
         # destroyed at exit, before the interpreter tears down: a group left to its destructor then

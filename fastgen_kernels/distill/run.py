@@ -20,7 +20,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from fastgen_kernels.config import from_dict, to_dict
+from fastgen_kernels.config import from_dict, merge, to_dict
 from fastgen_kernels.denoiser import Denoiser
 from fastgen_kernels.distill import METHODS
 from fastgen_kernels.distill.trainer import Trainer, TrainerConfig
@@ -84,7 +84,7 @@ def build_student(config: StudentConfig, teacher: Denoiser | None, data_shape: t
     if config.init == "teacher":
         if teacher is None:
             raise ValueError("student.init='teacher' needs a teacher")
-        net_config = dataclasses.replace(teacher.net.config, **config.net_overrides)
+        net_config = _overridden(teacher.net.config, config.net_overrides)
         net = DiT(net_config)
         missing, unexpected = net.load_state_dict(teacher.net.state_dict(), strict=False)
         if unexpected:
@@ -96,7 +96,7 @@ def build_student(config: StudentConfig, teacher: Denoiser | None, data_shape: t
         preconditioning, time_scale, time_shift = teacher.preconditioning, teacher.time_scale, teacher.time_shift
         null_cond, shape = teacher.null_cond, teacher.shape
     else:
-        net = DiT(dataclasses.replace(config.net, **config.net_overrides))
+        net = DiT(_overridden(config.net, config.net_overrides))
         schedule, prediction = config.schedule or "edm", config.prediction or "x0"
         preconditioning, time_scale, time_shift = config.preconditioning, config.time_scale, config.time_shift
         null_cond, shape = config.null_cond, data_shape
@@ -108,6 +108,12 @@ def build_student(config: StudentConfig, teacher: Denoiser | None, data_shape: t
                     preconditioning=preconditioning, time_scale=time_scale, time_shift=time_shift,
                     distilled=distilled,
                     null_cond=null_cond, shape=config.shape or shape)
+
+
+def _overridden(net: DiTConfig, overrides: dict[str, Any]) -> DiTConfig:
+    """The network config with ``student.net_overrides`` applied, type-checked as the config is
+    (an int where a bool belongs trained, then the run's own config.yaml failed to load back)."""
+    return from_dict(DiTConfig, merge(to_dict(net), overrides), "student.net_overrides")
 
 
 def run(config: RunConfig) -> Path:

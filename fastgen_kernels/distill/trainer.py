@@ -135,7 +135,7 @@ class Trainer:
             raise ValueError(f"Trainer: data[0] must be an (N, ...) tensor, got {getattr(x, 'shape', type(x))}")
         if labels is not None and labels.shape != (x.shape[0],):
             raise ValueError(f"Trainer: data[1] must be ({x.shape[0]},) labels, got {tuple(labels.shape)}")
-        self.rank, self.world, self.device = parallel.init(None if device is None else torch.device(device).type)
+        self.rank, self.world, self.device = parallel.init(device)
         if self.world > 1 and config.parallel == "none":  # each process would train its own copy
             raise ValueError(f"Trainer: launched as {self.world} processes (torchrun) with parallel='none': "
                              "set trainer.parallel to 'ddp' or 'fsdp'")
@@ -256,12 +256,21 @@ class Trainer:
 
             bar = tqdm(total=cfg.iterations, initial=start, desc=type(self.method).__name__, dynamic_ncols=True)
         records = []
+        # each logged metric is its mean over the iterations of the window that reported it (a
+        # method's student metrics come from its student iterations only: one iteration's alone
+        # missed them whenever log_every was a multiple of student_every); windows also end at
+        # checkpoints, so a resumed run logs what the uninterrupted one does
+        sums: dict[str, Tensor] = {}
+        counts: dict[str, int] = {}
         self.method.train()
         tic = time.perf_counter()
         for iteration in range(start, cfg.iterations):
-            metrics = self.step(iteration)
+            for key, value in self.step(iteration).items():
+                sums[key] = sums[key] + value.detach() if key in sums else value.detach()
+                counts[key] = counts.get(key, 0) + 1
             done = iteration + 1
             if done % cfg.log_every == 0 or done == cfg.iterations:
+                metrics = {key: total / counts[key] for key, total in sums.items()}
                 factor = learning_rate_factor(cfg.optimizer, iteration, cfg.iterations)
                 # the student's learning rate, and that of each optimizer given another one
                 rates = {"lr": self.base_lr["student"] * factor,
@@ -282,6 +291,8 @@ class Trainer:
                 bar.update(1)
             if done % cfg.checkpoint_every == 0 or done == cfg.iterations:
                 self.save(done)
+            if done % cfg.log_every == 0 or done % cfg.checkpoint_every == 0:
+                sums, counts = {}, {}
         if bar is not None:
             bar.close()
         if log is not None:
@@ -296,7 +307,7 @@ class Trainer:
         path = self.out / "metrics.jsonl"
         kept = []
         if path.exists() and start > 0:
-            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["iteration"] < start]
+            kept = [line for line in path.read_text().splitlines() if _logged_before(line, start)]
         path.write_text("".join(line + "\n" for line in kept))
         return path.open("a")
 
@@ -407,4 +418,13 @@ def train(method: Method, data: tuple[Tensor, Tensor | None], config: TrainerCon
           **kwargs) -> list[dict[str, Any]]:
     """``Trainer(method, data, config, **kwargs).train()``."""
     return Trainer(method, data, config, **kwargs).train()
+
+
+def _logged_before(line: str, start: int) -> bool:
+    """Whether a metrics.jsonl line records an iteration before ``start`` (a line cut short by a
+    killed process is dropped, not a resume's crash)."""
+    try:
+        return json.loads(line)["iteration"] < start
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return False
 
