@@ -84,10 +84,19 @@ def _user_input() -> Iterator[None]:
         raise UsageError(str(error)) from error
 
 
+def _positive_int(text: str) -> int:
+    """argparse type of counts (steps, batch size): exit 2 with argparse's one line otherwise."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
+    return value
+
+
 def _train(args: argparse.Namespace) -> int:
     from fastgen_kernels import config as configs
     from fastgen_kernels.distill import METHODS
     from fastgen_kernels.distill.run import RunConfig, prepare
+    from fastgen_kernels.distill.trainer import ResumeRefused
 
     with _user_input():
         config = configs.load(RunConfig, args.config, args.overrides)
@@ -97,7 +106,10 @@ def _train(args: argparse.Namespace) -> int:
             raise ValueError(f"method {config.method!r} belongs to "
                              f"`fastgen-kernels {'train' if config.method == 'sft' else 'distill'}`")
         trainer = prepare(config)
-    trainer.train()
+    try:
+        trainer.train()
+    except ResumeRefused as error:  # the output folder holds another run's checkpoints
+        raise UsageError(str(error)) from error
     print(f"saved to {config.trainer.output_dir}")
     return 0
 
@@ -154,8 +166,8 @@ def main(argv: list[str] | None = None) -> int:
         command.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.iterations=2000")
     command = commands.add_parser("sample", help="sample a saved model")
     command.add_argument("--model", required=True, help="a Denoiser.save_pretrained folder")
-    command.add_argument("--steps", type=int, default=1)
-    command.add_argument("--batch-size", type=int, default=16)
+    command.add_argument("--steps", type=_positive_int, default=1)
+    command.add_argument("--batch-size", type=_positive_int, default=16)
     command.add_argument("--label", type=int, default=None, help="one class for all samples")
     command.add_argument("--guidance-scale", type=float, default=1.0)
     command.add_argument("--seed", type=int, default=0)

@@ -67,6 +67,11 @@ def test_train_distill_and_sample_from_the_command_line(tmp_path):
     saved = np.load(tmp_path / "s.npz")
     assert saved["samples"].shape == (6, 1, 8, 8) and list(saved["labels"]) == [0, 1, 2, 0, 1, 2]
     assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
+    # the teacher's folder again, with fewer iterations than its checkpoint: one line, exit 2
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train", "--config", str(tmp_path / "teacher.yaml"), "trainer.iterations=2",
+                  f"trainer.output_dir={teacher}"])
+    assert exit_info.value.code == 2
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -80,6 +85,8 @@ def test_train_distill_and_sample_from_the_command_line(tmp_path):
     (["train", "--config", "no-such.yaml"], "No such file"),
     (["sample", "--model", "no-such-folder"], "No such file"),
     (["sample", "--model", "{teacher}", "--label", "10"], "--label 10: the model has classes 0-9"),
+    (["sample", "--model", "{teacher}", "--steps", "0"], "--steps: must be an integer >= 1, got 0"),
+    (["sample", "--model", "{teacher}", "--batch-size", "0"], "--batch-size: must be an integer >= 1"),
 ])
 def test_bad_arguments_exit_with_a_message(argv, message, capsys):
     """A wrong config, override or folder: exit status 2 and one line naming it, no traceback."""

@@ -46,6 +46,10 @@ from fastgen_kernels.distill.ema import EMA
 OPTIMIZERS = {"adamw": torch.optim.AdamW, "radam": torch.optim.RAdam}
 
 
+class ResumeRefused(ValueError):
+    """The output folder's checkpoint cannot continue this run (the CLI says so in one line)."""
+
+
 @dataclass(frozen=True)
 class OptimizerConfig:
     name: Literal["adamw", "radam"] = "adamw"
@@ -380,23 +384,29 @@ class Trainer:
             return 0
         groups, meta = ckpt.load_checkpoint(path)
         if meta["iteration"] > self.config.iterations:
-            raise ValueError(f"resume: {path} is at iteration {meta['iteration']}, beyond trainer.iterations "
+            raise ResumeRefused(f"resume: {path} is at iteration {meta['iteration']}, beyond trainer.iterations "
                              f"{self.config.iterations}; raise iterations, or start over with trainer.resume=false")
         method, held = type(self.method).__name__, sorted(g[6:] for g in groups if g.startswith("model."))
         if meta.get("method", method) != method or held != sorted(self.names):
-            raise ValueError(f"resume: {path} is a checkpoint of {meta.get('method', 'another method')} (networks "
+            raise ResumeRefused(f"resume: {path} is a checkpoint of {meta.get('method', 'another method')} (networks "
                              f"{held}), not of {method} (networks {sorted(self.names)}): use another output_dir, "
                              "or start over with trainer.resume=false")
         student = self.method.network("student")
         if self.ema is not None:
             if list(self.ema.decays) != meta["ema_decays"]:
-                raise ValueError(f"resume: {path} has EMA decays {meta['ema_decays']}, the config {list(self.ema.decays)}")
+                raise ResumeRefused(f"resume: {path} has EMA decays {meta['ema_decays']}, the config "
+                                    f"{list(self.ema.decays)}")
             for k in range(len(self.ema.decays)):  # full EMA weights -> this process's shadow
                 parallel.load_model_state(student, groups[f"ema{k}"])
                 self.ema.copy_from(k)
         for name in self.names:
             net = self.method.network(name)
-            parallel.load_model_state(net, groups[f"model.{name}"])
+            try:
+                parallel.load_model_state(net, groups[f"model.{name}"])
+            except RuntimeError as error:  # another run's networks (torch's size mismatch)
+                raise ResumeRefused(f"resume: {path} holds a {name} network of other shapes than the config's "
+                                    f"({str(error).splitlines()[-1].strip()}): use another output_dir, or start "
+                                    "over with trainer.resume=false") from error
             state = ckpt.optimizer_from_tensors(groups[f"optimizer.{name}"], meta["optimizers"][name])
             parallel.load_optimizer_state(net, self.optimizers[name], state)
         ckpt.set_rng_state(groups["rng"], meta["rng"])
