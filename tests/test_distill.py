@@ -258,6 +258,21 @@ def test_logged_metrics_cover_the_student_iterations(teacher, tmp_path):
     assert (tmp_path / "metrics.jsonl").read_text().splitlines() == lines[:1]
 
 
+def test_a_checkpoint_before_an_optimizer_steps_leaves_the_run_unchanged(teacher, tmp_path):
+    """DMD2's student steps every third iteration: a checkpoint after iteration 0 saved its
+    unstepped optimizers, and torch's state_dict initialised them by a zero step (Adam's step
+    count one ahead: different weights after). Checkpointing every iteration or never now gives
+    the same run."""
+    weights = []
+    for every in (1, 100):
+        torch.manual_seed(0)
+        method = DMD2(student_of(teacher), teacher, DMD2Config(student_every=3))
+        trainer(method, tmp_path / str(every), iterations=4, checkpoint_every=every).train()
+        weights.append([p.detach().clone() for name in ("student", "fake_score")
+                        for p in method.network(name).parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*weights))
+
+
 def test_trainer_keeps_the_requested_gpu(teacher, tmp_path, monkeypatch):
     """device="cuda:1" reaches parallel.init whole, which outside torchrun keeps its index (the
     trainer passed the type alone: cuda:0)."""

@@ -126,10 +126,18 @@ def load_model_state(net: nn.Module, state: dict[str, Tensor]) -> None:
 
 
 def optimizer_state(net: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """The full optimizer state, keyed by parameter names; a collective under FSDP2."""
+    """The full optimizer state, keyed by parameter names; a collective under FSDP2. An optimizer
+    that has not stepped yet keeps no state: torch fills it by a zero-gradient step (Adam's step
+    count moves, and with it every later update: a checkpoint changed the run), undone here and
+    left out of the saved state (loading restores it empty, as the run had it)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-    return get_optimizer_state_dict(net, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    unstepped = not optimizer.state
+    state = get_optimizer_state_dict(net, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if unstepped:
+        optimizer.state.clear()
+        state["state"] = {}
+    return state
 
 
 def load_optimizer_state(net: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
