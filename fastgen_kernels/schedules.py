@@ -330,9 +330,14 @@ class VP(Schedule):
 @dataclass(frozen=True)
 class Trig(Schedule):
     name: str = field(init=False, default="trig")
-    t_max: float = math.atan(80.0 / 0.5)
-    t_min: float = math.atan(0.002 / 0.5)
+    t_max: float | None = None  # default: atan(80 / sigma_data), EDM's largest noise level
+    t_min: float | None = None  # default: atan(0.002 / sigma_data), EDM's smallest
     default_grid = "uniform"
+
+    def __post_init__(self) -> None:  # (defaults of sigma_data's: Trig(sigma_data=1.0) kept 0.5's)
+        for name, edm_sigma in (("t_max", 80.0), ("t_min", 0.002)):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, math.atan(edm_sigma / self.sigma_data))
 
     def alpha(self, t):
         return torch.cos(t)
@@ -371,7 +376,4 @@ def get_schedule(schedule: str | dict | Schedule, sigma_data: float = 0.5) -> Sc
         name, options = schedule, {"sigma_data": sigma_data}
     if name not in SCHEDULES:
         raise ValueError(f"schedule must be one of {tuple(SCHEDULES)} or a Schedule, got {name!r}")
-    if name == "trig" and "t_max" not in options:
-        sd = options.get("sigma_data", 0.5)
-        options.update(t_max=math.atan(80.0 / sd), t_min=math.atan(0.002 / sd))
     return SCHEDULES[name](**options)

@@ -199,6 +199,16 @@ def test_dpm_solver_from_trig_t_max_in_fp32():
     assert errors[torch.float32] < 0.05 and abs(errors[torch.float32] - errors[torch.float64]) < 1e-3, errors
 
 
+def test_trig_time_range_follows_its_sigma_data():
+    """Trig(sigma_data=...) built directly spans EDM's noise levels 0.002 to 80 as get_schedule's
+    does (its defaults were sigma_data 0.5's: noise level 160 at t_max for sigma_data 1)."""
+    from fastgen_kernels.schedules import Trig
+
+    schedule = Trig(sigma_data=1.0)
+    assert schedule.t_max == math.atan(80.0) and schedule.t_min == math.atan(0.002)
+    assert get_schedule("trig", 1.0) == schedule and get_schedule(schedule.to_dict()) == schedule
+
+
 def test_neg_cond_may_be_a_parameter():
     """neg_cond shaped like cond but of a Tensor subclass (a learned null embedding, nn.Parameter)
     is taken (the form check compared exact types: 'must be shaped like cond [(8,)], got [(8,)]')."""
