@@ -487,6 +487,16 @@ def test_sample_cuda_graph_matches_eager(steps):
                                rtol=1e-3, atol=1e-3)
 
 
+def test_attention_with_no_keys_on_gpu():
+    """No keys: the output is 0 (queries that see no key), as on the CPU; SDPA, which takes the
+    other unmasked calls on a GPU, is not given it."""
+    q = torch.randn(2, 5, 2, 64, device="cuda", requires_grad=True)
+    k = v = torch.randn(2, 0, 2, 64, device="cuda")
+    out = fk.attention(q, k, v)
+    out.sum().backward()
+    assert torch.equal(out, torch.zeros_like(out)) and torch.equal(q.grad, torch.zeros_like(q))
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 def test_sample_cuda_graph_with_a_tuple_cond():

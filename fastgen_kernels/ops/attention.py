@@ -486,9 +486,11 @@ def sdpa_runs_it(q: Tensor, k: Tensor, causal_chunk: int) -> bool:
 
 def sdpa_takes(q: Tensor, k: Tensor, causal_chunk: int) -> bool:
     """Whether SDPA can run this call as the op: CUDA tensors, not compiling (the custom op, as
-    before), no functorch transform, the backend chosen automatically, and a mask SDPA has
-    (none, or token-causal with Lq = Lk: its causal mask is top-left aligned)."""
+    before), no functorch transform, the backend chosen automatically, some keys (with none the
+    op's output is 0, which the reference gives), and a mask SDPA has (none, or token-causal with
+    Lq = Lk: its causal mask is top-left aligned)."""
     return (q.device.type == "cuda" and not torch.compiler.is_compiling() and causal_chunk in (0, 1)
+            and k.shape[1] > 0
             and (causal_chunk == 0 or q.shape[1] == k.shape[1])
             and not torch._C._are_functorch_transforms_active()
             and forced_backend()[0] is None)
