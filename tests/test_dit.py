@@ -134,8 +134,12 @@ def test_bad_inputs():
         model(x, t, y, return_logvar=True)
     with pytest.raises(ValueError, match="second time r"):
         random_dit(second_time=True)(x.double(), t.double(), y)
+    with pytest.raises(ValueError, match="takes no second time r"):  # a flow map on it ignored r
+        model(x, t, y, t / 2)
     with pytest.raises(ValueError, match="multiple of patch_size"):
         DiT(TINY, input_size=7)
+    with pytest.raises(ValueError, match="and of 4"):  # it failed at the first forward
+        DiT(TINY, hidden_size=18, num_heads=3)
 
 
 def test_save_and_load_a_student_that_samples_without_arguments(tmp_path):

@@ -74,7 +74,9 @@ def timestep_frequencies(t: Tensor, dim: int = 256, max_period: float = 10000.0)
 
 
 def sincos_position_embedding(dim: int, grid: int) -> Tensor:
-    """The fixed 2-D sine-cosine position table of DiT/MAE: (grid * grid, dim)."""
+    """The fixed 2-D sine-cosine position table of DiT/MAE, (grid * grid, dim), with the row (y)
+    half first where MAE's code puts the column (x) half first: the table of the transposed grid
+    (the shipped teacher learned this one; official DiT weights would need the halves swapped)."""
     coords = torch.arange(grid, dtype=torch.float64)
     ys, xs = torch.meshgrid(coords, coords, indexing="ij")
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
@@ -250,9 +252,10 @@ class DiT(nn.Module):
         config = dataclasses.replace(config or DiTConfig(), **overrides)
         self.config = config
         D, p, C = config.hidden_size, config.patch_size, config.in_channels
-        if config.input_size % p or D % config.num_heads or (D // config.num_heads) % 2:
+        if config.input_size % p or D % config.num_heads or (D // config.num_heads) % 2 or D % 4:
             raise ValueError(f"DiT: input_size {config.input_size} must be a multiple of patch_size {p} and "
-                             f"hidden_size {D} a multiple of 2 * num_heads ({config.num_heads})")
+                             f"hidden_size {D} a multiple of 2 * num_heads ({config.num_heads}) and of 4 (the "
+                             "2-D sine-cosine position table)")
         self.x_embedder = nn.Conv2d(C, D, kernel_size=p, stride=p)
         grid = config.input_size // p
         self.register_buffer("pos_embed", sincos_position_embedding(D, grid)[None], persistent=False)
@@ -315,6 +318,8 @@ class DiT(nn.Module):
             if r is None:
                 raise ValueError("DiT: this network takes a second time r (config.second_time)")
             c = c + self.r_embedder(t - r, self.fused)
+        elif r is not None:  # a flow map on it would not depend on r
+            raise ValueError("DiT: this network takes no second time r (build it with second_time=True)")
         return c
 
     def forward(self, x: Tensor, t: Tensor, cond: Tensor | None = None, r: Tensor | None = None,
