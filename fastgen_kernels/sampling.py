@@ -96,8 +96,8 @@ def _check_cond(name: str, cond: Cond | None, batch: int, like: Cond | None = No
     parts = cond_parts(cond)
     if not isinstance(cond, (Tensor, tuple)) or not parts or any(
             not isinstance(c, Tensor) or c.dim() == 0 or c.shape[0] != batch for c in parts):
-        got = [tuple(c.shape) if isinstance(c, Tensor) else type(c).__name__ for c in parts] \
-            if isinstance(cond, tuple) else tuple(cond.shape) if isinstance(cond, Tensor) else type(cond).__name__
+        got = ([tuple(c.shape) if isinstance(c, Tensor) else type(c).__name__ for c in parts]
+               if isinstance(cond, (Tensor, tuple)) else type(cond).__name__)
         raise ValueError(f"sample: {name} must be a tensor with batch {batch} or a tuple of them, got {got}")
     if like is not None and (isinstance(cond, Tensor) != isinstance(like, Tensor) or [c.shape for c in parts] != [
             c.shape for c in cond_parts(like)]):

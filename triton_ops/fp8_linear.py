@@ -21,7 +21,7 @@
   tiles so that the column tiles of w they share stay in L2. w is read K-major ((N, K)
   row-major, nn.Linear's layout), which is what FP8 wgmma requires of its B operand. Each variant
   is autotuned per (M, N, K) and epilogue (activation, gate, residual); "auto" then times those
-  that can run once per shape and keeps the fastest.
+  that can run, once per shape and epilogue, and keeps the fastest.
   The tiled kernel also multiplies bf16/fp16 operands (GPUs without FP8, in tiles of their own)
   and fp32 ones in IEEE precision (the interpreter's exact check of the indexing and epilogue).
 """

@@ -316,9 +316,8 @@ def jvp(fn: Callable[..., Tensor], primals: tuple[Tensor, ...], tangents: tuple[
     ``finite_difference``: (fn(p + h v) - fn(p - h v)) / 2h, combined in fp64, with a step
     relative to the point, per sample b over all the (B, ...) primals: h_b = ``step`` |p_b| / |v_b|
     (METHODS.md; ``step`` itself where either is zero). Two evaluations, the baseline the exact
-    JVP replaces, with autocast off: evaluated in bf16, the
-    difference at h = 1e-3 is rounding noise (the tangent's relative error was above 1 on a small
-    DiT, against 5e-4 in fp32). ``finite_difference_autocast``: the same under the caller's
+    JVP replaces, with autocast off: evaluated in bf16, the difference at h = 1e-3 is rounding
+    noise (the tangent's relative error was above 1 on a small DiT, against 5e-4 in fp32). ``finite_difference_autocast``: the same under the caller's
     autocast, cheaper and that inaccurate: for cost comparisons only (bench_distill's peer, as the
     H200 measured it). The callers take fn(primals) from their own forward pass with gradients, so
     no method returns it.

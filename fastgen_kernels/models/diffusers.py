@@ -411,7 +411,8 @@ def scheduler_family(scheduler) -> str:
     name = type(scheduler).__name__
     config = scheduler.config
     # flow sigmas in a DDPM-family solver (DPM-Solver, UniPC with use_flow_sigmas: SANA, Wan) walk rf
-    if name.startswith("FlowMatch") or config.get("use_flow_sigmas") or config.get("prediction_type") == "flow_prediction":
+    if (name.startswith("FlowMatch") or config.get("use_flow_sigmas")
+            or config.get("prediction_type") == "flow_prediction"):
         return "rf"
     if name.startswith("EDM"):
         return "edm"
