@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import fastgen_kernels as fk
 from fastgen_kernels.distill import (CM, DMD2, LADD, SCM, SFT, Batch, CMConfig, DMD2Config, FDistill,
@@ -592,6 +593,29 @@ def test_resume_continues_the_same_trajectory(tmp_path):
         assert any(not torch.equal(a, b) for a, b in zip(exported["split", folder].values(),
                                                           exported["split", "student"].values()))
 
+
+def test_resume_keeps_the_fp32_ema_of_a_bf16_student(tmp_path):
+    """Checkpoints hold the EMA shadows in fp32 whatever the parameters' dtype: a bf16 student's
+    shadows went through its bf16 parameters, and a resumed run continued other averages."""
+    def run(out, iterations, resume):
+        torch.manual_seed(0)
+        model = toy().to(torch.bfloat16)
+        config = TrainerConfig(iterations=iterations, batch_size=64, output_dir=str(out), progress=False,
+                               checkpoint_every=4, log_every=1, resume=resume, ema_decays=(0.999,),
+                               optimizer=OptimizerConfig(lr=1e-3))
+        trainer = Trainer(SFT(model), DATA, config)
+        trainer.train()
+        return trainer
+
+    full = run(tmp_path / "full", 12, False)
+    run(tmp_path / "split", 8, False)
+    rest = run(tmp_path / "split", 12, True)
+    assert torch.equal(full.ema.state_dict()["shadow"], rest.ema.state_dict()["shadow"])
+    groups, _ = fk.distill.checkpoint.load_checkpoint(tmp_path / "split" / "checkpoints" /
+                                                      "checkpoint-00000008.safetensors")
+    assert {value.dtype for value in groups["ema0"].values()} == {torch.float32}
+    exported = load_file(tmp_path / "split" / "student_ema0.999" / "model.safetensors")
+    assert {value.dtype for value in exported.values()} == {torch.bfloat16}  # the parameters' dtype
 
 def test_a_fresh_run_replaces_the_earlier_runs_checkpoints(tmp_path):
     """resume=False: the earlier run's checkpoints go (a later resume would load them, and pruning

@@ -184,3 +184,30 @@ def test_fsdp2_tracks_local_shards(single_rank_process_group, generator):
         torch.testing.assert_close(s, 0.5 * b + 0.5 * p.to_local(), rtol=0, atol=1e-6)
     ema.copy_to(0)
     assert all(torch.equal(p.full_tensor(), s) for p, s in zip(params, ema.shadow(0)))
+    shadow = [t.clone() for t in ema.full_shadow(0)]  # whole tensors (one rank: the shard is whole)
+    assert all(torch.equal(s, t) for s, t in zip(shadow, ema.shadow(0)))
+    ema.update()
+    ema.load_full_shadow(0, shadow)
+    assert all(torch.equal(s, t) for s, t in zip(shadow, ema.shadow(0)))
+
+
+def test_full_shadow_round_trip_keeps_fp32(generator):
+    """Whole fp32 shadows out and back in (what checkpoints hold), exactly, whatever the
+    parameters' dtype; bad tensors name what is wrong."""
+    params = make_params(generator, torch.bfloat16)
+    ema = EMA(params, [0.9, 0.99])
+    for _ in range(3):
+        assign(params, random_like(params, generator))
+        ema.update()
+    saved = [[t.double() for t in ema.full_shadow(k)] for k in range(2)]  # any floating dtype loads
+    assert all(t.dtype == torch.float64 and t.shape == p.shape for t, p in zip(saved[0], params))
+    expected = ema.state_dict()["shadow"].clone()
+    assign(params, random_like(params, generator))
+    ema.update()
+    for k in range(2):
+        ema.load_full_shadow(k, saved[k])
+    assert torch.equal(ema.state_dict()["shadow"], expected)
+    with pytest.raises(ValueError, match="got 3 tensors for 4 parameters"):
+        ema.load_full_shadow(0, saved[0][:3])
+    with pytest.raises(ValueError, match=r"tensors\[1\] must be a floating tensor of the parameter's shape \(7,\)"):
+        ema.load_full_shadow(0, [saved[0][0], torch.zeros(8), *saved[0][2:]])

@@ -13,7 +13,9 @@ w_k |theta - S_k| below half a bf16 ulp of S_k (at least 2^-9 |S_k|): at beta = 
 
 FSDP2 (torch.distributed) parameters are DTensors; the EMA then tracks this rank's local shards
 (``p.to_local()``), so P is the rank's shard size, updates need no communication, and each rank
-saves and loads its own :meth:`EMA.state_dict`.
+saves and loads its own :meth:`EMA.state_dict`; :meth:`EMA.full_shadow` and
+:meth:`EMA.load_full_shadow` give and take whole fp32 tensors instead (checkpoints that do not
+depend on the number of processes).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 if torch.distributed.is_available():
-    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor import DTensor, distribute_tensor
 else:  # builds without torch.distributed have no DTensors: isinstance(p, ()) is always False
     DTensor = ()
 
@@ -114,6 +116,36 @@ class EMA:
         self._check_index(index)
         rows = self._shadow[index].split(self._numels)
         return [row.view(shape) for row, shape in zip(rows, self._shapes)]
+
+    @torch.no_grad()
+    def full_shadow(self, index: int) -> Iterator[Tensor]:
+        """Shadow ``index`` parameter by parameter as fp32 tensors shaped like the whole
+        parameters: under FSDP2 each gathered from every rank's shard (a collective: every rank
+        iterates to the end), else a copy. One at a time, so a caller that moves each off the
+        device holds one parameter's worth there."""
+        for p, s in zip(self._params, self.shadow(index)):
+            if isinstance(p, DTensor):
+                yield DTensor.from_local(s, p.device_mesh, p.placements, run_check=False, shape=p.shape,
+                                         stride=p.stride()).full_tensor()
+            else:
+                yield s.clone()
+
+    @torch.no_grad()
+    def load_full_shadow(self, index: int, tensors: Sequence[Tensor]) -> None:
+        """Set shadow ``index`` from whole-parameter tensors (as :meth:`full_shadow` gives them, in
+        the parameters' order; any floating dtype and device); under FSDP2 this rank keeps its
+        shard of each (a collective)."""
+        self._check_index(index)
+        if len(tensors) != len(self._params):
+            raise ValueError(f"EMA: load_full_shadow got {len(tensors)} tensors for {len(self._params)} parameters")
+        for i, (p, t) in enumerate(zip(self._params, tensors)):
+            if not isinstance(t, Tensor) or not t.is_floating_point() or t.shape != p.shape:
+                got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, Tensor) else type(t).__name__
+                raise ValueError(f"EMA: load_full_shadow: tensors[{i}] must be a floating tensor of the "
+                                 f"parameter's shape {tuple(p.shape)}, got {got}")
+        for p, s, t in zip(self._params, self.shadow(index), tensors):
+            t = t.to(s.device, torch.float32)
+            s.copy_(distribute_tensor(t, p.device_mesh, p.placements).to_local() if isinstance(p, DTensor) else t)
 
     @torch.no_grad()
     def copy_to(self, index: int) -> None:

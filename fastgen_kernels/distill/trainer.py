@@ -329,16 +329,23 @@ class Trainer:
 
     # checkpoints --------------------------------------------------------------------------------
 
-    def _ema_states(self) -> dict[str, dict[str, Tensor]]:
+    def _ema_states(self, in_parameter_dtypes: bool = False) -> dict[str, dict[str, Tensor]]:
+        """{"ema<k>": the student's full state dict with shadow k in place of its parameters}, in
+        the shadows' fp32 (checkpoints: a resumed run continues the same averages; cast to bf16
+        parameters and back they would lose what the fp32 shadows keep) or, for the exported
+        weights, the parameters' dtypes. A collective under FSDP2."""
         student = self.method.network("student")
-        # the state of parameters on the CPU is the parameters themselves, which get their training
-        # values back when the block exits: copied there (elsewhere the CPU offload copies them)
-        on_cpu = next(student.parameters()).device.type == "cpu"
+        state = parallel.model_state(student)  # the buffers, and every name a parameter is saved under
+        names: dict[int, list[str]] = {}
+        for name, p in parallel.unwrap(student).named_parameters(remove_duplicate=False):
+            names.setdefault(id(p), []).append(name)
         states = {}
-        for k, decay in enumerate(self.ema.decays if self.ema else ()):
-            with self.ema.applied(k):
-                state = parallel.model_state(student)
-                states[f"ema{k}"] = {name: value.clone() for name, value in state.items()} if on_cpu else state
+        for k in range(len(self.ema.decays) if self.ema else 0):
+            shadow = dict(state)
+            for p, value in zip(student.parameters(), self.ema.full_shadow(k)):
+                value = value.to("cpu", p.dtype if in_parameter_dtypes else None)
+                shadow.update((name, value) for name in names[id(p)])
+            states[f"ema{k}"] = shadow
         return states
 
     def save(self, iteration: int) -> None:
@@ -391,14 +398,9 @@ class Trainer:
             raise ResumeRefused(f"resume: {path} is a checkpoint of {meta.get('method', 'another method')} (networks "
                              f"{held}), not of {method} (networks {sorted(self.names)}): use another output_dir, "
                              "or start over with trainer.resume=false")
-        student = self.method.network("student")
-        if self.ema is not None:
-            if list(self.ema.decays) != meta["ema_decays"]:
-                raise ResumeRefused(f"resume: {path} has EMA decays {meta['ema_decays']}, the config "
-                                    f"{list(self.ema.decays)}")
-            for k in range(len(self.ema.decays)):  # full EMA weights -> this process's shadow
-                parallel.load_model_state(student, groups[f"ema{k}"])
-                self.ema.copy_from(k)
+        if self.ema is not None and list(self.ema.decays) != meta["ema_decays"]:
+            raise ResumeRefused(f"resume: {path} has EMA decays {meta['ema_decays']}, the config "
+                                f"{list(self.ema.decays)}")
         for name in self.names:
             net = self.method.network(name)
             try:
@@ -409,6 +411,10 @@ class Trainer:
                                     "over with trainer.resume=false") from error
             state = ckpt.optimizer_from_tensors(groups[f"optimizer.{name}"], meta["optimizers"][name])
             parallel.load_optimizer_state(net, self.optimizers[name], state)
+        if self.ema is not None:  # whole fp32 shadows -> this process's (after the networks: their shapes checked)
+            names = [name for name, _ in parallel.unwrap(self.method.network("student")).named_parameters()]
+            for k in range(len(self.ema.decays)):
+                self.ema.load_full_shadow(k, [groups[f"ema{k}"][name] for name in names])
         ckpt.set_rng_state(groups["rng"], meta["rng"])
         return int(meta["iteration"])
 
@@ -417,7 +423,7 @@ class Trainer:
         student: Denoiser = self.method.student
         net = self.method.network("student")
         states = {"student": parallel.model_state(net)}
-        for k, state in self._ema_states().items():
+        for k, state in self._ema_states(in_parameter_dtypes=True).items():
             states[f"student_ema{self.ema.decays[int(k[3:])]}"] = state
         if self.rank == 0:
             for folder, state in states.items():
