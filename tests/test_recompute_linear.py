@@ -260,6 +260,16 @@ def test_zero_tokens(case, generator):
 
 
 @pytest.mark.parametrize("case", CASES)
+def test_zero_features(case, generator):
+    """An empty feature dimension (K = 0): the output is the bias and the gradients are the
+    composition's (the backward's reshape(-1, 0) of the recomputed input raised)."""
+    args, fused, composition = CASES[case](generator, torch.float32, 2, 3, 0)
+    (out, grads), (expected, expected_grads) = (_value_and_grads(fn, _leaves(args)) for fn in (fused, composition))
+    for a, b in zip((out, *grads), (expected, *expected_grads), strict=True):
+        assert a.shape == b.shape and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("case", CASES)
 def test_keeps_less_for_the_backward(case, generator):
     """The composition keeps the activation's output as the linear layer's input; these do not."""
     args, fused, composition = CASES[case](generator, torch.float32, B=4, L=16)

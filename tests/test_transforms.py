@@ -115,6 +115,19 @@ def test_compiled_forward_mode_and_grad(case, generator):
 
 
 @pytest.mark.parametrize("case", CASES)
+def test_vjp_and_jacrev(case, generator):
+    """torch.func.vjp and jacrev call the backward outside their transform, where the saved inputs
+    record no graph: the composition's gradients came back None, and autograd made them zeros."""
+    op, plain, inputs = _cases(generator)[case]
+    argnums = tuple(range(len(inputs)))
+    (out, pullback), (expected, expected_pullback) = (torch.func.vjp(fn, *inputs) for fn in (op, plain))
+    _assert_close((out,), (expected,))
+    cotangent = _randn(generator, *out.shape)
+    _assert_close(pullback(cotangent), expected_pullback(cotangent))
+    _assert_close(torch.func.jacrev(op, argnums=argnums)(*inputs), torch.func.jacrev(plain, argnums=argnums)(*inputs))
+
+
+@pytest.mark.parametrize("case", CASES)
 def test_vmap(case, generator):
     """torch.func.vmap over a leading dim of every input, alone and around torch.func.jvp, equals
     the op applied to each slice."""

@@ -88,21 +88,30 @@ def has_own_tangent(t: Tensor) -> bool:
 
 def composition_gradients(reference: Callable[..., Any], inputs: tuple, needs: tuple,
                           grad_outputs: tuple[Tensor | None, ...]) -> list[Tensor | None]:
-    """For a backward that records a graph (create_graph=True, torch.func.grad): the gradients of
-    ``reference(*inputs)`` (plain PyTorch ops; its first outputs against ``grad_outputs``, None
-    for none) by autograd, so that they differentiate again: the kernels' gradients would
-    differentiate as constants. One entry per input, None where ``needs`` says no or the input is
-    not a tensor."""
-    out = reference(*inputs)
-    pairs = [(o, g) for o, g in zip(out if isinstance(out, tuple) else (out,), grad_outputs)
-             if g is not None and o.requires_grad]
+    """For a backward that records a graph (create_graph=True, torch.func.grad, vjp, jacrev):
+    the gradients of ``reference(*inputs)`` (plain PyTorch ops; its first outputs against
+    ``grad_outputs``, None for none), so that they differentiate again: the kernels' gradients
+    would differentiate as constants. By ``torch.func.vjp`` of the reference, not
+    ``torch.autograd.grad`` of its recomputation: torch.func.vjp and jacrev call the backward
+    outside their transform, where the saved inputs record no graph (the recomputation's
+    gradients came back None, and autograd made them zeros). One entry per input, None where
+    ``needs`` says no or the input is not a tensor."""
     wanted = [i for i, (t, need) in enumerate(zip(inputs, needs)) if need and isinstance(t, Tensor)]
     grads: list[Tensor | None] = [None] * len(inputs)
-    if wanted and pairs:
-        got = torch.autograd.grad([o for o, _ in pairs], [inputs[i] for i in wanted], [g for _, g in pairs],
-                                  create_graph=True, allow_unused=True)
-        for i, g in zip(wanted, got):
-            grads[i] = torch.zeros_like(inputs[i]) if g is None else g
+    if not wanted:
+        return grads
+
+    def of_wanted(*tensors: Tensor) -> tuple[Tensor, ...]:
+        args = list(inputs)
+        for i, t in zip(wanted, tensors):
+            args[i] = t
+        out = reference(*args)
+        return (out if isinstance(out, tuple) else (out,))[:len(grad_outputs)]
+
+    outs, pullback = torch.func.vjp(of_wanted, *(inputs[i] for i in wanted))
+    got = pullback(tuple(torch.zeros_like(o) if g is None else g for o, g in zip(outs, grad_outputs)))
+    for i, g in zip(wanted, got):
+        grads[i] = g
     return grads
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -71,6 +72,11 @@ def saved_for_backward(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
     return tuple(None if t is None else t.detach() for t in tensors)
 
 
+def _rows(t: Tensor) -> Tensor:
+    """(..., F) -> (rows, F), zero-sized dimensions included (reshape(-1, 0) is ambiguous)."""
+    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
+
+
 def recomputed_input_backward(grad_out: Tensor, weight: Tensor, bias_dtype: torch.dtype | None,
                               needs: tuple[bool, bool, bool], recompute_input: Callable[[], Tensor]
                               ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
@@ -78,11 +84,11 @@ def recomputed_input_backward(grad_out: Tensor, weight: Tensor, bias_dtype: torc
     recompute_input() only when the weight gradient is needed. The layer ran in grad_out's dtype
     (autocast's, or its inputs'); dy is in it, dweight and dbias in their parameters' dtypes.
     ``needs``: whether y, weight and bias need gradients (bias_dtype None: no bias)."""
-    rows = grad_out.reshape(-1, grad_out.shape[-1])
+    rows = _rows(grad_out)
     dy = grad_out @ weight.to(grad_out.dtype) if needs[0] else None
     dweight = None
     if needs[1]:
-        dweight = (rows.T @ recompute_input().reshape(-1, weight.shape[1]).to(rows.dtype)).to(weight.dtype)
+        dweight = (rows.T @ _rows(recompute_input()).to(rows.dtype)).to(weight.dtype)
     dbias = rows.sum(0).to(bias_dtype) if bias_dtype is not None and needs[2] else None
     return dy, dweight, dbias
 
@@ -98,7 +104,7 @@ def composed_layer_gradients(grad_out: Tensor, reference: Callable[..., Tensor],
         return F.linear(reference(*args[:-1]).to(grad_out.dtype), args[-1].to(grad_out.dtype))
 
     grads = composition_gradients(composition, (*inputs, weight), needs[:-1], (grad_out,))
-    rows = grad_out.reshape(-1, grad_out.shape[-1])
+    rows = _rows(grad_out)
     return (*grads, rows.sum(0).to(bias_dtype) if bias_dtype is not None and needs[-1] else None)
 
 
