@@ -55,12 +55,14 @@ class Fp8Linear(nn.Module):
         return layer
 
     def _apply(self, fn, recurse=True):
-        """Device moves apply to every buffer; dtype casts (``model.bfloat16()``, ``.to(dtype)``) to
-        the bias only: the weight stays e4m3 and its scales fp32."""
+        """Device moves and ``to_empty`` apply to every buffer; dtype casts (``model.bfloat16()``,
+        ``.to(dtype)``) to the bias only: the weight stays e4m3 and its scales fp32."""
         codes, scale = self.weight, self.weight_scale
         super()._apply(fn, recurse)
-        device = self.weight.device
-        self.weight, self.weight_scale = codes.to(device), scale.to(device)
+        if self.weight.dtype != codes.dtype:  # a cast reached them: the values as they were, moved
+            self.weight = codes.to(self.weight.device)
+        if self.weight_scale.dtype != scale.dtype:
+            self.weight_scale = scale.to(self.weight_scale.device)
         return self
 
     def forward(self, x: Tensor, gate: Tensor | None = None, residual: Tensor | None = None,
@@ -95,14 +97,25 @@ def default_filter(module: nn.Module, name: str) -> bool:
 def quantize_fp8(model: nn.Module, filter_fn: Callable[[nn.Module, str], bool] | None = None,
                  per_channel: bool = True) -> nn.Module:
     """Swaps, in place, each ``nn.Linear`` of ``model`` for which ``filter_fn(module, qualified_name)``
-    is true (default: :func:`default_filter`) for its :class:`Fp8Linear`; returns ``model``."""
+    is true (default: :func:`default_filter`) for its :class:`Fp8Linear`; returns ``model`` (a
+    model that is itself an ``nn.Linear``: its Fp8Linear, or itself). A layer registered under
+    several names stays one layer: every name gets the same Fp8Linear (the first name decides)."""
     filter_fn = filter_fn or default_filter
+    if type(model) is nn.Linear:
+        return Fp8Linear.from_linear(model, per_channel) if filter_fn(model, "") else model
+    replacements: dict[int, nn.Module] = {}  # id(Linear) -> what every name of it gets
     swapped = []
-    for name, module in list(model.named_modules()):
-        for child_name, child in list(module.named_children()):
+    # every path: named_modules() and named_children() list a shared module under its first name only
+    for name, module in list(model.named_modules(remove_duplicate=False)):
+        for child_name, child in list(module._modules.items()):
+            if type(child) is not nn.Linear:
+                continue
             qualified = f"{name}.{child_name}" if name else child_name
-            if type(child) is nn.Linear and filter_fn(child, qualified):
-                setattr(module, child_name, Fp8Linear.from_linear(child, per_channel))
+            if id(child) not in replacements:
+                quantize = filter_fn(child, qualified)
+                replacements[id(child)] = Fp8Linear.from_linear(child, per_channel) if quantize else child
+            if replacements[id(child)] is not child:
+                setattr(module, child_name, replacements[id(child)])
                 swapped.append(qualified)
     log.info("quantize_fp8: %d Linear layers to FP8: %s", len(swapped), ", ".join(swapped))
     return model

@@ -46,11 +46,12 @@ def test_round_trip_groups_and_metadata(tmp_path, generator):
     path = tmp_path / "run" / "checkpoint.safetensors"
     ckpt.save_checkpoint(path, groups, metadata)
 
-    loaded, loaded_metadata = ckpt.load_checkpoint(path)
-    assert_identical(loaded_metadata, metadata)
-    assert list(loaded) == list(groups)
-    for group, named in groups.items():
-        assert_identical(loaded[group], {k: t.detach() for k, t in named.items()}, group)
+    for device in ("cpu", torch.device("cpu", 0)):  # safetensors refused "cpu:0"
+        loaded, loaded_metadata = ckpt.load_checkpoint(path, device)
+        assert_identical(loaded_metadata, metadata)
+        assert list(loaded) == list(groups)
+        for group, named in groups.items():
+            assert_identical(loaded[group], {k: t.detach() for k, t in named.items()}, group)
     assert [p.name for p in path.parent.iterdir()] == [path.name]
 
 

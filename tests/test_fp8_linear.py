@@ -364,6 +364,35 @@ def test_quantize_fp8_model_snr_and_safetensors_round_trip(generator, tmp_path):
         assert torch.equal(fresh.block(x, t), out)
 
 
+def test_a_layer_with_several_names_stays_one_layer(generator):
+    """A Linear registered twice in one parent (named_children lists it once: one name stayed
+    high precision) or in two parents (each got its own copy: the tie broken, the weight stored
+    twice) becomes one Fp8Linear; a model that is itself a Linear comes back quantized."""
+    shared = torch.nn.Linear(16, 16)
+    model = torch.nn.Module()
+    model.proj_in = model.proj_out = shared
+    model.a, model.b = torch.nn.Module(), torch.nn.Module()
+    model.a.fc = model.b.fc = shared
+    fk.quantize_fp8(model)
+    assert isinstance(model.proj_in, fk.Fp8Linear)
+    assert model.proj_in is model.proj_out is model.a.fc is model.b.fc
+    assert isinstance(fk.quantize_fp8(torch.nn.Linear(16, 16)), fk.Fp8Linear)
+    kept = torch.nn.Linear(16, 16)
+    assert fk.quantize_fp8(kept, filter_fn=lambda module, name: False) is kept
+
+
+def test_meta_initialisation_then_to_empty():
+    """The big-model path: built (or moved) on the meta device, then to_empty on a real one (the
+    layer copied its meta codes back and raised)."""
+    with torch.device("meta"):
+        layer = fk.Fp8Linear(8, 4)
+    moved = fk.quantize_fp8(torch.nn.Sequential(torch.nn.Linear(8, 4)), filter_fn=lambda m, n: True).to("meta")
+    for module in (layer, moved[0]):
+        module.to_empty(device="cpu")
+        assert module.weight.device.type == "cpu" and module.weight.dtype == torch.float8_e4m3fn
+        assert module.weight_scale.dtype == torch.float32 and module.bias.device.type == "cpu"
+
+
 def test_no_tokens_or_features_give_an_empty_output():
     """As nn.Linear: (0, K) -> (0, N), (B, 0, K) -> (B, 0, N), and N = 0 -> (M, 0) (on a GPU the TMA
     variants' descriptors refuse an empty matrix)."""

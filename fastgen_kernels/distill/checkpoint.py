@@ -144,7 +144,8 @@ def save_checkpoint(path: str | os.PathLike, groups: Mapping[str, Mapping[str, T
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
                     ) -> tuple[dict[str, dict[str, Tensor]], dict]:
     """(groups, metadata) as given to :func:`save_checkpoint`, tensors on ``device``."""
-    with safe_open(os.fspath(path), framework="pt", device=str(torch.device(device))) as f:
+    device = torch.device(device)  # safetensors names the CPU "cpu", never "cpu:0"
+    with safe_open(os.fspath(path), framework="pt", device="cpu" if device.type == "cpu" else str(device)) as f:
         header = f.metadata() or {}
         if _METADATA_KEY not in header or _GROUPS_KEY not in header:
             raise ValueError(f"load_checkpoint: {path} was not written by save_checkpoint "
