@@ -81,7 +81,8 @@ def consistency_loss(pred: Tensor, target: Tensor, weight: Tensor | None = None,
     if metric == "l2" and c is not None:
         raise ValueError(f"{op}: c is the pseudo-Huber constant; metric='l2' takes none")
     D = sl.numel_per_sample(pred)
-    c = 0.00054 * math.sqrt(D) if c is None else _checks.positive(op, "c", c)
+    # c^2 is formed in fp32: c at least the square root of its smallest normal
+    c = 0.00054 * math.sqrt(D) if c is None else _checks.positive(op, "c", c, math.sqrt(_checks.FP32_TINY))
     reduction = _checks.reduction(op, reduction)
     return _squared_residual_loss(pred, target.detach(), weight=weight, huber=0.0 if metric == "l2" else c,
                                   reduction=reduction)

@@ -541,6 +541,14 @@ def test_bad_options_name_the_argument():
         losses.consistency_loss(x, x, metric="l2", c=0.1)
     with pytest.raises(ValueError, match="c must be a positive number"):
         losses.consistency_loss(x, x, c=-1.0)
+    # constants that vanish in the kernels' fp32 (pseudo-Huber c: its square): they turned the
+    # pseudo-Huber metric into the squared L2 on the cpu backend only, or gave NaN gradients
+    for call in (lambda: losses.consistency_loss(x, x, c=1e-20), lambda: losses.vsd_loss(x, x, x, eps=1e-50),
+                 lambda: losses.meanflow_loss(x, x, x, t, t, c=1e-39),
+                 lambda: losses.scm_loss(x, x, x, x, x, t, t, c=1e-45)):
+        with pytest.raises(ValueError, match=r"must be a positive number of at least .* \(the kernels compute in"):
+            call()
+    losses.consistency_loss(x, x, c=2e-19)  # c^2 a normal fp32 number
     with pytest.raises(ValueError, match="r is required"):
         losses.meanflow_loss(x, x, x, t, None)
     for p in (-1, float("inf")):  # p = inf gave an infinite loss

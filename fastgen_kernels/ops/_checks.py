@@ -198,10 +198,19 @@ def reduction(op: str, value: object) -> str:
     return value
 
 
-def positive(op: str, name: str, value: object) -> float:
-    """A finite number > 0 (an infinite eps or constant would make the op's result 0 or NaN)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
-        raise ValueError(f"{op}: {name} must be a positive number, got {value!r}")
+# fp32's smallest normal number: the kernels compute in fp32, where a smaller constant is 0 or
+# loses its digits (an eps that vanishes divides by zero; a vanishing pseudo-Huber c turned it into
+# the squared L2 on one backend and not on another)
+FP32_TINY = torch.finfo(torch.float32).tiny
+
+
+def positive(op: str, name: str, value: object, smallest: float = FP32_TINY) -> float:
+    """A finite number >= ``smallest`` (default: fp32's smallest normal, 1.2e-38), > 0; an
+    infinite eps or constant would make the op's result 0 or NaN."""
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf")
+            or value < smallest):
+        raise ValueError(f"{op}: {name} must be a positive number of at least {smallest:.3g} (the kernels "
+                         f"compute in fp32), got {value!r}")
     return float(value)
 
 
