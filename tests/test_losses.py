@@ -379,6 +379,36 @@ def test_batch_mean_walks_the_batch_in_blocks(backend, generator):
     torch.testing.assert_close(each.double(), expected, rtol=1e-6, atol=0)
 
 
+LONG_SAMPLES = {"one_chunk_per_sample": (256, 65536 + 3), "many_chunks": (1, 1 << 22)}
+
+
+def _check_long_samples_sum(backend, batch, numel, generator):
+    """DESIGN's rule for reductions: at most twice PyTorch's error in the same precision, plus the
+    output's rounding."""
+    pred = torch.randn(batch, numel, generator=generator) + 3  # a biased residual: sums that grow
+    target = torch.zeros(batch, numel)
+    with fk.use_backend(backend):
+        ours = losses.denoising_loss(pred, target, reduction="none")
+    exact = pred.double().square().mean(1)
+    error = ((ours.double() - exact) / exact).abs().max().item()
+    pytorch_error = ((pred.square().mean(1).double() - exact) / exact).abs().max().item()
+    assert error <= 2 * pytorch_error + torch.finfo(torch.float32).eps / 2, (error, pytorch_error)
+
+
+@pytest.mark.parametrize("cpu_isa", cpu_isas(), indirect=True)
+@pytest.mark.parametrize("shape", LONG_SAMPLES)
+def test_long_samples_sum_as_accurately_as_pytorch(shape, cpu_isa, generator):
+    """A lane summed a whole chunk in fp32 (4.6x PyTorch's error with a sample per chunk), and a
+    sample's many chunk sums were added in fp32 (B = 1: 400x at 2^24 elements)."""
+    _check_long_samples_sum("cpu", *LONG_SAMPLES[shape], generator)
+
+
+@pytest.mark.parametrize("backend", [p for p in cpu_backends() if p.values[0] == "triton"])
+def test_triton_tail_adds_many_chunks_as_accurately_as_pytorch(backend, generator):
+    """The Triton tail added a sample's chunk sums in fp32 (as the CUDA one did)."""
+    _check_long_samples_sum(backend, *LONG_SAMPLES["many_chunks"], generator)
+
+
 NATIVE_CASES = ["vsd", "denoising", "consistency", "meanflow", "scm", "gan_generator"]
 
 

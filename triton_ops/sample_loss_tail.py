@@ -38,16 +38,18 @@ def _tail_kernel(
     for first in range(0, batch, BLOCK):
         b = first + tl.arange(0, BLOCK)
         mask = b < batch
-        s0 = tl.zeros([BLOCK], tl.float32)
-        s1 = tl.zeros([BLOCK], tl.float32)
-        s2 = tl.zeros([BLOCK], tl.float32)
+        # a sample's chunk sums (up to 256 of them, B = 1) added in fp64: fp32 drifted by their count
+        s0 = tl.zeros([BLOCK], tl.float64)
+        s1 = tl.zeros([BLOCK], tl.float64)
+        s2 = tl.zeros([BLOCK], tl.float64)
         for k in range(0, chunks):
             row = PARTIALS + (b.to(tl.int64) * chunks + k) * NSUMS
-            s0 += tl.load(row, mask=mask, other=0.0)
+            s0 += tl.load(row, mask=mask, other=0.0).to(tl.float64)
             if NSUMS > 1:
-                s1 += tl.load(row + 1, mask=mask, other=0.0)
+                s1 += tl.load(row + 1, mask=mask, other=0.0).to(tl.float64)
             if NSUMS > 2:
-                s2 += tl.load(row + 2, mask=mask, other=0.0)
+                s2 += tl.load(row + 2, mask=mask, other=0.0).to(tl.float64)
+        s0, s1, s2 = s0.to(tl.float32), s1.to(tl.float32), s2.to(tl.float32)
         w = tl.full([BLOCK], 1.0, tl.float32)
         if HAS_WEIGHT:
             w = tl.load(WEIGHT + b, mask=mask, other=1.0)

@@ -2,6 +2,7 @@
 // elementwise backward passes.
 #pragma once
 
+#include <algorithm>
 #include <vector>
 
 #include "cpu/common.h"
@@ -12,14 +13,18 @@ namespace fastgen {
 namespace cpu {
 namespace FASTGEN_CPU_ISA {
 
-// Independent running sums per statistic in lane_sums: one running sum is bound by the latency of
-// its add (a vector add every few cycles); kLanes of them pipeline and vectorize.
+// Independent running sums per statistic in block_lane_sums: one running sum is bound by the
+// latency of its add (a vector add every few cycles); kLanes of them pipeline and vectorize.
 constexpr int kLanes = 16;
+// lane_sums adds blocks of this many elements apart, their sums in double: one lane summing a whole
+// long chunk in A (fp32) drifted by its length times fp32's rounding (9x PyTorch's error at 262144
+// elements per sample, 400x at 2^24); 256 terms per lane keep it below PyTorch's pairwise sum's.
+constexpr int64_t kBlockElements = kLanes * 256;
 
 // Adds term(i, t) (which fills t[0..NSTAT)) over the elements [begin, end) to acc, with kLanes
 // running sums per statistic combined in a fixed order: deterministic, and fast.
 template <int NSTAT, typename A, typename Term>
-inline void lane_sums(int64_t begin, int64_t end, A (&acc)[NSTAT], Term&& term) {
+inline void block_lane_sums(int64_t begin, int64_t end, A (&acc)[NSTAT], Term& term) {
   A lanes[NSTAT][kLanes] = {};
   int64_t i = begin;
   for (; i + kLanes <= end; i += kLanes) {
@@ -37,6 +42,18 @@ inline void lane_sums(int64_t begin, int64_t end, A (&acc)[NSTAT], Term&& term) 
   }
   for (int s = 0; s < NSTAT; ++s)
     for (int l = 0; l < kLanes; ++l) acc[s] += lanes[s][l];
+}
+
+// block_lane_sums over [begin, end) in blocks of kBlockElements, the blocks' sums added in double.
+template <int NSTAT, typename A, typename Term>
+inline void lane_sums(int64_t begin, int64_t end, A (&acc)[NSTAT], Term&& term) {
+  double total[NSTAT] = {};
+  for (int64_t block = begin; block < end; block += kBlockElements) {
+    A part[NSTAT] = {};
+    block_lane_sums<NSTAT, A>(block, std::min(end, block + kBlockElements), part, term);
+    for (int s = 0; s < NSTAT; ++s) total[s] += static_cast<double>(part[s]);
+  }
+  for (int s = 0; s < NSTAT; ++s) acc[s] += static_cast<A>(total[s]);
 }
 
 // Reduces `batch` samples of `numel` elements to NSTAT sums each, written to sums (batch, NSTAT)
@@ -63,10 +80,10 @@ void sample_chunk_sums(int64_t batch, int64_t numel, at::Tensor& sums, ChunkFn&&
   A* out = sums.mutable_data_ptr<A>();
   for (int64_t b = 0; b < batch; ++b) {
     for (int s = 0; s < NSTAT; ++s) {
-      A total = 0;
+      double total = 0;  // a sample of many chunks (B = 1) adds many partials
       for (int64_t k = 0; k < chunks.chunks_per_sample; ++k)
-        total += partials[(b * chunks.chunks_per_sample + k) * NSTAT + s];
-      out[b * NSTAT + s] = total;
+        total += static_cast<double>(partials[(b * chunks.chunks_per_sample + k) * NSTAT + s]);
+      out[b * NSTAT + s] = static_cast<A>(total);
     }
   }
 }

@@ -15,11 +15,13 @@ __global__ void __launch_bounds__(kTailThreads) sample_loss_tail_kernel(SampleLo
   const int saved_width = tail_saved(args.tail.kind);
   double total = 0.0;  // each thread's share of a large batch, past what fp32 counts exactly
   for (int64_t b = threadIdx.x; b < args.batch; b += blockDim.x) {
-    float sums[3] = {};  // at most 3 sums per sample (sCM)
+    double chunk_total[3] = {};  // at most 3 sums per sample (sCM), over up to 256 chunks in fp64
     for (int64_t k = 0; k < args.chunks_per_sample; ++k) {
       const float* row = args.sums + (b * args.chunks_per_sample + k) * sums_width;
-      for (int s = 0; s < sums_width; ++s) sums[s] += row[s];
+      for (int s = 0; s < sums_width; ++s) chunk_total[s] += row[s];
     }
+    float sums[3];
+    for (int s = 0; s < 3; ++s) sums[s] = static_cast<float>(chunk_total[s]);
     const float value = loss_tail<float>(
         args.tail, sums, args.weight ? args.weight[b] : 1.f, args.t ? args.t[b] : 0.f,
         args.logvar ? args.logvar[b] : 0.f, args.saved + b * saved_width);

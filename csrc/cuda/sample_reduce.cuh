@@ -66,13 +66,13 @@ __global__ void sample_chunks_finish_kernel(const float* __restrict__ partials, 
                                             int64_t batch, int64_t chunks_per_sample) {
   const int64_t sample = int64_t{blockIdx.x} * blockDim.x + threadIdx.x;
   if (sample >= batch) return;
-  float total[NSTAT] = {};
+  double total[NSTAT] = {};  // up to 256 chunks of one sample (B = 1): fp32 would drift by their count
   for (int64_t k = 0; k < chunks_per_sample; ++k) {
 #pragma unroll
     for (int s = 0; s < NSTAT; ++s) total[s] += partials[(sample * chunks_per_sample + k) * NSTAT + s];
   }
 #pragma unroll
-  for (int s = 0; s < NSTAT; ++s) sums[sample * NSTAT + s] = total[s];
+  for (int s = 0; s < NSTAT; ++s) sums[sample * NSTAT + s] = static_cast<float>(total[s]);
 }
 
 inline bool valid_sample_reduce(const SampleReduceArgs& r) {

@@ -290,8 +290,9 @@ void loss_tail(int64_t batch, int64_t chunks_per_sample, bool mean) {
   std::vector<double> per_sample(batch, 0);
   double total = 0;
   for (int64_t b = 0; b < batch; ++b) {
-    float sample = 0;  // the kernel adds a sample's chunks in fp32, in order
-    for (int64_t k = 0; k < chunks_per_sample; ++k) sample += sums[b * chunks_per_sample + k];
+    double chunk_total = 0;  // the kernel adds a sample's chunks in fp64 and rounds the sum to fp32
+    for (int64_t k = 0; k < chunks_per_sample; ++k) chunk_total += sums[b * chunks_per_sample + k];
+    const float sample = static_cast<float>(chunk_total);
     per_sample[b] = sample;
     total += sample;
   }
