@@ -1,5 +1,5 @@
 """The fused losses (fastgen_kernels.losses), forward + backward, against the eager PyTorch
-composition of METHODS.md and torch.compile of it.
+composition training code writes and torch.compile of it.
 
 Run: ``pytest bench/bench_losses.py`` (add ``--benchmark-json=out.json`` for the record).
 Shapes: SD latents B=64 x 4x64x64 and Wan-style video latents B=8 x 16x60x104 (fp32 and bf16).
@@ -45,7 +45,7 @@ def _view(v, x):
     return v.view((-1,) + (1,) * (x.dim() - 1))
 
 
-# The eager compositions, as METHODS.md writes them (and as training code does), in fp32.
+# The eager compositions, as training code writes them from the papers' formulas, in fp32.
 
 
 def eager_vsd(x_g, teacher, fake, weight):

@@ -108,7 +108,7 @@ FASTGEN_HOST_DEVICE inline T loss_tail(const LossTailArgs& args, const T* sums, 
       T S = sums[2] - 2 * sums[1] * n + sums[0] * n * n;
       S = S < 0 ? T(0) : S;
       T sigma = p0 * tan(t);
-      sigma = sigma < T(1e-6) ? T(1e-6) : sigma;  // METHODS.md: no zero denominators
+      sigma = sigma < T(1e-6) ? T(1e-6) : sigma;  // sCM's 1 / sigma: no zero denominators
       // t at pi/2, or past it once rounded (tan < 0): 1 / sigma -> 0; a NaN t stays NaN
       const T k = cos(t) <= T(0) ? T(0) : exp(-logvar) / (D * sigma);
       T p[4];

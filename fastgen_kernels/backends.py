@@ -9,7 +9,7 @@ cuda       CUDA tensors                                     extension built with
 triton     CUDA tensors (CPU tensors under the interpreter  the ``triton`` package
            ``TRITON_INTERPRET=1``, only when requested)
 cpu        CPU tensors                                      extension built (C++ kernels)
-reference  any device                                       nothing (plain PyTorch, fp32)
+reference  any device                                       nothing (PyTorch; fp32/fp64)
 =========  ===============================================  =============================
 
 Automatic choice takes the first backend that is available, runs on the tensors' device and

@@ -8,7 +8,7 @@ network's parameterization (see :mod:`fastgen_kernels.schedules`).
 What the network is fed: ``t_in = time_scale * t + time_shift`` (rf networks are often trained on
 1000 t; diffusers' DDPM step k sits at our t = (k + 1) / 1000: scale 1000, shift -1), or,
 with ``preconditioning="edm"``, EDM's ``F(c_in x, c_noise)`` wrapped as
-``D = c_skip x + c_out F`` (prediction must then be ``x0``: D is the x0 estimate).
+``D = c_skip x + c_out F`` (schedule must then be ``edm`` and prediction ``x0``: D is the x0 estimate).
 
 ``save_pretrained(dir)`` writes ``model.safetensors`` (the network's weights) and ``fastgen.json``
 (schedule, prediction, preconditioning, time scale, sample shape, the unconditional label and,

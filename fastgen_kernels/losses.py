@@ -1,5 +1,6 @@
-r"""Fused distillation losses (METHODS.md section 3): one fused reduction pass forward and one
-elementwise pass backward each, on the cuda, triton, cpu or reference backend chosen per call.
+r"""Fused distillation losses (DMD2, consistency models, sCM, MeanFlow, GANs): one fused reduction
+pass forward and one elementwise pass backward each, on the cuda, triton, cpu or reference
+backend chosen per call.
 
 Inputs are (B, ...) tensors of any rank, float16/bfloat16/float32 (float64 on cpu and reference),
 accumulated in fp32; per-sample scalars are (B,) tensors. Each loss returns the batch mean

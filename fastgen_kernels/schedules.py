@@ -7,7 +7,7 @@ Every schedule writes a noisy sample as ``x_t = alpha(t) * x0 + sigma(t) * eps``
 name   alpha(t), sigma(t)           t from t_max down to 0  notes
 =====  ===========================  ======================  ===============================
 edm    1, t                         80 .. 0.002, then 0     Karras grid, rho = 7
-rf     1 - t, t                     0.999 .. 0              optional shift s t / (1 + (s-1) t)
+rf     1 - t, t                     0.999 .. 0              grid shift s t / (1+(s-1) t)
 vp     sqrt(abar), sqrt(1 - abar)   0.999 .. 0              abar interpolated from a beta table
 trig   cos t, sigma_data sin t      atan(80 / sigma_data)   sCM / TrigFlow
 =====  ===========================  ======================  ===============================

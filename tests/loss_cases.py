@@ -1,5 +1,5 @@
-"""The fused losses as test cases: for each, an fp64 oracle written straight from METHODS.md
-section 3 (per-sample losses, the methods' own compositions with their stop-gradients), random
+"""The fused losses as test cases: for each, an fp64 oracle written straight from the papers'
+formulas (per-sample losses, the methods' own compositions with their stop-gradients), random
 inputs, and which inputs are differentiable. Shared by test_losses.py and test_gpu.py."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """The fused losses (fastgen_kernels.losses) on every CPU-reachable backend (C++ cpu, Triton under
-the interpreter, reference): value and gradients against fp64 oracles written from METHODS.md
+the interpreter, reference): value and gradients against fp64 oracles written from the papers' formulas
 (tests/loss_cases.py), odd shapes, B = 1, fp16/bf16 inputs, non-contiguous inputs, gradcheck,
 opcheck on every custom op, torch.compile, determinism, a property test up to magnitudes of 1e4,
 and bad input."""

@@ -81,7 +81,7 @@ def _tail_kernel(
             S = tl.where(S < 0.0, 0.0, S)  # keeps a NaN (a diverged sample) a NaN, as clamp_min does
             cos_t, sin_t = tl.cos(t), tl.sin(t)
             sigma = p0 * sin_t / cos_t
-            sigma = tl.where(sigma < 1e-6, 1e-6, sigma)  # METHODS.md: no zero denominators
+            sigma = tl.where(sigma < 1e-6, 1e-6, sigma)  # sCM's 1 / sigma: no zero denominators
             k = tl.where(cos_t <= 0.0, 0.0, tl.exp(-u) / (D * sigma))  # t at pi/2 (rounded past it): 1 / sigma -> 0
             loss = S * k + u
             tl.store(SAVED + b * NSAVED, 2.0 * red * k, mask=mask)

@@ -1,4 +1,4 @@
-"""Training and distillation: the methods of METHODS.md section 3 and the trainer.
+"""Training and distillation: the distillation methods and the trainer.
 
 ``METHODS`` maps a method's name (as in configs and the CLI) to its class; each class has a
 ``Config`` frozen dataclass of options. See :mod:`fastgen_kernels.distill.base` for the protocol.

@@ -1,5 +1,5 @@
 """The adversarial branch of DMD2, f-Distill and LADD: a small discriminator head on the frozen
-teacher's intermediate features (METHODS.md 3).
+teacher's intermediate features.
 
 The teacher is run at the noised sample (x_t, t) and forward hooks collect the outputs of some of
 its blocks (by default the middle and the last of ``net.blocks``). Each feature map, as tokens

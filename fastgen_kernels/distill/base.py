@@ -1,5 +1,5 @@
 """What every training method shares: the batch and its randomness, the method protocol, and the
-building blocks of METHODS.md section 3 (training times, label dropout, the denoising loss in a
+building blocks of the distillation methods (training times, label dropout, the denoising loss in a
 model's prediction space, guided teacher estimates, student generation, JVPs).
 
 A method is an ``nn.Module`` over its networks (a student :class:`~fastgen_kernels.Denoiser`, a
@@ -313,14 +313,14 @@ def jvp(fn: Callable[..., Tensor], primals: tuple[Tensor, ...], tangents: tuple[
     their tangent in one GEMM, ``fastgen_kernels.ops.linear``). Dual tensors rather than
     ``torch.func.jvp``: the same values, but functorch wraps every autograd.Function call in a
     new class and the custom op, 2.5x the host time of the pass (a DiT of 28 blocks on the CPU).
-    ``finite_difference``: (fn(p + h v) - fn(p - h v)) / 2h, combined in fp64, with a step
-    relative to the point, per sample b over all the (B, ...) primals: h_b = ``step`` |p_b| / |v_b|
-    (METHODS.md; ``step`` itself where either is zero). Two evaluations, the baseline the exact
-    JVP replaces, with autocast off: evaluated in bf16, the difference at h = 1e-3 is rounding
-    noise (the tangent's relative error was above 1 on a small DiT, against 5e-4 in fp32). ``finite_difference_autocast``: the same under the caller's
-    autocast, cheaper and that inaccurate: for cost comparisons only (bench_distill's peer, as the
-    H200 measured it). The callers take fn(primals) from their own forward pass with gradients, so
-    no method returns it.
+    ``finite_difference``: (fn(p + h v) - fn(p - h v)) / 2h, combined in fp64, with a step relative
+    to the point, per sample b over all the (B, ...) primals: h_b = ``step`` |p_b| / |v_b| (``step``
+    itself where either is zero). Two evaluations, the baseline the exact JVP replaces, with
+    autocast off: evaluated in bf16, the difference at h = 1e-3 is rounding noise (the tangent's
+    relative error was above 1 on a small DiT, against 5e-4 in fp32).
+    ``finite_difference_autocast``: the same under the caller's autocast, cheaper and that
+    inaccurate: for cost comparisons only (bench_distill's peer, as the H200 measured it). The
+    callers take fn(primals) from their own forward pass with gradients, so no method returns it.
     """
     if method not in JVP_METHODS:
         raise ValueError(f"jvp: method must be one of {JVP_METHODS}, got {method!r}")

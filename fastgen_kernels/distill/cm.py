@@ -1,5 +1,5 @@
 """Consistency models: consistency training (CT) and distillation (CD), with ECT's curriculum
-(Song et al. 2023; Geng et al. 2024; METHODS.md 3).
+(Song et al. 2023; Geng et al. 2024).
 
 One shared eps per sample: y_t = alpha(t) x0 + sigma(t) eps and a smaller time r < t with
 EDM noise level (sigma / alpha)

@@ -1,5 +1,5 @@
 """DMD2 (Yin et al. 2024) and f-Distill (Xu et al. 2025): distribution matching distillation with
-a fake score and an optional GAN branch, on two time scales (METHODS.md 3).
+a fake score and an optional GAN branch, on two time scales.
 
 Student iterations (every ``student_every``-th): x_g = G(z) (1 step; few-step students start from
 data noised to a random time of their list), a critic time t, x_t = alpha x_g + sigma eps, and

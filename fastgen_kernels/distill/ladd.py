@@ -1,4 +1,4 @@
-"""LADD: latent adversarial diffusion distillation (Sauer et al. 2024; METHODS.md 3).
+"""LADD: latent adversarial diffusion distillation (Sauer et al. 2024).
 
 Pure adversarial distillation: the student's sample x_g is noised to a time t of the teacher's
 training distribution and judged by a discriminator head on the frozen teacher's features (see

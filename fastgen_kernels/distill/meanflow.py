@@ -1,4 +1,4 @@
-"""MeanFlow: one-step flow maps from data or by distillation (Geng et al. 2025; METHODS.md 3).
+"""MeanFlow: one-step flow maps from data or by distillation (Geng et al. 2025).
 
 The student is an ``rf`` / ``mean_flow`` Denoiser: u_theta(x_t, r, t) is the average velocity over
 [r, t], x_r = x_t - (t - r) u. Per sample: t and r logit-normal, sorted (t >= r), and r = t for a

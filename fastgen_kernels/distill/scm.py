@@ -1,4 +1,4 @@
-"""sCM: continuous-time consistency models on TrigFlow (Lu & Song 2024; METHODS.md 3).
+"""sCM: continuous-time consistency models on TrigFlow (Lu & Song 2024).
 
 The student is a ``trig`` / ``trig_F`` Denoiser whose network also returns a log-variance u(t)
 (``net(..., return_logvar=True)``, as the reference DiT with ``logvar_head=True``). Per sample:

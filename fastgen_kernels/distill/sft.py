@@ -1,4 +1,4 @@
-"""SFT: denoising score matching, to train a teacher from data or fine-tune it (METHODS.md 3).
+"""SFT: denoising score matching, to train a teacher from data or fine-tune it.
 
 t from the schedule's training distribution (edm: ln sigma ~ N(-1.2, 1.2^2); rf: logit-normal;
 trig: sCM's), x_t = alpha(t) x0 + sigma(t) eps, loss = mean_b weight(t) ||net - target||^2 / D in

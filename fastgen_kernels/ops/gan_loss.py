@@ -12,7 +12,7 @@ VJP of a term with upstream gradient g (one elementwise pass; red = 1 / B for th
 
     dx = g * red / D * sign * sigmoid(z),   sign = -1 for a negative term, else 1
 
-The R1 penalty of METHODS.md, mean (D(real_t) - D(real_t + 0.1 noise))^2, is
+The approximate R1 penalty of DMD2 and LADD, mean (D(real_t) - D(real_t + 0.1 noise))^2, is
 ``denoising_loss(logits_real, logits_perturbed)``.
 
 Custom ops: ``fastgen::softplus_loss`` -> (loss, saved), backward ``fastgen::softplus_loss_backward``.

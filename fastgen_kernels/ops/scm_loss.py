@@ -1,5 +1,5 @@
 r"""sCM (continuous-time consistency, TrigFlow) loss, fused: tangent, tangent normalization,
-residual and adaptive weighting (METHODS.md section 3, Lu & Song 2024).
+residual and adaptive weighting (Lu & Song 2024).
 
 Shapes: F (the student's output F_theta, with gradient), F_minus (F_theta-, no gradient), dxt_dt,
 jvp (J, the JVP of F_theta- along (cos t sin t dx_t/dt, cos t sin t)), x_t: (B, ...) of one shape

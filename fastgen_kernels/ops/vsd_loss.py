@@ -7,7 +7,7 @@ D elements; weight h: (B,) or None (h = 1). Per sample b, with sums over its D e
     w  = 1 / (S1 / D + eps)       c  = w * h                      (no gradient through w, h)
     grad = (Fk - T) * c           loss_b = 0.5 * mean_D(grad^2) = 0.5 * c^2 * S2 / D
 
-(the tail: csrc/sample_loss_tail.h). This is METHODS.md's 0.5 * mean((x_g - sg(x_g - grad))^2)
+(the tail: csrc/sample_loss_tail.h). This is DMD2's 0.5 * mean((x_g - sg(x_g - grad))^2)
 without the pseudo-target: its gradient w.r.t. x_g, with upstream gradient g of the result, is
 (one elementwise pass)::
 
