@@ -10,6 +10,7 @@ import logging
 import math
 from typing import NamedTuple
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -385,6 +386,8 @@ def test_bad_input_names_the_argument():
         fk.attention(q, kv.to("meta"), kv)
     with pytest.raises(ValueError, match="scale must be a finite number"):
         fk.attention(q, kv, kv, scale=float("nan"))
+    torch.testing.assert_close(fk.attention(q, kv, kv, scale=np.float32(0.25)),  # a NumPy scale was refused
+                               fk.attention(q, kv, kv, scale=0.25))
     with pytest.raises(TypeError, match="causal must be a bool"):
         fk.attention(q, kv, kv, causal=1)
     with pytest.raises(ValueError, match="chunk_size=4 needs causal=True"):

@@ -6,6 +6,7 @@ and bad input."""
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from conftest import CPU_DTYPES, cpu_backends, cpu_isas, extension_backends
@@ -590,6 +591,13 @@ def test_bad_options_name_the_argument():
         losses.scm_loss(x, x, x, x, x, t, t, warmup=2.0)
     with pytest.raises(ValueError, match="mode must be one of"):
         losses.gan_loss(x, mode="critic")
+    # constants are Python or NumPy numbers (np.float32 was refused as not a number); a tensor
+    # or a bool is named
+    assert losses.scm_loss(x, x, x, x, x, t, t, sigma_data=np.float32(0.5), c=np.float64(0.1),
+                           warmup=np.float32(1)).isfinite()
+    for bad in (torch.tensor(0.1), True):
+        with pytest.raises(ValueError, match="c must be a positive number"):
+            losses.consistency_loss(x, x, c=bad)
     with pytest.raises(ValueError, match="logits_real is for mode='discriminator'"):
         losses.gan_loss(x, x)
     with pytest.raises(ValueError, match="needs logits_real"):

@@ -4,6 +4,7 @@ their dtype rules."""
 from __future__ import annotations
 
 import functools
+import numbers
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -204,11 +205,15 @@ def reduction(op: str, value: object) -> str:
 FP32_TINY = torch.finfo(torch.float32).tiny
 
 
+def real_number(value: object) -> bool:
+    """A real number: int, float or a NumPy scalar (numbers.Real), not a bool (nor a tensor)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def positive(op: str, name: str, value: object, smallest: float = FP32_TINY) -> float:
     """A finite number >= ``smallest`` (default: fp32's smallest normal, 1.2e-38), > 0; an
     infinite eps or constant would make the op's result 0 or NaN."""
-    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf")
-            or value < smallest):
+    if not real_number(value) or not 0 < value < float("inf") or value < smallest:
         raise ValueError(f"{op}: {name} must be a positive number of at least {smallest:.3g} (the kernels "
                          f"compute in fp32), got {value!r}")
     return float(value)
@@ -216,13 +221,13 @@ def positive(op: str, name: str, value: object, smallest: float = FP32_TINY) -> 
 
 def non_negative(op: str, name: str, value: object) -> float:
     """A finite number >= 0."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+    if not real_number(value) or not 0 <= value < float("inf"):
         raise ValueError(f"{op}: {name} must be a finite non-negative number, got {value!r}")
     return float(value)
 
 
 def in_range(op: str, name: str, value: object, low: float, high: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+    if not real_number(value) or not low <= value <= high:
         raise ValueError(f"{op}: {name} must be a number in [{low}, {high}], got {value!r}")
     return float(value)
 

@@ -462,7 +462,7 @@ def _options(op: str, q: Tensor, scale: object, causal: object, chunk_size: obje
     """(scale, causal_chunk) from the public keyword arguments."""
     if scale is None:  # 1 / sqrt(Dh), not checked (a symbolic float while torch.compile traces); Dh = 0: no scores
         scale = 1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] else 1.0
-    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+    elif not _checks.real_number(scale) or not math.isfinite(scale):
         raise ValueError(f"{op}: scale must be a finite number or None, got {scale!r}")
     if not isinstance(causal, bool):
         raise TypeError(f"{op}: causal must be a bool, got {causal!r}")
