@@ -55,6 +55,17 @@ def test_gradients_equal_the_plain_composition():
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
+def test_fused_residual_stream_is_contiguous():
+    """The patch convolution's output read as tokens was a transposed view: the first block's
+    ops each copied it (forward, tangent and backward)."""
+    model = random_dit()
+    seen = []
+    for block in [*model.blocks, model.final_layer]:
+        block.register_forward_pre_hook(lambda module, args: seen.append(args[0].is_contiguous()))
+    model(*inputs(model))
+    assert seen == [True] * (len(model.blocks) + 1)
+
+
 def test_fp32_network_under_bf16_autocast():
     """Autocast makes the modulation and the linear outputs bf16 while the residual stream stays
     fp32: the fused network converts them as eager PyTorch promotes, forward and backward, and

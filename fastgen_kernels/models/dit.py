@@ -322,6 +322,19 @@ class DiT(nn.Module):
             raise ValueError("DiT: this network takes no second time r (build it with second_time=True)")
         return c
 
+    def patch_embedding(self, x: Tensor) -> Tensor:
+        """x (B, C, H, W) -> tokens (B, L, D), contiguous. Fused, the stride-p convolution runs as
+        the linear layer it is over the flattened (C, p, p) patches (a copy of x, D / (C p^2)
+        times smaller than the tokens): the convolution's (B, D, L) output read as (B, L, D) made
+        the first block's residual stream non-contiguous, which every op of that block copied."""
+        conv = self.x_embedder
+        if not (self.fused and type(conv) is nn.Conv2d):
+            return conv(x).flatten(2).transpose(1, 2)
+        B, C, H, W = x.shape
+        p, g = self.config.patch_size, H // self.config.patch_size
+        patches = x.view(B, C, g, p, g, p).permute(0, 2, 4, 1, 3, 5).reshape(B, g * g, C * p * p)
+        return linear(patches, conv.weight.view(conv.out_channels, -1), conv.bias)
+
     def forward(self, x: Tensor, t: Tensor, cond: Tensor | None = None, r: Tensor | None = None,
                 return_logvar: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         cfg = self.config
@@ -331,7 +344,7 @@ class DiT(nn.Module):
                              f"got {tuple(x.shape)}")
         t = torch.as_tensor(t, device=x.device).reshape(-1).expand(B)
         dtype = self.x_embedder.weight.dtype
-        tokens = add_constant(self.x_embedder(x.to(dtype)).flatten(2).transpose(1, 2), self.pos_embed.to(dtype))
+        tokens = add_constant(self.patch_embedding(x.to(dtype)), self.pos_embed.to(dtype))
         c = self.condition(t, cond, None if r is None else torch.as_tensor(r, device=x.device).reshape(-1).expand(B))
         c = c.to(tokens.dtype)
         for block in self.blocks:
