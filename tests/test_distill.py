@@ -617,6 +617,28 @@ def test_resume_keeps_the_fp32_ema_of_a_bf16_student(tmp_path):
     exported = load_file(tmp_path / "split" / "student_ema0.999" / "model.safetensors")
     assert {value.dtype for value in exported.values()} == {torch.bfloat16}  # the parameters' dtype
 
+def test_a_compiled_students_ema_is_exported_and_resumed_under_its_networks_names(tmp_path):
+    """torch.compile's _orig_mod. prefix: the state dict drops it, the EMA was saved under it, so
+    the export held the training weights under the network's names and the EMA beside them."""
+    def run(iterations, resume):
+        torch.manual_seed(0)
+        model = toy()
+        model.net = torch.compile(model.net, backend="eager")
+        config = TrainerConfig(iterations=iterations, batch_size=64, output_dir=str(tmp_path), progress=False,
+                               checkpoint_every=2, resume=resume, ema_decays=(0.5,), optimizer=OptimizerConfig(lr=1e-2))
+        trainer = Trainer(SFT(model), DATA, config)
+        trainer.train()
+        return trainer
+
+    run(2, False)
+    trainer = run(4, True)
+    exported = load_file(tmp_path / "student_ema0.5" / "model.safetensors")
+    assert exported.keys() == trainer.method.student.net._orig_mod.state_dict().keys()
+    with trainer.ema.applied(0):
+        for name, p in trainer.method.student.net._orig_mod.named_parameters():
+            assert torch.equal(exported[name], p.detach()), name
+
+
 def test_a_fresh_run_replaces_the_earlier_runs_checkpoints(tmp_path):
     """resume=False: the earlier run's checkpoints go (a later resume would load them, and pruning
     would delete the new run's own); resuming a checkpoint beyond the iterations asked for raises."""

@@ -155,8 +155,8 @@ class EMA:
 
     @torch.no_grad()
     def copy_from(self, index: int) -> None:
-        """Overwrite shadow ``index`` with the current parameters: e.g. on resume, after loading
-        saved EMA weights into the model (under FSDP2, gathered weights reach each rank's shard)."""
+        """Overwrite shadow ``index`` with the current parameters (e.g. restart an average from
+        them; under FSDP2 each rank copies its own shard)."""
         self._check_index(index)
         self._shadow[index].copy_(self._flat_params())
 

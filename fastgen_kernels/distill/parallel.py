@@ -119,6 +119,18 @@ def model_state(net: nn.Module) -> dict[str, Tensor]:
     return get_model_state_dict(net, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
+def parameter_keys(net: nn.Module) -> list[list[str]]:
+    """For each of ``net.parameters()`` in order, the keys of :func:`model_state` that hold it: one
+    per name it is registered under, without the wrappers' prefixes (DDP's ``module.``,
+    torch.compile's ``_orig_mod.``), as get_model_state_dict names them."""
+    from torch.distributed.checkpoint.state_dict import _get_fqns  # the mapping get_model_state_dict uses
+
+    keys: dict[int, list[str]] = {}
+    for name, p in net.named_parameters(remove_duplicate=False):
+        keys.setdefault(id(p), []).extend(sorted(_get_fqns(net, name)))
+    return [keys[id(p)] for p in net.parameters()]
+
+
 def load_model_state(net: nn.Module, state: dict[str, Tensor]) -> None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 

@@ -335,16 +335,14 @@ class Trainer:
         parameters and back they would lose what the fp32 shadows keep) or, for the exported
         weights, the parameters' dtypes. A collective under FSDP2."""
         student = self.method.network("student")
-        state = parallel.model_state(student)  # the buffers, and every name a parameter is saved under
-        names: dict[int, list[str]] = {}
-        for name, p in parallel.unwrap(student).named_parameters(remove_duplicate=False):
-            names.setdefault(id(p), []).append(name)
+        state = parallel.model_state(student)  # the buffers, and every key a parameter is saved under
+        keys = parallel.parameter_keys(student)
         states = {}
         for k in range(len(self.ema.decays) if self.ema else 0):
             shadow = dict(state)
-            for p, value in zip(student.parameters(), self.ema.full_shadow(k)):
+            for p, p_keys, value in zip(student.parameters(), keys, self.ema.full_shadow(k)):
                 value = value.to("cpu", p.dtype if in_parameter_dtypes else None)
-                shadow.update((name, value) for name in names[id(p)])
+                shadow.update((key, value) for key in p_keys)
             states[f"ema{k}"] = shadow
         return states
 
@@ -412,9 +410,9 @@ class Trainer:
             state = ckpt.optimizer_from_tensors(groups[f"optimizer.{name}"], meta["optimizers"][name])
             parallel.load_optimizer_state(net, self.optimizers[name], state)
         if self.ema is not None:  # whole fp32 shadows -> this process's (after the networks: their shapes checked)
-            names = [name for name, _ in parallel.unwrap(self.method.network("student")).named_parameters()]
+            keys = parallel.parameter_keys(self.method.network("student"))
             for k in range(len(self.ema.decays)):
-                self.ema.load_full_shadow(k, [groups[f"ema{k}"][name] for name in names])
+                self.ema.load_full_shadow(k, [groups[f"ema{k}"][p_keys[0]] for p_keys in keys])
         ckpt.set_rng_state(groups["rng"], meta["rng"])
         return int(meta["iteration"])
 
