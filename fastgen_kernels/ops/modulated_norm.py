@@ -311,13 +311,14 @@ def _tangent(*args) -> Tensor:
 # --------------------------------------------------------------------------- public API
 
 
-def _check(op: str, x, shift, scale, weight, bias, eps) -> None:
+def _check(op: str, x, shift, scale, weight, bias, eps) -> float:
+    """Checks the arguments; returns eps as a Python float."""
     x = _checks.activation(op, x)
     _checks.modulation(op, "shift", shift, x)
     _checks.modulation(op, "scale", scale, x)
     _checks.per_channel(op, "weight", weight, x)
     _checks.per_channel(op, "bias", bias, x)
-    _checks.positive(op, "eps", eps)
+    return _checks.positive(op, "eps", eps)
 
 
 def _apply(x, shift, scale, weight, bias, eps, rms) -> Tensor:
@@ -326,8 +327,8 @@ def _apply(x, shift, scale, weight, bias, eps, rms) -> Tensor:
     if torch.compiler.is_compiling():  # Dynamo cannot trace an autograd.Function with a jvp
         return torch.ops.fastgen.modulated_norm(x, shift, scale, weight, bias, eps, rms)[0]
     if _eager_op.no_autograd((x, shift, scale, weight, bias)):
-        return forward_dispatcher(x, shift, scale, weight, bias, float(eps), rms)[0]
-    return _ModulatedNormFunction.apply(x, shift, scale, weight, bias, float(eps), rms)[0]
+        return forward_dispatcher(x, shift, scale, weight, bias, eps, rms)[0]
+    return _ModulatedNormFunction.apply(x, shift, scale, weight, bias, eps, rms)[0]
 
 
 def modulated_layer_norm(
@@ -341,7 +342,7 @@ def modulated_layer_norm(
     cpu and reference backends), fp32 statistics, output in x's dtype. Differentiable in every
     tensor argument, forward mode (torch.func.jvp) included.
     """
-    _check("modulated_layer_norm", x, shift, scale, weight, bias, eps)
+    eps = _check("modulated_layer_norm", x, shift, scale, weight, bias, eps)
     return _apply(x, shift, scale, weight, bias, eps, False)
 
 
@@ -350,7 +351,7 @@ def modulated_rms_norm(
 ) -> Tensor:
     """``RMSNorm(x) * (1 + scale) + shift`` over the last dim; as :func:`modulated_layer_norm`
     with RMSNorm (x / sqrt(mean(x^2) + eps), times weight) in place of LayerNorm."""
-    _check("modulated_rms_norm", x, shift, scale, weight, None, eps)
+    eps = _check("modulated_rms_norm", x, shift, scale, weight, None, eps)
     return _apply(x, shift, scale, weight, None, eps, True)
 
 
@@ -438,9 +439,9 @@ def modulated_layer_norm_linear(
     transforms it is the plain composition.
     """
     op = "modulated_layer_norm_linear"
-    _check(op, x, shift, scale, weight, bias, eps)
+    eps = _check(op, x, shift, scale, weight, bias, eps)
     _checks.linear_layer(op, ("linear_weight", "linear_bias"), linear_weight, linear_bias, x)
-    args = (x, shift, scale, weight, bias, float(eps), False, linear_weight, linear_bias)
+    args = (x, shift, scale, weight, bias, eps, False, linear_weight, linear_bias)
     if input_tangents_only_outside_transforms():  # forward-mode AD along the inputs: the one-GEMM rule
         return _ModulatedNormLinearFunction.apply(*args)
     tensors = (x, shift, scale, weight, bias, linear_weight, linear_bias)

@@ -72,9 +72,9 @@ def modulated_layer_norm_fp8(x: Tensor, shift: Tensor, scale: Tensor, weight: Te
     fp32: (codes (B, L, D) float8_e4m3fn, scales (B * L,) fp32), for ``fp8_linear(codes, ...,
     x_scale=scales)``. Arguments as :func:`modulated_layer_norm`. Inference only."""
     op = "modulated_layer_norm_fp8"
-    _check(op, x, shift, scale, weight, bias, eps)
+    eps = _check(op, x, shift, scale, weight, bias, eps)
     check_inference_only(op, (x, shift, scale, weight, bias))
-    return _modulated_norm_fp8(x, shift, scale, weight, bias, float(eps), False)
+    return _modulated_norm_fp8(x, shift, scale, weight, bias, eps, False)
 
 
 def example_args(device: torch.device, dtype: torch.dtype) -> tuple:

@@ -311,7 +311,8 @@ class _QkNormRopeFunction(_eager_op.Function):
 _OP = "qk_norm_rope"
 
 
-def _check(q, k, q_weight, k_weight, cos, sin, eps, interleaved) -> None:
+def _check(q, k, q_weight, k_weight, cos, sin, eps, interleaved) -> float:
+    """Checks the arguments; returns eps as a Python float."""
     q = _checks.heads(_OP, "q", q)
     k = _checks.heads(_OP, "k", k)
     B, Lq, H, Dh = q.shape
@@ -319,9 +320,9 @@ def _check(q, k, q_weight, k_weight, cos, sin, eps, interleaved) -> None:
     _checks.like(_OP, "q_weight", q_weight, "q", q, [(Dh,)], optional=True)
     _checks.like(_OP, "k_weight", k_weight, "q", q, [(Dh,)], optional=True)
     _checks.rotary_tables(_OP, cos, sin, q, k)
-    _checks.positive(_OP, "eps", eps)
     if not isinstance(interleaved, bool):
         raise TypeError(f"{_OP}: interleaved must be a bool, got {type(interleaved).__name__}")
+    return _checks.positive(_OP, "eps", eps)
 
 
 def qk_norm_rope(
@@ -340,16 +341,16 @@ def qk_norm_rope(
     GPT-NeoX's rotate_half (False). Returns (q_out, k_out) in q's dtype, contiguous.
     Differentiable in q, k and the weights, forward mode (torch.func.jvp) included.
     """
-    _check(q, k, q_weight, k_weight, cos, sin, eps, interleaved)
+    eps = _check(q, k, q_weight, k_weight, cos, sin, eps, interleaved)
     if _eager_op.runs_as_composition():  # the rotary tables stay constants there too
         out = reference_forward(q, k, q_weight, k_weight, *(None if t is None else t.detach() for t in (cos, sin)),
                                 eps, interleaved)
     elif torch.compiler.is_compiling():  # Dynamo cannot trace an autograd.Function with a jvp
         out = torch.ops.fastgen.qk_norm_rope(q, k, q_weight, k_weight, cos, sin, eps, interleaved)
     elif _eager_op.no_autograd((q, k, q_weight, k_weight)):
-        out = forward_dispatcher(q, k, q_weight, k_weight, cos, sin, float(eps), interleaved)
+        out = forward_dispatcher(q, k, q_weight, k_weight, cos, sin, eps, interleaved)
     else:
-        out = _QkNormRopeFunction.apply(q, k, q_weight, k_weight, cos, sin, float(eps), interleaved)
+        out = _QkNormRopeFunction.apply(q, k, q_weight, k_weight, cos, sin, eps, interleaved)
     return out[0], out[1]
 
 
