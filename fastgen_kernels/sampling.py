@@ -204,7 +204,7 @@ def _model_device_and_dtype(model: Denoiser) -> tuple[torch.device, torch.dtype]
     return first.device, torch.float64 if first.dtype == torch.float64 else torch.float32
 
 
-def sample(model: Denoiser, steps: int = 1, *, batch_size: int = 1, shape: Sequence[int] | None = None,
+def sample(model: Denoiser, steps: int = 1, *, batch_size: int | None = None, shape: Sequence[int] | None = None,
            noise: Tensor | None = None, cond: Cond | None = None, guidance_scale: float = 1.0,
            neg_cond: Cond | None = None, timesteps: Sequence[float] | Tensor | None = None,
            solver: str = "auto", stochastic: bool = True, seed: int | None = None,
@@ -214,6 +214,7 @@ def sample(model: Denoiser, steps: int = 1, *, batch_size: int = 1, shape: Seque
     """Samples ``batch_size`` outputs of ``model`` (a :class:`Denoiser`) in ``steps`` steps.
 
     Args:
+        batch_size: samples to draw; default: cond's batch (1 without cond).
         steps: network steps (a Heun step costs two evaluations); ignored when ``timesteps`` is given.
         shape: per-sample shape (C, H, W); defaults to ``model.shape``; not needed with ``noise``.
         noise: the starting noise (B, *shape), standard normal; drawn from ``seed``/``generator`` if None.
@@ -252,9 +253,13 @@ def sample(model: Denoiser, steps: int = 1, *, batch_size: int = 1, shape: Seque
         shape = tuple(shape) if shape is not None else model.shape
         if shape is None:
             raise ValueError("sample: shape is needed when noise is not given (and the model has no shape)")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        if batch_size is None:  # cond's batch, checked below
+            parts = cond_parts(cond)
+            batch = parts[0].shape[0] if parts and isinstance(parts[0], Tensor) and parts[0].dim() else 1
+        elif isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"sample: batch_size must be an int >= 1, got {batch_size!r}")
-        batch = batch_size
+        else:
+            batch = batch_size
     else:
         if not isinstance(noise, Tensor) or not noise.is_floating_point() or noise.dim() < 2:
             raise ValueError("sample: noise must be a floating (B, ...) tensor")

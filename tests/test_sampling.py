@@ -219,6 +219,19 @@ def test_neg_cond_may_be_a_parameter():
     assert x.shape == (8, 1)
 
 
+def test_batch_size_defaults_to_conds_batch():
+    """sample(model, steps, cond=labels) draws one sample per label (the default batch of 1 refused
+    a cond of 8: 'cond must be a tensor with batch 1')."""
+    model = fk.Denoiser(GaussianDenoiser("edm", "x0"), "edm", "x0", shape=(1,))
+    cond = torch.zeros(8, dtype=torch.float64)
+    x = fk.sample(model, 2, cond=cond, guidance_scale=2.0, neg_cond=torch.ones(8, dtype=torch.float64), seed=0)
+    assert x.equal(fk.sample(model, 2, batch_size=8, cond=cond, guidance_scale=2.0,
+                             neg_cond=torch.ones(8, dtype=torch.float64), seed=0))
+    assert fk.sample(model, 2, seed=0).shape == (1, 1)
+    with pytest.raises(ValueError, match=r"cond must be a tensor with batch 3"):
+        fk.sample(model, 2, batch_size=3, cond=cond)
+
+
 def test_meanflow_default_times_start_at_the_schedules_noise():
     """A flow map's default jump starts at pure noise on its schedule: rf's t = 1, else t_max (edm
     started at noise level 1, not 80, and trig at 1 rad)."""
@@ -391,7 +404,7 @@ def test_bad_inputs():
         (dict(timesteps=[80.0, 90.0, 0.0]), ValueError, "strictly decreasing"),
         (dict(timesteps=[80.0, 1.0]), ValueError, "end at 0"),
         (dict(timesteps=[0.0]), ValueError, "at least 2"),
-        (dict(cond=torch.zeros(3)), ValueError, "cond must be a tensor with batch 1"),
+        (dict(batch_size=1, cond=torch.zeros(3)), ValueError, "cond must be a tensor with batch 1"),
         (dict(guidance_scale=2.0, cond=torch.zeros(1)), ValueError, "neg_cond"),
         (dict(guidance_scale=2.0), ValueError, "needs cond"),
         (dict(seed=1, generator=torch.Generator()), ValueError, "seed or generator"),

@@ -175,13 +175,20 @@ scm_loss_eager = EagerOp(torch.ops.fastgen.scm_loss, forward_dispatcher, _setup_
 def scm_loss(F: Tensor, F_minus: Tensor, dxt_dt: Tensor, jvp: Tensor, x_t: Tensor, t: Tensor,
              logvar: Tensor, sigma_data: float = 0.5, warmup: float = 1.0, c: float = 0.1,
              reduction: str = "mean") -> Tensor:
-    """sCM's loss with tangent normalization and adaptive log-variance weighting, in two passes.
+    """sCM's loss with tangent normalization and adaptive log-variance weighting: one fused pass
+    forward, one backward (the scheme and the gradients: the module doc, ``fastgen_kernels.ops.scm_loss``).
 
     F: (B, ...) the student's output (differentiable); F_minus, dxt_dt, jvp, x_t: same shape, dtype
     and device, constants; t: (B,) TrigFlow times in (0, pi/2); logvar: (B,) the log-variance head
     u(t) (differentiable). warmup: the factor w in [0, 1] on the JVP terms; c: the normalizer's
-    offset. Returns the batch mean of loss_b = mean_D((F - F_minus - g / n)^2) / (sigma_edm e^u) + u
-    (``reduction="mean"``) or the (B,) vector (``"none"``), in fp32 (fp64 for fp64 input).
+    offset. Per sample, over its D elements, with sigma_d = sigma_data:
+
+        g = -cos^2 t (sigma_d F_minus - dxt_dt) - w (cos t sin t x_t + sigma_d jvp)   (the tangent)
+        n = ||g||_2 / sqrt(D) + c                                     (its normalization)
+        loss_b = mean_D((F - F_minus - g / n)^2) / (sigma_edm e^u) + u,  sigma_edm = sigma_d tan t
+
+    Returns the batch mean of loss_b (``reduction="mean"``) or the (B,) vector (``"none"``), in
+    fp32 (fp64 for fp64 input).
     """
     op = "scm_loss"
     F = _checks.samples(op, F=F, F_minus=F_minus, dxt_dt=dxt_dt, jvp=jvp, x_t=x_t)
