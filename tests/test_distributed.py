@@ -78,6 +78,26 @@ def test_two_processes_match_one(method, tmp_path):
             torch.testing.assert_close(state[key], single_state[key], rtol=1e-4, atol=1e-5, msg=f"{parallel} {key}")
 
 
+def test_fsdp_sharded_dit_returns_no_views(single_rank_process_group):
+    """FSDP2 warns, on every rank and call, of a view among a sharded module's outputs (an in-place
+    op on it would skip the backward's all-gather): the log-variance head's u was a view."""
+    import warnings
+
+    from torch.distributed.fsdp import fully_shard
+
+    from fastgen_kernels.models import DiT, DiTConfig
+
+    net = DiT(DiTConfig(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=2, num_heads=2,
+                        num_classes=3, logvar_head=True))
+    for block in net.blocks:
+        fully_shard(block, mesh=single_rank_process_group)
+    fully_shard(net, mesh=single_rank_process_group)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out, u = net(torch.randn(3, 1, 8, 8), torch.rand(3), torch.tensor([0, 1, 2]), return_logvar=True)
+        (out.square().sum() + u.sum()).backward()
+
+
 def test_fsdp_sharded_network_exports_its_own_class(single_rank_process_group, tmp_path):
     """FSDP2 swaps in a class of its own (FSDPDiT); the export names the network's, so that
     from_pretrained (and `fastgen-kernels sample`) load a student trained with trainer.parallel=fsdp."""

@@ -356,7 +356,8 @@ class DiT(nn.Module):
             if self.logvar_linear is None:
                 raise ValueError("DiT: return_logvar needs config.logvar_head=True")
             frequencies = timestep_frequencies(t, self.t_embedder.frequency_dim).to(_input_dtype(self.logvar_linear))
-            return out, self.logvar_linear(frequencies).reshape(B)
+            # u (B,) as a tensor of its own: FSDP2 warns of a view among a sharded module's outputs
+            return out, self.logvar_linear(frequencies).reshape(B).clone()
         return out
 
     def save(self, path: str | os.PathLike) -> None:
