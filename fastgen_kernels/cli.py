@@ -110,7 +110,8 @@ def _train(args: argparse.Namespace) -> int:
         trainer.train()
     except ResumeRefused as error:  # the output folder holds another run's checkpoints
         raise UsageError(str(error)) from error
-    print(f"saved to {config.trainer.output_dir}")
+    if trainer.rank == 0:  # under torchrun: once
+        print(f"saved to {config.trainer.output_dir}")
     return 0
 
 
