@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import fastgen_kernels as fk
 
@@ -24,7 +25,7 @@ from fastgen_kernels.distill import DMD2, SCM, DMD2Config, SCMConfig
 from fastgen_kernels.distill.trainer import OptimizerConfig, Trainer, TrainerConfig
 from fastgen_kernels.distill.parallel import model_state
 
-method_name, parallel, out = sys.argv[1:4]
+method_name, parallel, out, iterations, resume = sys.argv[1:6]
 torch.manual_seed(0)
 den = lambda net: fk.Denoiser(net, "trig", "trig_F", sigma_data=1.0, null_cond=4, shape=(2,))
 teacher = den(ToyNet()).eval()
@@ -32,9 +33,9 @@ if method_name == "dmd2":
     method = DMD2(den(ToyNet()), teacher, DMD2Config(student_every=2, gan_weight=0.1))
 else:
     method = SCM(den(ToyNet()), teacher, SCMConfig(warmup_iterations=2))
-config = TrainerConfig(iterations=6, batch_size=32, grad_accumulation=2, output_dir=out, progress=False,
-                       checkpoint_every=3, log_every=1, parallel=parallel, ema_decays=(0.9,),
-                       optimizer=OptimizerConfig(lr=1e-3))
+config = TrainerConfig(iterations=int(iterations), batch_size=32, grad_accumulation=2, output_dir=out,
+                       progress=False, checkpoint_every=3, log_every=1, parallel=parallel, ema_decays=(0.9,),
+                       resume=resume == "resume", optimizer=OptimizerConfig(lr=1e-3))
 trainer = Trainer(method, mixture(256), config, device="cpu")
 records = trainer.train()
 state = model_state(method.network("student"))
@@ -45,37 +46,50 @@ if trainer.rank == 0:
 """
 
 
-def _launch(tmp_path: Path, method: str, parallel: str) -> tuple[list, dict]:
+def _launch(tmp_path: Path, method: str, parallel: str, iterations: int = 6, resume: bool = False,
+            name: str = "") -> tuple[list, dict, dict]:
+    """(records, the student's final weights, its exported EMA) of a run in tmp_path/<method>-<name>."""
     script = tmp_path / "run.py"
     script.write_text(RUN.format(tests=str(Path(__file__).parent)))
-    out = tmp_path / f"{method}-{parallel}"
+    out = tmp_path / f"{method}-{name or parallel}"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("TRITON_INTERPRET", None)
-    command = [sys.executable, str(script), method, parallel, str(out)]
+    command = [sys.executable, str(script), method, parallel, str(out), str(iterations), "resume" if resume else "fresh"]
     if parallel != "none":
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                    *command[1:]]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     records = json.loads((out / "records.json").read_text())
-    return [{k: v for k, v in r.items() if k != "seconds"} for r in records], torch.load(out / "student.pt")
+    return ([{k: v for k, v in r.items() if k != "seconds"} for r in records], torch.load(out / "student.pt"),
+            load_file(out / "student_ema0.9" / "model.safetensors"))
 
 
 @pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                     reason="needs torch.distributed with gloo")
 @pytest.mark.parametrize("method", ["dmd2", "scm"])
 def test_two_processes_match_one(method, tmp_path):
-    single_records, single_state = _launch(tmp_path, method, "none")
+    """Losses, weights and EMA of DDP and FSDP2 runs against one process; an FSDP2 run stopped
+    after 3 iterations and resumed ends where the uninterrupted one does (its sharded EMA saved
+    whole in fp32 and re-sharded)."""
+    single_records, single_state, single_ema = _launch(tmp_path, method, "none")
+    runs = {}
     for parallel in ("ddp", "fsdp"):
-        records, state = _launch(tmp_path, method, parallel)
+        records, state, ema = runs[parallel] = _launch(tmp_path, method, parallel)
         assert [r["iteration"] for r in records] == [r["iteration"] for r in single_records]
         for a, b in zip(records, single_records):
             assert a.keys() == b.keys()
             for key in a:
                 assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (parallel, a["iteration"], key)
-        assert state.keys() == single_state.keys()
-        for key in state:
-            torch.testing.assert_close(state[key], single_state[key], rtol=1e-4, atol=1e-5, msg=f"{parallel} {key}")
+        for ours, theirs, what in ((state, single_state, "weights"), (ema, single_ema, "EMA")):
+            assert ours.keys() == theirs.keys()
+            for key in ours:
+                torch.testing.assert_close(ours[key], theirs[key], rtol=1e-4, atol=1e-5, msg=f"{parallel} {what} {key}")
+    _launch(tmp_path, method, "fsdp", iterations=3, name="fsdp-resumed")
+    _, state, ema = _launch(tmp_path, method, "fsdp", resume=True, name="fsdp-resumed")
+    for ours, theirs, what in ((state, runs["fsdp"][1], "weights"), (ema, runs["fsdp"][2], "EMA")):
+        for key in theirs:
+            torch.testing.assert_close(ours[key], theirs[key], rtol=1e-6, atol=1e-7, msg=f"resumed {what} {key}")
 
 
 def test_fsdp_sharded_dit_returns_no_views(single_rank_process_group):
