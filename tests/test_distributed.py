@@ -54,7 +54,8 @@ def _launch(tmp_path: Path, method: str, parallel: str, iterations: int = 6, res
     out = tmp_path / f"{method}-{name or parallel}"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("TRITON_INTERPRET", None)
-    command = [sys.executable, str(script), method, parallel, str(out), str(iterations), "resume" if resume else "fresh"]
+    command = [sys.executable, str(script), method, parallel, str(out), str(iterations),
+               "resume" if resume else "fresh"]
     if parallel != "none":
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                    *command[1:]]
