@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from fastgen_kernels.ops.constant_operands import add_constant, mul_constant
 from fastgen_kernels.schedules import EDM, Schedule, get_schedule, per_sample
+from fastgen_kernels.serialization import save_tensors
 
 CONFIG_NAME = "fastgen.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -203,13 +204,9 @@ class Denoiser(nn.Module):
     def save_pretrained(self, directory: str | os.PathLike, state_dict: dict[str, Tensor] | None = None) -> None:
         """Writes ``model.safetensors`` and ``fastgen.json`` into ``directory``; ``state_dict``: the
         network's weights to write instead of its own (e.g. an EMA, or gathered FSDP shards)."""
-        from safetensors.torch import save_file
-
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        state = self.net.state_dict() if state_dict is None else state_dict
-        state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-        save_file(state, str(directory / WEIGHTS_NAME))
+        save_tensors(self.net.state_dict() if state_dict is None else state_dict, directory / WEIGHTS_NAME)
         (directory / CONFIG_NAME).write_text(json.dumps(self.config(), indent=1) + "\n")
 
     @classmethod

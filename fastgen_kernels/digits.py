@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastgen_kernels.metrics import frechet_distance
+from fastgen_kernels.serialization import save_tensors
 
 __all__ = ["CLASSIFIER_PATH", "DigitClassifier", "evaluate", "load_classifier", "load_digits",
            "save_classifier", "train_classifier"]
@@ -147,13 +148,11 @@ def train_classifier(seed: int = 0, epochs: int = 30, batch_size: int = 64, lr: 
 
 def save_classifier(model: DigitClassifier, path: str | Path = CLASSIFIER_PATH) -> None:
     """Write the classifier's weights to a safetensors file (creating its folder)."""
-    from safetensors.torch import save_file
-
     if not isinstance(model, DigitClassifier):
         raise TypeError(f"model must be a DigitClassifier, got {type(model).__name__}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(path))
+    save_tensors(model.state_dict(), path)
 
 
 def load_classifier(device: str | torch.device = "cpu",

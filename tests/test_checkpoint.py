@@ -62,12 +62,12 @@ def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 
     def crash_midway(tensors, filename, metadata=None):
         assert filename.parent == tmp_path and filename.name.startswith(".")  # not onto path
-        save_file(tensors, filename, metadata=metadata)
+        save_file(dict(tensors), str(filename), metadata=metadata)
         with open(filename, "r+b") as f:  # as if the disk filled up: half a file, then an error
             f.truncate(len(before) // 2)
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(ckpt, "save_file", crash_midway)
+    monkeypatch.setattr(ckpt, "save_tensors", crash_midway)
     with pytest.raises(OSError, match="No space left"):
         ckpt.save_checkpoint(path, {"model": {"w": torch.zeros(1000)}}, {"iteration": 20})
     assert path.read_bytes() == before

@@ -639,6 +639,24 @@ def test_a_compiled_students_ema_is_exported_and_resumed_under_its_networks_name
             assert torch.equal(exported[name], p.detach()), name
 
 
+def test_a_student_with_a_module_under_two_names_exports_and_loads(tmp_path):
+    """Tied weights: safetensors refuses tensors that share memory, so save_pretrained of such a
+    student raised (the trainer's checkpoints copied aliases, its exports did not)."""
+    torch.manual_seed(0)
+    model = toy()
+    model.net.alias = model.net.inp
+    config = TrainerConfig(iterations=2, batch_size=64, output_dir=str(tmp_path), progress=False,
+                           ema_decays=(0.5,), optimizer=OptimizerConfig(lr=1e-2))
+    trainer = Trainer(SFT(model), DATA, config)
+    trainer.train()
+    for folder in ("student", "student_ema0.5"):
+        net = ToyNet()
+        net.alias = net.inp
+        loaded = fk.Denoiser.from_pretrained(tmp_path / folder, net=net)
+        assert loaded.net.alias is loaded.net.inp
+    torch.testing.assert_close(loaded.net.inp.weight, trainer.ema.shadow(0)[0].view_as(loaded.net.inp.weight))
+
+
 def test_a_fresh_run_replaces_the_earlier_runs_checkpoints(tmp_path):
     """resume=False: the earlier run's checkpoints go (a later resume would load them, and pruning
     would delete the new run's own); resuming a checkpoint beyond the iterations asked for raises."""

@@ -39,8 +39,9 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor
+
+from fastgen_kernels.serialization import save_tensors
 
 if torch.distributed.is_available():
     from torch.distributed.tensor import DTensor
@@ -67,11 +68,11 @@ _CHECKPOINT_NAME = re.compile(r"checkpoint-(\d{8,})\.safetensors")
 # --- files --------------------------------------------------------------------------------------
 
 def _flatten_groups(groups: Mapping[str, Mapping[str, Tensor]]) -> dict[str, Tensor]:
-    """{"group/name": detached contiguous CPU tensor}, no two sharing memory."""
+    """{"group/name": tensor}, checked."""
     if not isinstance(groups, Mapping):
         raise TypeError(f"save_checkpoint: groups must be a dict of dicts of tensors, "
                         f"got {type(groups).__name__}")
-    flat, storages = {}, set()
+    flat = {}
     for group, named in groups.items():
         if not isinstance(group, str) or not group or "/" in group:
             raise ValueError(f"save_checkpoint: group names must be non-empty strings without '/', "
@@ -89,12 +90,6 @@ def _flatten_groups(groups: Mapping[str, Mapping[str, Tensor]]) -> dict[str, Ten
             if isinstance(t, DTensor):
                 raise TypeError(f"save_checkpoint: groups[{group!r}][{name!r}] is a DTensor: save "
                                 f"this rank's shard (.to_local()) or the gathered .full_tensor()")
-            t = t.detach().to("cpu").contiguous()
-            # safetensors refuses tensors that alias (tied weights): later aliases get a copy
-            storage = t.untyped_storage().data_ptr()
-            if storage in storages:
-                t = t.clone()
-            storages.add(storage)
             flat[f"{group}/{name}"] = t
     return flat
 
@@ -131,7 +126,7 @@ def save_checkpoint(path: str | os.PathLike, groups: Mapping[str, Mapping[str, T
     try:
         # safetensors streams the tensors to the file (no second copy in memory) and closes it;
         # reopening it for fsync gets its data onto the disk before the rename publishes it
-        save_file(tensors, temporary, metadata=header)
+        save_tensors(tensors, temporary, metadata=header)
         with open(temporary, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(temporary, path)

@@ -29,6 +29,7 @@ import fastgen_kernels as fk
 from fastgen_kernels.ops.constant_operands import add_constant, mul_constant
 from fastgen_kernels.ops.linear import linear
 from fastgen_kernels.quantization import Fp8Linear, reads_e4m3
+from fastgen_kernels.serialization import save_tensors
 
 PRESETS = {  # name: (depth, hidden_size, num_heads)
     "S": (12, 384, 6),
@@ -362,10 +363,7 @@ class DiT(nn.Module):
 
     def save(self, path: str | os.PathLike) -> None:
         """The weights as a safetensors file (the config goes with a Denoiser's fastgen.json)."""
-        from safetensors.torch import save_file
-
-        save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()}, str(path),
-                  metadata={"config": str(dataclasses.asdict(self.config))})
+        save_tensors(self.state_dict(), path, metadata={"config": str(dataclasses.asdict(self.config))})
 
     def load(self, path: str | os.PathLike) -> DiT:
         from safetensors.torch import load_file
