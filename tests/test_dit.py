@@ -62,8 +62,10 @@ def test_fused_residual_stream_is_contiguous():
     seen = []
     for block in [*model.blocks, model.final_layer]:
         block.register_forward_pre_hook(lambda module, args: seen.append(args[0].is_contiguous()))
-    model(*inputs(model))
+    x, t, y = inputs(model)
+    out = model(x, t, y)
     assert seen == [True] * (len(model.blocks) + 1)
+    torch.testing.assert_close(model(x.to(memory_format=torch.channels_last), t, y), out, rtol=1e-12, atol=1e-12)
 
 
 def test_fp32_network_under_bf16_autocast():

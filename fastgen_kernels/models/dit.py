@@ -333,8 +333,8 @@ class DiT(nn.Module):
             return conv(x).flatten(2).transpose(1, 2)
         B, C, H, W = x.shape
         p, g = self.config.patch_size, H // self.config.patch_size
-        patches = x.view(B, C, g, p, g, p).permute(0, 2, 4, 1, 3, 5).reshape(B, g * g, C * p * p)
-        return linear(patches, conv.weight.view(conv.out_channels, -1), conv.bias)
+        patches = x.reshape(B, C, g, p, g, p).permute(0, 2, 4, 1, 3, 5).reshape(B, g * g, C * p * p)
+        return linear(patches, conv.weight.reshape(conv.out_channels, -1), conv.bias)
 
     def forward(self, x: Tensor, t: Tensor, cond: Tensor | None = None, r: Tensor | None = None,
                 return_logvar: bool = False) -> Tensor | tuple[Tensor, Tensor]:
