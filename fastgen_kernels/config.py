@@ -24,8 +24,10 @@ dataclass instance or a dict is applied over that default, so ``model.depth=4`` 
 depth of the default model. Errors name the dotted key (``stages[1].steps``): ValueError for unknown
 or missing keys and values outside a Literal, TypeError for values of the wrong type.
 
-YAML is read with PyYAML's safe loader extended to YAML 1.2 floats: YAML 1.1 reads ``1e-4`` and
-``1.0e4`` (no dot, or no exponent sign) as strings.
+YAML is read with PyYAML's safe loader resolving plain scalars as YAML 1.2's core schema does:
+``1e-4`` is a float (YAML 1.1: a string), ``0123`` the int 123 (1.1: octal 83), and ``yes``,
+``off``, ``2:00`` and ``2024-01-01`` are strings (1.1: a bool, 120 and a date). A key given twice
+in one mapping is an error (PyYAML keeps the last silently).
 """
 
 from __future__ import annotations
@@ -44,17 +46,52 @@ __all__ = ["from_dict", "load", "merge", "parse_overrides", "save_yaml", "to_dic
 T = TypeVar("T")
 
 
+# YAML 1.2 core schema: the plain scalars that are not strings (null keeps SafeLoader's rule;
+# digits may be grouped with "_", as in Python)
+_CORE_SCALARS = {
+    "tag:yaml.org,2002:bool": (re.compile(r"(?:true|True|TRUE|false|False|FALSE)$"), "tTfF"),
+    "tag:yaml.org,2002:int": (re.compile(r"(?:[-+]?[0-9][0-9_]*|0o[0-7]+|0x[0-9a-fA-F]+)$"), "-+0123456789"),
+    "tag:yaml.org,2002:float": (re.compile(r"(?:[-+]?(?:\.[0-9]+|[0-9][0-9_]*(?:\.[0-9_]*)?)(?:[eE][-+]?[0-9]+)?"
+                                           r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"), "-+.0123456789"),
+}
+_YAML11_TAGS = ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float",
+                "tag:yaml.org,2002:timestamp")
+
+
 class _Loader(yaml.SafeLoader):
-    """yaml.SafeLoader that reads 1e-4 and 1.0e4 as floats."""
+    """yaml.SafeLoader reading plain scalars by YAML 1.2's core schema, refusing repeated keys."""
+
+    yaml_implicit_resolvers = {first: [(tag, regexp) for tag, regexp in resolvers if tag not in _YAML11_TAGS]
+                               for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+        text = self.construct_scalar(node)
+        if text.startswith(("0o", "0x")):
+            return int(text[2:], 8 if text[1] == "o" else 16)
+        return int(text.replace("_", ""), 10)  # leading zeros are decimal
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # "<<" merges may override; other keys are strings here
+            key = self.construct_object(key_node)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
 
 
 class _Dumper(yaml.SafeDumper):
-    """yaml.SafeDumper that quotes strings _Loader would read as floats (a str "1e-4")."""
+    """yaml.SafeDumper that quotes strings either YAML 1.1 or _Loader would read as another type
+    (a str "1e-4", "0o17" or "yes")."""
 
 
-_EXPONENT_FLOAT = re.compile(r"[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$")
-_Loader.add_implicit_resolver("tag:yaml.org,2002:float", _EXPONENT_FLOAT, list("-+.0123456789"))
-_Dumper.add_implicit_resolver("tag:yaml.org,2002:float", _EXPONENT_FLOAT, list("-+.0123456789"))
+for _tag, (_regexp, _first) in _CORE_SCALARS.items():
+    _Loader.add_implicit_resolver(_tag, _regexp, list(_first))
+    _Dumper.add_implicit_resolver(_tag, _regexp, list(_first))
+_Loader.add_constructor("tag:yaml.org,2002:int", _Loader.construct_yaml_int)
 
 # a dotted key: parts without dots, "=" or white space
 _OVERRIDE_KEY = re.compile(r"[^\s.=]+(?:\.[^\s.=]+)*")
@@ -67,7 +104,10 @@ def _type_name(tp: Any) -> str:
 
 
 def _mismatch(tp: Any, value: Any, key: str) -> TypeError:
-    return TypeError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    hint = ""
+    if isinstance(value, (bool, int, float)) and "str" in _type_name(tp):  # YAML read a number or bool
+        hint = " (quote the value to give a string)"
+    return TypeError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}{hint}")
 
 
 def _convert(tp: Any, value: Any, key: str) -> Any:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
 import pytest
+import yaml
 
 from fastgen_kernels import config
 
@@ -87,6 +88,28 @@ def test_yaml_floats_without_dot_or_exponent_sign(tmp_path):
     cfg = config.load(Train, path)
     assert cfg.optim.lr == 1e-4 and cfg.optim.betas == (0.0, 1.0)
     assert all(type(b) is float for b in cfg.optim.betas)  # ints accepted for floats, as floats
+
+
+def test_yaml_1_2_scalars_and_repeated_keys(tmp_path):
+    """YAML 1.1's implicit types surprised: 0123 was octal 83, 2:00 the int 120, a date a
+    datetime.date, off the bool False; a key given twice kept its last value silently."""
+    cfg = config.load(Train, overrides=["seed=0123", "name=2024-01-01", "note=off", "model.hidden=1_024"])
+    assert cfg.seed == 123 and cfg.name == "2024-01-01" and cfg.note == "off" and cfg.model.hidden == 1024
+    assert config.load(Train, overrides=["name='0123'"]).name == "0123"
+    with pytest.raises(TypeError, match=r"name: expected str, got int 123 \(quote the value to give a string\)"):
+        config.load(Train, overrides=["name=0123"])
+    with pytest.raises(TypeError, match=r"model.depth: expected int, got str '2:00'"):
+        config.load(Train, overrides=["model.depth=2:00"])
+    with pytest.raises(TypeError, match=r"compile: expected bool, got str 'yes'"):
+        config.load(Train, overrides=["compile=yes"])
+    path = tmp_path / "train.yaml"
+    path.write_text("model:\n  depth: 10\nseed: 1\nmodel:\n  hidden: 8\n")
+    with pytest.raises(yaml.constructor.ConstructorError, match="key 'model' is given twice"):
+        config.load(Train, path)
+    path.write_text("extra:\n  base: &b {depth: 3, hidden: 5}\nmodel:\n  <<: *b\n  depth: 2\n")  # merges override
+    assert config.load(Train, path).model == Model(depth=2, hidden=5)
+    config.save_yaml(config.to_dict(Train(name="0o17", note="yes")), tmp_path / "round.yaml")
+    assert config.load(Train, tmp_path / "round.yaml") == Train(name="0o17", note="yes")
 
 
 def test_overrides_over_file(tmp_path):
