@@ -39,20 +39,24 @@ log = logging.getLogger("fastgen_kernels")
 BACKENDS = ("cuda", "triton", "cpu", "reference")
 ENV_VAR = "FASTGEN_BACKEND"
 
+# what use_backend set: a backend's name, AUTO (automatic choice, FASTGEN_BACKEND ignored) or None
+# (nothing set: FASTGEN_BACKEND decides)
 _forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastgen_backend", default=None)
+AUTO = "auto"
 
 
 def _check_name(name: str, source: str) -> str:
     if name not in BACKENDS:
-        raise ValueError(f"{source}: unknown backend {name!r}; expected one of {BACKENDS}")
+        raise ValueError(f"{source}: unknown backend {name!r}; expected one of {BACKENDS} or {AUTO!r}")
     return name
 
 
 @contextlib.contextmanager
 def use_backend(name: str | None) -> Iterator[None]:
-    """Force ``name`` (one of ``BACKENDS``) for every op inside the block; ``None`` restores
-    automatic choice. Takes precedence over ``FASTGEN_BACKEND``."""
-    token = _forced.set(None if name is None else _check_name(name, "use_backend(name)"))
+    """Force ``name`` (one of ``BACKENDS``) for every op inside the block; ``None`` or ``"auto"``
+    restores automatic choice. Takes precedence over ``FASTGEN_BACKEND``. A context variable: new
+    threads (``threading.Thread``, executors) start without it; ``asyncio`` tasks inherit it."""
+    token = _forced.set(AUTO if name in (None, AUTO) else _check_name(name, "use_backend(name)"))
     try:
         yield
     finally:
@@ -95,10 +99,12 @@ def carry_forced_backend(setup_context: Callable[..., None], backward: Callable[
 def forced_backend() -> tuple[str | None, str]:
     """The backend forced right now and by what, or ``(None, "")``."""
     name = _forced.get()
+    if name == AUTO:
+        return None, ""
     if name is not None:
         return name, "use_backend()"
-    env = os.environ.get(ENV_VAR, "").strip()
-    if env and env != "auto":
+    env = os.environ.get(ENV_VAR, "").strip().lower()
+    if env and env != AUTO:
         return _check_name(env, ENV_VAR), ENV_VAR
     return None, ""
 

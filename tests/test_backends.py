@@ -40,6 +40,10 @@ def test_use_backend_forces_and_restores():
 def test_environment_variable_forces(monkeypatch):
     monkeypatch.setenv("FASTGEN_BACKEND", "reference")
     assert mn.forward_dispatcher.select(*args()) == "reference"
+    with fk.use_backend(None):  # automatic choice inside, the variable notwithstanding (it held)
+        assert backends.forced_backend() == (None, "")
+    monkeypatch.setenv("FASTGEN_BACKEND", " Reference ")
+    assert backends.forced_backend() == ("reference", "FASTGEN_BACKEND")
     monkeypatch.setenv("FASTGEN_BACKEND", "auto")
     assert backends.forced_backend() == (None, "")
     monkeypatch.setenv("FASTGEN_BACKEND", "fastest")
