@@ -84,6 +84,19 @@ def test_fp64_gradcheck_and_jvp(backend, generator):
     torch.testing.assert_close(tangent, expected, rtol=1e-12, atol=1e-12)
 
 
+def test_a_wider_tangent_than_the_input(generator):
+    """A bf16 dual input with an fp32 tangent: the cpu kernel (one dtype) raised 'grad_out must
+    match x' where the reference promotes; such a call now goes to the reference."""
+    x = make_input((4, 8), torch.bfloat16, generator)
+    tx = torch.randn(4, 8, generator=generator)
+    with torch.autograd.forward_ad.dual_level():
+        tangent = torch.autograd.forward_ad.unpack_dual(
+            fk.gelu_tanh(torch.autograd.forward_ad.make_dual(x, tx))).tangent
+    _, expected = torch.func.jvp(oracle, (x.double(),), (tx.double(),))
+    assert tangent.dtype == torch.bfloat16
+    torch.testing.assert_close(tangent.double(), expected, rtol=2e-2, atol=1e-2)
+
+
 def test_cpu_kernel_equals_aten_within_rounding(generator):
     """What the fused DiT computes against what the eager DiT computes (nn.GELU(tanh)), in fp32."""
     x = make_input((4096,), torch.float32, generator)

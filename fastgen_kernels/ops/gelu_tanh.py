@@ -63,13 +63,19 @@ def _cpu_backward(grad_out: Tensor, x: Tensor) -> Tensor:
     return torch.ops.fastgen_C.gelu_tanh_backward(grad_out.contiguous(), x.contiguous())
 
 
-_SUPPORTS = {"cpu": _checks.nonempty}
+def _cpu_backward_support(grad_out: Tensor, x: Tensor) -> str | None:
+    """The kernel reads grad_out in x's dtype; a tangent of another dtype (forward-mode AD through
+    a dual tensor whose tangent is wider) goes to the reference, which promotes."""
+    if grad_out.dtype != x.dtype:
+        return f"grad_out {grad_out.dtype} beside x {x.dtype}"
+    return _checks.nonempty(x)
+
 
 forward_dispatcher = OpDispatcher("fastgen.gelu_tanh", {"cpu": _cpu_forward, "reference": reference_forward},
-                                  _SUPPORTS)
+                                  {"cpu": _checks.nonempty})
 backward_dispatcher = OpDispatcher("fastgen.gelu_tanh_backward",
-                                   {"cpu": _cpu_backward, "reference": reference_backward}, _SUPPORTS,
-                                   device_of=lambda grad_out, x: x.device)
+                                   {"cpu": _cpu_backward, "reference": reference_backward},
+                                   {"cpu": _cpu_backward_support}, device_of=lambda grad_out, x: x.device)
 
 # --------------------------------------------------------------------------- custom ops
 
