@@ -17,8 +17,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import platform
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 
@@ -86,10 +89,46 @@ def _user_input() -> Iterator[None]:
 
 def _positive_int(text: str) -> int:
     """argparse type of counts (steps, batch size): exit 2 with argparse's one line otherwise."""
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
     return value
+
+
+def _finite_float(text: str) -> float:
+    """argparse type of a finite number (a NaN guidance scale made every sample NaN)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be finite, got {value}")
+    return value
+
+
+def _device(text: str | None) -> torch.device:
+    """--device, checked before any loading: a name torch knows, and CUDA only where present."""
+    if text is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(text)
+    except RuntimeError as error:
+        raise UsageError(f"--device {text!r}: {error}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {text!r}: this machine has no CUDA device")
+    return device
+
+
+def _output_path(option: str, text: str, suffix: str) -> Path:
+    """An output file whose folder exists (checked before sampling), with ``suffix`` added as
+    numpy and PIL would add it."""
+    path = Path(text if text.endswith(suffix) else text + suffix)
+    if not path.parent.is_dir():
+        raise UsageError(f"{option} {text}: the folder {path.parent} does not exist")
+    return path
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -121,7 +160,9 @@ def _sample(args: argparse.Namespace) -> int:
     from fastgen_kernels import Denoiser, sample
     from fastgen_kernels.images import save_grid
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = _device(args.device)
+    out = _output_path("--out", args.out, ".npz")
+    grid = _output_path("--grid", args.grid, ".png") if args.grid else None
     with _user_input():
         model = Denoiser.from_pretrained(args.model, device=device)
     cond = None
@@ -132,21 +173,20 @@ def _sample(args: argparse.Namespace) -> int:
         cond = torch.full((args.batch_size,), args.label, device=device, dtype=torch.long)
     elif model.null_cond is not None:  # class-conditional: cycle through the classes
         cond = torch.arange(args.batch_size, device=device) % int(model.null_cond)
-    x = sample(model, args.steps, batch_size=args.batch_size, cond=cond, guidance_scale=args.guidance_scale,
-               seed=args.seed)
+    with _user_input():  # e.g. guidance for an unconditional model, a model saved without its shape
+        x = sample(model, args.steps, batch_size=args.batch_size, cond=cond, guidance_scale=args.guidance_scale,
+                   seed=args.seed)
     arrays = {"samples": x.float().cpu().numpy()}
     if cond is not None:
         arrays["labels"] = cond.cpu().numpy()
-    np.savez(args.out, **arrays)
-    if args.grid:
-        save_grid(x, args.grid)
-    print(f"{tuple(x.shape)} samples saved to {args.out}" + (f", grid {args.grid}" if args.grid else ""))
+    np.savez(out, **arrays)
+    if grid:
+        save_grid(x, grid)
+    print(f"{tuple(x.shape)} samples saved to {out}" + (f", grid {grid}" if grid else ""))
     return 0
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     import pytest
 
     bench = Path(__file__).resolve().parents[1] / "bench"
@@ -170,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     command.add_argument("--steps", type=_positive_int, default=1)
     command.add_argument("--batch-size", type=_positive_int, default=16)
     command.add_argument("--label", type=int, default=None, help="one class for all samples")
-    command.add_argument("--guidance-scale", type=float, default=1.0)
+    command.add_argument("--guidance-scale", type=_finite_float, default=1.0)
     command.add_argument("--seed", type=int, default=0)
     command.add_argument("--device", default=None)
     command.add_argument("--out", default="samples.npz")
@@ -182,12 +222,19 @@ def main(argv: list[str] | None = None) -> int:
 
     add_arguments(command)
     # overrides may come before and after --config
-    args, extra = parser.parse_known_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # everything after `bench` (but a leading --) is pytest's, in its order
+        args = parser.parse_args(["bench"])
+        args.pytest_args = argv[2:] if argv[1:2] == ["--"] else argv[1:]
+        extra = []
+    else:
+        args, extra = parser.parse_known_args(argv)
     if extra and (args.command not in ("train", "distill") or any(a.startswith("-") for a in extra)):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         if args.command == "info":
-            print(info())
+            with _user_input():  # a FASTGEN_BACKEND that names no backend
+                print(info())
         elif args.command in ("train", "distill"):
             args.overrides += extra
             return _train(args)

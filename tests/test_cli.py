@@ -16,6 +16,26 @@ def test_info_reports_versions_build_and_backends():
         assert needle in report
 
 
+def test_info_names_a_bad_backend_variable(monkeypatch, capsys):
+    monkeypatch.setenv("FASTGEN_BACKEND", "fastest")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["info"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "FASTGEN_BACKEND: unknown backend 'fastest'" in err and "Traceback" not in err
+
+
+def test_bench_hands_every_argument_to_pytest(monkeypatch):
+    """`bench -k x` exited 2 (unrecognized -k); `bench -- -k x` handed pytest the '--'."""
+    import pytest as pytest_module
+
+    seen = []
+    monkeypatch.setattr(pytest_module, "main", lambda args: seen.append(args) or 0)
+    for argv in (["bench", "-k", "gelu", "--benchmark-only"], ["bench", "--", "-k", "gelu", "--benchmark-only"]):
+        assert cli.main(argv) == 0
+        assert seen.pop()[1:] == ["-k", "gelu", "--benchmark-only"]
+
+
 def test_module_entry_point_runs():
     out = subprocess.run([sys.executable, "-m", "fastgen_kernels", "info"], capture_output=True,
                          text=True, check=True).stdout
@@ -87,6 +107,11 @@ def test_train_distill_and_sample_from_the_command_line(tmp_path):
     (["sample", "--model", "{teacher}", "--label", "10"], "--label 10: the model has classes 0-9"),
     (["sample", "--model", "{teacher}", "--steps", "0"], "--steps: must be an integer >= 1, got 0"),
     (["sample", "--model", "{teacher}", "--batch-size", "0"], "--batch-size: must be an integer >= 1"),
+    (["sample", "--model", "{teacher}", "--steps", "abc"], "--steps: must be an integer >= 1, got 'abc'"),
+    # these raised tracebacks (exit 1), the last after sampling:
+    (["sample", "--model", "{teacher}", "--device", "foo"], "--device 'foo': Expected one of"),
+    (["sample", "--model", "{teacher}", "--guidance-scale", "nan"], "--guidance-scale: must be finite"),
+    (["sample", "--model", "{teacher}", "--out", "no-such-folder/x"], "the folder no-such-folder does not exist"),
 ])
 def test_bad_arguments_exit_with_a_message(argv, message, capsys):
     """A wrong config, override or folder: exit status 2 and one line naming it, no traceback."""
