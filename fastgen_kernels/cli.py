@@ -122,9 +122,9 @@ def _device(text: str | None) -> torch.device:
     return device
 
 
-def _output_path(option: str, text: str, suffix: str) -> Path:
-    """An output file whose folder exists (checked before sampling), with ``suffix`` added as
-    numpy and PIL would add it."""
+def _output_path(option: str, text: str, suffix: str = "") -> Path:
+    """An output file whose folder exists (checked before sampling), with ``suffix`` added where
+    the writer adds it (np.savez: ".npz")."""
     path = Path(text if text.endswith(suffix) else text + suffix)
     if not path.parent.is_dir():
         raise UsageError(f"{option} {text}: the folder {path.parent} does not exist")
@@ -162,7 +162,7 @@ def _sample(args: argparse.Namespace) -> int:
 
     device = _device(args.device)
     out = _output_path("--out", args.out, ".npz")
-    grid = _output_path("--grid", args.grid, ".png") if args.grid else None
+    grid = _output_path("--grid", args.grid) if args.grid else None
     with _user_input():
         model = Denoiser.from_pretrained(args.model, device=device)
     cond = None
