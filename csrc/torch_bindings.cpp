@@ -1132,11 +1132,11 @@ TORCH_LIBRARY(fastgen_C, m) {
         "float sigma_data, float warmup, float c, bool mean) -> (Tensor, Tensor)");
   m.def("gelu_tanh_forward(Tensor x) -> Tensor");
   m.def("gelu_tanh_backward(Tensor grad_out, Tensor x) -> Tensor");
-  // The instruction set of the CPU loss kernels (csrc/cpu/isa.h): returns the current one after
+  // The instruction set of the CPU kernels (csrc/cpu/isa.h): returns the current one after
   // setting `isa` ("avx512", "avx2" or "baseline") when given.
-  m.def("cpu_loss_isa(str? isa=None) -> str", [](std::optional<std::string> isa) {
-    if (isa.has_value()) fastgen::cpu::set_loss_isa(*isa);
-    return fastgen::cpu::loss_isa();
+  m.def("cpu_isa(str? isa=None) -> str", [](std::optional<std::string> isa) {
+    if (isa.has_value()) fastgen::cpu::set_cpu_isa(*isa);
+    return fastgen::cpu::cpu_isa();
   });
 }
 

@@ -45,7 +45,7 @@ def info() -> str:
         f"torch           {torch.__version__} (CUDA {torch.version.cuda or 'none'})",
         f"triton          {_triton_version()}",
         f"extension CPU   {'built' if _extension.cpu_built() else _extension.unavailable_reason()}",
-        f"CPU loss ISA    {torch.ops.fastgen_C.cpu_loss_isa() if _extension.cpu_built() else '-'}",
+        f"CPU ISA         {torch.ops.fastgen_C.cpu_isa() if _extension.cpu_built() else '-'}",
         f"extension CUDA  {'built' if _extension.cuda_built() else 'not built'}",
     ]
     devices = [torch.device("cpu")]

@@ -63,20 +63,20 @@ ISAS = ["baseline", "avx2", "avx512"]
 
 
 def cpu_isas():
-    """The instruction sets of the CPU loss and GELU kernels this machine runs (csrc/cpu/isa.h)."""
+    """The instruction sets of the CPU kernels this machine runs (csrc/cpu/isa.h)."""
     if not _extension.cpu_built():
         return [pytest.param("baseline", marks=pytest.mark.skip(reason="extension not built"))]
-    widest = torch.ops.fastgen_C.cpu_loss_isa()
+    widest = torch.ops.fastgen_C.cpu_isa()
     return ISAS[:ISAS.index(widest) + 1]
 
 
 @pytest.fixture
 def cpu_isa(request):
     """Runs the test with the CPU kernels of instruction set request.param, then restores."""
-    previous = torch.ops.fastgen_C.cpu_loss_isa()
-    torch.ops.fastgen_C.cpu_loss_isa(request.param)
+    previous = torch.ops.fastgen_C.cpu_isa()
+    torch.ops.fastgen_C.cpu_isa(request.param)
     yield request.param
-    torch.ops.fastgen_C.cpu_loss_isa(previous)
+    torch.ops.fastgen_C.cpu_isa(previous)
 
 
 @pytest.fixture(autouse=True)

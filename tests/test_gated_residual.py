@@ -4,7 +4,7 @@ bad input."""
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
-from conftest import CPU_DTYPES, cpu_backends, extension_backends
+from conftest import CPU_DTYPES, cpu_backends, cpu_isas, extension_backends
 from tolerances import assert_close
 
 import fastgen_kernels as fk
@@ -45,6 +45,20 @@ def check_against_oracle(backend, inputs, dtype, generator):
 @pytest.mark.parametrize("per_token", [False, True], ids=["gate_BD", "gate_BLD"])
 def test_forward_backward_match_oracle(backend, dtype, shape, per_token, generator):
     check_against_oracle(backend, make_inputs(shape, dtype, per_token, generator), dtype, generator)
+
+
+@pytest.mark.parametrize("cpu_isa", cpu_isas(), indirect=True)
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+@pytest.mark.parametrize("per_token", [False, True], ids=["gate_BD", "gate_BLD"])
+def test_every_cpu_instruction_set_matches_oracle(dtype, per_token, cpu_isa, generator):
+    # D = 1000: a vector body and a scalar tail in every copy
+    check_against_oracle("cpu", make_inputs((2, 3, 1000), dtype, per_token, generator), dtype, generator)
+
+
+@pytest.mark.parametrize("cpu_isa", cpu_isas(), indirect=True)
+@pytest.mark.parametrize("per_token", [False, True], ids=["gate_BD", "gate_BLD"])
+def test_every_cpu_instruction_set_reads_narrower_operands(per_token, cpu_isa, generator):
+    test_narrower_y_and_gate_are_read_as_given_and_y_kept("cpu", per_token, generator)
 
 
 @pytest.mark.parametrize("backend", cpu_backends())

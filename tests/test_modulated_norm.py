@@ -4,7 +4,7 @@ plain torch (F.layer_norm, F.rms_norm), gradients, forward-mode AD, opcheck and 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import CPU_DTYPES, cpu_backends
+from conftest import CPU_DTYPES, cpu_backends, cpu_isas
 from tolerances import assert_close
 
 import fastgen_kernels as fk
@@ -83,6 +83,28 @@ def check_against_oracle(backend, inputs, dtype, generator):
 @pytest.mark.parametrize("per_token", [False, True], ids=["mod_BD", "mod_BLD"])
 def test_forward_backward_match_oracle(backend, dtype, shape, variant, per_token, generator):
     check_against_oracle(backend, make_inputs(shape, dtype, variant, per_token, generator), dtype, generator)
+
+
+@pytest.mark.parametrize("cpu_isa", cpu_isas(), indirect=True)
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+@pytest.mark.parametrize("variant", ["layer_affine", "rms_weight"])
+@pytest.mark.parametrize("per_token", [False, True], ids=["mod_BD", "mod_BLD"])
+def test_every_cpu_instruction_set_matches_oracle(dtype, variant, per_token, cpu_isa, generator):
+    # D = 1000: a vector body and a scalar tail in every copy
+    inputs = make_inputs((2, 3, 1000), dtype, variant, per_token, generator)
+    check_against_oracle("cpu", inputs, dtype, generator)
+
+
+@pytest.mark.parametrize("cpu_isa", cpu_isas(), indirect=True)
+@pytest.mark.parametrize("narrow", [torch.float16, torch.bfloat16], ids=str)
+def test_every_cpu_instruction_set_writes_and_reads_narrower_dtypes(narrow, cpu_isa, generator):
+    """fp32 x with the output in autocast's narrower dtype, and a bf16 upstream gradient."""
+    x, shift, scale, weight, bias, rms = make_inputs((2, 3, 1000), torch.float32, "layer_affine", True,
+                                                     generator)
+    y = mn._extension_forward(x, shift, scale, weight, bias, 1e-6, rms, narrow)[0]
+    assert y.dtype == narrow
+    assert_close(y, oracle(*(t.double() for t in (x, shift, scale, weight, bias)), rms), narrow, "y")
+    check_narrower_gradient("cpu", "layer_affine", True, generator, "cpu")
 
 
 @pytest.mark.parametrize("backend", cpu_backends())

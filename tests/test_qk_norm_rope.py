@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
-from conftest import CPU_DTYPES, cpu_backends
+from conftest import CPU_DTYPES, cpu_backends, cpu_isas
 from tolerances import assert_close
 
 import fastgen_kernels as fk
@@ -109,6 +109,15 @@ def check_against_oracle(backend, inputs, dtype, generator):
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_forward_backward_match_oracle(backend, dtype, shape, variant, generator):
     check_against_oracle(backend, make_inputs(shape, dtype, variant, generator), dtype, generator)
+
+
+
+@pytest.mark.parametrize("cpu_isa", cpu_isas(), indirect=True)
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+@pytest.mark.parametrize("variant", ["rope_interleaved", "rope_half", "norm_only"])
+def test_every_cpu_instruction_set_matches_oracle(dtype, variant, cpu_isa, generator):
+    # Dh = 72, 36 rotary pairs: a vector body and a scalar tail in every copy
+    check_against_oracle("cpu", make_inputs((1, 5, 3, 72), dtype, variant, generator), dtype, generator)
 
 
 def frequency_tables(L, Dh, interleaved):

@@ -31,6 +31,12 @@ inline void chunk_rows(int64_t chunk, int64_t tokens, RowChunks chunks, int64_t&
   last = batch * tokens + std::min(start + chunks.rows_per_chunk, tokens);
 }
 
+// t's data, or nullptr for an absent optional tensor.
+template <typename T>
+inline const T* data_or_null(const at::Tensor* t) {
+  return t ? t->const_data_ptr<T>() : nullptr;
+}
+
 // Rows per at::parallel_for task: about 64 K elements, so the per-task overhead stays small.
 inline int64_t row_grain(int64_t dim) { return std::max<int64_t>(1, (int64_t{1} << 16) / dim); }
 

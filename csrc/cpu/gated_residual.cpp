@@ -4,10 +4,12 @@
 // are U: T, or fp16/bf16 with fp32 T (autocast's operands on an fp32 residual stream), read as
 // they are.
 #include "cpu/common.h"
+#include "cpu/convert.h"
 #include "ops.h"
 
 namespace fastgen {
 namespace cpu {
+namespace FASTGEN_CPU_ISA {
 namespace {
 
 template <typename T, typename U>
@@ -33,12 +35,12 @@ void forward_impl(const at::Tensor& x, const at::Tensor& y, const at::Tensor& ga
         const U* g2r = mod_row(g2p, r, tokens, per_token2, dim);
 #pragma omp simd
         for (int64_t c = 0; c < dim; ++c)
-          o[c] = static_cast<T>(static_cast<A>(xr[c]) + static_cast<A>(gr[c]) * static_cast<A>(yr[c]) +
-                                static_cast<A>(g2r[c]) * static_cast<A>(y2r[c]));
+          o[c] = from_acc<T>(to_acc(xr[c]) + to_acc(gr[c]) * to_acc(yr[c]) +
+                                to_acc(g2r[c]) * to_acc(y2r[c]));
       } else {
 #pragma omp simd
         for (int64_t c = 0; c < dim; ++c)
-          o[c] = static_cast<T>(static_cast<A>(xr[c]) + static_cast<A>(gr[c]) * static_cast<A>(yr[c]));
+          o[c] = from_acc<T>(to_acc(xr[c]) + to_acc(gr[c]) * to_acc(yr[c]));
       }
     }
   });
@@ -70,15 +72,15 @@ void backward_impl(const at::Tensor& grad_out, const at::Tensor& y, const at::Te
         U* dyr = dyp + r * dim;
 #pragma omp simd
         for (int64_t c = 0; c < dim; ++c)
-          dyr[c] = static_cast<U>(static_cast<A>(g[c]) * static_cast<A>(gr[c]));
+          dyr[c] = from_acc<U>(to_acc(g[c]) * to_acc(gr[c]));
         if (part) {
 #pragma omp simd
-          for (int64_t c = 0; c < dim; ++c) part[c] += static_cast<A>(g[c]) * static_cast<A>(yr[c]);
+          for (int64_t c = 0; c < dim; ++c) part[c] += to_acc(g[c]) * to_acc(yr[c]);
         } else {
           U* dgr = dgp + r * dim;
 #pragma omp simd
           for (int64_t c = 0; c < dim; ++c)
-            dgr[c] = static_cast<U>(static_cast<A>(g[c]) * static_cast<A>(yr[c]));
+            dgr[c] = from_acc<U>(to_acc(g[c]) * to_acc(yr[c]));
         }
       }
     }
@@ -101,5 +103,6 @@ void gated_residual_backward(const at::Tensor& grad_out, const at::Tensor& y, co
   });
 }
 
+}  // namespace FASTGEN_CPU_ISA
 }  // namespace cpu
 }  // namespace fastgen

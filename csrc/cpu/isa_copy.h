@@ -1,4 +1,4 @@
-// Included by each extra instruction-set copy of the CPU loss kernels (cpu/isa.h), first thing:
+// Included by each extra instruction-set copy of the CPU kernels (cpu/isa.h), first thing:
 // every library header those kernels use, so that their inline functions and templates are
 // compiled for the baseline before the copy's `#pragma GCC target` applies to what follows.
 #pragma once
@@ -13,6 +13,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/common.h"

@@ -11,10 +11,12 @@
 #include <vector>
 
 #include "cpu/common.h"
+#include "cpu/convert.h"
 #include "ops.h"
 
 namespace fastgen {
 namespace cpu {
+namespace FASTGEN_CPU_ISA {
 namespace {
 
 enum class Rope { kNone, kInterleaved, kHalf };
@@ -44,13 +46,13 @@ inline void rotate(const In* v, const A* cos, const A* sin, int64_t dim, Out* ou
   for (int64_t p = 0; p < half; ++p) {
     const int64_t a = ROPE == Rope::kInterleaved ? 2 * p : p;
     const int64_t b = ROPE == Rope::kInterleaved ? a + 1 : a + half;
-    const A va = static_cast<A>(v[a]), vb = static_cast<A>(v[b]);
+    const A va = to_acc(v[a]), vb = to_acc(v[b]);
     if constexpr (TRANSPOSE) {
-      out[a] = static_cast<Out>(va * cos[a] + vb * sin[b]);
-      out[b] = static_cast<Out>(vb * cos[b] - va * sin[a]);
+      out[a] = from_acc<Out>(va * cos[a] + vb * sin[b]);
+      out[b] = from_acc<Out>(vb * cos[b] - va * sin[a]);
     } else {
-      out[a] = static_cast<Out>(va * cos[a] - vb * sin[a]);
-      out[b] = static_cast<Out>(vb * cos[b] + va * sin[b]);
+      out[a] = from_acc<Out>(va * cos[a] - vb * sin[a]);
+      out[b] = from_acc<Out>(vb * cos[b] + va * sin[b]);
     }
   }
 }
@@ -71,7 +73,7 @@ void forward_impl(const at::Tensor& x, const T* w, const acc_t<T>* cos, const ac
       A sq = 0;
 #pragma omp simd reduction(+ : sq)
       for (int64_t c = 0; c < dim; ++c) {
-        n[c] = static_cast<A>(xr[c]);
+        n[c] = to_acc(xr[c]);
         sq += n[c] * n[c];
       }
       const A rs = A(1) / std::sqrt(sq / static_cast<A>(dim) + static_cast<A>(eps));
@@ -79,12 +81,12 @@ void forward_impl(const at::Tensor& x, const T* w, const acc_t<T>* cos, const ac
 #pragma omp simd
       for (int64_t c = 0; c < dim; ++c) {
         n[c] *= rs;
-        if constexpr (HAS_W) n[c] *= static_cast<A>(w[c]);
+        if constexpr (HAS_W) n[c] *= to_acc(w[c]);
       }
       T* y = yp + r * dim;
       if constexpr (ROPE == Rope::kNone) {
 #pragma omp simd
-        for (int64_t c = 0; c < dim; ++c) y[c] = static_cast<T>(n[c]);
+        for (int64_t c = 0; c < dim; ++c) y[c] = from_acc<T>(n[c]);
       } else {
         const int64_t table = heads.token(r) * dim;
         rotate<ROPE, false>(n.data(), cos + table, sin + table, dim, y);
@@ -106,7 +108,7 @@ void backward_impl(const at::Tensor& grad_out, const at::Tensor& x, const T* w,
   T* dxp = dx.mutable_data_ptr<T>();
   A* partp = HAS_W ? partials.mutable_data_ptr<A>() : nullptr;
   at::parallel_for(0, chunks.chunks_per_batch, chunk_grain(dim, chunks.rows_per_chunk), [&](int64_t begin, int64_t end) {
-    std::vector<A> xhat(dim), dn(dim);
+    std::vector<A> xhat(dim), dn(dim), gx(dim);  // gx = dn * weight, the gradient of xhat
     for (int64_t chunk = begin; chunk < end; ++chunk) {
       A* pw = HAS_W ? partp + chunk * dim : nullptr;
       if constexpr (HAS_W) std::fill(pw, pw + dim, A(0));
@@ -118,24 +120,26 @@ void backward_impl(const at::Tensor& grad_out, const at::Tensor& x, const T* w,
         const A rs = rstdp[r];
         if constexpr (ROPE == Rope::kNone) {
 #pragma omp simd
-          for (int64_t c = 0; c < dim; ++c) dn[c] = static_cast<A>(g[c]);
+          for (int64_t c = 0; c < dim; ++c) dn[c] = to_acc(g[c]);
         } else {
           const int64_t table = heads.token(r) * dim;
           rotate<ROPE, true>(g, cos + table, sin + table, dim, dn.data());
         }
+#pragma omp simd
+        for (int64_t c = 0; c < dim; ++c) {
+          xhat[c] = to_acc(xr[c]) * rs;
+          gx[c] = HAS_W ? dn[c] * to_acc(w[c]) : dn[c];
+        }
+        // The sum in a loop of its own, over fp32 only: fused with the loads above, GCC leaves the
+        // loop scalar for half-precision weights.
         A sum_gx_xhat = 0;
 #pragma omp simd reduction(+ : sum_gx_xhat)
-        for (int64_t c = 0; c < dim; ++c) {
-          xhat[c] = static_cast<A>(xr[c]) * rs;
-          const A gx = HAS_W ? dn[c] * static_cast<A>(w[c]) : dn[c];
-          sum_gx_xhat += gx * xhat[c];
-        }
+        for (int64_t c = 0; c < dim; ++c) sum_gx_xhat += gx[c] * xhat[c];
         const A proj = sum_gx_xhat / static_cast<A>(dim);
         T* dxr = dxp + r * dim;
 #pragma omp simd
         for (int64_t c = 0; c < dim; ++c) {
-          const A gx = HAS_W ? dn[c] * static_cast<A>(w[c]) : dn[c];
-          dxr[c] = static_cast<T>(rs * (gx - xhat[c] * proj));
+          dxr[c] = from_acc<T>(rs * (gx[c] - xhat[c] * proj));
           if constexpr (HAS_W) pw[c] += dn[c] * xhat[c];
         }
       }
@@ -153,11 +157,6 @@ void with_variant(bool has_w, bool has_rope, bool interleaved, F&& f) {
   };
   if (has_w) with_rope(std::true_type{});
   else with_rope(std::false_type{});
-}
-
-template <typename T>
-const T* data_or_null(const at::Tensor* t) {
-  return t ? t->const_data_ptr<T>() : nullptr;
 }
 
 }  // namespace
@@ -189,5 +188,6 @@ void qk_norm_rope_backward(const at::Tensor& grad_out, const at::Tensor& x,
   });
 }
 
+}  // namespace FASTGEN_CPU_ISA
 }  // namespace cpu
 }  // namespace fastgen

@@ -1,11 +1,12 @@
-// Entry points of the CPU loss kernels and gelu_tanh: each runs the copy compiled for the widest instruction set
-// the CPU has (cpu/isa.h): AVX-512, AVX2 + FMA + F16C, or the baseline.
+// Entry points of the CPU kernels compiled per instruction set (the row kernels, the losses and
+// gelu_tanh): each runs the copy compiled for the widest instruction set the CPU has (cpu/isa.h):
+// AVX-512, AVX2 + FMA + F16C, or the baseline.
 #include <atomic>
 
 #include "ops.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
-#define FASTGEN_HAS_X86_COPIES 1  // csrc/cpu/avx2_losses.cpp and avx512_losses.cpp compiled them
+#define FASTGEN_HAS_X86_COPIES 1  // csrc/cpu/avx2_kernels.cpp and avx512_kernels.cpp compiled them
 #else
 #define FASTGEN_HAS_X86_COPIES 0
 #endif
@@ -36,13 +37,13 @@ std::atomic<Isa>& active() {
 
 }  // namespace
 
-std::string loss_isa() { return kIsaNames[static_cast<int>(active().load())]; }
+std::string cpu_isa() { return kIsaNames[static_cast<int>(active().load())]; }
 
-void set_loss_isa(const std::string& name) {
+void set_cpu_isa(const std::string& name) {
   for (int i = 0; i < 3; ++i) {
     if (name == kIsaNames[i]) {
       TORCH_CHECK(i <= static_cast<int>(widest_supported()), "this CPU (or build) has no ", name,
-                  " loss kernels; the widest it runs is ", kIsaNames[static_cast<int>(widest_supported())]);
+                  " kernels; the widest it runs is ", kIsaNames[static_cast<int>(widest_supported())]);
       active() = static_cast<Isa>(i);
       return;
     }
@@ -60,6 +61,45 @@ void set_loss_isa(const std::string& name) {
 #else
 #define FASTGEN_RUN(kernel, ...) return baseline::kernel(__VA_ARGS__)
 #endif
+
+void modulated_norm_forward(const at::Tensor& x, const at::Tensor& shift, const at::Tensor& scale,
+                            const at::Tensor* weight, const at::Tensor* bias, double eps, bool rms,
+                            at::Tensor& out, at::Tensor& mean, at::Tensor& rstd) {
+  FASTGEN_RUN(modulated_norm_forward, x, shift, scale, weight, bias, eps, rms, out, mean, rstd);
+}
+
+void modulated_norm_backward(const at::Tensor& grad_out, const at::Tensor& x, bool shift_per_token,
+                             const at::Tensor& scale, const at::Tensor* weight,
+                             const at::Tensor* bias, const at::Tensor& mean,
+                             const at::Tensor& rstd, bool rms, RowChunks chunks, at::Tensor& dx,
+                             at::Tensor& dshift, at::Tensor& dscale, at::Tensor& partials) {
+  FASTGEN_RUN(modulated_norm_backward, grad_out, x, shift_per_token, scale, weight, bias, mean, rstd, rms,
+              chunks, dx, dshift, dscale, partials);
+}
+
+void gated_residual_forward(const at::Tensor& x, const at::Tensor& y, const at::Tensor& gate,
+                            const at::Tensor* y2, const at::Tensor* gate2, at::Tensor& out) {
+  FASTGEN_RUN(gated_residual_forward, x, y, gate, y2, gate2, out);
+}
+
+void gated_residual_backward(const at::Tensor& grad_out, const at::Tensor& y,
+                             const at::Tensor& gate, RowChunks chunks, at::Tensor& dy,
+                             at::Tensor& dgate, at::Tensor& partials) {
+  FASTGEN_RUN(gated_residual_backward, grad_out, y, gate, chunks, dy, dgate, partials);
+}
+
+void qk_norm_rope_forward(const at::Tensor& x, const at::Tensor* weight, const at::Tensor* cos,
+                          const at::Tensor* sin, double eps, bool interleaved, at::Tensor& out,
+                          at::Tensor& rstd) {
+  FASTGEN_RUN(qk_norm_rope_forward, x, weight, cos, sin, eps, interleaved, out, rstd);
+}
+
+void qk_norm_rope_backward(const at::Tensor& grad_out, const at::Tensor& x,
+                           const at::Tensor* weight, const at::Tensor* cos, const at::Tensor* sin,
+                           const at::Tensor& rstd, bool interleaved, RowChunks chunks,
+                           at::Tensor& dx, at::Tensor& partials) {
+  FASTGEN_RUN(qk_norm_rope_backward, grad_out, x, weight, cos, sin, rstd, interleaved, chunks, dx, partials);
+}
 
 void vsd_loss_sums(const at::Tensor& x_g, const at::Tensor& teacher, const at::Tensor& fake, at::Tensor& sums) {
   FASTGEN_RUN(vsd_loss_sums, x_g, teacher, fake, sums);
