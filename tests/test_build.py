@@ -83,7 +83,7 @@ ISA_COPIES = sorted(ROOT.glob("csrc/cpu/*_kernels.cpp"))
                     reason="x86-64 Linux with c++ and objdump")
 @pytest.mark.parametrize("source", ISA_COPIES, ids=lambda p: p.name)
 def test_instruction_set_copy_keeps_wide_code_in_its_namespace(source, tmp_path):
-    """An AVX2 / AVX-512 copy of the CPU loss kernels (csrc/cpu/isa.h) may emit vector-extension
+    """An AVX2 / AVX-512 copy of the CPU kernels (csrc/cpu/isa.h) may emit vector-extension
     code only in its own namespace: a library inline function compiled there for AVX (a header
     included after the `#pragma GCC target`) could be the copy the linker keeps for everyone,
     and crash a CPU without it. Compiles the copy as the build does and reads its machine code."""

@@ -14,7 +14,8 @@ from fastgen_kernels.ops import modulated_norm as mn
 SHAPES = [(2, 5, 72), (1, 1, 1000), (2, 1, 1152), (1, 9, 1152)]
 # (rms, has_weight, has_bias)
 VARIANTS = {"layer": (False, False, False), "layer_affine": (False, True, True),
-            "rms": (True, False, False), "rms_weight": (True, True, False)}
+            "layer_bias": (False, False, True), "rms": (True, False, False),
+            "rms_weight": (True, True, False)}
 
 
 def oracle(x, shift, scale, weight, bias, rms, eps=1e-6):
@@ -87,7 +88,7 @@ def test_forward_backward_match_oracle(backend, dtype, shape, variant, per_token
 
 @pytest.mark.parametrize("cpu_isa", cpu_isas(), indirect=True)
 @pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
-@pytest.mark.parametrize("variant", ["layer_affine", "rms_weight"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("per_token", [False, True], ids=["mod_BD", "mod_BLD"])
 def test_every_cpu_instruction_set_matches_oracle(dtype, variant, per_token, cpu_isa, generator):
     # D = 1000: a vector body and a scalar tail in every copy

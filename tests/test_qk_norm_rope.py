@@ -111,10 +111,9 @@ def test_forward_backward_match_oracle(backend, dtype, shape, variant, generator
     check_against_oracle(backend, make_inputs(shape, dtype, variant, generator), dtype, generator)
 
 
-
 @pytest.mark.parametrize("cpu_isa", cpu_isas(), indirect=True)
 @pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
-@pytest.mark.parametrize("variant", ["rope_interleaved", "rope_half", "norm_only"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
 def test_every_cpu_instruction_set_matches_oracle(dtype, variant, cpu_isa, generator):
     # Dh = 72, 36 rotary pairs: a vector body and a scalar tail in every copy
     check_against_oracle("cpu", make_inputs((1, 5, 3, 72), dtype, variant, generator), dtype, generator)

@@ -8,7 +8,7 @@ With k = sqrt(2 / pi), c = 0.044715 and u = k (x + c x^3)::
 VJP (upstream g): dx = g * y'.  JVP (tangent tx): ty = tx * y', the same kernel.
 
 The CPU kernel evaluates the sigmoid form, which needs one exp, in the vectorized instruction-set
-copies of the loss kernels (csrc/cpu/gelu_tanh.cpp): ATen's tanh costs more than the MLP's fc1
+copies of the CPU kernels (csrc/cpu/gelu_tanh.cpp): ATen's tanh costs more than the MLP's fc1
 GEMM at a small DiT's sizes on the CPU. Any shape, float16/bfloat16/float32/float64, fp32
 arithmetic (fp64 for fp64), output in x's dtype. Backends: cpu (extension) and reference
 (PyTorch's ``gelu`` and ``gelu_backward`` kernels, one pass each), which is also the GPU path:
