@@ -15,7 +15,6 @@ namespace {
 template <typename T, typename U>
 void forward_impl(const at::Tensor& x, const at::Tensor& y, const at::Tensor& gate, const at::Tensor* y2,
                   const at::Tensor* gate2, at::Tensor& out) {
-  using A = acc_t<T>;
   const int64_t tokens = x.size(1), dim = x.size(2), rows = x.size(0) * tokens;
   const bool per_token = gate.dim() == 3, per_token2 = gate2 && gate2->dim() == 3;
   const T* xp = x.const_data_ptr<T>();
@@ -35,8 +34,7 @@ void forward_impl(const at::Tensor& x, const at::Tensor& y, const at::Tensor& ga
         const U* g2r = mod_row(g2p, r, tokens, per_token2, dim);
 #pragma omp simd
         for (int64_t c = 0; c < dim; ++c)
-          o[c] = from_acc<T>(to_acc(xr[c]) + to_acc(gr[c]) * to_acc(yr[c]) +
-                                to_acc(g2r[c]) * to_acc(y2r[c]));
+          o[c] = from_acc<T>(to_acc(xr[c]) + to_acc(gr[c]) * to_acc(yr[c]) + to_acc(g2r[c]) * to_acc(y2r[c]));
       } else {
 #pragma omp simd
         for (int64_t c = 0; c < dim; ++c)
