@@ -126,8 +126,8 @@ void backward_impl(const at::Tensor& grad_out, const at::Tensor& x, bool shift_p
           gn[c] = to_acc(g[c]) * (A(1) + to_acc(sc[c]));
           gx[c] = HAS_W ? gn[c] * to_acc(w[c]) : gn[c];
         }
-        // The sums in a loop of their own, over fp32 only: fused with the loads above, GCC leaves
-        // the loop scalar for half-precision weights (a third of the backward's time at DiT's sizes).
+        // The sums in a loop of their own, over fp32 only: fused with the loads above, GCC left
+        // the loop scalar for half-precision weights (about 5 of 12 ms for bf16 at 8x1024x1152).
         A sum_gx = 0, sum_gx_xhat = 0;
 #pragma omp simd reduction(+ : sum_gx, sum_gx_xhat)
         for (int64_t c = 0; c < dim; ++c) {
