@@ -4,8 +4,8 @@ Run: ``pytest bench/bench_modulated_norm.py`` (add ``--benchmark-json=out.json``
 Bytes moved (analytic, the minimum any implementation must move): forward reads x and writes y;
 forward+backward also reads grad_out and x and writes dx; the JVP (forward-mode AD along x, shift
 and scale, no grad) also reads tx and writes ty. The (B, D) modulation is negligible. The JVP's
-peer is PyTorch's forward-mode AD through the eager composition; its tangent is our Triton kernel
-on the triton backend and the PyTorch formula on the others (torch.compile does not trace dual
+peer is PyTorch's forward-mode AD through the eager composition; its tangent is our kernel on the
+triton and cpu backends and the PyTorch formula on the others (torch.compile does not trace dual
 tensors: no compile row). ``test_modulated_layer_norm_graphed`` (GPU) times the same calls as
 CUDA-graph replays: the kernels' own time.
 """

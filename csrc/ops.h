@@ -46,6 +46,14 @@ void sample_loss_tail(const LossTailArgs& args, const at::Tensor& sums, const at
                                const at::Tensor* bias, const at::Tensor& mean,                     \
                                const at::Tensor& rstd, bool rms, RowChunks chunks, at::Tensor& dx, \
                                at::Tensor& dshift, at::Tensor& dscale, at::Tensor& partials);      \
+  /* The tangent of out given tangents of x, shift, scale, weight and bias (nullptr: zero; each */ \
+  /* shaped and typed as its primal, tshift / tscale per token or per batch on their own), from */ \
+  /* the forward's mean and rstd; ty has x's dtype, or float16 / bfloat16 with float32 x. */       \
+  void modulated_norm_jvp(const at::Tensor& x, const at::Tensor& scale, const at::Tensor* weight,  \
+                          const at::Tensor* bias, const at::Tensor& mean, const at::Tensor& rstd,  \
+                          bool rms, const at::Tensor* tx, const at::Tensor* tshift,                \
+                          const at::Tensor* tscale, const at::Tensor* tweight,                     \
+                          const at::Tensor* tbias, at::Tensor& ty);                                \
   /* out = x + gate * y (+ gate2 * y2 when y2 is given). y, gate, y2, gate2 have one dtype: x's, */ \
   /* or float16/bfloat16 with float32 x. */                                                        \
   void gated_residual_forward(const at::Tensor& x, const at::Tensor& y, const at::Tensor& gate,    \

@@ -62,6 +62,16 @@ at::ScalarType stat_dtype(const Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// mean and rstd as the norm's forward wrote them for x (mean unread for RMSNorm).
+void check_norm_statistics(const Tensor& mean, const Tensor& rstd, const Tensor& x, bool rms) {
+  TORCH_CHECK(rstd.numel() == x.size(0) * x.size(1) && rstd.scalar_type() == stat_dtype(x) &&
+                  rstd.is_contiguous() && rstd.device() == x.device() && (rms || mean.sizes() == rstd.sizes()),
+              "mean and rstd must be the forward's statistics");
+  TORCH_CHECK(rms || (mean.scalar_type() == rstd.scalar_type() && mean.is_contiguous() &&
+                      mean.device() == x.device()),
+              "mean must be the forward's statistics");
+}
+
 // Whether kernels over `wide` tensors also read or write a `narrow` one beside them (the pairs
 // the mixed-dtype kernels are built for): the same dtype, or float16/bfloat16 beside float32
 // (autocast's activations beside an fp32 residual stream).
@@ -162,12 +172,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> modulated_norm_backward(
   const Tensor* w = check_param(weight, x, "weight");
   const Tensor* b = check_param(bias, x, "bias");
   const int64_t batch = x.size(0), tokens = x.size(1), dim = x.size(2);
-  TORCH_CHECK(rstd.numel() == batch * tokens && rstd.scalar_type() == stat_dtype(x) &&
-                  rstd.is_contiguous() && rstd.device() == x.device() && (rms || mean.sizes() == rstd.sizes()),
-              "mean and rstd must be the forward's statistics");
-  TORCH_CHECK(rms || (mean.scalar_type() == rstd.scalar_type() && mean.is_contiguous() &&
-                      mean.device() == x.device()),
-              "mean must be the forward's statistics");
+  check_norm_statistics(mean, rstd, x, rms);
   const bool shift_per_token = shift.dim() == 3, scale_per_token = scale.dim() == 3;
   const RowChunks chunks = device_row_chunks(x, batch, tokens);
   const int64_t num_chunks = batch * chunks.chunks_per_batch;
@@ -200,6 +205,41 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> modulated_norm_backward(
   Tensor dweight = w ? reduce_chunks(partials[kSlotWeight], batch, chunks, false, dtype) : at::empty({0}, x.options());
   Tensor dbias = b ? reduce_chunks(partials[kSlotBias], batch, chunks, false, dtype) : at::empty({0}, x.options());
   return {dx, dshift, dscale, dweight, dbias};
+}
+
+// The tangent of the norm's output, the forward-mode rule's (CPU only, registered for that key;
+// on a GPU the triton backend's kernel): each tangent optional, shaped and typed as its primal; ty
+// in out_dtype (x's by default, or float16/bfloat16 with float32 x, as the forward's).
+Tensor modulated_norm_jvp(const Tensor& x, const Tensor& scale, const optional<Tensor>& weight,
+                          const optional<Tensor>& bias, const Tensor& mean, const Tensor& rstd, bool rms,
+                          const optional<Tensor>& tx, const optional<Tensor>& tshift,
+                          const optional<Tensor>& tscale, const optional<Tensor>& tweight,
+                          const optional<Tensor>& tbias, optional<at::ScalarType> out_dtype) {
+  check_activation(x, "x");
+  check_modulation(scale, x, "scale");
+  const Tensor* w = check_param(weight, x, "weight");
+  const Tensor* b = check_param(bias, x, "bias");
+  TORCH_CHECK(!(rms && b), "RMSNorm takes no bias");
+  check_norm_statistics(mean, rstd, x, rms);
+  if (tx) {
+    TORCH_CHECK(tx->sizes() == x.sizes() && tx->is_contiguous() && tx->scalar_type() == x.scalar_type() &&
+                    tx->device() == x.device(),
+                "tx must be contiguous with x's shape, dtype and device");
+  }
+  if (tshift) check_modulation(*tshift, x, "tshift");
+  if (tscale) check_modulation(*tscale, x, "tscale");
+  const Tensor* tw = check_param(tweight, x, "tweight");
+  const Tensor* tb = check_param(tbias, x, "tbias");
+  TORCH_CHECK(!tw || w, "tweight needs a weight");
+  TORCH_CHECK(!tb || b, "tbias needs a bias");
+  const at::ScalarType ty_dtype = out_dtype.value_or(x.scalar_type());
+  TORCH_CHECK(kernel_dtype_pair(x.scalar_type(), ty_dtype),
+              "out_dtype must be x's dtype, or float16/bfloat16 with float32 x; got ", ty_dtype, " with ",
+              x.scalar_type());
+  Tensor ty = at::empty_like(x, x.options().dtype(ty_dtype));
+  cpu::modulated_norm_jvp(x, scale, w, b, mean, rstd, rms, tx ? &*tx : nullptr, tshift ? &*tshift : nullptr,
+                          tscale ? &*tscale : nullptr, tw, tb, ty);
+  return ty;
 }
 
 // The dtype the gated residual's kernels read its operands (y, gate, ...) in, next to x (or the
@@ -1101,6 +1141,9 @@ TORCH_LIBRARY(fastgen_C, m) {
   m.def("modulated_norm_backward(Tensor grad_out, Tensor x, Tensor shift, Tensor scale, "
         "Tensor? weight, Tensor? bias, Tensor mean, Tensor rstd, bool rms) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("modulated_norm_jvp(Tensor x, Tensor scale, Tensor? weight, Tensor? bias, Tensor mean, Tensor rstd, "
+        "bool rms, Tensor? tx, Tensor? tshift, Tensor? tscale, Tensor? tweight, Tensor? tbias, "
+        "ScalarType? out_dtype=None) -> Tensor");
   m.def("gated_residual_forward(Tensor x, Tensor y, Tensor gate, Tensor? y2=None, Tensor? gate2=None) -> Tensor");
   m.def("gated_residual_backward(Tensor grad_out, Tensor y, Tensor gate) -> (Tensor, Tensor)");
   m.def("gated_residual(Tensor x, Tensor y, Tensor gate) -> Tensor");
@@ -1185,6 +1228,7 @@ TORCH_LIBRARY_IMPL(fastgen_C, CompositeImplicitAutograd, m) {
 
 TORCH_LIBRARY_IMPL(fastgen_C, CPU, m) {
   register_kernels(m);
+  m.impl("modulated_norm_jvp", &fastgen::modulated_norm_jvp);
   m.impl("gelu_tanh_forward", &fastgen::gelu_tanh_forward);
   m.impl("gelu_tanh_backward", &fastgen::gelu_tanh_backward);
 }

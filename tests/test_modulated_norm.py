@@ -182,6 +182,64 @@ def test_opcheck(backend, variant, generator):
         torch.library.opcheck(torch.ops.fastgen.modulated_norm.default, (*grad_args, 1e-6, rms))
 
 
+# Which tangents a call passes: x's alone (distillation's), the modulation's, the parameters',
+# every one, and none at all (a zero tangent)
+JVP_TANGENTS = {"x": ("tx",), "modulation": ("tshift", "tscale"), "parameters": ("tweight", "tbias"),
+                "all": ("tx", "tshift", "tscale", "tweight", "tbias"), "none": ()}
+
+
+@pytest.mark.parametrize("cpu_isa", cpu_isas(), indirect=True)
+@pytest.mark.parametrize("dtype", [*CPU_DTYPES, torch.float64], ids=str)
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("tangents", list(JVP_TANGENTS))
+def test_every_cpu_instruction_set_jvp_matches_the_formula(dtype, variant, tangents, cpu_isa, generator):
+    """The C++ tangent kernel against the fp64 formula in every dtype and copy, with shift per
+    token and scale per batch (their tangents alike) and D = 1000: a vector body and a scalar tail."""
+    x, shift, _, weight, bias, rms = make_inputs((2, 3, 1000), dtype, variant, True, generator)
+    scale = make_inputs((2, 3, 1000), dtype, variant, False, generator)[2]
+    _, mean, rstd = mn.reference_forward(x, shift, scale, weight, bias, 1e-6, rms)
+    primals = {"tx": x, "tshift": shift, "tscale": scale, "tweight": weight, "tbias": bias}
+    tangent = {name: torch.randn(p.shape, generator=generator).to(dtype)
+               if name in JVP_TANGENTS[tangents] and p is not None else None for name, p in primals.items()}
+    args = (x, scale, weight, bias, mean, rstd, rms, *tangent.values())
+    ty = mn._extension_jvp(*args)
+    expected = mn.reference_jvp(*(t.double() if isinstance(t, torch.Tensor) else t for t in args))
+    assert ty.dtype == dtype and ty.shape == x.shape
+    assert_close(ty, expected, dtype, "ty")
+
+
+@pytest.mark.parametrize("cpu_isa", cpu_isas(), indirect=True)
+@pytest.mark.parametrize("narrow", [torch.float16, torch.bfloat16], ids=str)
+def test_every_cpu_instruction_set_jvp_writes_a_narrower_dtype(narrow, cpu_isa, generator):
+    """fp32 x with the tangent in autocast's dtype, as the norm + linear layer's rule asks for."""
+    x, shift, scale, weight, bias, rms = make_inputs((2, 3, 1000), torch.float32, "layer_affine", False, generator)
+    _, mean, rstd = mn.reference_forward(x, shift, scale, weight, bias, 1e-6, rms)
+    tx, tshift, tscale = (torch.randn(t.shape, generator=generator) for t in (x, shift, scale))
+    args = (x, scale, weight, bias, mean, rstd, rms, tx, tshift, tscale, None, None)
+    ty = mn._extension_jvp(*args, narrow)
+    assert ty.dtype == narrow
+    assert_close(ty, mn.reference_jvp(*(t.double() if isinstance(t, torch.Tensor) else t for t in args)),
+                 narrow, "ty")
+
+
+@pytest.mark.skipif(not fk._extension.cpu_built(), reason="extension not built")
+def test_jvp_kernel_bad_input_names_the_argument(generator):
+    x, shift, scale, weight, bias, rms = make_inputs((2, 3, 8), torch.float32, "layer", False, generator)
+    _, mean, rstd = mn.reference_forward(x, shift, scale, weight, bias, 1e-6, rms)
+    jvp = torch.ops.fastgen_C.modulated_norm_jvp
+    with pytest.raises(RuntimeError, match="tx must be contiguous with x's shape"):
+        jvp(x, scale, None, None, mean, rstd, rms, torch.randn(2, 3, 7), None, None, None, None)
+    with pytest.raises(RuntimeError, match=r"tscale must be \(B, D\) or \(B, L, D\)"):
+        jvp(x, scale, None, None, mean, rstd, rms, None, None, torch.randn(3, 8), None, None)
+    with pytest.raises(RuntimeError, match="tweight needs a weight"):
+        jvp(x, scale, None, None, mean, rstd, rms, None, None, None, torch.randn(8), None)
+    with pytest.raises(RuntimeError, match="mean and rstd must be the forward's statistics"):
+        jvp(x, scale, None, None, mean, rstd[:1], rms, None, None, None, None, None)
+    with pytest.raises(RuntimeError, match="out_dtype must be x's dtype"):
+        jvp(x.double(), scale.double(), None, None, mean.double(), rstd.double(), rms, None, None, None, None, None,
+            torch.float16)
+
+
 def test_bad_input_names_the_argument():
     x = torch.randn(2, 3, 8)
     mod = torch.randn(2, 8)

@@ -77,6 +77,13 @@ void modulated_norm_backward(const at::Tensor& grad_out, const at::Tensor& x, bo
               chunks, dx, dshift, dscale, partials);
 }
 
+void modulated_norm_jvp(const at::Tensor& x, const at::Tensor& scale, const at::Tensor* weight,
+                        const at::Tensor* bias, const at::Tensor& mean, const at::Tensor& rstd, bool rms,
+                        const at::Tensor* tx, const at::Tensor* tshift, const at::Tensor* tscale,
+                        const at::Tensor* tweight, const at::Tensor* tbias, at::Tensor& ty) {
+  FASTGEN_RUN(modulated_norm_jvp, x, scale, weight, bias, mean, rstd, rms, tx, tshift, tscale, tweight, tbias, ty);
+}
+
 void gated_residual_forward(const at::Tensor& x, const at::Tensor& y, const at::Tensor& gate,
                             const at::Tensor* y2, const at::Tensor* gate2, at::Tensor& out) {
   FASTGEN_RUN(gated_residual_forward, x, y, gate, y2, gate2, out);

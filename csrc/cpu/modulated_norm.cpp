@@ -1,5 +1,6 @@
-// Modulated LayerNorm / RMSNorm on the CPU: one read of x and one write of y per row, rows in
-// parallel (at::parallel_for). The math is derived in fastgen_kernels/ops/modulated_norm.py.
+// Modulated LayerNorm / RMSNorm on the CPU, forward, backward and the forward-mode tangent: one
+// read of each input and one write of each output per row, rows in parallel (at::parallel_for).
+// The math is derived in fastgen_kernels/ops/modulated_norm.py.
 //
 // Each row is converted once into an fp32 (fp64) buffer that stays in L1, so the statistics are an
 // exact two-pass mean and variance without re-reading x from memory. The loops over D are written
@@ -178,6 +179,90 @@ void backward_impl(const at::Tensor& grad_out, const at::Tensor& x, bool shift_p
   });
 }
 
+// The tangent of y given tangents of the inputs (nullptr = zero), written as O; the forward's
+// statistics give xhat. With tn the tangent of the affine output n = xhat * w + b:
+//   tn = rstd * (tx - mean(tx) - xhat * mean(tx * xhat)) * w + xhat * tw + tb
+//   ty = tn * (1 + scale) + n * tscale + tshift
+// Each term is a loop of its own over fp32 row buffers (absent tangents are skipped, not zeros),
+// so every loop vectorizes and the input's tangent is read once.
+template <typename T, typename O, bool HAS_W, bool HAS_B>
+void jvp_impl(const at::Tensor& x, const at::Tensor& scale, const T* w, const T* b, const at::Tensor& mean,
+              const at::Tensor& rstd, bool rms, const T* txp, const at::Tensor* tshift,
+              const at::Tensor* tscale, const T* tw, const T* tb, at::Tensor& out) {
+  using A = acc_t<T>;
+  const int64_t tokens = x.size(1), dim = x.size(2), rows = x.size(0) * tokens;
+  const bool scale_per_token = scale.dim() == 3;
+  const bool tshift_per_token = tshift && tshift->dim() == 3, tscale_per_token = tscale && tscale->dim() == 3;
+  const T* xp = x.const_data_ptr<T>();
+  const T* scp = scale.const_data_ptr<T>();
+  const T* tshp = data_or_null<T>(tshift);
+  const T* tscp = data_or_null<T>(tscale);
+  const A* meanp = rms ? nullptr : mean.const_data_ptr<A>();
+  const A* rstdp = rstd.const_data_ptr<A>();
+  O* yp = out.mutable_data_ptr<O>();
+  at::parallel_for(0, rows, row_grain(dim), [&](int64_t begin, int64_t end) {
+    std::vector<A> xhat_buf(dim), t_buf(dim);
+    A* xhat = xhat_buf.data();
+    A* t = t_buf.data();  // tn, then ty
+    for (int64_t r = begin; r < end; ++r) {
+      const T* xr = xp + r * dim;
+      const A mu = meanp ? meanp[r] : A(0), rs = rstdp[r];
+#pragma omp simd
+      for (int64_t c = 0; c < dim; ++c) xhat[c] = (to_acc(xr[c]) - mu) * rs;
+      if (txp) {
+        const T* txr = txp + r * dim;
+#pragma omp simd
+        for (int64_t c = 0; c < dim; ++c) t[c] = to_acc(txr[c]);
+        A sum_tx = 0, sum_tx_xhat = 0;
+#pragma omp simd reduction(+ : sum_tx, sum_tx_xhat)
+        for (int64_t c = 0; c < dim; ++c) {
+          sum_tx += t[c];
+          sum_tx_xhat += t[c] * xhat[c];
+        }
+        const A inv_dim = A(1) / static_cast<A>(dim);
+        const A mean_tx = rms ? A(0) : sum_tx * inv_dim, proj = sum_tx_xhat * inv_dim;
+#pragma omp simd
+        for (int64_t c = 0; c < dim; ++c) {
+          const A txhat = rs * (t[c] - mean_tx - xhat[c] * proj);
+          t[c] = HAS_W ? txhat * to_acc(w[c]) : txhat;
+        }
+      } else {
+        std::fill(t, t + dim, A(0));
+      }
+      if (tw) {
+#pragma omp simd
+        for (int64_t c = 0; c < dim; ++c) t[c] += xhat[c] * to_acc(tw[c]);
+      }
+      if (tb) {
+#pragma omp simd
+        for (int64_t c = 0; c < dim; ++c) t[c] += to_acc(tb[c]);
+      }
+      const T* sc = mod_row(scp, r, tokens, scale_per_token, dim);
+#pragma omp simd
+      for (int64_t c = 0; c < dim; ++c) t[c] *= A(1) + to_acc(sc[c]);
+      if (tscp) {
+        const T* tsc = mod_row(tscp, r, tokens, tscale_per_token, dim);
+#pragma omp simd
+        for (int64_t c = 0; c < dim; ++c) {
+          A n = xhat[c];
+          if constexpr (HAS_W) n *= to_acc(w[c]);
+          if constexpr (HAS_B) n += to_acc(b[c]);
+          t[c] += n * to_acc(tsc[c]);
+        }
+      }
+      O* yr = yp + r * dim;
+      if (tshp) {
+        const T* tsh = mod_row(tshp, r, tokens, tshift_per_token, dim);
+#pragma omp simd
+        for (int64_t c = 0; c < dim; ++c) yr[c] = from_acc<O>(t[c] + to_acc(tsh[c]));
+      } else {
+#pragma omp simd
+        for (int64_t c = 0; c < dim; ++c) yr[c] = from_acc<O>(t[c]);
+      }
+    }
+  });
+}
+
 // Calls F<HAS_W, HAS_B>() for the given presence of weight and bias.
 template <typename F>
 void with_affine(bool has_w, bool has_b, F&& f) {
@@ -212,6 +297,20 @@ void modulated_norm_backward(const at::Tensor& grad_out, const at::Tensor& x, bo
       backward_impl<T, decltype(g), decltype(has_w)::value, decltype(has_b)::value>(
           grad_out, x, shift_per_token, scale, data_or_null<T>(weight), data_or_null<T>(bias), mean, rstd, rms,
           chunks, dx, dshift, dscale, partials);
+    });
+  });
+}
+
+void modulated_norm_jvp(const at::Tensor& x, const at::Tensor& scale, const at::Tensor* weight,
+                        const at::Tensor* bias, const at::Tensor& mean, const at::Tensor& rstd, bool rms,
+                        const at::Tensor* tx, const at::Tensor* tshift, const at::Tensor* tscale,
+                        const at::Tensor* tweight, const at::Tensor* tbias, at::Tensor& out) {
+  dispatch_dtype_pair(x.scalar_type(), out.scalar_type(), "modulated_norm_jvp", [&](auto t, auto o) {
+    using T = decltype(t);
+    with_affine(weight, bias, [&](auto has_w, auto has_b) {
+      jvp_impl<T, decltype(o), decltype(has_w)::value, decltype(has_b)::value>(
+          x, scale, data_or_null<T>(weight), data_or_null<T>(bias), mean, rstd, rms, data_or_null<T>(tx), tshift,
+          tscale, data_or_null<T>(tweight), data_or_null<T>(tbias), out);
     });
   });
 }

@@ -169,6 +169,13 @@ def _extension_backward(grad_out, x, shift, scale, weight, bias, mean, rstd, rms
         *_contiguous(grad_out, x, shift, scale, weight, bias), mean, rstd, rms))
 
 
+def _extension_jvp(x, scale, weight, bias, mean, rstd, rms, tx, tshift, tscale, tweight, tbias, out_dtype=None):
+    # tangents take their primal's dtype (forward-mode AD gives them that; a direct call may not)
+    tangents = [None if t is None else t.to(x.dtype) for t in (tx, tshift, tscale, tweight, tbias)]
+    x, scale, weight, bias, *tangents = _contiguous(x, scale, weight, bias, *tangents)
+    return torch.ops.fastgen_C.modulated_norm_jvp(x, scale, weight, bias, mean, rstd, rms, *tangents, out_dtype)
+
+
 def _triton_forward(*args):
     from fastgen_kernels.triton_ops import modulated_norm
 
@@ -213,11 +220,11 @@ backward_dispatcher = OpDispatcher(
     device_of=lambda grad_out, *args: grad_out.device,
 )
 # The forward-mode rule's tangent (x, scale, weight, bias, mean, rstd, rms, tx, tshift, tscale,
-# tweight, tbias[, out_dtype]) -> ty in out_dtype (x's by default): one Triton pass on a GPU
-# instead of the formula's dozen PyTorch ops, which the cpu backend runs (no cuda kernel: a forced
+# tweight, tbias[, out_dtype]) -> ty in out_dtype (x's by default): one pass over each row (Triton
+# on a GPU, C++ on the CPU) instead of the formula's dozen PyTorch ops (no cuda kernel: a forced
 # cuda backend says so).
 jvp_dispatcher = OpDispatcher(
-    "fastgen.modulated_norm_jvp", {"triton": _triton_jvp, "cpu": _reference_jvp, "reference": _reference_jvp},
+    "fastgen.modulated_norm_jvp", {"triton": _triton_jvp, "cpu": _extension_jvp, "reference": _reference_jvp},
     _SUPPORTS)
 
 # --------------------------------------------------------------------------- custom ops
