@@ -78,6 +78,12 @@ void sample_loss_tail(const LossTailArgs& args, const at::Tensor& sums, const at
                              const at::Tensor* weight, const at::Tensor* cos, const at::Tensor* sin, \
                              const at::Tensor& rstd, bool interleaved, RowChunks chunks,           \
                              at::Tensor& dx, at::Tensor& partials);                                \
+  /* The tangent of out (B, L, H, Dh) contiguous given the tangents of x (its head vectors */      \
+  /* contiguous, its B, L, H strides free) and of the weight (nullptr: zero), from the forward's */ \
+  /* rstd. */                                                                                      \
+  void qk_norm_rope_jvp(const at::Tensor& x, const at::Tensor* weight, const at::Tensor* cos,      \
+                        const at::Tensor* sin, const at::Tensor& rstd, bool interleaved,           \
+                        const at::Tensor* tx, const at::Tensor* tweight, at::Tensor& out);         \
   /* sums[b] = (sum |x_g - teacher|, sum (fake - teacher)^2) over sample b. */                     \
   void vsd_loss_sums(const at::Tensor& x_g, const at::Tensor& teacher, const at::Tensor& fake,     \
                      at::Tensor& sums);                                                            \

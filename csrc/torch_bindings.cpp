@@ -631,6 +631,40 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> qk_norm_rope_backward(
   return {dq, dk, dq_weight, dk_weight};
 }
 
+// The tangent of one of norm_rope_forward's outputs (the forward-mode rule's; CPU only) given the
+// tangents of x (x's shape, dtype and device, head vectors contiguous) and of the weight, each
+// optional; a zero tangent without either.
+Tensor norm_rope_jvp(const Tensor& x, const optional<Tensor>& weight, const Tensor& cos, const Tensor& sin,
+                     const Tensor& rstd, bool interleaved, const optional<Tensor>& tx,
+                     const optional<Tensor>& tweight, const char* tx_name, const char* tweight_name) {
+  const Tensor* w = check_param(weight, x, "weight");
+  TORCH_CHECK(rstd.numel() == x.size(0) * x.size(1) * x.size(2) && rstd.scalar_type() == stat_dtype(x) &&
+                  rstd.is_contiguous() && rstd.device() == x.device(),
+              "rstd must be the forward's statistics");
+  if (tx) {
+    check_heads(*tx, tx_name);
+    TORCH_CHECK(tx->sizes() == x.sizes() && tx->scalar_type() == x.scalar_type() && tx->device() == x.device(),
+                tx_name, " must have its primal's shape, dtype and device");
+  }
+  const Tensor* tw = check_param(tweight, x, tweight_name);
+  TORCH_CHECK(!tw || w, tweight_name, " needs a weight");
+  if (x.numel() == 0 || !(tx || tw)) return at::zeros(x.sizes(), x.options());
+  Tensor out = at::empty(x.sizes(), x.options());
+  cpu::qk_norm_rope_jvp(x, w, defined_or_null(cos), defined_or_null(sin), rstd, interleaved, tx ? &*tx : nullptr,
+                        tw, out);
+  return out;
+}
+
+std::tuple<Tensor, Tensor> qk_norm_rope_jvp(
+    const Tensor& q, const Tensor& k, const optional<Tensor>& q_weight, const optional<Tensor>& k_weight,
+    const optional<Tensor>& cos, const optional<Tensor>& sin, const Tensor& q_rstd, const Tensor& k_rstd,
+    bool interleaved, const optional<Tensor>& tq, const optional<Tensor>& tk, const optional<Tensor>& tq_weight,
+    const optional<Tensor>& tk_weight) {
+  const auto [cos_table, sin_table] = check_qk(q, k, cos, sin);
+  return {norm_rope_jvp(q, q_weight, cos_table, sin_table, q_rstd, interleaved, tq, tq_weight, "tq", "tq_weight"),
+          norm_rope_jvp(k, k_weight, cos_table, sin_table, k_rstd, interleaved, tk, tk_weight, "tk", "tk_weight")};
+}
+
 // Per-sample loss inputs: (B, ...) contiguous tensors of one shape, dtype and device.
 void check_samples(const Tensor& x, std::initializer_list<std::pair<const Tensor*, const char*>> others) {
   TORCH_CHECK(x.dim() >= 1 && x.numel() > 0, "loss inputs must be non-empty (B, ...) tensors, got ", x.sizes());
@@ -1154,6 +1188,9 @@ TORCH_LIBRARY(fastgen_C, m) {
   m.def("qk_norm_rope_backward(Tensor grad_q, Tensor grad_k, Tensor q, Tensor k, "
         "Tensor? q_weight, Tensor? k_weight, Tensor? cos, Tensor? sin, Tensor q_rstd, "
         "Tensor k_rstd, bool interleaved) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("qk_norm_rope_jvp(Tensor q, Tensor k, Tensor? q_weight, Tensor? k_weight, Tensor? cos, Tensor? sin, "
+        "Tensor q_rstd, Tensor k_rstd, bool interleaved, Tensor? tq, Tensor? tk, Tensor? tq_weight, "
+        "Tensor? tk_weight) -> (Tensor, Tensor)");
   m.def("vsd_loss_sums(Tensor x_g, Tensor x0_teacher, Tensor x0_fake) -> Tensor");
   m.def("squared_residual_sums(Tensor a, Tensor b, Tensor? c, Tensor? k) -> Tensor");
   m.def("scaled_residual(Tensor a, Tensor b, Tensor? c, Tensor? k, Tensor scale, bool negated) "
@@ -1229,6 +1266,7 @@ TORCH_LIBRARY_IMPL(fastgen_C, CompositeImplicitAutograd, m) {
 TORCH_LIBRARY_IMPL(fastgen_C, CPU, m) {
   register_kernels(m);
   m.impl("modulated_norm_jvp", &fastgen::modulated_norm_jvp);
+  m.impl("qk_norm_rope_jvp", &fastgen::qk_norm_rope_jvp);
   m.impl("gelu_tanh_forward", &fastgen::gelu_tanh_forward);
   m.impl("gelu_tanh_backward", &fastgen::gelu_tanh_backward);
 }

@@ -34,6 +34,7 @@ from fastgen_kernels.triton_ops import attention as triton_attention
 from fastgen_kernels.triton_ops import fp8_linear as triton_fp8_linear
 from fastgen_kernels.triton_ops import gan_loss as triton_gan_loss
 from fastgen_kernels.triton_ops import modulated_norm as triton_modulated_norm
+from fastgen_kernels.triton_ops import qk_norm_rope as triton_qk_norm_rope
 from fastgen_kernels.triton_ops import sample_loss_tail as triton_sample_loss_tail
 from fastgen_kernels.triton_ops import squared_residual as triton_squared_residual
 
@@ -74,8 +75,8 @@ def specialization(kernel: JITFunction, bound: dict) -> tuple[dict, dict, dict]:
 
 def record_all_launches() -> None:
     """Calls every Triton launcher: each op's forward and backward on its example arguments in
-    fp32 and bf16, the modulated norm's JVP, and attention at split head dims (72 = 64 + 16, 96 = 64 + 32, in bf16 and fp32)
-    and the widest one, causal or not, JVP included (all three modes: O computed, O and lse given,
+    fp32 and bf16, the modulated norm's and QK-norm's JVPs, and attention at split head dims
+    (72 = 64 + 16, 96 = 64 + 32, in bf16 and fp32) and the widest one, causal or not, JVP included (all three modes: O computed, O and lse given,
     O given)."""
     for name, module in fk.ops.OP_MODULES.items():
         if name == "fp8_linear":  # autotuned: every configuration, below
@@ -104,6 +105,12 @@ def record_all_launches() -> None:
         for rms in (False, True):
             triton_modulated_norm.jvp(xd, mod, w, w, *stats, rms, xd, mod, mod, w, w)
             triton_modulated_norm.jvp(xd, mod, None, None, *stats, rms, xd, mod, mod, None, None)
+        # QK-norm + RoPE's JVP: rotary or not, with weights and their tangents, and the DiT's (x's alone)
+        heads, angles, dh_w = torch.randn(1, 3, 2, 64, dtype=dtype), torch.randn(3, 64), torch.randn(64, dtype=dtype)
+        for tables in ((angles.cos(), angles.sin()), (None, None)):
+            triton_qk_norm_rope.jvp_one(heads, dh_w, *tables, torch.rand(1, 3, 2), True, heads, dh_w)
+            triton_qk_norm_rope.jvp_one(heads, None, *tables, torch.rand(1, 3, 2), False, heads, None)
+            triton_qk_norm_rope.jvp_one(heads, dh_w, *tables, torch.rand(1, 3, 2), True, None, dh_w)
     for head_dim, dtype in [(72, torch.bfloat16), (96, torch.bfloat16), (256, torch.bfloat16),
                             (72, torch.float32), (96, torch.float32)]:
         q = torch.randn(1, 16, 2, head_dim, dtype=dtype)

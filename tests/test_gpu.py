@@ -175,6 +175,15 @@ def test_qk_norm_rope_strided_heads_on_gpu(backend, interleaved, generator):
     qk.check_against_oracle(backend, inputs, torch.bfloat16, generator)
 
 
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+@pytest.mark.parametrize("shape", QK_SHAPES, ids=str)
+@pytest.mark.parametrize("variant", list(qk.VARIANTS))
+def test_qk_norm_rope_jvp_on_gpu(dtype, shape, variant, generator):
+    """The forward-mode rule's Triton kernel (no cuda one) at real head sizes, every tangent."""
+    args = qk.jvp_args(qk.make_inputs(shape, dtype, variant, generator, device="cuda"), "all", generator)
+    qk.check_jvp_kernel("triton", args, dtype)
+
+
 @pytest.mark.parametrize("backend", gpu_backends())
 def test_qk_norm_rope_backward_is_deterministic(backend, generator):
     q, k, q_weight, k_weight, cos, sin, interleaved = qk.make_inputs(

@@ -331,3 +331,15 @@ def test_jvp_kernel_matches_the_formula(backend, variant, per_token, tangents, g
         y = call(*(p if p is None or d is None else fwAD.make_dual(p, d) for p, d in zip(primals, duals)), rms)
         ty_ad = fwAD.unpack_dual(y).tangent
     torch.testing.assert_close(ty_ad.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not fk._extension.cpu_built(), reason="extension not built")
+def test_forward_mode_ad_runs_the_cpu_tangent_kernel(generator):
+    """Dual tensors in eager mode reach the C++ tangent kernel, not the formula's dozen ops."""
+    import torch.autograd.forward_ad as fwAD
+    from torch.profiler import profile
+
+    x, shift, scale, weight, bias, _ = make_inputs((2, 3, 16), torch.float32, "layer_affine", False, generator)
+    with profile() as prof, fk.use_backend("cpu"), fwAD.dual_level():
+        fk.modulated_layer_norm(fwAD.make_dual(x, torch.randn_like(x)), shift, scale, weight, bias)
+    assert "fastgen_C::modulated_norm_jvp" in {event.name for event in prof.events()}

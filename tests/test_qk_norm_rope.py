@@ -251,6 +251,94 @@ def test_forward_ad_with_partial_tangents(generator):
     torch.testing.assert_close(tq_from_weight, tq_oracle, rtol=1e-10, atol=1e-10)
 
 
+# Which tangents a call passes: q's and k's (distillation's), the weights', every one, k's alone
+JVP_TANGENTS = {"heads": ("tq", "tk"), "weights": ("tq_weight", "tk_weight"),
+                "all": ("tq", "tk", "tq_weight", "tk_weight"), "k": ("tk",)}
+
+
+def jvp_args(inputs, tangents, generator):
+    """The forward-mode rule's arguments (q, k, q_weight, k_weight, cos, sin, q_rstd, k_rstd,
+    interleaved, tq, tk, tq_weight, tk_weight) for ``inputs``, with random ``tangents``."""
+    q, k, q_weight, k_weight, cos, sin, interleaved = inputs
+    _, _, q_rstd, k_rstd = qnr.reference_forward(q, k, q_weight, k_weight, cos, sin, 1e-6, interleaved)
+    primals = {"tq": q, "tk": k, "tq_weight": q_weight, "tk_weight": k_weight}
+    given = {name: torch.randn(p.shape, generator=generator).to(p)
+             if name in JVP_TANGENTS[tangents] and p is not None else None for name, p in primals.items()}
+    return (q, k, q_weight, k_weight, cos, sin, q_rstd, k_rstd, interleaved, *given.values())
+
+
+def check_jvp_kernel(backend, args, dtype):
+    with fk.use_backend(backend):
+        touts = qnr.jvp_dispatcher(*args)
+    expected = qnr.reference_jvp(*(t.double() if isinstance(t, torch.Tensor) else t for t in args))
+    for name, tout, x, tout64 in zip(("tq_out", "tk_out"), touts, args[:2], expected):
+        assert tout.dtype == dtype and tout.shape == x.shape, name
+        assert tout.is_contiguous() or backend == "reference", name  # the kernels write contiguous rows
+        assert_close(tout, tout64, dtype, name)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("tangents", list(JVP_TANGENTS))
+def test_jvp_kernel_matches_the_formula(backend, variant, tangents, generator):
+    """The forward-mode rule's tangents (jvp_dispatcher; the Triton kernel on the interpreter)
+    against the formula in fp64; then q and its tangent sliced from fused qkv projections, k's
+    heads transposed (the kernels take their B, L, H strides); and forward-mode AD through the op,
+    which runs the kernel."""
+    inputs = make_inputs((2, 5, 3, 72), torch.float32, variant, generator)
+    args = jvp_args(inputs, tangents, generator)
+    check_jvp_kernel(backend, args, torch.float32)
+    q, k, *rest = args
+    B, L, H, Dh = q.shape
+    strided_q = torch.randn(B, L, 3, H, Dh, generator=generator)[:, :, 1]
+    strided_tq = torch.randn(B, L, 3, H, Dh, generator=generator)[:, :, 2]
+    strided_k = k.transpose(1, 2).contiguous().transpose(1, 2)
+    _, _, q_rstd, _ = qnr.reference_forward(strided_q, strided_k, *inputs[2:6], 1e-6, inputs[6])
+    strided = [strided_q, strided_k, *rest]
+    strided[6] = q_rstd
+    strided[9] = None if args[9] is None else strided_tq
+    check_jvp_kernel(backend, tuple(strided), torch.float32)
+
+    q, k, q_weight, k_weight, cos, sin, interleaved = inputs
+    tq, tk, tq_weight, tk_weight = args[9:]
+    primals = (q, k, q_weight, k_weight)
+    with fk.use_backend(backend), fwAD.dual_level():
+        outs = call(*(p if t is None else fwAD.make_dual(p, t) for p, t in zip(primals, args[9:])),
+                    cos, sin, interleaved)
+        touts = [fwAD.unpack_dual(out).tangent for out in outs]
+    expected = qnr.reference_jvp(*(t.double() if isinstance(t, torch.Tensor) else t for t in args))
+    for tout, tout64 in zip(touts, expected):
+        if tout is None:  # no tangent reached this output
+            assert torch.count_nonzero(tout64) == 0
+        else:
+            assert_close(tout, tout64, torch.float32, "forward-mode AD")
+
+
+@pytest.mark.parametrize("cpu_isa", cpu_isas(), indirect=True)
+@pytest.mark.parametrize("dtype", [*CPU_DTYPES, torch.float64], ids=str)
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_every_cpu_instruction_set_jvp_matches_the_formula(dtype, variant, cpu_isa, generator):
+    # Dh = 72, 36 rotary pairs: a vector body and a scalar tail in every copy
+    args = jvp_args(make_inputs((1, 5, 3, 72), dtype, variant, generator), "all", generator)
+    check_jvp_kernel("cpu", args, dtype)
+
+
+@pytest.mark.skipif(not _extension.cpu_built(), reason="extension not built")
+def test_jvp_kernel_bad_input_names_the_argument(generator):
+    q, k, w, _, cos, sin, interleaved = make_inputs((1, 3, 2, 8), torch.float32, "rope_interleaved", generator)
+    _, _, q_rstd, k_rstd = qnr.reference_forward(q, k, w, None, cos, sin, 1e-6, interleaved)
+    jvp = torch.ops.fastgen_C.qk_norm_rope_jvp
+    stats = (q_rstd, k_rstd, interleaved)
+    with pytest.raises(RuntimeError, match="tq must have its primal's shape"):
+        jvp(q, k, w, None, cos, sin, *stats, torch.randn(1, 3, 2, 6), None, None, None)
+    with pytest.raises(RuntimeError, match="tk's head vectors must be contiguous"):
+        jvp(q, k, w, None, cos, sin, *stats, None, torch.randn(1, 3, 2, 16)[..., ::2], None, None)
+    with pytest.raises(RuntimeError, match="tk_weight needs a weight"):
+        jvp(q, k, w, None, cos, sin, *stats, None, None, None, torch.randn(8))
+    with pytest.raises(RuntimeError, match="rstd must be the forward's statistics"):
+        jvp(q, k, w, None, cos, sin, q_rstd[:, :1], k_rstd, interleaved, q, None, None, None)
+
+
 def run_opcheck(backend, inputs):
     """torch.library.opcheck of the forward op (without and with grad) and the backward op."""
     q, k, q_weight, k_weight, cos, sin, interleaved = inputs
@@ -361,3 +449,15 @@ def test_rotary_tables_with_a_tangent_raise(generator):
         assert fwAD.unpack_dual(out).tangent is not None
     _, tangent = torch.func.jvp(lambda a: fk.qk_norm_rope(a, k, None, None, cos=cos, sin=sin)[0], (q,), (torch.ones_like(q),))
     assert tangent.abs().max() > 0
+
+
+@pytest.mark.skipif(not _extension.cpu_built(), reason="extension not built")
+def test_forward_mode_ad_runs_the_cpu_tangent_kernel(generator):
+    """Dual tensors in eager mode reach the C++ tangent kernel, not the formula's dozen ops."""
+    from torch.profiler import profile
+
+    q, k, q_weight, k_weight, cos, sin, interleaved = make_inputs((1, 4, 2, 8), torch.float32, "rope_half", generator)
+    with profile() as prof, fk.use_backend("cpu"), fwAD.dual_level():
+        fk.qk_norm_rope(fwAD.make_dual(q, torch.randn_like(q)), k, q_weight, k_weight, cos, sin,
+                        interleaved=interleaved)
+    assert "fastgen_C::qk_norm_rope_jvp" in {event.name for event in prof.events()}

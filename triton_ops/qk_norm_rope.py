@@ -5,11 +5,11 @@ A head vector of Dh <= 256 elements is held as a (Dh/2, 2) tile of its rotary pa
 `tl.join`, and the pairs of an interleaved head are contiguous in memory. Without rotary the
 interleaved tiling is used whatever Dh (odd Dh: the last pair's second entry is masked).
 
-Forward: one program per block of BLOCK_R rows (head vectors), each in registers: x is read once,
-y written once. Backward: one program per chunk of rows (`row_chunks` of triton_ops.modulated_norm
-with a single batch), walking its rows in blocks of BLOCK_R; it writes dx and keeps the weight's
-gradient as an fp32 register accumulator, stored once per chunk as a partial sum that the launcher
-adds up: deterministic, no atomics.
+Forward (and the forward-mode tangent, alike): one program per block of BLOCK_R rows (head
+vectors), each in registers: x (and its tangent) read once, y written once. Backward: one program
+per chunk of rows (`row_chunks` of triton_ops.modulated_norm with a single batch), walking its rows
+in blocks of BLOCK_R; it writes dx and keeps the weight's gradient as an fp32 register accumulator,
+stored once per chunk as a partial sum that the launcher adds up: deterministic, no atomics.
 
 The input x may be strided over (B, L, H) (e.g. q = qkv[:, :, 0] of a fused projection); its head
 vectors must be contiguous. Every other tensor is contiguous; cos and sin are read as fp32.
@@ -152,6 +152,60 @@ def _backward_kernel(
         tl.store(PARTIALS + chunk * Dh + cols, tl.sum(acc_w, axis=0), mask=col_mask)
 
 
+@triton.jit
+def _jvp_kernel(
+    X,  # (B, L, H, Dh) forward input, strides (stride_b, stride_l, stride_h, 1)
+    W,  # (Dh,) or unused
+    COS,  # (L, Dh) fp32, or unused
+    SIN,  # (L, Dh) fp32, or unused
+    RSTD,  # (rows,) fp32 from the forward
+    TX,  # (B, L, H, Dh) tangent of x, strides (t_stride_b, t_stride_l, t_stride_h, 1), or unused
+    TW,  # (Dh,) tangent of the weight, or unused
+    TY,  # (rows, Dh) output
+    rows,
+    L,
+    H,
+    Dh,
+    stride_b,
+    stride_l,
+    stride_h,
+    t_stride_b,
+    t_stride_l,
+    t_stride_h,
+    HAS_W: tl.constexpr,
+    HAS_ROPE: tl.constexpr,
+    INTERLEAVED: tl.constexpr,
+    HAS_TX: tl.constexpr,
+    HAS_TW: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_mask = row < rows
+    x_offs, token = _row_offsets(row, L, H, stride_b, stride_l, stride_h)
+    cols, col_mask = _pair_tile(Dh, INTERLEAVED, BLOCK_P)
+    mask = row_mask[:, None, None] & col_mask[None, :, :]
+    x = tl.load(X + x_offs[:, None, None] + cols[None, :, :], mask=mask, other=0.0).to(tl.float32)
+    rstd = tl.load(RSTD + row, mask=row_mask, other=0.0)[:, None, None]
+    xhat = x * rstd
+    tn = tl.zeros([BLOCK_R, BLOCK_P, 2], dtype=tl.float32)
+    if HAS_TX:
+        t_offs, _ = _row_offsets(row, L, H, t_stride_b, t_stride_l, t_stride_h)
+        tx = tl.load(TX + t_offs[:, None, None] + cols[None, :, :], mask=mask, other=0.0).to(tl.float32)
+        proj = tl.sum(tl.sum(tx * xhat, axis=2), axis=1)[:, None, None] / Dh
+        tn = rstd * (tx - xhat * proj)
+        if HAS_W:
+            tn = tn * tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :, :]
+    if HAS_TW:
+        tn += xhat * tl.load(TW + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :, :]
+    if HAS_ROPE:
+        table = token[:, None, None] * Dh + cols[None, :, :]
+        cos = tl.load(COS + table, mask=mask, other=0.0)
+        sin = tl.load(SIN + table, mask=mask, other=0.0)
+        tn = tn * cos + _rotate(tn) * sin
+    tl.store(TY + row[:, None, None] * Dh + cols[None, :, :], tn.to(TY.dtype.element_ty), mask=mask)
+
+
 def launch_config(Dh: int, weight: Tensor | None, cos: Tensor | None, interleaved: bool) -> dict:
     """The kernels' compile-time flags and tiles: BLOCK_R rows of BLOCK_P pairs, about 2048
     elements (16 per thread at 4 warps)."""
@@ -214,3 +268,24 @@ def backward_one(
     dweight = x.new_empty(0) if weight is None else partials.sum(0).to(weight.dtype)
     return dx, dweight
 
+
+
+def jvp_one(
+    x: Tensor, weight: Tensor | None, cos: Tensor | None, sin: Tensor | None, rstd: Tensor,
+    interleaved: bool, tx: Tensor | None, tweight: Tensor | None,
+) -> Tensor:
+    """The tangent of one of q_out, k_out as the reference, in x's dtype, given the tangents of x
+    (strided over B, L, H like x) and of the weight (None: zero)."""
+    if tx is None and tweight is None:
+        return torch.zeros(x.shape, device=x.device, dtype=x.dtype)
+    weight, cos, sin, tweight = _param(weight), _table(cos), _table(sin), _param(tweight)
+    B, L, H, Dh = x.shape
+    rows = B * L * H
+    ty = torch.empty(B, L, H, Dh, device=x.device, dtype=x.dtype)
+    x, strides = _head_rows(x)
+    tx, tx_strides = _head_rows(tx) if tx is not None else (None, (0, 0, 0))
+    config = launch_config(Dh, weight, cos, interleaved)
+    _jvp_kernel[(triton.cdiv(rows, config["BLOCK_R"]),)](
+        x, weight, cos, sin, rstd.contiguous(), tx, tweight, ty, rows, L, H, Dh, *strides, *tx_strides,
+        HAS_TX=tx is not None, HAS_TW=tweight is not None, **config)
+    return ty

@@ -108,6 +108,12 @@ void qk_norm_rope_backward(const at::Tensor& grad_out, const at::Tensor& x,
   FASTGEN_RUN(qk_norm_rope_backward, grad_out, x, weight, cos, sin, rstd, interleaved, chunks, dx, partials);
 }
 
+void qk_norm_rope_jvp(const at::Tensor& x, const at::Tensor* weight, const at::Tensor* cos,
+                      const at::Tensor* sin, const at::Tensor& rstd, bool interleaved, const at::Tensor* tx,
+                      const at::Tensor* tweight, at::Tensor& out) {
+  FASTGEN_RUN(qk_norm_rope_jvp, x, weight, cos, sin, rstd, interleaved, tx, tweight, out);
+}
+
 void vsd_loss_sums(const at::Tensor& x_g, const at::Tensor& teacher, const at::Tensor& fake, at::Tensor& sums) {
   FASTGEN_RUN(vsd_loss_sums, x_g, teacher, fake, sums);
 }

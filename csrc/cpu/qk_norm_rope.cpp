@@ -1,8 +1,9 @@
 // QK-norm + rotary embedding on the CPU: per-head RMSNorm, then RoPE, for one of q, k. The math is
 // derived in fastgen_kernels/ops/qk_norm_rope.py.
 //
-// Forward: head vectors (rows) in parallel; each is converted once into an fp32 (fp64) buffer that
-// stays in L1, normalized there, then rotated into the output. Backward: one task per chunk of rows
+// Forward (and the forward-mode tangent, alike): head vectors (rows) in parallel; each is
+// converted once into an fp32 (fp64) buffer that stays in L1, normalized there, then rotated into
+// the output. Backward: one task per chunk of rows
 // (row_chunks over all B*L*H rows as one batch) writes dx for its rows and sums the weight's
 // gradient into its own partial-sum row: deterministic whatever the thread count.
 #include <algorithm>
@@ -147,6 +148,60 @@ void backward_impl(const at::Tensor& grad_out, const at::Tensor& x, const T* w,
   });
 }
 
+// The tangent of out given tangents of x (its own head strides; nullptr = zero) and of the weight
+// (nullptr = zero):
+//   tn = rstd * (tx - xhat * mean(tx * xhat)) * w + xhat * tw,   tout = tn * cos + rot(tn) * sin
+template <typename T, bool HAS_W, Rope ROPE>
+void jvp_impl(const at::Tensor& x, const T* w, const acc_t<T>* cos, const acc_t<T>* sin,
+              const at::Tensor& rstd, const at::Tensor* tx, const T* tw, at::Tensor& out) {
+  using A = acc_t<T>;
+  const HeadRows heads(x);
+  const HeadRows tangent_heads(tx ? *tx : x);
+  const int64_t dim = x.size(3), rows = x.size(0) * x.size(1) * x.size(2);
+  const T* xp = x.const_data_ptr<T>();
+  const T* txp = data_or_null<T>(tx);
+  const A* rstdp = rstd.const_data_ptr<A>();
+  T* yp = out.mutable_data_ptr<T>();
+  at::parallel_for(0, rows, row_grain(dim), [&](int64_t begin, int64_t end) {
+    std::vector<A> xhat(dim), tn(dim);
+    for (int64_t r = begin; r < end; ++r) {
+      const T* xr = xp + heads.offset(r);
+      const A rs = rstdp[r];
+#pragma omp simd
+      for (int64_t c = 0; c < dim; ++c) xhat[c] = to_acc(xr[c]) * rs;
+      if (txp) {
+        const T* txr = txp + tangent_heads.offset(r);
+#pragma omp simd
+        for (int64_t c = 0; c < dim; ++c) tn[c] = to_acc(txr[c]);
+        // the sum in a loop of its own, over fp32 only (see backward_impl)
+        A sum_tx_xhat = 0;
+#pragma omp simd reduction(+ : sum_tx_xhat)
+        for (int64_t c = 0; c < dim; ++c) sum_tx_xhat += tn[c] * xhat[c];
+        const A proj = sum_tx_xhat / static_cast<A>(dim);
+#pragma omp simd
+        for (int64_t c = 0; c < dim; ++c) {
+          const A txhat = rs * (tn[c] - xhat[c] * proj);
+          tn[c] = HAS_W ? txhat * to_acc(w[c]) : txhat;
+        }
+      } else {
+        std::fill(tn.begin(), tn.end(), A(0));
+      }
+      if (tw) {
+#pragma omp simd
+        for (int64_t c = 0; c < dim; ++c) tn[c] += xhat[c] * to_acc(tw[c]);
+      }
+      T* y = yp + r * dim;
+      if constexpr (ROPE == Rope::kNone) {
+#pragma omp simd
+        for (int64_t c = 0; c < dim; ++c) y[c] = from_acc<T>(tn[c]);
+      } else {
+        const int64_t table = heads.token(r) * dim;
+        rotate<ROPE, false>(tn.data(), cos + table, sin + table, dim, y);
+      }
+    }
+  });
+}
+
 // Calls f(HAS_W tag, RopeTag) for the presence of the weight and the rotary layout.
 template <typename F>
 void with_variant(bool has_w, bool has_rope, bool interleaved, F&& f) {
@@ -184,6 +239,19 @@ void qk_norm_rope_backward(const at::Tensor& grad_out, const at::Tensor& x,
       backward_impl<scalar_t, decltype(has_w)::value, decltype(rope)::value>(
           grad_out, x, data_or_null<scalar_t>(weight), data_or_null<A>(cos), data_or_null<A>(sin),
           rstd, chunks, dx, partials);
+    });
+  });
+}
+
+void qk_norm_rope_jvp(const at::Tensor& x, const at::Tensor* weight, const at::Tensor* cos,
+                      const at::Tensor* sin, const at::Tensor& rstd, bool interleaved, const at::Tensor* tx,
+                      const at::Tensor* tweight, at::Tensor& out) {
+  FASTGEN_DISPATCH_FLOATING(x.scalar_type(), "qk_norm_rope_jvp", [&] {
+    using A = acc_t<scalar_t>;
+    with_variant(weight, cos, interleaved, [&](auto has_w, auto rope) {
+      jvp_impl<scalar_t, decltype(has_w)::value, decltype(rope)::value>(
+          x, data_or_null<scalar_t>(weight), data_or_null<A>(cos), data_or_null<A>(sin), rstd, tx,
+          data_or_null<scalar_t>(tweight), out);
     });
   });
 }

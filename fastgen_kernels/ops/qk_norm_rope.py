@@ -187,6 +187,34 @@ def _triton_backward(*args):
     return _backward_pair(qk_norm_rope.backward_one, *args)
 
 
+def _jvp_pair(jvp_one, q, k, q_weight, k_weight, cos, sin, q_rstd, k_rstd, interleaved, tq, tk, tq_weight,
+              tk_weight) -> tuple[Tensor, Tensor]:
+    """The forward-mode rule's tangents (tq_out, tk_out) from an implementation for one of q, k."""
+    return (jvp_one(q, q_weight, cos, sin, q_rstd, interleaved, tq, tq_weight),
+            jvp_one(k, k_weight, cos, sin, k_rstd, interleaved, tk, tk_weight))
+
+
+def reference_jvp(*args) -> tuple[Tensor, Tensor]:
+    """(tq_out, tk_out) given (q, k, q_weight, k_weight, cos, sin, q_rstd, k_rstd, interleaved, tq,
+    tk, tq_weight, tk_weight), tangents None for zero; in q's dtype."""
+    return _jvp_pair(_jvp_one, *args)
+
+
+def _extension_jvp(q, k, q_weight, k_weight, cos, sin, q_rstd, k_rstd, interleaved, tq, tk, tq_weight,
+                   tk_weight):
+    # tangents take their primal's dtype (forward-mode AD gives them that; a direct call may not)
+    tq, tk, tq_weight, tk_weight = (None if t is None else t.to(q.dtype) for t in (tq, tk, tq_weight, tk_weight))
+    return tuple(torch.ops.fastgen_C.qk_norm_rope_jvp(
+        _rows(q), _rows(k), *_contiguous(q_weight, k_weight), cos, sin, *_contiguous(q_rstd, k_rstd), interleaved,
+        None if tq is None else _rows(tq), None if tk is None else _rows(tk), *_contiguous(tq_weight, tk_weight)))
+
+
+def _triton_jvp(*args):
+    from fastgen_kernels.triton_ops import qk_norm_rope
+
+    return _jvp_pair(qk_norm_rope.jvp_one, *args)
+
+
 def _nonempty(q: Tensor, k: Tensor, *args: object) -> str | None:
     return _checks.nonempty(q) or _checks.nonempty(k)
 
@@ -217,6 +245,13 @@ backward_dispatcher = OpDispatcher(
     {"cuda": _skip_grads(_gpu_support), "triton": _skip_grads(_gpu_support),
      "cpu": _skip_grads(_nonempty)},
     device_of=lambda grad_q, *args: grad_q.device,
+)
+
+# The forward-mode rule's tangents: one pass over each head vector (Triton on a GPU, C++ on the
+# CPU) instead of the formula's dozen PyTorch ops (no cuda kernel: a forced cuda backend says so).
+jvp_dispatcher = OpDispatcher(
+    "fastgen.qk_norm_rope_jvp", {"triton": _triton_jvp, "cpu": _extension_jvp, "reference": reference_jvp},
+    {"triton": _gpu_support, "cpu": _nonempty},
 )
 
 # --------------------------------------------------------------------------- custom ops
@@ -301,8 +336,9 @@ class _QkNormRopeFunction(_eager_op.Function):
     def jvp(ctx, tq, tk, tq_weight, tk_weight, _tcos, _tsin, _teps, _tinterleaved):
         # cos and sin are constants (torch.func.jvp hands them zero tangents)
         q, k, q_weight, k_weight, cos, sin, q_rstd, k_rstd = ctx.saved_tensors
-        tq_out = _jvp_one(q, q_weight, cos, sin, q_rstd, ctx.interleaved, tq, tq_weight)
-        tk_out = _jvp_one(k, k_weight, cos, sin, k_rstd, ctx.interleaved, tk, tk_weight)
+        args = (q, k, q_weight, k_weight, cos, sin, q_rstd, k_rstd, ctx.interleaved, tq, tk, tq_weight, tk_weight)
+        # the kernels take plain tensors; under functorch transforms the formula runs
+        tq_out, tk_out = jvp_dispatcher(*args) if _eager_op.plain_eager(args) else reference_jvp(*args)
         return tq_out, tk_out, None, None
 
 
