@@ -62,13 +62,17 @@ def info() -> str:
     lines.append("")
     lines.append(f"{'op':<34}{'device':<8}{'dtype':<10}backend")
     for name, module in ops.OP_MODULES.items():
-        backward = getattr(module, "backward_dispatcher", None)  # inference-only ops have none
-        for dispatcher in [module.forward_dispatcher] + ([backward] if backward else []):
+        # the backward (inference-only ops have none) and the forward-mode rule's kernel, where the
+        # op has one, with arguments matching the forward's example
+        derived = [(getattr(module, dispatcher, None), getattr(module, f"example_{kind}_args", None))
+                   for dispatcher, kind in (("backward_dispatcher", "backward"), ("jvp_dispatcher", "jvp"))]
+        rows = [(module.forward_dispatcher, None)] + [(d, make) for d, make in derived if d and make]
+        for dispatcher, make_args in rows:
             for device in devices:
                 for dtype in (torch.float32, torch.bfloat16):
                     args = module.example_args(device, dtype)
-                    if dispatcher is backward:
-                        args = module.example_backward_args(*args)
+                    if make_args is not None:
+                        args = make_args(*args)
                     choice = backends.choice(dispatcher, *args)
                     lines.append(f"{dispatcher.name:<34}{device.type:<8}{str(dtype)[6:]:<10}{choice}")
     return "\n".join(lines)

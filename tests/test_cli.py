@@ -12,7 +12,8 @@ from fastgen_kernels import cli
 def test_info_reports_versions_build_and_backends():
     report = cli.info()
     for needle in ("torch", "triton", "extension CPU", "extension CUDA", "GPU",
-                   "fastgen.modulated_norm", "fastgen.gated_residual_backward"):
+                   "fastgen.modulated_norm", "fastgen.gated_residual_backward", "fastgen.modulated_norm_jvp",
+                   "fastgen.qk_norm_rope_jvp", "fastgen.attention_jvp"):
         assert needle in report
 
 

@@ -595,3 +595,8 @@ def example_backward_args(q, k, v, scale, causal_chunk) -> tuple:
     """Arguments of the backward op matching ``example_args``."""
     o, lse = reference_forward(q, k, v, scale, causal_chunk)
     return (o, q, k, v, o, lse, scale, causal_chunk)
+
+
+def example_jvp_args(q, k, v, scale, causal_chunk) -> tuple:
+    """Arguments of the exact JVP (jvp_dispatcher) matching ``example_args``: tangents of q, k, v."""
+    return (q, k, v, q, k, v, scale, causal_chunk)

@@ -472,3 +472,10 @@ def example_backward_args(x, shift, scale, weight, bias, eps, rms) -> tuple:
     """Arguments of the backward op matching ``example_args``."""
     _, mean, rstd = reference_forward(x, shift, scale, weight, bias, eps, rms)
     return (x, x, shift, scale, weight, bias, mean, rstd, rms)
+
+
+def example_jvp_args(x, shift, scale, weight, bias, eps, rms) -> tuple:
+    """Arguments of the forward-mode rule's tangent (jvp_dispatcher) matching ``example_args``:
+    the tangents of x, shift and scale."""
+    _, mean, rstd = reference_forward(x, shift, scale, weight, bias, eps, rms)
+    return (x, scale, weight, bias, mean, rstd, rms, x, shift, scale, None, None)

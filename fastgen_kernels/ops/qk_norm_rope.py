@@ -401,3 +401,10 @@ def example_backward_args(q, k, q_weight, k_weight, cos, sin, eps, interleaved) 
     """Arguments of the backward op matching ``example_args``."""
     _, _, q_rstd, k_rstd = reference_forward(q, k, q_weight, k_weight, cos, sin, eps, interleaved)
     return (q, k, q, k, q_weight, k_weight, cos, sin, q_rstd, k_rstd, interleaved)
+
+
+def example_jvp_args(q, k, q_weight, k_weight, cos, sin, eps, interleaved) -> tuple:
+    """Arguments of the forward-mode rule's tangents (jvp_dispatcher) matching ``example_args``:
+    the tangents of q and k."""
+    _, _, q_rstd, k_rstd = reference_forward(q, k, q_weight, k_weight, cos, sin, eps, interleaved)
+    return (q, k, q_weight, k_weight, cos, sin, q_rstd, k_rstd, interleaved, q, k, None, None)
