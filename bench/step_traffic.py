@@ -67,7 +67,7 @@ def matmul_flops(name: str, args: tuple) -> float:
         out_cols = b.shape[0] if name == "linear" else b.shape[-1]
         return 2.0 * a.numel() * out_cols
     if "attention" in name or "scaled_dot_product" in name:
-        q, k = tensors[0], tensors[1]
+        q, k = tensors[1:3] if "backward" in name else tensors[:2]  # a backward's first is grad_out
         if "scaled_dot_product" in name:  # SDPA's (B, H, L, Dh) layout
             B, H, Lq, Dh = q.shape
             Lk = k.shape[2]
@@ -94,7 +94,8 @@ class Traffic(TorchDispatchMode):
         dtype = next((str(a.dtype)[6:] for a in args if isinstance(a, torch.Tensor)), "")
         row = self.ops[f"{name} {shapes} {dtype}"]
         row[0] += 1
-        row[1] += tensor_bytes(args) + tensor_bytes(out)
+        # an in-place op's result is its first argument
+        row[1] += tensor_bytes(args) + (0 if name.endswith("_") else tensor_bytes(out))
         row[2] += matmul_flops(name.split("::")[-1].split(".")[-1], args)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):

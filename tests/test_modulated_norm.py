@@ -343,3 +343,28 @@ def test_forward_mode_ad_runs_the_cpu_tangent_kernel(generator):
     with profile() as prof, fk.use_backend("cpu"), fwAD.dual_level():
         fk.modulated_layer_norm(fwAD.make_dual(x, torch.randn_like(x)), shift, scale, weight, bias)
     assert "fastgen_C::modulated_norm_jvp" in {event.name for event in prof.events()}
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_backward_through_the_tangent(backend, generator):
+    """A tangent that backward-mode autograd records (grad mode on, inputs that require grad) is
+    the formula's, differentiable: the kernels have no derivative, and their tangent would come
+    back as a constant whose gradients are dropped."""
+    import torch.autograd.forward_ad as fwAD
+
+    x, shift, scale, weight, bias, _ = make_inputs((2, 3, 37), torch.float32, "layer_affine", True, generator)
+    tx = torch.randn(x.shape, generator=generator, dtype=x.dtype)
+
+    def gradients(backend_name):
+        leaves = [t.detach().requires_grad_() for t in (x, shift, scale, weight, bias)]
+        with fk.use_backend(backend_name), fwAD.dual_level():
+            y = fk.modulated_layer_norm(fwAD.make_dual(leaves[0], tx), *leaves[1:])
+            ty = fwAD.unpack_dual(y).tangent
+        return torch.autograd.grad(ty.square().sum(), leaves, allow_unused=True)
+
+    got, expected = gradients(backend), gradients("reference")
+    # ty depends on x, scale and weight (not on shift)
+    assert all(g is not None for g in got[0:1] + got[2:4])
+    for g, e in zip(got, expected):
+        if e is not None:
+            torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4)

@@ -461,3 +461,23 @@ def test_forward_mode_ad_runs_the_cpu_tangent_kernel(generator):
         fk.qk_norm_rope(fwAD.make_dual(q, torch.randn_like(q)), k, q_weight, k_weight, cos, sin,
                         interleaved=interleaved)
     assert "fastgen_C::qk_norm_rope_jvp" in {event.name for event in prof.events()}
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_backward_through_the_tangents(backend, generator):
+    """Tangents that backward-mode autograd records (grad mode on, inputs that require grad) are
+    the formula's, differentiable: the kernels have no derivative, and their tangents would come
+    back as constants whose gradients are dropped."""
+    q, k, q_weight, k_weight, cos, sin, interleaved = make_inputs((1, 4, 2, 8), torch.float32, "rope_half", generator)
+    tq, tk = (torch.randn(t.shape, generator=generator) for t in (q, k))
+
+    def gradients(backend_name):
+        leaves = [t.detach().requires_grad_() for t in (q, k, q_weight, k_weight)]
+        with fk.use_backend(backend_name), fwAD.dual_level():
+            outs = fk.qk_norm_rope(fwAD.make_dual(leaves[0], tq), fwAD.make_dual(leaves[1], tk), *leaves[2:],
+                                   cos, sin, interleaved=interleaved)
+            touts = [fwAD.unpack_dual(out).tangent for out in outs]
+        return torch.autograd.grad(sum(t.square().sum() for t in touts), leaves)
+
+    for got, expected in zip(gradients(backend), gradients("reference")):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)

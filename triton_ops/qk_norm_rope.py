@@ -11,8 +11,9 @@ per chunk of rows (`row_chunks` of triton_ops.modulated_norm with a single batch
 in blocks of BLOCK_R; it writes dx and keeps the weight's gradient as an fp32 register accumulator,
 stored once per chunk as a partial sum that the launcher adds up: deterministic, no atomics.
 
-The input x may be strided over (B, L, H) (e.g. q = qkv[:, :, 0] of a fused projection); its head
-vectors must be contiguous. Every other tensor is contiguous; cos and sin are read as fp32.
+The input x, and its tangent, may be strided over (B, L, H) (e.g. q = qkv[:, :, 0] of a fused
+projection); their head vectors must be contiguous. Every other tensor is contiguous; cos and sin
+are read as fp32.
 The launchers handle one of q, k; the op (fastgen_kernels/ops/qk_norm_rope.py) runs them on both.
 """
 
@@ -267,7 +268,6 @@ def backward_one(
     # an absent weight gets a distinct empty tensor: op outputs may not alias each other
     dweight = x.new_empty(0) if weight is None else partials.sum(0).to(weight.dtype)
     return dx, dweight
-
 
 
 def jvp_one(

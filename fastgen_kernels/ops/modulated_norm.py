@@ -310,9 +310,11 @@ class _ModulatedNormFunction(_eager_op.Function):
 
 
 def _tangent(*args) -> Tensor:
-    """The norm's tangent (jvp_dispatcher's arguments): the kernels take plain
-    tensors, under functorch transforms the formula runs."""
-    return jvp_dispatcher(*args) if _eager_op.plain_eager(args) else _reference_jvp(*args)
+    """The norm's tangent (jvp_dispatcher's arguments): the kernels take plain tensors that
+    backward-mode autograd does not record (they have no derivative); under functorch transforms,
+    or where a backward may go through the tangent, the formula runs."""
+    kernel = _eager_op.plain_eager(args) and not _eager_op.records_grad(args)
+    return jvp_dispatcher(*args) if kernel else _reference_jvp(*args)
 
 
 # --------------------------------------------------------------------------- public API

@@ -337,8 +337,11 @@ class _QkNormRopeFunction(_eager_op.Function):
         # cos and sin are constants (torch.func.jvp hands them zero tangents)
         q, k, q_weight, k_weight, cos, sin, q_rstd, k_rstd = ctx.saved_tensors
         args = (q, k, q_weight, k_weight, cos, sin, q_rstd, k_rstd, ctx.interleaved, tq, tk, tq_weight, tk_weight)
-        # the kernels take plain tensors; under functorch transforms the formula runs
-        tq_out, tk_out = jvp_dispatcher(*args) if _eager_op.plain_eager(args) else reference_jvp(*args)
+        # the kernels take plain tensors that backward-mode autograd does not record (they have no
+        # derivative); under functorch transforms, or where a backward may go through the
+        # tangents, the formula runs
+        kernel = _eager_op.plain_eager(args) and not _eager_op.records_grad(args)
+        tq_out, tk_out = jvp_dispatcher(*args) if kernel else reference_jvp(*args)
         return tq_out, tk_out, None, None
 
 
