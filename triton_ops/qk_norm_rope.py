@@ -56,6 +56,20 @@ def _row_offsets(rows, L, H, stride_b, stride_l, stride_h):
 
 
 @triton.jit
+def _load_heads(X, rows, L, H, Dh, stride_b, stride_l, stride_h, INTERLEAVED: tl.constexpr,
+                BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr):
+    """This program's block of BLOCK_R rows of x, as fp32 (BLOCK_R, BLOCK_P, 2) tiles of pairs:
+    (x, row, row_mask, token, cols, col_mask, mask)."""
+    row = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_mask = row < rows
+    x_offs, token = _row_offsets(row, L, H, stride_b, stride_l, stride_h)
+    cols, col_mask = _pair_tile(Dh, INTERLEAVED, BLOCK_P)
+    mask = row_mask[:, None, None] & col_mask[None, :, :]
+    x = tl.load(X + x_offs[:, None, None] + cols[None, :, :], mask=mask, other=0.0).to(tl.float32)
+    return x, row, row_mask, token, cols, col_mask, mask
+
+
+@triton.jit
 def _forward_kernel(
     X,  # (B, L, H, Dh) input, strides (stride_b, stride_l, stride_h, 1)
     W,  # (Dh,) or unused
@@ -77,12 +91,8 @@ def _forward_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_P: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_mask = row < rows
-    x_offs, token = _row_offsets(row, L, H, stride_b, stride_l, stride_h)
-    cols, col_mask = _pair_tile(Dh, INTERLEAVED, BLOCK_P)
-    mask = row_mask[:, None, None] & col_mask[None, :, :]
-    x = tl.load(X + x_offs[:, None, None] + cols[None, :, :], mask=mask, other=0.0).to(tl.float32)
+    x, row, row_mask, token, cols, col_mask, mask = _load_heads(
+        X, rows, L, H, Dh, stride_b, stride_l, stride_h, INTERLEAVED, BLOCK_R, BLOCK_P)
     rstd = 1.0 / tl.sqrt(tl.sum(tl.sum(x * x, axis=2), axis=1) / Dh + eps)
     tl.store(RSTD + row, rstd, mask=row_mask)
     n = x * rstd[:, None, None]
@@ -181,12 +191,8 @@ def _jvp_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_P: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_mask = row < rows
-    x_offs, token = _row_offsets(row, L, H, stride_b, stride_l, stride_h)
-    cols, col_mask = _pair_tile(Dh, INTERLEAVED, BLOCK_P)
-    mask = row_mask[:, None, None] & col_mask[None, :, :]
-    x = tl.load(X + x_offs[:, None, None] + cols[None, :, :], mask=mask, other=0.0).to(tl.float32)
+    x, row, row_mask, token, cols, col_mask, mask = _load_heads(
+        X, rows, L, H, Dh, stride_b, stride_l, stride_h, INTERLEAVED, BLOCK_R, BLOCK_P)
     rstd = tl.load(RSTD + row, mask=row_mask, other=0.0)[:, None, None]
     xhat = x * rstd
     tn = tl.zeros([BLOCK_R, BLOCK_P, 2], dtype=tl.float32)
