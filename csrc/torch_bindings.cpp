@@ -543,6 +543,13 @@ std::tuple<Tensor, Tensor> check_qk(const Tensor& q, const Tensor& k, const opti
   return {table(*cos, "cos"), table(*sin, "sin")};
 }
 
+// rstd as norm_rope_forward wrote it for the heads x: one per head vector.
+void check_head_statistics(const Tensor& rstd, const Tensor& x) {
+  TORCH_CHECK(rstd.numel() == x.size(0) * x.size(1) * x.size(2) && rstd.scalar_type() == stat_dtype(x) &&
+                  rstd.is_contiguous() && rstd.device() == x.device(),
+              "rstd must be the forward's statistics");
+}
+
 const Tensor* defined_or_null(const Tensor& t) { return t.defined() ? &t : nullptr; }
 
 // RMSNorm + rotary of one of q, k -> (out, rstd).
@@ -580,9 +587,7 @@ std::tuple<Tensor, Tensor> norm_rope_backward(const Tensor& grad_out, const Tens
                   grad_out.device() == x.device() && grad_out.is_contiguous(),
               "grad_out must be contiguous and match x");
   const int64_t rows = x.size(0) * x.size(1) * x.size(2), dim = x.size(3);
-  TORCH_CHECK(rstd.numel() == rows && rstd.scalar_type() == stat_dtype(x) && rstd.is_contiguous() &&
-                  rstd.device() == x.device(),
-              "rstd must be the forward's statistics");
+  check_head_statistics(rstd, x);
   const RowChunks chunks = device_row_chunks(x, 1, rows);
   Tensor dx = at::empty(x.sizes(), x.options());
   if (rows == 0 || dim == 0) {
@@ -638,9 +643,7 @@ Tensor norm_rope_jvp(const Tensor& x, const optional<Tensor>& weight, const Tens
                      const Tensor& rstd, bool interleaved, const optional<Tensor>& tx,
                      const optional<Tensor>& tweight, const char* tx_name, const char* tweight_name) {
   const Tensor* w = check_param(weight, x, "weight");
-  TORCH_CHECK(rstd.numel() == x.size(0) * x.size(1) * x.size(2) && rstd.scalar_type() == stat_dtype(x) &&
-                  rstd.is_contiguous() && rstd.device() == x.device(),
-              "rstd must be the forward's statistics");
+  check_head_statistics(rstd, x);
   if (tx) {
     check_heads(*tx, tx_name);
     TORCH_CHECK(tx->sizes() == x.sizes() && tx->scalar_type() == x.scalar_type() && tx->device() == x.device(),

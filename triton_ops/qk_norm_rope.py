@@ -47,6 +47,20 @@ def _rotate(v):
 
 
 @triton.jit
+def _rope_tables(COS, SIN, token, cols, mask, Dh):
+    """cos and sin of each row's token at each column of the (BLOCK_R, BLOCK_P, 2) tile."""
+    table = token[:, None, None] * Dh + cols[None, :, :]
+    return tl.load(COS + table, mask=mask, other=0.0), tl.load(SIN + table, mask=mask, other=0.0)
+
+
+@triton.jit
+def _apply_rope(v, COS, SIN, token, cols, mask, Dh):
+    """v * cos + rot(v) * sin of a tile of head vectors."""
+    cos, sin = _rope_tables(COS, SIN, token, cols, mask, Dh)
+    return v * cos + _rotate(v) * sin
+
+
+@triton.jit
 def _row_offsets(rows, L, H, stride_b, stride_l, stride_h):
     """(element offset of each row's head vector in x, its token l) for rows = (b * L + l) * H + h."""
     h = rows % H
@@ -99,10 +113,7 @@ def _forward_kernel(
     if HAS_W:
         n = n * tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :, :]
     if HAS_ROPE:
-        table = token[:, None, None] * Dh + cols[None, :, :]
-        cos = tl.load(COS + table, mask=mask, other=0.0)
-        sin = tl.load(SIN + table, mask=mask, other=0.0)
-        n = n * cos + _rotate(n) * sin
+        n = _apply_rope(n, COS, SIN, token, cols, mask, Dh)
     out = Y + row[:, None, None] * Dh + cols[None, :, :]
     tl.store(out, n.to(Y.dtype.element_ty), mask=mask)
 
@@ -148,9 +159,7 @@ def _backward_kernel(
         rstd = tl.load(RSTD + row, mask=row_mask, other=0.0)[:, None, None]
         xhat = x * rstd
         if HAS_ROPE:
-            table = token[:, None, None] * Dh + cols[None, :, :]
-            cos = tl.load(COS + table, mask=mask, other=0.0)
-            sin = tl.load(SIN + table, mask=mask, other=0.0)
+            cos, sin = _rope_tables(COS, SIN, token, cols, mask, Dh)
             dn = g * cos - _rotate(g * sin)
         else:
             dn = g
@@ -206,10 +215,7 @@ def _jvp_kernel(
     if HAS_TW:
         tn += xhat * tl.load(TW + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :, :]
     if HAS_ROPE:
-        table = token[:, None, None] * Dh + cols[None, :, :]
-        cos = tl.load(COS + table, mask=mask, other=0.0)
-        sin = tl.load(SIN + table, mask=mask, other=0.0)
-        tn = tn * cos + _rotate(tn) * sin
+        tn = _apply_rope(tn, COS, SIN, token, cols, mask, Dh)
     tl.store(TY + row[:, None, None] * Dh + cols[None, :, :], tn.to(TY.dtype.element_ty), mask=mask)
 
 

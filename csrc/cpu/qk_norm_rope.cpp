@@ -13,6 +13,7 @@
 
 #include "cpu/common.h"
 #include "cpu/convert.h"
+#include "cpu/norm_jacobian.h"
 #include "ops.h"
 
 namespace fastgen {
@@ -132,7 +133,8 @@ void backward_impl(const at::Tensor& grad_out, const at::Tensor& x, const T* w,
           gx[c] = HAS_W ? dn[c] * to_acc(w[c]) : dn[c];
         }
         // The sum in a loop of its own, over fp32 only: fused with the loads above, GCC leaves the
-        // loop scalar for half-precision weights.
+        // loop scalar for half-precision weights. (Not apply_norm_jacobian: the weight's gradient
+        // rides in the same loop as dx.)
         A sum_gx_xhat = 0;
 #pragma omp simd reduction(+ : sum_gx_xhat)
         for (int64_t c = 0; c < dim; ++c) sum_gx_xhat += gx[c] * xhat[c];
@@ -173,15 +175,10 @@ void jvp_impl(const at::Tensor& x, const T* w, const acc_t<T>* cos, const acc_t<
         const T* txr = txp + tangent_heads.offset(r);
 #pragma omp simd
         for (int64_t c = 0; c < dim; ++c) tn[c] = to_acc(txr[c]);
-        // the sum in a loop of its own, over fp32 only (see backward_impl)
-        A sum_tx_xhat = 0;
-#pragma omp simd reduction(+ : sum_tx_xhat)
-        for (int64_t c = 0; c < dim; ++c) sum_tx_xhat += tn[c] * xhat[c];
-        const A proj = sum_tx_xhat / static_cast<A>(dim);
+        apply_norm_jacobian(tn.data(), xhat.data(), rs, /*rms=*/true, dim, tn.data());  // xhat's tangent
+        if constexpr (HAS_W) {
 #pragma omp simd
-        for (int64_t c = 0; c < dim; ++c) {
-          const A txhat = rs * (tn[c] - xhat[c] * proj);
-          tn[c] = HAS_W ? txhat * to_acc(w[c]) : txhat;
+          for (int64_t c = 0; c < dim; ++c) tn[c] *= to_acc(w[c]);
         }
       } else {
         std::fill(tn.begin(), tn.end(), A(0));
