@@ -207,9 +207,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> modulated_norm_backward(
   return {dx, dshift, dscale, dweight, dbias};
 }
 
-// The tangent of the norm's output, the forward-mode rule's (CPU only, registered for that key;
-// on a GPU the triton backend's kernel): each tangent optional, shaped and typed as its primal; ty
-// in out_dtype (x's by default, or float16/bfloat16 with float32 x, as the forward's).
+// The tangent of the norm's output, the forward-mode rule's: each tangent optional, shaped and
+// typed as its primal (tshift and tscale per token or per batch on their own); ty in out_dtype
+// (x's by default, or float16/bfloat16 with float32 x, as the forward's).
 Tensor modulated_norm_jvp(const Tensor& x, const Tensor& scale, const optional<Tensor>& weight,
                           const optional<Tensor>& bias, const Tensor& mean, const Tensor& rstd, bool rms,
                           const optional<Tensor>& tx, const optional<Tensor>& tshift,
@@ -237,8 +237,21 @@ Tensor modulated_norm_jvp(const Tensor& x, const Tensor& scale, const optional<T
               "out_dtype must be x's dtype, or float16/bfloat16 with float32 x; got ", ty_dtype, " with ",
               x.scalar_type());
   Tensor ty = at::empty_like(x, x.options().dtype(ty_dtype));
-  cpu::modulated_norm_jvp(x, scale, w, b, mean, rstd, rms, tx ? &*tx : nullptr, tshift ? &*tshift : nullptr,
-                          tscale ? &*tscale : nullptr, tw, tb, ty);
+  if (x.is_cuda()) {
+#ifdef FASTGEN_WITH_CUDA
+    const c10::cuda::CUDAGuard guard(x.device());
+    const auto per_token = [](const optional<Tensor>& t) { return t && t->dim() == 3; };
+    cuda::ModulatedNormJvpArgs args{cuda_dtype(x), cuda_dtype(ty), x.const_data_ptr(), scale.const_data_ptr(),
+        data_or_null(w), data_or_null(b), rms ? nullptr : mean.const_data_ptr<float>(), rstd.const_data_ptr<float>(),
+        tx ? tx->const_data_ptr() : nullptr, tshift ? tshift->const_data_ptr() : nullptr,
+        tscale ? tscale->const_data_ptr() : nullptr, data_or_null(tw), data_or_null(tb), ty.mutable_data_ptr(),
+        x.size(0) * x.size(1), x.size(1), x.size(2), scale.dim() == 3, per_token(tshift), per_token(tscale), rms};
+    check_launch(cuda::launch_modulated_norm_jvp(args, c10::cuda::getCurrentCUDAStream()), "modulated_norm_jvp");
+#endif
+  } else {
+    cpu::modulated_norm_jvp(x, scale, w, b, mean, rstd, rms, tx ? &*tx : nullptr, tshift ? &*tshift : nullptr,
+                            tscale ? &*tscale : nullptr, tw, tb, ty);
+  }
   return ty;
 }
 
@@ -1229,6 +1242,7 @@ namespace {
 void register_kernels(torch::Library& m) {
   m.impl("modulated_norm_forward", &fastgen::modulated_norm_forward);
   m.impl("modulated_norm_backward", &fastgen::modulated_norm_backward);
+  m.impl("modulated_norm_jvp", &fastgen::modulated_norm_jvp);
   m.impl("gated_residual_forward", &fastgen::gated_residual_forward);
   m.impl("gated_residual_backward", &fastgen::gated_residual_backward);
   m.impl("qk_norm_rope_forward", &fastgen::qk_norm_rope_forward);
@@ -1268,7 +1282,6 @@ TORCH_LIBRARY_IMPL(fastgen_C, CompositeImplicitAutograd, m) {
 
 TORCH_LIBRARY_IMPL(fastgen_C, CPU, m) {
   register_kernels(m);
-  m.impl("modulated_norm_jvp", &fastgen::modulated_norm_jvp);
   m.impl("qk_norm_rope_jvp", &fastgen::qk_norm_rope_jvp);
   m.impl("gelu_tanh_forward", &fastgen::gelu_tanh_forward);
   m.impl("gelu_tanh_backward", &fastgen::gelu_tanh_backward);

@@ -41,17 +41,19 @@ def test_modulated_norm_on_gpu(backend, dtype, shape, variant, per_token, genera
     mn.check_against_oracle(backend, inputs, dtype, generator)
 
 
+@pytest.mark.parametrize("backend", gpu_backends())
 @pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
 @pytest.mark.parametrize("variant", list(mn.VARIANTS))
-def test_modulated_norm_jvp_kernel_on_gpu(dtype, variant, generator):
-    """The norm's forward-mode rule on the GPU (the Triton JVP kernel, automatic choice) against
-    the fp64 formula, at DiT-XL's D with every tangent: one rounding to the dtype, plus the fp32
-    sums' error over D terms (4 ulp of the largest tangent; the interpreter's came within 1.1)."""
+def test_modulated_norm_jvp_kernel_on_gpu(backend, dtype, variant, generator):
+    """The norm's forward-mode rule on the GPU (the backend's JVP kernel) against the fp64
+    formula, at DiT-XL's D with every tangent: one rounding to the dtype, plus the fp32 sums'
+    error over D terms (4 ulp of the largest tangent; the interpreter's and the CUDA emulation's
+    came within 1.1)."""
     import torch.autograd.forward_ad as fwAD
 
     *tensors, rms = to_cuda(mn.make_inputs((4, 256, 1152), dtype, variant, False, generator))
     tangents = [None if t is None else torch.randn(t.shape, generator=generator).to(t) for t in tensors]
-    with fwAD.dual_level():
+    with fk.use_backend(backend), fwAD.dual_level():
         y = mn.call(*(t if t is None else fwAD.make_dual(t, d) for t, d in zip(tensors, tangents)), rms)
         ty = fwAD.unpack_dual(y).tangent
     x, shift, scale, weight, bias = (None if t is None else t.double() for t in tensors)
@@ -85,7 +87,7 @@ def test_gated_residual_one_pass_step_on_gpu(backend, per_token, generator):
 @pytest.mark.parametrize("variant", ["layer_affine", "rms_weight"])
 def test_norm_writes_a_narrower_output_on_gpu(backend, out_dtype, shape, variant, generator):
     """The norm of fp32 x written in the reading layer's autocast dtype (mixed-dtype kernels):
-    the reference's fp32 value rounded once, and its tangent likewise (Triton's JVP kernel)."""
+    the reference's fp32 value rounded once, and its tangent likewise (the JVP kernel)."""
     x, shift, scale, weight, bias, rms = to_cuda(mn.make_inputs(shape, torch.float32, variant, False, generator))
     module = fk.ops.OP_MODULES["modulated_norm"]
     with fk.use_backend(backend):
@@ -94,12 +96,12 @@ def test_norm_writes_a_narrower_output_on_gpu(backend, out_dtype, shape, variant
     assert y.dtype == out_dtype
     ulp = torch.finfo(out_dtype).eps
     torch.testing.assert_close(y.float(), expected, rtol=ulp, atol=ulp * 1e-3)
-    if backend == "triton":
-        tx = torch.randn(shape, generator=generator).cuda()
-        args = (x, scale, weight, bias, mean, rstd, rms, tx, None, None, None, None)
+    tx = torch.randn(shape, generator=generator).cuda()
+    args = (x, scale, weight, bias, mean, rstd, rms, tx, None, None, None, None)
+    with fk.use_backend(backend):
         ty = module.jvp_dispatcher(*args, out_dtype)
-        assert ty.dtype == out_dtype
-        torch.testing.assert_close(ty.float(), module.reference_jvp(*args), rtol=ulp, atol=ulp * 1e-3)
+    assert ty.dtype == out_dtype
+    torch.testing.assert_close(ty.float(), module.reference_jvp(*args), rtol=ulp, atol=ulp * 1e-3)
 
 
 @pytest.mark.parametrize("backend", gpu_backends())

@@ -72,6 +72,31 @@ struct ModulatedNormBackwardArgs {
 
 cudaError_t launch_modulated_norm_backward(const ModulatedNormBackwardArgs& args, cudaStream_t stream);
 
+// The forward-mode tangent: each input's tangent optional (nullptr = zero) and of its primal's
+// dtype and layout, except that tshift and tscale are per token or per batch on their own.
+struct ModulatedNormJvpArgs {
+  DType dtype;         // x, scale, weight, bias and the tangents
+  DType out_dtype;     // ty: dtype, or fp16/bf16 with fp32 dtype (as the forward's out)
+  const void* x;       // (rows, dim)
+  const void* scale;   // (rows, dim) if scale_per_token else (B, dim)
+  const void* weight;  // (dim,) or nullptr
+  const void* bias;    // (dim,) or nullptr (always nullptr when rms)
+  const float* mean;   // (rows,), nullptr when rms
+  const float* rstd;   // (rows,)
+  const void* tx;      // (rows, dim) or nullptr
+  const void* tshift;  // (rows, dim) if tshift_per_token else (B, dim); or nullptr
+  const void* tscale;  // (rows, dim) if tscale_per_token else (B, dim); or nullptr
+  const void* tweight; // (dim,) or nullptr (nullptr when weight is)
+  const void* tbias;   // (dim,) or nullptr (nullptr when bias is)
+  void* ty;            // (rows, dim), written
+  int64_t rows, tokens, dim;
+  bool scale_per_token, tshift_per_token, tscale_per_token, rms;
+};
+
+// ty = (txhat * weight + xhat * tweight + tbias) * (1 + scale) + (xhat * weight + bias) * tscale
+//      + tshift, with txhat = rstd * (tx - mean(tx) - xhat * mean(tx * xhat))  (rms: no mean(tx))
+cudaError_t launch_modulated_norm_jvp(const ModulatedNormJvpArgs& args, cudaStream_t stream);
+
 // The gated residual's operands (y, gate and the second term's) may be narrower than x, all of
 // one operand_dtype: operand_dtype == dtype, or dtype fp32 with fp16/bf16 operands (autocast's
 // outputs on an fp32 residual stream), read as they are instead of from widened copies.

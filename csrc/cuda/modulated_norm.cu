@@ -1,4 +1,4 @@
-// Modulated LayerNorm / RMSNorm (adaLN): y = (xhat * w + b) * (1 + scale) + shift, and its VJP.
+// Modulated LayerNorm / RMSNorm (adaLN): y = (xhat * w + b) * (1 + scale) + shift, its VJP and its JVP.
 // Math: fastgen_kernels/ops/modulated_norm.py. Launch API and conventions: launch.h.
 //
 // A row lives in registers: thread t of a block owns the 16-byte vectors t, t + blockDim.x, ...
@@ -262,6 +262,80 @@ __global__ void __launch_bounds__(kMaxThreads) modulated_norm_backward_kernel(
   }
 }
 
+// One block per row, as the forward: x and tx live in registers (each read once), and the two row
+// sums the tangent of xhat needs take one block reduction. No tx (kHasTx false): no sums at all.
+// out is O as in the forward (the tangent feeds the same linear layer as y).
+template <typename T, typename O, int VEC, int VPT, bool kHasTx>
+__global__ void __launch_bounds__(kMaxThreads) modulated_norm_jvp_kernel(
+    const T* __restrict__ x,        // (rows, dim)
+    const T* __restrict__ scale,    // (rows, dim) if scale_per_token else (B, dim)
+    const T* __restrict__ weight,   // (dim,) or nullptr
+    const T* __restrict__ bias,     // (dim,) or nullptr
+    const float* __restrict__ mean, // (rows,); nullptr when rms
+    const float* __restrict__ rstd, // (rows,)
+    const T* __restrict__ tx,       // (rows, dim) when kHasTx
+    const T* __restrict__ tshift,   // (rows, dim) if tshift_per_token else (B, dim); or nullptr
+    const T* __restrict__ tscale,   // (rows, dim) if tscale_per_token else (B, dim); or nullptr
+    const T* __restrict__ tweight,  // (dim,) or nullptr
+    const T* __restrict__ tbias,    // (dim,) or nullptr
+    O* __restrict__ ty,             // (rows, dim)
+    int64_t tokens, int dim, bool scale_per_token, bool tshift_per_token, bool tscale_per_token,
+    bool rms) {
+  const int64_t row = blockIdx.x;
+  const int64_t batch = row / tokens;
+  const int64_t offset = row * dim;
+  const float mu = rms ? 0.f : mean[row];
+  const float rs = rstd[row];
+
+  float xhat[VPT][VEC], txv[VPT][VEC];
+  float sums[2] = {0.f, 0.f};  // sum(tx), sum(tx * xhat) over the row
+#pragma unroll
+  for (int i = 0; i < VPT; ++i) {
+    const int col = owned_col<VEC>(i);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) xhat[i][j] = txv[i][j] = 0.f;
+    if (col >= dim) continue;
+    load_vec(x + offset + col, xhat[i]);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) xhat[i][j] = (xhat[i][j] - mu) * rs;
+    if constexpr (kHasTx) {
+      load_vec(tx + offset + col, txv[i]);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        sums[0] += txv[i][j];
+        sums[1] += txv[i][j] * xhat[i][j];
+      }
+    }
+  }
+  if constexpr (kHasTx) block_reduce_sum(sums);
+  const float mean_tx = rms ? 0.f : sums[0] / dim;
+  const float mean_tx_xhat = sums[1] / dim;
+
+  const T* scale_row = scale + (scale_per_token ? row : batch) * dim;
+  const T* tshift_row = tshift == nullptr ? nullptr : tshift + (tshift_per_token ? row : batch) * dim;
+  const T* tscale_row = tscale == nullptr ? nullptr : tscale + (tscale_per_token ? row : batch) * dim;
+#pragma unroll
+  for (int i = 0; i < VPT; ++i) {
+    const int col = owned_col<VEC>(i);
+    if (col >= dim) continue;
+    float w[VEC], b[VEC], sc[VEC], tw[VEC], tb[VEC], tsh[VEC], tsc[VEC], out[VEC];
+    load_vec_or(weight, col, 1.f, w);
+    load_vec_or(bias, col, 0.f, b);
+    load_vec(scale_row + col, sc);
+    load_vec_or(tweight, col, 0.f, tw);
+    load_vec_or(tbias, col, 0.f, tb);
+    load_vec_or(tshift_row, col, 0.f, tsh);
+    load_vec_or(tscale_row, col, 0.f, tsc);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      const float txhat = kHasTx ? rs * (txv[i][j] - mean_tx - xhat[i][j] * mean_tx_xhat) : 0.f;
+      const float tn = txhat * w[j] + xhat[i][j] * tw[j] + tb[j];
+      out[j] = tn * (1.f + sc[j]) + (xhat[i][j] * w[j] + b[j]) * tsc[j] + tsh[j];
+    }
+    store_vec(ty + offset + col, out);
+  }
+}
+
 }  // namespace
 
 cudaError_t launch_modulated_norm_forward(const ModulatedNormForwardArgs& args,
@@ -323,6 +397,38 @@ cudaError_t launch_modulated_norm_backward(const ModulatedNormBackwardArgs& args
                       args.rms);
               return cudaGetLastError();
             });
+          });
+        });
+      });
+}
+
+cudaError_t launch_modulated_norm_jvp(const ModulatedNormJvpArgs& args, cudaStream_t stream) {
+  if (!valid_rows(args.rows, args.tokens, args.dim) || args.dim > kMaxDim || args.rows > INT32_MAX ||
+      (args.tweight != nullptr && args.weight == nullptr) || (args.tbias != nullptr && args.bias == nullptr)) {
+    return cudaErrorInvalidValue;
+  }
+  return dispatch_dtype_operand_vec(
+      args.dtype, args.out_dtype, args.dim,
+      {args.x, args.scale, args.weight, args.bias, args.tx, args.tshift, args.tscale, args.tweight, args.tbias,
+       args.ty},
+      [&](auto type_tag, auto out_tag, auto vec_tag) {
+        using T = typename decltype(type_tag)::type;
+        using O = typename decltype(out_tag)::type;
+        constexpr int VEC = decltype(vec_tag)::value;
+        // the backward's tiling: two row arrays a thread (x and tx), as its x and gradient
+        const RowTiling tiling = row_tiling(args.dim / VEC, kMaxVpt<VEC>, kThreadsPerRow);
+        return dispatch_vpt<kMaxVpt<VEC>>(tiling.vpt, [&](auto vpt_tag) {
+          return dispatch_bool(args.tx != nullptr, [&](auto has_tx) {
+            modulated_norm_jvp_kernel<T, O, VEC, decltype(vpt_tag)::value, decltype(has_tx)::value>
+                <<<static_cast<unsigned>(args.rows), tiling.threads, 0, stream>>>(
+                    static_cast<const T*>(args.x), static_cast<const T*>(args.scale),
+                    static_cast<const T*>(args.weight), static_cast<const T*>(args.bias), args.mean, args.rstd,
+                    static_cast<const T*>(args.tx), static_cast<const T*>(args.tshift),
+                    static_cast<const T*>(args.tscale), static_cast<const T*>(args.tweight),
+                    static_cast<const T*>(args.tbias), static_cast<O*>(args.ty), args.tokens,
+                    static_cast<int>(args.dim), args.scale_per_token, args.tshift_per_token,
+                    args.tscale_per_token, args.rms);
+            return cudaGetLastError();
           });
         });
       });

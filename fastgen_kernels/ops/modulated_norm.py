@@ -220,12 +220,11 @@ backward_dispatcher = OpDispatcher(
     device_of=lambda grad_out, *args: grad_out.device,
 )
 # The forward-mode rule's tangent (x, scale, weight, bias, mean, rstd, rms, tx, tshift, tscale,
-# tweight, tbias[, out_dtype]) -> ty in out_dtype (x's by default): one pass over each row (Triton
-# on a GPU, C++ on the CPU) instead of the formula's dozen PyTorch ops (no cuda kernel: a forced
-# cuda backend says so).
+# tweight, tbias[, out_dtype]) -> ty in out_dtype (x's by default): one pass over each row (CUDA or
+# Triton on a GPU, C++ on the CPU) instead of the formula's dozen PyTorch ops.
 jvp_dispatcher = OpDispatcher(
-    "fastgen.modulated_norm_jvp", {"triton": _triton_jvp, "cpu": _extension_jvp, "reference": _reference_jvp},
-    _SUPPORTS)
+    "fastgen.modulated_norm_jvp",
+    {"cuda": _extension_jvp, "triton": _triton_jvp, "cpu": _extension_jvp, "reference": _reference_jvp}, _SUPPORTS)
 
 # --------------------------------------------------------------------------- custom ops
 

@@ -1,6 +1,6 @@
 // The CUDA kernels of csrc/cuda run under emu.h against fp64 references written here from their
-// formulas (launch.h documents each launcher's arguments): the modulated norm's forward and
-// backward, the gated residual's, and the losses' per-sample tail. Every output starts as NaN, so
+// formulas (launch.h documents each launcher's arguments): the modulated norm's forward, backward
+// and JVP, the gated residual's, and the losses' per-sample tail. Every output starts as NaN, so
 // an element no thread writes fails. Run by tests/test_cuda_emulation.py; "full" adds the widest
 // rows (4608 to 8192 columns), which take minutes.
 #include <cstdint>
@@ -144,6 +144,52 @@ void modulated_norm(const NormCase& k) {
   expect_close("forward y", config, out, y, 2 * rounding(k.other) + 2e-5, 1.0);
   if (!k.rms) expect_close("forward mean", config, mean, mu, 1e-5, 1.0);
   expect_close("forward rstd", config, rstd, rs, 1e-5, 0.0);
+
+  // The JVP with the forward's statistics: every tangent (tshift's layout the other of shift's,
+  // to cover the two independently), then without tx (the kernel that takes no row sums).
+  Buffer tx(k.dtype, R * D), tshift(k.dtype, (k.shift_per_token ? k.batch : R) * D),
+      tscale(k.dtype, (k.scale_per_token ? R : k.batch) * D), tweight(k.dtype, D), tbias(k.dtype, D);
+  tx.random();
+  tshift.random();
+  tscale.random();
+  tweight.random();
+  tbias.random();
+  for (const bool with_tx : {true, false}) {
+    Buffer ty(k.other, R * D);
+    ty.nan();
+    const fastgen::cuda::ModulatedNormJvpArgs jvp{
+        k.dtype, k.other, x.data(), scale.data(), k.weight ? weight.data() : nullptr, k.bias ? bias.data() : nullptr,
+        k.rms ? nullptr : mean.data(), rstd.data(), with_tx ? tx.data() : nullptr, tshift.data(), tscale.data(),
+        k.weight ? tweight.data() : nullptr, k.bias ? tbias.data() : nullptr, ty.data(), R, k.tokens, D,
+        k.scale_per_token, !k.shift_per_token, k.scale_per_token, k.rms};
+    if (fastgen::cuda::launch_modulated_norm_jvp(jvp, nullptr) != cudaSuccess) {
+      ++failures;
+      std::printf("FAIL jvp launch refused %s\n", config.c_str());
+      return;
+    }
+    std::vector<double> want_ty(R * D);
+    double ty_scale = 0;
+    for (int64_t r = 0; r < R; ++r) {
+      double sum_tx = 0, sum_tx_xhat = 0;
+      for (int64_t c = 0; c < D; ++c) {
+        sum_tx += with_tx ? tx.get(r * D + c) : 0;
+        sum_tx_xhat += with_tx ? tx.get(r * D + c) * xhat[r * D + c] : 0;
+      }
+      const int64_t tshift_row = k.shift_per_token ? r / k.tokens : r;
+      const int64_t scale_row = k.scale_per_token ? r : r / k.tokens;
+      for (int64_t c = 0; c < D; ++c) {
+        const double xh = xhat[r * D + c], w = k.weight ? weight.get(c) : 1, b = k.bias ? bias.get(c) : 0;
+        const double txhat =
+            with_tx ? rs[r] * (tx.get(r * D + c) - (k.rms ? 0 : sum_tx / D) - xh * sum_tx_xhat / D) : 0;
+        const double tn = txhat * w + (k.weight ? xh * tweight.get(c) : 0) + (k.bias ? tbias.get(c) : 0);
+        want_ty[r * D + c] = tn * (1 + scale.get(scale_row * D + c)) + (xh * w + b) * tscale.get(scale_row * D + c) +
+                             tshift.get(tshift_row * D + c);
+        ty_scale = std::max(ty_scale, std::abs(want_ty[r * D + c]));
+      }
+    }
+    expect_close(with_tx ? "jvp ty" : "jvp ty without tx", config, ty, want_ty, 2 * rounding(k.other) + 1e-5,
+                 ty_scale);
+  }
 
   Buffer grad(k.other, R * D);
   grad.random();
