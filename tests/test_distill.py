@@ -130,6 +130,30 @@ def test_exact_jvp_matches_finite_differences():
         jvp(fn, (x, t), (v, t), "forward")
 
 
+def test_finite_difference_step_follows_the_dtype():
+    """The default step (eps^(1/3) / 5 of the primals' dtype: 1.2e-6 in fp64) keeps the difference
+    accurate where the network sees time at a scale of 1000 (a sinusoidal embedding of 1000 t);
+    fp32's 1e-3 there is a step of about 1 in the network's time."""
+    from fastgen_kernels.models import DiT, DiTConfig
+
+    torch.manual_seed(0)
+    net = DiT(DiTConfig(input_size=4, patch_size=2, in_channels=4, hidden_size=32, depth=1, num_heads=2,
+                        num_classes=None)).double()
+    for p in net.parameters():  # adaLN-Zero starts at zero: give the time a path to the output
+        p.data.normal_(0, 0.2)
+    model = fk.Denoiser(net, "rf", "flow", time_scale=1000.0)
+    x, v = torch.randn(2, 3, 4, 4, 4, dtype=torch.float64).unbind(0)
+    t = torch.tensor([0.3, 0.5, 0.8], dtype=torch.float64)
+
+    def fn(a, s):
+        return model.raw(a, s)
+
+    exact = jvp(fn, (x, t), (v, torch.ones_like(t)))
+    error = lambda J: ((J - exact).norm() / exact.norm()).item()
+    assert error(jvp(fn, (x, t), (v, torch.ones_like(t)), "finite_difference")) < 1e-5  # 9e-7
+    assert error(jvp(fn, (x, t), (v, torch.ones_like(t)), "finite_difference", 1e-3)) > 0.1  # 0.36
+
+
 def test_finite_difference_runs_outside_autocast():
     """Under the training step's bf16 autocast the finite difference evaluates in fp32: a
     difference of bf16 outputs at h = 1e-3 is rounding noise (relative error above 1 on a small

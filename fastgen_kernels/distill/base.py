@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -305,7 +306,7 @@ def data_parallel(model: Denoiser) -> bool:
 
 
 def jvp(fn: Callable[..., Tensor], primals: tuple[Tensor, ...], tangents: tuple[Tensor, ...],
-        method: str = "exact", step: float = 1e-3) -> Tensor:
+        method: str = "exact", step: float | None = None) -> Tensor:
     """The directional derivative of fn at ``primals`` along ``tangents``, with no gradients.
 
     ``exact``: forward-mode AD (dual tensors, ``torch.autograd.forward_ad``; the fused ops carry
@@ -317,7 +318,13 @@ def jvp(fn: Callable[..., Tensor], primals: tuple[Tensor, ...], tangents: tuple[
     to the point, per sample b over all the (B, ...) primals: h_b = ``step`` |p_b| / |v_b| (``step``
     itself where either is zero). Two evaluations, the baseline the exact JVP replaces, with
     autocast off: evaluated in bf16, the difference at h = 1e-3 is rounding noise (the tangent's
-    relative error was above 1 on a small DiT, against 5e-4 in fp32).
+    relative error was above 1 on a small DiT, against 5e-4 in fp32). The network runs in its own
+    dtype: METHODS.md's fp64 difference is an fp64 network's. ``step=None`` balances the
+    difference's truncation error (h^2) against rounding (eps / h) for the primals' dtype:
+    eps^(1/3) / 5, 1e-3 in fp32 and 1.2e-6 in fp64. Time embedded at a scale of 1000 (rf teachers'
+    ``time_scale``) makes the step in t a large one for the network: a small fp64 DiT's tangent
+    was 0.36 off (relative) at 1e-3 against 9e-7 at the default; in fp32 no step is accurate
+    there (0.36 at the default, 3e-4 with time unscaled), so take the exact method.
     ``finite_difference_autocast``: the same under the caller's autocast, cheaper and that
     inaccurate: for cost comparisons only (bench_distill's peer, as the H200 measured it). The
     callers take fn(primals) from their own forward pass with gradients, so no method returns it.
@@ -330,6 +337,8 @@ def jvp(fn: Callable[..., Tensor], primals: tuple[Tensor, ...], tangents: tuple[
                 out = fn(*(forward_ad.make_dual(p, v) for p, v in zip(primals, tangents)))
                 tangent = forward_ad.unpack_dual(out).tangent
                 return torch.zeros_like(out) if tangent is None else tangent
+        if step is None:
+            step = torch.finfo(functools.reduce(torch.promote_types, (p.dtype for p in primals))).eps ** (1 / 3) / 5
         p_norm, v_norm = (torch.sqrt(sum(t.reshape(t.shape[0], -1).double().square().sum(1) for t in ts))
                           for ts in (primals, tangents))
         h = torch.where((p_norm > 0) & (v_norm > 0), step * p_norm / v_norm, step)
@@ -363,7 +372,8 @@ def forward_and_jvp(fn: Callable[..., Any], primals: tuple[Tensor, ...], tangent
 
 
 def output_and_jvp(model: Denoiser, fn: Callable[..., Any], primals: tuple[Tensor, ...],
-                   tangents: tuple[Tensor, ...], method: str = "exact", step: float = 1e-3) -> tuple[Any, Tensor]:
+                   tangents: tuple[Tensor, ...], method: str = "exact", step: float | None = None
+                   ) -> tuple[Any, Tensor]:
     """(fn(model, *primals) with gradients, the JVP of its output's first tensor along
     ``tangents``), as sCM and MeanFlow need them: from one pass (:func:`forward_and_jvp`) for the
     exact method, or the JVP apart (:func:`jvp`, through :func:`unwrapped`) for finite

@@ -34,7 +34,8 @@ class MeanFlowConfig:
     c: float = 1e-3
     guidance_scale: float = 1.0              # distillation: the teacher's guidance
     jvp: Literal["exact", "finite_difference", "finite_difference_autocast"] = "exact"  # distill.base.jvp
-    fd_step: float = 1e-3                                # finite differences: step relative to the point
+    fd_step: float | None = None                         # finite differences: step relative to the point
+                                                         # (None: by the dtype, distill.base.jvp)
     cond_dropout: float = 0.1                # from data only
 
 

@@ -34,7 +34,8 @@ class SCMConfig:
     warmup_iterations: int = 10000                       # w rises from 0 to 1 over these
     tangent_c: float = 0.1                               # g / (||g|| / sqrt(D) + c)
     jvp: Literal["exact", "finite_difference", "finite_difference_autocast"] = "exact"  # distill.base.jvp
-    fd_step: float = 1e-3                                # finite differences: step relative to the point
+    fd_step: float | None = None                         # finite differences: step relative to the point
+                                                         # (None: by the dtype, distill.base.jvp)
     cond_dropout: float = 0.1                            # sCT only
 
 
