@@ -351,6 +351,22 @@ def test_a_batch_given_a_generator_draws_what_a_new_one_draws():
         assert torch.equal(a, b)
 
 
+def test_cm_curriculum_keeps_a_gap_on_long_runs():
+    """r < t at every stage: the gap stops at min_gap (halving on, r rounded to t in fp32 for
+    every sample by iteration 30,000 with the defaults, and the loss and its gradient were 0),
+    and lambda is 1 / (sigma_t - sigma_r) of the r the network sees (its fp32 rounding)."""
+    student = fk.Denoiser(ToyNet(hidden=16, depth=1), "edm", "x0", sigma_data=0.5, preconditioning="edm",
+                          null_cond=4, shape=(2,))
+    cm = CM(student)
+    t = student.schedule.training_time(torch.randn(100_000, generator=torch.Generator().manual_seed(0)))
+    for iteration in (5_000, 30_000, 10**6):
+        r, sigma_t, sigma_r = cm.r_of(t, iteration)
+        assert (r < t).all() and torch.equal(sigma_r, r.double())  # edm: sigma is t
+    out = cm.training_step(Batch(torch.randn(64, 2), torch.randint(4, (64,)), seed=0), 30_000)
+    out["student"].backward()
+    assert out["loss"] > 0 and all(p.grad.abs().sum() > 0 for p in student.net.parameters() if p.grad is not None)
+
+
 def test_graph_keys_say_which_steps_one_graph_replays(teacher):
     """Equal keys: the same kernels with the same constants. sCM's warm-up factor, CM's curriculum
     stage and the GAN methods' turns change the step."""
@@ -359,6 +375,7 @@ def test_graph_keys_say_which_steps_one_graph_replays(teacher):
     assert {scm.graph_key(i) for i in range(4, 50)} == {(1.0,)}
     cm = CM(student_of(teacher), teacher, CMConfig(mode="cd", stage_iterations=10))
     assert cm.graph_key(9) == cm.graph_key(0) != cm.graph_key(10)
+    assert cm.graph_key(160) == cm.graph_key(10**6)  # past 2^-16, min_gap's stage
     assert SFT(toy()).graph_key(0) == SFT(toy()).graph_key(99) == ()
     assert MeanFlow(toy("rf", "mean_flow")).graph_key(3) == ()
     dmd2 = DMD2(student_of(teacher), teacher, DMD2Config(student_every=3))
