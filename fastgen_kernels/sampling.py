@@ -55,6 +55,9 @@ def default_timesteps(model: Denoiser, steps: int, solver: str) -> list[float]:
         table = STUDENT_TIMES.get(schedule.name, {})
         if steps in table and (schedule.name != "trig" or schedule.sigma_data == 0.5):
             return table[steps]
+        if schedule.default_grid == "karras":  # its last time is t_min, where a step would re-noise to
+            # t_min and denoise again (a 3-step student stepping as a 2-step one): the grid one longer
+            return schedule.grid(steps + 1)[:steps].tolist() + [0.0]
     return schedule.grid(steps).tolist()
 
 

@@ -422,12 +422,15 @@ def test_lcm_scheduler_with_the_exact_ode_map_keeps_the_data_variance():
     assert x.std().item() == pytest.approx(DATA_STD, rel=0.03)
 
 
-def test_scm_scheduler_with_the_exact_ode_map_keeps_the_data_variance():
-    scheduler = diffusers.SCMScheduler()   # diffusers' SCM runs 2 steps: pi/2, 1.3, 0
+@pytest.mark.parametrize("steps", [1, 2, 4])
+def test_scm_scheduler_with_the_exact_ode_map_keeps_the_data_variance(steps):
+    """2 steps: pi/2, 1.3, 0 (diffusers' default intermediate time, which it refuses at other
+    step counts: those take its even grid)."""
+    scheduler = diffusers.SCMScheduler()
     model = fk.Denoiser(GaussianDenoiser("trig", "trig_F", ode_map=True), "trig", "trig_F", distilled=True)
     z = torch.randn(20000, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    x, trajectory = fk.sample(model, 2, noise=z, scheduler=scheduler, seed=1, return_trajectory=True)
-    assert len(trajectory) == 3
+    x, trajectory = fk.sample(model, steps, noise=z, scheduler=scheduler, seed=1, return_trajectory=True)
+    assert len(trajectory) == steps + 1
     assert x.std().item() == pytest.approx(DATA_STD, rel=0.03)
 
 

@@ -318,7 +318,12 @@ def test_student_defaults_follow_the_methods_table():
     edm = fk.Denoiser(nn.Identity(), "edm", "x0", distilled=True)
     assert default_timesteps(rf, 4, "consistency") == [0.999, 0.937, 0.833, 0.624, 0.0]
     assert default_timesteps(edm, 2, "consistency") == [80.0, 0.821, 0.0]
-    assert default_timesteps(edm, 3, "consistency") == edm.schedule.grid(3).tolist()
+    assert default_timesteps(rf, 3, "consistency") == rf.schedule.grid(3).tolist()
+    # off the table a Karras grid one longer, without its t_min: a last step at t_min = 0.002 would
+    # re-noise to 0.002 and denoise again
+    for steps in (3, 4):
+        times = default_timesteps(edm, steps, "consistency")
+        assert times == edm.schedule.grid(steps + 1)[:steps].tolist() + [0.0] and times[-2] > 0.1
 
 
 class GaussianFlowMap(nn.Module):

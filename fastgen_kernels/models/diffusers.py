@@ -505,7 +505,9 @@ def sample_with_scheduler(model: Denoiser, scheduler, steps: int, *, batch: int,
         generator = torch.Generator(device).manual_seed(seed)
     if noise is None:
         noise = torch.randn((batch, *shape), generator=generator, device=device, dtype=dtype)
-    scheduler.set_timesteps(steps, device=device)
+    # SCM's default intermediate time is for 2 steps only (it refuses others): its even grid otherwise
+    scheduler.set_timesteps(steps, device=device, **({"intermediate_timesteps": None}
+                                                     if family == "trig" and steps != 2 else {}))
     guided = _Guided(model, cond, neg_cond, guidance_scale, autocast)
     timesteps = scheduler.timesteps[:-1] if family == "trig" else scheduler.timesteps   # SCM lists the final 0
     # SCM's pipelines scale the noise by sigma_data themselves (its init_noise_sigma is 1)
