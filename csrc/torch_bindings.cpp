@@ -649,9 +649,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> qk_norm_rope_backward(
   return {dq, dk, dq_weight, dk_weight};
 }
 
-// The tangent of one of norm_rope_forward's outputs (the forward-mode rule's; CPU only) given the
-// tangents of x (x's shape, dtype and device, head vectors contiguous) and of the weight, each
-// optional; a zero tangent without either.
+// The tangent of one of norm_rope_forward's outputs (the forward-mode rule's) given the tangents
+// of x (x's shape, dtype and device, head vectors contiguous) and of the weight, each optional; a
+// zero tangent without either.
 Tensor norm_rope_jvp(const Tensor& x, const optional<Tensor>& weight, const Tensor& cos, const Tensor& sin,
                      const Tensor& rstd, bool interleaved, const optional<Tensor>& tx,
                      const optional<Tensor>& tweight, const char* tx_name, const char* tweight_name) {
@@ -666,8 +666,19 @@ Tensor norm_rope_jvp(const Tensor& x, const optional<Tensor>& weight, const Tens
   TORCH_CHECK(!tw || w, tweight_name, " needs a weight");
   if (x.numel() == 0 || !(tx || tw)) return at::zeros(x.sizes(), x.options());
   Tensor out = at::empty(x.sizes(), x.options());
-  cpu::qk_norm_rope_jvp(x, w, defined_or_null(cos), defined_or_null(sin), rstd, interleaved, tx ? &*tx : nullptr,
-                        tw, out);
+  if (x.is_cuda()) {
+#ifdef FASTGEN_WITH_CUDA
+    const c10::cuda::CUDAGuard guard(x.device());
+    cuda::QkNormRopeJvpArgs args{cuda_dtype(x), x.const_data_ptr(), data_or_null(w), float_data_or_null(cos),
+        float_data_or_null(sin), rstd.const_data_ptr<float>(), tx ? tx->const_data_ptr() : nullptr, data_or_null(tw),
+        out.mutable_data_ptr(), rstd.numel(), x.size(1), x.size(2), x.size(3), x.stride(0), x.stride(1), x.stride(2),
+        tx ? tx->stride(0) : 0, tx ? tx->stride(1) : 0, tx ? tx->stride(2) : 0, interleaved};
+    check_launch(cuda::launch_qk_norm_rope_jvp(args, c10::cuda::getCurrentCUDAStream()), "qk_norm_rope_jvp");
+#endif
+  } else {
+    cpu::qk_norm_rope_jvp(x, w, defined_or_null(cos), defined_or_null(sin), rstd, interleaved,
+                          tx ? &*tx : nullptr, tw, out);
+  }
   return out;
 }
 
@@ -1247,6 +1258,7 @@ void register_kernels(torch::Library& m) {
   m.impl("gated_residual_backward", &fastgen::gated_residual_backward);
   m.impl("qk_norm_rope_forward", &fastgen::qk_norm_rope_forward);
   m.impl("qk_norm_rope_backward", &fastgen::qk_norm_rope_backward);
+  m.impl("qk_norm_rope_jvp", &fastgen::qk_norm_rope_jvp);
   m.impl("vsd_loss_sums", [](const at::Tensor& x_g, const at::Tensor& teacher, const at::Tensor& fake) {
     return fastgen::vsd_loss_sums(x_g, teacher, fake);
   });
@@ -1282,7 +1294,6 @@ TORCH_LIBRARY_IMPL(fastgen_C, CompositeImplicitAutograd, m) {
 
 TORCH_LIBRARY_IMPL(fastgen_C, CPU, m) {
   register_kernels(m);
-  m.impl("qk_norm_rope_jvp", &fastgen::qk_norm_rope_jvp);
   m.impl("gelu_tanh_forward", &fastgen::gelu_tanh_forward);
   m.impl("gelu_tanh_backward", &fastgen::gelu_tanh_backward);
 }

@@ -1,7 +1,7 @@
-"""The CUDA kernels run on the CPU: csrc/cuda's modulated norm, gated residual and loss tail,
-compiled as host C++ with their launches rewritten to tests/cuda_emulation/emu.h's emulation of
-the thread blocks (an OS thread per CUDA thread, real barriers and warp shuffles), against fp64
-references (tests/cuda_emulation/kernels_test.cpp). Without a GPU this is where their indexing,
+"""The CUDA kernels run on the CPU: csrc/cuda's modulated norm, gated residual, QK-norm + rotary
+and loss tail, compiled as host C++ with their launches rewritten to tests/cuda_emulation/emu.h's
+emulation of the thread blocks (an OS thread per CUDA thread, real barriers and warp shuffles),
+against fp64 references (tests/cuda_emulation/kernels_test.cpp). Without a GPU this is where their indexing,
 coverage, barriers and reductions run at all; nvcc's compile check (test_build.py) says nothing of
 those. Needs the CUDA headers (nvcc's installation) and a C++20 compiler.
 
@@ -18,7 +18,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).parent / "cuda_emulation"
-KERNELS = ["modulated_norm.cu", "gated_residual.cu", "sample_loss_tail.cu"]
+KERNELS = ["modulated_norm.cu", "gated_residual.cu", "qk_norm_rope.cu", "sample_loss_tail.cu"]
 # name<...><<<grid, block, shared, stream>>>(  ->  emu::launch(grid, block, shared, stream, name<...>,
 LAUNCH = re.compile(r"(\w+_kernel(?:<[^;{}]*?>)?)\s*<<<(.*?)>>>\(", re.S)
 

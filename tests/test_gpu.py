@@ -177,13 +177,14 @@ def test_qk_norm_rope_strided_heads_on_gpu(backend, interleaved, generator):
     qk.check_against_oracle(backend, inputs, torch.bfloat16, generator)
 
 
+@pytest.mark.parametrize("backend", gpu_backends())
 @pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
 @pytest.mark.parametrize("shape", QK_SHAPES, ids=str)
 @pytest.mark.parametrize("variant", list(qk.VARIANTS))
-def test_qk_norm_rope_jvp_on_gpu(dtype, shape, variant, generator):
-    """The forward-mode rule's Triton kernel (no cuda one) at real head sizes, every tangent."""
+def test_qk_norm_rope_jvp_on_gpu(backend, dtype, shape, variant, generator):
+    """The forward-mode rule's kernel (CUDA or Triton) at real head sizes, every tangent."""
     args = qk.jvp_args(qk.make_inputs(shape, dtype, variant, generator, device="cuda"), "all", generator)
-    qk.check_jvp_kernel("triton", args, dtype)
+    qk.check_jvp_kernel(backend, args, dtype)
 
 
 @pytest.mark.parametrize("backend", gpu_backends())

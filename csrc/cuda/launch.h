@@ -173,6 +173,25 @@ struct QkNormRopeBackwardArgs {
 
 cudaError_t launch_qk_norm_rope_backward(const QkNormRopeBackwardArgs& args, cudaStream_t stream);
 
+// The forward-mode tangent of the forward's out given the tangents of x and of the weight (each
+// optional, not both absent): out = rot(rstd (tx - xhat mean(tx xhat)) * weight + xhat * tweight),
+// rot the forward's rotary map (linear), xhat = x * rstd.
+struct QkNormRopeJvpArgs {
+  DType dtype;
+  const void* x;        // (B, tokens, heads, dim), strided as in the forward
+  const void* weight;   // (dim,) or nullptr
+  const float* cos;     // (tokens, dim) or nullptr
+  const float* sin;     // (tokens, dim) or nullptr
+  const float* rstd;    // (rows,), the forward's
+  const void* tx;       // (B, tokens, heads, dim) at the tx_stride_* strides, head vectors contiguous; or nullptr
+  const void* tweight;  // (dim,) or nullptr (nullptr when weight is)
+  void* out;            // (rows, dim), written
+  int64_t rows, tokens, heads, dim, stride_b, stride_l, stride_h, tx_stride_b, tx_stride_l, tx_stride_h;
+  bool interleaved;
+};
+
+cudaError_t launch_qk_norm_rope_jvp(const QkNormRopeJvpArgs& args, cudaStream_t stream);
+
 // Per-sample losses. The inputs are B samples of `numel` contiguous elements each; a reduction
 // writes fp32 sums (B, NSTAT), deterministically: one block per chunk of a sample (chunks of
 // sample_chunks(B, numel), see sample_chunks.h) writes its partial sums to `partials`

@@ -1,4 +1,4 @@
-// QK-norm + rotary embedding: per-head RMSNorm of q or k, then RoPE, and its VJP.
+// QK-norm + rotary embedding: per-head RMSNorm of q or k, then RoPE, its VJP and its JVP.
 // Math: fastgen_kernels/ops/qk_norm_rope.py. Launch API and conventions: launch.h.
 //
 // One warp per head vector (dim <= kMaxHeadDim = 256). Lane t owns the rotary pairs t, t + 32, ...
@@ -198,6 +198,56 @@ __global__ void __launch_bounds__(kBackwardWarps * kWarpSize) qk_norm_rope_backw
   }
 }
 
+// One warp per row, as the forward. Without tx (kHasTx false) the tangent is xhat * tweight
+// rotated, and no sum is taken.
+template <typename T, Rope ROPE, bool kHasTx>
+__global__ void __launch_bounds__(kForwardWarps * kWarpSize) qk_norm_rope_jvp_kernel(
+    const T* __restrict__ x,        // (B, tokens, heads, dim), strided
+    const T* __restrict__ weight,   // (dim,) or nullptr
+    const float* __restrict__ cos,  // (tokens, dim); unused when ROPE == kNone
+    const float* __restrict__ sin,  // (tokens, dim); unused when ROPE == kNone
+    const float* __restrict__ rstd, // (rows,)
+    const T* __restrict__ tx,       // (B, tokens, heads, dim) at the tx strides, when kHasTx
+    const T* __restrict__ tweight,  // (dim,) or nullptr
+    T* __restrict__ out,            // (rows, dim)
+    int64_t rows, int64_t tokens, int64_t heads, int dim, int64_t stride_b, int64_t stride_l,
+    int64_t stride_h, int64_t tx_stride_b, int64_t tx_stride_l, int64_t tx_stride_h) {
+  const int64_t row = int64_t{blockIdx.x} * kForwardWarps + threadIdx.x / kWarpSize;
+  if (row >= rows) return;  // the whole warp leaves: the shuffles below see every lane
+  const HeadRow head = head_row(row, tokens, heads, stride_b, stride_l, stride_h);
+  const float rs = rstd[row];
+  Pairs xhat = load_pairs<ROPE>(x + head.offset, dim);
+#pragma unroll
+  for (int k = 0; k < kPairsPerLane; ++k) {
+    xhat.a[k] *= rs;
+    xhat.b[k] *= rs;
+  }
+  const Pairs tw = load_pairs<ROPE>(tweight, dim);  // 0 without a tweight
+  Pairs t = {};
+  if constexpr (kHasTx) {  // rstd (tx - xhat mean(tx xhat)) * weight
+    t = load_pairs<ROPE>(tx + head_row(row, tokens, heads, tx_stride_b, tx_stride_l, tx_stride_h).offset, dim);
+    const Pairs w = load_pairs<ROPE>(weight, dim, 1.f);
+    float sum_tx_xhat = 0.f;
+#pragma unroll
+    for (int k = 0; k < kPairsPerLane; ++k) sum_tx_xhat += t.a[k] * xhat.a[k] + t.b[k] * xhat.b[k];
+    const float proj = warp_reduce_sum(sum_tx_xhat) / dim;
+#pragma unroll
+    for (int k = 0; k < kPairsPerLane; ++k) {
+      t.a[k] = rs * (t.a[k] - xhat.a[k] * proj) * w.a[k];
+      t.b[k] = rs * (t.b[k] - xhat.b[k] * proj) * w.b[k];
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < kPairsPerLane; ++k) {
+    t.a[k] += xhat.a[k] * tw.a[k];
+    t.b[k] += xhat.b[k] * tw.b[k];
+  }
+  if constexpr (ROPE != Rope::kNone) {
+    rotate<ROPE, false>(t, cos + head.token * dim, sin + head.token * dim, dim);
+  }
+  store_pairs<ROPE>(out + row * dim, dim, t);
+}
+
 // rows = B * tokens * heads with every count positive, and dim within the kernels' limit (even
 // with rotary).
 bool valid_heads(int64_t rows, int64_t tokens, int64_t heads, int64_t dim, bool has_rope) {
@@ -245,6 +295,31 @@ cudaError_t launch_qk_norm_rope_backward(const QkNormRopeBackwardArgs& args, cud
               static_cast<int>(args.dim), args.stride_b, args.stride_l, args.stride_h,
               args.rows_per_chunk, args.num_chunks);
       return cudaGetLastError();
+    });
+  });
+}
+
+cudaError_t launch_qk_norm_rope_jvp(const QkNormRopeJvpArgs& args, cudaStream_t stream) {
+  const bool has_rope = args.cos != nullptr;
+  if (!valid_heads(args.rows, args.tokens, args.heads, args.dim, has_rope) ||
+      has_rope != (args.sin != nullptr) || ceil_div(args.rows, kForwardWarps) > INT32_MAX ||
+      (args.tx == nullptr && args.tweight == nullptr) || (args.tweight != nullptr && args.weight == nullptr)) {
+    return cudaErrorInvalidValue;
+  }
+  const auto blocks = static_cast<unsigned>(ceil_div(args.rows, kForwardWarps));
+  return dispatch_dtype(args.dtype, [&](auto type_tag) {
+    using T = typename decltype(type_tag)::type;
+    return dispatch_rope(has_rope, args.interleaved, [&](auto rope_tag) {
+      return dispatch_bool(args.tx != nullptr, [&](auto has_tx) {
+        qk_norm_rope_jvp_kernel<T, decltype(rope_tag)::value, decltype(has_tx)::value>
+            <<<blocks, kForwardWarps * kWarpSize, 0, stream>>>(
+                static_cast<const T*>(args.x), static_cast<const T*>(args.weight), args.cos, args.sin,
+                args.rstd, static_cast<const T*>(args.tx), static_cast<const T*>(args.tweight),
+                static_cast<T*>(args.out), args.rows, args.tokens, args.heads, static_cast<int>(args.dim),
+                args.stride_b, args.stride_l, args.stride_h, args.tx_stride_b, args.tx_stride_l,
+                args.tx_stride_h);
+        return cudaGetLastError();
+      });
     });
   });
 }

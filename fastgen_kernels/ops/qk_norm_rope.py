@@ -247,11 +247,12 @@ backward_dispatcher = OpDispatcher(
     device_of=lambda grad_q, *args: grad_q.device,
 )
 
-# The forward-mode rule's tangents: one pass over each head vector (Triton on a GPU, C++ on the
-# CPU) instead of the formula's dozen PyTorch ops (no cuda kernel: a forced cuda backend says so).
+# The forward-mode rule's tangents: one pass over each head vector (CUDA or Triton on a GPU, C++ on
+# the CPU) instead of the formula's dozen PyTorch ops.
 jvp_dispatcher = OpDispatcher(
-    "fastgen.qk_norm_rope_jvp", {"triton": _triton_jvp, "cpu": _extension_jvp, "reference": reference_jvp},
-    {"triton": _gpu_support, "cpu": _nonempty},
+    "fastgen.qk_norm_rope_jvp",
+    {"cuda": _extension_jvp, "triton": _triton_jvp, "cpu": _extension_jvp, "reference": reference_jvp},
+    {"cuda": _gpu_support, "triton": _gpu_support, "cpu": _nonempty},
 )
 
 # --------------------------------------------------------------------------- custom ops

@@ -1,8 +1,9 @@
 // The CUDA kernels of csrc/cuda run under emu.h against fp64 references written here from their
 // formulas (launch.h documents each launcher's arguments): the modulated norm's forward, backward
-// and JVP, the gated residual's, and the losses' per-sample tail. Every output starts as NaN, so
-// an element no thread writes fails. Run by tests/test_cuda_emulation.py; "full" adds the widest
-// rows (4608 to 8192 columns), which take minutes.
+// and JVP, the gated residual's, QK-norm + rotary's forward, backward and JVP, and the losses'
+// per-sample tail. Every output starts as NaN, so an element no thread writes fails. Run by
+// tests/test_cuda_emulation.py; "full" adds the widest rows (4608 to 8192 columns), which take
+// minutes.
 #include <cstdint>
 #include <cstring>
 #include <random>
@@ -318,6 +319,154 @@ void gated_residual(DType dtype, DType operand, int64_t batch, int64_t tokens, i
   }
 }
 
+// QK-norm + rotary of one head layout: x's heads sit among `extra` more per token (q sliced from a
+// fused projection: strided rows), tx at the contiguous strides. rope: 0 none, 1 interleaved,
+// 2 half (pairs (i, i + dim / 2)). Forward, backward (dx and the weight's chunk partials) and the
+// JVP with and without tx, against fp64.
+void qk_norm_rope(DType dtype, int64_t batch, int64_t tokens, int64_t heads, int64_t dim, bool weighted, int rope,
+                  int64_t chunk_target) {
+  const int64_t R = batch * tokens * heads, D = dim, extra = 1, H_all = heads + extra;
+  char text[160];
+  std::snprintf(text, sizeof text, "qk x=%s B=%lld L=%lld H=%lld D=%lld w=%d rope=%d chunks=%lld", name(dtype),
+                (long long)batch, (long long)tokens, (long long)heads, (long long)D, weighted, rope,
+                (long long)chunk_target);
+  const std::string config = text;
+  const int64_t stride_h = D, stride_l = H_all * D, stride_b = tokens * H_all * D;
+  Buffer x(dtype, batch * tokens * H_all * D), weight(dtype, D), tx(dtype, R * D), tweight(dtype, D);
+  x.random(2.0, 0.3);
+  weight.random();
+  tx.random();
+  tweight.random();
+  std::vector<float> cos(tokens * D), sin(tokens * D);
+  for (auto& c : cos) c = static_cast<float>(normal());
+  for (auto& v : sin) v = static_cast<float>(normal());
+  const bool has_rope = rope != 0;
+  const float eps = 1e-6f;
+  const auto offset = [&](int64_t r) {  // row r = (b * tokens + l) * heads + h in x
+    const int64_t h = r % heads, bl = r / heads;
+    return (bl / tokens) * stride_b + (bl % tokens) * stride_l + h * stride_h;
+  };
+  const auto token = [&](int64_t r) { return r / heads % tokens; };
+  // the rotary map on a row v (and its transpose): pairs (a, b) as the kernels cut them
+  const auto pairs = [&](int64_t p, int64_t& a, int64_t& b) {
+    if (rope == 2) {
+      a = p;
+      b = p + D / 2;
+    } else {
+      a = 2 * p;
+      b = a + 1;
+    }
+  };
+  const auto rotate = [&](std::vector<double> v, int64_t l, bool transpose) {
+    if (!has_rope) return v;
+    std::vector<double> out(D);
+    for (int64_t p = 0; p < D / 2; ++p) {
+      int64_t a, b;
+      pairs(p, a, b);
+      const double ca = cos[l * D + a], cb = cos[l * D + b], sa = sin[l * D + a], sb = sin[l * D + b];
+      out[a] = transpose ? v[a] * ca + v[b] * sb : v[a] * ca - v[b] * sa;
+      out[b] = transpose ? v[b] * cb - v[a] * sa : v[b] * cb + v[a] * sb;
+    }
+    return out;
+  };
+
+  Buffer out(dtype, R * D);
+  out.nan();
+  std::vector<float> rstd(R, NAN);
+  const fastgen::cuda::QkNormRopeForwardArgs forward{
+      dtype, x.data(), weighted ? weight.data() : nullptr, has_rope ? cos.data() : nullptr,
+      has_rope ? sin.data() : nullptr, out.data(), rstd.data(), R, tokens, heads, D, stride_b, stride_l, stride_h,
+      rope == 1, eps};
+  if (fastgen::cuda::launch_qk_norm_rope_forward(forward, nullptr) != cudaSuccess) {
+    ++failures;
+    std::printf("FAIL qk forward launch refused %s\n", config.c_str());
+    return;
+  }
+  std::vector<double> want(R * D), rs(R), xhat(R * D);
+  for (int64_t r = 0; r < R; ++r) {
+    double ms = 0;
+    for (int64_t c = 0; c < D; ++c) ms += x.get(offset(r) + c) * x.get(offset(r) + c) / D;
+    rs[r] = 1 / std::sqrt(ms + eps);
+    std::vector<double> n(D);
+    for (int64_t c = 0; c < D; ++c) {
+      xhat[r * D + c] = x.get(offset(r) + c) * rs[r];
+      n[c] = xhat[r * D + c] * (weighted ? weight.get(c) : 1);
+    }
+    const auto y = rotate(n, token(r), false);
+    std::copy(y.begin(), y.end(), want.begin() + r * D);
+  }
+  expect_close("qk forward", config, out, want, 2 * rounding(dtype) + 2e-5, 4.0);
+  expect_close("qk forward rstd", config, rstd, rs, 1e-5, 0.0);
+
+  Buffer grad(dtype, R * D), dx(dtype, R * D);
+  grad.random();
+  dx.nan();
+  const RowChunks chunks = fastgen::row_chunks(1, R, chunk_target);
+  std::vector<float> partials(chunks.chunks_per_batch * D, NAN);
+  const fastgen::cuda::QkNormRopeBackwardArgs backward{
+      dtype, grad.data(), x.data(), weighted ? weight.data() : nullptr, has_rope ? cos.data() : nullptr,
+      has_rope ? sin.data() : nullptr, rstd.data(), dx.data(), weighted ? partials.data() : nullptr, R, tokens,
+      heads, D, stride_b, stride_l, stride_h, chunks.rows_per_chunk, chunks.chunks_per_batch, rope == 1};
+  if (fastgen::cuda::launch_qk_norm_rope_backward(backward, nullptr) != cudaSuccess) {
+    ++failures;
+    std::printf("FAIL qk backward launch refused %s\n", config.c_str());
+    return;
+  }
+  std::vector<double> want_dx(R * D), dweight(D, 0);
+  double dx_scale = 0;
+  for (int64_t r = 0; r < R; ++r) {
+    std::vector<double> g(D);
+    for (int64_t c = 0; c < D; ++c) g[c] = grad.get(r * D + c);
+    const auto dn = rotate(g, token(r), true);
+    double proj = 0;
+    for (int64_t c = 0; c < D; ++c) proj += dn[c] * (weighted ? weight.get(c) : 1) * xhat[r * D + c] / D;
+    for (int64_t c = 0; c < D; ++c) {
+      const double gw = dn[c] * (weighted ? weight.get(c) : 1);
+      want_dx[r * D + c] = rs[r] * (gw - xhat[r * D + c] * proj);
+      dx_scale = std::max(dx_scale, rs[r] * std::abs(gw));
+      dweight[c] += dn[c] * xhat[r * D + c];
+    }
+  }
+  expect_close("qk backward dx", config, dx, want_dx, 4 * rounding(dtype) + 1e-4, dx_scale);
+  if (weighted)
+    expect_close("qk backward dweight", config,
+                 chunk_sums(partials.data(), chunks.chunks_per_batch, chunks.chunks_per_batch, 1, D, false), dweight,
+                 1e-4, 3 * std::sqrt(static_cast<double>(R)));
+
+  for (const bool with_tx : {true, false}) {
+    if (!with_tx && !weighted) continue;  // no tangent at all: the binding returns zeros itself
+    Buffer tout(dtype, R * D);
+    tout.nan();
+    const fastgen::cuda::QkNormRopeJvpArgs jvp{
+        dtype, x.data(), weighted ? weight.data() : nullptr, has_rope ? cos.data() : nullptr,
+        has_rope ? sin.data() : nullptr, rstd.data(), with_tx ? tx.data() : nullptr,
+        weighted ? tweight.data() : nullptr, tout.data(), R, tokens, heads, D, stride_b, stride_l, stride_h,
+        tokens * heads * D, heads * D, D, rope == 1};
+    if (fastgen::cuda::launch_qk_norm_rope_jvp(jvp, nullptr) != cudaSuccess) {
+      ++failures;
+      std::printf("FAIL qk jvp launch refused %s\n", config.c_str());
+      return;
+    }
+    std::vector<double> want_t(R * D);
+    double t_scale = 0;
+    for (int64_t r = 0; r < R; ++r) {
+      double proj = 0;
+      for (int64_t c = 0; c < D; ++c) proj += with_tx ? tx.get(r * D + c) * xhat[r * D + c] / D : 0;
+      std::vector<double> tn(D);
+      for (int64_t c = 0; c < D; ++c) {
+        const double txhat = with_tx ? rs[r] * (tx.get(r * D + c) - xhat[r * D + c] * proj) : 0;
+        tn[c] = txhat * (weighted ? weight.get(c) : 1) + (weighted ? xhat[r * D + c] * tweight.get(c) : 0);
+      }
+      const auto t = rotate(tn, token(r), false);
+      for (int64_t c = 0; c < D; ++c) {
+        want_t[r * D + c] = t[c];
+        t_scale = std::max(t_scale, std::abs(t[c]));
+      }
+    }
+    expect_close(with_tx ? "qk jvp" : "qk jvp without tx", config, tout, want_t, 2 * rounding(dtype) + 1e-5, t_scale);
+  }
+}
+
 // The squared loss's tail (loss_b = the sample's sum, no weights): each sample's chunk sums added,
 // the batch mean of a batch that is not a multiple of the block, and the per-sample values.
 void loss_tail(int64_t batch, int64_t chunks_per_sample, bool mean) {
@@ -379,6 +528,14 @@ int main(int argc, char** argv) {
             gated_residual(dtype, other, 1, 7, dim, gate_tok, true, offset, target);
           }
         }
+  // head dims: odd (no rotary), DiT-XL's 72, two pairs a lane, the widest
+  for (DType dtype : {DType::kFloat32, DType::kBFloat16, DType::kFloat16})
+    for (int64_t dim : {int64_t{7}, int64_t{72}, int64_t{130}, int64_t{256}})
+      for (int rope = 0; rope < 3; ++rope) {
+        if (rope != 0 && dim % 2) continue;
+        for (bool weighted : {true, false})
+          for (int64_t target : {int64_t{1056}, int64_t{2}}) qk_norm_rope(dtype, 2, 3, 3, dim, weighted, rope, target);
+      }
   for (int64_t batch : {1, 300, 4097})
     for (bool mean : {true, false}) loss_tail(batch, 3, mean);
   std::printf("%lld launches emulated, %d failures\n", emu::launches, failures);
