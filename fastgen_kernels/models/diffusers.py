@@ -521,10 +521,13 @@ def sample_with_scheduler(model: Denoiser, scheduler, steps: int, *, batch: int,
                 x_in, t = scheduler.scale_model_input(x, timestep), (float(timestep) + 1) / len(model.schedule.betas)
             elif family == "trig":
                 x_in, t = x, float(timestep)
-            else:   # flow matching and EDM: the noise level is the time
-                x_in, t = x, float(scheduler.sigmas[i])
-                if family == "edm":  # the Denoiser preconditions x itself; the call tells the scheduler so
-                    scheduler.scale_model_input(x, timestep)
+            elif family == "rf":  # the network sees the scheduler's timestep, as in diffusers' pipelines
+                # (DPM-Solver's and UniPC's flow sigmas list it rounded to an integer); the flow
+                # prediction's round trip through x0 gives the scheduler the network's own output
+                x_in, t = x, float(timestep) / scheduler.config["num_train_timesteps"]
+            else:   # EDM: the noise level is the time; the Denoiser preconditions x itself, the call
+                x_in, t = x, float(scheduler.sigmas[i])  # tells the scheduler so
+                scheduler.scale_model_input(x, timestep)
             x0 = guided.x0(x_in, t)
             if family == "edm":   # the scheduler applies EDM's output preconditioning itself
                 _, _, c_skip, c_out = model.schedule.precondition(torch.tensor(t, dtype=torch.float64))
