@@ -320,10 +320,11 @@ def jvp(fn: Callable[..., Tensor], primals: tuple[Tensor, ...], tangents: tuple[
     relative error was above 1 on a small DiT, against 5e-4 in fp32). The network runs in its own
     dtype: METHODS.md's fp64 difference is an fp64 network's. ``step=None`` balances the
     difference's truncation error (h^2) against rounding (eps / h): :func:`finite_difference_step`
-    of the primals' dtypes (:func:`output_and_jvp` adds the network's parameters'). Time embedded at a scale of 1000 (rf teachers'
-    ``time_scale``) makes the step in t a large one for the network: a small fp64 DiT's tangent
-    was 0.36 off (relative) at 1e-3 against 9e-7 at the default; in fp32 no step is accurate
-    there (0.36 at the default, 3e-4 with time unscaled), so take the exact method.
+    of the primals' dtypes (:func:`output_and_jvp` adds the network's parameters'). Time embedded
+    at a scale of 1000 (rf teachers' ``time_scale``) makes the step in t a large one for the
+    network: a small fp64 DiT's tangent was 0.36 off (relative) at 1e-3 against 9e-7 at the
+    default; in fp32 no step is accurate there (0.36 at the default, 3e-4 with time unscaled), so
+    take the exact method.
     ``finite_difference_autocast``: the same under the caller's autocast, cheaper and that
     inaccurate: for cost comparisons only (bench_distill's peer, as the H200 measured it). The
     callers take fn(primals) from their own forward pass with gradients, so no method returns it.

@@ -8,6 +8,7 @@
 #include <cstring>
 #include <random>
 #include <string>
+#include <utility>
 
 #include "cuda/launch.h"
 #include "emu.h"
@@ -146,23 +147,36 @@ void modulated_norm(const NormCase& k) {
   if (!k.rms) expect_close("forward mean", config, mean, mu, 1e-5, 1.0);
   expect_close("forward rstd", config, rstd, rs, 1e-5, 0.0);
 
-  // The JVP with the forward's statistics: every tangent (tshift's layout the other of shift's,
-  // to cover the two independently), then without tx (the kernel that takes no row sums).
-  Buffer tx(k.dtype, R * D), tshift(k.dtype, (k.shift_per_token ? k.batch : R) * D),
-      tscale(k.dtype, (k.scale_per_token ? R : k.batch) * D), tweight(k.dtype, D), tbias(k.dtype, D);
+  // The JVP with the forward's statistics, in three subsets of tangents: every one (tshift's layout
+  // the other of shift's, so the two are covered independently); none of tx (the kernel that takes
+  // no row sums); tx with a tscale laid out the other way from scale, the others absent. tx and ty
+  // are misaligned with x.
+  Buffer tx(k.dtype, R * D, k.offset), tshift(k.dtype, (k.shift_per_token ? k.batch : R) * D),
+      tscale(k.dtype, (k.scale_per_token ? R : k.batch) * D),
+      tscale_other(k.dtype, (k.scale_per_token ? k.batch : R) * D), tweight(k.dtype, D), tbias(k.dtype, D);
   tx.random();
   tshift.random();
   tscale.random();
+  tscale_other.random();
   tweight.random();
   tbias.random();
-  for (const bool with_tx : {true, false}) {
-    Buffer ty(k.other, R * D);
+  struct Subset {
+    const char* what;
+    bool tx, tshift, tscale_other, tweight_tbias;
+  };
+  for (const Subset t : {Subset{"jvp ty", true, true, false, true},
+                         Subset{"jvp ty without tx", false, true, false, true},
+                         Subset{"jvp ty of tx and tscale", true, false, true, false}}) {
+    Buffer& tsc = t.tscale_other ? tscale_other : tscale;
+    const bool tscale_tok = t.tscale_other ? !k.scale_per_token : k.scale_per_token;
+    const bool with_tw = t.tweight_tbias && k.weight, with_tb = t.tweight_tbias && k.bias;
+    Buffer ty(k.other, R * D, k.offset);
     ty.nan();
     const fastgen::cuda::ModulatedNormJvpArgs jvp{
         k.dtype, k.other, x.data(), scale.data(), k.weight ? weight.data() : nullptr, k.bias ? bias.data() : nullptr,
-        k.rms ? nullptr : mean.data(), rstd.data(), with_tx ? tx.data() : nullptr, tshift.data(), tscale.data(),
-        k.weight ? tweight.data() : nullptr, k.bias ? tbias.data() : nullptr, ty.data(), R, k.tokens, D,
-        k.scale_per_token, !k.shift_per_token, k.scale_per_token, k.rms};
+        k.rms ? nullptr : mean.data(), rstd.data(), t.tx ? tx.data() : nullptr, t.tshift ? tshift.data() : nullptr,
+        tsc.data(), with_tw ? tweight.data() : nullptr, with_tb ? tbias.data() : nullptr, ty.data(), R, k.tokens, D,
+        k.scale_per_token, !k.shift_per_token, tscale_tok, k.rms};
     if (fastgen::cuda::launch_modulated_norm_jvp(jvp, nullptr) != cudaSuccess) {
       ++failures;
       std::printf("FAIL jvp launch refused %s\n", config.c_str());
@@ -173,23 +187,22 @@ void modulated_norm(const NormCase& k) {
     for (int64_t r = 0; r < R; ++r) {
       double sum_tx = 0, sum_tx_xhat = 0;
       for (int64_t c = 0; c < D; ++c) {
-        sum_tx += with_tx ? tx.get(r * D + c) : 0;
-        sum_tx_xhat += with_tx ? tx.get(r * D + c) * xhat[r * D + c] : 0;
+        sum_tx += t.tx ? tx.get(r * D + c) : 0;
+        sum_tx_xhat += t.tx ? tx.get(r * D + c) * xhat[r * D + c] : 0;
       }
       const int64_t tshift_row = k.shift_per_token ? r / k.tokens : r;
-      const int64_t scale_row = k.scale_per_token ? r : r / k.tokens;
+      const int64_t scale_row = k.scale_per_token ? r : r / k.tokens, tscale_row = tscale_tok ? r : r / k.tokens;
       for (int64_t c = 0; c < D; ++c) {
         const double xh = xhat[r * D + c], w = k.weight ? weight.get(c) : 1, b = k.bias ? bias.get(c) : 0;
         const double txhat =
-            with_tx ? rs[r] * (tx.get(r * D + c) - (k.rms ? 0 : sum_tx / D) - xh * sum_tx_xhat / D) : 0;
-        const double tn = txhat * w + (k.weight ? xh * tweight.get(c) : 0) + (k.bias ? tbias.get(c) : 0);
-        want_ty[r * D + c] = tn * (1 + scale.get(scale_row * D + c)) + (xh * w + b) * tscale.get(scale_row * D + c) +
-                             tshift.get(tshift_row * D + c);
+            t.tx ? rs[r] * (tx.get(r * D + c) - (k.rms ? 0 : sum_tx / D) - xh * sum_tx_xhat / D) : 0;
+        const double tn = txhat * w + (with_tw ? xh * tweight.get(c) : 0) + (with_tb ? tbias.get(c) : 0);
+        want_ty[r * D + c] = tn * (1 + scale.get(scale_row * D + c)) + (xh * w + b) * tsc.get(tscale_row * D + c) +
+                             (t.tshift ? tshift.get(tshift_row * D + c) : 0);
         ty_scale = std::max(ty_scale, std::abs(want_ty[r * D + c]));
       }
     }
-    expect_close(with_tx ? "jvp ty" : "jvp ty without tx", config, ty, want_ty, 2 * rounding(k.other) + 1e-5,
-                 ty_scale);
+    expect_close(t.what, config, ty, want_ty, 2 * rounding(k.other) + 1e-5, ty_scale);
   }
 
   Buffer grad(k.other, R * D);
@@ -332,7 +345,9 @@ void qk_norm_rope(DType dtype, int64_t batch, int64_t tokens, int64_t heads, int
                 (long long)chunk_target);
   const std::string config = text;
   const int64_t stride_h = D, stride_l = H_all * D, stride_b = tokens * H_all * D;
-  Buffer x(dtype, batch * tokens * H_all * D), weight(dtype, D), tx(dtype, R * D), tweight(dtype, D);
+  // tx at strides of its own: two more heads a token, and a gap between batches
+  const int64_t tx_stride_h = D, tx_stride_l = (heads + 2) * D, tx_stride_b = tokens * tx_stride_l + D;
+  Buffer x(dtype, batch * tokens * H_all * D), weight(dtype, D), tx(dtype, batch * tx_stride_b), tweight(dtype, D);
   x.random(2.0, 0.3);
   weight.random();
   tx.random();
@@ -345,6 +360,10 @@ void qk_norm_rope(DType dtype, int64_t batch, int64_t tokens, int64_t heads, int
   const auto offset = [&](int64_t r) {  // row r = (b * tokens + l) * heads + h in x
     const int64_t h = r % heads, bl = r / heads;
     return (bl / tokens) * stride_b + (bl % tokens) * stride_l + h * stride_h;
+  };
+  const auto tx_offset = [&](int64_t r) {
+    const int64_t h = r % heads, bl = r / heads;
+    return (bl / tokens) * tx_stride_b + (bl % tokens) * tx_stride_l + h * tx_stride_h;
   };
   const auto token = [&](int64_t r) { return r / heads % tokens; };
   // the rotary map on a row v (and its transpose): pairs (a, b) as the kernels cut them
@@ -433,15 +452,16 @@ void qk_norm_rope(DType dtype, int64_t batch, int64_t tokens, int64_t heads, int
                  chunk_sums(partials.data(), chunks.chunks_per_batch, chunks.chunks_per_batch, 1, D, false), dweight,
                  1e-4, 3 * std::sqrt(static_cast<double>(R)));
 
-  for (const bool with_tx : {true, false}) {
-    if (!with_tx && !weighted) continue;  // no tangent at all: the binding returns zeros itself
+  // (tx, tweight): both, tweight alone, tx alone (no tangent at all the binding answers itself)
+  for (const auto [with_tx, with_tw] : {std::pair{true, true}, std::pair{false, true}, std::pair{true, false}}) {
+    if (with_tw && !weighted) continue;
     Buffer tout(dtype, R * D);
     tout.nan();
     const fastgen::cuda::QkNormRopeJvpArgs jvp{
         dtype, x.data(), weighted ? weight.data() : nullptr, has_rope ? cos.data() : nullptr,
         has_rope ? sin.data() : nullptr, rstd.data(), with_tx ? tx.data() : nullptr,
-        weighted ? tweight.data() : nullptr, tout.data(), R, tokens, heads, D, stride_b, stride_l, stride_h,
-        tokens * heads * D, heads * D, D, rope == 1};
+        with_tw ? tweight.data() : nullptr, tout.data(), R, tokens, heads, D, stride_b, stride_l, stride_h,
+        tx_stride_b, tx_stride_l, tx_stride_h, rope == 1};
     if (fastgen::cuda::launch_qk_norm_rope_jvp(jvp, nullptr) != cudaSuccess) {
       ++failures;
       std::printf("FAIL qk jvp launch refused %s\n", config.c_str());
@@ -451,11 +471,11 @@ void qk_norm_rope(DType dtype, int64_t batch, int64_t tokens, int64_t heads, int
     double t_scale = 0;
     for (int64_t r = 0; r < R; ++r) {
       double proj = 0;
-      for (int64_t c = 0; c < D; ++c) proj += with_tx ? tx.get(r * D + c) * xhat[r * D + c] / D : 0;
+      for (int64_t c = 0; c < D; ++c) proj += with_tx ? tx.get(tx_offset(r) + c) * xhat[r * D + c] / D : 0;
       std::vector<double> tn(D);
       for (int64_t c = 0; c < D; ++c) {
-        const double txhat = with_tx ? rs[r] * (tx.get(r * D + c) - xhat[r * D + c] * proj) : 0;
-        tn[c] = txhat * (weighted ? weight.get(c) : 1) + (weighted ? xhat[r * D + c] * tweight.get(c) : 0);
+        const double txhat = with_tx ? rs[r] * (tx.get(tx_offset(r) + c) - xhat[r * D + c] * proj) : 0;
+        tn[c] = txhat * (weighted ? weight.get(c) : 1) + (with_tw ? xhat[r * D + c] * tweight.get(c) : 0);
       }
       const auto t = rotate(tn, token(r), false);
       for (int64_t c = 0; c < D; ++c) {
@@ -463,7 +483,8 @@ void qk_norm_rope(DType dtype, int64_t batch, int64_t tokens, int64_t heads, int
         t_scale = std::max(t_scale, std::abs(t[c]));
       }
     }
-    expect_close(with_tx ? "qk jvp" : "qk jvp without tx", config, tout, want_t, 2 * rounding(dtype) + 1e-5, t_scale);
+    expect_close(!with_tx ? "qk jvp without tx" : with_tw ? "qk jvp" : "qk jvp without tweight", config, tout, want_t,
+                 2 * rounding(dtype) + 1e-5, t_scale);
   }
 }
 
