@@ -59,6 +59,18 @@ inline void rotate(const In* v, const A* cos, const A* sin, int64_t dim, Out* ou
   }
 }
 
+// Writes a head's values v, rounded to T, to y: rotated with its token's tables, or as they are
+// without rotary (the forward's output and its tangent alike).
+template <Rope ROPE, typename A, typename T>
+inline void store_head(const A* v, const A* cos, const A* sin, int64_t token, int64_t dim, T* y) {
+  if constexpr (ROPE == Rope::kNone) {
+#pragma omp simd
+    for (int64_t c = 0; c < dim; ++c) y[c] = from_acc<T>(v[c]);
+  } else {
+    rotate<ROPE, false>(v, cos + token * dim, sin + token * dim, dim, y);
+  }
+}
+
 template <typename T, bool HAS_W, Rope ROPE>
 void forward_impl(const at::Tensor& x, const T* w, const acc_t<T>* cos, const acc_t<T>* sin,
                   double eps, at::Tensor& out, at::Tensor& rstd) {
@@ -85,14 +97,7 @@ void forward_impl(const at::Tensor& x, const T* w, const acc_t<T>* cos, const ac
         n[c] *= rs;
         if constexpr (HAS_W) n[c] *= to_acc(w[c]);
       }
-      T* y = yp + r * dim;
-      if constexpr (ROPE == Rope::kNone) {
-#pragma omp simd
-        for (int64_t c = 0; c < dim; ++c) y[c] = from_acc<T>(n[c]);
-      } else {
-        const int64_t table = heads.token(r) * dim;
-        rotate<ROPE, false>(n.data(), cos + table, sin + table, dim, y);
-      }
+      store_head<ROPE>(n.data(), cos, sin, heads.token(r), dim, yp + r * dim);
     }
   });
 }
@@ -187,14 +192,7 @@ void jvp_impl(const at::Tensor& x, const T* w, const acc_t<T>* cos, const acc_t<
 #pragma omp simd
         for (int64_t c = 0; c < dim; ++c) tn[c] += xhat[c] * to_acc(tw[c]);
       }
-      T* y = yp + r * dim;
-      if constexpr (ROPE == Rope::kNone) {
-#pragma omp simd
-        for (int64_t c = 0; c < dim; ++c) y[c] = from_acc<T>(tn[c]);
-      } else {
-        const int64_t table = heads.token(r) * dim;
-        rotate<ROPE, false>(tn.data(), cos + table, sin + table, dim, y);
-      }
+      store_head<ROPE>(tn.data(), cos, sin, heads.token(r), dim, yp + r * dim);
     }
   });
 }

@@ -14,9 +14,8 @@ teacher's (guided) probability-flow ODE. The loss is
 
     mean_b lambda_b d(D_theta(y_t, t), sg(D_theta(y_r, r))),   lambda = 1 / (sigma_t - sigma_r)
 
-with sigma_r that of r as the network sees it (rounded to t's dtype).
-
-with d pseudo-Huber (c = 0.00054 sqrt(D)) or L2, and D at r = 0 the identity (D(y_0, 0) = y_0).
+with sigma_r that of r as the network sees it (rounded to t's dtype), d pseudo-Huber
+(c = 0.00054 sqrt(D)) or L2, and D at r = 0 the identity (D(y_0, 0) = y_0).
 """
 
 from __future__ import annotations

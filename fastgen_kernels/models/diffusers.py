@@ -525,8 +525,9 @@ def sample_with_scheduler(model: Denoiser, scheduler, steps: int, *, batch: int,
                 # (DPM-Solver's and UniPC's flow sigmas list it rounded to an integer); the flow
                 # prediction's round trip through x0 gives the scheduler the network's own output
                 x_in, t = x, float(timestep) / scheduler.config["num_train_timesteps"]
-            else:   # EDM: the noise level is the time; the Denoiser preconditions x itself, the call
-                x_in, t = x, float(scheduler.sigmas[i])  # tells the scheduler so
+            else:   # EDM: the noise level is the time; the Denoiser preconditions x itself (the
+                # call only tells the scheduler so)
+                x_in, t = x, float(scheduler.sigmas[i])
                 scheduler.scale_model_input(x, timestep)
             x0 = guided.x0(x_in, t)
             if family == "edm":   # the scheduler applies EDM's output preconditioning itself
