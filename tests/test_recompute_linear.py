@@ -12,6 +12,7 @@ from conftest import cpu_backends, extension_backends
 
 import fastgen_kernels as fk
 from fastgen_kernels.backends import interpreting_triton
+from fastgen_kernels.ops.linear import linear, parameters_without_tangents
 
 
 def _gelu_case(generator, dtype, B=2, L=7, K=40, N=24):
@@ -156,6 +157,47 @@ def test_norm_writes_the_layers_autocast_dtype(path, backend, generator):
         torch.testing.assert_close(tangent.float(), ref_tangent.float(), rtol=2e-2, atol=1e-2 * scale)
     for got, expected in zip(grads, ref_grads):
         torch.testing.assert_close(got, expected, rtol=2e-2, atol=1e-2 * expected.abs().max().item())
+
+
+def _linear_case(generator, dtype, B=2, L=7, K=40, N=24):
+    x = torch.randn(B, L, K, generator=generator, dtype=dtype)
+    weight = torch.randn(N, K, generator=generator, dtype=dtype) / K**0.5
+    bias = torch.randn(N, generator=generator, dtype=dtype)
+    return (x, weight, bias), linear, F.linear
+
+
+@pytest.mark.parametrize("path", ["backward", "one_pass"])
+@pytest.mark.parametrize("case", [*CASES, "linear"])
+# (not Triton's interpreter: it truncates the norm's output to bf16 where the composition rounds)
+@pytest.mark.parametrize("backend", [b for b in cpu_backends() if b.values[0] != "triton"])
+def test_autocast_casts_each_weight_once(case, path, backend, generator):
+    """Under bf16 autocast a layer's fp32 weight is cast to bf16 once for the forward, the
+    one-pass step's tangent and the backward together, as eager autocast's F.linear does (the
+    backward used to cast it again: autocast's cache is gone by then), and the gradients are the
+    composition's bit for bit."""
+    args, fused, composition = {**CASES, "linear": _linear_case}[case](generator, torch.float32)
+    weight_index = 1 if case != "modulated_layer_norm_linear" else 3
+    tangents = [torch.randn(a.shape, generator=generator) if i != weight_index and i < 3 else None
+                for i, a in enumerate(args)]
+    results = []
+    for fn in (fused, composition):
+        leaves = _leaves(args)
+        with torch.profiler.profile(record_shapes=True) as prof, fk.use_backend(backend):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                if path == "one_pass":
+                    with parameters_without_tangents(), fwAD.dual_level():
+                        out = fn(*(a if t is None else fwAD.make_dual(a, t) for a, t in zip(leaves, tangents)))
+                        out = fwAD.unpack_dual(out).primal
+                else:
+                    out = fn(*leaves)
+            grads = torch.autograd.grad(out.float().square().sum(), leaves)
+        casts = [e.input_dtypes[0] for e in prof.events() if e.name == "aten::_to_copy" and e.input_shapes
+                 and tuple(e.input_shapes[0]) == tuple(args[weight_index].shape)]
+        results.append(grads)
+        if fn is fused:
+            assert casts.count("float") == 1, casts
+    for got, expected in zip(*results):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("case", CASES)

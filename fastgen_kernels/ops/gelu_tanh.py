@@ -35,7 +35,8 @@ from torch import Tensor
 from fastgen_kernels.backends import OpDispatcher, carry_forced_backend, record_forced_backend, under_forced_backend
 from fastgen_kernels.ops import _checks, _eager_op
 from fastgen_kernels.ops.linear import (composed_layer_gradients, input_tangent, input_tangents_only_outside_transforms,
-                                        linear, recomputed_input_backward, saved_for_backward, tangent_rule)
+                                        layer_weight, linear, recomputed_input_backward, saved_for_backward,
+                                        tangent_rule)
 
 # --------------------------------------------------------------------------- reference
 
@@ -159,7 +160,8 @@ def gelu_tanh(x: Tensor) -> Tensor:
 
 class _GeluTanhLinearFunction(torch.autograd.Function):
     """F.linear(gelu_tanh(x), weight, bias), saving x and weight. The linear layer runs in the
-    dtype autocast gives it (grad_out's dtype in the backward), as F.linear alone would. Its
+    dtype autocast gives it (grad_out's dtype in the backward), as F.linear alone would; the
+    caller passes the weight cast to it (``ops.linear.layer_weight``), for the backward too. Its
     forward-mode rule is along x alone (see fastgen_kernels.ops.linear): F.linear(tx *
     gelu_tanh'(x), weight), one GEMM; one Function for both, as the GELU's Function followed by
     ops.linear's kept every layer's activations alive through a torch.func.jvp pass (twice the
@@ -209,7 +211,7 @@ def gelu_tanh_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> T
     x = _checks.tensor("gelu_tanh_linear", "x", x)
     _checks.linear_layer("gelu_tanh_linear", ("weight", "bias"), weight, bias, x)
     if input_tangents_only_outside_transforms() or _eager_op.backward_will_follow((x, weight, bias)):
-        return _GeluTanhLinearFunction.apply(x, weight, bias)
+        return _GeluTanhLinearFunction.apply(x, layer_weight(weight), bias)
     return linear(gelu_tanh(x), weight, bias)
 
 

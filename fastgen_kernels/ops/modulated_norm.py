@@ -46,7 +46,8 @@ from fastgen_kernels import _extension
 from fastgen_kernels.backends import OpDispatcher, carry_forced_backend, record_forced_backend, under_forced_backend
 from fastgen_kernels.ops import _checks, _eager_op
 from fastgen_kernels.ops.linear import (composed_layer_gradients, input_tangent, input_tangents_only_outside_transforms,
-                                        linear, recomputed_input_backward, saved_for_backward, tangent_rule)
+                                        layer_weight, linear, recomputed_input_backward, saved_for_backward,
+                                        tangent_rule)
 
 # --------------------------------------------------------------------------- reference
 
@@ -377,7 +378,8 @@ def norm_output_dtype(x: Tensor) -> torch.dtype:
 class _ModulatedNormLinearFunction(torch.autograd.Function):
     """F.linear(modulated_norm(x, ...), weight, bias), saving x, the modulation, the statistics and
     the weight. The norm writes its output, and its tangent, in the dtype the linear layer runs in
-    (autocast's: :func:`norm_output_dtype`; grad_out's in the backward). Its forward-mode rule,
+    (autocast's: :func:`norm_output_dtype`; grad_out's in the backward); the caller passes the
+    layer's weight cast to it (``ops.linear.layer_weight``), for the backward too. Its forward-mode rule,
     where the parameters carry no tangents (fastgen_kernels.ops.linear): F.linear(the norm's
     tangent, weight), one GEMM."""
 
@@ -449,16 +451,17 @@ def modulated_layer_norm_linear(
     op = "modulated_layer_norm_linear"
     eps = _check(op, x, shift, scale, weight, bias, eps)
     _checks.linear_layer(op, ("linear_weight", "linear_bias"), linear_weight, linear_bias, x)
-    args = (x, shift, scale, weight, bias, eps, False, linear_weight, linear_bias)
+    norm_args = (x, shift, scale, weight, bias, eps, False)
     if input_tangents_only_outside_transforms():  # forward-mode AD along the inputs: the one-GEMM rule
-        return _ModulatedNormLinearFunction.apply(*args)
+        return _ModulatedNormLinearFunction.apply(*norm_args, layer_weight(linear_weight), linear_bias)
     tensors = (x, shift, scale, weight, bias, linear_weight, linear_bias)
     if _eager_op.backward_will_follow(tensors):
-        if _native_norm_linear is not None and forward_dispatcher.select(*args[:7]) in ("cpu", "cuda"):
-            return _native_norm_linear(*args, norm_output_dtype(x))  # the same kernels, autograd in C++
-        return _ModulatedNormLinearFunction.apply(*args)
+        layer = (layer_weight(linear_weight), linear_bias)
+        if _native_norm_linear is not None and forward_dispatcher.select(*norm_args) in ("cpu", "cuda"):
+            return _native_norm_linear(*norm_args, *layer, norm_output_dtype(x))  # the same kernels, autograd in C++
+        return _ModulatedNormLinearFunction.apply(*norm_args, *layer)
     if _eager_op.no_autograd(tensors):  # inference: the norm writes the layer's dtype
-        return F.linear(forward_dispatcher(*args[:7], norm_output_dtype(x))[0], linear_weight, linear_bias)
+        return F.linear(forward_dispatcher(*norm_args, norm_output_dtype(x))[0], linear_weight, linear_bias)
     return linear(_apply(x, shift, scale, weight, bias, eps, False), linear_weight, linear_bias)
 
 
