@@ -10,8 +10,10 @@ measured ceiling (copy bandwidth, bf16 matmul rate).
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import statistics
+import tempfile
 import time
 
 import pytest
@@ -102,9 +104,12 @@ def peer_ms(key, fn, device: str) -> float:
 class Graphed:
     """fn() called ``calls`` times in one CUDA graph, replayed by calling this: timing it measures
     the kernels alone, without the host's per-call cost (as ``sample`` runs a network). ``calls``
-    is chosen so that a replay takes about a millisecond (at most 64 calls); :func:`run` reports
-    times per call. Captured on first use: a peer whose time this process already has is never
-    captured (nor kept holding its inputs and memory pool)."""
+    is chosen so that a replay takes about a millisecond of kernels (at most 64 calls), by the
+    replays of a one-call graph: timed call by call, a loss's host cost (0.2-0.4 ms against 10-25
+    us of kernels) made it 1-5 calls, so the replay went over the same 1-5 of a rotation's input
+    sets (in L2) and the replay's launch was 10-30% of its time. :func:`run` reports times per
+    call. Captured on first use: a peer whose time this process already has is never captured
+    (nor kept holding its inputs and memory pool)."""
 
     def __init__(self, fn) -> None:
         self.fn = fn
@@ -115,7 +120,10 @@ class Graphed:
             return
         from fastgen_kernels.sampling import capture_cuda_graph
 
-        self._calls = max(1, min(64, round(1.0 / median_ms(self.fn, "cuda", rounds=5))))
+        one_call = capture_cuda_graph(self.fn)[0]
+        kernels_ms = median_ms(one_call.replay, "cuda", rounds=3, iterations=5)
+        del one_call  # and its memory pool
+        self._calls = max(1, min(64, round(1.0 / kernels_ms)))
 
         def repeated():
             for _ in range(self._calls):
@@ -166,10 +174,12 @@ def peak_extra_bytes(fn, device: str) -> int:
     """Peak memory held during fn() beyond what was allocated before it, in bytes.
 
     GPU: torch.cuda.max_memory_allocated above the memory allocated before fn. CPU: the torch
-    profiler with profile_memory=True, which records every CPU allocation and free of torch's
-    allocator with a timestamp (allocations attributed to the op making them as its
-    self_cpu_memory_usage, frees outside ops as [memory] events); the running sum in time order
-    peaks at fn's peak extra memory. Inductor's CPU buffers go through the same allocator.
+    profiler with profile_memory=True records every allocation and free of torch's CPU allocator
+    with the allocator's running total ("Total Allocated" in its trace); the peak of that total
+    less its value before the first event. (Summing the ops' self memory in the order the ops
+    start, as this did before, books a free inside an op at the op's start, before the
+    allocations of the ops it calls: eager's 20 MiB peak of a squared error's forward + backward
+    at 64x4x64x64 read 8.) Inductor's CPU buffers go through the same allocator.
     """
     if device == "cuda":
         torch.cuda.synchronize()
@@ -180,11 +190,17 @@ def peak_extra_bytes(fn, device: str) -> int:
         return torch.cuda.max_memory_allocated() - before
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    total = peak = 0
-    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
-        total += event.cpu_memory_usage if event.name == "[memory]" else event.self_cpu_memory_usage
-        peak = max(peak, total)
-    return peak
+    with tempfile.TemporaryDirectory() as folder:  # the allocator's totals are in the trace only
+        path = os.path.join(folder, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = json.load(f)["traceEvents"]
+    memory = sorted((e["args"] for e in events if e.get("name") == "[memory]" and e["args"].get("Device Type") == 0),
+                    key=lambda args: args["Ev Idx"])  # the CPU allocator's, in the order they happened
+    if not memory:
+        return 0
+    before = memory[0]["Total Allocated"] - memory[0]["Bytes"]  # a free's Bytes are negative
+    return max(0, max(args["Total Allocated"] for args in memory) - before)
 
 
 @pytest.fixture(params=DEVICES)

@@ -127,6 +127,8 @@ for file in $timed; do
   rc=$?
   tail -2 "$LOGS/$name.log"
   [ -s "$json" ] && jsons+=("$json")
+  # the ceilings outlive the call, for the table of a later `rest` call (which does not rerun them)
+  [[ -s "$json" && ( $name == bench_copy || $name == bench_matmul ) ]] && cp "$json" "$STATE/ceiling_$name.json"
   if (( rc == 124 || rc == 130 || rc == 137 )); then not_run+=("$file"); else echo "$file" >> "$STATE/done"; fi
   (( rc && rc != 124 && rc != 130 && rc != 137 )) && bench_rc=$rc
   pack
@@ -134,7 +136,8 @@ for file in $timed; do
 done
 profile
 if (( ${#jsons[@]} )); then
-  python3 bench/summarize.py "${jsons[@]}" > "$LOGS/table.txt"
+  # this machine's ceilings first: this call's own, where it measured them, come later and count
+  python3 bench/summarize.py $(ls "$STATE"/ceiling_*.json 2>/dev/null) "${jsons[@]}" > "$LOGS/table.txt"
   cat "$LOGS/table.txt"
 fi
 [ -n "$timed" ] && printf '%s\n' "${not_run[@]}" > "$STATE/not_run"
