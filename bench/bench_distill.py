@@ -12,9 +12,9 @@ in both, is left out).
 - ours, graphed (``fused_exact_jvp_graphed``, CUDA): the same step replayed from a CUDA graph
   (``distill.cuda_graph.GraphedStep``, the trainer's ``cuda_graph=True``); its memory is that of
   the call that captures it (the graph's pool holds the step's peak from then on);
-- peer (``eager_finite_difference``): the same networks as plain PyTorch + SDPA (``set_fused(False)``)
-  and the JVP as a central finite difference (two more forward passes), the usual way around
-  attention kernels that have no forward-mode rule.
+- peer (``eager_finite_difference``): the same networks as plain PyTorch + SDPA (``set_fused(False)``),
+  ``scm_loss`` as its plain PyTorch reference, and the JVP as a central finite difference (two
+  more forward passes), the usual way around attention kernels that have no forward-mode rule.
 
 Run: ``pytest bench/bench_distill.py``. GPU: DiT-XL/2 at 256px (32x32x4 latents), batch 32, bf16
 autocast. CPU: a small DiT (16x16x4 latents, hidden 192, depth 4), batch 8, fp32.
@@ -25,6 +25,7 @@ std 0.02, so the adaLN-Zero gates are not zero): speed and memory do not depend 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from functools import partial
 
@@ -89,7 +90,9 @@ def step_fn(device: str, provider: str):
                                                                         autocast_dtype=autocast_dtype)
 
     def step():
-        run_step(Batch(x0, cond, seed=0), 1, ("student",))
+        # the peer's loss as plain PyTorch too (the reference backend: its network has no fused op)
+        with contextlib.nullcontext() if fused else fk.use_backend("reference"):
+            run_step(Batch(x0, cond, seed=0), 1, ("student",))
         for p in scm.student.parameters():
             p.grad = None
 
