@@ -136,6 +136,19 @@ def test_presets():
         DiTConfig.preset("XXL/2")
 
 
+def test_shapes_propagate_on_the_meta_device():
+    """A DiT built under torch.device("meta") (shapes without memory, as before FSDP's to_empty)
+    runs forward and backward there: the fused layers asked autocast about the meta device, which
+    has none (RuntimeError)."""
+    with torch.device("meta"):
+        model = DiT(TINY)
+        x, t, y = torch.randn(2, 3, 6, 6), torch.rand(2), torch.tensor([0, 5])
+    out = model(x, t, y)
+    out.square().mean().backward()
+    assert out.shape == x.shape and out.device.type == "meta"
+    assert all(p.grad is not None and p.grad.device.type == "meta" for p in model.parameters())
+
+
 def test_bad_inputs():
     model = random_dit(dtype=torch.float32)
     x, t, y = inputs(model, dtype=torch.float32)

@@ -45,9 +45,9 @@ from torch import Tensor
 from fastgen_kernels import _extension
 from fastgen_kernels.backends import OpDispatcher, carry_forced_backend, record_forced_backend, under_forced_backend
 from fastgen_kernels.ops import _checks, _eager_op
-from fastgen_kernels.ops.linear import (composed_layer_gradients, input_tangent, input_tangents_only_outside_transforms,
-                                        layer_weight, linear, recomputed_input_backward, saved_for_backward,
-                                        tangent_rule)
+from fastgen_kernels.ops.linear import (autocast_dtype, composed_layer_gradients, input_tangent,
+                                        input_tangents_only_outside_transforms, layer_weight, linear,
+                                        recomputed_input_backward, saved_for_backward, tangent_rule)
 
 # --------------------------------------------------------------------------- reference
 
@@ -368,10 +368,9 @@ def norm_output_dtype(x: Tensor) -> torch.dtype:
     """The dtype in which a norm of x writes its output for a linear layer: the one the layer
     computes in (autocast's for x's device where it is on) when the kernels can write it (x's
     dtype, or float16/bfloat16 for float32 x), so that no cast follows; else x's (the layer casts)."""
-    if torch.is_autocast_enabled(x.device.type):
-        dtype = torch.get_autocast_dtype(x.device.type)
-        if _checks.kernel_dtype_pair(x.dtype, dtype):
-            return dtype
+    dtype = autocast_dtype(x.device)
+    if dtype is not None and _checks.kernel_dtype_pair(x.dtype, dtype):
+        return dtype
     return x.dtype
 
 
