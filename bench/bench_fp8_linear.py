@@ -48,7 +48,8 @@ FORCED_VARIANTS = {"fused_prequantized_tiled": "tiled", "fused_prequantized_pers
                    "fused_prequantized_persistent_tma_store": "persistent_tma_store"}
 PROVIDERS = ["fused", "fused_prequantized", *FORCED_VARIANTS, "scaled_mm_epilogue", "scaled_mm_codes_epilogue",
              "scaled_mm", "bf16_epilogue", "compile"]
-PEER_NAMES = {"scaled_mm_epilogue": "quantize + scaled_mm + epilogue", "scaled_mm_codes_epilogue": "scaled_mm + epilogue"}
+PEER_NAMES = {"scaled_mm_epilogue": "quantize + scaled_mm + epilogue",
+              "scaled_mm_codes_epilogue": "scaled_mm + epilogue"}
 BATCH = 4
 
 
