@@ -123,7 +123,11 @@ class _Guided:
         xin = torch.cat([x, x]) if self.guided else x
         time_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         per_sample_times = [torch.full((xin.shape[0],), t, device=x.device, dtype=time_dtype) for t in times]
-        with torch.autocast(x.device.type, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None):
+        # autocast's cache off: inside a caller's autocast (even a disabled one) this context's exit
+        # does not clear it, and later calls (a captured graph's kernels too) would read the bf16
+        # copies of weights since updated in place, or since freed
+        with torch.autocast(x.device.type, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None,
+                            cache_enabled=False):
             out = fn(xin, *per_sample_times, self.cond).to(x.dtype)
         if not self.guided:
             return out
@@ -361,16 +365,22 @@ def sample(model: Denoiser, steps: int = 1, *, batch_size: int | None = None, sh
 
 
 def graph_state(model: nn.Module) -> tuple:
-    """What a captured graph holds on to besides its inputs: the modules, the tensors (addresses
-    and dtypes) of their parameters and buffers, and the forced backend. A graph captured before
-    model.to(...), quantize_fp8 or use_backend is not replayed after them; other changes of
-    behaviour (DiT.set_fused, say) need cuda_graph=False or a new Denoiser."""
+    """What a captured graph holds on to besides its inputs and the call's arguments: the modules
+    (their types and train/eval modes), the tensors (addresses and dtypes) of their parameters and
+    buffers, the switches of the fused networks (DiT's ``fused`` and ``fused_epilogues``, an FP8
+    layer's ``activation``) and the types of diffusers' attention processors, the Denoiser's
+    parameterization and time scaling, the forced backend and inference mode. A graph captured
+    before model.to(...), quantize_fp8, fuse_epilogues, accelerate, set_fused, train() or eval(),
+    use_backend or a new time_scale is not replayed after them; other changes of behaviour (a
+    network's own Python flags, say) need cuda_graph=False or a new Denoiser."""
     # computed on every call: a plain recursion over the module tree (Module.modules() builds
-    # names and a visited set: 0.85 ms for DiT-XL's 323 modules on the CPU, this 0.15 ms)
+    # names and a visited set: 0.85 ms for DiT-XL's 323 modules on the CPU, this 0.25 ms)
     modules, tensors = [], []
 
     def walk(module: nn.Module) -> None:
-        modules.append(module)
+        own = module.__dict__
+        modules.append((id(module), type(module), module.training, own.get("fused"), own.get("fused_epilogues"),
+                        own.get("activation"), type(own.get("processor"))))
         tensors.extend(module._parameters.values())
         tensors.extend(module._buffers.values())
         for child in module._modules.values():
@@ -378,8 +388,11 @@ def graph_state(model: nn.Module) -> tuple:
                 walk(child)
 
     walk(model)
-    return (tuple(map(id, modules)), tuple([(t.data_ptr(), t.dtype) for t in tensors if t is not None]),
-            backends.forced_backend()[0])
+    own = model.__dict__
+    denoiser = tuple(own.get(name) for name in ("schedule", "prediction", "preconditioning", "time_scale",
+                                                "time_shift"))
+    return (tuple(modules), tuple([(t.data_ptr(), t.dtype) for t in tensors if t is not None]), denoiser,
+            backends.forced_backend()[0], torch.is_inference_mode_enabled())
 
 
 def capture_cuda_graph(fn: Callable[[], Any], generators: Sequence[torch.Generator] = (), pool=None
@@ -404,14 +417,25 @@ def capture_cuda_graph(fn: Callable[[], Any], generators: Sequence[torch.Generat
     return graph, outputs
 
 
+MAX_SAMPLING_GRAPHS = 8  # per Denoiser: each holds a memory pool of its own
+
+
 def _replay(model: Denoiser, key: tuple, run: Callable, inputs: tuple):
-    """Runs ``run(*inputs)`` through a CUDA graph captured on first use for this ``key``, on the
-    inputs' device."""
+    """Runs ``run(*inputs)`` through a CUDA graph captured on first use for this ``key`` (whose
+    last item is :func:`graph_state`), on the inputs' device. The Denoiser keeps the graphs of its
+    current state only, and of those the MAX_SAMPLING_GRAPHS last used (a sweep over guidance
+    scales or step counts would otherwise keep a graph and its memory pool per value)."""
+    graphs = model._graphs
+    for stale in [k for k in graphs if k[-1] != key[-1]]:  # captured before the model changed
+        del graphs[stale]
     with torch.cuda.device(inputs[0].device):
-        entry = model._graphs.get(key)
+        entry = graphs.pop(key, None)  # back in last, as the most recently used
         if entry is None:
+            while len(graphs) >= MAX_SAMPLING_GRAPHS:
+                del graphs[next(iter(graphs))]
             static = [t.clone() if t is not None else None for t in inputs]
-            entry = model._graphs[key] = (*capture_cuda_graph(lambda: run(*static)), static)
+            entry = (*capture_cuda_graph(lambda: run(*static)), static)
+        graphs[key] = entry
         graph, (x, trajectory), static = entry
         for buffer, value in zip(static, inputs):
             if buffer is not None:

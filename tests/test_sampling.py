@@ -6,6 +6,7 @@ exactly (it keeps x_t / m(t) fixed). So every teacher solver's answer has a know
 shrink at the solver's order, and a 1-step student that is this ODE map must reproduce it.
 """
 
+import contextlib
 import math
 
 import pytest
@@ -483,3 +484,102 @@ def test_the_cuda_graph_key_follows_what_the_graph_holds():
     assert cast != key
     fk.quantize_fp8(model.net)
     assert graph_state(model) != cast
+
+
+def test_the_cuda_graph_key_follows_the_networks_switches_and_modes():
+    """Changes that keep every tensor but change what the network computes give another key:
+    train() (dropout, diffusers' label dropout) and eval(), set_fused, fuse_epilogues, the
+    Denoiser's time scaling, inference mode (its static inputs would be inference tensors);
+    before, graph_state was equal across them and a graph replayed the old computation."""
+    from fastgen_kernels.models import DiT, DiTConfig
+    from fastgen_kernels.sampling import graph_state
+
+    net = DiT(DiTConfig(input_size=4, patch_size=2, in_channels=4, hidden_size=32, depth=1, num_heads=2,
+                        num_classes=3))
+    model = fk.Denoiser(net, "rf", "flow", null_cond=3, shape=(4, 4, 4)).eval()
+    seen = [graph_state(model)]
+
+    def changed():
+        key = graph_state(model)
+        assert key not in seen
+        seen.append(key)
+
+    model.train()
+    changed()
+    model.eval()
+    assert graph_state(model) == seen[0]
+    net.set_fused(False)
+    changed()
+    net.set_fused(True)
+    model.time_scale = 1000.0
+    changed()
+    with torch.inference_mode():
+        changed()
+    fk.quantize_fp8(net)
+    changed()
+    fk.fuse_epilogues(net)
+    changed()
+
+
+def test_sampling_keeps_the_graphs_of_the_models_state_only(monkeypatch):
+    """sampling._replay (with a stand-in for the capture, on the CPU) keeps at most
+    MAX_SAMPLING_GRAPHS graphs, the most recently used, and none of a state the model has left; a
+    graph first captured under inference mode serves a later call outside it."""
+    from fastgen_kernels import sampling
+
+    class Graph:
+        def __init__(self, fn, outputs):
+            self.fn, self.outputs = fn, outputs
+
+        def replay(self):
+            self.outputs[0].copy_(self.fn()[0])
+
+    def capture(fn, generators=(), pool=None):
+        outputs = fn()
+        return Graph(fn, outputs), outputs
+
+    monkeypatch.setattr(sampling, "capture_cuda_graph", capture)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    model = fk.Denoiser(nn.Linear(2, 2), "rf", "flow")
+
+    def call(scale, x=torch.ones(2)):
+        key = (scale, sampling.graph_state(model))
+        return sampling._replay(model, key, lambda z: (z * scale, None), (x,))[0]
+
+    with torch.inference_mode():
+        assert call(2.0).tolist() == [2.0, 2.0]
+    assert call(2.0, torch.full((2,), 3.0)).tolist() == [6.0, 6.0]  # another state: a new graph
+    for scale in range(20):
+        assert call(float(scale)).tolist() == [scale, scale]
+    assert len(model._graphs) == sampling.MAX_SAMPLING_GRAPHS
+    assert [key[0] for key in model._graphs] == [float(s) for s in range(12, 20)]
+    call(12.0)  # a hit moves its graph to the end
+    assert next(iter(model._graphs))[0] == 13.0
+    model.net.weight.data = model.net.weight.data.clone()  # a new tensor: every graph is stale
+    call(1.0)
+    assert [key[0] for key in model._graphs] == [1.0]
+
+
+def test_sampling_inside_a_callers_autocast_reads_the_weights_of_each_call():
+    """sample's autocast keeps no cache: inside a caller's autocast context (whose nesting kept the
+    inner one's cache alive) a weight updated in place between two calls was read as its first
+    bf16 copy, and the second sample equalled the first."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(8, 8)
+
+        def forward(self, x, t, cond=None):
+            return self.lin(x)
+
+    torch.manual_seed(0)
+    model = fk.Denoiser(Net(), "rf", "flow", shape=(8,), distilled=True)
+    kwargs = dict(batch_size=2, seed=0, autocast=torch.bfloat16, cuda_graph=False)
+    for outer in (torch.autocast("cpu", dtype=torch.bfloat16), torch.autocast("cpu", enabled=False)):
+        with outer:
+            first = fk.sample(model, 1, **kwargs)
+            with torch.no_grad():
+                model.net.lin.weight.mul_(2.0)
+            second = fk.sample(model, 1, **kwargs)
+        assert not torch.equal(first, second)
+        assert torch.equal(second, fk.sample(model, 1, **kwargs))
