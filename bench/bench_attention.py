@@ -38,6 +38,9 @@ SDPA_BACKENDS = {"sdpa_flash": SDPBackend.FLASH_ATTENTION,
                  "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION,
                  "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION, "sdpa_math": SDPBackend.MATH}
 FLOPS_PER_PAIR = {"forward": 4, "backward": 10, "jvp": 12}
+# (B, L, H, Dh) tensors a call reads (q, k, v; the backward's O and upstream gradient; the JVP's
+# tangents): the rotation's input sets, for the rows and their peers alike, add up past L2
+READS = {"forward": 3, "backward": 5, "jvp": 6}
 # math attention stores B*H*L^2 scores several times over: skip it where that cannot fit
 MATH_MAX_SCORE_BYTES = 16 * 2**30
 
@@ -147,13 +150,18 @@ def test_attention(benchmark, device, shape_name, dtype, mode, provider):
             o = fn(*tensors)
         return tensors[:3], o, tensors[3]
 
-    itemsize = torch.empty(0, dtype=dtype).element_size()
-    next_inputs = rotating(make_inputs, device, 6 * B * L * H * Dh * itemsize)
-    try:
+    try:  # one call, the backward included, before any input set is made
         with fk.use_backend(backend):
-            fn(*(torch.randn(B, L, H, Dh, device=device, dtype=dtype) for _ in range(6)))
+            probe = make_inputs()
+            if needs_grad:
+                torch.autograd.grad(probe[1], probe[0], probe[2])
+            else:
+                fn(*probe)
+        del probe
     except RuntimeError as error:  # e.g. an SDPA backend without a kernel for this head dim
         pytest.skip(f"{provider}: {str(error).splitlines()[0][:120]}")
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    next_inputs = rotating(make_inputs, device, READS[mode] * B * L * H * Dh * itemsize)
 
     def step():
         with fk.use_backend(backend):
@@ -177,18 +185,31 @@ def test_attention(benchmark, device, shape_name, dtype, mode, provider):
 
 
 def _forward_step(device, B, L, H, Dh, dtype):
-    q, k, v = (torch.randn(B, L, H, Dh, device=device, dtype=dtype) for _ in range(3))
+    """Our forward on input sets rotated as the rows' are."""
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    next_qkv = rotating(lambda: [torch.randn(B, L, H, Dh, device=device, dtype=dtype) for _ in range(3)], device,
+                        READS["forward"] * B * L * H * Dh * itemsize)
     backend = ours_backend(device)
-    return lambda: _forced(backend, fk.attention, q, k, v)
+    return lambda: _forced(backend, fk.attention, *next_qkv())
 
 
 def _sdpa_step(device, B, L, H, Dh, dtype, needs_grad):
-    q, k, v, g = (torch.randn(B, L, H, Dh, device=device, dtype=dtype, requires_grad=needs_grad)
-                  for _ in range(4))
-    if not needs_grad:
-        return lambda: sdpa(q, k, v)
-    o = sdpa(q, k, v)
-    return lambda: torch.autograd.grad(o, (q, k, v), g, retain_graph=True)
+    """SDPA's forward, or its backward (of a kept forward), on input sets rotated as the rows' are."""
+    def make():
+        q, k, v, g = (torch.randn(B, L, H, Dh, device=device, dtype=dtype, requires_grad=needs_grad)
+                      for _ in range(4))
+        return q, k, v, g, sdpa(q, k, v) if needs_grad else None
+
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    next_set = rotating(make, device, READS["backward" if needs_grad else "forward"] * B * L * H * Dh * itemsize)
+
+    def step():
+        q, k, v, g, o = next_set()
+        if not needs_grad:
+            return sdpa(q, k, v)
+        return torch.autograd.grad(o, (q, k, v), g, retain_graph=True)
+
+    return step
 
 
 def _forced(backend, fn, *args):

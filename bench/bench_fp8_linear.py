@@ -71,8 +71,6 @@ def _bf16_layer(x, weight, bias, gate, residual, widening):
     return _epilogue(F.linear(x, weight), bias, gate, residual, widening)
 
 
-# one graph per shape: 10 (tokens, layer) shapes here, beyond Dynamo's default of 8 recompilations
-torch._dynamo.config.recompile_limit = 64
 _compiled_bf16_layer = torch.compile(_bf16_layer, dynamic=False)
 
 

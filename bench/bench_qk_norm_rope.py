@@ -76,7 +76,8 @@ def test_qk_norm_rope(benchmark, device, shape, dtype, mode, provider):
             grads = [torch.randn(B, L, H, Dh, device=device, dtype=dtype) for _ in range(2)]
         return (q, k, *weights, angles.cos(), angles.sin()), grads
 
-    next_inputs = rotating(make_inputs, device, 5 * n * itemsize)
+    # a set's bytes that a call reads: q and k, and their upstream gradients or tangents
+    next_inputs = rotating(make_inputs, device, (2 if mode == "forward" else 4) * n * itemsize)
 
     def step(fn, backend):
         inputs, grads = next_inputs()

@@ -10,7 +10,9 @@ results), and for matrix products and attention its FLOPs. Each of our ops count
 kernel it is on a GPU: a call of an op's dispatcher (fastgen_kernels.backends.OpDispatcher) is one
 op, whatever the CPU runs for it (the attention tangent's CPU code is a blocked composition; on a
 GPU it is one Triton kernel reading and writing the same tensors). Views and allocations move
-nothing and are not counted. The step runs at depth 1 and depth 2; their difference is a block's,
+nothing and are not counted; nor are the ops whose autograd runs in C++ (``fastgen_C``: the sCM
+loss, whose kernels the dispatch mode does not see; a few MB at these sizes), and an in-place
+op counts its arguments only (the (B, D)-sized ``sub_`` and ``fill_`` here). The step runs at depth 1 and depth 2; their difference is a block's,
 and the estimate is depth 1 plus 27 more blocks.
 
 Per op the time is at least max(bytes / copy bandwidth, FLOPs / matmul rate) at the ceilings given
@@ -60,7 +62,8 @@ def tensor_bytes(value) -> int:
 
 def matmul_flops(name: str, args: tuple) -> float:
     """2 M N K of a matrix product; attention's B H Lq Lk Dh times its flops per (query, key) pair
-    and head dim (README: forward 4, backward 10, exact JVP 12); else 0."""
+    and head dim (README: forward 4, backward 10, exact JVP 12, the tangent given O and its
+    log-sum-exp 10); else 0."""
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
     if name in ("mm", "bmm", "addmm", "baddbmm", "linear", "matmul"):
         a, b = tensors[-2:] if name in ("addmm", "baddbmm") else tensors[:2]
@@ -75,8 +78,8 @@ def matmul_flops(name: str, args: tuple) -> float:
             B, Lq, H, Dh = q.shape
             Lk = k.shape[1]
         # flops per (query, key) pair and head dim: QK^T and PV; the backward's five products; the
-        # exact JVP's six
-        per_pair = 12.0 if "tangent" in name or "jvp" in name else 10.0 if "backward" in name else 4.0
+        # exact JVP's six (five for the tangent alone, which accumulates no O)
+        per_pair = 12.0 if "jvp" in name else 10.0 if "tangent" in name or "backward" in name else 4.0
         return per_pair * B * H * Lq * Lk * Dh
     return 0.0
 
