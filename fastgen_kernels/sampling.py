@@ -24,6 +24,7 @@ import contextlib
 import itertools
 import math
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -369,10 +370,12 @@ def graph_state(model: nn.Module) -> tuple:
     (their types and train/eval modes), the tensors (addresses and dtypes) of their parameters and
     buffers, the switches of the fused networks (DiT's ``fused`` and ``fused_epilogues``, an FP8
     layer's ``activation``) and the types of diffusers' attention processors, the Denoiser's
-    parameterization and time scaling, the forced backend and inference mode. A graph captured
-    before model.to(...), quantize_fp8, fuse_epilogues, accelerate, set_fused, train() or eval(),
-    use_backend or a new time_scale is not replayed after them; other changes of behaviour (a
-    network's own Python flags, say) need cuda_graph=False or a new Denoiser."""
+    parameterization and time scaling, the forced backend, inference mode and the global switches
+    that pick kernels (TF32 and reduced-precision matmuls, deterministic algorithms, the SDPA
+    backends an ``sdpa_kernel`` context allows). A graph captured before model.to(...),
+    quantize_fp8, fuse_epilogues, accelerate, set_fused, train() or eval(), use_backend or a new
+    time_scale is not replayed after them; other changes of behaviour (a network's own Python
+    flags, say) need cuda_graph=False or a new Denoiser."""
     # computed on every call: a plain recursion over the module tree (Module.modules() builds
     # names and a visited set: 0.85 ms for DiT-XL's 323 modules on the CPU, this 0.25 ms)
     modules, tensors = [], []
@@ -391,8 +394,13 @@ def graph_state(model: nn.Module) -> tuple:
     own = model.__dict__
     denoiser = tuple(own.get(name) for name in ("schedule", "prediction", "preconditioning", "time_scale",
                                                 "time_shift"))
+    matmul, cuda = torch.backends.cuda.matmul, torch.backends.cuda
+    switches = (torch.get_float32_matmul_precision(), matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+                matmul.allow_bf16_reduced_precision_reduction, matmul.allow_fp16_reduced_precision_reduction,
+                torch.are_deterministic_algorithms_enabled(), cuda.flash_sdp_enabled(),
+                cuda.mem_efficient_sdp_enabled(), cuda.math_sdp_enabled(), cuda.cudnn_sdp_enabled())
     return (tuple(modules), tuple([(t.data_ptr(), t.dtype) for t in tensors if t is not None]), denoiser,
-            backends.forced_backend()[0], torch.is_inference_mode_enabled())
+            backends.forced_backend()[0], torch.is_inference_mode_enabled(), switches)
 
 
 def capture_cuda_graph(fn: Callable[[], Any], generators: Sequence[torch.Generator] = (), pool=None
@@ -418,6 +426,10 @@ def capture_cuda_graph(fn: Callable[[], Any], generators: Sequence[torch.Generat
 
 
 MAX_SAMPLING_GRAPHS = 8  # per Denoiser: each holds a memory pool of its own
+# one replay at a time: a graph's static inputs and outputs are shared by every caller (threads of
+# a server sampling from one model would hand each other their noise and results); threads that
+# sample on CUDA streams of their own must still order their streams themselves
+_REPLAY_LOCK = threading.Lock()
 
 
 def _replay(model: Denoiser, key: tuple, run: Callable, inputs: tuple):
@@ -425,10 +437,10 @@ def _replay(model: Denoiser, key: tuple, run: Callable, inputs: tuple):
     last item is :func:`graph_state`), on the inputs' device. The Denoiser keeps the graphs of its
     current state only, and of those the MAX_SAMPLING_GRAPHS last used (a sweep over guidance
     scales or step counts would otherwise keep a graph and its memory pool per value)."""
-    graphs = model._graphs
-    for stale in [k for k in graphs if k[-1] != key[-1]]:  # captured before the model changed
-        del graphs[stale]
-    with torch.cuda.device(inputs[0].device):
+    with _REPLAY_LOCK, torch.cuda.device(inputs[0].device):
+        graphs = model._graphs
+        for stale in [k for k in graphs if k[-1] != key[-1]]:  # captured before the model changed
+            del graphs[stale]
         entry = graphs.pop(key, None)  # back in last, as the most recently used
         if entry is None:
             while len(graphs) >= MAX_SAMPLING_GRAPHS:

@@ -489,8 +489,9 @@ def test_the_cuda_graph_key_follows_what_the_graph_holds():
 def test_the_cuda_graph_key_follows_the_networks_switches_and_modes():
     """Changes that keep every tensor but change what the network computes give another key:
     train() (dropout, diffusers' label dropout) and eval(), set_fused, fuse_epilogues, the
-    Denoiser's time scaling, inference mode (its static inputs would be inference tensors);
-    before, graph_state was equal across them and a graph replayed the old computation."""
+    Denoiser's time scaling, inference mode (its static inputs would be inference tensors), the
+    global switches that pick kernels (an SDPA backend choice, TF32); before, graph_state was
+    equal across them and a graph replayed the old computation."""
     from fastgen_kernels.models import DiT, DiTConfig
     from fastgen_kernels.sampling import graph_state
 
@@ -515,6 +516,14 @@ def test_the_cuda_graph_key_follows_the_networks_switches_and_modes():
     changed()
     with torch.inference_mode():
         changed()
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):  # kernels of another choice
+        changed()
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = not tf32
+        changed()
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
     fk.quantize_fp8(net)
     changed()
     fk.fuse_epilogues(net)
