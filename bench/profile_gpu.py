@@ -140,7 +140,9 @@ def by_source(prof, device: str, rows: int = 30) -> None:
         spent = event.self_device_time_total if device == "cuda" else event.self_cpu_time_total
         if spent <= 0:
             continue
-        ours = [frame for frame in event.stack if "fastgen_kernels/" in frame or "/bench/" in frame]
+        # (a dispatcher's range, fastgen.<op>, is issued from backends.py: the line that called it)
+        ours = [frame for frame in event.stack if ("fastgen_kernels/" in frame or "/bench/" in frame)
+                and "fastgen_kernels/backends.py" not in frame]
         source = ours[0].split("fastgen_kernels/")[-1] if ours else "(no Python frame: autograd's backward)"
         entry = totals.setdefault((event.name, source), [0.0, 0])
         entry[0] += spent

@@ -89,6 +89,18 @@ def test_fallback_is_logged_once(caplog):
     assert "using the reference backend" in records[0].message and "odd reason" in records[0].message
 
 
+def test_a_dispatcher_call_is_a_profiler_range_named_after_its_op():
+    """Under the profiler a dispatcher's call is a range named after the op (where a GPU profile
+    attributes the op's Triton kernels, which are no op of their own)."""
+    x = torch.randn(2, 3, 8)
+    shift, scale = torch.randn(2, 8), torch.randn(2, 8)
+    for backend in ("reference", *(("cpu",) if _extension.cpu_built() else ())):
+        with torch.profiler.profile() as prof, fk.use_backend(backend):
+            fk.modulated_layer_norm(x, shift, scale)
+        names = [event.name for event in prof.events()]
+        assert names.count(mn.forward_dispatcher.name) == 1, names
+
+
 def test_dispatcher_requires_a_reference():
     with pytest.raises(ValueError, match="must include 'reference'"):
         backends.OpDispatcher("fastgen.bad", {"cpu": lambda x: x})
