@@ -136,6 +136,31 @@ def test_presets():
         DiTConfig.preset("XXL/2")
 
 
+def test_fused_blocks_cast_the_modulation_once():
+    """Under bf16 autocast on the fp32 residual stream the fused network casts each block's
+    (B, 6D) modulation to fp32 as one tensor: no (B, D) part of it is widened in the forward, nor
+    its gradient narrowed in the backward (each was a kernel launch of its own: 4 a block each
+    way). Unconditional, so that the only other (B, D) casts are the conditioning's: the time
+    embedding's bf16 output widened once to the stream's dtype (and its gradient narrowed back),
+    then narrowed for each block's adaLN layer (and its gradient widened)."""
+    model = random_dit(dtype=torch.float32, num_classes=0)
+    x, t, _ = inputs(model, dtype=torch.float32)
+    B, D = x.shape[0], model.config.hidden_size
+
+    def widened_and_narrowed(prof):
+        dtypes = [e.input_dtypes[0] for e in prof.events() if e.name == "aten::_to_copy" and e.input_shapes
+                  and tuple(e.input_shapes[0]) == (B, D)]
+        return dtypes.count("c10::BFloat16"), dtypes.count("float")
+
+    with torch.profiler.profile(record_shapes=True) as forward, torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x, t)
+    with torch.profiler.profile(record_shapes=True) as backward:
+        out.float().square().sum().backward()
+    layers = model.config.depth + 1  # the blocks' adaLN layers and the final layer's
+    assert widened_and_narrowed(forward) == (1, layers)
+    assert widened_and_narrowed(backward) == (layers, 1)
+
+
 def test_shapes_propagate_on_the_meta_device():
     """A DiT built under torch.device("meta") (shapes without memory, as before FSDP's to_empty)
     runs forward and backward there: the fused layers asked autocast about the meta device, which

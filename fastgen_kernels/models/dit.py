@@ -182,6 +182,14 @@ def _modulation(modulation: nn.Module, c: Tensor, fused: bool) -> Tensor:
     return modulation(c)
 
 
+def _in_stream_dtype(modulation: Tensor, x: Tensor) -> Tensor:
+    """The (B, k D) modulation in the residual stream's dtype, which the fused norms take their
+    shift and scale in: one cast of the whole (the gates' values are the same either way), where
+    a cast per part was four small kernels a block each way and again for the tangents (in
+    bench/step_traffic.py's sCM step 3736 ops, each a GPU kernel launch, 3396 with one cast)."""
+    return modulation.to(x.dtype)
+
+
 def _gelu_linear(h: Tensor, mlp: Mlp, fused: bool) -> Tensor:
     """fc2(GELU(h)). Fused with a plain nn.Linear fc2, the GELU's output is recomputed in the
     backward rather than kept next to h."""
@@ -219,6 +227,8 @@ class DiTBlock(nn.Module):
 
     def forward(self, x: Tensor, c: Tensor) -> Tensor:
         modulation = _modulation(self.adaLN_modulation, c, self.fused)
+        if self.fused and not self.fused_epilogues:
+            modulation = _in_stream_dtype(modulation, x)
         shift1, scale1, gate1, shift2, scale2, gate2 = modulation.chunk(6, dim=-1)
         a = self.attn.heads(_norm_linear(x, shift1, scale1, self.attn.qkv, self.fused), self.fused)
         if self.fused_epilogues:
@@ -238,7 +248,8 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(D, p * p * config.in_channels)
 
     def forward(self, x: Tensor, c: Tensor, fused: bool) -> Tensor:
-        shift, scale = _modulation(self.adaLN_modulation, c, fused).chunk(2, dim=-1)
+        modulation = _modulation(self.adaLN_modulation, c, fused)
+        shift, scale = (_in_stream_dtype(modulation, x) if fused else modulation).chunk(2, dim=-1)
         return _norm_linear(x, shift, scale, self.linear, fused)
 
 
