@@ -161,6 +161,28 @@ def test_fused_blocks_cast_the_modulation_once():
     assert widened_and_narrowed(backward) == (layers, 1)
 
 
+def test_fused_network_activates_the_conditioning_once():
+    """SiLU(c), every adaLN layer's input, is computed once in the fused network (it was a SiLU a
+    block, and a SiLU backward, and under forward-mode AD its tangent's ops), with the values and
+    gradients of the unfused network's one a block."""
+    model = random_dit(dtype=torch.float64)
+    x, t, y = inputs(model)
+    results = []
+    for fused in (True, False):
+        model.set_fused(fused)
+        with torch.profiler.profile() as prof:
+            out = model(x, t, y)
+            grads = torch.autograd.grad(out.square().sum(), list(model.parameters()))
+        names = [e.name for e in prof.events()]
+        results.append((out, grads, names.count("aten::silu"), names.count("aten::silu_backward")))
+    (out, grads, silu, silu_backward), (ref, ref_grads, *ref_counts) = results
+    # and one in the time embedding's MLP
+    assert (silu, silu_backward) == (2, 2) and ref_counts == [model.config.depth + 2] * 2
+    torch.testing.assert_close(out, ref)
+    for got, expected in zip(grads, ref_grads):
+        torch.testing.assert_close(got, expected)
+
+
 def test_shapes_propagate_on_the_meta_device():
     """A DiT built under torch.device("meta") (shapes without memory, as before FSDP's to_empty)
     runs forward and backward there: the fused layers asked autocast about the meta device, which
