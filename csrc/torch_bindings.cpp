@@ -406,8 +406,7 @@ Tensor gated_residual(const Tensor& x, const Tensor& y, const Tensor& gate) {
 // statistics, not the norm's output: the weight gradient recomputes it. The norm writes its output
 // in norm_out_dtype (x's by default; the Python caller passes the layer's autocast dtype where the
 // kernels can write it, so no cast follows), the linear layer runs in the dtype autocast gives it
-// (the upstream gradient's in the backward); the caller passes the weight cast to it
-// (ops.linear.layer_weight), so the backward does not cast it again.
+// (the upstream gradient's in the backward).
 class ModulatedNormLinear : public torch::autograd::Function<ModulatedNormLinear> {
  public:
   static Tensor forward(torch::autograd::AutogradContext* ctx, const Tensor& x, const Tensor& shift,

@@ -395,12 +395,14 @@ def graph_state(model: nn.Module) -> tuple:
     denoiser = tuple(own.get(name) for name in ("schedule", "prediction", "preconditioning", "time_scale",
                                                 "time_shift"))
     matmul, cuda = torch.backends.cuda.matmul, torch.backends.cuda
-    switches = (torch.get_float32_matmul_precision(), matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
-                matmul.allow_bf16_reduced_precision_reduction, matmul.allow_fp16_reduced_precision_reduction,
-                torch.are_deterministic_algorithms_enabled(), cuda.flash_sdp_enabled(),
-                cuda.mem_efficient_sdp_enabled(), cuda.math_sdp_enabled(), cuda.cudnn_sdp_enabled())
-    return (tuple(modules), tuple([(t.data_ptr(), t.dtype) for t in tensors if t is not None]), denoiser,
-            backends.forced_backend()[0], torch.is_inference_mode_enabled(), switches)
+    context = (backends.forced_backend()[0], torch.is_inference_mode_enabled(), torch.get_float32_matmul_precision(),
+               matmul.allow_tf32, torch.backends.cudnn.allow_tf32, matmul.allow_bf16_reduced_precision_reduction,
+               matmul.allow_fp16_reduced_precision_reduction, torch.are_deterministic_algorithms_enabled(),
+               cuda.flash_sdp_enabled(), cuda.mem_efficient_sdp_enabled(), cuda.math_sdp_enabled(),
+               cuda.cudnn_sdp_enabled())
+    # (the model's state, the call's context): graphs of a state the model has left are dropped,
+    # those of another context are kept (a caller may alternate contexts)
+    return (tuple(modules), tuple([(t.data_ptr(), t.dtype) for t in tensors if t is not None]), denoiser), context
 
 
 def capture_cuda_graph(fn: Callable[[], Any], generators: Sequence[torch.Generator] = (), pool=None
@@ -426,20 +428,20 @@ def capture_cuda_graph(fn: Callable[[], Any], generators: Sequence[torch.Generat
 
 
 MAX_SAMPLING_GRAPHS = 8  # per Denoiser: each holds a memory pool of its own
-# one replay at a time: a graph's static inputs and outputs are shared by every caller (threads of
-# a server sampling from one model would hand each other their noise and results); threads that
-# sample on CUDA streams of their own must still order their streams themselves
-_REPLAY_LOCK = threading.Lock()
 
 
 def _replay(model: Denoiser, key: tuple, run: Callable, inputs: tuple):
     """Runs ``run(*inputs)`` through a CUDA graph captured on first use for this ``key`` (whose
     last item is :func:`graph_state`), on the inputs' device. The Denoiser keeps the graphs of its
     current state only, and of those the MAX_SAMPLING_GRAPHS last used (a sweep over guidance
-    scales or step counts would otherwise keep a graph and its memory pool per value)."""
-    with _REPLAY_LOCK, torch.cuda.device(inputs[0].device):
+    scales or step counts would otherwise keep a graph and its memory pool per value). One replay
+    of a model's graphs at a time: their static inputs and outputs are shared by every caller
+    (threads of a server sampling from one model handed each other their noise and results);
+    threads that sample on CUDA streams of their own must still order those streams."""
+    lock = model.__dict__.setdefault("_graph_lock", threading.Lock())
+    with lock, torch.cuda.device(inputs[0].device):
         graphs = model._graphs
-        for stale in [k for k in graphs if k[-1] != key[-1]]:  # captured before the model changed
+        for stale in [k for k in graphs if k[-1][0] != key[-1][0]]:  # captured before the model changed
             del graphs[stale]
         entry = graphs.pop(key, None)  # back in last, as the most recently used
         if entry is None:

@@ -140,9 +140,11 @@ def test_fused_blocks_cast_the_modulation_once():
     """Under bf16 autocast on the fp32 residual stream the fused network casts each block's
     (B, 6D) modulation to fp32 as one tensor: no (B, D) part of it is widened in the forward, nor
     its gradient narrowed in the backward (each was a kernel launch of its own: 4 a block each
-    way). Unconditional, so that the only other (B, D) casts are the conditioning's: the time
-    embedding's bf16 output widened once to the stream's dtype (and its gradient narrowed back),
-    then narrowed for each block's adaLN layer (and its gradient widened)."""
+    way), and the gates stay as they are. Unconditional, so that the only other (B, D) casts are
+    the conditioning's: the time embedding's bf16 output widened once to the stream's dtype (and
+    its gradient narrowed back), then narrowed for each block's adaLN layer (and its gradient
+    widened); and the gated residuals' gate gradients, summed in fp32 and narrowed to the gates'
+    bf16 (two a block)."""
     model = random_dit(dtype=torch.float32, num_classes=0)
     x, t, _ = inputs(model, dtype=torch.float32)
     B, D = x.shape[0], model.config.hidden_size
@@ -158,7 +160,28 @@ def test_fused_blocks_cast_the_modulation_once():
         out.float().square().sum().backward()
     layers = model.config.depth + 1  # the blocks' adaLN layers and the final layer's
     assert widened_and_narrowed(forward) == (1, layers)
-    assert widened_and_narrowed(backward) == (layers, 1)
+    assert widened_and_narrowed(backward) == (layers, 1 + 2 * model.config.depth)
+
+
+def test_fused_blocks_gate_in_the_residuals_operand_dtype(monkeypatch):
+    """Under bf16 autocast on an fp32 residual stream each gated residual gets its gate in its
+    branch's dtype (bf16 beside bf16 y: a pair the kernels read as they are); an fp32 gate beside
+    bf16 y made the extension widen y to fp32 first, a copy of the block's activations a call."""
+    import fastgen_kernels as fk
+
+    seen = []
+    gated_residual = fk.gated_residual
+
+    def recording(x, y, gate):
+        seen.append((x.dtype, y.dtype, gate.dtype))
+        return gated_residual(x, y, gate)
+
+    monkeypatch.setattr(fk, "gated_residual", recording)
+    model = random_dit(dtype=torch.float32)
+    x, t, y = inputs(model, dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(x, t, y).float().sum().backward()
+    assert seen == [(torch.float32, torch.bfloat16, torch.bfloat16)] * 2 * model.config.depth
 
 
 def test_fused_network_activates_the_conditioning_once():

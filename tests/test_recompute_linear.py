@@ -166,15 +166,14 @@ def _linear_case(generator, dtype, B=2, L=7, K=40, N=24):
     return (x, weight, bias), linear, F.linear
 
 
-@pytest.mark.parametrize("path", ["backward", "one_pass"])
 @pytest.mark.parametrize("case", [*CASES, "linear"])
 # (not Triton's interpreter: it truncates the norm's output to bf16 where the composition rounds)
 @pytest.mark.parametrize("backend", [b for b in cpu_backends() if b.values[0] != "triton"])
-def test_autocast_casts_each_weight_once(case, path, backend, generator):
-    """Under bf16 autocast a layer's fp32 weight is cast to bf16 once for the forward, the
-    one-pass step's tangent and the backward together, as eager autocast's F.linear does (the
-    backward used to cast it again: autocast's cache is gone by then), and the gradients are the
-    composition's bit for bit."""
+def test_the_one_pass_casts_each_weight_once(case, backend, generator):
+    """Under bf16 autocast the one pass (forward-mode AD, then the backward) casts a layer's fp32
+    weight to bf16 once for the forward, the tangent and the backward together, as eager
+    autocast's F.linear does (the backward used to cast it again: autocast's cache is gone by
+    then), and the gradients are the composition's bit for bit."""
     args, fused, composition = {**CASES, "linear": _linear_case}[case](generator, torch.float32)
     weight_index = 1 if case != "modulated_layer_norm_linear" else 3
     tangents = [torch.randn(a.shape, generator=generator) if i != weight_index and i < 3 else None
@@ -183,13 +182,9 @@ def test_autocast_casts_each_weight_once(case, path, backend, generator):
     for fn in (fused, composition):
         leaves = _leaves(args)
         with torch.profiler.profile(record_shapes=True) as prof, fk.use_backend(backend):
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                if path == "one_pass":
-                    with parameters_without_tangents(), fwAD.dual_level():
-                        out = fn(*(a if t is None else fwAD.make_dual(a, t) for a, t in zip(leaves, tangents)))
-                        out = fwAD.unpack_dual(out).primal
-                else:
-                    out = fn(*leaves)
+            with torch.autocast("cpu", dtype=torch.bfloat16), parameters_without_tangents(), fwAD.dual_level():
+                out = fn(*(a if t is None else fwAD.make_dual(a, t) for a, t in zip(leaves, tangents)))
+                out = fwAD.unpack_dual(out).primal
             grads = torch.autograd.grad(out.float().square().sum(), leaves)
         casts = [e.input_dtypes[0] for e in prof.events() if e.name == "aten::_to_copy" and e.input_shapes
                  and tuple(e.input_shapes[0]) == tuple(args[weight_index].shape)]
@@ -198,6 +193,39 @@ def test_autocast_casts_each_weight_once(case, path, backend, generator):
             assert casts.count("float") == 1, casts
     for got, expected in zip(*results):
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("backend", [b for b in cpu_backends() if b.values[0] != "triton"])
+def test_a_weight_is_kept_cast_only_where_autocast_would_cache_it(case, backend, generator):
+    """The layer keeps its weight's bf16 cast for the backward only in the one pass, and only
+    where autocast's cache would hold that copy through the forward anyway (a trainable weight,
+    the cache on): for a frozen weight (a teacher differentiated along its input), with the cache
+    off (CUDA-graphed steps) or in a plain forward + backward (whose peak is in the backward) the
+    copy would be memory held until the backward, which casts again instead."""
+    from fastgen_kernels.ops.linear import parameters_without_tangents
+
+    args, fused, _ = CASES[case](generator, torch.float32)
+    weight_index = 1 if case == "gelu_tanh_linear" else 3
+    for one_pass, trainable, cache, kept_cast in ((True, True, True, True), (True, False, True, False),
+                                                  (True, True, False, False), (False, True, True, False)):
+        leaves = [a.detach().clone().requires_grad_(i != weight_index or trainable) for i, a in enumerate(args)]
+        saved = []
+
+        def pack(t):
+            saved.append((tuple(t.shape), t.dtype))
+            return t
+
+        with (fk.use_backend(backend), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+              torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=cache)):
+            if one_pass:
+                with parameters_without_tangents(), fwAD.dual_level():
+                    out = fwAD.unpack_dual(fused(fwAD.make_dual(leaves[0], torch.ones_like(leaves[0])),
+                                                 *leaves[1:])).primal
+            else:
+                out = fused(*leaves)
+        assert ((tuple(args[weight_index].shape), torch.bfloat16) in saved) == kept_cast, (one_pass, trainable, cache)
+        torch.autograd.grad(out.float().sum(), [a for a in leaves if a.requires_grad])
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -532,8 +532,10 @@ def test_the_cuda_graph_key_follows_the_networks_switches_and_modes():
 
 def test_sampling_keeps_the_graphs_of_the_models_state_only(monkeypatch):
     """sampling._replay (with a stand-in for the capture, on the CPU) keeps at most
-    MAX_SAMPLING_GRAPHS graphs, the most recently used, and none of a state the model has left; a
-    graph first captured under inference mode serves a later call outside it."""
+    MAX_SAMPLING_GRAPHS graphs, the most recently used, and none of a state the model has left;
+    calls that alternate contexts (inference mode on and off) each keep their graph, and one
+    captured under inference mode does not serve a call outside it (its static inputs would be
+    inference tensors)."""
     from fastgen_kernels import sampling
 
     class Graph:
@@ -555,9 +557,13 @@ def test_sampling_keeps_the_graphs_of_the_models_state_only(monkeypatch):
         key = (scale, sampling.graph_state(model))
         return sampling._replay(model, key, lambda z: (z * scale, None), (x,))[0]
 
-    with torch.inference_mode():
-        assert call(2.0).tolist() == [2.0, 2.0]
-    assert call(2.0, torch.full((2,), 3.0)).tolist() == [6.0, 6.0]  # another state: a new graph
+    captures = []
+    monkeypatch.setattr(sampling, "capture_cuda_graph", lambda fn, *a, **k: captures.append(fn) or capture(fn))
+    for _ in range(3):
+        with torch.inference_mode():
+            assert call(2.0).tolist() == [2.0, 2.0]
+        assert call(2.0, torch.full((2,), 3.0)).tolist() == [6.0, 6.0]  # another context: a graph of its own
+    assert len(captures) == 2
     for scale in range(20):
         assert call(float(scale)).tolist() == [scale, scale]
     assert len(model._graphs) == sampling.MAX_SAMPLING_GRAPHS

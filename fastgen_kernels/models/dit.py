@@ -184,12 +184,18 @@ def _modulation(modulation: nn.Module, c: Tensor, fused: bool, c_silu: Tensor | 
     return modulation(c)
 
 
-def _in_stream_dtype(modulation: Tensor, x: Tensor) -> Tensor:
-    """The (B, k D) modulation in the residual stream's dtype, which the fused norms take their
-    shift and scale in: one cast of the whole (the gates' values are the same either way), where
-    a cast per part was four small kernels a block each way and again for the tangents (in
-    bench/step_traffic.py's sCM step 3736 ops, each a GPU kernel launch, 3396 with one cast)."""
-    return modulation.to(x.dtype)
+def _norm_modulation(modulation: Tensor, x: Tensor, norms: int) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
+    """((shift, scale) of each of ``norms`` norms, (gate) of each but a final layer's) from the
+    (B, k D) adaLN modulation, laid out (shift, scale[, gate]) per norm: the shifts and scales in
+    the residual stream's dtype (the fused norms take theirs in x's), contiguous, by one cast;
+    the gates as they are (the gated residual reads a bf16 gate beside bf16 y; an fp32 one made
+    it widen y). One cast where a cast per part was four small kernels a block each way, and
+    again for the tangents."""
+    B, D = modulation.shape[0], x.shape[-1]
+    parts = modulation.view(B, norms, -1, D)
+    shifts_scales = parts[:, :, :2].movedim(0, 2).to(x.dtype, copy=True, memory_format=torch.contiguous_format)
+    gates = tuple(parts[:, :, 2].unbind(1)) if parts.shape[2] == 3 else ()
+    return tuple(shifts_scales.view(2 * norms, B, D).unbind(0)), gates
 
 
 def _gelu_linear(h: Tensor, mlp: Mlp, fused: bool) -> Tensor:
@@ -232,8 +238,9 @@ class DiTBlock(nn.Module):
         once for several blocks (used by the fused path)."""
         modulation = _modulation(self.adaLN_modulation, c, self.fused, c_silu)
         if self.fused and not self.fused_epilogues:
-            modulation = _in_stream_dtype(modulation, x)
-        shift1, scale1, gate1, shift2, scale2, gate2 = modulation.chunk(6, dim=-1)
+            (shift1, scale1, shift2, scale2), (gate1, gate2) = _norm_modulation(modulation, x, 2)
+        else:
+            shift1, scale1, gate1, shift2, scale2, gate2 = modulation.chunk(6, dim=-1)
         a = self.attn.heads(_norm_linear(x, shift1, scale1, self.attn.qkv, self.fused), self.fused)
         if self.fused_epilogues:
             x = self.attn.proj(a, gate=gate1, residual=x)
@@ -253,7 +260,7 @@ class FinalLayer(nn.Module):
 
     def forward(self, x: Tensor, c: Tensor, fused: bool, c_silu: Tensor | None = None) -> Tensor:
         modulation = _modulation(self.adaLN_modulation, c, fused, c_silu)
-        shift, scale = (_in_stream_dtype(modulation, x) if fused else modulation).chunk(2, dim=-1)
+        shift, scale = _norm_modulation(modulation, x, 1)[0] if fused else modulation.chunk(2, dim=-1)
         return _norm_linear(x, shift, scale, self.linear, fused)
 
 

@@ -160,8 +160,9 @@ def gelu_tanh(x: Tensor) -> Tensor:
 
 class _GeluTanhLinearFunction(torch.autograd.Function):
     """F.linear(gelu_tanh(x), weight, bias), saving x and weight. The linear layer runs in the
-    dtype autocast gives it (grad_out's dtype in the backward), as F.linear alone would; the
-    caller passes the weight cast to it (``ops.linear.layer_weight``), for the backward too. Its
+    dtype autocast gives it (grad_out's dtype in the backward), as F.linear alone would; in the one
+    pass the caller passes the weight cast to it (``ops.linear.layer_weight``), for the backward
+    too. Its
     forward-mode rule is along x alone (see fastgen_kernels.ops.linear): F.linear(tx *
     gelu_tanh'(x), weight), one GEMM; one Function for both, as the GELU's Function followed by
     ops.linear's kept every layer's activations alive through a torch.func.jvp pass (twice the
@@ -210,8 +211,10 @@ def gelu_tanh_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> T
     """
     x = _checks.tensor("gelu_tanh_linear", "x", x)
     _checks.linear_layer("gelu_tanh_linear", ("weight", "bias"), weight, bias, x)
-    if input_tangents_only_outside_transforms() or _eager_op.backward_will_follow((x, weight, bias)):
+    if input_tangents_only_outside_transforms():  # the one pass: the weight cast once for all three GEMMs
         return _GeluTanhLinearFunction.apply(x, layer_weight(weight), bias)
+    if _eager_op.backward_will_follow((x, weight, bias)):
+        return _GeluTanhLinearFunction.apply(x, weight, bias)
     return linear(gelu_tanh(x), weight, bias)
 
 

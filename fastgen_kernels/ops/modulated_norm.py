@@ -377,8 +377,9 @@ def norm_output_dtype(x: Tensor) -> torch.dtype:
 class _ModulatedNormLinearFunction(torch.autograd.Function):
     """F.linear(modulated_norm(x, ...), weight, bias), saving x, the modulation, the statistics and
     the weight. The norm writes its output, and its tangent, in the dtype the linear layer runs in
-    (autocast's: :func:`norm_output_dtype`; grad_out's in the backward); the caller passes the
-    layer's weight cast to it (``ops.linear.layer_weight``), for the backward too. Its forward-mode rule,
+    (autocast's: :func:`norm_output_dtype`; grad_out's in the backward); in the one pass the caller
+    passes the layer's weight cast to it (``ops.linear.layer_weight``), for the backward too. Its
+    forward-mode rule,
     where the parameters carry no tangents (fastgen_kernels.ops.linear): F.linear(the norm's
     tangent, weight), one GEMM."""
 
@@ -455,7 +456,7 @@ def modulated_layer_norm_linear(
         return _ModulatedNormLinearFunction.apply(*norm_args, layer_weight(linear_weight), linear_bias)
     tensors = (x, shift, scale, weight, bias, linear_weight, linear_bias)
     if _eager_op.backward_will_follow(tensors):
-        layer = (layer_weight(linear_weight), linear_bias)
+        layer = (linear_weight, linear_bias)
         if _native_norm_linear is not None and forward_dispatcher.select(*norm_args) in ("cpu", "cuda"):
             return _native_norm_linear(*norm_args, *layer, norm_output_dtype(x))  # the same kernels, autograd in C++
         return _ModulatedNormLinearFunction.apply(*norm_args, *layer)
