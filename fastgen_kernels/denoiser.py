@@ -104,7 +104,6 @@ class Denoiser(nn.Module):
         graphs behind: they cannot be copied, and they hold the original's tensors."""
         state = self.__dict__.copy()
         state["_graphs"] = {}
-        state.pop("_graph_lock", None)  # (sampling._replay's; a copy makes its own)
         return state
 
     @property

@@ -428,18 +428,20 @@ def capture_cuda_graph(fn: Callable[[], Any], generators: Sequence[torch.Generat
 
 
 MAX_SAMPLING_GRAPHS = 8  # per Denoiser: each holds a memory pool of its own
+# one capture or replay at a time in the process: a graph's static inputs and outputs are shared by
+# every caller (threads of a server sampling from one model handed each other their noise and
+# results), and no other CUDA work may run while a graph is captured (a lock per model let one
+# model's capture overlap another's replay); held only while the work is launched
+_GRAPH_LOCK = threading.Lock()
 
 
 def _replay(model: Denoiser, key: tuple, run: Callable, inputs: tuple):
     """Runs ``run(*inputs)`` through a CUDA graph captured on first use for this ``key`` (whose
     last item is :func:`graph_state`), on the inputs' device. The Denoiser keeps the graphs of its
     current state only, and of those the MAX_SAMPLING_GRAPHS last used (a sweep over guidance
-    scales or step counts would otherwise keep a graph and its memory pool per value). One replay
-    of a model's graphs at a time: their static inputs and outputs are shared by every caller
-    (threads of a server sampling from one model handed each other their noise and results);
-    threads that sample on CUDA streams of their own must still order those streams."""
-    lock = model.__dict__.setdefault("_graph_lock", threading.Lock())
-    with lock, torch.cuda.device(inputs[0].device):
+    scales or step counts would otherwise keep a graph and its memory pool per value). Threads that
+    sample on CUDA streams of their own must still order those streams (see _GRAPH_LOCK)."""
+    with _GRAPH_LOCK, torch.cuda.device(inputs[0].device):
         graphs = model._graphs
         for stale in [k for k in graphs if k[-1][0] != key[-1][0]]:  # captured before the model changed
             del graphs[stale]

@@ -206,6 +206,17 @@ def test_fused_network_activates_the_conditioning_once():
         torch.testing.assert_close(got, expected)
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_an_empty_batch_runs_forward_and_backward(fused):
+    """B = 0 through the whole network (the fused blocks' modulation split inferred a size from 0
+    elements and raised)."""
+    model = random_dit(dtype=torch.float32).set_fused(fused)
+    x, t, y = inputs(model, dtype=torch.float32)
+    out = model(x[:0], t[:0], y[:0])
+    out.sum().backward()
+    assert out.shape == (0, *x.shape[1:])
+
+
 def test_shapes_propagate_on_the_meta_device():
     """A DiT built under torch.device("meta") (shapes without memory, as before FSDP's to_empty)
     runs forward and backward there: the fused layers asked autocast about the meta device, which

@@ -192,9 +192,10 @@ def _norm_modulation(modulation: Tensor, x: Tensor, norms: int) -> tuple[tuple[T
     it widen y). One cast where a cast per part was four small kernels a block each way, and
     again for the tangents."""
     B, D = modulation.shape[0], x.shape[-1]
-    parts = modulation.view(B, norms, -1, D)
-    shifts_scales = parts[:, :, :2].movedim(0, 2).to(x.dtype, copy=True, memory_format=torch.contiguous_format)
-    gates = tuple(parts[:, :, 2].unbind(1)) if parts.shape[2] == 3 else ()
+    per_norm = modulation.shape[-1] // (norms * D)  # 3: shift, scale, gate; 2: no gate
+    shifts_scales, gates = modulation.view(B, norms, per_norm, D).split([2, per_norm - 2], dim=2)
+    shifts_scales = shifts_scales.movedim(0, 2).to(x.dtype, copy=True, memory_format=torch.contiguous_format)
+    gates = tuple(gates.squeeze(2).unbind(1)) if per_norm == 3 else ()
     return tuple(shifts_scales.view(2 * norms, B, D).unbind(0)), gates
 
 
