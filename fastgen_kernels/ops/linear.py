@@ -96,7 +96,7 @@ def layer_weight(weight: Tensor) -> Tensor:
     given the cast, by a differentiable cast before them, the weight's gradient goes back
     through it as eager autocast's does. Kept cast, a weight is held in bf16 from the forward to
     its backward, where autocast's cache held that copy through the forward anyway: the one pass's
-    peak is within 0.5% (measured: XL widths, depth 4, batch 2 and 8), and its backward casts no
+    peak is within 1% (measured: XL widths, depth 4, batch 2 and 8), and its backward casts no
     weight again (a weight's bytes read twice more and written once; 4 GB in a DiT-XL/2 sCM step
     at batch 32). Without the cache (CUDA-graphed steps) or for frozen weights, which autocast
     does not cache, the copy would be memory held until the backward (1.35 GB for DiT-XL/2); and
