@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import datetime
 import inspect
 import os
 from collections.abc import Iterator, Sequence
@@ -55,6 +56,14 @@ def init(device: str | torch.device | None = None) -> tuple[int, int, torch.devi
 
 def _destroy_process_group() -> None:
     if dist.is_initialized():
+        if dist.get_backend() == "gloo":
+            # every rank at its exit before any tears its group down: one tearing down while its
+            # peer still ran aborted the peer now and then (gloo's threads, SIGABRT: about one
+            # 2-process test run in five). Bounded: a peer that died does not hold the exit long.
+            try:
+                dist.monitored_barrier(timeout=datetime.timedelta(seconds=60))
+            except RuntimeError:
+                pass
         dist.destroy_process_group()
 
 
