@@ -117,8 +117,8 @@ def test_fp8_linear(benchmark, device, tokens, layer, provider):
         def call():
             s = next_inputs()
             return triton_fp8_linear.linear(
-                s.codes, s.x_scale.view(-1), s.weight_q, s.weight_scale, bias, epilogue(s).get("activation"),
-                epilogue(s).get("gate"), 1 if widening else tokens // BATCH,
+                s.codes, s.x_scale.view(-1), s.weight_q, s.weight_scale, bias, "gelu_tanh" if widening else None,
+                None if widening else gate, 1 if widening else tokens // BATCH,
                 None if widening else s.residual.view(tokens, N), torch.bfloat16, variant=variant)
         return call
 

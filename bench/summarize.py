@@ -39,7 +39,8 @@ def main(paths: list[str]) -> None:
     print(f"{'op':<22}{'device':<24}{'dtype':<10}{'mode':<18}{'shape':<20}{'provider':<36}"
           f"{'ms':>10}{'rate':>16}{'of ceiling':>11}{'vs peer':>16}")
     order = lambda b: (b["op"], b["device"], b["dtype"], b["mode"], b["shape"], b["provider"])  # noqa: E731
-    group_ms = {(*order(b)[:4], str(b["shape"]), b["provider"]): b["median_ms"] for b in benches}
+    group = lambda b: (b["op"], b["device"], b["dtype"], b["mode"], str(b["shape"]))  # noqa: E731
+    group_ms = {(*group(b), b["provider"]): b["median_ms"] for b in benches}
     for b in sorted(benches, key=order):
         if b["op"] in CEILING_OPS:
             continue
@@ -50,7 +51,7 @@ def main(paths: list[str]) -> None:
             frac = f"{(b.get('tflops') or b['gbps']) / ceiling:.0%}" if ceiling else "-"
         memory = f", memory {b['memory_vs_peer']:.2f}x" if "memory_vs_peer" in b else ""
         second = SECOND_PEERS.get(b["op"], "compile")
-        second_ms = group_ms.get((*order(b)[:4], str(b["shape"]), second))
+        second_ms = group_ms.get((*group(b), second))
         if second_ms is not None and b["provider"] != second:
             memory = f", {second_ms / b['median_ms']:.2f}x {second}{memory}"
         provider = b["provider"]

@@ -443,8 +443,9 @@ def _replay(model: Denoiser, key: tuple, run: Callable, inputs: tuple):
     sample on CUDA streams of their own must still order those streams (see _GRAPH_LOCK)."""
     with _GRAPH_LOCK, torch.cuda.device(inputs[0].device):
         graphs = model._graphs
-        for stale in [k for k in graphs if k[-1][0] != key[-1][0]]:  # captured before the model changed
-            del graphs[stale]
+        # the graphs held are all of one model state (a change drops them): one comparison
+        if graphs and next(iter(graphs))[-1][0] != key[-1][0]:  # captured before the model changed
+            graphs.clear()
         entry = graphs.pop(key, None)  # back in last, as the most recently used
         if entry is None:
             while len(graphs) >= MAX_SAMPLING_GRAPHS:
